@@ -1,0 +1,337 @@
+"""Held-out evaluation: score pairs with a reward model and turn the scores into metrics.
+
+Every score goes through `rmpipe.render.encode` (the chat template), left-truncated
+to `max_length` tokens (the end of a conversation is what the reward reads), and
+a model seen only as a `RewardFn`: (input_ids, attention_mask) -> (B,) rewards.
+The same path scores our `RewardModel` and the exported plain-transformers model,
+which is what makes the export parity check meaningful.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from rmpipe.batching import truncate_left
+from rmpipe.errors import ConfigError, DataError
+from rmpipe.params import fraction, get, section
+from rmpipe.render import encode
+
+log = logging.getLogger("rmpipe.evaluate")
+
+RewardFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+TokenRows = Sequence[Sequence[int]]
+
+
+# --- model access -----------------------------------------------------------------------------
+def load_checkpoint(model_dir: str | Path):
+    """(RewardModel, tokenizer) from a train-stage folder (RewardModel.save_pretrained + tokenizer)."""
+    from transformers import AutoTokenizer
+
+    from rmpipe.reward_model import CONFIG_FILE, RewardModel
+
+    model_dir = Path(model_dir)
+    if not (model_dir / CONFIG_FILE).exists():
+        raise DataError(f"{model_dir} holds no reward model ({CONFIG_FILE} missing): run the train stage first")
+    model = RewardModel.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return model, tokenizer
+
+
+def reward_fn_of(model) -> RewardFn:
+    """A `RewardFn` for our RewardModel or for a transformers *ForSequenceClassification (num_labels=1)."""
+    from rmpipe.reward_model import RewardModel
+
+    if isinstance(model, RewardModel):
+        return model
+    return lambda input_ids, attention_mask: model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
+
+
+# --- tokens -> batches -> scores --------------------------------------------------------------
+def encode_rows(tokenizer, prompts: Sequence[str], responses: Sequence[str], max_length: int) -> tuple[list[list[int]], int]:
+    """Token rows through the chat template, left-truncated to `max_length`; also how many were truncated."""
+    rows, truncated = [], 0
+    for prompt, response in zip(prompts, responses, strict=True):
+        ids, cut = truncate_left(encode(tokenizer, prompt, response), max_length)  # the training rule
+        rows.append(ids)
+        truncated += cut
+    return rows, truncated
+
+
+def pad_batch(rows: TokenRows, pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token rows into (B, T) ids and attention mask, on the right or the left."""
+    if side not in ("right", "left"):
+        raise ValueError(f"padding side must be 'right' or 'left', got {side!r}")
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(0, len(row)) if side == "right" else slice(width - len(row), width)
+        ids[i, span] = torch.tensor(row, dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
+
+
+def batch_scorer(reward_fn: RewardFn, pad_id: int) -> Callable[[TokenRows, str], np.ndarray]:
+    """`score(rows, side)`: rewards of `rows` scored as ONE padded batch (what the padding canary probes)."""
+
+    @torch.inference_mode()
+    def score(rows: TokenRows, side: str = "right") -> np.ndarray:
+        ids, mask = pad_batch(rows, pad_id, side)
+        return reward_fn(ids, mask).float().cpu().numpy().astype(np.float64)
+
+    return score
+
+
+def score_token_rows(reward_fn: RewardFn, rows: TokenRows, pad_id: int, batch_size: int = 16, side: str = "right") -> np.ndarray:
+    """Rewards of many token rows, batched by length (less padding) and returned in input order."""
+    score = batch_scorer(reward_fn, pad_id)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    out = np.empty(len(rows), dtype=np.float64)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        out[chunk] = score([rows[i] for i in chunk], side)
+    return out
+
+
+def pad_id_of(tokenizer) -> int:
+    """Any id works for our mask-pooled model; use the tokenizer's pad (or eos) so batches look familiar."""
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def score_pairs(reward_fn: RewardFn, tokenizer, pairs: pd.DataFrame, max_length: int, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray, int]:
+    """(r_chosen, r_rejected, n_truncated_rows) for a pairs frame with prompt/chosen/rejected."""
+    prompts = list(pairs["prompt"]) * 2
+    responses = list(pairs["chosen"]) + list(pairs["rejected"])
+    rows, truncated = encode_rows(tokenizer, prompts, responses, max_length)
+    rewards = score_token_rows(reward_fn, rows, pad_id_of(tokenizer), batch_size)
+    n = len(pairs)
+    return rewards[:n], rewards[n:], truncated
+
+
+# --- metrics ----------------------------------------------------------------------------------
+def pair_metrics(r_chosen: np.ndarray, r_rejected: np.ndarray) -> dict:
+    """Strict accuracy (a tie is wrong, RewardBench convention), mean Bradley-Terry loss, margin quantiles."""
+    margin = np.asarray(r_chosen, dtype=np.float64) - np.asarray(r_rejected, dtype=np.float64)
+    if margin.size == 0:
+        raise DataError("no pairs to evaluate: the test split is empty")
+    bt_loss = float(-F.logsigmoid(torch.from_numpy(margin)).mean())
+    q = np.quantile(margin, [0.05, 0.25, 0.5, 0.75, 0.95])
+    return {
+        "n_pairs": int(margin.size),
+        "accuracy": float((margin > 0).mean()),
+        "ties": int((margin == 0).sum()),
+        "bt_loss": bt_loss,
+        "margin": {
+            "mean": float(margin.mean()),
+            "std": float(margin.std()),
+            "p05": float(q[0]), "p25": float(q[1]), "p50": float(q[2]), "p75": float(q[3]), "p95": float(q[4]),
+        },
+    }
+
+
+def accuracy_by_bucket(correct: np.ndarray, buckets: pd.Series) -> dict[str, dict]:
+    """{bucket label: {n, accuracy}} in bucket order; empty buckets are left out."""
+    frame = pd.DataFrame({"correct": np.asarray(correct, dtype=float), "bucket": buckets.to_numpy()})
+    out = {}
+    for label, group in frame.groupby("bucket", observed=True, sort=True):
+        out[str(label)] = {"n": int(len(group)), "accuracy": float(group["correct"].mean())}
+    return out
+
+
+def agreement_buckets(agreement: pd.Series, edges: Sequence[float]) -> pd.Series:
+    """Annotator agreement cut at fixed `edges` (params), e.g. [0, 0.6, 0.8, 1.0] -> '(0.8, 1.0]'."""
+    return pd.cut(agreement.astype(float), bins=list(edges), include_lowest=True)
+
+
+def length_buckets(pairs: pd.DataFrame, n_buckets: int) -> pd.Series:
+    """Quantile buckets of the pair's mean response length in characters, labelled by their char range."""
+    mean_len = (pairs["chosen"].str.len() + pairs["rejected"].str.len()) / 2
+    n = max(1, min(n_buckets, mean_len.nunique()))
+    return pd.qcut(mean_len, q=n, duplicates="drop", precision=0).map(
+        lambda iv: f"{math.floor(iv.left)}-{math.ceil(iv.right)} chars"
+    )
+
+
+def reward_stats(rewards: np.ndarray) -> dict:
+    """Normalisation stats for downstream PPO: mean/std over every scored response."""
+    rewards = np.asarray(rewards, dtype=np.float64)
+    return {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()), "n_rows": int(rewards.size)}
+
+
+# --- the whole evaluation ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class EvalSettings:
+    """The `evaluate:` params (plus `model.max_length`), checked once."""
+
+    max_length: int
+    batch_size: int
+    min_accuracy: float
+    max_ece: float
+    max_length_r2: float
+    battery_file: str
+    battery_min_margin: float
+    max_battery_failures: int
+    canary_rows: int
+    canary_tolerance: float
+    calibration_bins: int
+    agreement_edges: tuple[float, ...]
+    length_buckets: int
+
+    @classmethod
+    def from_params(cls, params: dict) -> "EvalSettings":
+        cfg, where = section(params, "evaluate"), "evaluate"
+        edges = tuple(float(e) for e in get(cfg, "agreement_edges", list, where))
+        if len(edges) < 2 or list(edges) != sorted(edges):
+            raise ConfigError("params.yaml: 'evaluate.agreement_edges' must be at least two increasing numbers")
+        settings = cls(
+            max_length=get(section(params, "model"), "max_length", int, "model"),
+            batch_size=get(cfg, "batch_size", int, where),
+            min_accuracy=fraction(cfg, "min_accuracy", where),
+            max_ece=fraction(cfg, "max_ece", where),
+            max_length_r2=fraction(cfg, "max_length_r2", where),
+            battery_file=get(cfg, "battery_file", str, where),
+            battery_min_margin=float(get(cfg, "battery_min_margin", float, where)),
+            max_battery_failures=get(cfg, "max_battery_failures", int, where),
+            canary_rows=get(cfg, "canary_rows", int, where),
+            canary_tolerance=float(get(cfg, "canary_tolerance", float, where)),
+            calibration_bins=get(cfg, "calibration_bins", int, where),
+            agreement_edges=edges,
+            length_buckets=get(cfg, "length_buckets", int, where),
+        )
+        for name in ("max_length", "batch_size", "canary_rows", "calibration_bins", "length_buckets"):
+            if getattr(settings, name) < (2 if name == "canary_rows" else 1):
+                raise ConfigError(f"params.yaml: '{name}' is too small: {getattr(settings, name)}")
+        return settings
+
+
+@dataclass
+class EvalResult:
+    metrics: dict  # -> metrics/eval.json (DVC metrics)
+    pathology: dict  # -> reports/pathology.json (every check in full)
+    plots: dict[str, pd.DataFrame]  # name -> table under plots/eval/
+    summary: str  # -> reports/eval.md
+
+
+def evaluate_model(model, tokenizer, test: pd.DataFrame, val: pd.DataFrame, battery: list[dict], s: EvalSettings) -> EvalResult:
+    """Score the held-out test split, the battery and the canary; decide pass/fail from `s`."""
+    from rmpipe import pathology
+
+    reward_fn = reward_fn_of(model)
+    r_c, r_r, truncated = score_pairs(reward_fn, tokenizer, test, s.max_length, s.batch_size)
+    log.info("scored %d test pairs (%d rows left-truncated to %d tokens)", len(test), truncated, s.max_length)
+    metrics = pair_metrics(r_c, r_r)
+    metrics["truncated_rows"] = truncated
+    correct = r_c > r_r
+    metrics["accuracy_by_agreement"] = accuracy_by_bucket(correct, agreement_buckets(test["agreement"], s.agreement_edges))
+    metrics["accuracy_by_length"] = accuracy_by_bucket(correct, length_buckets(test, s.length_buckets))
+
+    observed = test["soft_label"].astype(float).fillna(1.0).to_numpy() if "soft_label" in test else np.ones(len(test))
+    calib = pathology.calibration(r_c - r_r, observed, s.calibration_bins)
+    len_c, len_r = test["chosen"].str.len().to_numpy(), test["rejected"].str.len().to_numpy()
+    length = pathology.length_bias(r_c, r_r, len_c, len_r, s.max_length_r2)
+
+    b_frame = pd.DataFrame(battery)
+    b_c, b_r, _ = score_pairs(reward_fn, tokenizer, b_frame, s.max_length, s.batch_size)
+    battery_result = pathology.battery_report(b_frame["name"].tolist(), b_c - b_r, s.battery_min_margin)
+
+    canary_frame = pd.concat([test.head(s.canary_rows), b_frame.head(2)], ignore_index=True)
+    canary_tokens, _ = encode_rows(tokenizer, canary_frame["prompt"], canary_frame["chosen"], s.max_length)
+    canary = pathology.padding_canary(batch_scorer(reward_fn, pad_id_of(tokenizer)), canary_tokens, s.canary_tolerance)
+
+    v_c, v_r, _ = score_pairs(reward_fn, tokenizer, val, s.max_length, s.batch_size) if len(val) else (np.zeros(0),) * 2 + (0,)
+    normalization = {**reward_stats(np.concatenate([v_c, v_r]) if len(val) else np.concatenate([r_c, r_r])),
+                     "split": "val" if len(val) else "test (val split empty)"}
+
+    checks = {
+        "accuracy": metrics["accuracy"] >= s.min_accuracy,
+        "calibration": calib["ece"] <= s.max_ece,
+        "length_bias": not length["flagged"],
+        "battery": battery_result["n_failed"] <= s.max_battery_failures,
+        "padding_canary": canary["passed"],
+    }
+    metrics.update({
+        "ece": calib["ece"],
+        "length_r2": length["r2"],
+        "length_flagged": length["flagged"],
+        "accuracy_chosen_shorter": length["accuracy_chosen_shorter"],
+        "battery_failed": battery_result["n_failed"],
+        "battery_n": battery_result["n"],
+        "canary_max_abs_diff": canary["max_abs_diff"],
+        "normalization": normalization,
+        "checks": checks,
+        "passed": all(checks.values()),
+    })
+    pathology_report = {"calibration": calib, "length_bias": length, "battery": battery_result, "padding_canary": canary,
+                        "thresholds": {k: v for k, v in asdict(s).items() if k not in ("batch_size",)}}
+    plots = {
+        "reward_hist": reward_histogram(r_c, r_r),
+        "calibration": pd.DataFrame(calib["curve"]),
+        "reward_vs_length": pd.DataFrame({
+            "length": np.concatenate([len_c, len_r]),
+            "reward": np.concatenate([r_c, r_r]),
+            "response": ["chosen"] * len(r_c) + ["rejected"] * len(r_r),
+        }),
+    }
+    return EvalResult(metrics, pathology_report, plots, summary_markdown(metrics, pathology_report))
+
+
+def reward_histogram(r_chosen: np.ndarray, r_rejected: np.ndarray, n_bins: int = 30) -> pd.DataFrame:
+    """Counts of chosen and rejected rewards on shared bins (x = bin centre)."""
+    both = np.concatenate([r_chosen, r_rejected])
+    edges = np.histogram_bin_edges(both, bins=n_bins)
+    return pd.DataFrame({
+        "reward": (edges[:-1] + edges[1:]) / 2,
+        "chosen": np.histogram(r_chosen, bins=edges)[0],
+        "rejected": np.histogram(r_rejected, bins=edges)[0],
+    })
+
+
+def summary_markdown(metrics: dict, report: dict) -> str:
+    """A page a person reads first: verdict, headline figures, and every failed check by name."""
+    verdict = "PASSED" if metrics["passed"] else "FAILED"
+    failed = [name for name, ok in metrics["checks"].items() if not ok]
+    t = report["thresholds"]
+    lines = [
+        f"# Reward-model evaluation: {verdict}",
+        "",
+        f"Held-out test split: {metrics['n_pairs']} pairs." + (f" Failed checks: {', '.join(failed)}." if failed else ""),
+        "",
+        "| check | value | threshold | ok |",
+        "|---|---|---|---|",
+        f"| accuracy (strict) | {metrics['accuracy']:.4f} | >= {t['min_accuracy']} | {metrics['checks']['accuracy']} |",
+        f"| calibration ECE | {metrics['ece']:.4f} | <= {t['max_ece']} | {metrics['checks']['calibration']} |",
+        f"| length R^2 | {metrics['length_r2']:.4f} | <= {t['max_length_r2']} | {metrics['checks']['length_bias']} |",
+        f"| battery failures | {metrics['battery_failed']}/{metrics['battery_n']} | <= {t['max_battery_failures']} | {metrics['checks']['battery']} |",
+        f"| padding canary max diff | {metrics['canary_max_abs_diff']:.2e} | <= {t['canary_tolerance']} | {metrics['checks']['padding_canary']} |",
+        "",
+        f"Bradley-Terry loss {metrics['bt_loss']:.4f}; margin median {metrics['margin']['p50']:.3f} "
+        f"(p05 {metrics['margin']['p05']:.3f}, p95 {metrics['margin']['p95']:.3f}); "
+        f"accuracy where chosen is shorter: {_fmt(metrics['accuracy_chosen_shorter'])}.",
+        "",
+        "## Accuracy by annotator agreement",
+        *[f"- {k}: {v['accuracy']:.3f} ({v['n']} pairs)" for k, v in metrics["accuracy_by_agreement"].items()],
+        "",
+        "## Accuracy by response length",
+        *[f"- {k}: {v['accuracy']:.3f} ({v['n']} pairs)" for k, v in metrics["accuracy_by_length"].items()],
+        "",
+        "## Unit battery",
+        *[f"- {'ok  ' if r['passed'] else 'FAIL'} {r['name']}: margin {r['margin']:+.3f}" for r in report["battery"]["results"]],
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
