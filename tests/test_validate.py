@@ -1,0 +1,213 @@
+"""The Great Expectations contract over the splits: real GX runs, one per scenario, shared by module fixtures."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from rmpipe.errors import ConfigError, DataError
+from rmpipe.schema import SPLITS, canonical_prompt, pair_id, prompt_hash
+from rmpipe.split import split_frames, split_pairs
+from rmpipe.validate import ContractParams, contract_params, validate_splits
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = ContractParams(min_votes=2, min_response_chars=1, max_response_chars=500, chosen_longer_share=(0.25, 0.75))
+
+
+def clean_pairs(n_prompts: int = 300) -> pd.DataFrame:
+    """Aggregated pairs that honour the contract; the chosen response is the longer one half the time."""
+    rows = []
+    for i in range(n_prompts):
+        prompt = f"Question {i}: how do I keep a reward model honest?"
+        for j in range(2):
+            short, long = f"Answer {i}.{j}.", f"A longer answer {i}.{j} with detail."
+            chosen, rejected = (long, short) if (i + j) % 2 else (short, long)
+            rows.append({
+                "pair_id": pair_id(prompt, chosen, rejected),
+                "prompt": canonical_prompt(prompt),
+                "chosen": chosen,
+                "rejected": rejected,
+                "n_votes": 3, "n_chosen": 2, "n_rejected": 1, "n_tie": 0,
+                "agreement": 2 / 3, "soft_label": 2 / 3, "margin": 0.0,
+                "prompt_hash": prompt_hash(prompt),
+                "batch_ids": ["batch-1.jsonl"],
+            })
+    return pd.DataFrame(rows)
+
+
+def clean_splits() -> dict[str, pd.DataFrame]:
+    table = split_pairs(clean_pairs(), "rmpipe-v1", {"train": 0.8, "val": 0.1, "test": 0.1})
+    return split_frames(table)
+
+
+def defective_splits() -> tuple[dict[str, pd.DataFrame], dict[str, object]]:
+    """Clean splits with one planted defect each; returns the splits and the planted values."""
+    splits = clean_splits()
+    train, val = splits["train"].copy(), splits["val"].copy()
+    planted = {}
+    # val: every chosen response longer -> chosen-longer share 1.0
+    val["chosen"] = val["rejected"] + " and then some more words"
+    val.loc[0, "agreement"] = 1.3
+    val.loc[1, "n_votes"] = 1
+    # train: a null, an identical pair, an over-long response, a wrong type, duplicates
+    train.loc[0, "chosen"] = None
+    train.loc[1, "rejected"] = train.loc[1, "chosen"]
+    planted["same_pair"] = train.loc[1, "pair_id"]
+    train.loc[2, "chosen"] = "x" * 501
+    train.loc[3, "pair_id"] = val.loc[2, "pair_id"]  # one pair_id in two splits
+    planted["shared_pair_id"] = val.loc[2, "pair_id"]
+    twin = train.iloc[[4]].assign(pair_id="twin-of-row-4")  # same (prompt, chosen, rejected), new id
+    planted["twin"] = "twin-of-row-4"
+    leaked = train.iloc[[5]].assign(pair_id="leaked-into-val", split="val")
+    leaked["chosen"] = leaked["rejected"] + " and a longer leaked tail"  # keeps val's share at 1.0
+    planted["leaked_hash"] = leaked["prompt_hash"].iloc[0]
+    train = pd.concat([train, twin], ignore_index=True)
+    val = pd.concat([val, leaked], ignore_index=True)
+    train["n_tie"] = train["n_tie"].astype(float)
+    # test: empty, and missing a column
+    test = splits["test"].iloc[:0].drop(columns="margin")
+    return {"train": train, "val": val, "test": test}, planted
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory):
+    docs = tmp_path_factory.mktemp("clean_docs")
+    splits = clean_splits()
+    return validate_splits(splits, PARAMS, docs), docs, splits
+
+
+@pytest.fixture(scope="module")
+def defect_run(tmp_path_factory):
+    splits, planted = defective_splits()
+    result = validate_splits(splits, PARAMS, tmp_path_factory.mktemp("defect_docs"))
+    return result, planted, splits
+
+
+def test_clean_splits_pass(clean_run):
+    result, _, splits = clean_run
+    assert result.failures == []
+    assert result.success
+    assert result.n_expectations > 60
+    assert result.rows == {name: len(splits[name]) for name in SPLITS}
+    assert all(result.rows[name] > 0 for name in SPLITS)
+
+
+def test_data_docs_site_is_written(clean_run):
+    _, docs, _ = clean_run
+    index = docs / "index.html"
+    assert index.is_file() and "train_values" in index.read_text()
+    pages = {p.name for p in docs.rglob("*.html")}
+    assert any("train_schema" in name for name in pages) and any("prompts" in name for name in pages)
+
+
+def _line(failures: list[str], prefix: str) -> str:
+    matches = [f for f in failures if f.startswith(prefix)]
+    assert len(matches) == 1, f"expected one line starting {prefix!r}, got {matches} in\n" + "\n".join(failures)
+    return matches[0]
+
+
+def test_each_planted_defect_fails_with_a_readable_line(defect_run):
+    result, planted, splits = defect_run
+    f = result.failures
+    n_train, n_val = len(splits["train"]), len(splits["val"])
+    assert _line(f, "FAIL train: chosen not null") == f"FAIL train: chosen not null — 1 of {n_train} rows null"
+    assert _line(f, "FAIL train: chosen != rejected") == (
+        f"FAIL train: chosen != rejected — 1 of {n_train} rows have chosen == rejected (e.g. {planted['same_pair']})"
+    )
+    # the null chosen is not a length defect: nulls are the not-null check's business
+    assert _line(f, "FAIL train: chosen length") == (
+        f"FAIL train: chosen length in [1, 500] chars — 1 of {n_train} rows outside (e.g. 501)"
+    )
+    assert _line(f, "FAIL train: n_tie is an integer") == "FAIL train: n_tie is an integer — observed float64"
+    assert _line(f, "FAIL val: agreement in [0, 1]") == f"FAIL val: agreement in [0, 1] — 1 of {n_val} rows outside (e.g. 1.3)"
+    assert _line(f, "FAIL val: n_votes >= 2") == f"FAIL val: n_votes >= 2 — 1 of {n_val} rows below (e.g. 1)"
+    assert _line(f, "FAIL val: chosen-longer share in [0.25, 0.75]") == "FAIL val: chosen-longer share in [0.25, 0.75] — observed 1.0"
+    shared = _line(f, "FAIL all splits: pair_id unique across splits")
+    assert "2 of" in shared and "share a pair_id" in shared and planted["shared_pair_id"][:10] in shared
+    twin = _line(f, "FAIL all splits: (prompt, chosen, rejected) unique across splits")
+    assert "2 of" in twin and "twin-of-row-4" in twin
+    leak = _line(f, "FAIL prompts: each prompt_hash in exactly one split")
+    assert "1 of" in leak and "prompts in several splits" in leak and planted["leaked_hash"][:12] in leak
+    assert _line(f, "FAIL test: split non-empty") == "FAIL test: split non-empty — observed 0 rows"
+    assert _line(f, "FAIL test: column margin present") == "FAIL test: column margin present — column missing"
+
+
+def test_nothing_but_the_planted_defects_fails(defect_run):
+    result, _, _ = defect_run
+    assert not result.success
+    assert len(result.failures) == 12, "\n".join(result.failures)
+    summary = result.summary()
+    assert summary["n_failed"] == 12 and summary["success"] is False
+    assert summary["rows"]["test"] == 0
+
+
+def test_contract_params_from_params_yaml():
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    p = contract_params(params)
+    assert p.min_votes == params["aggregate"]["min_votes"]
+    assert p.chosen_longer_share == tuple(params["validate"]["chosen_longer_share"])
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ({"chosen_longer_share": [0.8, 0.2]}, "chosen_longer_share"),
+        ({"chosen_longer_share": 0.5}, "must be list"),
+        ({"min_response_chars": 10, "max_response_chars": 5}, "0 <= min <= max"),
+    ],
+)
+def test_bad_validate_params_raise_config_error(override, words):
+    params = {"aggregate": {"min_votes": 2},
+              "validate": {"min_response_chars": 1, "max_response_chars": 100, "chosen_longer_share": [0.2, 0.8]}}
+    params["validate"].update(override)
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        contract_params(params)
+
+
+def _write_project(folder: Path, splits: dict[str, pd.DataFrame]) -> None:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    (folder / "params.yaml").write_text(yaml.safe_dump({"aggregate": params["aggregate"], "validate": params["validate"]}))
+    (folder / "data/split").mkdir(parents=True)
+    for name, frame in splits.items():
+        frame.to_parquet(folder / f"data/split/{name}.parquet", index=False)
+
+
+def test_stage_exits_nonzero_with_failure_lines_and_no_traceback(tmp_path):
+    splits = clean_splits()
+    splits["val"].loc[0, "agreement"] = 1.3
+    _write_project(tmp_path, splits)
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HOME": str(home), "GX_ANALYTICS_ENABLED": "true"}
+    run = subprocess.run([sys.executable, "-m", "stages.validate"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1, run.stderr
+    assert "FAIL val: agreement in [0, 1] — 1 of" in run.stderr and "(e.g. 1.3)" in run.stderr
+    assert "error: 1 of" in run.stderr and "expectations failed" in run.stderr
+    assert "Traceback" not in run.stderr and "Calculating Metrics" not in run.stderr
+    report = json.loads((tmp_path / "reports/validation.json").read_text())
+    assert report["success"] is False and report["n_failed"] == 1
+    assert report["failures"][0].startswith("FAIL val: agreement")
+    assert report["rows"] == {name: len(splits[name]) for name in SPLITS}
+    assert (tmp_path / "reports/data_docs/index.html").is_file()
+    # GX left nothing in the home folder, and no project folder or temp dirs beside the outputs
+    assert list(home.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "home", "params.yaml", "reports"]
+    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == ["data_docs", "validation.json"]
+
+
+def test_stage_without_splits_says_what_to_run(tmp_path, monkeypatch):
+    from stages.validate import run
+
+    _write_project(tmp_path, {})
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="run the split stage first"):
+        run()
