@@ -22,6 +22,38 @@ def _sample_data(args: argparse.Namespace) -> None:
         print(path)
 
 
+def _rebuild(args: argparse.Namespace) -> None:
+    import json
+
+    from pipeline.flows import rebuild
+
+    result = rebuild(targets=args.targets, set_params=args.set, force=args.force)
+    print(json.dumps(result, indent=2))
+
+
+def _on_new_batch(args: argparse.Namespace) -> None:
+    import json
+
+    from pipeline.flows import on_new_batch
+
+    summary = on_new_batch(batch_path=args.path)
+    print(json.dumps(summary, indent=2, default=str))
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from pipeline.service import serve
+
+    serve()
+
+
+def _watch(args: argparse.Namespace) -> None:
+    from pipeline.service import announce_batch, require_server
+    from pipeline.watch import watch
+
+    require_server()
+    watch(args.dir, announce_batch, interval_s=args.interval, state_file=args.state)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rmpipe", description=__doc__)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
@@ -32,6 +64,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="override sample_data.seed")
     p.add_argument("--n-pairs", type=int, default=None, help="override sample_data.n_pairs")
     p.set_defaults(func=_sample_data)
+
+    p = sub.add_parser("rebuild", help="run the pipeline through DVC (dvc repro) as a Prefect flow")
+    p.add_argument("targets", nargs="*", help="dvc.yaml stages to bring up to date (default: all)")
+    p.add_argument("-S", "--set", action="append", default=None, metavar="SECTION.KEY=VALUE",
+                   help="override a param via `dvc exp run -S` (recorded in params.yaml and dvc.lock)")
+    p.add_argument("--force", action="store_true", help="re-run stages even if DVC finds them up to date")
+    p.set_defaults(func=_rebuild)
+
+    p = sub.add_parser("on-new-batch", help="check, register and train on one delivered batch file (a Prefect flow)")
+    p.add_argument("path", help="the batch file (.jsonl, .csv or .parquet); its file name is its batch id")
+    p.set_defaults(func=_on_new_batch)
+
+    p = sub.add_parser("serve", help="serve the event-triggered on-new-batch deployment (needs PREFECT_API_URL)")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("watch", help="announce each new complete batch file in DIR to the Prefect server")
+    p.add_argument("dir", help="delivery folder to watch")
+    p.add_argument("--interval", type=float, default=5.0, help="seconds between polls (default 5)")
+    p.add_argument("--state", default=None, help="state file of announced files (default: DIR/.rmpipe-watch.json)")
+    p.set_defaults(func=_watch)
     return parser
 
 

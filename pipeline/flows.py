@@ -1,0 +1,416 @@
+"""Prefect flows: each stage, the DVC rebuild, and the arrival of a new preference batch.
+
+- `run_stage(stage)` runs one stage's entry point (the same `main` that
+  `python -m stages.<stage>` runs under `dvc repro`) as a flow: logs and states in
+  Prefect, retries only for transient failures.
+- `rebuild()` runs the pipeline *through DVC* (`dvc repro`, or `dvc exp run -S`
+  for parameter overrides), so dvc.lock records every input hash and DVC decides
+  what is stale.
+- `on_new_batch(batch_path)` checks one delivered batch, registers it under
+  data/incoming/, rebuilds, reads the promotion gate and writes a run summary.
+
+Only one rebuild touches a project at a time: `pipeline_lock` queues the others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import hashlib
+import importlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from pipeline import prefect_env
+
+prefect_env.configure()  # before `import prefect`: Prefect reads its settings at import
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.runtime import flow_run  # noqa: E402
+from prefect.states import Failed  # noqa: E402
+
+from rmpipe import io  # noqa: E402
+from rmpipe.errors import UserError  # noqa: E402
+from rmpipe.params import get, load_params, section  # noqa: E402
+from pipeline.prefect_env import find_project_root  # noqa: E402
+
+REJECTED_DIR = Path("data/rejected")  # rejected batches + their reasons; no stage reads it
+RUNS_DIR = Path("reports/runs")  # one JSON summary per on_new_batch run
+LOCK_FILE = Path(".dvc/tmp/rmpipe-pipeline.lock")
+TRANSIENT_RETRIES = 2
+
+
+class StageFailed(UserError):
+    """A stage (or `dvc repro`) stopped with a message for the user; retrying would not help."""
+
+
+class TransientFailure(RuntimeError):
+    """A failure worth retrying: DVC's repo lock was busy, or the process was killed by a signal."""
+
+
+class BatchRejected(UserError):
+    """The delivered batch failed the quick check; it was moved to the rejected folder."""
+
+
+def fails_cleanly(fn):
+    """A UserError ends the flow/task as Failed with its message (logged once, no traceback).
+
+    Calling the flow from Python still raises the same UserError (it is the state's data).
+    """
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            get_run_logger().error("%s", exc)
+            return Failed(message=str(exc), data=exc)
+
+    return wrapper
+
+
+def run_task(task_, *args, **kwargs):
+    """Call a task and return its result; a Failed state (e.g. from fails_cleanly) raises its exception here."""
+    return task_(*args, return_state=True, **kwargs).result()
+
+
+def _retry_transient_only(task_, task_run, state) -> bool:
+    """Prefect retry condition: retry TransientFailure / connection trouble, never a user or data error."""
+    exc = state.result(raise_on_failure=False)
+    return isinstance(exc, (TransientFailure, ConnectionError, TimeoutError))
+
+
+# --- one run at a time ----------------------------------------------------------------------
+
+_held: dict[Path, int] = {}
+_held_guard = threading.Lock()
+
+
+@contextlib.contextmanager
+def pipeline_lock(root: Path) -> Iterator[None]:
+    """Exclusive, blocking, re-entrant (per process) lock on the project's pipeline.
+
+    Waiting callers queue on the OS lock, so a second rebuild runs after the first
+    instead of being dropped or colliding on DVC's own lock.
+    """
+    path = (root / LOCK_FILE).resolve()
+    with _held_guard:
+        if path in _held:
+            _held[path] += 1
+            reentered = True
+        else:
+            reentered = False
+    if reentered:
+        try:
+            yield
+        finally:
+            with _held_guard:
+                _held[path] -= 1
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logging.getLogger("rmpipe.flows").info("another rebuild is running in %s; waiting for it", root)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        with _held_guard:
+            _held[path] = 1
+        try:
+            yield
+        finally:
+            with _held_guard:
+                del _held[path]
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+# --- stages as flows ---------------------------------------------------------------------------
+
+def dvc_stage_names(root: Path) -> list[str]:
+    import yaml
+
+    spec = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8")) or {}
+    return list((spec.get("stages") or {}).keys())
+
+
+@task(retries=TRANSIENT_RETRIES, retry_delay_seconds=5, retry_condition_fn=_retry_transient_only,
+      cache_policy=NO_CACHE, task_run_name="{stage}")
+@fails_cleanly
+def _call_stage_main(stage: str, root: Path) -> None:
+    main = importlib.import_module(f"stages.{stage}").main
+    # exits_cleanly turns a UserError into sys.exit; call the function it wraps so the
+    # message becomes this flow's failure instead of a bare exit code.
+    body = getattr(main, "__wrapped__", main)
+    with contextlib.chdir(root):
+        try:
+            body([])
+        except UserError as exc:
+            raise StageFailed(f"stage '{stage}': {exc}") from None
+        except SystemExit as exc:
+            if exc.code not in (0, None):
+                raise StageFailed(f"stage '{stage}' exited with {exc.code}") from None
+
+
+@flow(name="stage", flow_run_name="stage-{stage}", log_prints=True)
+@fails_cleanly
+def run_stage(stage: str, project: str | None = None) -> None:
+    """Run one pipeline stage in this process, exactly as `python -m stages.<stage>` does (outside DVC's lock)."""
+    root = find_project_root(project)
+    if stage not in dvc_stage_names(root):
+        raise StageFailed(f"no stage '{stage}' in dvc.yaml; stages: {', '.join(dvc_stage_names(root))}")
+    with pipeline_lock(root):
+        run_task(_call_stage_main, stage, root)
+
+
+# --- the pipeline through DVC ---------------------------------------------------------------------
+
+_RAN = re.compile(r"Running stage '([^']+)'")
+_SKIPPED = re.compile(r"Stage '([^']+)' didn't change, skipping")
+
+
+def _subprocess_env() -> dict[str, str]:
+    """dvc.yaml runs `python -m stages.x`: make that `python` the one running us."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+def _dvc(root: Path, *args: str, capture: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=_subprocess_env(),
+                          text=True, capture_output=capture)
+
+
+@task(retries=TRANSIENT_RETRIES, retry_delay_seconds=10, retry_condition_fn=_retry_transient_only,
+      cache_policy=NO_CACHE, task_run_name="dvc {args}")
+@fails_cleanly
+def _dvc_repro(root: Path, args: list[str]) -> dict[str, list[str]]:
+    """Run `dvc <args>` streaming its output into the flow's log; which stages ran and which were up to date."""
+    logger = get_run_logger()
+    logger.info("$ dvc %s", " ".join(args))
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=root, env=_subprocess_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1)
+    lines: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        line = line.rstrip("\n")
+        lines.append(line)
+        if line.strip():
+            logger.info("%s", line)
+    code = proc.wait()
+    ran = [m.group(1) for line in lines if (m := _RAN.search(line))]
+    skipped = [m.group(1) for line in lines if (m := _SKIPPED.search(line))]
+    if code == 0:
+        return {"ran": ran, "skipped": skipped}
+    tail = "\n".join(line for line in lines[-15:] if line.strip())
+    if code < 0 or "Unable to acquire lock" in tail:
+        raise TransientFailure(f"dvc {args[0]} was interrupted (exit {code}); retrying\n{tail}")
+    raise StageFailed(f"dvc {' '.join(args)} failed (exit {code}); stages that ran: {ran or 'none'}\n{tail}")
+
+
+def _has_git(root: Path) -> bool:
+    return subprocess.run(["git", "rev-parse", "--is-inside-work-tree"], cwd=root,
+                          capture_output=True).returncode == 0
+
+
+@flow(name="rebuild", log_prints=True)
+@fails_cleanly
+def rebuild(targets: list[str] | None = None, set_params: list[str] | None = None, force: bool = False,
+            project: str | None = None) -> dict[str, Any]:
+    """`dvc repro [targets]`: DVC re-runs what is stale and records every input hash in dvc.lock.
+
+    `set_params` (["train.epochs=1", ...]) goes through `dvc exp run -S`, which
+    writes the values into params.yaml before running, so the lineage names them.
+    """
+    root = find_project_root(project)
+    targets = list(targets or [])
+    if set_params:
+        if not _has_git(root):
+            raise UserError("parameter overrides run as a DVC experiment (dvc exp run -S), which needs a git "
+                            "repository; without git, edit params.yaml and run rebuild again")
+        args = ["exp", "run", *(a for kv in set_params for a in ("-S", kv))]
+    else:
+        args = ["repro"]
+    if force:
+        args.append("--force")
+    args.extend(targets)
+    with pipeline_lock(root):
+        stages = run_task(_dvc_repro, root, args)
+        lock = root / "dvc.lock"
+        lock_sha = hashlib.sha256(lock.read_bytes()).hexdigest() if lock.exists() else None
+    get_run_logger().info("ran %s; up to date %s", stages["ran"] or "nothing", stages["skipped"] or "nothing")
+    return {**stages, "dvc_lock_sha256": lock_sha}
+
+
+# --- a new batch arrives -----------------------------------------------------------------------------
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def find_registered(batch: Path, incoming: Path, sha: str) -> tuple[Path, str] | None:
+    """A file in `incoming` that already is this batch (same content, or same name): (file, why)."""
+    if not incoming.is_dir():
+        return None
+    same_name = incoming / batch.name
+    if same_name.exists():
+        if file_sha256(same_name) == sha:
+            return same_name, "already registered (same name and content)"
+        return same_name, ("a different file with this batch id is already registered; "
+                           "rename the file to deliver it as a new batch")
+    size = batch.stat().st_size
+    for other in incoming.iterdir():  # only files of equal size can have equal content
+        if other.is_file() and not other.name.startswith(".") and other.stat().st_size == size:
+            if file_sha256(other) == sha:
+                return other, f"same content as the registered batch {other.name}"
+    return None
+
+
+def register_batch(batch: Path, incoming: Path) -> Path:
+    """Copy the batch into data/incoming/ under its batch id, atomically (temp name + rename).
+
+    data/incoming is a dependency of the collect stage, so the next `dvc repro`
+    hashes the new file into dvc.lock: that is the batch's registration with DVC.
+    """
+    dest = incoming / batch.name
+    with io.atomic_path(dest) as tmp:
+        shutil.copyfile(batch, tmp)
+    return dest
+
+
+def reject_batch(batch: Path, rejected_dir: Path, reasons: list[str]) -> Path:
+    """Move a rejected batch out of the delivery folder, with its reasons beside it."""
+    rejected_dir.mkdir(parents=True, exist_ok=True)
+    dest = rejected_dir / batch.name
+    if dest.exists():  # keep earlier rejections of a same-named file
+        dest = rejected_dir / f"{batch.stem}.{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}{batch.suffix}"
+    shutil.move(str(batch), dest)
+    io.write_json(dest.with_name(dest.name + ".reasons.json"), {"batch_id": batch.name, "reasons": reasons})
+    return dest
+
+
+@task(cache_policy=NO_CACHE, task_run_name="check {batch.name}")
+@fails_cleanly
+def quick_check(batch: Path, root: Path) -> dict[str, Any]:
+    """The collect stage's logic on this one file: accepted or rejected, and why."""
+    from rmpipe.collect import check_batch
+
+    cfg = section(load_params(root / "params.yaml"), "collect")
+    result = check_batch(batch, cfg)
+    report = dict(result.report)
+    accepted = report.get("status") == "accepted"
+    reasons = [str(r) for r in (report.get("top_reasons") or report.get("reasons") or [])]
+    if not accepted and not reasons:
+        reasons = [str(report.get("message") or "rejected by the collect check")]
+    return {"accepted": accepted, "reasons": reasons, "report": report}
+
+
+def read_metrics(root: Path) -> dict[str, Any]:
+    """`dvc metrics show --json` for the workspace: {metrics file: values}."""
+    proc = _dvc(root, "metrics", "show", "--json")
+    if proc.returncode != 0 or not proc.stdout.strip():
+        return {}
+    data = json.loads(proc.stdout)
+    workspace = data.get("workspace", data) if isinstance(data, dict) else {}
+    files = (workspace.get("data") or {}) if isinstance(workspace, dict) else {}
+    return {name: entry.get("data") for name, entry in files.items() if isinstance(entry, dict)}
+
+
+def promotion(root: Path) -> dict[str, Any]:
+    """The promotion gate's decision for the model this rebuild exported.
+
+    The export stage applies the gate inside `dvc repro` (so the decision is part of
+    the DVC-tracked run and its lineage manifest); here we read it back with the
+    batches the model was trained on.
+    """
+    cfg = load_params(root / "params.yaml").get("export")
+    if not isinstance(cfg, dict) or "out_dir" not in cfg:
+        return {"export_path": None, "promoted": False, "reason": "this pipeline has no export stage yet"}
+    from rmpipe.lineage import manifest_sha256, read_manifest
+
+    export_dir = root / str(cfg["out_dir"])
+    manifest = read_manifest(export_dir)
+    decision = manifest.get("promotion") or {}
+    batches = sorted({b for ids in (manifest.get("batch_ids") or {}).values() for b in ids})
+    promoted_dir = cfg.get("promoted_dir")
+    return {"export_path": str(cfg["out_dir"]), "manifest_sha256": manifest_sha256(export_dir),
+            "batch_ids": batches, "promoted": bool(decision.get("promoted")), "reason": decision.get("reason"),
+            "promoted_path": str(promoted_dir) if decision.get("promoted") and promoted_dir else None}
+
+
+def write_run_summary(root: Path, summary: dict[str, Any]) -> Path:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    path = root / RUNS_DIR / f"{stamp}-{summary['batch_id']}.json"
+    io.write_json(path, summary)
+    return path
+
+
+def _batch_run_name() -> str:
+    return f"batch-{Path(flow_run.parameters.get('batch_path', '?')).name}"
+
+
+@flow(name="on-new-batch", flow_run_name=_batch_run_name, log_prints=True)
+@fails_cleanly
+def on_new_batch(batch_path: str, project: str | None = None) -> dict[str, Any]:
+    """Check, register and train on one delivered batch; returns (and writes) the run summary.
+
+    Outcomes: `duplicate` (already registered: nothing done), `rejected` (moved to
+    data/rejected/ with reasons; the flow fails with them), `accepted` (registered
+    and rebuilt; the summary holds metrics, export path and the promotion decision).
+    """
+    logger = get_run_logger()
+    root = find_project_root(project)
+    batch = Path(batch_path).expanduser().resolve()
+    if not batch.is_file():
+        raise UserError(f"batch file {batch} not found (was it moved after the event fired?)")
+    incoming = root / get(section(load_params(root / "params.yaml"), "collect"), "incoming_dir", str, "collect")
+    sha = file_sha256(batch)
+    summary: dict[str, Any] = {"batch_id": batch.name, "batch_sha256": sha, "source": str(batch),
+                               "flow_run_id": str(flow_run.id) if flow_run.id else None,
+                               "started": datetime.now(timezone.utc).isoformat()}
+
+    def finish(outcome: str, **fields: Any) -> dict[str, Any]:
+        summary.update(outcome=outcome, finished=datetime.now(timezone.utc).isoformat(), **fields)
+        summary["summary_path"] = str(write_run_summary(root, summary).relative_to(root))
+        return summary
+
+    if (hit := find_registered(batch, incoming, sha)) is not None:
+        logger.info("batch %s: duplicate, nothing to do (%s)", batch.name, hit[1])
+        return finish("duplicate", reasons=[hit[1]])
+
+    check = run_task(quick_check, batch, root)
+    if not check["accepted"]:
+        moved = reject_batch(batch, root / REJECTED_DIR, check["reasons"])
+        finish("rejected", reasons=check["reasons"], rejected_path=str(moved.relative_to(root)),
+               check=check["report"])
+        raise BatchRejected(f"batch {batch.name} rejected: " + "; ".join(check["reasons"]))
+
+    with pipeline_lock(root):
+        # A second delivery of the same batch may have registered while we waited.
+        if (hit := find_registered(batch, incoming, sha)) is not None:
+            logger.info("batch %s: duplicate, nothing to do (%s)", batch.name, hit[1])
+            return finish("duplicate", reasons=[hit[1]])
+        registered = register_batch(batch, incoming)
+        logger.info("registered %s as %s", batch.name, registered.relative_to(root))
+        try:
+            built = rebuild(project=str(root))
+        except Exception as exc:
+            finish("failed", reasons=[str(exc)], registered_path=str(registered.relative_to(root)))
+            raise
+        gate = promotion(root)
+        return finish("accepted", reasons=[], registered_path=str(registered.relative_to(root)),
+                      check=check["report"], rebuild=built, metrics=read_metrics(root), promotion=gate,
+                      export_path=gate.get("export_path"))

@@ -1,0 +1,184 @@
+"""The Prefect flows in ephemeral mode (a temporary local server, PREFECT_HOME inside the project).
+
+Real Prefect, real DVC, real stages; the rebuild tests use a two-stage toy DVC
+project so they take seconds, the full pipeline runs in tests/test_service.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from pipeline import flows
+from rmpipe.errors import UserError
+from rmpipe.schema import canonical_prompt, prompt_hash
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+def toy_project(tmp: Path) -> Path:
+    """A DVC project (no git) whose two stages copy params into files: real `dvc repro`, in seconds."""
+    (tmp / "params.yaml").write_text("toy:\n  value: 1\n")
+    (tmp / "dvc.yaml").write_text(textwrap.dedent(f"""\
+        stages:
+          first:
+            cmd: {PY} -c "import yaml; open('first.txt','w').write(str(yaml.safe_load(open('params.yaml'))['toy']['value']))"
+            params: [toy]
+            outs: [first.txt]
+          second:
+            cmd: {PY} -c "open('second.txt','w').write(open('first.txt').read() * 2)"
+            deps: [first.txt]
+            outs: [second.txt]
+        """))
+    subprocess.run([PY, "-m", "dvc", "init", "--no-scm", "-q"], cwd=tmp, check=True)
+    return tmp
+
+
+def test_prefect_home_is_inside_the_project_and_never_the_users_home(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(HOME=str(home), PYTHONPATH=str(ROOT))
+    code = "import pipeline.flows, prefect.settings as s; print(s.get_current_settings().home)"
+    out = subprocess.run([PY, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert Path(out.stdout.strip()) == ROOT / ".prefect"
+    assert not (home / ".prefect").exists()
+
+    # A user who points at a server keeps their own settings.
+    env["PREFECT_API_URL"] = "http://127.0.0.1:9/api"
+    out = subprocess.run([PY, "-c", "import pipeline.flows, os; print(os.environ.get('PREFECT_HOME'))"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "None"
+
+
+def test_stage_flow_runs_the_stage_entry_point(tmp_path):
+    project = tmp_path / "p"
+    project.mkdir()
+    for name in ("params.yaml", "dvc.yaml"):
+        (project / name).write_text((ROOT / name).read_text())
+    prompts = [f"question {i}" for i in range(40)]
+    pairs = pd.DataFrame([{"pair_id": f"p{i}", "prompt": canonical_prompt(t), "chosen": "good", "rejected": "bad",
+                           "prompt_hash": prompt_hash(t)} for i, t in enumerate(prompts)])
+    (project / "data/aggregated").mkdir(parents=True)
+    pairs.to_parquet(project / "data/aggregated/pairs.parquet")
+
+    state = flows.run_stage(stage="split", project=str(project), return_state=True)
+
+    assert state.is_completed(), state.message
+    report = json.loads((project / "reports/split.json").read_text())
+    assert sum(report[s]["pairs"] for s in ("train", "val", "test")) == len(prompts)
+
+
+def test_stage_flow_fails_with_the_stages_message(tmp_path):
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
+
+    state = flows.run_stage(stage="split", project=str(tmp_path), return_state=True)
+    assert state.is_failed()
+    assert "run the aggregate stage first" in state.message
+
+    state = flows.run_stage(stage="no_such_stage", project=str(tmp_path), return_state=True)
+    assert state.is_failed() and "no stage 'no_such_stage'" in state.message
+    with pytest.raises(UserError, match="no stage 'no_such_stage'"):
+        flows.run_stage(stage="no_such_stage", project=str(tmp_path))
+
+
+def test_rebuild_goes_through_dvc_and_dvc_decides_what_is_stale(tmp_path):
+    project = toy_project(tmp_path)
+
+    first = flows.rebuild(project=str(project))
+    assert first["ran"] == ["first", "second"]
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert lock["stages"]["first"]["params"]["params.yaml"]["toy"] == {"value": 1}
+    assert (project / "second.txt").read_text() == "11"
+
+    again = flows.rebuild(project=str(project))
+    assert again["ran"] == [] and sorted(again["skipped"]) == ["first", "second"]
+    assert again["dvc_lock_sha256"] == first["dvc_lock_sha256"]
+
+    (project / "params.yaml").write_text("toy:\n  value: 7\n")
+    changed = flows.rebuild(project=str(project))
+    assert changed["ran"] == ["first", "second"] and (project / "second.txt").read_text() == "77"
+
+
+def test_rebuild_failure_is_reported_not_retried(tmp_path):
+    project = toy_project(tmp_path)
+    spec = yaml.safe_load((project / "dvc.yaml").read_text())
+    spec["stages"]["first"]["cmd"] = f"{PY} -c \"import sys; sys.exit('error: toy stage refuses')\""
+    (project / "dvc.yaml").write_text(yaml.safe_dump(spec))
+
+    start = time.monotonic()
+    state = flows.rebuild(project=str(project), return_state=True)
+    assert state.is_failed()
+    assert "toy stage refuses" in state.message and "failed to reproduce" in state.message
+    assert time.monotonic() - start < 10 * flows.TRANSIENT_RETRIES  # no retry delays were spent
+
+
+def test_overrides_need_dvc_experiments(tmp_path):
+    project = toy_project(tmp_path)
+    with pytest.raises(UserError, match="dvc exp run -S"):
+        flows.rebuild(set_params=["toy.value=3"], project=str(project))
+
+
+def test_pipeline_lock_queues_a_second_holder(tmp_path):
+    (tmp_path / ".dvc").mkdir()
+    holder = subprocess.Popen(
+        [PY, "-c", "import sys, time; from pathlib import Path; from pipeline.flows import pipeline_lock\n"
+                   f"with pipeline_lock(Path({str(tmp_path)!r})):\n print('held', flush=True); time.sleep(2)"],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        start = time.monotonic()
+        with flows.pipeline_lock(tmp_path):
+            waited = time.monotonic() - start
+            with flows.pipeline_lock(tmp_path):  # re-entrant inside one process (on_new_batch -> rebuild)
+                pass
+        assert waited > 0.5
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_retry_condition_retries_only_transient_failures():
+    from prefect.states import Failed
+
+    def state(exc):
+        return Failed(data=exc)
+
+    assert flows._retry_transient_only(None, None, state(flows.TransientFailure("dvc lock busy")))
+    assert not flows._retry_transient_only(None, None, state(flows.StageFailed("bad params")))
+    assert not flows._retry_transient_only(None, None, state(ValueError("a bug")))
+
+
+def test_duplicate_detection_by_content_and_by_name(tmp_path):
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    (incoming / "b1.jsonl").write_text('{"x": 1}\n')
+    same_content = tmp_path / "renamed.jsonl"
+    same_content.write_text('{"x": 1}\n')
+    same_name = tmp_path / "drop" / "b1.jsonl"
+    same_name.parent.mkdir()
+    same_name.write_text('{"x": 2}\n')
+    new = tmp_path / "b2.jsonl"
+    new.write_text('{"x": 3}\n')
+
+    hit = flows.find_registered(same_content, incoming, flows.file_sha256(same_content))
+    assert hit is not None and "b1.jsonl" in hit[1]
+    hit = flows.find_registered(same_name, incoming, flows.file_sha256(same_name))
+    assert hit is not None and "different file" in hit[1]
+    assert flows.find_registered(new, incoming, flows.file_sha256(new)) is None
+
+    registered = flows.register_batch(new, incoming)
+    assert registered.read_bytes() == new.read_bytes()
+    assert sorted(p.name for p in incoming.iterdir()) == ["b1.jsonl", "b2.jsonl"]  # no temp file left
