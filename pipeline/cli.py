@@ -22,6 +22,42 @@ def _sample_data(args: argparse.Namespace) -> None:
         print(path)
 
 
+def _lineage(args: argparse.Namespace) -> None:
+    from rmpipe.lineage import describe, read_manifest
+
+    print(describe(read_manifest(args.path)))
+
+
+def _verify(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from rmpipe.errors import ValidationFailed
+    from rmpipe.lineage import verify_export
+
+    # Inside the project (dvc.yaml here), the recorded inputs are re-hashed too.
+    root = Path(".") if Path("dvc.yaml").exists() and not args.export_only else None
+    problems = verify_export(Path(args.path), root)
+    for line in problems:
+        print(line)
+    if problems:
+        raise ValidationFailed(f"{len(problems)} mismatch(es) in {args.path}")
+    print(f"ok: every file of {args.path}" + (" and every recorded input present here" if root else "") + " matches its manifest")
+
+
+def _score(args: argparse.Namespace) -> None:
+    import json
+
+    from rmpipe import io
+    from rmpipe.export import score_file
+
+    rows = score_file(args.path, args.input, args.batch_size)
+    if args.output:
+        io.write_jsonl(args.output, rows)
+    else:
+        for row in rows:
+            print(json.dumps(row, ensure_ascii=False))
+
+
 def _rebuild(args: argparse.Namespace) -> None:
     import json
 
@@ -54,6 +90,22 @@ def _watch(args: argparse.Namespace) -> None:
     watch(args.dir, announce_batch, interval_s=args.interval, state_file=args.state)
 
 
+def _sample_pairs(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from rmpipe.params import load_params, section
+    from rmpipe.sampling import sample_pairs_file
+
+    params = load_params(args.params)
+    sampling = dict(section(params, "sampling"))
+    for key in ("n_completions", "seed", "max_new_tokens"):
+        if getattr(args, key) is not None:
+            sampling[key] = getattr(args, key)
+    out = args.out or f"data/tasks/{Path(args.prompts).stem}.tasks.jsonl"
+    sample_pairs_file(args.prompts, out, section(params, "model"), sampling, backbone=args.backbone)
+    print(out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rmpipe", description=__doc__)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
@@ -64,6 +116,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="override sample_data.seed")
     p.add_argument("--n-pairs", type=int, default=None, help="override sample_data.n_pairs")
     p.set_defaults(func=_sample_data)
+
+    p = sub.add_parser("sample-pairs", help="sample SFT completions for prompts and write A/B annotation tasks")
+    p.add_argument("prompts", help=".jsonl with a 'prompt' field (text or chat messages), or .txt with one prompt per line")
+    p.add_argument("--out", default=None, help="tasks JSONL (default: data/tasks/<prompts name>.tasks.jsonl)")
+    p.add_argument("--backbone", default=None, help="override model.backbone: tiny, smollm2-135m-instruct, a folder or hub id")
+    p.add_argument("--n-completions", type=int, default=None, help="override sampling.n_completions")
+    p.add_argument("--seed", type=int, default=None, help="override sampling.seed")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="override sampling.max_new_tokens")
+    p.set_defaults(func=_sample_pairs)
+
+    p = sub.add_parser("lineage", help="print an export's lineage manifest readably")
+    p.add_argument("path", help="export folder (e.g. models/export)")
+    p.set_defaults(func=_lineage)
+
+    p = sub.add_parser("verify", help="re-hash an export and its recorded inputs; non-zero exit on any mismatch")
+    p.add_argument("path", help="export folder (e.g. models/export)")
+    p.add_argument("--export-only", action="store_true", help="check the export's files only, not the project inputs")
+    p.set_defaults(func=_verify)
+
+    p = sub.add_parser("score", help="score prompt/response rows with an exported model (plain transformers)")
+    p.add_argument("path", help="export folder (e.g. models/export)")
+    p.add_argument("--input", required=True, help="JSONL: prompt + response, or prompt + chosen + rejected")
+    p.add_argument("--output", default=None, help="JSONL to write (default: print to stdout)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.set_defaults(func=_score)
 
     p = sub.add_parser("rebuild", help="run the pipeline through DVC (dvc repro) as a Prefect flow")
     p.add_argument("targets", nargs="*", help="dvc.yaml stages to bring up to date (default: all)")

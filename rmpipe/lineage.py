@@ -1,0 +1,208 @@
+"""The lineage manifest of an export: which inputs, params, data batches, code and packages made it.
+
+`lineage.json` sits inside the export folder. It records the DVC hash of every upstream
+input (from dvc.lock), every param, the batch ids that fed the splits, the git commit and
+dirty flag (None when DVC runs without git), package versions, timestamps, and a sha256
+of every other file in the export, so `verify` can re-hash both sides later.
+
+Environment variables are never read into the manifest: they are where secrets live.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rmpipe.errors import DataError
+
+MANIFEST_FILE = "lineage.json"
+PACKAGES = ("rmpipe", "torch", "transformers", "tokenizers", "safetensors", "deepspeed", "dvc", "prefect",
+            "pandas", "pyarrow", "numpy", "great-expectations", "crowd-kit")
+
+
+# --- hashing --------------------------------------------------------------------------------
+def _digest(path: Path, algorithm: str) -> str:
+    h = hashlib.new(algorithm)
+    with path.open("rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    return _digest(path, "sha256")
+
+
+def md5_file(path: Path) -> str:
+    """DVC 3's file hash: md5 of the bytes."""
+    return _digest(path, "md5")
+
+
+def folder_hashes(folder: Path, exclude: tuple[str, ...] = (MANIFEST_FILE,)) -> dict[str, str]:
+    """{relative path: sha256} of every file under `folder` except `exclude`, sorted by path."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() not in exclude)
+    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in files}
+
+
+# --- what went in -----------------------------------------------------------------------------
+def dvc_lock_inputs(project_root: Path, exclude: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
+    """{path: {md5, size, stage}} for every dep and out recorded in dvc.lock, except stages in `exclude`."""
+    lock_file = Path(project_root) / "dvc.lock"
+    if not lock_file.exists():
+        return {}
+    lock = yaml.safe_load(lock_file.read_text(encoding="utf-8")) or {}
+    inputs: dict[str, dict[str, Any]] = {}
+    for stage, entry in (lock.get("stages") or {}).items():
+        if stage in exclude:
+            continue
+        for item in (entry.get("deps") or []) + (entry.get("outs") or []):
+            if "md5" in item:
+                inputs.setdefault(item["path"], {"md5": item["md5"], "size": item.get("size"), "stage": stage})
+    return dict(sorted(inputs.items()))
+
+
+def git_state(project_root: Path) -> dict[str, Any] | None:
+    """{commit, dirty} when the project is a git work tree, else None (DVC may run with core.no_scm)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=project_root, capture_output=True, text=True, check=True, timeout=30).stdout
+
+    try:
+        commit = git("rev-parse", "HEAD").strip()
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no").strip())
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "dirty": dirty}
+
+
+def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str | None]:
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def build_manifest(
+    export_dir: Path,
+    project_root: Path,
+    params: dict[str, Any],
+    batch_ids: dict[str, list[str]],
+    exclude_stages: tuple[str, ...],
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    """The manifest for a fully written export folder (its files are hashed here, so call it last)."""
+    return {
+        "format": "rmpipe-lineage/1",
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "inputs": dvc_lock_inputs(project_root, exclude_stages),
+        "params": params,
+        "batch_ids": batch_ids,
+        "git": git_state(project_root),
+        "packages": package_versions(),
+        **extra,
+        "files": folder_hashes(export_dir),
+    }
+
+
+def read_manifest(export_dir: Path) -> dict[str, Any]:
+    path = Path(export_dir) / MANIFEST_FILE
+    if not path.exists():
+        raise DataError(f"{path} not found: {export_dir} is not an rmpipe export (or it is incomplete)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is not valid JSON ({exc.msg}): the manifest is damaged") from None
+
+
+def manifest_sha256(export_dir: Path) -> str:
+    return sha256_file(Path(export_dir) / MANIFEST_FILE)
+
+
+# --- checking it later ------------------------------------------------------------------------
+def verify_export(export_dir: Path, project_root: Path | None = None) -> list[str]:
+    """Every mismatch, one line each: export files vs their recorded sha256, then inputs vs dvc.lock md5s."""
+    export_dir = Path(export_dir)
+    manifest = read_manifest(export_dir)
+    problems = []
+    recorded, present = manifest.get("files", {}), folder_hashes(export_dir)
+    for name in sorted(set(recorded) | set(present)):
+        if name not in present:
+            problems.append(f"export file missing: {name}")
+        elif name not in recorded:
+            problems.append(f"export file not in manifest: {name}")
+        elif present[name] != recorded[name]:
+            problems.append(f"export file changed: {name} (sha256 {present[name][:12]}..., recorded {recorded[name][:12]}...)")
+    if project_root is not None:
+        problems += _verify_inputs(Path(project_root), manifest.get("inputs", {}))
+    return problems
+
+
+def _verify_inputs(root: Path, inputs: dict[str, dict[str, Any]]) -> list[str]:
+    """Re-hash recorded inputs that are present: files by md5, DVC folders file by file from their .dir listing."""
+    problems = []
+    for rel, info in inputs.items():
+        path, md5 = root / rel, info["md5"]
+        if not path.exists():
+            continue  # not checked out here (e.g. verifying on another machine): nothing to compare
+        if md5.endswith(".dir"):
+            problems += _verify_dir(root, rel, md5)
+        elif path.is_file() and md5_file(path) != md5:
+            problems.append(f"input changed since export: {rel} (md5 {md5_file(path)}, recorded {md5})")
+    return problems
+
+
+def _verify_dir(root: Path, rel: str, md5: str) -> list[str]:
+    listing = root / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
+    if not listing.exists():
+        return [f"input folder not checkable: {rel} (its DVC listing {md5} is not in the local cache)"]
+    problems = []
+    entries = {e["relpath"]: e["md5"] for e in json.loads(listing.read_text(encoding="utf-8"))}
+    present = {p.relative_to(root / rel).as_posix() for p in (root / rel).rglob("*") if p.is_file()}
+    for name in sorted(set(entries) | present):
+        file = root / rel / name
+        if name not in present:
+            problems.append(f"input file missing since export: {rel}/{name}")
+        elif name not in entries:
+            problems.append(f"input file added since export: {rel}/{name}")
+        elif md5_file(file) != entries[name]:
+            problems.append(f"input changed since export: {rel}/{name}")
+    return problems
+
+
+# --- reading it -------------------------------------------------------------------------------
+def describe(manifest: dict[str, Any]) -> str:
+    """The manifest as a person reads it: what model, from which data, code and params, and the verdict."""
+    git = manifest.get("git")
+    git_line = "not in git" if git is None else f"{git['commit']}{' (dirty work tree)' if git['dirty'] else ''}"
+    ev, promo = manifest.get("evaluation", {}), manifest.get("promotion", {})
+    lines = [
+        f"created      {manifest.get('created_at')}",
+        f"git          {git_line}",
+        f"backbone     {manifest.get('model', {}).get('backbone')}",
+        f"evaluation   {'passed' if ev.get('passed') else 'FAILED'}: accuracy {ev.get('accuracy')} on {ev.get('n_pairs')} test pairs",
+        f"promotion    {'promoted' if promo.get('promoted') else 'not promoted'}: {promo.get('reason')}",
+        f"parity       max |diff| {manifest.get('parity', {}).get('max_abs_diff')} on {manifest.get('parity', {}).get('n_rows')} golden rows",
+        "batches      " + ", ".join(sorted({b for ids in manifest.get("batch_ids", {}).values() for b in ids})),
+        "",
+        "inputs (dvc.lock md5):",
+        *[f"  {info['md5']}  {path}  [{info['stage']}]" for path, info in manifest.get("inputs", {}).items()],
+        "",
+        "export files (sha256):",
+        *[f"  {digest[:16]}  {name}" for name, digest in manifest.get("files", {}).items()],
+        "",
+        "packages:     " + ", ".join(f"{k} {v}" for k, v in manifest.get("packages", {}).items() if v),
+        "",
+        "params:",
+        *["  " + line for line in yaml.safe_dump(manifest.get("params", {}), sort_keys=False).splitlines()],
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,86 @@
+"""DVC stage `export`: trained reward model -> verified Hugging Face folder + model card + lineage manifest.
+
+    python -m stages.export [--params params.yaml]
+
+Writes `export.out_dir` (default models/export) atomically: the new folder replaces the
+old one only after plain transformers re-loaded it and re-scored its golden set within
+`export.parity_tolerance`. When evaluation passed and accuracy holds up against the
+promoted model, the export is also copied to `export.promoted_dir`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from rmpipe.errors import DataError, exits_cleanly
+from rmpipe.evaluate import load_checkpoint
+from rmpipe.export import ExportSettings, write_export
+from rmpipe.params import get, load_params, section
+from rmpipe.pathology import load_battery
+from rmpipe.progress import setup_logging
+
+log = logging.getLogger("rmpipe.export")
+
+MODEL_DIR = Path("models/reward_model")
+TRAINING_RECORD = MODEL_DIR / "training.json"
+SPLIT_DIR = Path("data/split")
+METRICS = Path("metrics/eval.json")
+PATHOLOGY = Path("reports/pathology.json")
+
+
+def read_json(path: Path, stage: str) -> dict:
+    if not path.exists():
+        raise DataError(f"{path} not found: run the {stage} stage first (dvc repro {stage})")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def split_batch_ids() -> dict[str, list[str]]:
+    """Per split, the sorted batch ids whose votes fed its pairs."""
+    ids = {}
+    for name in ("train", "val", "test"):
+        path = SPLIT_DIR / f"{name}.parquet"
+        if not path.exists():
+            raise DataError(f"{path} not found: run the split stage first (dvc repro split)")
+        column = pd.read_parquet(path, columns=["batch_ids"])["batch_ids"]
+        ids[name] = sorted({str(b) for batch in column for b in batch})
+    return ids
+
+
+def run(params_file: str | Path = "params.yaml") -> dict:
+    params = load_params(params_file)
+    settings = ExportSettings.from_params(params)
+    metrics, pathology_report = read_json(METRICS, "evaluate"), read_json(PATHOLOGY, "evaluate")
+    battery = load_battery(get(section(params, "evaluate"), "battery_file", str, "evaluate"))
+    test = pd.read_parquet(SPLIT_DIR / "test.parquet")
+    model, tokenizer = load_checkpoint(MODEL_DIR)
+
+    extra = {"model": {"backbone": params.get("model", {}).get("backbone"), "trained_in": str(MODEL_DIR)}}
+    if TRAINING_RECORD.exists():
+        extra["training"] = json.loads(TRAINING_RECORD.read_text(encoding="utf-8"))
+    lineage = {"project_root": Path("."), "params": params, "batch_ids": split_batch_ids(),
+               "exclude_stages": ("export",), "extra": extra}
+
+    manifest = write_export(model, tokenizer, test, battery, metrics, pathology_report, settings, lineage)
+    promo = manifest["promotion"]
+    log.info("exported to %s (parity max diff %.2e); %s: %s", settings.out_dir, manifest["parity"]["max_abs_diff"],
+             "PROMOTED" if promo["promoted"] else "not promoted", promo["reason"])
+    return manifest
+
+
+@exits_cleanly
+def main(argv: list[str] | None = None) -> None:
+    setup_logging()
+    parser = argparse.ArgumentParser(prog="python -m stages.export", description=__doc__)
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    args = parser.parse_args(argv)
+    run(args.params)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
