@@ -351,6 +351,19 @@ def promotion(root: Path) -> dict[str, Any]:
             "promoted_path": str(promoted_dir) if decision.get("promoted") and promoted_dir else None}
 
 
+@task(retries=TRANSIENT_RETRIES, retry_delay_seconds=30, retry_condition_fn=_retry_transient_only,
+      cache_policy=NO_CACHE)
+def push_to_remote(root: Path) -> str | None:
+    """`dvc push` when the project has a default DVC remote: the new outputs become recoverable elsewhere."""
+    remote = _dvc(root, "remote", "default").stdout.strip()
+    if not remote:
+        return None
+    proc = _dvc(root, "push")
+    if proc.returncode != 0:
+        raise TransientFailure(f"dvc push to '{remote}' failed: {proc.stderr.strip()[-500:]}")
+    return remote
+
+
 def write_run_summary(root: Path, summary: dict[str, Any]) -> Path:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     path = root / RUNS_DIR / f"{stamp}-{summary['batch_id']}.json"
@@ -411,6 +424,7 @@ def on_new_batch(batch_path: str, project: str | None = None) -> dict[str, Any]:
             finish("failed", reasons=[str(exc)], registered_path=str(registered.relative_to(root)))
             raise
         gate = promotion(root)
+        pushed_to = push_to_remote(root)
         return finish("accepted", reasons=[], registered_path=str(registered.relative_to(root)),
                       check=check["report"], rebuild=built, metrics=read_metrics(root), promotion=gate,
-                      export_path=gate.get("export_path"))
+                      export_path=gate.get("export_path"), dvc_remote=pushed_to)

@@ -1,0 +1,294 @@
+"""The service: batch watcher, event trigger, prefect.yaml, and the end-to-end run on a real Prefect server."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import service
+from pipeline.watch import BatchWatcher, is_batch_name, watch
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+# --- the watcher ---------------------------------------------------------------------------------
+
+def test_a_file_still_being_written_does_not_fire(tmp_path):
+    watcher = BatchWatcher(tmp_path)
+    batch = tmp_path / "b1.jsonl"
+    batch.write_text("{}\n")
+    assert watcher.poll() == []  # first sight: not yet known to be stable
+    with batch.open("a") as fh:  # the writer is still appending
+        fh.write("{}\n")
+    assert watcher.poll() == []
+    assert watcher.poll() == [batch]  # unchanged across two polls: complete
+    watcher.mark_fired(batch)
+    assert watcher.poll() == [] and watcher.poll() == []  # fires once
+
+
+def test_in_progress_names_and_dotfiles_never_fire_but_a_rename_into_place_does(tmp_path):
+    assert not is_batch_name("b.jsonl.part") and not is_batch_name(".b.jsonl") and not is_batch_name("b.csv.tmp")
+    assert not is_batch_name("notes.txt") and is_batch_name("B.JSONL") and is_batch_name("x.parquet")
+    watcher = BatchWatcher(tmp_path)
+    part = tmp_path / "b2.csv.part"
+    part.write_text("prompt,response_a\n")
+    (tmp_path / ".hidden.jsonl").write_text("{}\n")
+    assert watcher.poll() == [] and watcher.poll() == []
+    part.rename(tmp_path / "b2.csv")
+    assert watcher.poll() == []
+    assert watcher.poll() == [tmp_path / "b2.csv"]
+
+
+def test_restart_remembers_fired_files_and_memory_is_bounded(tmp_path):
+    state = tmp_path / "state.json"
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    announced: list[str] = []
+    for i in range(4):
+        (drop / f"b{i}.jsonl").write_text(f"{i}\n")
+    watch(drop, lambda p: announced.append(p.name), interval_s=0.01, state_file=state, polls=3)
+    assert sorted(announced) == ["b0.jsonl", "b1.jsonl", "b2.jsonl", "b3.jsonl"]
+
+    watch(drop, lambda p: announced.append(p.name), interval_s=0.01, state_file=state, polls=3)
+    assert len(announced) == 4  # a restarted watcher does not announce them again
+
+    time.sleep(0.01)
+    (drop / "b0.jsonl").write_text("changed content\n")  # a re-delivery is announced; the flow judges it
+    watch(drop, lambda p: announced.append(p.name), interval_s=0.01, state_file=state, polls=3)
+    assert announced[4:] == ["b0.jsonl"]
+
+    small = BatchWatcher(drop, state, max_remembered=2)
+    small.mark_fired(drop / "b1.jsonl")
+    assert len(json.loads(state.read_text())["fired"]) == 2
+
+
+def test_a_failed_announcement_is_retried(tmp_path):
+    (tmp_path / "b.jsonl").write_text("{}\n")
+    calls: list[str] = []
+
+    def flaky(path):
+        calls.append(path.name)
+        if len(calls) == 1:
+            raise ConnectionError("server down")
+
+    watch(tmp_path, flaky, interval_s=0.01, polls=4)
+    assert calls == ["b.jsonl", "b.jsonl"]
+
+
+# --- trigger, event and prefect.yaml -----------------------------------------------------------------
+
+def test_the_trigger_maps_the_event_payload_to_the_flow_parameter(tmp_path):
+    batch = tmp_path / "b.jsonl"
+    batch.write_text("{}\n")
+    event = service.batch_event(batch)
+    trigger = service.batch_trigger()
+    assert event.event == service.BATCH_EVENT and trigger.expect == {service.BATCH_EVENT}
+    assert event.payload["batch_path"] == str(batch.resolve())
+    assert trigger.parameters == {"batch_path": "{{ event.payload.batch_path }}"}
+    assert event.resource.id.startswith(service.BATCH_RESOURCE_PREFIX)
+    assert service.one_at_a_time().limit == 1 and service.one_at_a_time().collision_strategy.value == "ENQUEUE"
+
+
+def test_prefect_yaml_deploys_the_same_flows_with_the_same_trigger():
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    by_name = {d["name"]: d for d in spec["deployments"]}
+    batch = by_name[service.DEPLOYMENT]
+    assert batch["entrypoint"] == "pipeline/flows.py:on_new_batch"
+    assert batch["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}
+    (trigger,) = batch["triggers"]
+    assert trigger["expect"] == [service.BATCH_EVENT]
+    assert trigger["parameters"] == {"batch_path": "{{ event.payload.batch_path }}"}
+    assert by_name["rebuild"]["entrypoint"] == "pipeline/flows.py:rebuild"
+    from pipeline import flows
+
+    for deployment in spec["deployments"]:
+        module, name = deployment["entrypoint"].split(":")
+        assert module == "pipeline/flows.py" and hasattr(getattr(flows, name), "serve")
+
+
+def test_watch_needs_a_server(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    out = subprocess.run([PY, "-m", "pipeline.cli", "watch", str(tmp_path)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "no Prefect server configured" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+# --- end to end on a real Prefect server -------------------------------------------------------------
+
+# Small enough that two full rebuilds fit the test's time budget on two CPU cores.
+FAST = {
+    ("sample_data", "pair_rows"): 0,
+    ("train", "epochs"): 1,
+    ("evaluate", "min_accuracy"): 0.0,
+    ("model", "max_length"): 64,
+    ("model", "tiny", "hidden_size"): 32,
+    ("model", "tiny", "intermediate_size"): 64,
+    ("model", "tiny", "num_hidden_layers"): 1,
+    ("model", "tiny", "num_attention_heads"): 2,
+    ("model", "tiny", "num_key_value_heads"): 1,
+}
+
+
+def fast_project(dest: Path) -> Path:
+    """A copy of this project's (non-ignored) files with tiny training params, DVC without git."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
+                           check=True, capture_output=True, text=True).stdout.split("\0")
+    for rel in filter(None, files):
+        src = ROOT / rel
+        if src.is_file() and not rel.startswith(("data/incoming/", "tests/", "bench/")):
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    (dest / "data/incoming").mkdir(parents=True, exist_ok=True)
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    for keys, value in FAST.items():
+        node = params
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        if keys[-1] in node or keys[0] == "sample_data":
+            node[keys[-1]] = value
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    if not (dest / ".dvc").is_dir():
+        subprocess.run([PY, "-m", "dvc", "init", "--no-scm", "-q"], cwd=dest, check=True)
+    subprocess.run([PY, "-m", "dvc", "config", "--local", "core.no_scm", "true"], cwd=dest, check=True)
+    return dest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(what: str, check, timeout_s: float, procs=(), every_s: float = 1.0):
+    """Poll `check()` until it returns something truthy; fail with `what` after `timeout_s` or if a process died."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        for proc in procs:
+            if proc.poll() is not None:
+                pytest.fail(f"{proc.args} exited with {proc.returncode} while waiting for {what}")
+        time.sleep(every_s)
+    pytest.fail(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+def start(cmd: list[str], cwd: Path, env: dict, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)  # own process group: killed whole in `stop`
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def flow_runs(api: str, flow_name: str) -> list[dict]:
+    import httpx
+
+    try:
+        resp = httpx.post(f"{api}/flow_runs/filter", json={"flows": {"name": {"any_": [flow_name]}}}, timeout=10)
+        resp.raise_for_status()
+    except httpx.HTTPError:
+        return []
+    return resp.json()
+
+
+def healthy(api: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{api}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.mark.slow
+def test_batches_arriving_together_are_processed_one_after_another_on_a_real_server(tmp_path):
+    from pipeline.prefect_env import server_env
+
+    project = fast_project(tmp_path / "project")
+    drop, staging, logs = tmp_path / "drop", tmp_path / "staging", tmp_path / "logs"
+    for folder in (drop, staging, logs):
+        folder.mkdir()
+    port = free_port()
+    env = server_env(tmp_path / "prefect-home", port)
+    env.update(PREFECT_RUNNER_POLL_FREQUENCY="2", PREFECT_LOGGING_LEVEL="INFO", PYTHONUNBUFFERED="1")
+    api = env["PREFECT_API_URL"]
+    subprocess.run([PY, "-m", "pipeline.cli", "sample-data", "--out", str(staging), "--n-pairs", "240"],
+                   cwd=project, env=env, check=True, capture_output=True)
+    vote_batches = sorted(p for p in staging.iterdir() if p.suffix in (".jsonl", ".csv"))[:2]
+    assert len(vote_batches) == 2
+
+    procs: list[subprocess.Popen] = []
+    try:
+        procs.append(start([PY, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                           tmp_path, env, logs / "server.log"))
+        wait_for("the Prefect server", lambda: healthy(api), 150, procs)
+        procs.append(start([PY, "-m", "pipeline.cli", "serve"], project, env, logs / "serve.log"))
+        wait_for("the served deployment", lambda: "being served" in (logs / "serve.log").read_text(), 120, procs)
+        procs.append(start([PY, "-m", "pipeline.cli", "watch", str(drop), "--interval", "1"], project, env,
+                           logs / "watch.log"))
+
+        for batch in vote_batches:  # both arrive at once (rename: each file appears complete)
+            batch.rename(drop / batch.name)
+
+        def two_done():
+            runs = [r for r in flow_runs(api, "on-new-batch") if r["state_type"] in ("COMPLETED", "FAILED", "CRASHED")]
+            return runs if len(runs) == 2 else None
+
+        runs = wait_for("two on-new-batch runs to finish", two_done, 400, procs, every_s=3)
+        assert all(r["state_type"] == "COMPLETED" for r in runs), [r["state"]["message"] for r in runs]
+        first, second = sorted(runs, key=lambda r: r["start_time"])
+        assert first["end_time"] <= second["start_time"], "the two rebuilds overlapped"
+
+        manifest = json.loads((project / "models/export/lineage.json").read_text())
+        lineage_batches = {b for ids in manifest["batch_ids"].values() for b in ids}
+        assert {b.name for b in vote_batches} <= lineage_batches
+        summaries = [json.loads(p.read_text()) for p in sorted((project / "reports/runs").glob("*.json"))]
+        assert [s["outcome"] for s in summaries] == ["accepted", "accepted"]
+        assert all(s["batch_id"] in s["promotion"]["batch_ids"] for s in summaries)
+        assert sorted(p.name for p in (project / "data/incoming").iterdir()) == sorted(b.name for b in vote_batches)
+
+        # A malformed batch is rejected with reasons and changes nothing.
+        lock_before = (project / "dvc.lock").read_bytes()
+        manifest_before = (project / "models/export/lineage.json").read_bytes()
+        bad = staging / "broken-batch.jsonl"
+        bad.write_text("\n".join(["{not json"] * 8 + ['{"prompt": "p", "response_a": "x"}'] * 4) + "\n")
+        bad.rename(drop / bad.name)
+
+        def third_done():
+            runs = [r for r in flow_runs(api, "on-new-batch") if r["state_type"] in ("COMPLETED", "FAILED", "CRASHED")]
+            return runs if len(runs) == 3 else None
+
+        runs = wait_for("the malformed batch's run", third_done, 120, procs, every_s=2)
+        (rejected_run,) = [r for r in runs if r["parameters"]["batch_path"].endswith(bad.name)]
+        assert rejected_run["state_type"] == "FAILED" and "rejected" in rejected_run["state"]["message"]
+        rejected = json.loads((project / "reports/runs").glob(f"*-{bad.name}.json").__next__().read_text())
+        assert rejected["outcome"] == "rejected" and rejected["reasons"]
+        assert (project / "data/rejected" / bad.name).exists() and not (drop / bad.name).exists()
+        assert (project / "dvc.lock").read_bytes() == lock_before
+        assert (project / "models/export/lineage.json").read_bytes() == manifest_before
+        assert bad.name not in {p.name for p in (project / "data/incoming").iterdir()}
+    finally:
+        for proc in reversed(procs):
+            stop(proc)
+        for log in sorted(logs.glob("*.log")):  # shown by pytest only when the test fails
+            print(f"----- {log.name}\n{log.read_text()[-4000:]}")
