@@ -1,0 +1,106 @@
+"""The DeepSpeed config of a training run, generated from `params.yaml: train` (or read from a JSON file).
+
+One optimizer step = one global batch of variable size (see `rmpipe.batching`), so as far as
+DeepSpeed is concerned every rank feeds a micro-batch of 1 with no gradient accumulation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rmpipe.errors import ConfigError
+
+
+def bf16_wanted(setting: bool | str, device_type: str) -> bool:
+    """bf16 when asked for (true) or when `auto` and the accelerator supports it; never on CPU."""
+    if device_type == "cpu" or setting is False:
+        return False
+    if setting == "auto":
+        return device_type == "cuda" and torch.cuda.is_bf16_supported()
+    return True
+
+
+def build_config(train_cfg: dict[str, Any], total_steps: int, world_size: int, bf16: bool) -> dict[str, Any]:
+    """A DeepSpeed config for `total_steps` optimizer steps at `world_size` ranks."""
+    stage = int(train_cfg["zero_stage"])
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"params.yaml: 'train.zero_stage' must be 0, 1, 2 or 3, got {stage}")
+    offload = bool(train_cfg.get("offload_optimizer", False))
+    if offload and stage == 0:
+        raise ConfigError("params.yaml: 'train.offload_optimizer' needs 'train.zero_stage' 1, 2 or 3")
+    zero: dict[str, Any] = {"stage": stage}
+    if offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    warmup = max(1, round(float(train_cfg["warmup_ratio"]) * total_steps))
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": world_size,
+        "gradient_clipping": float(train_cfg["grad_clip"]),
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": float(train_cfg["lr"]),
+                "betas": [0.9, 0.95],
+                "eps": 1e-8,
+                "weight_decay": float(train_cfg["weight_decay"]),
+                # Plain torch AdamW: FusedAdam needs a CUDA build; offload brings DeepSpeed's CPU Adam.
+                **({} if offload else {"torch_adam": True}),
+            },
+        },
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": max(total_steps, warmup + 1),
+                "warmup_num_steps": warmup,
+                "warmup_type": "linear",
+                "warmup_min_ratio": 0.0,
+                "cos_min_ratio": 0.1,
+            },
+        },
+        "steps_per_print": 10**9,  # rmpipe logs its own metrics
+        "wall_clock_breakdown": False,
+    }
+
+
+def load_config(path: str | Path, world_size: int) -> dict[str, Any]:
+    """A user-supplied DeepSpeed JSON (`train.deepspeed_config`); batch keys forced to rmpipe's batching."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"params.yaml: 'train.deepspeed_config' points at {path}, which does not exist")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+    for key, value in {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+                       "train_batch_size": world_size}.items():
+        if config.get(key, value) not in (value, "auto"):
+            raise ConfigError(f"{path}: '{key}' must be {value} (rmpipe batches by tokens), got {config[key]!r}")
+        config[key] = value
+    return config
+
+
+def param_groups(model: torch.nn.Module, lr: float, weight_decay: float, head_lr_mult: float) -> list[dict]:
+    """AdamW groups: decayed matrices, undecayed norms/biases, and the head at `lr * head_lr_mult`."""
+    decay, no_decay, head = [], [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.startswith("head."):
+            head.append(param)
+        elif param.ndim < 2:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+        {"params": head, "weight_decay": weight_decay, "lr": lr * head_lr_mult},
+    ]
+    return [g for g in groups if g["params"]]

@@ -1,0 +1,109 @@
+"""DVC stage `train`: train/val splits + backbone -> models/reward_model/ + metrics/train.json.
+
+    python -m stages.train [--params params.yaml]
+
+One process runs without any launcher. `train.num_procs > 1` (or a `train.hostfile`) makes this
+stage re-run itself under the DeepSpeed launcher with that many ranks; nothing else changes.
+Checkpoints go to checkpoints/train/ and a re-run resumes from them when params, data and
+backbone are unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from rmpipe.backbones import check_backbone, load_backbone, max_positions, resolve_backbone
+from rmpipe.ds_config import bf16_wanted, build_config, load_config
+from rmpipe.errors import exits_cleanly
+from rmpipe.params import get, load_params, section
+from rmpipe.progress import setup_logging
+from rmpipe.reward_model import RewardModel
+from rmpipe.train import (
+    TrainPaths, TrainSettings, check_max_length, fingerprint, fit, init_distributed, make_deterministic,
+    read_splits, save_outputs, tokenize,
+)
+
+log = logging.getLogger("rmpipe.train")
+
+LAUNCHED = "RMPIPE_UNDER_LAUNCHER"
+
+
+def relaunch(s: TrainSettings, params_file: str) -> int:
+    """Re-run this stage under the DeepSpeed launcher (CPU: gloo ranks on this machine)."""
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner"]
+    cmd += ["--hostfile", s.hostfile] if s.hostfile else ["--num_gpus", str(s.num_procs)]
+    cmd += ["--master_port", os.environ.get("MASTER_PORT", "29511"), "--module", "stages.train", "--params", params_file]
+    log.info("launching %s", " ".join(cmd))
+    return subprocess.call(cmd, env={**os.environ, LAUNCHED: "1"})
+
+
+def run(params_file: str = "params.yaml", paths: TrainPaths | None = None) -> dict | None:
+    params = load_params(params_file)
+    model_cfg, train_cfg = section(params, "model"), section(params, "train")
+    s = TrainSettings.from_params(train_cfg)
+    paths = paths or TrainPaths()
+    if (s.num_procs > 1 or s.hostfile) and LAUNCHED not in os.environ:
+        code = relaunch(s, params_file)
+        if code:
+            sys.exit(code)
+        return None
+
+    # Everything a user can get wrong, before any compute.
+    train_frame, val_frame = read_splits(paths)
+    backbone_dir = resolve_backbone(model_cfg, Path.cwd())
+    trust = get(model_cfg, "trust_remote_code", bool, "model")
+    config, _ = check_backbone(backbone_dir, trust)
+    max_length = check_max_length(get(model_cfg, "max_length", int, "model"), max_positions(config), str(backbone_dir))
+
+    rank, world = init_distributed()
+    make_deterministic(s.seed, world)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bf16 = bf16_wanted(s.bf16, device)
+    backbone, tokenizer = load_backbone(backbone_dir, torch.float32, trust)
+    model = RewardModel.from_backbone(backbone, get(model_cfg, "head_init", str, "model"), seed=s.seed)
+    data = tokenize(tokenizer, train_frame, val_frame, max_length)
+
+    steps = _total_steps(data, s, world)
+    ds_config = load_config(s.deepspeed_config, world) if s.deepspeed_config else build_config(train_cfg, steps, world, bf16)
+    fp = fingerprint(model_cfg, train_cfg, paths.train_split, backbone_dir, world)
+    result = fit(model, data, s, paths, fp, ds_config, rank, world)
+    if result.stopped_early:
+        log.warning("stopped after %d steps (train.stop_after_steps): no model written", result.steps)
+        return None
+    record = {"params": {"model": model_cfg, "train": train_cfg}, "fingerprint": fp, "backbone": str(backbone_dir),
+              "world_size": world, "truncated_pairs": data.train.n_truncated + data.val.n_truncated,
+              "train_pairs": len(data.train), "val_pairs": len(data.val), "deepspeed_config": ds_config}
+    save_outputs(result, model, tokenizer, paths, record, rank, int(ds_config.get("zero_optimization", {}).get("stage", 0)))
+    if rank == 0:
+        log.info("wrote %s: val accuracy %.3f, %d steps, %.0f pairs/s, %.1f s", paths.model_dir,
+                 result.val.get("accuracy", float("nan")), result.steps, result.pairs_per_s, result.wall_s)
+    return record
+
+
+def _total_steps(data, s: TrainSettings, world: int) -> int:
+    from rmpipe.batching import plan_batches
+
+    lengths = data.train.lengths()
+    return sum(len(plan_batches(lengths, s.tokens_per_batch, s.max_pairs_per_batch, s.seed, e, min_pairs=world))
+               for e in range(s.epochs))
+
+
+@exits_cleanly
+def main(argv: list[str] | None = None) -> None:
+    setup_logging()
+    parser = argparse.ArgumentParser(prog="python -m stages.train", description=__doc__)
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
+    args = parser.parse_args(argv)
+    run(args.params)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
