@@ -1,0 +1,146 @@
+"""Candidate sampling: prompts -> tiny SFT backbone samples -> A/B annotation tasks in the vote-row shape."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rmpipe.backbones import build_tiny_backbone, chatml, load_causal_lm
+from rmpipe.errors import ConfigError, DataError
+from rmpipe.schema import canonical_prompt, normalize_text, pair_id
+from rmpipe.sampling import SamplingSettings, pair_tasks, read_prompts, sample_tasks, sampling_settings
+
+MODEL_CFG = {
+    "backbone": "tiny",
+    "head_init": "normal",
+    "max_length": 256,
+    "trust_remote_code": False,
+    "tiny": {"vocab_size": 400, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "seed": 0},
+}
+SAMPLING = {"n_completions": 3, "temperature": 1.0, "top_p": 0.95, "max_new_tokens": 8, "seed": 0}
+PROMPTS = [canonical_prompt("Tell me about rivers."), canonical_prompt([{"role": "user", "content": "Name a bird."}])]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    corpus = [chatml([{"role": "user", "content": f"Question {i} about rivers and birds?"},
+                      {"role": "assistant", "content": f"Answer {i}: rivers flow, birds fly."}]) for i in range(40)]
+    return build_tiny_backbone(corpus, MODEL_CFG, tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def sampler(tiny_dir):
+    return load_causal_lm(tiny_dir)
+
+
+def test_tasks_are_valid_distinct_pairs_with_schema_pair_ids(sampler):
+    model, tokenizer = sampler
+    tasks, report = sample_tasks(model, tokenizer, PROMPTS, sampling_settings(SAMPLING), "tiny")
+    assert report["prompts"] == 2 and report["completions"] == 6
+    assert report["tasks"] == len(tasks) > 0
+    assert report["tasks"] + report["identical_pairs_skipped"] <= 2 * 3  # at most C(3, 2) per prompt
+    for task in tasks:
+        assert "choice" not in task and "annotator_id" not in task
+        assert task["response_a"] and task["response_b"]
+        assert normalize_text(task["response_a"]) != normalize_text(task["response_b"])
+        assert task["pair_id"] == pair_id(task["prompt"], task["response_a"], task["response_b"])
+        assert canonical_prompt(task["prompt"]) in PROMPTS
+        assert task["backbone"] == "tiny" and task["seed"] == 0 and task["temperature"] == 1.0
+    assert len({t["task_id"] for t in tasks}) == len({t["pair_id"] for t in tasks}) == len(tasks)
+
+
+def test_sampling_is_reproducible_and_per_prompt(sampler):
+    model, tokenizer = sampler
+    settings = sampling_settings(SAMPLING)
+    first, _ = sample_tasks(model, tokenizer, PROMPTS, settings, "tiny")
+    again, _ = sample_tasks(model, tokenizer, PROMPTS, settings, "tiny")
+    assert first == again
+    # a prompt's samples depend on the seed and the prompt only, not on its neighbours in the file
+    alone, _ = sample_tasks(model, tokenizer, PROMPTS[1:], settings, "tiny")
+    assert alone == [t for t in first if canonical_prompt(t["prompt"]) == PROMPTS[1]]
+    other_seed, _ = sample_tasks(model, tokenizer, PROMPTS, sampling_settings({**SAMPLING, "seed": 1}), "tiny")
+    assert {t["pair_id"] for t in other_seed} != {t["pair_id"] for t in first}
+
+
+def test_prompt_too_long_for_the_backbone_is_skipped_and_counted(sampler):
+    model, tokenizer = sampler
+    long_prompt = canonical_prompt("word " * 400)
+    tasks, report = sample_tasks(model, tokenizer, [long_prompt], sampling_settings(SAMPLING), "tiny")
+    assert tasks == [] and report["prompts_too_long"] == 1
+
+
+def test_identical_and_empty_completions_are_not_paired():
+    prompt = PROMPTS[0]
+    tasks, counts = pair_tasks(prompt, ["Sure.", "Sure.  ", "No.", "", "Maybe."], {"backbone": "x"})
+    pairs = {frozenset((t["response_a"], t["response_b"])) for t in tasks}
+    assert pairs == {frozenset(("Sure.", "No.")), frozenset(("Sure.", "Maybe.")), frozenset(("No.", "Maybe."))}
+    assert counts == {"empty_completions": 1, "identical_pairs_skipped": 3}  # C(4,2) - C(3,2)
+    assert [t["task_id"].split("-")[1:] for t in tasks] == [["0", "2"], ["0", "4"], ["2", "4"]]
+
+
+def test_read_prompts_accepts_jsonl_and_txt_and_dedupes(tmp_path):
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text("\n".join([json.dumps({"prompt": "Hi there"}),
+                                json.dumps({"prompt": [{"role": "user", "content": "Hi  there"}], "extra": 1}),
+                                "",
+                                json.dumps({"prompt": [{"role": "system", "content": "Be brief."},
+                                                       {"role": "user", "content": "Why?"}]})]) + "\n")
+    prompts = read_prompts(jsonl)
+    assert len(prompts) == 2  # "Hi there" as text and as a one-turn chat (whitespace aside) is one prompt
+    assert json.loads(prompts[1])[0]["role"] == "system"
+    txt = tmp_path / "p.txt"
+    txt.write_text("First prompt\n\nSecond prompt\n")
+    assert read_prompts(txt) == [canonical_prompt("First prompt"), canonical_prompt("Second prompt")]
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"prompt": "ok"}\n{"text": "no prompt"}\n', r"p\.jsonl:2: .*'prompt' field"),
+    ('{"prompt": "ok"}\nnot json\n', r"p\.jsonl:2: not valid JSON"),
+    ('{"prompt": []}\n', r"p\.jsonl:1: .*empty"),
+    ("\n\n", "holds no prompts"),
+])
+def test_bad_prompt_files_name_the_line(tmp_path, content, message):
+    path = tmp_path / "p.jsonl"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        read_prompts(path)
+
+
+def test_bad_sampling_params_are_config_errors():
+    with pytest.raises(ConfigError, match="n_completions"):
+        sampling_settings({**SAMPLING, "n_completions": 1})
+    with pytest.raises(ConfigError, match="top_p"):
+        sampling_settings({**SAMPLING, "top_p": 0})
+    with pytest.raises(ConfigError, match="temperature"):
+        sampling_settings({**SAMPLING, "temperature": 0})
+    assert sampling_settings(SAMPLING) == SamplingSettings(3, 1.0, 0.95, 8, 0)
+
+
+def test_cli_sample_pairs_writes_tasks(tiny_dir, tmp_path, monkeypatch, capsys):
+    from pipeline.cli import main
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"model": MODEL_CFG, "sampling": SAMPLING}))
+    (tmp_path / "prompts.txt").write_text("Tell me about rivers.\nName a bird.\n")
+    monkeypatch.chdir(tmp_path)
+    main(["sample-pairs", "prompts.txt", "--backbone", str(tiny_dir), "--n-completions", "2"])
+    out = tmp_path / "data/tasks/prompts.tasks.jsonl"
+    assert capsys.readouterr().out.strip() == "data/tasks/prompts.tasks.jsonl"
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert 0 < len(rows) <= 2 and all(r["n_completions"] == 2 for r in rows)
+    assert all(r["backbone"] == str(tiny_dir) for r in rows)
+
+
+def test_cli_with_an_unbuilt_tiny_backbone_exits_cleanly(tmp_path, monkeypatch, capsys):
+    from pipeline.cli import main
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"model": MODEL_CFG, "sampling": SAMPLING}))
+    (tmp_path / "prompts.txt").write_text("Hello\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample-pairs", "prompts.txt"])
+    assert exit_info.value.code == 2
+    assert "dvc repro backbone" in capsys.readouterr().err
