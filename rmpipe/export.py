@@ -235,6 +235,9 @@ def write_export(
         io.write_json(tmp / MANIFEST_FILE, manifest)
     if decision["promoted"]:
         promote(s.out_dir, s.promoted_dir, decision)
+    elif not s.promoted_dir.exists():  # a DVC output must exist; say plainly that nothing is promoted
+        with io.atomic_dir(s.promoted_dir) as empty:
+            io.write_json(empty / PROMOTION_FILE, {"promoted": False, "reason": "no model has been promoted yet"})
     return manifest
 
 

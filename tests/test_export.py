@@ -92,7 +92,9 @@ def test_stage_outputs_and_manifest(exported):
     assert "lineage.json" not in manifest["files"]
     # An untrained model fails evaluation: the export is still written, but not promoted, and says why.
     assert manifest["promotion"]["promoted"] is False and "evaluation failed" in manifest["promotion"]["reason"]
-    assert not (exported / "models" / "promoted").exists()
+    promoted = exported / "models" / "promoted"
+    assert not (promoted / "config.json").exists()
+    assert json.loads((promoted / "promotion.json").read_text())["reason"] == "no model has been promoted yet"
     card = (exported / "models" / "export" / "README.md").read_text()
     assert "## Limits" in card and "not promoted" in card and "battery" in card
     text = describe(manifest)
