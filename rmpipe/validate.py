@@ -30,7 +30,7 @@ import pandas as pd
 
 from rmpipe.errors import ConfigError
 from rmpipe.params import get, section
-from rmpipe.schema import PAIR_COLUMNS, SPLITS
+from rmpipe.schema import PAIR_COLUMNS
 
 # GX decides about analytics when it is imported: switch it off first, whatever the caller's env says.
 os.environ["GX_ANALYTICS_ENABLED"] = "false"
@@ -112,6 +112,13 @@ def _is_text(frame: pd.DataFrame, column: str) -> bool:
     return column in frame.columns and pd.api.types.is_string_dtype(frame[column])
 
 
+def _pointer_strings(frame: pd.DataFrame) -> pd.DataFrame:
+    """Short text columns as Python objects: GX filters the whole frame once per column-map
+    expectation, and copying object pointers is far cheaper than copying Arrow strings."""
+    text = [c for c in frame.columns if pd.api.types.is_string_dtype(frame[c]) and frame[c].dtype != object]
+    return frame.astype({c: object for c in text}) if text else frame
+
+
 def values_frame(frame: pd.DataFrame) -> pd.DataFrame:
     """Identity and number columns, plus response lengths, `same_response` and `chosen_longer`."""
     keep = ["pair_id", "prompt_hash", "split", *INTEGER_COLUMNS, "agreement", "soft_label"]
@@ -148,13 +155,6 @@ def all_splits_frame(splits: dict[str, pd.DataFrame]) -> pd.DataFrame:
     return _pointer_strings(stacked)
 
 
-def _pointer_strings(frame: pd.DataFrame) -> pd.DataFrame:
-    """Short text columns as Python objects: GX filters the whole frame once per column-map
-    expectation, and copying object pointers is far cheaper than copying Arrow strings."""
-    text = [c for c in frame.columns if pd.api.types.is_string_dtype(frame[c]) and frame[c].dtype != object]
-    return frame.astype({c: object for c in text}) if text else frame
-
-
 def prompts_frame(stacked: pd.DataFrame) -> pd.DataFrame:
     """One row per prompt_hash with the number of splits it appears in."""
     if "prompt_hash" not in stacked.columns:
@@ -179,9 +179,14 @@ def _check(kind: type, label: str, bad: str = "fail", noun: str = "rows", exampl
 
 
 def schema_expectations(frame: pd.DataFrame) -> list:
-    """Contract columns present, of the right type, never null; the split non-empty."""
+    """Contract columns present, of the right type, never null; the split non-empty.
+
+    Type and null checks run only on the columns present: a missing column reads as
+    one line from the column-set check rather than one error per expectation.
+    """
     has = set(frame.columns)
-    checks = [_check(gxe.ExpectColumnToExist, f"column {c} present", column=c) for c in PAIR_COLUMNS]
+    checks = [_check(gxe.ExpectTableColumnsToMatchSet, "contract columns present", column_set=PAIR_COLUMNS,
+                     exact_match=False)]  # extra columns are allowed (kept as metadata)
     checks += [_check(gxe.ExpectColumnValuesToBeOfType, f"{c} is text", column=c, type_="str")
                for c in TEXT_COLUMNS if c in has]
     checks += [_check(gxe.ExpectColumnValuesToBeInTypeList, f"{c} is an integer", column=c,
@@ -323,8 +328,9 @@ def failure_line(frame_name: str, validation_result) -> str:
     error = _exception_message(validation_result.exception_info)
     if error:
         detail = f"could not be checked: {error.splitlines()[0]}"
-    elif config.type == "expect_column_to_exist":
-        detail = "column missing"
+    elif config.type == "expect_table_columns_to_match_set":
+        missing = result.get("details", {}).get("mismatched", {}).get("missing", [])
+        detail = f"missing {', '.join(missing)}"
     elif "unexpected_count" in result:
         detail = f"{result['unexpected_count']} of {result['element_count']} {meta.get('noun', 'rows')} {meta.get('bad', 'fail')}"
         examples = _examples(result, meta)
