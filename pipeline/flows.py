@@ -309,12 +309,14 @@ def quick_check(batch: Path, root: Path) -> dict[str, Any]:
     from rmpipe.collect import check_batch
 
     cfg = section(load_params(root / "params.yaml"), "collect")
-    result = check_batch(batch, cfg)
-    report = dict(result.report)
+    report = dict(check_batch(batch, cfg).report)
     accepted = report.get("status") == "accepted"
-    reasons = [str(r) for r in (report.get("top_reasons") or report.get("reasons") or [])]
+    reasons = [f"{r['reason']} x{r['count']} (e.g. {r['example']})" if isinstance(r, dict) else str(r)
+               for r in report.get("top_reasons") or []]
+    if not accepted and report.get("message"):
+        reasons.insert(0, str(report["message"]))
     if not accepted and not reasons:
-        reasons = [str(report.get("message") or "rejected by the collect check")]
+        reasons = [f"status {report.get('status')!r} from the collect check"]
     return {"accepted": accepted, "reasons": reasons, "report": report}
 
 
@@ -355,8 +357,9 @@ def promotion(root: Path) -> dict[str, Any]:
       cache_policy=NO_CACHE)
 def push_to_remote(root: Path) -> str | None:
     """`dvc push` when the project has a default DVC remote: the new outputs become recoverable elsewhere."""
-    remote = _dvc(root, "remote", "default").stdout.strip()
-    if not remote:
+    found = _dvc(root, "remote", "default")
+    remote = found.stdout.strip()
+    if found.returncode != 0 or not remote:  # "No default remote set" (exit 251)
         return None
     proc = _dvc(root, "push")
     if proc.returncode != 0:
@@ -424,7 +427,9 @@ def on_new_batch(batch_path: str, project: str | None = None) -> dict[str, Any]:
             finish("failed", reasons=[str(exc)], registered_path=str(registered.relative_to(root)))
             raise
         gate = promotion(root)
-        pushed_to = push_to_remote(root)
+        # The model is built either way; a push that still fails after retries is reported, not fatal.
+        pushed = push_to_remote(root, return_state=True)
+        push = {"remote": pushed.result()} if pushed.is_completed() else {"error": pushed.message}
         return finish("accepted", reasons=[], registered_path=str(registered.relative_to(root)),
                       check=check["report"], rebuild=built, metrics=read_metrics(root), promotion=gate,
-                      export_path=gate.get("export_path"), dvc_remote=pushed_to)
+                      export_path=gate.get("export_path"), dvc_push=push)

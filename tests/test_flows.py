@@ -182,3 +182,76 @@ def test_duplicate_detection_by_content_and_by_name(tmp_path):
     registered = flows.register_batch(new, incoming)
     assert registered.read_bytes() == new.read_bytes()
     assert sorted(p.name for p in incoming.iterdir()) == ["b1.jsonl", "b2.jsonl"]  # no temp file left
+
+
+# --- on_new_batch ----------------------------------------------------------------------------------
+
+def batch_project(tmp: Path) -> Path:
+    """A DVC project whose one stage lists data/incoming: the real check and registration, a seconds-long rebuild."""
+    project = tmp / "project"
+    (project / "data/incoming").mkdir(parents=True)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    (project / "params.yaml").write_text(yaml.safe_dump({"collect": params["collect"]}))
+    (project / "dvc.yaml").write_text(textwrap.dedent(f"""\
+        stages:
+          inventory:
+            cmd: {PY} -c "import os; open('inventory.txt','w').write(' '.join(sorted(os.listdir('data/incoming'))))"
+            deps: [data/incoming]
+            params: [collect]
+            outs: [inventory.txt]
+        """))
+    subprocess.run([PY, "-m", "dvc", "init", "--no-scm", "-q"], cwd=project, check=True)
+    return project
+
+
+def vote_lines(n: int, prefix: str = "q") -> str:
+    return "".join(json.dumps({"prompt": f"{prefix} {i}?", "response_a": f"answer {i}", "response_b": f"reply {i}",
+                               "annotator_id": f"ann{i % 3}", "choice": "a"}) + "\n" for i in range(n))
+
+
+def test_a_good_batch_is_registered_rebuilt_and_summarised(tmp_path):
+    project = batch_project(tmp_path)
+    batch = tmp_path / "drop" / "b-good.jsonl"
+    batch.parent.mkdir()
+    batch.write_text(vote_lines(12))
+
+    summary = flows.on_new_batch(batch_path=str(batch), project=str(project))
+
+    assert summary["outcome"] == "accepted" and summary["batch_id"] == "b-good.jsonl"
+    assert (project / "data/incoming/b-good.jsonl").read_bytes() == batch.read_bytes()
+    assert summary["rebuild"]["ran"] == ["inventory"]
+    assert (project / "inventory.txt").read_text() == "b-good.jsonl"
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert lock["stages"]["inventory"]["deps"][0]["nfiles"] == 1  # DVC hashed the registered batch
+    written = json.loads((project / summary["summary_path"]).read_text())
+    assert written["outcome"] == "accepted" and written["flow_run_id"] and written["batch_sha256"]
+    assert not any(str(v) in json.dumps(written) for k, v in os.environ.items() if k.startswith("PREFECT_API_K"))
+
+    # The same content delivered again, under another name: a no-op.
+    again = tmp_path / "drop" / "b-again.jsonl"
+    again.write_bytes(batch.read_bytes())
+    lock_before = (project / "dvc.lock").read_bytes()
+    dup = flows.on_new_batch(batch_path=str(again), project=str(project))
+    assert dup["outcome"] == "duplicate" and "b-good.jsonl" in dup["reasons"][0]
+    assert sorted(p.name for p in (project / "data/incoming").iterdir()) == ["b-good.jsonl"]
+    assert (project / "dvc.lock").read_bytes() == lock_before and again.exists()
+
+
+def test_a_malformed_batch_is_rejected_with_reasons_and_touches_nothing_else(tmp_path):
+    project = batch_project(tmp_path)
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    bad = drop / "b-bad.jsonl"
+    bad.write_text("{not json\n" * 6 + vote_lines(2))
+
+    state = flows.on_new_batch(batch_path=str(bad), project=str(project), return_state=True)
+
+    assert state.is_failed() and "b-bad.jsonl rejected" in state.message
+    assert not bad.exists() and (project / "data/rejected/b-bad.jsonl").exists()
+    reasons = json.loads((project / "data/rejected/b-bad.jsonl.reasons.json").read_text())["reasons"]
+    assert reasons and any("JSON" in r or "json" in r for r in reasons)
+    (summary_file,) = (project / "reports/runs").glob("*-b-bad.jsonl.json")
+    summary = json.loads(summary_file.read_text())
+    assert summary["outcome"] == "rejected" and summary["reasons"] == reasons
+    assert list((project / "data/incoming").iterdir()) == []
+    assert not (project / "dvc.lock").exists()
