@@ -28,21 +28,12 @@ PACKAGES = ("rmpipe", "torch", "transformers", "tokenizers", "safetensors", "dee
 
 
 # --- hashing --------------------------------------------------------------------------------
-def _digest(path: Path, algorithm: str) -> str:
-    h = hashlib.new(algorithm)
-    with path.open("rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def sha256_file(path: Path) -> str:
-    return _digest(path, "sha256")
-
-
-def md5_file(path: Path) -> str:
-    """DVC 3's file hash: md5 of the bytes."""
-    return _digest(path, "md5")
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def folder_hashes(folder: Path, exclude: tuple[str, ...] = (MANIFEST_FILE,)) -> dict[str, str]:
@@ -147,35 +138,28 @@ def verify_export(export_dir: Path, project_root: Path | None = None) -> list[st
     return problems
 
 
+def dvc_md5(path: Path) -> str:
+    """The hash DVC records in dvc.lock for a file or a folder (`<md5>.dir`), computed by DVC's own library."""
+    from dvc_data.hashfile.build import build
+    from dvc_data.hashfile.db import HashFileDB
+    from dvc_objects.fs.local import LocalFileSystem
+    from dvc_objects.fs.memory import MemoryFileSystem
+
+    scratch = HashFileDB(MemoryFileSystem(), "/rmpipe-verify")  # dry run: nothing is written anywhere
+    *_, obj = build(scratch, str(Path(path).resolve()), LocalFileSystem(), "md5", dry_run=True)
+    return obj.hash_info.value
+
+
 def _verify_inputs(root: Path, inputs: dict[str, dict[str, Any]]) -> list[str]:
-    """Re-hash recorded inputs that are present: files by md5, DVC folders file by file from their .dir listing."""
+    """Re-hash every recorded input present under `root` the way DVC does and compare with dvc.lock's md5."""
     problems = []
     for rel, info in inputs.items():
-        path, md5 = root / rel, info["md5"]
+        path = root / rel
         if not path.exists():
             continue  # not checked out here (e.g. verifying on another machine): nothing to compare
-        if md5.endswith(".dir"):
-            problems += _verify_dir(root, rel, md5)
-        elif path.is_file() and md5_file(path) != md5:
-            problems.append(f"input changed since export: {rel} (md5 {md5_file(path)}, recorded {md5})")
-    return problems
-
-
-def _verify_dir(root: Path, rel: str, md5: str) -> list[str]:
-    listing = root / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
-    if not listing.exists():
-        return [f"input folder not checkable: {rel} (its DVC listing {md5} is not in the local cache)"]
-    problems = []
-    entries = {e["relpath"]: e["md5"] for e in json.loads(listing.read_text(encoding="utf-8"))}
-    present = {p.relative_to(root / rel).as_posix() for p in (root / rel).rglob("*") if p.is_file()}
-    for name in sorted(set(entries) | present):
-        file = root / rel / name
-        if name not in present:
-            problems.append(f"input file missing since export: {rel}/{name}")
-        elif name not in entries:
-            problems.append(f"input file added since export: {rel}/{name}")
-        elif md5_file(file) != entries[name]:
-            problems.append(f"input changed since export: {rel}/{name}")
+        current = dvc_md5(path)
+        if current != info["md5"]:
+            problems.append(f"input changed since export: {rel} (md5 {current}, recorded {info['md5']})")
     return problems
 
 
