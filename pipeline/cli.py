@@ -106,22 +106,6 @@ def _sample_pairs(args: argparse.Namespace) -> None:
     print(out)
 
 
-def _sample_pairs(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
-    from rmpipe.params import load_params, section
-    from rmpipe.sampling import sample_pairs_file
-
-    params = load_params(args.params)
-    sampling = dict(section(params, "sampling"))
-    for key in ("n_completions", "seed", "max_new_tokens"):
-        if getattr(args, key) is not None:
-            sampling[key] = getattr(args, key)
-    out = args.out or f"data/tasks/{Path(args.prompts).stem}.tasks.jsonl"
-    sample_pairs_file(args.prompts, out, section(params, "model"), sampling, backbone=args.backbone)
-    print(out)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rmpipe", description=__doc__)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
@@ -132,15 +116,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="override sample_data.seed")
     p.add_argument("--n-pairs", type=int, default=None, help="override sample_data.n_pairs")
     p.set_defaults(func=_sample_data)
-
-    p = sub.add_parser("sample-pairs", help="sample SFT completions for prompts and write A/B annotation tasks")
-    p.add_argument("prompts", help=".jsonl with a 'prompt' field (text or chat messages), or .txt with one prompt per line")
-    p.add_argument("--out", default=None, help="tasks JSONL (default: data/tasks/<prompts name>.tasks.jsonl)")
-    p.add_argument("--backbone", default=None, help="override model.backbone: tiny, smollm2-135m-instruct, a folder or hub id")
-    p.add_argument("--n-completions", type=int, default=None, help="override sampling.n_completions")
-    p.add_argument("--seed", type=int, default=None, help="override sampling.seed")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="override sampling.max_new_tokens")
-    p.set_defaults(func=_sample_pairs)
 
     p = sub.add_parser("sample-pairs", help="sample SFT completions for prompts and write A/B annotation tasks")
     p.add_argument("prompts", help=".jsonl with a 'prompt' field (text or chat messages), or .txt with one prompt per line")
