@@ -211,7 +211,9 @@ def _dvc_repro(root: Path, args: list[str]) -> dict[str, list[str]]:
     skipped = [m.group(1) for line in lines if (m := _SKIPPED.search(line))]
     if code == 0:
         return {"ran": ran, "skipped": skipped}
-    tail = "\n".join(line for line in lines[-15:] if line.strip())
+    # The lines that say what went wrong (stage `error:`/`FAIL` lines, DVC's ERROR), else the last few.
+    errors = [line for line in lines if re.match(r"\s*(ERROR|error:|FAIL)", line)]
+    tail = "\n".join(errors[-10:] or [line for line in lines[-8:] if line.strip()])
     if code < 0 or "Unable to acquire lock" in tail:
         raise TransientFailure(f"dvc {args[0]} was interrupted (exit {code}); retrying\n{tail}")
     raise StageFailed(f"dvc {' '.join(args)} failed (exit {code}); stages that ran: {ran or 'none'}\n{tail}")
@@ -375,7 +377,7 @@ def write_run_summary(root: Path, summary: dict[str, Any]) -> Path:
 
 
 def _batch_run_name() -> str:
-    return f"batch-{Path(flow_run.parameters.get('batch_path', '?')).name}"
+    return Path(flow_run.parameters.get("batch_path", "?")).name
 
 
 @flow(name="on-new-batch", flow_run_name=_batch_run_name, log_prints=True)

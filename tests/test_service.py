@@ -106,9 +106,15 @@ def test_prefect_yaml_deploys_the_same_flows_with_the_same_trigger():
     batch = by_name[service.DEPLOYMENT]
     assert batch["entrypoint"] == "pipeline/flows.py:on_new_batch"
     assert batch["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}
-    (trigger,) = batch["triggers"]
-    assert trigger["expect"] == [service.BATCH_EVENT]
-    assert trigger["parameters"] == {"batch_path": "{{ event.payload.batch_path }}"}
+    # Parsed the way `prefect deploy` parses it, the trigger equals the one `rmpipe serve` uses.
+    from prefect.events import DeploymentTriggerTypes
+    from pydantic import TypeAdapter
+
+    (spec_trigger,) = batch["triggers"]
+    parsed = TypeAdapter(DeploymentTriggerTypes).validate_python(spec_trigger)
+    served = service.batch_trigger()
+    for field in ("expect", "match", "parameters", "posture", "threshold", "within"):
+        assert getattr(parsed, field) == getattr(served, field), field
     assert by_name["rebuild"]["entrypoint"] == "pipeline/flows.py:rebuild"
     from pipeline import flows
 
@@ -132,6 +138,7 @@ FAST = {
     ("sample_data", "pair_rows"): 0,
     ("train", "epochs"): 1,
     ("evaluate", "min_accuracy"): 0.0,
+    ("validate", "chosen_longer_share"): [0.0, 1.0],  # a 10-pair val split cannot show a meaningful band
     ("model", "max_length"): 64,
     ("model", "tiny", "hidden_size"): 32,
     ("model", "tiny", "intermediate_size"): 64,
