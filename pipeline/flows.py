@@ -435,3 +435,19 @@ def on_new_batch(batch_path: str, project: str | None = None) -> dict[str, Any]:
         return finish("accepted", reasons=[], registered_path=str(registered.relative_to(root)),
                       check=check["report"], rebuild=built, metrics=read_metrics(root), promotion=gate,
                       export_path=gate.get("export_path"), dvc_push=push)
+
+
+if __name__ == "__main__":  # python -m pipeline.flows STAGE: one stage as a Prefect flow, outside DVC
+    import argparse
+
+    from rmpipe.errors import exits_cleanly
+    from rmpipe.progress import setup_logging
+
+    @exits_cleanly
+    def _main(argv: list[str]) -> None:
+        setup_logging()
+        parser = argparse.ArgumentParser(prog="python -m pipeline.flows", description="run one stage as a Prefect flow")
+        parser.add_argument("stage", help="a stage name from dvc.yaml")
+        run_stage(stage=parser.parse_args(argv).stage)
+
+    _main(sys.argv[1:])
