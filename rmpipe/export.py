@@ -28,7 +28,7 @@ import torch
 from rmpipe import io
 from rmpipe.errors import ConfigError, DataError, ValidationFailed
 from rmpipe.evaluate import encode_rows, reward_fn_of, score_token_rows
-from rmpipe.lineage import MANIFEST_FILE, build_manifest
+from rmpipe.lineage import MANIFEST_FILE, PROMOTION_FILE, build_manifest
 from rmpipe.params import get, section
 
 log = logging.getLogger("rmpipe.export")
@@ -36,7 +36,6 @@ log = logging.getLogger("rmpipe.export")
 EXPORT_PAD = "<|rm_pad|>"
 GOLDEN_FILE = "golden.jsonl"
 CARD_FILE = "README.md"
-PROMOTION_FILE = "promotion.json"  # in the promoted folder: accuracy it was promoted with
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,8 @@ import yaml
 from rmpipe.errors import DataError
 
 MANIFEST_FILE = "lineage.json"
+PROMOTION_FILE = "promotion.json"  # added beside a promoted copy after the export was sealed
+UNHASHED = (MANIFEST_FILE, PROMOTION_FILE)
 PACKAGES = ("rmpipe", "torch", "transformers", "tokenizers", "safetensors", "deepspeed", "dvc", "prefect",
             "pandas", "pyarrow", "numpy", "great-expectations", "crowd-kit")
 
@@ -36,7 +38,7 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def folder_hashes(folder: Path, exclude: tuple[str, ...] = (MANIFEST_FILE,)) -> dict[str, str]:
+def folder_hashes(folder: Path, exclude: tuple[str, ...] = UNHASHED) -> dict[str, str]:
     """{relative path: sha256} of every file under `folder` except `exclude`, sorted by path."""
     folder = Path(folder)
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() not in exclude)

@@ -223,3 +223,22 @@ def test_promotion_gate(exported, tmp_path):
     assert not worse["promoted"] and worse["previous_accuracy"] == pytest.approx(previous)
     within = promotion_decision({**passing, "accuracy": previous - 0.005}, s.promoted_dir, test, s)
     assert within["promoted"] and "vs promoted" in within["reason"]
+
+
+def test_passing_model_is_promoted_then_a_worse_one_is_not(exported, tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    shutil.copytree(exported, project)
+    monkeypatch.chdir(project)
+    metrics_file = project / "metrics" / "eval.json"
+    metrics = json.loads(metrics_file.read_text())
+    metrics_file.write_text(json.dumps({**metrics, "passed": True}))
+    first = export_stage.run()
+    promoted = project / "models" / "promoted"
+    assert first["promotion"]["promoted"] and (promoted / "model.safetensors").exists()
+    assert verify_export(promoted) == []  # the promoted copy carries the same manifest
+    assert json.loads((promoted / "promotion.json").read_text())["reason"] == "passed; no previously promoted model"
+
+    metrics_file.write_text(json.dumps({**metrics, "passed": True, "accuracy": first["promotion"]["accuracy"] - 0.2}))
+    second = export_stage.run()
+    assert not second["promotion"]["promoted"] and "below the promoted model's" in second["promotion"]["reason"]
+    assert read_manifest(promoted)["created_at"] == first["created_at"]  # the promoted model stayed
