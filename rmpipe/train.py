@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import shutil
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -182,6 +183,13 @@ def fingerprint(model_cfg: dict, train_cfg: dict, train_split: Path, backbone_di
 
 
 # --- distributed set-up ---------------------------------------------------------------------
+def free_port() -> int:
+    """A TCP port nobody listens on now (for a rendezvous on this machine)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def init_distributed() -> tuple[int, int]:
     """Join (or, without a launcher, create a one-rank) process group; returns (rank, world_size)."""
     if not torch.cuda.is_available():
@@ -193,7 +201,7 @@ def init_distributed() -> tuple[int, int]:
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     if not dist.is_initialized():
         backend = None if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, verbose=False)

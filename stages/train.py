@@ -26,7 +26,7 @@ from rmpipe.params import get, load_params, section
 from rmpipe.progress import setup_logging
 from rmpipe.reward_model import RewardModel
 from rmpipe.train import (
-    TrainPaths, TrainSettings, check_max_length, fingerprint, fit, init_distributed, make_deterministic,
+    TrainPaths, TrainSettings, check_max_length, fingerprint, fit, free_port, init_distributed, make_deterministic,
     read_splits, save_outputs, tokenize,
 )
 
@@ -39,7 +39,8 @@ def relaunch(s: TrainSettings, params_file: str) -> int:
     """Re-run this stage under the DeepSpeed launcher (CPU: gloo ranks on this machine)."""
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner"]
     cmd += ["--hostfile", s.hostfile] if s.hostfile else ["--num_gpus", str(s.num_procs)]
-    cmd += ["--master_port", os.environ.get("MASTER_PORT", "29511"), "--module", "stages.train", "--params", params_file]
+    # A fresh port: an inherited MASTER_PORT may belong to a process group that is already up.
+    cmd += ["--master_port", str(free_port()), "--module", "stages.train", "--params", params_file]
     log.info("launching %s", " ".join(cmd))
     return subprocess.call(cmd, env={**os.environ, LAUNCHED: "1"})
 
