@@ -250,9 +250,7 @@ def evaluate_model(model, tokenizer, test: pd.DataFrame, val: pd.DataFrame, batt
     canary_tokens, _ = encode_rows(tokenizer, canary_frame["prompt"], canary_frame["chosen"], s.max_length)
     canary = pathology.padding_canary(batch_scorer(reward_fn, pad_id_of(tokenizer)), canary_tokens, s.canary_tolerance)
 
-    v_c, v_r, _ = score_pairs(reward_fn, tokenizer, val, s.max_length, s.batch_size) if len(val) else (np.zeros(0),) * 2 + (0,)
-    normalization = {**reward_stats(np.concatenate([v_c, v_r]) if len(val) else np.concatenate([r_c, r_r])),
-                     "split": "val" if len(val) else "test (val split empty)"}
+    normalization = normalization_stats(reward_fn, tokenizer, val, s)
 
     checks = {
         "accuracy": metrics["accuracy"] >= s.min_accuracy,
@@ -285,6 +283,14 @@ def evaluate_model(model, tokenizer, test: pd.DataFrame, val: pd.DataFrame, batt
         }),
     }
     return EvalResult(metrics, pathology_report, plots, summary_markdown(metrics, pathology_report))
+
+
+def normalization_stats(reward_fn: RewardFn, tokenizer, val: pd.DataFrame, s: EvalSettings) -> dict:
+    """Reward mean/std over the validation split's responses (never the test split: it stays held out)."""
+    if val.empty:
+        raise DataError("the val split is empty: reward normalisation stats come from it; add batches or adjust split.fractions")
+    v_c, v_r, _ = score_pairs(reward_fn, tokenizer, val, s.max_length, s.batch_size)
+    return {**reward_stats(np.concatenate([v_c, v_r])), "split": "val"}
 
 
 def reward_histogram(r_chosen: np.ndarray, r_rejected: np.ndarray, n_bins: int = 30) -> pd.DataFrame:

@@ -119,6 +119,17 @@ def exported_tokenizer(export_dir: Path):
     return tokenizer, max_length
 
 
+def load_exported(export_dir: Path):
+    """(model, tokenizer, max_length) of an export with plain transformers: what any downstream user would run."""
+    from transformers import AutoModelForSequenceClassification
+
+    export_dir = Path(export_dir)
+    if not (export_dir / "config.json").exists():
+        raise DataError(f"{export_dir} is not an exported model (no config.json): run the export stage first")
+    hf = AutoModelForSequenceClassification.from_pretrained(export_dir, dtype=torch.float32).eval()
+    return (hf, *exported_tokenizer(export_dir))
+
+
 # --- golden set -------------------------------------------------------------------------------
 def golden_rows(test: pd.DataFrame, battery: list[dict], n_pairs: int, eos_token: str | None) -> list[dict]:
     """Prompt/response rows the export must score like the trained model: test pairs, battery, an eos-in-text row."""
@@ -135,10 +146,7 @@ def golden_rows(test: pd.DataFrame, battery: list[dict], n_pairs: int, eos_token
 
 def parity(export_dir: Path, golden: list[dict], max_length: int, batch_size: int) -> dict:
     """Re-load the export with plain transformers and re-score `golden`, right- and left-padded."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    hf = AutoModelForSequenceClassification.from_pretrained(export_dir, dtype=torch.float32).eval()
-    tokenizer, _ = exported_tokenizer(export_dir)
+    hf, tokenizer, _ = load_exported(export_dir)
     rows, _ = encode_rows(tokenizer, [g["prompt"] for g in golden], [g["response"] for g in golden], max_length)
     expected = np.array([g["reward"] for g in golden])
     diffs = {}
@@ -171,8 +179,8 @@ def promotion_decision(metrics: dict, promoted_dir: Path, test: pd.DataFrame, s:
 
 
 def accuracy_of_export(export_dir: Path, test: pd.DataFrame, s: ExportSettings) -> float:
-    hf, tokenizer, _ = load_exported(export_dir)
-    rows, _ = encode_rows(tokenizer, list(test["prompt"]) * 2, list(test["chosen"]) + list(test["rejected"]), s.max_length)
+    hf, tokenizer, max_length = load_exported(export_dir)  # scored the way that model was exported to be used
+    rows, _ = encode_rows(tokenizer, list(test["prompt"]) * 2, list(test["chosen"]) + list(test["rejected"]), max_length)
     rewards = score_token_rows(reward_fn_of(hf), rows, tokenizer.pad_token_id, s.batch_size)
     return float((rewards[: len(test)] > rewards[len(test):]).mean())
 
@@ -255,17 +263,6 @@ def load_golden(export_dir: Path) -> list[dict]:
 
 
 # --- scoring with an export (the `rmpipe score` command) ------------------------------------
-def load_exported(export_dir: Path):
-    """(model, tokenizer, max_length) of an export with plain transformers: what any downstream user would run."""
-    from transformers import AutoModelForSequenceClassification
-
-    export_dir = Path(export_dir)
-    if not (export_dir / "config.json").exists():
-        raise DataError(f"{export_dir} is not an exported model (no config.json): run the export stage first")
-    hf = AutoModelForSequenceClassification.from_pretrained(export_dir, dtype=torch.float32).eval()
-    return (hf, *exported_tokenizer(export_dir))
-
-
 def read_score_input(path: Path) -> list[dict]:
     """JSONL rows with `prompt` and either `response` or `chosen` + `rejected`; a bad row names its line."""
     from rmpipe.schema import PromptError, canonical_prompt
