@@ -144,3 +144,22 @@ def test_cli_with_an_unbuilt_tiny_backbone_exits_cleanly(tmp_path, monkeypatch, 
         main(["sample-pairs", "prompts.txt"])
     assert exit_info.value.code == 2
     assert "dvc repro backbone" in capsys.readouterr().err
+
+
+def test_labelled_tasks_flow_through_collect(sampler, tmp_path):
+    collect = pytest.importorskip("rmpipe.collect")
+    model, tokenizer = sampler
+    tasks, _ = sample_tasks(model, tokenizer, PROMPTS, sampling_settings(SAMPLING), "tiny")
+    labelled = [{**task, "choice": "ab"[i % 2], "annotator_id": f"ann-{i % 3}"} for i, task in enumerate(tasks)]
+    batch = tmp_path / "sampled-batch-1.jsonl"
+    batch.write_text("".join(json.dumps(row) + "\n" for row in labelled), encoding="utf-8")
+
+    cfg = {"incoming_dir": str(tmp_path), "max_bad_share": 0.0, "max_field_chars": 100000,
+           "max_file_mb": 16, "on_rejected_batch": "fail"}
+    result = collect.check_batch(batch, cfg)
+    assert result.accepted and result.quarantine == []
+    assert len(result.votes) == len(tasks)
+    assert list(result.votes["pair_id"]) == [t["pair_id"] for t in tasks]
+    assert list(result.votes["choice"]) == [row["choice"] for row in labelled]
+    meta = json.loads(result.votes["meta"].iloc[0])
+    assert meta["task_id"] == tasks[0]["task_id"] and meta["backbone"] == "tiny"
