@@ -116,6 +116,9 @@ def _describe_failure(path_or_id: str | Path, exc: Exception) -> str:
     where = str(path_or_id)
     if Path(where).exists():
         return f"could not load backbone from folder {where}: {type(exc).__name__}: {exc}"
+    if where.startswith(("/", ".", "~")) or where.count("/") > 1:  # a path, not an org/name hub id
+        return (f"backbone folder {where} does not exist (neither a local folder nor a hub model id): "
+                "fix params.yaml 'model.backbone', or use tiny / smollm2-135m-instruct")
     return (
         f"backbone '{where}' is neither a local folder nor a hub model that can be loaded here "
         f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no detail'}). "

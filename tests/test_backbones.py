@@ -21,7 +21,7 @@ from rmpipe.backbones import (
     resolve_backbone,
 )
 from rmpipe.errors import ConfigError, UserError
-from rmpipe.render import conversation, encode, render
+from rmpipe.render import encode, render
 from rmpipe.reward_model import RewardModel, bradley_terry_loss
 from rmpipe.schema import canonical_prompt
 
