@@ -184,7 +184,7 @@ def _orient(small: pd.DataFrame, text_batches: Iterable[pa.RecordBatch]) -> Vote
     reps = _representative_rows(small)
     a_first, readable, identical = np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool)
     len_a, len_b = np.zeros(n, np.int64), np.zeros(n, np.int64)
-    kept: list[pa.Table] = []
+    kept: dict[str, list[pa.Array]] = {"prompt": [], "first": [], "second": []}
     start = 0
     for batch in text_batches:
         stop = start + batch.num_rows
@@ -200,15 +200,9 @@ def _orient(small: pd.DataFrame, text_batches: Iterable[pa.RecordBatch]) -> Vote
         if len(here):
             rows, flag = batch.take(here), first_is_a.take(here)
             a_rep, b_rep = rows.column("response_a"), rows.column("response_b")
-            kept.append(
-                pa.table(
-                    {
-                        "prompt": rows.column("prompt"),
-                        "first": pc.if_else(flag, a_rep, b_rep),
-                        "second": pc.if_else(flag, b_rep, a_rep),
-                    }
-                )
-            )
+            kept["prompt"].append(rows.column("prompt").cast(pa.string()))
+            kept["first"].append(pc.if_else(flag, a_rep, b_rep).cast(pa.string()))
+            kept["second"].append(pc.if_else(flag, b_rep, a_rep).cast(pa.string()))
         start = stop
     if start != n:
         raise RuntimeError(f"text columns have {start} rows, small columns {n}")
@@ -236,10 +230,13 @@ def _orient(small: pd.DataFrame, text_batches: Iterable[pa.RecordBatch]) -> Vote
             "len_second": np.where(a_first, len_b, len_a),
         }
     )
-    schema = pa.schema([("prompt", pa.string()), ("first", pa.string()), ("second", pa.string())])
-    texts = pa.concat_tables([t.cast(schema) for t in kept]) if kept else schema.empty_table()
-    texts = texts.add_column(0, "pair_id", pa.array(small["pair_id"].iloc[reps].to_numpy(dtype=object), pa.string()))
-    return Votes(table=table, texts=texts)
+    # One contiguous array per column (a take on a many-chunk column would concatenate it on every call);
+    # built column by column so only one column is ever held twice.
+    columns = {"pair_id": pa.array(small["pair_id"].iloc[reps].to_numpy(dtype=object), pa.string())}
+    for name, chunks in kept.items():
+        columns[name] = pa.concat_arrays(chunks) if chunks else pa.array([], pa.string())
+        chunks.clear()
+    return Votes(table=table, texts=pa.table(columns))
 
 
 def orient_votes(votes: pd.DataFrame) -> Votes:
@@ -250,7 +247,7 @@ def orient_votes(votes: pd.DataFrame) -> Votes:
     return _orient(votes[_SMALL_COLUMNS], texts.to_batches())
 
 
-def read_votes(path: str | Path, batch_rows: int = 100_000) -> Votes:
+def read_votes(path: str | Path, batch_rows: int = 32_768) -> Votes:
     """Orient the collect stage's votes.parquet, streaming its text columns to bound memory."""
     path = Path(path)
     if not path.exists():
@@ -262,7 +259,9 @@ def read_votes(path: str | Path, batch_rows: int = 100_000) -> Votes:
         raise DataError(f"{path} is not a readable parquet file ({exc}): re-run the collect stage") from None
     _require_columns(parquet.schema_arrow.names, str(path))
     small = parquet.read(columns=_SMALL_COLUMNS).to_pandas()
-    return _orient(small, parquet.iter_batches(batch_size=batch_rows, columns=_TEXT_COLUMNS))
+    votes = _orient(small, parquet.iter_batches(batch_size=batch_rows, columns=_TEXT_COLUMNS))
+    pa.default_memory_pool().release_unused()  # hand the decoded batches' memory back to the OS
+    return votes
 
 
 # --------------------------------------------------------------------------- aggregation
@@ -344,7 +343,7 @@ def _annotator_stats(votes: pd.DataFrame, first: _Pass, names: pd.Index, setting
     low = (stats["agreement"] < settings.agreement_floor).to_numpy()  # NaN (nothing compared) is never low
     heavy = (stats["share"] > settings.share_ceiling).to_numpy()
     stats["flagged"] = low | heavy
-    stats["reason"] = [
+    reasons = [
         "; ".join(
             ([f"agreement {agr:.2f} < floor {settings.agreement_floor:g}"] if lo else [])
             + ([f"share {sh:.2f} > ceiling {settings.share_ceiling:g}"] if hv else [])
@@ -352,16 +351,18 @@ def _annotator_stats(votes: pd.DataFrame, first: _Pass, names: pd.Index, setting
         or None
         for agr, sh, lo, hv in zip(stats["agreement"], stats["share"], low, heavy)
     ]
+    stats["reason"] = pd.Series(reasons, dtype=object)  # object: keep None (a str column would make it NaN)
     return stats
 
 
 def _batch_lists(votes: pd.DataFrame, pair_codes: np.ndarray, batch_names: pd.Index) -> pa.ListArray:
     """Sorted distinct batch ids per pair, one list per pair code (ascending), all pairs at once."""
     n_batches = max(len(batch_names), 1)
-    combos = np.unique(votes["pair"].to_numpy() * n_batches + votes["batch"].to_numpy())
+    combos = np.sort(votes["pair"].to_numpy() * n_batches + votes["batch"].to_numpy())
+    combos = combos[np.r_[True, combos[1:] != combos[:-1]]] if len(combos) else combos
     combo_pair, combo_batch = np.divmod(combos, n_batches)  # sorted by pair, then by batch name
     starts = np.searchsorted(combo_pair, pair_codes)
-    if not np.array_equal(np.unique(combo_pair), pair_codes):
+    if not np.array_equal(combo_pair[np.r_[True, combo_pair[1:] != combo_pair[:-1]]] if len(combos) else combo_pair, pair_codes):
         raise RuntimeError("aggregate: batch ids requested for pairs without votes")
     offsets = np.append(starts, len(combos)).astype(np.int32)
     values = pa.array(np.asarray(batch_names, dtype=object)[combo_batch], pa.string())
@@ -390,13 +391,16 @@ def _pair_margins(votes: pd.DataFrame, label: np.ndarray, settings: AggregateSet
     return margin
 
 
-def _hash_prompts(prompts: pa.ChunkedArray | pa.Array) -> pa.Array:
-    """schema.prompt_hash once per distinct prompt."""
+def _hash_prompts(prompts: pa.ChunkedArray | pa.Array, slice_rows: int = 10_000) -> pa.Array:
+    """schema.prompt_hash once per distinct prompt (in slices: never all prompts as Python strings at once)."""
     encoded = pc.dictionary_encode(prompts)
     if isinstance(encoded, pa.ChunkedArray):
         encoded = encoded.unify_dictionaries().combine_chunks()
-    hashes = pa.array([prompt_hash(p) for p in encoded.dictionary.to_pylist()], pa.string())
-    return hashes.take(encoded.indices)
+    distinct = encoded.dictionary
+    hashes = [
+        prompt_hash(p) for start in range(0, len(distinct), slice_rows) for p in distinct.slice(start, slice_rows).to_pylist()
+    ]
+    return pa.array(hashes, pa.string()).take(encoded.indices)
 
 
 def _pairs_table(used: pd.DataFrame, final: _Pass, keep: np.ndarray, src: Votes, settings: AggregateSettings) -> pd.DataFrame:
@@ -415,16 +419,19 @@ def _pairs_table(used: pd.DataFrame, final: _Pass, keep: np.ndarray, src: Votes,
         soft_label = np.where((label == TIE) | (decided == 0), 0.5, n_chosen / decided)
     margin = _pair_margins(used, final.label, settings)[codes]
 
-    text_rows = np.full(len(pair_names), -1)
-    text_rows[pair_names.get_indexer(src.texts.column("pair_id").to_pandas())] = np.arange(src.texts.num_rows)
-    texts = src.texts.take(pa.array(text_rows[codes]))
-    flip = pa.array(second_wins)
+    texts = src.texts.combine_chunks()  # no copy when already contiguous (as _orient builds it)
+    text_row = np.full(len(pair_names), -1)
+    text_row[pair_names.get_indexer(texts.column("pair_id").to_pandas())] = np.arange(texts.num_rows)
+    rows = text_row[codes]
+    prompt = texts.column("prompt").take(pa.array(rows))
+    # [first..., second...]: one take per output column, cheaper than taking both and if_else-ing strings
+    both = pa.concat_arrays([texts.column("first").combine_chunks(), texts.column("second").combine_chunks()])
     table = pa.table(
         {
             "pair_id": pa.array(np.asarray(pair_names[codes], dtype=object), pa.string()),
-            "prompt": texts.column("prompt"),
-            "chosen": pc.if_else(flip, texts.column("second"), texts.column("first")),
-            "rejected": pc.if_else(flip, texts.column("first"), texts.column("second")),
+            "prompt": prompt,
+            "chosen": both.take(pa.array(np.where(second_wins, rows + texts.num_rows, rows))),
+            "rejected": both.take(pa.array(np.where(second_wins, rows, rows + texts.num_rows))),
             "n_votes": n_votes.astype(np.int64),
             "n_chosen": n_chosen.astype(np.int64),
             "n_rejected": n_rejected.astype(np.int64),
@@ -432,7 +439,7 @@ def _pairs_table(used: pd.DataFrame, final: _Pass, keep: np.ndarray, src: Votes,
             "agreement": n_label / np.maximum(n_votes, 1),
             "soft_label": soft_label.astype(float),
             "margin": margin.astype(float),
-            "prompt_hash": _hash_prompts(texts.column("prompt")),
+            "prompt_hash": _hash_prompts(prompt),
             "batch_ids": _batch_lists(used, codes, src.table["batch_id"].cat.categories),
         }
     )

@@ -121,7 +121,7 @@ def vote_tables(draw):
     return rows, swapped, AggregateSettings(method=method, tie_policy=policy, min_votes=min_votes)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(vote_tables())
 def test_swapping_presentation_order_changes_nothing(case):
     rows, swapped, cfg = case
@@ -195,6 +195,19 @@ def test_two_two_split_is_a_tie_under_both_policies(method):
     assert (tie.chosen, tie.rejected) == ("alpha", "zeta")  # canonical (sorted) order, not crowd-kit's pick
     assert (tie.n_chosen, tie.n_rejected, tie.n_tie) == (2, 2, 0)
     assert soft.report["n_tie_kept_soft"] == 1 and soft.report["n_dropped_tie"] == 0
+
+
+def test_response_level_with_tie_votes_is_a_tie_not_crowd_kits_first_column():
+    rows = [
+        for_response("q", "zeta", "alpha", "ann1"),
+        for_response("q", "zeta", "alpha", "ann2", shown_first=False),
+        vote("q", "zeta", "alpha", "ann3", "tie"),
+        vote("q", "alpha", "zeta", "ann4", "tie"),
+    ]
+    result = aggregate(frame(rows), AggregateSettings(tie_policy="soft", share_ceiling=1.0))
+    assert result.report["labels"] == {"first": 0, "second": 0, "tie": 1}
+    pair = by_pair(result, "q", "zeta", "alpha")
+    assert (pair.chosen, pair.soft_label, pair.agreement) == ("alpha", 0.5, 0.5)
 
 
 def test_pairs_below_min_votes_are_dropped_and_counted():
@@ -418,8 +431,10 @@ def test_stage_writes_pairs_and_reports(tmp_path, project_root):
     assert done.returncode == 0, done.stderr
     pairs = pd.read_parquet(cwd / "data" / "aggregated" / "pairs.parquet")
     assert list(pairs.columns) == OUTPUT_COLUMNS and len(pairs) == 30  # the 6 trap pairs are ties
-    report = json.loads((cwd / "reports" / "annotators.json").read_text())
+    text = (cwd / "reports" / "annotators.json").read_text()
+    report = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in annotators.json is not JSON"))
     assert report["n_votes_in"] == len(votes) and report["n_pairs_out"] == 30
+    assert report["annotators"]["careful0"]["reason"] is None
     assert "| always_a |" in (cwd / "reports" / "annotators.md").read_text()
 
 
