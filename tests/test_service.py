@@ -261,7 +261,7 @@ def test_batches_arriving_together_are_processed_one_after_another_on_a_real_ser
             runs = [r for r in flow_runs(api, "on-new-batch") if r["state_type"] in ("COMPLETED", "FAILED", "CRASHED")]
             return runs if len(runs) == 2 else None
 
-        runs = wait_for("two on-new-batch runs to finish", two_done, 400, procs, every_s=3)
+        runs = wait_for("two on-new-batch runs to finish", two_done, 720, procs, every_s=3)
         assert all(r["state_type"] == "COMPLETED" for r in runs), [r["state"]["message"] for r in runs]
         first, second = sorted(runs, key=lambda r: r["start_time"])
         assert first["end_time"] <= second["start_time"], "the two rebuilds overlapped"
