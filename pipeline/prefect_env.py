@@ -27,6 +27,7 @@ _DEFAULTS = {
     # The ephemeral server migrates a fresh SQLite DB on first start; on a busy 2-core box that outlasts 20 s.
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "PREFECT_LOGGING_EXTRA_LOGGERS": "rmpipe",  # stage log lines show up in the flow run's logs
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",  # ...and outside a flow run (the watcher) stay local
     "PREFECT_CLI_PROMPT": "false",
     "DO_NOT_TRACK": "1",
     "DVC_NO_ANALYTICS": "1",

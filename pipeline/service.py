@@ -21,6 +21,8 @@ from pathlib import Path
 from pipeline import prefect_env
 from rmpipe.errors import UserError
 
+prefect_env.configure()  # before any `import prefect` below: Prefect reads its settings at import
+
 BATCH_EVENT = "preference.batch.arrived"
 BATCH_RESOURCE_PREFIX = "rmpipe.batch."
 DEPLOYMENT = "on-new-batch"
