@@ -151,8 +151,9 @@ def accuracy_by_bucket(correct: np.ndarray, buckets: pd.Series) -> dict[str, dic
 
 
 def agreement_buckets(agreement: pd.Series, edges: Sequence[float]) -> pd.Series:
-    """Annotator agreement cut at fixed `edges` (params), e.g. [0, 0.6, 0.8, 1.0] -> '(0.8, 1.0]'."""
-    return pd.cut(agreement.astype(float), bins=list(edges), include_lowest=True)
+    """Annotator agreement cut at fixed `edges` (params), e.g. [0, 0.6, 0.8, 1.0] -> '0.8-1' (right edge included)."""
+    labels = [f"{lo:g}-{hi:g}" for lo, hi in zip(edges, edges[1:])]
+    return pd.cut(agreement.astype(float), bins=list(edges), labels=labels, include_lowest=True)
 
 
 def length_buckets(pairs: pd.DataFrame, n_buckets: int) -> pd.Series:
