@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import unicodedata
 from typing import Any
 
@@ -56,12 +55,10 @@ PAIR_COLUMNS = [
 ]
 SPLITS = ("train", "val", "test")
 
-_WHITESPACE = re.compile(r"\s+")
-
-
 def normalize_text(text: str) -> str:
     """NFKC, whitespace runs collapsed to one space, ends stripped."""
-    return _WHITESPACE.sub(" ", unicodedata.normalize("NFKC", text)).strip()
+    # split()/join is the regex `\s+` -> " " plus strip, about twice as fast on long texts.
+    return " ".join(unicodedata.normalize("NFKC", text).split())
 
 
 class PromptError(ValueError):
