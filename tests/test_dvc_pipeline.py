@@ -1,0 +1,122 @@
+"""The whole pipeline under real DVC, in a plain copy of the project and in a git checkout.
+
+These are the slow, meaningful ones: they run `dvc repro` exactly as a user does, on a small
+sample, with real GX, real transformers and real DeepSpeed (one CPU process).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow
+
+# Small and fast, same code paths: fewer pairs, a smaller tiny model, one epoch.
+FAST_PARAMS = {
+    ("sample_data", "n_pairs"): 600,
+    ("sample_data", "pair_rows"): 40,
+    ("train", "epochs"): 1,
+    ("model", "max_length"): 128,
+}
+
+
+def project_files() -> list[str]:
+    """What a clone holds: tracked files plus new, not-ignored ones (work in progress counts)."""
+    out = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, check=True, capture_output=True, text=True,
+    ).stdout.split()
+    return [f for f in out if (ROOT / f).is_file()]
+
+
+def copy_project(dest: Path, overrides: dict = FAST_PARAMS) -> Path:
+    for rel in project_files():
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, target)
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    for (sect, key), value in overrides.items():
+        params[sect][key] = value
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return dest
+
+
+def run(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(cwd)}
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def ran_stages(proc: subprocess.CompletedProcess) -> list[str]:
+    text = proc.stdout + proc.stderr
+    return [line.split("'")[1] for line in text.splitlines() if line.startswith("Running stage '")]
+
+
+def test_full_repro_in_a_plain_copy_then_nothing_then_only_downstream(tmp_path):
+    proj = copy_project(tmp_path / "proj")
+    assert not (proj / ".git").exists()
+    run([str(BIN / "dvc"), "config", "--local", "core.no_scm", "true"], proj)
+    run([str(BIN / "rmpipe"), "sample-data"], proj)
+
+    first = run([str(BIN / "dvc"), "repro"], proj)
+    stages = list(yaml.safe_load((proj / "dvc.yaml").read_text())["stages"])
+    assert ran_stages(first) == stages  # every stage, in pipeline order
+
+    for split in ("train", "val", "test"):
+        assert (proj / "data" / "split" / f"{split}.parquet").stat().st_size > 0
+    assert (proj / "data" / "collected" / "quarantine.jsonl").exists()
+    assert (proj / "reports" / "annotators.md").exists()
+    assert (proj / "reports" / "data_docs" / "index.html").exists()
+    assert json.loads((proj / "reports" / "validation.json").read_text())["success"] is True
+    eval_metrics = json.loads((proj / "metrics" / "eval.json").read_text())
+    assert eval_metrics["n_pairs"] > 0 and 0.0 <= eval_metrics["accuracy"] <= 1.0
+    assert (proj / "models" / "export" / "config.json").exists()
+    lock = yaml.safe_load((proj / "dvc.lock").read_text())
+    assert set(lock["stages"]) == set(stages)
+
+    # Nothing changed: nothing runs.
+    again = run([str(BIN / "dvc"), "repro"], proj)
+    assert ran_stages(again) == []
+
+    # One evaluation param changed: only evaluate and what depends on it re-run.
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["evaluate"]["max_length_r2"] = 0.25
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    third = run([str(BIN / "dvc"), "repro"], proj)
+    assert ran_stages(third) == ["evaluate", "export"]
+
+
+def test_data_stages_in_a_git_checkout_and_a_failed_validation_stops_training(tmp_path):
+    proj = copy_project(tmp_path / "proj")
+    run(["git", "init", "-q"], proj)
+    run(["git", "add", "-A"], proj)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-qm", "init"], proj)
+    run([str(BIN / "rmpipe"), "sample-data"], proj)
+
+    ok = run([str(BIN / "dvc"), "repro", "validate"], proj)
+    assert ran_stages(ok) == ["collect", "aggregate", "split", "validate"]
+    # DVC wrote .gitignore entries for its outputs, so git sees no stray data.
+    status = run(["git", "status", "--porcelain"], proj).stdout
+    assert "data/split" not in status and "votes.parquet" not in status
+
+    # A contract the data cannot meet: validation fails, and DVC stops before the backbone/train stages.
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["validate"]["max_response_chars"] = 10
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    failed = run([str(BIN / "dvc"), "repro"], proj, check=False)
+    assert failed.returncode != 0
+    assert "FAIL" in failed.stdout + failed.stderr
+    assert "Traceback" not in failed.stderr.split("ERROR")[0]
+    assert "backbone" not in ran_stages(failed) and "train" not in ran_stages(failed)
+    assert not (proj / "models" / "reward_model").exists()
