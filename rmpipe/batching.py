@@ -141,6 +141,9 @@ class PairBatch:
     margin: torch.Tensor  # (B,)
     soft_label: torch.Tensor  # (B,)
 
+    def to(self, device) -> "PairBatch":
+        return PairBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.margin, self.soft_label)))
+
     @property
     def n_pairs(self) -> int:
         return self.margin.shape[0]

@@ -76,7 +76,6 @@ class TrainSettings:
     checkpoint_every: int
     max_nonfinite_steps: int
     stop_after_steps: int | None = None  # debug hook: stop as if killed after this many steps
-    raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_params(cls, cfg: dict[str, Any]) -> "TrainSettings":
@@ -104,7 +103,6 @@ class TrainSettings:
             checkpoint_every=get(cfg, "checkpoint_every", int, w),
             max_nonfinite_steps=get(cfg, "max_nonfinite_steps", int, w),
             stop_after_steps=cfg.get("stop_after_steps"),
-            raw=dict(cfg),
         )
         if s.bf16 not in (True, False, "auto"):
             raise ConfigError(f"params.yaml: 'train.bf16' must be true, false or auto, got {s.bf16!r}")
@@ -190,6 +188,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _skip_shm_comm_op() -> None:
+    """Tell DeepSpeed its CPU shared-memory comm op is unavailable, so init does not JIT-compile it.
+
+    Training never calls that op (gloo does the all-reduce), yet compiling it costs 1-3 minutes on a
+    2-core machine, again each time the shared torch_extensions cache is rebuilt by another
+    environment. DeepSpeed keeps its op-compatibility table in a module dict meant to be edited.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def init_distributed() -> tuple[int, int]:
     """Join (or, without a launcher, create a one-rank) process group; returns (rank, world_size)."""
     if not torch.cuda.is_available():
@@ -204,6 +214,8 @@ def init_distributed() -> tuple[int, int]:
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     if not dist.is_initialized():
         backend = None if torch.cuda.is_available() else "gloo"
+        if backend == "gloo":
+            _skip_shm_comm_op()
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return dist.get_rank(), dist.get_world_size()
 
@@ -254,11 +266,18 @@ def tokenize(tokenizer, train_frame: pd.DataFrame, val_frame: pd.DataFrame, max_
 
 
 # --- checkpoints ----------------------------------------------------------------------------
+def _comm_device() -> str:
+    """NCCL reduces GPU tensors only; gloo CPU tensors."""
+    import torch.distributed as dist
+
+    return f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+
+
 def _all_same(flag: bool) -> bool:
     """True on every rank iff `flag` is true on every rank."""
     import torch.distributed as dist
 
-    t = torch.tensor([1 if flag else 0], dtype=torch.int64)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=_comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item())
 
@@ -305,7 +324,7 @@ def find_resumable(folder: Path, fp: str) -> str | None:
 def _reduce_sum(values: list[float]) -> list[float]:
     import torch.distributed as dist
 
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
     dist.all_reduce(t)
     return t.tolist()
 
@@ -313,7 +332,7 @@ def _reduce_sum(values: list[float]) -> list[float]:
 def _reduce_max(value: float) -> float:
     import torch.distributed as dist
 
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=_comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()
 
@@ -329,7 +348,7 @@ def evaluate_pairs(engine, pairs: TokenizedPairs, pad_id: int, s: TrainSettings,
         for batch_rows in plan_batches(lengths, s.tokens_per_batch, s.max_pairs_per_batch, s.seed, shuffle=False,
                                        min_pairs=world):
             rows = shard(batch_rows, lengths, rank, world)
-            batch = collate(pairs, rows, pad_id)
+            batch = collate(pairs, rows, pad_id).to(engine.device)
             r_c, r_r = engine(batch.input_ids, batch.attention_mask).float().chunk(2)
             totals[0] += bradley_terry_loss(r_c, r_r).item() * len(rows)
             totals[1] += (r_c > r_r).sum().item()
@@ -369,6 +388,7 @@ def fit(model: RewardModel, data: Data, s: TrainSettings, paths: TrainPaths, fp:
         result.steps, nonfinite = state["step"], state["nonfinite"]
         result.skipped_steps, result.losses = state["skipped"], list(state["losses"])
         ln2_history = [tuple(x) for x in state["ln2_history"]]
+        result.train, result.val = state["train_metrics"], state["val_metrics"]
         torch.set_rng_state(state["rng"])
         result.resumed_from_step = result.steps
         if rank == 0:
@@ -385,7 +405,7 @@ def fit(model: RewardModel, data: Data, s: TrainSettings, paths: TrainPaths, fp:
         t0 = time.monotonic()
         global_rows = plans[epoch][b]
         rows = shard(global_rows, lengths, rank, world)
-        batch = collate(data.train, rows, data.pad_id)
+        batch = collate(data.train, rows, data.pad_id).to(engine.device)
         r_c, r_r = engine(batch.input_ids, batch.attention_mask).float().chunk(2)
         loss = bradley_terry_loss(
             r_c, r_r,
@@ -457,7 +477,8 @@ def fit(model: RewardModel, data: Data, s: TrainSettings, paths: TrainPaths, fp:
             save_checkpoint(engine, paths.checkpoints, result.steps, {
                 "fingerprint": fp, "epoch": next_pos[0], "next_batch": next_pos[1], "step": result.steps,
                 "nonfinite": nonfinite, "skipped": result.skipped_steps, "losses": result.losses,
-                "ln2_history": ln2_history, "rng": torch.get_rng_state()}, rank)
+                "ln2_history": ln2_history, "train_metrics": result.train, "val_metrics": result.val,
+                "rng": torch.get_rng_state()}, rank)
         if s.stop_after_steps is not None and result.steps >= s.stop_after_steps:
             result.stopped_early = True
             break
