@@ -1,0 +1,184 @@
+"""The bundled sample data: deterministic, realistic crowd behaviour, learnable flaws, every input shape."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from pipeline.cli import main as cli_main
+from rmpipe import sample_data as sd
+from rmpipe.errors import UserError
+
+CFG = {"seed": 20261122, "n_pairs": 3000, "n_batches": 2, "pair_rows": 100}
+
+
+@pytest.fixture(scope="module")
+def votes() -> pd.DataFrame:
+    return sd.generate_votes(CFG)
+
+
+@pytest.fixture(scope="module")
+def pairs(votes) -> pd.DataFrame:
+    """One row per comparison: the good and the flawed response, the prompt, the flaw kind."""
+    first = votes.drop_duplicates("true_pair")
+    good_in_a = (first["true_choice"] == "a").to_numpy()
+    return pd.DataFrame(
+        {
+            "prompt": first["prompt"].to_numpy(),
+            "good": np.where(good_in_a, first["response_a"], first["response_b"]),
+            "bad": np.where(good_in_a, first["response_b"], first["response_a"]),
+            "flaw": first["true_flaw"].to_numpy(),
+        }
+    )
+
+
+def _user_text(prompt) -> str:
+    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
+
+
+def test_same_seed_gives_byte_identical_files_and_another_seed_does_not(tmp_path):
+    small = {**CFG, "n_pairs": 200, "pair_rows": 20}
+    first = sd.write_sample_batches(tmp_path / "one", small)
+    second = sd.write_sample_batches(tmp_path / "two", small)
+    other = sd.write_sample_batches(tmp_path / "three", {**small, "seed": 1})
+    assert [p.name for p in first] == ["batch-0001.jsonl", "batch-0002.csv", "batch-0003-pairs.parquet"]
+    for a, b in zip(first, second):
+        assert a.read_bytes() == b.read_bytes(), a.name
+    assert first[0].read_bytes() != other[0].read_bytes()
+
+
+def test_files_hold_every_input_shape_and_no_ground_truth(tmp_path):
+    paths = sd.write_sample_batches(tmp_path, {**CFG, "n_pairs": 400, "pair_rows": 30})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths)  # nothing else there
+
+    rows = [json.loads(line) for line in paths[0].read_text(encoding="utf-8").splitlines()]
+    assert {"prompt", "response_a", "response_b", "annotator_id", "choice"} <= set(rows[0])
+    assert not any(key.startswith("true_") for row in rows for key in row)
+    kinds = {type(row["prompt"]) for row in rows}
+    assert kinds == {str, list}  # string and chat prompts in one file
+    assert any(len(row["prompt"]) > 2 for row in rows if isinstance(row["prompt"], list))  # multi-turn
+
+    with paths[1].open(newline="", encoding="utf-8") as fh:
+        records = list(csv.DictReader(fh))
+    assert not any(key.startswith("true_") for key in records[0])
+    assert any(r["prompt"].startswith('[{"role"') for r in records)  # chat prompt as JSON in the cell
+    assert any("\n" in r["prompt"] for r in records)  # quoted multi-line cells
+    assert len(rows) + len(records) == len(sd.generate_votes({**CFG, "n_pairs": 400}))
+
+    table = pq.read_table(paths[2])
+    assert table.schema.names == ["prompt", "chosen", "rejected", "annotator_id", "margin"]
+    assert str(table.schema.field("prompt").type).startswith("list<")
+    assert table.num_rows == 2 * 30  # two annotators per pair
+
+
+def test_refuses_to_write_beside_other_batch_files(tmp_path):
+    (tmp_path / "batch-0009.jsonl").write_text("{}\n")
+    with pytest.raises(UserError, match="batch-0009.jsonl"):
+        sd.write_sample_batches(tmp_path, CFG)
+
+
+def test_cli_writes_the_default_batches(tmp_path, project_root):
+    params = yaml.safe_load((project_root / "params.yaml").read_text())
+    params["sample_data"].update(n_pairs=150, pair_rows=10)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    cli_main(["--params", str(tmp_path / "params.yaml"), "sample-data", "--out", str(tmp_path / "in")])
+    assert len(list((tmp_path / "in").iterdir())) == params["sample_data"]["n_batches"] + 1
+
+
+def test_crowd_has_the_annotators_the_aggregate_stage_must_handle(votes):
+    agrees = (votes["choice"] == votes["true_choice"]).groupby(votes["annotator_id"]).mean()
+    share = votes["annotator_id"].value_counts(normalize=True)
+    assert len(share) == 12
+    assert share[sd.DOMINANT_ANNOTATOR] > 0.3
+    assert agrees[sd.DOMINANT_ANNOTATOR] > 0.9  # the dominant annotator is a good one
+    assert 0.35 < agrees[sd.CARELESS_ANNOTATOR] < 0.65  # near random
+    always_a = votes[votes["annotator_id"] == sd.ALWAYS_A_ANNOTATOR]
+    assert len(always_a) > 100 and (always_a["choice"] == "a").all()
+    good = agrees.drop([sd.CARELESS_ANNOTATOR, sd.ALWAYS_A_ANNOTATOR])
+    assert good.between(0.88, 0.97).all(), good
+
+
+def test_majority_vote_recovers_the_truth(votes):
+    right = votes["choice"] == votes["true_choice"]
+    tie = votes["choice"] == "tie"
+    counts = pd.DataFrame({"right": right, "wrong": ~right & ~tie, "tie": tie}).groupby(votes["true_pair"]).sum()
+    recovered = (counts["right"] > counts["wrong"]) & (counts["right"] > counts["tie"])  # strict plurality
+    assert recovered.mean() >= 0.97
+
+
+def test_votes_per_pair_ties_and_independent_ab_order(votes):
+    per_pair = votes.groupby("true_pair").agg(n=("annotator_id", "size"), distinct=("annotator_id", "nunique"))
+    assert per_pair["n"].min() >= 3 and per_pair["n"].max() <= 5
+    assert (per_pair["n"] == per_pair["distinct"]).all()  # nobody judges a pair twice
+    assert 0.02 <= (votes["choice"] == "tie").mean() <= 0.08
+    order_mix = (votes["true_choice"] == "a").groupby(votes["true_pair"]).mean()
+    assert 0.45 < (votes["true_choice"] == "a").mean() < 0.55
+    assert ((order_mix > 0) & (order_mix < 1)).mean() > 0.5  # most pairs shown both ways
+    assert set(votes["strength"].dropna()) == set(sd.STRENGTHS)
+
+
+def test_strength_labels_follow_how_blatant_the_flaw_is(votes):
+    level = votes["strength"].map({s: i for i, s in enumerate(sd.STRENGTHS)})
+    by_flaw = level.groupby(votes["true_flaw"]).mean()
+    assert by_flaw["off_topic"] > by_flaw["refusal"] > by_flaw["rude"] > by_flaw["wrong_fact"]
+
+
+def test_length_is_not_the_signal(pairs):
+    good_len, bad_len = pairs["good"].str.len(), pairs["bad"].str.len()
+    assert 0.4 <= (good_len > bad_len).mean() <= 0.6
+    assert (good_len < bad_len).mean() >= 0.25
+    waffle = pairs["flaw"] == "waffle"
+    assert (good_len[waffle] < bad_len[waffle]).all()  # the direct answer is the shorter one
+
+
+def test_each_flaw_kind_leaves_its_trace(pairs):
+    assert pairs["flaw"].value_counts(normalize=True).min() > 0.1
+    assert set(pairs["flaw"]) == set(sd.FLAW_KINDS)
+    for row in pairs.itertuples():
+        if row.flaw == "refusal":
+            assert any(row.bad.startswith(r) for r in sd.REFUSALS)
+        elif row.flaw == "rude":
+            assert any(row.bad.startswith(r) for r in sd.RUDE_OPENERS)
+        elif row.flaw == "off_topic":
+            assert any(row.bad.startswith(s) for s in sd.OFF_TOPIC_SENTENCES)
+        elif row.flaw == "wrong_fact":
+            fact = next(f for f in sd.FACTS if f.say(f.right) in row.good)
+            assert row.bad == row.good.replace(fact.say(fact.right), fact.say(fact.wrong))
+    facts_used = {f.question for f in sd.FACTS for t in pairs.loc[pairs["flaw"] == "wrong_fact", "good"]
+                  if f.say(f.right) in t}
+    assert len(facts_used) >= 35  # the whole fact table recurs, so it is learnable
+
+
+def test_prompts_are_varied_short_and_sometimes_shared(pairs):
+    users = pairs["prompt"].map(_user_text)
+    keys = pairs["prompt"].map(lambda p: p if isinstance(p, str) else json.dumps(p))
+    assert keys.nunique() >= 2000
+    assert keys.value_counts().max() >= 2
+    assert 0.15 < pairs["prompt"].map(lambda p: isinstance(p, list)).mean() < 0.25
+    words = users.str.split().str.len()
+    assert words.min() >= 3 and words.max() <= 40
+    response_words = pd.concat([pairs["good"], pairs["bad"]]).str.split().str.len()
+    assert response_words.min() >= 3 and response_words.max() <= 80
+
+
+def test_long_texts_mode_scales(tmp_path):
+    started = time.monotonic()
+    votes = sd.generate_votes({**CFG, "n_pairs": 25_000, "long_texts": True, "votes_per_pair": {4: 1.0}})
+    elapsed = time.monotonic() - started
+    assert len(votes) == 100_000
+    assert elapsed < 30, f"100k long-text votes took {elapsed:.1f}s (1M must stay well under a minute)"
+    first = votes.drop_duplicates("true_pair")
+    prompt_chars = first["prompt"].map(lambda p: sum(len(m["content"]) for m in p) if isinstance(p, list) else len(p))
+    assert prompt_chars.min() >= 300 and prompt_chars.max() <= 3500 and prompt_chars.median() > 700
+    response_chars = pd.concat([first["response_a"], first["response_b"]]).str.len()
+    assert response_chars.min() >= 150 and response_chars.median() > 300
+    # one string object per comparison, however many votes repeat it: memory is the distinct texts
+    assert votes["response_a"].map(id).nunique() <= 2 * first.shape[0]
