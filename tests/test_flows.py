@@ -131,6 +131,23 @@ def test_overrides_need_dvc_experiments(tmp_path):
         flows.rebuild(set_params=["toy.value=3"], project=str(project))
 
 
+def test_overrides_run_as_a_dvc_experiment_recorded_in_params_and_lock(tmp_path):
+    project = toy_project(tmp_path)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    subprocess.run([PY, "-m", "dvc", "config", "core.no_scm", "false"], cwd=project, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=project, check=True)
+    subprocess.run([*git, "commit", "-qm", "toy"], cwd=project, check=True)
+
+    result = flows.rebuild(set_params=["toy.value=3"], project=str(project))
+
+    assert result["ran"] == ["first", "second"]
+    assert yaml.safe_load((project / "params.yaml").read_text())["toy"]["value"] == 3
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert lock["stages"]["first"]["params"]["params.yaml"]["toy"] == {"value": 3}
+    assert (project / "second.txt").read_text() == "33"
+
+
 def test_pipeline_lock_queues_a_second_holder(tmp_path):
     (tmp_path / ".dvc").mkdir()
     holder = subprocess.Popen(
