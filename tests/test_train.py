@@ -112,6 +112,9 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, backbone):
     assert run(str(killed / "params.yaml"), paths_in(killed)) is None  # "killed" after step 6, last checkpoint at 4
     assert (killed / "checkpoints/train/latest").read_text() == "step4"
     assert not (killed / "models/reward_model").exists()
+    # a kill in the middle of writing the next checkpoint leaves a partial folder that `latest` never names
+    (killed / "checkpoints/train/step8").mkdir()
+    (killed / "checkpoints/train/step8/mp_rank_00_model_states.pt").write_bytes(b"truncated")
     set_train(killed, stop_after_steps=None)
     record = run(str(killed / "params.yaml"), paths_in(killed))
 
