@@ -1,0 +1,47 @@
+"""DVC stage `collect`: data/incoming/* batches -> data/collected/votes.parquet + quarantine + reports/collect.json.
+
+    python -m stages.collect [--params params.yaml]
+
+The report and the quarantine are written before a rejected batch stops the run,
+so the error message can point at them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from rmpipe.collect import CollectConfig, collect_dir, raise_for_rejected, write_votes
+from rmpipe.errors import exits_cleanly
+from rmpipe.io import write_json, write_jsonl
+from rmpipe.params import load_params, section
+from rmpipe.progress import setup_logging
+
+VOTES = "data/collected/votes.parquet"
+QUARANTINE = "data/collected/quarantine.jsonl"
+REPORT = "reports/collect.json"
+
+log = logging.getLogger("rmpipe.collect")
+
+
+@exits_cleanly
+def main(argv: list[str] | None = None) -> None:
+    setup_logging()
+    parser = argparse.ArgumentParser(prog="python -m stages.collect", description=__doc__)
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    args = parser.parse_args(argv)
+
+    cfg = CollectConfig.from_params(section(load_params(args.params), "collect"))
+    votes, quarantine, report = collect_dir(cfg.incoming_dir, cfg)
+    write_jsonl(QUARANTINE, quarantine)
+    write_json(REPORT, report)
+    raise_for_rejected(report, cfg)
+    write_votes(VOTES, votes)
+    totals = report["totals"]
+    log.info("wrote %s: %d votes on %d pairs from %d annotators; %d rows quarantined (%s)",
+             VOTES, totals["votes"], totals["pairs"], totals["annotators"], totals["rows_quarantined"], QUARANTINE)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
