@@ -315,11 +315,10 @@ def quick_check(batch: Path, root: Path) -> dict[str, Any]:
     accepted = report.get("status") == "accepted"
     reasons = [f"{r['reason']} x{r['count']} (e.g. {r['example']})" if isinstance(r, dict) else str(r)
                for r in report.get("top_reasons") or []]
-    if not accepted and report.get("message"):
-        reasons.insert(0, str(report["message"]))
-    if not accepted and not reasons:
-        reasons = [f"status {report.get('status')!r} from the collect check"]
-    return {"accepted": accepted, "reasons": reasons, "report": report}
+    message = str(report.get("message") or "; ".join(reasons) or f"status {report.get('status')!r}")
+    if not accepted and not reasons:  # e.g. refused unread (too large, a symlink): the message is the reason
+        reasons = [message]
+    return {"accepted": accepted, "reasons": reasons, "message": message, "report": report}
 
 
 def read_metrics(root: Path) -> dict[str, Any]:
@@ -414,7 +413,7 @@ def on_new_batch(batch_path: str, project: str | None = None) -> dict[str, Any]:
         moved = reject_batch(batch, root / REJECTED_DIR, check["reasons"])
         finish("rejected", reasons=check["reasons"], rejected_path=str(moved.relative_to(root)),
                check=check["report"])
-        raise BatchRejected(f"batch {batch.name} rejected: " + "; ".join(check["reasons"]))
+        raise BatchRejected(f"batch {batch.name} rejected ({check['message']})")
 
     with pipeline_lock(root):
         # A second delivery of the same batch may have registered while we waited.
