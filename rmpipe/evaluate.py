@@ -160,9 +160,11 @@ def length_buckets(pairs: pd.DataFrame, n_buckets: int) -> pd.Series:
     """Quantile buckets of the pair's mean response length in characters, labelled by their char range."""
     mean_len = (pairs["chosen"].str.len() + pairs["rejected"].str.len()) / 2
     n = max(1, min(n_buckets, mean_len.nunique()))
-    return pd.qcut(mean_len, q=n, duplicates="drop", precision=0).map(
-        lambda iv: f"{math.floor(iv.left)}-{math.ceil(iv.right)} chars"
-    )
+    _, edges = pd.qcut(mean_len, q=n, duplicates="drop", retbins=True)
+    # Zero-padded labels keep short-to-long order wherever the buckets get sorted as text (dvc metrics show).
+    width = len(str(math.ceil(edges[-1])))
+    labels = [f"{round(lo):0{width}d}-{round(hi):0{width}d} chars" for lo, hi in zip(edges, edges[1:])]
+    return pd.cut(mean_len, bins=edges, labels=labels, include_lowest=True)
 
 
 def reward_stats(rewards: np.ndarray) -> dict:
