@@ -195,24 +195,28 @@ def test_stage_errors_are_one_clean_line(tmp_path, backbone, breakage, message):
 
 # --- two CPU ranks through the DeepSpeed launcher ---------------------------------------------
 @pytest.fixture(scope="module")
-def one_process_curve(tmp_path_factory, backbone) -> list[float]:
+def one_process(tmp_path_factory, backbone) -> Path:
     project = make_project(tmp_path_factory.mktemp("one_rank"), backbone, epochs=1, lr=1e-3)
     run(str(project / "params.yaml"), paths_in(project))
-    return loss_curve(project)
+    return project
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_stage", [2, 3])
-def test_two_ranks_match_one_process(tmp_path, backbone, one_process_curve, zero_stage):
+def test_two_ranks_match_one_process(tmp_path, backbone, one_process, zero_stage):
     """Same global batches (each rank takes every 2nd pair of each, its loss weighted by its share),
     so the per-step loss averaged over ranks must follow the one-process curve."""
     project = make_project(tmp_path, backbone, epochs=1, lr=1e-3, num_procs=2, zero_stage=zero_stage)
     done = run_stage(project, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    curve = loss_curve(project)
+    curve, one_process_curve = loss_curve(project), loss_curve(one_process)
     assert len(curve) == len(one_process_curve)
     # fp32 with a different summation order (gloo all-reduce of two half-batch gradients): 1e-4 absolute
     assert max(abs(a - b) for a, b in zip(curve, one_process_curve)) < 1e-4, (curve, one_process_curve)
     training = json.loads((project / "models/reward_model/training.json").read_text())
     assert training["world_size"] == 2
     assert all(math.isfinite(v) for v in curve)
+    # the saved model is whole (ZeRO-3 gathers its partitions before saving) and the same model
+    a, b = weights(one_process), weights(project)
+    assert all(a[k].shape == b[k].shape for k in a)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
