@@ -220,3 +220,34 @@ def test_two_ranks_match_one_process(tmp_path, backbone, one_process, zero_stage
     a, b = weights(one_process), weights(project)
     assert all(a[k].shape == b[k].shape for k in a)
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+
+
+# --- the generated DeepSpeed config ----------------------------------------------------------
+def test_ds_config_from_params(tmp_path):
+    from torch import nn
+
+    from rmpipe.ds_config import bf16_wanted, build_config, load_config, param_groups
+
+    cfg = yaml.safe_load((ROOT / "params.yaml").read_text())["train"]
+    assert not bf16_wanted("auto", "cpu") and not bf16_wanted(True, "cpu")  # never on CPU
+    ds = build_config({**cfg, "zero_stage": 3, "offload_optimizer": True}, total_steps=100, world_size=2, bf16=False)
+    assert ds["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"}}
+    assert ds["train_micro_batch_size_per_gpu"] == 1 and ds["gradient_accumulation_steps"] == 1
+    assert ds["train_batch_size"] == 2 and ds["gradient_clipping"] == cfg["grad_clip"]
+    assert ds["scheduler"]["params"]["warmup_num_steps"] == max(1, round(cfg["warmup_ratio"] * 100))
+    with pytest.raises(ConfigError, match="offload_optimizer"):
+        build_config({**cfg, "zero_stage": 0, "offload_optimizer": True}, 100, 1, False)
+
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2}}))
+    with pytest.raises(ConfigError, match="batches by tokens"):
+        load_config(user, world_size=1)
+    user.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2}}))
+    assert load_config(user, world_size=2)["train_batch_size"] == 2
+
+    model = nn.Module()
+    model.backbone = nn.Linear(4, 4)
+    model.head = nn.Linear(4, 1, bias=False)
+    groups = param_groups(model, lr=1e-3, weight_decay=0.1, head_lr_mult=10.0)
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0, 0.1]  # matrices, bias, head
+    assert groups[2]["lr"] == pytest.approx(1e-2) and groups[2]["params"] == [model.head.weight]
