@@ -78,9 +78,10 @@ REASONS = {
 _VOTE_FIELDS = ("response_a", "response_b", "choice")
 _PAIR_FIELDS = ("chosen", "rejected")
 _ABSENT = (None, "")  # an optional field left out or left blank (CSV)
-_KNOWN_FIELDS = frozenset(
-    ("prompt", "annotator_id", "strength", "pair_id", "margin") + _VOTE_FIELDS + _PAIR_FIELDS
-)
+# Fields with a column of their own; anything else in a row is kept in `meta`. A margin is
+# read from pair rows only (the contract); on a vote row it is just metadata.
+_VOTE_KNOWN = frozenset(("prompt", "annotator_id", "strength", "pair_id") + _VOTE_FIELDS)
+_PAIR_KNOWN = frozenset(("prompt", "annotator_id", "strength", "pair_id", "margin") + _PAIR_FIELDS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -308,7 +309,8 @@ class _Normalizer:
             return self._too_long("prompt", size)
         if any("\x00" in m["content"] or "\x00" in m["role"] for m in messages):
             return _Bad("nul_character", "prompt contains a NUL character")
-        if any(_has_surrogate(m["content"]) or _has_surrogate(m["role"]) for m in messages):
+        if not all(m["content"].isascii() and m["role"].isascii() for m in messages) and any(
+                _has_surrogate(m["content"]) or _has_surrogate(m["role"]) for m in messages):
             return _Bad("invalid_utf8", "prompt holds a lone surrogate (not valid UTF-8)")
         canonical = _canonical_prompt(messages)
         return self._canonical.setdefault(canonical, canonical), _prompt_hash(messages)
@@ -366,7 +368,7 @@ class _Normalizer:
             strength = _label(value, _STRENGTHS)
             if strength is None:
                 return _Bad("bad_strength", f"strength {_short(value)} is not one of {', '.join(schema.STRENGTHS)}")
-        margin = get("margin")
+        margin = get("margin") if is_pair else None
         if margin is not None:
             margin = _margin(margin)
             if isinstance(margin, _Bad):
@@ -386,7 +388,7 @@ class _Normalizer:
                 return pair_id
 
         meta = "{}"
-        extra_keys = rec.keys() - _KNOWN_FIELDS
+        extra_keys = rec.keys() - (_PAIR_KNOWN if is_pair else _VOTE_KNOWN)
         if extra_keys:
             extras = {k: rec[k] for k in extra_keys}
             meta = orjson.dumps(extras, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS, default=str).decode()
@@ -416,14 +418,15 @@ def _margin(value: Any) -> float | None | _Bad:
 
 
 def _given_pair_id(value: Any) -> str | None | _Bad:
-    if value is None or value == "":
-        return None
+    """A delivered pair_id (kept as given), None to derive one, or why it cannot be used."""
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
-    if isinstance(value, str) and value.strip() and "\x00" not in value and len(value) <= 200:
-        return value.strip()
-    if isinstance(value, str) and not value.strip():
-        return None
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return None
+        if "\x00" not in text and len(text) <= 200:
+            return text
     return _Bad("wrong_type", f"field 'pair_id' must be a short string (or left out), got {_short(value)}")
 
 
@@ -564,8 +567,10 @@ def _raw_text(raw: Any) -> str | None:
         text = raw.decode("utf-8", errors="backslashreplace").rstrip("\r\n")
     else:
         text = json.dumps(raw, ensure_ascii=False, default=str)
-        # CSV bytes that were not UTF-8 survive as lone surrogates: show them as \xNN escapes.
-        text = text.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="backslashreplace")
+        try:  # CSV bytes that were not UTF-8 survive as lone surrogates: show them as \xNN escapes
+            text = text.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="backslashreplace")
+        except UnicodeEncodeError:
+            text = text.encode("utf-8", errors="backslashreplace").decode("utf-8")
     if len(text) > RAW_MAX_CHARS:
         return f"{text[:RAW_MAX_CHARS]}... [{len(text) - RAW_MAX_CHARS} more chars]"
     return text
@@ -673,24 +678,29 @@ def _collect_batch(
     first_here: dict[tuple[str, str], int] = {}  # (annotator, pair) -> line of its vote in this batch
     unreadable = None
     rows_read = 0
-    try:
-        for line, rec, raw in _READERS[entry["format"]](path):
-            rows_read += 1
-            outcome = rec if type(rec) is _Bad else normalizer.normalize(rec, batch_id)
-            if type(outcome) is tuple:
-                key = (outcome[_ANNOTATOR], outcome[_PAIR_ID])
-                if key not in first_here and key not in accepted:
-                    first_here[key] = line
-                    lines.append(line)
-                    votes.append(outcome)
-                    continue
-                earlier = f"line {first_here[key]}" if key in first_here else "{} line {}".format(*accepted[key])
-                outcome = _Bad("duplicate_vote", f"duplicate vote: annotator {key[0]} already judged this pair "
-                                                  f"({earlier}); the first vote is kept")
-            quarantine.append({"batch_id": batch_id, "line": line, "code": outcome.code,
-                               "reason": outcome.reason, "raw": _raw_text(raw)})
-    except _UNREADABLE as exc:
-        unreadable = f"{batch_id}: cannot read the {entry['format']} file after {rows_read} rows: {exc}"
+    rows = _READERS[entry["format"]](path)
+    while True:
+        try:
+            line, rec, raw = next(rows)
+        except StopIteration:
+            break
+        except _UNREADABLE as exc:  # the file itself is broken (not one row): reject the batch
+            unreadable = f"{batch_id}: cannot read the {entry['format']} file after {rows_read} rows: {exc}"
+            break
+        rows_read += 1
+        outcome = rec if type(rec) is _Bad else normalizer.normalize(rec, batch_id)
+        if type(outcome) is tuple:
+            key = (outcome[_ANNOTATOR], outcome[_PAIR_ID])
+            if key not in first_here and key not in accepted:
+                first_here[key] = line
+                lines.append(line)
+                votes.append(outcome)
+                continue
+            earlier = f"line {first_here[key]}" if key in first_here else "{} line {}".format(*accepted[key])
+            outcome = _Bad("duplicate_vote", f"duplicate vote: annotator {key[0]} already judged this pair "
+                                              f"({earlier}); the first vote is kept")
+        quarantine.append({"batch_id": batch_id, "line": line, "code": outcome.code,
+                           "reason": outcome.reason, "raw": _raw_text(raw)})
     entry["rows_read"] = rows_read
 
     entry["rows_normalized"] = len(votes)

@@ -174,9 +174,10 @@ def test_every_kind_of_bad_row_is_quarantined_with_reason_and_line(tmp_path):
         _vote(a="It is 5.", b="It is 4.", choice="b"),                                # 15 duplicate of 1 (B/A)
         _vote(prompt=""),                                                             # 16 empty prompt
         _vote(prompt=[{"content": "no role"}]),                                       # 17 bad chat prompt
-        _vote(prompt="Fourth?", margin="lots"),                                       # 18 bad margin
+        {"prompt": "Fourth?", "chosen": "A.", "rejected": "B.", "margin": "lots"},    # 18 bad margin
         {**_vote(prompt="Fifth?"), "chosen": "It is 4."},                             # 19 mixed shapes
         _vote(prompt="Sixth?", annotator=""),                                         # 20 empty annotator
+        _vote(prompt="Seventh?", margin=0.5),                                         # 21 ok
     ]
     path = _jsonl(tmp_path / "in" / "mixed.jsonl", rows)
     result = collect.check_batch(path, _cfg(tmp_path / "in", max_field_chars=200, max_bad_share=1.0))
@@ -207,10 +208,12 @@ def test_every_kind_of_bad_row_is_quarantined_with_reason_and_line(tmp_path):
         assert got[line]["code"] == code, (line, got[line])
         assert reason in got[line]["reason"], (line, got[line]["reason"])
         assert got[line]["batch_id"] == "mixed.jsonl" and got[line]["raw"]
-    assert result.votes["line"].tolist() == [1, 12]
+    assert result.votes["line"].tolist() == [1, 12, 21]
     assert result.votes.loc[1, "choice"] == "a"
+    assert json.loads(result.votes.loc[2, "meta"]) == {"margin": 0.5}  # on a vote row a margin is metadata
+    assert pd.isna(result.votes.loc[2, "margin"])
     report = result.report
-    assert (report["rows_read"], report["rows_normalized"], report["rows_quarantined"]) == (20, 2, 18)
+    assert (report["rows_read"], report["rows_normalized"], report["rows_quarantined"]) == (21, 3, 18)
     assert report["status"] == "accepted"  # max_bad_share=1.0 here
     assert {r["code"] for r in report["top_reasons"]} <= set(collect.REASONS)
 
