@@ -388,7 +388,7 @@ def fit(model: RewardModel, data: Data, s: TrainSettings, paths: TrainPaths, fp:
         result.steps, nonfinite = state["step"], state["nonfinite"]
         result.skipped_steps, result.losses = state["skipped"], list(state["losses"])
         ln2_history = [tuple(x) for x in state["ln2_history"]]
-        result.train, result.val = state["train_metrics"], state["val_metrics"]
+        result.train, result.val = state.get("train_metrics", {}), state.get("val_metrics", {})
         torch.set_rng_state(state["rng"])
         result.resumed_from_step = result.steps
         if rank == 0:
@@ -397,10 +397,9 @@ def fit(model: RewardModel, data: Data, s: TrainSettings, paths: TrainPaths, fp:
         log.info("training %d pairs x %d epochs = %d steps on %d rank(s)", len(data.train), s.epochs, total_steps, world)
 
     live = _open_live(paths.live_dir, resumed=tag is not None) if rank == 0 else None
-    done_tokens = done_pairs = 0
-    busy_s = 0.0
+    done_tokens, done_pairs, busy_s = state.get("throughput", (0, 0, 0.0)) if tag is not None else (0, 0, 0.0)
     positions = [(e, b) for e in range(s.epochs) for b in range(len(plans[e])) if (e, b) >= (start_epoch, start_batch)]
-    epoch_sums = [0.0, 0.0, 0.0]
+    epoch_sums = [0.0, 0.0, 0.0]  # an epoch cut by a resume reports the train metrics of its resumed part only
     for epoch, b in (progress(positions, total=len(positions), desc="train") if rank == 0 else positions):
         t0 = time.monotonic()
         global_rows = plans[epoch][b]
@@ -478,6 +477,7 @@ def fit(model: RewardModel, data: Data, s: TrainSettings, paths: TrainPaths, fp:
                 "fingerprint": fp, "epoch": next_pos[0], "next_batch": next_pos[1], "step": result.steps,
                 "nonfinite": nonfinite, "skipped": result.skipped_steps, "losses": result.losses,
                 "ln2_history": ln2_history, "train_metrics": result.train, "val_metrics": result.val,
+                "throughput": (done_tokens, done_pairs, busy_s),
                 "rng": torch.get_rng_state()}, rank)
         if s.stop_after_steps is not None and result.steps >= s.stop_after_steps:
             result.stopped_early = True
