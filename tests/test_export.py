@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
+import transformers
 import yaml
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -85,7 +85,8 @@ def test_stage_outputs_and_manifest(exported):
     manifest = read_manifest(exported / "models" / "export")
     assert manifest["batch_ids"]["train"] == ["batch-train.jsonl"]
     assert manifest["params"]["export"]["golden_pairs"] == 4
-    assert manifest["packages"]["torch"] == torch.__version__.split("+")[0] or manifest["packages"]["torch"]
+    assert manifest["packages"]["transformers"] == transformers.__version__ and manifest["packages"]["torch"]
+    assert not any(key in json.dumps(manifest) for key in ("HF_HUB_OFFLINE", "PATH=", "HOME="))  # no environment
     assert manifest["git"] is None  # the temp project is not a git work tree
     assert manifest["parity"]["max_abs_diff"] <= 1e-4
     assert set(manifest["files"]) >= {"config.json", "model.safetensors", "golden.jsonl", "README.md"}
