@@ -19,6 +19,8 @@ import json
 import unicodedata
 from typing import Any
 
+import orjson
+
 # --- vote rows (one annotator's judgement), as written by the collect stage -------------
 VOTE_COLUMNS = [
     "batch_id",  # file name of the delivery (without folder)
@@ -55,9 +57,20 @@ PAIR_COLUMNS = [
 ]
 SPLITS = ("train", "val", "test")
 
+_ASCII_SPACE_NOT_SPACE = bytes([9, 10, 11, 12, 13, 28, 29, 30, 31])  # what str.isspace() adds to " "
+
+
 def normalize_text(text: str) -> str:
-    """NFKC, whitespace runs collapsed to one space, ends stripped."""
-    # split()/join is the regex `\s+` -> " " plus strip, about twice as fast on long texts.
+    """NFKC, whitespace runs collapsed to one space, ends stripped.
+
+    Runs on every distinct text of a batch (hundreds of thousands per run), hence the fast paths:
+    clean ASCII is returned as is, and split()/join is the regex `\\s+` -> " " plus strip.
+    """
+    if text.isascii():  # NFKC keeps ASCII; single inner spaces and no other whitespace: already normal
+        raw = text.encode("ascii")
+        if (b"  " not in raw and raw[:1] != b" " and raw[-1:] != b" "
+                and len(raw.translate(None, _ASCII_SPACE_NOT_SPACE)) == len(raw)):
+            return text
     return " ".join(unicodedata.normalize("NFKC", text).split())
 
 
@@ -98,9 +111,19 @@ def to_messages(prompt: Any) -> list[dict[str, str]]:
     raise PromptError(f"prompt must be a string or a list of messages, got {type(prompt).__name__}")
 
 
+def _canonical_json(messages: list[dict[str, str]]) -> str:
+    # Compact, sorted keys, non-ASCII kept: the same text json.dumps(sort_keys, separators) writes.
+    return orjson.dumps(messages, option=orjson.OPT_SORT_KEYS).decode()
+
+
+def canonical_messages(messages: list[dict[str, str]]) -> str:
+    """`canonical_prompt` for messages that already came out of `to_messages`."""
+    return _canonical_json(messages)
+
+
 def canonical_prompt(prompt: Any) -> str:
     """The stored form of a prompt: canonical JSON of its messages (content kept verbatim)."""
-    return json.dumps(to_messages(prompt), ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    return canonical_messages(to_messages(prompt))
 
 
 def prompt_messages(canonical: str) -> list[dict[str, str]]:
@@ -108,16 +131,25 @@ def prompt_messages(canonical: str) -> list[dict[str, str]]:
     return json.loads(canonical)
 
 
-def _sha256(text: str) -> str:
+def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def messages_hash(messages: list[dict[str, str]]) -> str:
+    """`prompt_hash` for messages that already came out of `to_messages`."""
+    normalized = [{"role": m["role"], "content": normalize_text(m["content"])} for m in messages]
+    return text_sha256(_canonical_json(normalized))
 
 
 def prompt_hash(prompt: Any) -> str:
     """SHA-256 of the normalized prompt (NFKC, whitespace collapsed, chat canonicalized)."""
-    messages = [
-        {"role": m["role"], "content": normalize_text(m["content"])} for m in to_messages(prompt)
-    ]
-    return _sha256(json.dumps(messages, ensure_ascii=False, sort_keys=True, separators=(",", ":")))
+    return messages_hash(to_messages(prompt))
+
+
+def pair_id_from_digests(prompt_digest: str, first_digest: str, second_digest: str) -> str:
+    """`pair_id` from the prompt hash and the sha256 of each normalized response, in canonical
+    order: the response whose normalized text sorts first comes first."""
+    return text_sha256("\x1f".join((prompt_digest, first_digest, second_digest)))[:24]
 
 
 def pair_id(prompt: Any, response_1: str, response_2: str) -> str:
@@ -126,4 +158,4 @@ def pair_id(prompt: Any, response_1: str, response_2: str) -> str:
     A/B and B/A presentations of the same two responses get the same id.
     """
     first, second = sorted((normalize_text(response_1), normalize_text(response_2)))
-    return _sha256("\x1f".join((prompt_hash(prompt), _sha256(first), _sha256(second))))[:24]
+    return pair_id_from_digests(prompt_hash(prompt), text_sha256(first), text_sha256(second))

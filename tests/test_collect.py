@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
 import subprocess
 import sys
+import unicodedata
 from pathlib import Path
 
 import orjson
@@ -117,13 +119,18 @@ def test_each_format_and_shape_normalizes_the_same_way(tmp_path):
     assert pair["annotator_id"] == "anonymous:c.parquet"
 
 
-def test_fast_text_functions_equal_schema_on_every_whitespace_character():
+def _reference_normalize(text: str) -> str:
+    """The definition schema.normalize_text implements (its fast paths must agree with it)."""
+    return re.sub(r"\s+", " ", unicodedata.normalize("NFKC", text)).strip()
+
+
+def test_normalize_text_equals_its_definition_on_every_whitespace_character():
     every_char = [chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF]
     assert [c for c in every_char if c.isspace()] == [c for c in every_char if re.fullmatch(r"\s", c)]
     for c in every_char:
         if c.isspace() or not c.isprintable():
             text = f" a{c}{c}b {c}"
-            assert collect._normalize_text(text) == schema.normalize_text(text), hex(ord(c))
+            assert schema.normalize_text(text) == _reference_normalize(text), hex(ord(c))
 
 
 _texts = st.text(alphabet=st.sampled_from(list("ab Z\t\n\r\x0b\x0c\x1c\u00a0\u2003\u3000\ufb01\u00e9e\u0301\"\\"))
@@ -134,20 +141,24 @@ _texts = st.text(alphabet=st.sampled_from(list("ab Z\t\n\r\x0b\x0c\x1c\u00a0\u20
 @given(prompt=st.one_of(_texts, st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "System ", "assistant"]),
                                                                 "content": _texts}), min_size=1, max_size=3)),
        a=_texts, b=_texts)
-def test_fast_text_functions_equal_schema(prompt, a, b):
+def test_schema_text_functions_equal_their_definitions_and_collect_caches(prompt, a, b):
     for text in (a, b):
-        assert collect._normalize_text(text) == schema.normalize_text(text)
+        assert schema.normalize_text(text) == _reference_normalize(text)
     try:
         messages = schema.to_messages(prompt)
     except schema.PromptError:
         return
-    assert collect._canonical_prompt(messages) == schema.canonical_prompt(prompt)
-    assert collect._prompt_hash(messages) == schema.prompt_hash(prompt)
+    assert schema.canonical_prompt(prompt) == json.dumps(messages, ensure_ascii=False, sort_keys=True,
+                                                         separators=(",", ":"))
+    normalized = [{"role": m["role"], "content": _reference_normalize(m["content"])} for m in messages]
+    reference_hash = hashlib.sha256(json.dumps(normalized, ensure_ascii=False, sort_keys=True,
+                                               separators=(",", ":")).encode()).hexdigest()
+    assert schema.prompt_hash(prompt) == reference_hash
     normalizer = collect._Normalizer(10_000)
     info_a, info_b = normalizer._new_text(a, "a"), normalizer._new_text(b, "b")
     if isinstance(info_a, collect._Bad) or isinstance(info_b, collect._Bad) or info_a[1] == info_b[1]:
         return
-    prompt_info = (collect._canonical_prompt(messages), collect._prompt_hash(messages))
+    prompt_info = (schema.canonical_prompt(prompt), schema.prompt_hash(prompt))
     assert normalizer._pair_id(prompt_info, info_a, info_b) == schema.pair_id(prompt, a, b)
     assert normalizer._pair_id(prompt_info, info_b, info_a) == schema.pair_id(prompt, a, b)
 
