@@ -31,7 +31,8 @@ def make_project(where: Path, n_pairs: int, n_batches: int) -> None:
     from rmpipe.sample_data import write_sample_batches
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["sample_data"].update(n_pairs=n_pairs, n_batches=n_batches, long_texts=True, pair_rows=0)
+    params["sample_data"].update(n_pairs=n_pairs, n_batches=n_batches, long_texts=True, pair_rows=0,
+                                 votes_per_pair={4: 1.0})  # exactly 4 votes per pair: 250k pairs -> 1M rows
     (where / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     write_sample_batches(where / "data" / "incoming", params["sample_data"])
 
@@ -53,7 +54,7 @@ def run_stage(name: str, cwd: Path) -> tuple[float, float, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=250_000, help="distinct comparisons (~4 votes each)")
-    parser.add_argument("--batches", type=int, default=4, help="delivered as this many files")
+    parser.add_argument("--batches", type=int, default=8, help="delivered as this many files (~290 MB each)")
     parser.add_argument("--keep", type=Path, default=None, help="keep the scratch project here")
     args = parser.parse_args()
 
