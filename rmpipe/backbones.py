@@ -168,7 +168,8 @@ def load_backbone(path_or_id: str | Path, dtype: torch.dtype = torch.float32, tr
 
     _, tokenizer = check_backbone(path_or_id, trust_remote_code)
     try:
-        backbone = AutoModel.from_pretrained(str(path_or_id), dtype=dtype, trust_remote_code=trust_remote_code)
+        backbone = AutoModel.from_pretrained(str(path_or_id), dtype=dtype, trust_remote_code=trust_remote_code,
+                                             use_safetensors=True)  # never unpickle a weights file
     except Exception as exc:
         raise UserError(_describe_failure(path_or_id, exc)) from exc
     return backbone, tokenizer
@@ -180,7 +181,8 @@ def load_causal_lm(path_or_id: str | Path, dtype: torch.dtype = torch.float32, t
 
     _, tokenizer = check_backbone(path_or_id, trust_remote_code)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path_or_id), dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(str(path_or_id), dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     use_safetensors=True)  # never unpickle a weights file
     except Exception as exc:
         raise UserError(_describe_failure(path_or_id, exc)) from exc
     return model, tokenizer

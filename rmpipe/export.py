@@ -126,7 +126,7 @@ def load_exported(export_dir: Path):
     export_dir = Path(export_dir)
     if not (export_dir / "config.json").exists():
         raise DataError(f"{export_dir} is not an exported model (no config.json): run the export stage first")
-    hf = AutoModelForSequenceClassification.from_pretrained(export_dir, dtype=torch.float32).eval()
+    hf = AutoModelForSequenceClassification.from_pretrained(export_dir, dtype=torch.float32, use_safetensors=True).eval()
     return (hf, *exported_tokenizer(export_dir))
 
 

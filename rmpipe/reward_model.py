@@ -136,7 +136,7 @@ class RewardModel(nn.Module):
 
         path = Path(path)
         config = RewardModelConfig(**json.loads((path / CONFIG_FILE).read_text(encoding="utf-8")))
-        backbone = AutoModel.from_pretrained(path / BACKBONE_DIR, dtype=dtype, trust_remote_code=False)
+        backbone = AutoModel.from_pretrained(path / BACKBONE_DIR, dtype=dtype, trust_remote_code=False, use_safetensors=True)
         head = make_head(config.hidden_size, "zero")
         head.load_state_dict(load_file(str(path / HEAD_FILE)))
         return cls(backbone, head.to(dtype))
