@@ -1,0 +1,249 @@
+"""Security (issue #7): weights only from safetensors, no remote code by default, servers on loopback,
+no secret or environment value in outputs or logs.
+
+Each test drives the real loaders / stages / Prefect on files built to be dangerous: a pickle that
+would run code when unpickled, a config whose `auto_map` points at code that would run at import.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from rmpipe.backbones import build_tiny_backbone, check_backbone, load_backbone, load_causal_lm
+from rmpipe.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+CODE_DIRS = ("rmpipe", "stages", "pipeline")
+TINY_CFG = {"max_length": 32, "tiny": {"vocab_size": 300, "hidden_size": 16, "intermediate_size": 32,
+                                       "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+                                       "seed": 0}}
+SECRET = "rmpipe-fake-secret-7f3a9c"
+
+
+class _Exploit:
+    """Unpickling this creates `marker`: proof that a loader ran code from a weights file."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory) -> Path:
+    return build_tiny_backbone(["hello world", "a reward model"] * 20, TINY_CFG, tmp_path_factory.mktemp("bb") / "bb")
+
+
+def _pickled_copy(folder: Path, dest: Path, exploit_marker: Path | None = None) -> Path:
+    """`folder` with its model.safetensors replaced by a pytorch_model.bin (a plain pickle of the same
+    tensors, or an exploit when `exploit_marker` is given)."""
+    from safetensors.torch import load_file
+
+    shutil.copytree(folder, dest)
+    weights = dest / "model.safetensors"
+    if exploit_marker:
+        with (dest / "pytorch_model.bin").open("wb") as fh:
+            pickle.dump(_Exploit(exploit_marker), fh)
+    else:  # the same tensors, as torch.save writes them: what a pickle-accepting loader would take
+        torch.save(load_file(str(weights)), dest / "pytorch_model.bin")
+    weights.unlink()
+    return dest
+
+
+# --- weights: safetensors only ------------------------------------------------------------------
+
+@pytest.mark.parametrize("exploit", [False, True], ids=["plain-pickle", "exploit-pickle"])
+def test_backbone_weights_in_a_pickle_are_refused(backbone, tmp_path, exploit):
+    marker = tmp_path / "pwned"
+    folder = _pickled_copy(backbone, tmp_path / "pickled", marker if exploit else None)
+    for loader in (load_backbone, load_causal_lm):
+        with pytest.raises(UserError, match="could not load backbone"):
+            loader(folder)
+    assert not marker.exists()
+
+
+def test_reward_model_and_export_weights_in_a_pickle_are_refused(backbone, tmp_path):
+    from transformers import AutoModel, AutoTokenizer
+
+    from rmpipe.export import load_exported
+    from rmpipe.reward_model import BACKBONE_DIR, RewardModel
+
+    model = RewardModel.from_backbone(AutoModel.from_pretrained(backbone), seed=0)
+    saved = tmp_path / "rm"
+    model.save_pretrained(saved)
+    RewardModel.from_pretrained(saved)  # the safetensors folder loads
+    shutil.move(saved / BACKBONE_DIR, tmp_path / "orig")
+    _pickled_copy(tmp_path / "orig", saved / BACKBONE_DIR)
+    with pytest.raises(OSError, match="safetensors"):
+        RewardModel.from_pretrained(saved)
+
+    export = tmp_path / "export"
+    from transformers import AutoModelForSequenceClassification
+
+    hf = AutoModelForSequenceClassification.from_pretrained(backbone, num_labels=1)
+    hf.save_pretrained(tmp_path / "export-safe")
+    AutoTokenizer.from_pretrained(backbone).save_pretrained(tmp_path / "export-safe")
+    load_exported(tmp_path / "export-safe")
+    _pickled_copy(tmp_path / "export-safe", export)
+    with pytest.raises(OSError, match="safetensors"):
+        load_exported(export)
+
+
+def _calls(tree: ast.AST, name: str):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == name:
+            yield node
+
+
+def _keyword(call: ast.Call, name: str):
+    for kw in call.keywords:
+        if kw.arg == name:
+            return kw.value
+    return None
+
+
+def test_no_pickle_loads_and_every_model_load_asks_for_safetensors():
+    """Source check backing the tests above for loaders they do not reach (sampling, evaluate)."""
+    problems = []
+    for path in sorted(p for d in CODE_DIRS for p in (ROOT / d).rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        where = path.relative_to(ROOT)
+        for call in _calls(tree, "load"):
+            if isinstance(call.func.value, ast.Name) and call.func.value.id in ("torch", "pickle"):
+                only = _keyword(call, "weights_only")
+                if call.func.value.id == "pickle" or not (isinstance(only, ast.Constant) and only.value is True):
+                    problems.append(f"{where}:{call.lineno}: {call.func.value.id}.load without weights_only=True")
+        for call in _calls(tree, "from_pretrained"):
+            owner = ast.unparse(call.func.value)
+            loads_weights = "Model" in owner and "Config" not in owner and "Tokenizer" not in owner
+            safe = _keyword(call, "use_safetensors")
+            if loads_weights and owner != "RewardModel" and not (isinstance(safe, ast.Constant) and safe.value is True):
+                problems.append(f"{where}:{call.lineno}: {owner}.from_pretrained without use_safetensors=True")
+            remote = _keyword(call, "trust_remote_code")
+            if isinstance(remote, ast.Constant) and remote.value is True:
+                problems.append(f"{where}:{call.lineno}: trust_remote_code=True hard-coded")
+    assert problems == []
+
+
+# --- remote code: off unless params turn it on ----------------------------------------------------
+
+def test_remote_code_in_a_backbone_folder_runs_only_when_params_turn_it_on(backbone, tmp_path):
+    import json
+
+    marker = tmp_path / "remote-code-ran"
+    code = (f"open({str(marker)!r}, 'w').close()\n"
+            "from transformers import LlamaConfig, LlamaModel\n"
+            "class EvilConfig(LlamaConfig):\n    model_type = 'evil-custom'\n"
+            "class EvilModel(LlamaModel):\n    config_class = EvilConfig\n")
+    folders = {}
+    for model_type in ("llama", "evil-custom"):  # a known architecture, and one only the remote code defines
+        folder = folders[model_type] = tmp_path / model_type
+        shutil.copytree(backbone, folder)
+        config = json.loads((folder / "config.json").read_text())
+        config.update(model_type=model_type, auto_map={"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel"})
+        (folder / "config.json").write_text(json.dumps(config))
+        (folder / "evil.py").write_text(code)
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert params["model"]["trust_remote_code"] is False  # the shipped default
+    check_backbone(folders["llama"], params["model"]["trust_remote_code"])  # built-in class, auto_map ignored
+    load_backbone(folders["llama"])  # the default argument is off too
+    with pytest.raises(UserError):
+        check_backbone(folders["evil-custom"], False)
+    assert not marker.exists()
+    check_backbone(folders["evil-custom"], True)  # the param is the one switch that runs it
+    assert marker.exists()
+
+
+# --- servers listen on loopback only ------------------------------------------------------------
+
+def test_prefect_server_settings_bind_loopback_even_if_the_environment_says_otherwise(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PYTHONPATH=str(ROOT), PREFECT_SERVER_API_HOST="0.0.0.0")
+    code = ("import pipeline.flows, prefect.settings as s; from pipeline.prefect_env import server_env;"
+            "print(s.get_current_settings().server.api.host); print(server_env('h', 4300)['PREFECT_SERVER_API_HOST'])")
+    out = subprocess.run([PY, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.split() == ["127.0.0.1", "127.0.0.1"]
+
+
+LISTENERS = """
+import psutil
+from prefect import flow
+import pipeline.flows  # configures Prefect (ephemeral server, loopback)
+
+@flow
+def listeners():
+    procs = [psutil.Process()] + psutil.Process().children(recursive=True)
+    found = set()
+    for proc in procs:
+        for conn in proc.net_connections(kind="inet"):
+            if conn.status == psutil.CONN_LISTEN:
+                found.add(conn.laddr.ip)
+    return sorted(found)
+
+print("LISTEN", *listeners())
+"""
+
+
+@pytest.mark.slow
+def test_the_ephemeral_prefect_server_a_flow_starts_listens_on_loopback_only(tmp_path):
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "params.yaml").write_text("{}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PYTHONPATH=str(ROOT), RMPIPE_PROJECT=str(tmp_path))
+    out = subprocess.run([PY, "-c", LISTENERS], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = next(line for line in out.stdout.splitlines() if line.startswith("LISTEN"))
+    addresses = line.split()[1:]
+    assert addresses, "the flow ran without any server listening: nothing was checked"
+    assert set(addresses) <= {"127.0.0.1", "::1"}, addresses
+
+
+def test_training_rendezvous_port_is_probed_on_loopback():
+    import inspect
+
+    from rmpipe import train
+
+    source = inspect.getsource(train.free_port)
+    assert '"127.0.0.1"' in source and "0.0.0.0" not in source
+    assert 1024 <= train.free_port() <= 65535
+
+
+# --- no secret in outputs or logs ------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_no_environment_value_reaches_stage_outputs_lineage_or_logs(tmp_path):
+    """Run collect, then evaluate + export (the stage that writes lineage) with fake secrets in the environment."""
+    from test_evaluate import save_reward_model
+    from test_export import make_project
+
+    from rmpipe.sample_data import write_sample_batches
+
+    project = make_project(tmp_path / "project", save_reward_model(tmp_path / "src"))
+    write_sample_batches(project / "data/incoming", {"seed": 1, "n_pairs": 60, "n_batches": 1, "pair_rows": 5})
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RMPIPE_FAKE_SECRET": SECRET, "HF_TOKEN": SECRET + "-hf",
+           "AWS_SECRET_ACCESS_KEY": SECRET + "-aws", "DVC_REMOTE_PASSWORD": SECRET + "-dvc"}
+    logs = []
+    for stage in ("collect", "evaluate", "export"):
+        done = subprocess.run([PY, "-m", f"stages.{stage}"], cwd=project, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        logs.append(done.stdout + done.stderr)
+    assert (project / "models/export/lineage.json").exists() and "collect.json" in os.listdir(project / "reports")
+    assert all(SECRET not in log for log in logs)
+    leaked = [p.relative_to(project) for p in project.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    assert leaked == []
+    # nor the environment in general: the user's PATH is not recorded either
+    assert os.environ["PATH"] not in (project / "models/export/lineage.json").read_text()
