@@ -3,6 +3,8 @@ SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
+# dvc.yaml runs `python -m stages.<name>`: the venv's python must come first on PATH.
+export PATH := $(abspath $(BIN)):$(PATH)
 export DS_BUILD_OPS := 0
 export DS_ACCELERATOR := cpu
 export GX_ANALYTICS_ENABLED := false
