@@ -6,10 +6,15 @@
 - `rebuild()` runs the pipeline *through DVC* (`dvc repro`, or `dvc exp run -S`
   for parameter overrides), so dvc.lock records every input hash and DVC decides
   what is stale.
-- `on_new_batch(batch_path)` checks one delivered batch, registers it under
-  data/incoming/, rebuilds, reads the promotion gate and writes a run summary.
+- `on_new_batch(batch_path)` checks one delivered batch, queues it at once, then
+  (one run at a time) moves every queued batch into data/incoming/, rebuilds,
+  reads the promotion gate and writes a run summary.
 
 Only one rebuild touches a project at a time: `pipeline_lock` queues the others.
+Arrivals are registered in a queue folder while a rebuild runs, never straight into
+data/incoming/: a file appearing there while `dvc repro` runs could be hashed into
+dvc.lock without having been collected. A rebuild takes in everything queued so far,
+so the runs still waiting behind it find nothing stale (DVC no-ops).
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ from pipeline.prefect_env import find_project_root  # noqa: E402
 REJECTED_DIR = Path("data/rejected")  # rejected batches + their reasons; no stage reads it
 RUNS_DIR = Path("reports/runs")  # one JSON summary per on_new_batch run
 LOCK_FILE = Path(".dvc/tmp/rmpipe-pipeline.lock")
+QUEUE_DIR = Path(".dvc/tmp/rmpipe-queue")  # accepted batches waiting for the next rebuild
+QUEUE_LOCK_FILE = Path(".dvc/tmp/rmpipe-queue.lock")  # held for moments: duplicate check + queue/admit
 TRANSIENT_RETRIES = 2
 
 
@@ -92,18 +99,20 @@ def _retry_transient_only(task_, task_run, state) -> bool:
 
 # --- one run at a time ----------------------------------------------------------------------
 
-_held: dict[Path, int] = {}
+_held: dict[tuple[Path, int], int] = {}
 _held_guard = threading.Lock()
 
 
 @contextlib.contextmanager
-def pipeline_lock(root: Path) -> Iterator[None]:
-    """Exclusive, blocking, re-entrant (per process) lock on the project's pipeline.
+def pipeline_lock(root: Path, lock_file: Path = LOCK_FILE) -> Iterator[None]:
+    """Exclusive, blocking, re-entrant (per thread) lock on the project's pipeline.
 
     Waiting callers queue on the OS lock, so a second rebuild runs after the first
-    instead of being dropped or colliding on DVC's own lock.
+    instead of being dropped or colliding on DVC's own lock. Re-entrance is per thread
+    (on_new_batch -> rebuild); other threads of the process wait like other processes
+    (flock conflicts between separate opens of the file, even within one process).
     """
-    path = (root / LOCK_FILE).resolve()
+    path = ((root / lock_file).resolve(), threading.get_ident())
     with _held_guard:
         if path in _held:
             _held[path] += 1
@@ -117,8 +126,8 @@ def pipeline_lock(root: Path) -> Iterator[None]:
             with _held_guard:
                 _held[path] -= 1
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as fh:
+    path[0].parent.mkdir(parents=True, exist_ok=True)
+    with path[0].open("a") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -293,6 +302,24 @@ def register_batch(batch: Path, incoming: Path) -> Path:
     return dest
 
 
+def queue_lock(root: Path):
+    """Short lock around the duplicate check + queueing, and around admitting the queue."""
+    return pipeline_lock(root, QUEUE_LOCK_FILE)
+
+
+def admit_queued(root: Path, incoming: Path) -> list[str]:
+    """Move every queued batch into `incoming` (names in order); call only under `pipeline_lock`,
+    so no `dvc repro` is hashing `incoming` meanwhile."""
+    queue = root / QUEUE_DIR
+    with queue_lock(root):
+        names = sorted(p.name for p in queue.iterdir() if p.is_file() and not p.name.startswith(".")) \
+            if queue.is_dir() else []
+        incoming.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            os.replace(queue / name, incoming / name)  # same filesystem: atomic
+    return names
+
+
 def reject_batch(batch: Path, rejected_dir: Path, reasons: list[str]) -> Path:
     """Move a rejected batch out of the delivery folder, with its reasons beside it."""
     rejected_dir.mkdir(parents=True, exist_ok=True)
@@ -415,13 +442,18 @@ def on_new_batch(batch_path: str, project: str | None = None) -> dict[str, Any]:
                check=check["report"])
         raise BatchRejected(f"batch {batch.name} rejected ({check['message']})")
 
-    with pipeline_lock(root):
-        # A second delivery of the same batch may have registered while we waited.
-        if (hit := find_registered(batch, incoming, sha)) is not None:
+    with queue_lock(root):  # a second delivery of the same batch may have been queued meanwhile
+        if (hit := find_registered(batch, incoming, sha) or find_registered(batch, root / QUEUE_DIR, sha)) is not None:
             logger.info("batch %s: duplicate, nothing to do (%s)", batch.name, hit[1])
             return finish("duplicate", reasons=[hit[1]])
-        registered = register_batch(batch, incoming)
-        logger.info("registered %s as %s", batch.name, registered.relative_to(root))
+        register_batch(batch, root / QUEUE_DIR)
+    logger.info("queued %s for the next rebuild", batch.name)
+    registered = incoming / batch.name
+
+    with pipeline_lock(root):
+        admitted = admit_queued(root, incoming)  # this batch, unless a rebuild before ours took it in
+        logger.info("registered %s into %s (this rebuild takes in: %s)", batch.name, incoming.relative_to(root),
+                    ", ".join(admitted) or "nothing new")
         try:
             built = rebuild(project=str(root))
         except Exception as exc:
@@ -432,7 +464,7 @@ def on_new_batch(batch_path: str, project: str | None = None) -> dict[str, Any]:
         pushed = push_to_remote(root, return_state=True)
         push = {"remote": pushed.result()} if pushed.is_completed() else {"error": pushed.message}
         return finish("accepted", reasons=[], registered_path=str(registered.relative_to(root)),
-                      check=check["report"], rebuild=built, metrics=read_metrics(root), promotion=gate,
+                      admitted=admitted, check=check["report"], rebuild=built, metrics=read_metrics(root), promotion=gate,
                       export_path=gate.get("export_path"), dvc_push=push)
 
 
