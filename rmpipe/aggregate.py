@@ -64,7 +64,9 @@ VOTE_BUCKETS = (
 )
 
 _SMALL_COLUMNS = ["batch_id", "line", "pair_id", "annotator_id", "choice", "strength", "margin"]
-_TEXT_COLUMNS = ["prompt", "response_a", "response_b"]
+_TEXT_COLUMNS = ["prompt", "prompt_hash", "response_a", "response_b"]
+# Vote tables written before collect carried prompt_hash lack it: aggregate computes it then.
+_OPTIONAL_COLUMNS = ("prompt_hash",)
 
 # Every character Python's str.isspace() accepts (what `\s` means in schema.normalize_text),
 # spelled for RE2 so pyarrow can normalize millions of texts without a Python loop.
@@ -142,8 +144,9 @@ class Votes:
       batch_id / strength as categoricals (sorted categories), line, label (FIRST,
       SECOND, TIE, or MALFORMED / IDENTICAL), chose_a (position-A pick), margin, and
       the lengths of the normalized first/second texts (to spot a reused pair_id).
-    texts: one row per pair_id (arrow table): pair_id, prompt, first, second, the raw
-      texts of the pair's representative vote.
+    texts: one row per pair_id (arrow table): pair_id, prompt, prompt_hash, first, second,
+      the raw texts of the pair's representative vote (prompt_hash null where the vote
+      table did not carry it).
     """
 
     table: pd.DataFrame
@@ -158,7 +161,7 @@ def canonical_key(texts: pa.Array | pa.ChunkedArray) -> pa.Array:
 
 
 def _require_columns(columns: Iterable[str], where: str) -> None:
-    missing = [c for c in VOTE_COLUMNS if c not in set(columns)]
+    missing = [c for c in VOTE_COLUMNS if c not in set(columns) and c not in _OPTIONAL_COLUMNS]
     if missing:
         raise DataError(f"{where} lacks the vote columns {missing}: is it the output of the collect stage?")
 
@@ -184,7 +187,7 @@ def _orient(small: pd.DataFrame, text_batches: Iterable[pa.RecordBatch]) -> Vote
     reps = _representative_rows(small)
     a_first, readable, identical = np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool)
     len_a, len_b = np.zeros(n, np.int64), np.zeros(n, np.int64)
-    kept: dict[str, list[pa.Array]] = {"prompt": [], "first": [], "second": []}
+    kept: dict[str, list[pa.Array]] = {"prompt": [], "prompt_hash": [], "first": [], "second": []}
     start = 0
     for batch in text_batches:
         stop = start + batch.num_rows
@@ -201,6 +204,9 @@ def _orient(small: pd.DataFrame, text_batches: Iterable[pa.RecordBatch]) -> Vote
             rows, flag = batch.take(here), first_is_a.take(here)
             a_rep, b_rep = rows.column("response_a"), rows.column("response_b")
             kept["prompt"].append(rows.column("prompt").cast(pa.string()))
+            names = rows.schema.names
+            given = rows.column("prompt_hash").cast(pa.string()) if "prompt_hash" in names else None
+            kept["prompt_hash"].append(given if given is not None else pa.nulls(len(here), pa.string()))
             kept["first"].append(pc.if_else(flag, a_rep, b_rep).cast(pa.string()))
             kept["second"].append(pc.if_else(flag, b_rep, a_rep).cast(pa.string()))
         start = stop
@@ -243,7 +249,9 @@ def orient_votes(votes: pd.DataFrame) -> Votes:
     """Orient an in-memory vote table (columns schema.VOTE_COLUMNS)."""
     _require_columns(votes.columns, "the vote table")
     votes = votes.reset_index(drop=True)
-    texts = pa.table({c: pa.array(votes[c].to_numpy(dtype=object), pa.string()) for c in _TEXT_COLUMNS})
+    # from_pandas for prompt_hash only: a hand-built table may leave it NaN (computed later); a NaN text stays an error
+    texts = pa.table({c: pa.array(votes[c].to_numpy(dtype=object), pa.string(), from_pandas=c == "prompt_hash")
+                      for c in _TEXT_COLUMNS if c in votes.columns})
     return _orient(votes[_SMALL_COLUMNS], texts.to_batches())
 
 
@@ -259,7 +267,11 @@ def read_votes(path: str | Path, batch_rows: int = 32_768) -> Votes:
         raise DataError(f"{path} is not a readable parquet file ({exc}): re-run the collect stage") from None
     _require_columns(parquet.schema_arrow.names, str(path))
     small = parquet.read(columns=_SMALL_COLUMNS).to_pandas()
-    votes = _orient(small, parquet.iter_batches(batch_size=batch_rows, columns=_TEXT_COLUMNS))
+    text_columns = [c for c in _TEXT_COLUMNS if c in parquet.schema_arrow.names]
+    if "prompt_hash" not in text_columns:
+        log.warning("%s has no prompt_hash column (written by an older collect): computing it here; "
+                    "re-run the collect stage to skip this", path)
+    votes = _orient(small, parquet.iter_batches(batch_size=batch_rows, columns=text_columns))
     pa.default_memory_pool().release_unused()  # hand the decoded batches' memory back to the OS
     return votes
 
@@ -395,6 +407,8 @@ def _pair_margins(votes: pd.DataFrame, label: np.ndarray, settings: AggregateSet
 
 def _hash_prompts(prompts: pa.ChunkedArray | pa.Array, slice_rows: int = 10_000) -> pa.Array:
     """schema.prompt_hash once per distinct prompt (in slices: never all prompts as Python strings at once)."""
+    if len(prompts) == 0:
+        return pa.array([], pa.string())
     encoded = pc.dictionary_encode(prompts)
     if isinstance(encoded, pa.ChunkedArray):
         encoded = encoded.unify_dictionaries().combine_chunks()
@@ -403,6 +417,17 @@ def _hash_prompts(prompts: pa.ChunkedArray | pa.Array, slice_rows: int = 10_000)
         prompt_hash(p) for start in range(0, len(distinct), slice_rows) for p in distinct.slice(start, slice_rows).to_pylist()
     ]
     return pa.array(hashes, pa.string()).take(encoded.indices)
+
+
+def _prompt_hashes(prompts: pa.Array | pa.ChunkedArray, given: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """The prompt hashes collect carried; computed only where missing (an older or hand-built vote table)."""
+    if isinstance(given, pa.ChunkedArray):
+        given = given.combine_chunks()
+    missing = pc.is_null(given)
+    if not pc.any(missing).as_py():
+        return given
+    computed = _hash_prompts(pc.filter(prompts, missing))
+    return pc.replace_with_mask(given, missing, computed)
 
 
 def _pairs_table(used: pd.DataFrame, final: _Pass, keep: np.ndarray, src: Votes, settings: AggregateSettings) -> pd.DataFrame:
@@ -441,7 +466,7 @@ def _pairs_table(used: pd.DataFrame, final: _Pass, keep: np.ndarray, src: Votes,
             "agreement": n_label / np.maximum(n_votes, 1),
             "soft_label": soft_label.astype(float),
             "margin": margin.astype(float),
-            "prompt_hash": _hash_prompts(prompt),
+            "prompt_hash": _prompt_hashes(prompt, texts.column("prompt_hash").take(pa.array(rows))),
             "batch_ids": _batch_lists(used, codes, src.table["batch_id"].cat.categories),
         }
     )

@@ -364,8 +364,8 @@ class _Normalizer:
             extras = {k: rec[k] for k in extra_keys}
             meta = orjson.dumps(extras, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS, default=str).decode()
             meta = self._meta.setdefault(meta, meta)
-        return (pair_id or self._pair_id(prompt, a, b), prompt[0], a[0], b[0], annotator, choice, strength,
-                margin, meta)
+        return (pair_id or self._pair_id(prompt, a, b), prompt[0], prompt[1], a[0], b[0], annotator, choice,
+                strength, margin, meta)
 
 
 def _margin(value: Any) -> float | None | _Bad:
@@ -832,10 +832,8 @@ def raise_for_rejected(report: dict, cfg: Mapping[str, Any] | CollectConfig) -> 
 def write_votes(path: str | Path, votes: pd.DataFrame, rows_per_group: int = 100_000) -> None:
     """Write the vote table to parquet in slices, so a million long-text votes never sit in
     Arrow memory at once. Text columns are plain strings (parquet dictionary-encodes repeats)."""
-    arrow_schema = pa.schema(
-        [(name, pa.string()) for name in ("batch_id",)] + [("line", pa.int64())]
-        + [(name, pa.string()) for name in schema.VOTE_COLUMNS[2:9]] + [("margin", pa.float64()), ("meta", pa.string())]
-    )
+    types = {"line": pa.int64(), "margin": pa.float64()}  # every other column is text
+    arrow_schema = pa.schema([(name, types.get(name, pa.string())) for name in schema.VOTE_COLUMNS])
     with atomic_path(path) as tmp:
         with pq.ParquetWriter(tmp, arrow_schema, compression="zstd") as writer:
             for start in range(0, max(len(votes), 1), rows_per_group):

@@ -27,6 +27,7 @@ VOTE_COLUMNS = [
     "line",  # 1-based line / row number in that file
     "pair_id",
     "prompt",  # canonical chat JSON
+    "prompt_hash",  # prompt_hash(prompt), computed once per distinct prompt by collect
     "response_a",
     "response_b",
     "annotator_id",

@@ -31,7 +31,7 @@ from rmpipe.aggregate import (
 )
 from rmpipe.errors import ConfigError
 from rmpipe.params import load_params, section
-from rmpipe.schema import VOTE_COLUMNS, canonical_prompt, normalize_text, pair_id
+from rmpipe.schema import VOTE_COLUMNS, canonical_prompt, normalize_text, pair_id, prompt_hash
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -43,6 +43,7 @@ def vote(prompt, response_a, response_b, annotator, choice, strength=None, margi
         "line": 0,
         "pair_id": pair_id(prompt, response_a, response_b),
         "prompt": canonical_prompt(prompt),
+        "prompt_hash": prompt_hash(prompt),
         "response_a": response_a,
         "response_b": response_b,
         "annotator_id": annotator,
@@ -158,6 +159,18 @@ def test_reading_parquet_in_batches_matches_in_memory(tmp_path):
     assert len(streamed.pairs) == 40 and (streamed.pairs["chosen"].str.startswith("good")).all()
 
 
+def test_vote_table_without_prompt_hash_gets_it_computed(tmp_path):
+    """A votes.parquet from before collect carried prompt_hash, or a hand-built table missing some."""
+    rows = [for_response(f"  q{p}\n\n", f"good {p}", f"bad {p}", f"ann{k}") for p in range(5) for k in range(2)]
+    carried = aggregate(frame(rows), MAJORITY).pairs
+    old = tmp_path / "old-votes.parquet"
+    frame(rows).drop(columns="prompt_hash").to_parquet(old, index=False)
+    partly = frame(rows).assign(prompt_hash=lambda f: f["prompt_hash"].where(f.index % 3 != 0, None))
+    for pairs in (aggregate(read_votes(old), MAJORITY).pairs, aggregate(partly, MAJORITY).pairs):
+        pd.testing.assert_frame_equal(pairs, carried)
+    assert carried["prompt_hash"].tolist() == [prompt_hash(p) for p in carried["prompt"]]
+
+
 # ----------------------------------------------------------------------------- labels, ties, counts
 
 
@@ -260,7 +273,6 @@ def test_output_columns_types_and_prompt_hash():
     pairs = aggregate(frame(rows), MAJORITY).pairs
     assert list(pairs.columns) == OUTPUT_COLUMNS
     row = pairs.iloc[0]
-    from rmpipe.schema import prompt_hash
 
     assert row.prompt == canonical_prompt("What is 2+2?") and row.prompt_hash == prompt_hash("What is 2+2?")
     assert pairs["n_votes"].dtype == np.int64 and pairs["soft_label"].dtype == np.float64

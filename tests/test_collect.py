@@ -75,6 +75,7 @@ def test_sample_batches_collect_into_one_vote_table(tmp_path):
     assert votes["pair_id"].nunique() == 300 + 20
     assert set(votes["choice"]) == {"a", "b", "tie"}
     assert all(json.loads(p)[-1]["role"] == "user" for p in votes["prompt"].unique())
+    assert (votes["prompt_hash"] == votes["prompt"].map(schema.prompt_hash)).all()
     assert votes["meta"].str.contains("time_spent_s").mean() > 0.9
 
     pair_rows = votes[votes["batch_id"] == "batch-0003-pairs.parquet"]
