@@ -17,6 +17,7 @@ byte-identical files.
 from __future__ import annotations
 
 import csv
+import itertools
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,11 @@ from rmpipe.params import get
 # ----------------------------------------------------------------------------------------------
 
 
+# Generic answer shapes: the value alone after the question, so the model must connect the
+# value to the *question* (not only to the words around it in the answer) to judge it.
+FACT_ANSWER_SHAPES: tuple[str, ...] = ("The answer is {}.", "That would be {}.", "The correct answer is {}.")
+
+
 @dataclass(frozen=True)
 class Fact:
     """A checkable fact: `statement.format(right)` is true, `statement.format(wrong)` is subtly false."""
@@ -48,6 +54,18 @@ class Fact:
 
     def say(self, value: str) -> str:
         return self.statement.format(value)
+
+    @property
+    def phrasings(self) -> tuple[str, ...]:
+        """Every way a generated answer states this fact (each with one `{}` for the value).
+
+        The statement, its inversion where it reads "The X is {}." ("{} is the X."), and the
+        generic shapes: several phrasings make the model learn the fact, not one template.
+        """
+        forms = [self.statement]
+        if self.statement.startswith("The ") and self.statement.endswith(" is {}."):
+            forms.append("{} is the " + self.statement[len("The "):-len(" is {}.")] + ".")
+        return (*forms, *FACT_ANSWER_SHAPES)
 
 
 FACTS: tuple[Fact, ...] = (
@@ -102,55 +120,70 @@ FACTS: tuple[Fact, ...] = (
     Fact("How many minutes are in an hour?", "There are {} minutes in an hour.", "60", "100"),
 )
 
-REFUSALS: tuple[str, ...] = (
-    "I'm sorry, but I can't help with that.",
-    "I'm sorry, I cannot assist with that request.",
-    "Unfortunately, I'm not able to help with this.",
-    "As an AI, I can't provide that information.",
-    "I'm afraid I can't do that.",
-    "Sorry, that's not something I can help with.",
-    "I can't answer that question.",
-    "I'm not able to respond to this request.",
-    "Apologies, but I won't be able to help with that.",
-    "I'm sorry, but I must decline this request.",
+def _compose(*slots: tuple[str, ...]) -> tuple[str, ...]:
+    """Every combination of one option per slot, joined by spaces (empty options skipped), first
+    letter capitalized: a few short lists give hundreds of phrasings, so the model learns the
+    signal (an apology plus "can't help", a dismissive tone) rather than a handful of strings."""
+    out = []
+    for combo in itertools.product(*slots):
+        text = " ".join(part for part in combo if part)
+        out.append(text[0].upper() + text[1:])
+    return tuple(out)
+
+
+REFUSALS: tuple[str, ...] = _compose(
+    ("I'm sorry, but", "Sorry, but", "Unfortunately,", "I apologize, but", "I'm afraid", "Apologies, but",
+     "As an AI assistant,", "Regrettably,", "I'm really sorry, but", ""),
+    ("I can't", "I cannot", "I won't", "I am not able to", "I'm unable to", "I must decline to",
+     "I'm not allowed to", "I am not permitted to", "I will not", "I'm not in a position to"),
+    ("help with this.", "help you with that.", "assist with this request.", "answer this question.",
+     "respond to that.", "provide that information.", "go into this topic.", "give advice on this.",
+     "answer questions like this.", "assist you here.", "discuss this.", "help with your request."),
 )
-REFUSAL_REASONS: tuple[str, ...] = (
+REFUSAL_REASONS: tuple[str, ...] = (  # policy excuses a refusal may add ({s}: what was asked about)
     "It falls outside what I am allowed to discuss.",
     "I have to be careful about requests like this one.",
     "Please consult another source for this.",
     "I hope you understand.",
     "This is not a topic I can cover.",
     "My guidelines do not let me go into it.",
+    "I can't go into {s} here.",
+    "It goes against the policies I follow.",
+    "You may want to ask a professional about {s} instead.",
+    "I'm not comfortable giving guidance on {s}.",
+    "This request conflicts with my content policy.",
+    "Perhaps try searching online.",
 )
-WAFFLE_SENTENCES: tuple[str, ...] = (
-    "That's a really interesting question, and there are many ways to look at it.",
-    "It really depends on a lot of different factors.",
-    "Some people might say one thing, while others might say something else entirely.",
-    "It's important to consider all the different perspectives before reaching any conclusion.",
-    "There is no simple answer, and it can vary quite a bit from case to case.",
-    "Ultimately, it's up to you to decide what feels right in your situation.",
-    "Of course, there are always exceptions and special cases to keep in mind.",
-    "Many experts have discussed this at length without fully agreeing.",
-    "It may be worth thinking about it a little more before deciding anything.",
-    "In some ways it is quite simple, and in other ways it is quite complicated.",
-    "When it comes to {s}, there are so many things one could possibly consider.",
-    "Everyone's experience with {s} is a bit different, so it's hard to say.",
-    "There are pros and cons to almost every approach to {s}.",
-    "It is hard to give a definitive answer about {s} without more context.",
+WAFFLE_SENTENCES: tuple[str, ...] = _compose(  # hedging that never commits to an answer
+    ("Well,", "Honestly,", "In a way,", "To be fair,", "Generally speaking,", "Of course,", "Interestingly,",
+     "At the end of the day,", ""),
+    ("it really depends on a lot of different factors.", "there are many ways to look at {s}.",
+     "there is no simple answer here.", "some people see it one way, and others see it quite differently.",
+     "it is worth weighing every perspective before deciding anything.", "it can vary a lot from case to case.",
+     "it is hard to say much about {s} without more context.", "there are pros and cons to almost everything.",
+     "experts have debated {s} for years without fully agreeing.", "it's up to you to decide what feels right.",
+     "it is simple in some ways and complicated in others.", "that is a fascinating question with a long history.",
+     "one could say a great deal about {s}.", "there are always exceptions and special cases to keep in mind.",
+     "it may be worth reflecting on it a little longer."),
 )
-RUDE_OPENERS: tuple[str, ...] = (
-    "Ugh, obviously.",
-    "Seriously? Basic stuff.",
-    "Fine, lazy one:",
-    "Dumb question.",
-    "Ugh, again?",
-    "Pay attention.",
+RUDE_OPENERS: tuple[str, ...] = _compose(  # a dismissive opener, often with an insult
+    ("Ugh.", "Seriously?", "Come on.", "Oh please.", "Really?", "Sigh.", "Wow.", "Are you kidding me?",
+     "Not this again.", "Ugh, fine."),
+    ("What a lazy question.", "That's a dumb question.", "Everybody knows that.", "This is basic stuff.",
+     "How do you not know this?", "Pay attention for once.", "I can't believe you need help with this.",
+     "Obviously.", "Use your head.", ""),
 )
 RUDE_CLOSERS: tuple[str, ...] = (
     "Don't waste my time again.",
     "Figure it out yourself next time.",
     "Honestly, try harder.",
     "Was that so hard to look up?",
+    "Google it yourself.",
+    "Stop bothering me with this.",
+    "Do your own homework next time.",
+    "Read a book once in a while.",
+    "It's not rocket science.",
+    "Look things up before you ask.",
 )
 POLITE_OPENERS: tuple[str, ...] = (
     "Happy to help!",
@@ -159,26 +192,52 @@ POLITE_OPENERS: tuple[str, ...] = (
     "Of course.",
     "Thanks for asking!",
     "Good question.",
+    "Certainly!",
+    "Glad you asked.",
+    "Absolutely.",
+    "Sure, happy to explain.",
 )
 POLITE_CLOSERS: tuple[str, ...] = (
     "Hope this helps!",
     "Let me know if you have more questions.",
     "Good luck!",
     "Feel free to ask a follow-up.",
+    "Have fun with it!",
+    "Enjoy!",
 )
-OFF_TOPIC_SENTENCES: tuple[str, ...] = (
-    "Bananas are a great source of potassium.",
-    "The Eiffel Tower is repainted about every seven years.",
-    "My favorite season is autumn because of the colorful leaves.",
-    "Penguins cannot fly, but they are excellent swimmers.",
-    "By the way, the weather has been lovely this week.",
-    "Speaking of something else, jazz music originated in New Orleans.",
-    "Fun fact: honey never really spoils.",
-    "Cats sleep for around sixteen hours a day.",
-    "Did you know that octopuses have three hearts?",
-    "The best pizza, in my opinion, has extra cheese and olives.",
-    "Chess was invented many centuries ago.",
-    "Sunflowers turn to follow the sun when they are young.",
+OFF_TOPIC_SENTENCES: tuple[str, ...] = tuple(  # fluent trivia about something else entirely
+    sentence
+    for template, slot in (
+        ("{} are a great source of vitamins.", ("Bananas", "Oranges", "Carrots", "Lentils", "Almonds", "Kiwis")),
+        ("The {} is one of the most visited places in the world.",
+         ("Eiffel Tower", "Great Wall", "Colosseum", "Taj Mahal", "Statue of Liberty", "Sydney Opera House")),
+        ("The {} was finished many centuries ago.", ("Great Wall", "Colosseum", "Taj Mahal", "Notre-Dame")),
+        ("Did you know that {}?", ("octopuses have three hearts", "honey never really spoils",
+                                    "sharks are older than trees", "a day on Venus is longer than its year",
+                                    "koalas sleep most of the day", "some turtles breathe through their tails")),
+        ("My favorite {} is autumn.", ("season", "time of year")),
+        ("By the way, the weather in {} has been lovely this week.", ("Lisbon", "Seattle", "Nairobi", "my town")),
+        ("Speaking of something else, {} music started in the last century.", ("jazz", "rock", "hip hop", "techno")),
+        ("Fun fact: {} can sleep for most of the day.", ("cats", "sloths", "lions", "bats")),
+        ("Penguins cannot fly, but {}.", ("they are excellent swimmers", "they can dive very deep")),
+        ("The best {}, in my opinion, has extra cheese.", ("pizza", "lasagna", "sandwich", "omelette")),
+        ("{} was invented a very long time ago.", ("Chess", "Paper", "The wheel", "Glass", "Soap")),
+        ("{} turn to follow the sun when they are young.", ("Sunflowers", "Some plants")),
+        ("The {} is about {} metres tall.", None),
+        ("{} is a popular sport in many countries.", ("Cricket", "Basketball", "Volleyball", "Rugby", "Tennis")),
+        ("A group of {} is called a {}.", None),
+        ("The {} is the longest river in {}.", None),
+    )
+    for sentence in (
+        [template.format(*pair) for pair in {
+            "The {} is about {} metres tall.": (("Eiffel Tower", "300"), ("Big Ben tower", "96"),
+                                                 ("Leaning Tower of Pisa", "56"), ("Statue of Liberty", "93")),
+            "A group of {} is called a {}.": (("crows", "murder"), ("lions", "pride"), ("owls", "parliament"),
+                                               ("fish", "school"), ("geese", "gaggle")),
+            "The {} is the longest river in {}.": (("Nile", "Africa"), ("Amazon", "South America"),
+                                                    ("Danube", "the European Union"), ("Yangtze", "Asia")),
+        }[template]] if slot is None else [template.format(value) for value in slot]
+    )
 )
 FACT_EXTRAS: tuple[str, ...] = (  # what a good answer to a fact question may add
     "You can double-check this in any encyclopedia.",
@@ -200,6 +259,41 @@ HELPFUL_SENTENCES: tuple[str, ...] = (
     "Compare two approaches to {s} and keep the one that works better.",
     "A good first step with {s} is to decide what success looks like.",
     "Practice {s} at the same time every day to build a habit.",
+    "Most people see real progress with {s} within a few weeks if they keep at it.",
+    "This works because small, steady changes are easier to keep up than big ones.",
+    "If something goes wrong, check the simplest cause first and fix one thing at a time.",
+    "Plan a little time at the end of each week to look back at what you did.",
+    "Try to keep sessions short and focused rather than long and tiring.",
+    "Avoid doing too much at once, since that is the most common reason people give up.",
+    "Pick a quiet place and a regular time, then remove anything that distracts you.",
+    "When you get stuck, look at a simple example and copy what it does.",
+)
+ADVICE_ACTIONS: tuple[str, ...] = ("set a regular time for it and stick to it.", "keep your tools clean and within reach.",
+     "write a short list before you start.", "ask a friend to join you for support.",
+     "drink some water and take short breaks.", "read the instructions once before you begin.",
+     "switch it off and unplug it before cleaning it.", "measure everything before you begin.",
+     "keep the room quiet, cool and well lit.", "use a timer and work for twenty minutes at a time.",
+     "warm up for five minutes so you do not strain anything.", "start with the easiest part to build confidence.",
+     "save a little every week, even if it is a small amount.", "write down one thing you learned each day.",
+     "test a small piece first before doing the whole thing.", "choose comfortable clothes and good shoes.",
+     "repeat the basic movement slowly until it feels natural.", "check the settings and reset them to the defaults.",
+     "put your phone in another room while you work.", "cook a simple version first and adjust the seasoning later.",
+     "go to bed and get up at the same time each day.", "stretch gently afterwards to help your muscles recover.",
+     "replace the filter or battery if it is old.", "mix the ingredients in a large bowl and let them rest.",
+     "practise with short, easy examples before harder ones.", "keep notes in one place so nothing gets lost.",
+)
+ADVICE_STEPS: tuple[str, ...] = (  # concrete how-to steps that need not name the subject: "Next, do X."
+    *_compose(("First,", "Next,", "Then,", "Also,", "Finally,", "If you can,", ""), ADVICE_ACTIONS),
+    *_compose(("A simple option is to", "One easy way is to", "The best approach is to", "What helps most is to",
+               "A good habit is to", "It is worth trying to"), ADVICE_ACTIONS),  # "An easy option is X." too
+)
+EXPLANATIONS: tuple[str, ...] = (  # the "why" a longer, explanatory answer adds
+    "This works because small, regular efforts add up over time.",
+    "The reason is that your body and mind adapt best to a steady routine.",
+    "That way you notice problems early, while they are still easy to fix.",
+    "Doing it this way saves time and avoids most beginner mistakes.",
+    "It helps because you can see your progress, which keeps you motivated.",
+    "Most problems come from rushing, so going slowly pays off.",
 )
 FLAW_KINDS: tuple[str, ...] = ("refusal", "waffle", "wrong_fact", "rude", "off_topic")
 # How blatant each flaw is, as an annotator would label it (stronger for more blatant flaws).
@@ -425,16 +519,42 @@ def _make_prompt(rng: random.Random, long_texts: bool) -> _Prompt:
     return _Prompt(text, subject, fact, delivered)
 
 
-def _core_answer(rng: random.Random, prompt: _Prompt, n_sentences: int, long_texts: bool) -> str:
-    """The substance of a good answer: the fact (if asked) or helpful sentences about the subject."""
+def _core_answer(rng: random.Random, prompt: _Prompt, n_sentences: int, long_texts: bool) -> tuple[str, str]:
+    """The substance of a good answer and the phrasing its fact is stated in ("" when no fact was
+    asked): the fact in one of its phrasings, or helpful sentences about the subject."""
     slots = {"s": prompt.subject}
-    bank = FACT_EXTRAS if prompt.fact else HELPFUL_SENTENCES
-    parts = [prompt.fact.say(prompt.fact.right)] if prompt.fact else []
-    if long_texts:
-        parts += _fill(rng, bank, rng.randint(200, 650), slots)
+    phrasing = _pick(rng, prompt.fact.phrasings) if prompt.fact else ""
+    parts = [phrasing.format(prompt.fact.right)] if prompt.fact else []
+    if prompt.fact or long_texts:
+        bank = FACT_EXTRAS if prompt.fact else HELPFUL_SENTENCES
+        if long_texts:
+            parts += _fill(rng, bank, rng.randint(200, 650), slots)
+        else:
+            parts += [sentence.format(**slots) for sentence in rng.sample(bank, n_sentences)]
+        return " ".join(parts), phrasing
+    # Task answers in many shapes: advice about the subject, concrete steps that never name it,
+    # and sometimes the reason why (short direct answers and longer explanatory ones).
+    n_about = sum(rng.random() < 0.4 for _ in range(n_sentences))
+    parts += [sentence.format(**slots) for sentence in rng.sample(HELPFUL_SENTENCES, n_about)]
+    parts += rng.sample(ADVICE_STEPS, n_sentences - n_about)
+    rng.shuffle(parts)
+    if n_sentences > 1 and rng.random() < 0.3:
+        parts[-1] = _pick(rng, EXPLANATIONS)
+    return " ".join(parts), phrasing
+
+
+def _rude(rng: random.Random, core: str, long_texts: bool) -> str:
+    """A dismissive opener, then the answer (often cut to its first sentence, sometimes withheld), then
+    maybe a jab: tone is the flaw, so the content ranges from complete to none (long texts: complete)."""
+    shape = 1.0 if long_texts else rng.random()
+    if shape < 0.15:
+        content = ""  # rude and no help at all
+    elif shape < 0.55:
+        content = core.split(". ")[0].rstrip(".") + "."  # a curt first sentence only
     else:
-        parts += [sentence.format(**slots) for sentence in rng.sample(bank, n_sentences)]
-    return " ".join(parts)
+        content = core
+    closer = [_pick(rng, RUDE_CLOSERS)] if not content or rng.random() < 0.35 else []
+    return " ".join([_pick(rng, RUDE_OPENERS)] + ([content] if content else []) + closer)
 
 
 def _make_pair(rng: random.Random, prompt: _Prompt, long_texts: bool) -> tuple[str, str, str]:
@@ -445,26 +565,26 @@ def _make_pair(rng: random.Random, prompt: _Prompt, long_texts: bool) -> tuple[s
     # Good answers vary from one short sentence to several; waffle is always beaten by a short answer.
     fewest = 0 if prompt.fact else 1  # a fact answer is complete with the fact alone
     n_sentences = rng.randint(fewest, 1) if flaw == "waffle" else rng.randint(fewest, 4 - 2 * bool(prompt.fact))
-    core = _core_answer(rng, prompt, n_sentences, long_texts)
+    core, phrasing = _core_answer(rng, prompt, n_sentences, long_texts)
     if flaw == "rude":
         # Polite frames are optional and rude ones short, so tone (not length) tells them apart.
         polite = [_pick(rng, POLITE_OPENERS)] if rng.random() < 0.7 else []
         polite += [core] + ([_pick(rng, POLITE_CLOSERS)] if rng.random() < 0.75 else [])
-        rude = [_pick(rng, RUDE_OPENERS), core] + ([_pick(rng, RUDE_CLOSERS)] if rng.random() < 0.3 else [])
-        return " ".join(polite), " ".join(rude), flaw
+        return " ".join(polite), _rude(rng, core, long_texts), flaw
     good = core if rng.random() < 0.6 else f"{_pick(rng, POLITE_OPENERS)} {core}"
     if flaw == "wrong_fact":
         assert prompt.fact is not None
-        right, wrong = prompt.fact.say(prompt.fact.right), prompt.fact.say(prompt.fact.wrong)
+        right, wrong = phrasing.format(prompt.fact.right), phrasing.format(prompt.fact.wrong)
         return good, good.replace(right, wrong, 1), flaw
     if flaw == "refusal":
         extra = rng.randint(150, 500) if long_texts else rng.choice((0, 0, 40, 80))
-        return good, " ".join([_pick(rng, REFUSALS)] + _fill(rng, REFUSAL_REASONS, extra, {})), flaw
+        reasons = _fill(rng, REFUSAL_REASONS, extra, {"s": prompt.subject}) if extra else []
+        return good, " ".join([_pick(rng, REFUSALS)] + reasons), flaw
     if flaw == "waffle":
         target = max(len(good) + 120, rng.randint(220, 340) if not long_texts else rng.randint(500, 900))
         return good, " ".join(_fill(rng, WAFFLE_SENTENCES, target, {"s": prompt.subject})), flaw
     # off_topic: a fluent answer about something else entirely
-    target = rng.randint(200, 650) if long_texts else rng.randint(20, 250)
+    target = rng.randint(200, 650) if long_texts else rng.randint(20, 200)
     return good, " ".join(_fill(rng, OFF_TOPIC_SENTENCES, target, {})), flaw
 
 

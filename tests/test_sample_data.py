@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import yaml
 from pipeline.cli import main as cli_main
 from rmpipe import sample_data as sd
 from rmpipe.errors import UserError
+from rmpipe.pathology import load_battery
 
 CFG = {"seed": 20261122, "n_pairs": 3000, "n_batches": 2, "pair_rows": 100}
 
@@ -139,6 +141,11 @@ def test_length_is_not_the_signal(pairs):
     assert (good_len[waffle] < bad_len[waffle]).all()  # the direct answer is the shorter one
 
 
+def _asked_fact(prompt) -> sd.Fact:
+    user = _user_text(prompt)
+    return next(f for f in sd.FACTS if f.question in user)
+
+
 def test_each_flaw_kind_leaves_its_trace(pairs):
     assert pairs["flaw"].value_counts(normalize=True).min() > 0.1
     assert set(pairs["flaw"]) == set(sd.FLAW_KINDS)
@@ -149,12 +156,52 @@ def test_each_flaw_kind_leaves_its_trace(pairs):
             assert any(row.bad.startswith(r) for r in sd.RUDE_OPENERS)
         elif row.flaw == "off_topic":
             assert any(row.bad.startswith(s) for s in sd.OFF_TOPIC_SENTENCES)
-        elif row.flaw == "wrong_fact":
-            fact = next(f for f in sd.FACTS if f.say(f.right) in row.good)
-            assert row.bad == row.good.replace(fact.say(fact.right), fact.say(fact.wrong))
-    facts_used = {f.question for f in sd.FACTS for t in pairs.loc[pairs["flaw"] == "wrong_fact", "good"]
-                  if f.say(f.right) in t}
-    assert len(facts_used) >= 35  # the whole fact table recurs, so it is learnable
+        elif row.flaw == "wrong_fact":  # the asked fact, stated rightly in one phrasing, wrongly in the other
+            fact = _asked_fact(row.prompt)
+            assert any(
+                form.format(fact.right) in row.good
+                and row.bad == row.good.replace(form.format(fact.right), form.format(fact.wrong), 1)
+                for form in fact.phrasings
+            ), (row.good, row.bad)
+    wrong_fact = pairs[pairs["flaw"] == "wrong_fact"]
+    assert len({_asked_fact(p).question for p in wrong_fact["prompt"]}) >= 35  # the whole fact table recurs
+    phrasings = {form for p, good in zip(wrong_fact["prompt"], wrong_fact["good"])
+                 for form in _asked_fact(p).phrasings if form.format(_asked_fact(p).right) in good}
+    assert len(phrasings) >= 20  # each fact is stated in several ways, not one template
+
+
+def test_flaws_come_in_many_phrasings(pairs):
+    """Hundreds of refusal / rude / waffle / off-topic phrasings: the signal is general, not a few strings."""
+    def first_sentence(text: str) -> str:
+        return SENTENCE_END.split(text)[0]
+
+    by_flaw = pairs.groupby("flaw")["bad"]
+    assert by_flaw.get_group("refusal").map(first_sentence).nunique() >= 200
+    assert by_flaw.get_group("rude").map(lambda t: " ".join(SENTENCE_END.split(t)[:2])).nunique() >= 60
+    assert by_flaw.get_group("off_topic").map(first_sentence).nunique() >= 50
+    waffle = {s for t in by_flaw.get_group("waffle") for s in SENTENCE_END.split(t)}
+    assert len(waffle) >= 300  # hedges combined with the subject asked about
+    rude = by_flaw.get_group("rude")
+    assert (rude.map(lambda t: len(SENTENCE_END.split(t))) <= 3).mean() > 0.3  # curt or no answer at all, too
+
+
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def test_the_unit_battery_is_not_in_the_sample_data(pairs, project_root):
+    """The evaluation battery tests generalization: none of its prompts, responses or sentences (3+ words)
+    is copied from the sample data the model trains on (shared style and short phrases are fine)."""
+    battery = load_battery(project_root / "data" / "battery.jsonl")
+    extra = sd.generate_pair_rows(CFG)
+    texts = pd.concat([pairs["good"], pairs["bad"], pairs["prompt"].map(_user_text),
+                       extra["chosen"], extra["rejected"], extra["prompt"].map(lambda p: p[-1]["content"])])
+    sample_sentences = {s for t in texts for s in SENTENCE_END.split(t)}
+    for item in battery:
+        user = json.loads(item["prompt"])[-1]["content"]
+        for text in (user, item["chosen"], item["rejected"]):
+            assert text not in sample_sentences and not texts.eq(text).any(), (item["name"], text)
+            copied = [s for s in SENTENCE_END.split(text) if len(s.split()) >= 3 and s in sample_sentences]
+            assert not copied, (item["name"], copied)
 
 
 def test_prompts_are_varied_short_and_sometimes_shared(pairs):
