@@ -139,6 +139,15 @@ def test_canonical_key_is_schema_normalize_text(text):
     assert canonical_key(pa.array([text])).to_pylist() == [normalize_text(text)]
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.none() | st.text(alphabet=st.sampled_from(list(" \t\nab\u00a0\ufb01\x7f")), max_size=8), max_size=8))
+def test_canonical_key_on_a_column_of_normal_and_other_texts(texts):
+    """Already-normal texts skip NFKC and the regex; the rest are normalized and put back in place."""
+    expected = [None if t is None else normalize_text(t) for t in texts]
+    assert canonical_key(pa.array(texts, pa.string())).to_pylist() == expected
+    assert canonical_key(pa.chunked_array([texts[:3], texts[3:]], pa.string())).to_pylist() == expected
+
+
 def test_whitespace_list_is_what_python_calls_whitespace():
     assert set(PY_WHITESPACE) == {chr(c) for c in range(0x110000) if chr(c).isspace()}
 
