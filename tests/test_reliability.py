@@ -466,3 +466,176 @@ def test_twenty_batches_arriving_during_a_rebuild_are_each_processed_once_serial
     print(f"load: burst {burst_s:.2f}s, {len(stage_runs)} stage runs, {len(no_ops)} no-op rebuilds, "
           f"peak RSS growth {growth_mb:.0f} MB (this process), peak tree RSS {peak['tree'] / 2**20:.0f} MB")
     assert growth_mb < 400 and peak["tree"] < 3 * 2**30
+
+
+# ------------------------------------------------------------------------------- processes killed mid-stage
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{Path(PY).parent}{os.pathsep}{os.environ['PATH']}"}
+
+
+def _stage(name: str, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([PY, "-m", f"stages.{name}"], cwd=cwd, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen) -> float:
+    started = time.monotonic()
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    return time.monotonic() - started
+
+
+def _kill_after(proc: subprocess.Popen, delay_s: float) -> bool:
+    """SIGKILL the stage's whole process group after `delay_s`; True if it was still running (a real kill)."""
+    try:
+        proc.wait(timeout=delay_s)
+        return False
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return True
+
+
+def _snapshot(path: Path) -> dict[str, bytes] | None:
+    if not path.exists():
+        return None
+    if path.is_file():
+        return {"": path.read_bytes()}
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def _set_param(project: Path, dotted: str, value) -> None:
+    import yaml
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    node = params
+    *parents, last = dotted.split(".")
+    for key in parents:
+        node = node[key]
+    node[last] = value
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.mark.slow
+def test_train_killed_with_sigkill_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
+    import torch
+    from test_train import TINY, make_pairs, make_project
+
+    from rmpipe.backbones import build_tiny_backbone
+    from rmpipe.reward_model import RewardModel
+
+    texts = pd.concat([make_pairs(64, 0).chosen, make_pairs(64, 0).rejected]).tolist()
+    backbone = build_tiny_backbone(texts, {"max_length": 64, "tiny": TINY}, tmp_path / "backbone")
+    train = {"epochs": 3, "checkpoint_every": 3}
+    straight = make_project(tmp_path / "straight", backbone, n_train=96, **train)
+    killed = make_project(tmp_path / "killed", backbone, n_train=96, **train)
+
+    proc = _stage("train", killed)
+    deadline = time.monotonic() + 240
+    while not (killed / "checkpoints/train/latest").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "training ended before its first checkpoint"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "models/reward_model").exists()  # killed before the end: no model published
+    _finish(_stage("train", killed))
+    _finish(_stage("train", straight))
+
+    record = json.loads((killed / "models/reward_model/training.json").read_text())
+    assert record["resumed_from_step"] and record["resumed_from_step"] < record["steps"]
+    a = RewardModel.from_pretrained(straight / "models/reward_model").state_dict()
+    b = RewardModel.from_pretrained(killed / "models/reward_model").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_aggregate_and_split_killed_at_any_point_never_publish_a_partial_output(tmp_path):
+    import yaml
+
+    from rmpipe.sample_data import write_sample_batches
+
+    project = tmp_path / "project"
+    (project / "data/collected").mkdir(parents=True)
+    (project / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    write_sample_batches(project / "incoming", {**params["sample_data"], "n_pairs": 400, "pair_rows": 0})
+    votes, _, _ = collect.collect_dir(project / "incoming", _cfg(project / "incoming"))
+    collect.write_votes(project / "data/collected/votes.parquet", votes)
+    rng = random.Random(7)
+    for stage, output, param, new_value in (
+        ("aggregate", "data/aggregated/pairs.parquet", "aggregate.min_votes", 4),
+        ("split", "data/split", "split.salt", "another-salt"),
+    ):
+        took = _finish(_stage(stage, project))
+        before = _snapshot(project / output)
+        _set_param(project, param, new_value)  # the next complete run writes something else
+        seen, kills = [], 0
+        for fraction in (0.3, 0.6, 0.9, rng.uniform(0.2, 1.0)):
+            kills += _kill_after(_stage(stage, project), took * fraction)
+            seen.append(_snapshot(project / output))
+        _finish(_stage(stage, project))
+        after = _snapshot(project / output)
+        assert after != before and kills >= 2, (stage, kills)
+        assert all(state in (before, after) for state in seen), f"{stage}: a killed run left a partial {output}"
+        pd.read_parquet(project / output)  # and what is there reads whole
+
+
+@pytest.mark.slow
+def test_export_killed_at_any_point_leaves_an_export_that_still_verifies(tmp_path):
+    from test_evaluate import save_reward_model
+    from test_export import make_project
+
+    from rmpipe.lineage import verify_export
+
+    project = make_project(tmp_path / "project", save_reward_model(tmp_path / "src"))
+    _finish(_stage("evaluate", project))
+    took = _finish(_stage("export", project))
+    before = _snapshot(project / "models/export")
+    kills = 0
+    for fraction in (0.25, 0.5, 0.75, random.Random(3).uniform(0.3, 0.95)):
+        kills += _kill_after(_stage("export", project), took * fraction)
+        assert verify_export(project / "models/export") == []
+        assert _snapshot(project / "models/export").keys() == before.keys()
+    assert kills >= 2
+    done = subprocess.run([PY, "-m", "pipeline.cli", "verify", "models/export"], cwd=project, env=_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+# ------------------------------------------------------------------------------- a failed stage and dvc.lock
+
+
+@pytest.mark.slow
+def test_a_failed_stage_leaves_dvc_lock_consistent_and_the_next_repro_reruns_it_and_downstream_only(tmp_path):
+    import re
+
+    from test_service import fast_project
+
+    from rmpipe.sample_data import write_sample_batches
+
+    project = fast_project(tmp_path / "project")
+    write_sample_batches(project / "data/incoming", {"seed": 5, "n_pairs": 200, "n_batches": 1, "pair_rows": 0})
+
+    def repro() -> tuple[int, list[str], str]:
+        done = subprocess.run([PY, "-m", "dvc", "repro", "validate"], cwd=project, env=_env(), capture_output=True,
+                              text=True, timeout=400)
+        return done.returncode, re.findall(r"Running stage '([^']+)'", done.stdout), done.stdout + done.stderr
+
+    code, ran, out = repro()
+    assert code == 0 and ran == ["collect", "aggregate", "split", "validate"], out
+    lock = (project / "dvc.lock").read_bytes()
+
+    _set_param(project, "split.fractions", {"train": 0.8, "val": 0.3, "test": 0.1})  # sums to 1.2: split fails
+    code, ran, out = repro()
+    assert code != 0 and ran == ["split"] and "fractions" in out and "Traceback" not in out
+    assert (project / "dvc.lock").read_bytes() == lock  # nothing recorded for the failed run
+    status = subprocess.run([PY, "-m", "dvc", "status", "--json"], cwd=project, env=_env(), capture_output=True,
+                            text=True, timeout=120)
+    assert set(json.loads(status.stdout)) >= {"split"} and "collect" not in json.loads(status.stdout)
+
+    _set_param(project, "split.fractions", {"train": 0.7, "val": 0.2, "test": 0.1})
+    code, ran, out = repro()
+    assert code == 0 and ran == ["split", "validate"], out
