@@ -639,3 +639,30 @@ def test_a_failed_stage_leaves_dvc_lock_consistent_and_the_next_repro_reruns_it_
     _set_param(project, "split.fractions", {"train": 0.7, "val": 0.2, "test": 0.1})
     code, ran, out = repro()
     assert code == 0 and ran == ["split", "validate"], out
+
+
+def test_a_non_finite_batch_is_skipped_with_a_warning_and_too_many_abort(tmp_path, caplog):
+    """Extends test_train's skip/abort test with the warning a person sees, naming the step and the limit."""
+    import logging
+
+    from test_train import TINY, make_pairs, make_project, paths_in
+
+    from rmpipe.backbones import build_tiny_backbone
+    from stages.train import run
+
+    texts = pd.concat([make_pairs(64, 0).chosen, make_pairs(64, 0).rejected]).tolist()
+    backbone = build_tiny_backbone(texts, {"max_length": 64, "tiny": TINY}, tmp_path / "backbone")
+    project = make_project(tmp_path / "p", backbone, use_margin=True, max_nonfinite_steps=1, epochs=1)
+    frame = pd.read_parquet(project / "data/split/train.parquet")
+    frame.loc[0, "margin"] = float("inf")  # an injected bad batch
+    frame.to_parquet(project / "data/split/train.parquet")
+    with caplog.at_level(logging.WARNING, logger="rmpipe"):
+        run(str(project / "params.yaml"), paths_in(project))
+    warnings = [r.getMessage() for r in caplog.records if "non-finite loss" in r.getMessage()]
+    assert len(warnings) == 1 and "step skipped (1 of at most 1)" in warnings[0]
+    assert json.loads((project / "metrics/train.json").read_text())["skipped_steps"] == 1
+
+    frame["margin"] = float("nan")  # every batch bad: more than train.max_nonfinite_steps allows
+    frame.to_parquet(project / "data/split/train.parquet")
+    with pytest.raises(DataError, match="train.max_nonfinite_steps = 1"):
+        run(str(project / "params.yaml"), paths_in(project))
