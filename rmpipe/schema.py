@@ -59,19 +59,25 @@ PAIR_COLUMNS = [
 SPLITS = ("train", "val", "test")
 
 _ASCII_SPACE_NOT_SPACE = bytes([9, 10, 11, 12, 13, 28, 29, 30, 31])  # what str.isspace() adds to " "
+_ASCII_SPACE_TO_SPACE = bytes.maketrans(_ASCII_SPACE_NOT_SPACE, b" " * len(_ASCII_SPACE_NOT_SPACE))
 
 
 def normalize_text(text: str) -> str:
     """NFKC, whitespace runs collapsed to one space, ends stripped.
 
     Runs on every distinct text of a batch (hundreds of thousands per run), hence the fast paths:
-    clean ASCII is returned as is, and split()/join is the regex `\\s+` -> " " plus strip.
+    NFKC keeps ASCII, so ASCII text only has its whitespace collapsed, with byte operations
+    (several times faster than split()/join on texts with newlines) and clean ASCII is returned
+    as is. Other text: split()/join is the regex `\\s+` -> " " plus strip.
     """
-    if text.isascii():  # NFKC keeps ASCII; single inner spaces and no other whitespace: already normal
+    if text.isascii():
         raw = text.encode("ascii")
-        if (b"  " not in raw and raw[:1] != b" " and raw[-1:] != b" "
-                and len(raw.translate(None, _ASCII_SPACE_NOT_SPACE)) == len(raw)):
-            return text
+        spaced = raw.translate(_ASCII_SPACE_TO_SPACE)  # every whitespace character -> " "
+        if spaced == raw and b"  " not in raw and raw[:1] != b" " and raw[-1:] != b" ":
+            return text  # already normal: share the object
+        while b"  " in spaced:  # each pass halves every run of spaces
+            spaced = spaced.replace(b"  ", b" ")
+        return spaced.strip(b" ").decode("ascii")
     return " ".join(unicodedata.normalize("NFKC", text).split())
 
 
