@@ -97,7 +97,7 @@ FACTS: tuple[Fact, ...] = (
     Fact("What is the chemical symbol for sodium?", "The chemical symbol for sodium is {}.", "Na", "So"),
     Fact("What is the atomic number of oxygen?", "The atomic number of oxygen is {}.", "8", "6"),
     Fact("How many bones are in the adult human body?",
-         "An adult human body has {} bones.", "206", "212"),
+         "An adult human body has {} bones.", "206", "208"),
     Fact("How many chambers does the human heart have?", "The human heart has {} chambers.", "four", "three"),
     Fact("How many legs does a spider have?", "A spider has {} legs.", "eight", "six"),
     Fact("How many sides does a hexagon have?", "A hexagon has {} sides.", "six", "eight"),
@@ -227,6 +227,10 @@ OFF_TOPIC_SENTENCES: tuple[str, ...] = tuple(  # fluent trivia about something e
         ("{} is a popular sport in many countries.", ("Cricket", "Basketball", "Volleyball", "Rugby", "Tennis")),
         ("A group of {} is called a {}.", None),
         ("The {} is the longest river in {}.", None),
+        ("The first {} was built in {}.", None),
+        ("A {} can run at up to {} kilometres per hour.", None),
+        ("{} has a population of about {} million people.", None),
+        ("The {} weighs about {} kilograms.", None),
     )
     for sentence in (
         [template.format(*pair) for pair in {
@@ -236,6 +240,14 @@ OFF_TOPIC_SENTENCES: tuple[str, ...] = tuple(  # fluent trivia about something e
                                                ("fish", "school"), ("geese", "gaggle")),
             "The {} is the longest river in {}.": (("Nile", "Africa"), ("Amazon", "South America"),
                                                     ("Danube", "the European Union"), ("Yangtze", "Asia")),
+            "The first {} was built in {}.": (("steam train", "1804"), ("bicycle", "1817"), ("skyscraper", "1885"),
+                                              ("submarine", "1620"), ("telescope", "1608"), ("car", "1886")),
+            "A {} can run at up to {} kilometres per hour.": (("cheetah", "110"), ("horse", "88"), ("ostrich", "70"),
+                                                              ("kangaroo", "71"), ("rabbit", "60")),
+            "{} has a population of about {} million people.": (("Peru", "34"), ("Ghana", "33"), ("Sweden", "10"),
+                                                                 ("Vietnam", "98"), ("Chile", "19")),
+            "The {} weighs about {} kilograms.": (("blue whale", "150000"), ("polar bear", "450"),
+                                                  ("giraffe", "800"), ("grand piano", "400")),
         }[template]] if slot is None else [template.format(value) for value in slot]
     )
 )
@@ -560,7 +572,7 @@ def _rude(rng: random.Random, core: str, long_texts: bool) -> str:
 def _make_pair(rng: random.Random, prompt: _Prompt, long_texts: bool) -> tuple[str, str, str]:
     """(good, flawed, flaw kind) for one prompt."""
     kinds = FLAW_KINDS if prompt.fact else tuple(k for k in FLAW_KINDS if k != "wrong_fact")
-    weights = [3.0 if k == "wrong_fact" else 1.0 for k in kinds]  # fact prompts mostly test the fact
+    weights = [4.0 if k == "wrong_fact" else 1.0 for k in kinds]  # fact prompts mostly test the fact
     flaw = rng.choices(kinds, weights)[0]
     # Good answers vary from one short sentence to several; waffle is always beaten by a short answer.
     fewest = 0 if prompt.fact else 1  # a fact answer is complete with the fact alone
