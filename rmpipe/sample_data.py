@@ -3,8 +3,10 @@
 Every comparison is a good response (the ground truth) against one with a single,
 clear flaw of a known kind: a refusal, waffle that never answers, a wrong fact, a
 rude tone, or an off-topic answer. Each flaw leaves a lexical or stylistic trace a
-tiny transformer can learn in minutes, and the vocabulary below is module-level
-data so the evaluation "unit battery" can build trivial pairs from the same words.
+tiny transformer can learn in minutes. Phrasings are composed from slots (hundreds of
+refusals, rude openers, hedges; trivia on many subjects; each fact stated several ways)
+so the model learns the general signal: the evaluation "unit battery" shares their
+style but none of their sentences (tests/test_sample_data.py checks that).
 
 Crowd realism: ~12 annotators judge each pair (3-5 each) with the A/B order drawn
 per vote; most are good, one is careless (near-random), one always answers "a",
