@@ -172,11 +172,16 @@ def hash_folder(folder: Path) -> str:
     return digest.hexdigest()
 
 
+# A checkpoint made by other training code (a fixed loss, a new batching rule) must not be resumed.
+TRAINING_CODE = ("train.py", "batching.py", "reward_model.py", "render.py", "ds_config.py")
+
+
 def fingerprint(model_cfg: dict, train_cfg: dict, train_split: Path, backbone_dir: Path | str, world_size: int) -> str:
     relevant = {k: v for k, v in train_cfg.items() if k not in NOT_FINGERPRINTED}
     backbone = hash_folder(Path(backbone_dir)) if Path(backbone_dir).is_dir() else str(backbone_dir)
+    code = {name: hash_file(Path(__file__).with_name(name)) for name in TRAINING_CODE}
     blob = json.dumps({"model": model_cfg, "train": relevant, "train_split": hash_file(train_split),
-                       "backbone": backbone, "world_size": world_size}, sort_keys=True, default=str)
+                       "backbone": backbone, "world_size": world_size, "code": code}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
