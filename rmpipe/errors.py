@@ -50,5 +50,8 @@ def exits_cleanly(main: F) -> F:
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             sys.exit(130)
+        except BrokenPipeError:  # `rmpipe lineage ... | head`: the reader left; nothing to report
+            sys.stderr.close()
+            sys.exit(0)
 
     return wrapper  # type: ignore[return-value]
