@@ -119,7 +119,8 @@ _line_damage = st.sampled_from(["none", "truncate", "bad_utf8", "nul", "not_obje
 def _jsonl_bytes(records: list[dict], damage: list[str], cut: int) -> bytes:
     lines = []
     for rec, how in zip(records, damage):
-        raw = orjson.dumps(rec, option=orjson.OPT_NON_STR_KEYS, default=str)
+        # stdlib json: it writes what vendors' tools write, huge integers and NaN included
+        raw = json.dumps(rec, ensure_ascii=False, default=str).encode("utf-8", "surrogatepass")
         if how == "truncate":
             raw = raw[: max(1, min(cut, len(raw) - 1))]
         elif how == "bad_utf8":
