@@ -24,6 +24,7 @@ import math
 import os
 import shutil
 import socket
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -212,6 +213,8 @@ def init_distributed() -> tuple[int, int]:
     import deepspeed
     import torch.distributed as dist
 
+    # Without a launcher, one rank meets itself through a file, not a TCP port another process could take.
+    alone = "WORLD_SIZE" not in os.environ
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
@@ -221,7 +224,11 @@ def init_distributed() -> tuple[int, int]:
         backend = None if torch.cuda.is_available() else "gloo"
         if backend == "gloo":
             _skip_shm_comm_op()
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        rendezvous = {}
+        if alone:
+            store = Path(tempfile.mkdtemp(prefix="rmpipe-rendezvous-")) / "store"
+            rendezvous = {"init_method": f"file://{store}", "rank": 0, "world_size": 1}
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, **rendezvous)
     return dist.get_rank(), dist.get_world_size()
 
 

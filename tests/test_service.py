@@ -298,4 +298,4 @@ def test_batches_arriving_together_are_processed_one_after_another_on_a_real_ser
         for proc in reversed(procs):
             stop(proc)
         for log in sorted(logs.glob("*.log")):  # shown by pytest only when the test fails
-            print(f"----- {log.name}\n{log.read_text()[-4000:]}")
+            print(f"----- {log.name}\n{log.read_text()[-60000:]}")
