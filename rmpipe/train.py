@@ -36,6 +36,7 @@ import torch
 from rmpipe import io
 from rmpipe.batching import TokenizedPairs, collate, plan_batches, shard, shard_weight, tokenize_pairs
 from rmpipe.errors import ConfigError, DataError, UserError
+from rmpipe.io import sha256_file
 from rmpipe.params import get
 from rmpipe.progress import progress
 from rmpipe.reward_model import RewardModel, bradley_terry_loss
@@ -155,21 +156,13 @@ def check_max_length(max_length: int, backbone_positions: int, backbone: str) ->
 
 
 # --- fingerprint: what a checkpoint must match to be resumed ---------------------------------
-def hash_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def hash_folder(folder: Path) -> str:
     """sha256 over every file's relative path and content, in sorted order."""
     digest = hashlib.sha256()
     folder = Path(folder)
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         digest.update(str(path.relative_to(folder)).encode())
-        digest.update(hash_file(path).encode())
+        digest.update(sha256_file(path).encode())
     return digest.hexdigest()
 
 
@@ -180,8 +173,8 @@ TRAINING_CODE = ("train.py", "batching.py", "reward_model.py", "render.py", "ds_
 def fingerprint(model_cfg: dict, train_cfg: dict, train_split: Path, backbone_dir: Path | str, world_size: int) -> str:
     relevant = {k: v for k, v in train_cfg.items() if k not in NOT_FINGERPRINTED}
     backbone = hash_folder(Path(backbone_dir)) if Path(backbone_dir).is_dir() else str(backbone_dir)
-    code = {name: hash_file(Path(__file__).with_name(name)) for name in TRAINING_CODE}
-    blob = json.dumps({"model": model_cfg, "train": relevant, "train_split": hash_file(train_split),
+    code = {name: sha256_file(Path(__file__).with_name(name)) for name in TRAINING_CODE}
+    blob = json.dumps({"model": model_cfg, "train": relevant, "train_split": sha256_file(train_split),
                        "backbone": backbone, "world_size": world_size, "code": code}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
