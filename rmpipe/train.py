@@ -199,6 +199,9 @@ def _skip_shm_comm_op() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+_rendezvous_dir: Path | None = None  # the one-rank file store, removed by leave_distributed
+
+
 def init_distributed() -> tuple[int, int]:
     """Join (or, without a launcher, create a one-rank) process group; returns (rank, world_size)."""
     if not torch.cuda.is_available():
@@ -219,10 +222,28 @@ def init_distributed() -> tuple[int, int]:
             _skip_shm_comm_op()
         rendezvous = {}
         if alone:
-            store = Path(tempfile.mkdtemp(prefix="rmpipe-rendezvous-")) / "store"
-            rendezvous = {"init_method": f"file://{store}", "rank": 0, "world_size": 1}
+            global _rendezvous_dir
+            _rendezvous_dir = Path(tempfile.mkdtemp(prefix="rmpipe-rendezvous-"))
+            rendezvous = {"init_method": f"file://{_rendezvous_dir / 'store'}", "rank": 0, "world_size": 1}
         deepspeed.init_distributed(dist_backend=backend, verbose=False, **rendezvous)
     return dist.get_rank(), dist.get_world_size()
+
+
+def leave_distributed(finished: bool) -> None:
+    """Leave the process group before the process exits.
+
+    Left to interpreter shutdown, gloo's worker threads can abort a rank with "terminate called without an
+    active exception" after all the work is done. Only for a process about to exit: DeepSpeed caches its
+    sub-groups in module globals, so a group destroyed in a long-lived process cannot be re-created there.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if finished:
+            dist.barrier()  # no rank tears down its connections while another still talks to it
+        dist.destroy_process_group()
+    if _rendezvous_dir is not None:
+        shutil.rmtree(_rendezvous_dir, ignore_errors=True)
 
 
 def make_deterministic(seed: int, world_size: int) -> None:

@@ -26,7 +26,7 @@ from rmpipe.params import get, load_params, section
 from rmpipe.progress import setup_logging
 from rmpipe.reward_model import RewardModel
 from rmpipe.train import (
-    TrainPaths, TrainSettings, check_max_length, fingerprint, fit, free_port, init_distributed, make_deterministic,
+    TrainPaths, TrainSettings, check_max_length, fingerprint, fit, free_port, init_distributed, leave_distributed, make_deterministic,
     read_splits, save_outputs, tokenize,
 )
 
@@ -103,7 +103,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
     args = parser.parse_args(argv)
-    run(args.params)
+    finished = False
+    try:
+        run(args.params)
+        finished = True
+    finally:
+        leave_distributed(finished)
 
 
 if __name__ == "__main__":
