@@ -1,8 +1,10 @@
 """Tokenize preference pairs once, then group them into length-bucketed batches under a token budget.
 
-A *global batch* is what one optimizer step sees. Its cost is counted as padded tokens of the
-stacked `2B x T` tensor (chosen rows on top of rejected rows, right-padded to the longest row),
-so pairs of similar length go together and little compute is spent on padding.
+A *global batch* is what one optimizer step sees. Its cost is the tokens the model computes for
+it in the chosen layout (`rmpipe.packing`): for the stacked layout, the padded `2B x T` tensor
+(chosen rows on top of rejected rows, right-padded to the longest row); for the packed layouts,
+the sum of the pairs' own tokens. Pairs of similar length go together either way, so little
+compute is spent on padding and packed rows come out nearly full.
 
 With W DeepSpeed ranks, every global batch is split into W shards (rank r takes rows r, r+W, ...
 of the length-sorted batch). Every rank therefore runs the same number of steps per epoch with
@@ -18,8 +20,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-import torch
 
+from rmpipe.packing import common_prefix_length
 from rmpipe.render import encode
 
 log = logging.getLogger("rmpipe.batching")
@@ -35,13 +37,26 @@ class TokenizedPairs:
     soft_label: np.ndarray  # float32, one per pair
     pair_ids: list[str] = field(default_factory=list)
     n_truncated: int = 0  # pairs where chosen or rejected was cut to max_length
+    prefix: np.ndarray | None = None  # int64 per pair: tokens shared by chosen and rejected (the prompt)
+
+    def __post_init__(self) -> None:
+        if self.prefix is None:
+            self.prefix = np.array([common_prefix_length(c, r) for c, r in zip(self.chosen, self.rejected)],
+                                   dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.chosen)
 
     def lengths(self) -> np.ndarray:
-        """Per pair, the longer of its two rows: the T it forces on a batch."""
+        """Per pair, the longer of its two rows: the T it forces on a stacked batch."""
         return np.array([max(len(c), len(r)) for c, r in zip(self.chosen, self.rejected)], dtype=np.int64)
+
+    def tokens(self, packing: str) -> np.ndarray:
+        """Per pair, what batching sorts and budgets by in layout `packing` (see `batch_cost`)."""
+        if packing == "none":
+            return self.lengths()
+        both = np.array([len(c) + len(r) for c, r in zip(self.chosen, self.rejected)], dtype=np.int64)
+        return both - self.prefix if packing == "shared_prompt" else both
 
 
 def truncate_left(ids: list[int], max_length: int) -> tuple[list[int], bool]:
@@ -76,8 +91,13 @@ def tokenize_pairs(tokenizer, frame: pd.DataFrame, max_length: int) -> Tokenized
 
 
 def padded_tokens(lengths: np.ndarray, rows: list[int]) -> int:
-    """Cost of a batch: 2B x T, T the longest row in it."""
+    """Cost of a stacked batch: 2B x T, T the longest row in it."""
     return 2 * len(rows) * int(lengths[rows].max()) if rows else 0
+
+
+def batch_cost(tokens: np.ndarray, rows: list[int], packed: bool) -> int:
+    """Tokens a batch computes: its pairs' own tokens when packed, else the padded stack."""
+    return int(tokens[rows].sum()) if packed else padded_tokens(tokens, rows)
 
 
 def plan_batches(
@@ -88,8 +108,11 @@ def plan_batches(
     epoch: int = 0,
     shuffle: bool = True,
     min_pairs: int = 1,
+    packed: bool = False,
 ) -> list[list[int]]:
     """Global batches of pair indices for one epoch; every pair exactly once; same inputs, same plan.
+
+    `lengths` is `TokenizedPairs.tokens(packing)`; `packed` says how a batch's cost adds up (`batch_cost`).
 
     Pairs are sorted by length (ties broken by a seeded random key, so neighbours change between
     epochs) and cut greedily where the next pair would break the budget or the pair cap; the batch
@@ -106,7 +129,7 @@ def plan_batches(
     current: list[int] = []
     for idx in order.tolist():
         grown = current + [idx]
-        too_big = padded_tokens(lengths, grown) > tokens_per_batch or len(grown) > max_pairs_per_batch
+        too_big = batch_cost(lengths, grown, packed) > tokens_per_batch or len(grown) > max_pairs_per_batch
         if current and too_big and len(current) >= min_pairs:
             batches.append(current)
             current = [idx]
@@ -130,41 +153,3 @@ def shard(batch: list[int], lengths: np.ndarray, rank: int, world_size: int) -> 
 def shard_weight(n_shard: int, n_global: int, world_size: int) -> float:
     """Scale on a shard's mean loss so DeepSpeed's mean over ranks equals the mean over the global batch."""
     return n_shard * world_size / n_global
-
-
-@dataclass
-class PairBatch:
-    """One forward pass: chosen rows stacked on rejected rows, right-padded."""
-
-    input_ids: torch.Tensor  # (2B, T)
-    attention_mask: torch.Tensor  # (2B, T)
-    margin: torch.Tensor  # (B,)
-    soft_label: torch.Tensor  # (B,)
-
-    def to(self, device) -> "PairBatch":
-        return PairBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.margin, self.soft_label)))
-
-    @property
-    def n_pairs(self) -> int:
-        return self.margin.shape[0]
-
-    @property
-    def real_tokens(self) -> int:
-        return int(self.attention_mask.sum())
-
-
-def collate(pairs: TokenizedPairs, rows: list[int], pad_id: int) -> PairBatch:
-    """Stack chosen rows on rejected rows (one forward pass), right-padded with `pad_id`."""
-    seqs = [pairs.chosen[i] for i in rows] + [pairs.rejected[i] for i in rows]
-    width = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, seq in enumerate(seqs):
-        input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        attention_mask[row, : len(seq)] = 1
-    return PairBatch(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        margin=torch.from_numpy(pairs.margin[rows].copy()),
-        soft_label=torch.from_numpy(pairs.soft_label[rows].copy()),
-    )

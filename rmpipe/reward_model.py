@@ -101,16 +101,37 @@ class RewardModel(nn.Module):
         generator = torch.Generator().manual_seed(seed)
         return cls(backbone, make_head(backbone.config.hidden_size, head_init, generator))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, T) token ids and mask -> (B,) rewards."""
-        out = self.backbone(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=positions_from_mask(attention_mask),
-            use_cache=False,
-        )
-        pooled = pool_last_real_token(out.last_hidden_state, attention_mask)
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        read_at: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Rewards from padded rows or from packed rows (`rmpipe.packing`).
+
+        padded: (B, T) ids and 0/1 mask -> (B,) rewards, each read at its row's last real token.
+        packed: (R, W) ids, (R, 1, W, W) bool mask (who sees whom), (R, W) positions and (N,) flat
+                indices into the R x W positions -> (N,) rewards read there.
+        """
+        if read_at is None:
+            position_ids = positions_from_mask(attention_mask)
+        else:
+            attention_mask = self._backbone_mask(attention_mask)
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=False)
+        if read_at is None:
+            pooled = pool_last_real_token(out.last_hidden_state, attention_mask)
+        else:
+            pooled = out.last_hidden_state.flatten(0, 1)[read_at]
         return self.head(pooled.to(self.head.weight.dtype)).squeeze(-1)
+
+    def _backbone_mask(self, allowed: torch.Tensor) -> torch.Tensor:
+        """SDPA takes a boolean mask as is; eager attention adds the mask to its scores."""
+        if getattr(self.backbone.config, "_attn_implementation", "sdpa") != "eager":
+            return allowed
+        dtype = next(self.backbone.parameters()).dtype
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
     def score_pairs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward pass over chosen rows stacked on rejected rows (2B, T) -> (r_chosen, r_rejected)."""

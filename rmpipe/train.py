@@ -5,8 +5,8 @@
 Everything a user can get wrong (missing or empty splits, a backbone that does not load, a
 max_length the backbone cannot take) is checked by `read_splits` / `check_max_length` before
 any compute. The loop itself:
-  * each rank scores its shard of the global batch in ONE forward pass (chosen rows stacked on
-    rejected rows), rewards read at the last real token from the attention mask;
+  * each rank scores its shard of the global batch in ONE forward pass, in the layout
+    `train.packing` names (`rmpipe.packing`: stacked rows, padding-free, or shared-prompt packing);
   * Bradley-Terry loss (optional margin, soft labels, centering), weighted so the mean over
     ranks is the mean over the global batch (`batching.shard_weight`);
   * a non-finite loss on any rank skips the step on every rank; too many abort the run;
@@ -34,9 +34,10 @@ import pandas as pd
 import torch
 
 from rmpipe import io
-from rmpipe.batching import TokenizedPairs, collate, plan_batches, shard, shard_weight, tokenize_pairs
+from rmpipe.batching import TokenizedPairs, plan_batches, shard, shard_weight, tokenize_pairs
 from rmpipe.errors import ConfigError, DataError, UserError
 from rmpipe.io import sha256_file
+from rmpipe.packing import make_batch
 from rmpipe.params import get
 from rmpipe.progress import progress
 from rmpipe.reward_model import RewardModel, bradley_terry_loss
@@ -77,6 +78,7 @@ class TrainSettings:
     hostfile: str | None
     checkpoint_every: int
     max_nonfinite_steps: int
+    packing: str = "auto"  # resolved to a layout by `rmpipe.packing.resolve_packing` before training
     stop_after_steps: int | None = None  # debug hook: stop as if killed after this many steps
 
     @classmethod
@@ -104,6 +106,7 @@ class TrainSettings:
             hostfile=get(cfg, "hostfile", (str, type(None)), w),
             checkpoint_every=get(cfg, "checkpoint_every", int, w),
             max_nonfinite_steps=get(cfg, "max_nonfinite_steps", int, w),
+            packing=get(cfg, "packing", str, w, choices=("auto", "none", "padding_free", "shared_prompt")),
             stop_after_steps=cfg.get("stop_after_steps"),
         )
         if s.bf16 not in (True, False, "auto"):
@@ -167,7 +170,7 @@ def hash_folder(folder: Path) -> str:
 
 
 # A checkpoint made by other training code (a fixed loss, a new batching rule) must not be resumed.
-TRAINING_CODE = ("train.py", "batching.py", "reward_model.py", "render.py", "ds_config.py")
+TRAINING_CODE = ("train.py", "batching.py", "packing.py", "reward_model.py", "render.py", "ds_config.py")
 
 
 def fingerprint(model_cfg: dict, train_cfg: dict, train_split: Path, backbone_dir: Path | str, world_size: int) -> str:
@@ -367,21 +370,28 @@ def evaluate_pairs(engine, pairs: TokenizedPairs, pad_id: int, s: TrainSettings,
     """Plain BT loss and accuracy (r_c > r_r strictly; ties are wrong) over a split, summed over ranks."""
     if len(pairs) == 0:
         return {}
-    lengths = pairs.lengths()
+    tokens = pairs.tokens(s.packing)
     totals = [0.0, 0.0, 0.0]
     engine.eval()
     with torch.no_grad():
-        for batch_rows in plan_batches(lengths, s.tokens_per_batch, s.max_pairs_per_batch, s.seed, shuffle=False,
-                                       min_pairs=world):
-            rows = shard(batch_rows, lengths, rank, world)
-            batch = collate(pairs, rows, pad_id).to(engine.device)
-            r_c, r_r = engine(batch.input_ids, batch.attention_mask).float().chunk(2)
+        for batch_rows in plan_batches(tokens, s.tokens_per_batch, s.max_pairs_per_batch, s.seed, shuffle=False,
+                                       min_pairs=world, packed=s.packing != "none"):
+            rows = shard(batch_rows, tokens, rank, world)
+            batch = make_batch(pairs, rows, s.packing, pad_id).to(engine.device)
+            r_c, r_r = engine(**batch.inputs).float().chunk(2)
             totals[0] += bradley_terry_loss(r_c, r_r).item() * len(rows)
             totals[1] += (r_c > r_r).sum().item()
             totals[2] += len(rows)
     engine.train()
     loss, correct, n = _reduce_sum(totals)
     return {"loss": loss / n, "accuracy": correct / n}
+
+
+def plan_epochs(pairs: TokenizedPairs, s: TrainSettings, world: int) -> list[list[list[int]]]:
+    """Every epoch's global batches, budgeted in the tokens the resolved layout computes."""
+    tokens = pairs.tokens(s.packing)
+    return [plan_batches(tokens, s.tokens_per_batch, s.max_pairs_per_batch, s.seed, epoch, min_pairs=world,
+                         packed=s.packing != "none") for epoch in range(s.epochs)]
 
 
 def fit(model: RewardModel, data: Data, s: TrainSettings, paths: TrainPaths, fp: str, ds_config: dict,
@@ -397,9 +407,8 @@ def fit(model: RewardModel, data: Data, s: TrainSettings, paths: TrainPaths, fp:
     groups = param_groups(model, s.lr, s.weight_decay, s.head_lr_mult)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
 
-    lengths = data.train.lengths()
-    plans = [plan_batches(lengths, s.tokens_per_batch, s.max_pairs_per_batch, s.seed, epoch, min_pairs=world)
-             for epoch in range(s.epochs)]
+    plans = plan_epochs(data.train, s, world)
+    pair_tokens = data.train.tokens(s.packing)
     total_steps = sum(len(p) for p in plans)
     result = TrainResult()
     start_epoch, start_batch, nonfinite = 0, 0, 0
@@ -429,9 +438,9 @@ def fit(model: RewardModel, data: Data, s: TrainSettings, paths: TrainPaths, fp:
     for epoch, b in (progress(positions, total=len(positions), desc="train") if rank == 0 else positions):
         t0 = time.monotonic()
         global_rows = plans[epoch][b]
-        rows = shard(global_rows, lengths, rank, world)
-        batch = collate(data.train, rows, data.pad_id).to(engine.device)
-        r_c, r_r = engine(batch.input_ids, batch.attention_mask).float().chunk(2)
+        rows = shard(global_rows, pair_tokens, rank, world)
+        batch = make_batch(data.train, rows, s.packing, data.pad_id).to(engine.device)
+        r_c, r_r = engine(**batch.inputs).float().chunk(2)
         loss = bradley_terry_loss(
             r_c, r_r,
             margin=batch.margin if s.use_margin else None,

@@ -22,12 +22,13 @@ import torch
 from rmpipe.backbones import check_backbone, load_backbone, max_positions, resolve_backbone
 from rmpipe.ds_config import bf16_wanted, build_config, load_config
 from rmpipe.errors import exits_cleanly
+from rmpipe.packing import resolve_packing
 from rmpipe.params import get, load_params, section
 from rmpipe.progress import setup_logging
 from rmpipe.reward_model import RewardModel
 from rmpipe.train import (
-    TrainPaths, TrainSettings, check_max_length, fingerprint, fit, free_port, init_distributed, leave_distributed, make_deterministic,
-    read_splits, save_outputs, tokenize,
+    TrainPaths, TrainSettings, check_max_length, fingerprint, fit, free_port, init_distributed, leave_distributed,
+    make_deterministic, plan_epochs, read_splits, save_outputs, tokenize,
 )
 
 log = logging.getLogger("rmpipe.train")
@@ -70,8 +71,11 @@ def run(params_file: str = "params.yaml", paths: TrainPaths | None = None) -> di
     backbone, tokenizer = load_backbone(backbone_dir, torch.float32, trust)
     model = RewardModel.from_backbone(backbone, get(model_cfg, "head_init", str, "model"), seed=s.seed)
     data = tokenize(tokenizer, train_frame, val_frame, max_length)
+    s.packing, packing_errors = resolve_packing(s.packing, model, data.train, data.pad_id)
+    if rank == 0:
+        log.info("packing: %s%s", s.packing, "".join(f" | {m} max |dr| {e:.1e}" for m, e in packing_errors.items()))
 
-    steps = _total_steps(data, s, world)
+    steps = sum(len(plan) for plan in plan_epochs(data.train, s, world))
     ds_config = load_config(s.deepspeed_config, world) if s.deepspeed_config else build_config(train_cfg, steps, world, bf16)
     fp = fingerprint(model_cfg, train_cfg, paths.train_split, backbone_dir, world)
     result = fit(model, data, s, paths, fp, ds_config, rank, world)
@@ -79,21 +83,14 @@ def run(params_file: str = "params.yaml", paths: TrainPaths | None = None) -> di
         log.warning("stopped after %d steps (train.stop_after_steps): no model written", result.steps)
         return None
     record = {"params": {"model": model_cfg, "train": train_cfg}, "fingerprint": fp, "backbone": str(backbone_dir),
-              "world_size": world, "truncated_pairs": data.train.n_truncated + data.val.n_truncated,
+              "world_size": world, "packing": s.packing, "packing_errors": packing_errors,
+              "truncated_pairs": data.train.n_truncated + data.val.n_truncated,
               "train_pairs": len(data.train), "val_pairs": len(data.val), "deepspeed_config": ds_config}
     save_outputs(result, model, tokenizer, paths, record, rank, int(ds_config.get("zero_optimization", {}).get("stage", 0)))
     if rank == 0:
         log.info("wrote %s: val accuracy %.3f, %d steps, %.0f pairs/s, %.1f s", paths.model_dir,
                  result.val.get("accuracy", float("nan")), result.steps, result.pairs_per_s, result.wall_s)
     return record
-
-
-def _total_steps(data, s: TrainSettings, world: int) -> int:
-    from rmpipe.batching import plan_batches
-
-    lengths = data.train.lengths()
-    return sum(len(plan_batches(lengths, s.tokens_per_batch, s.max_pairs_per_batch, s.seed, e, min_pairs=world))
-               for e in range(s.epochs))
 
 
 @exits_cleanly

@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rmpipe.backbones import build_tiny_backbone
-from rmpipe.batching import collate, padded_tokens, plan_batches, shard, shard_weight, tokenize_pairs, truncate_left
+from rmpipe.batching import padded_tokens, plan_batches, shard, shard_weight, tokenize_pairs, truncate_left
+from rmpipe.packing import make_batch
 from rmpipe.render import encode
 from rmpipe.schema import canonical_prompt
 
@@ -96,16 +97,18 @@ def test_tokenize_counts_truncation_and_keeps_template_end(tokenizer):
     assert pairs.margin.tolist() == [0.0, 0.5] and pairs.soft_label.tolist() == [1.0, 0.75]
 
 
-def test_collate_stacks_chosen_over_rejected_right_padded(tokenizer):
+def test_stacked_layout_puts_chosen_over_rejected_right_padded(tokenizer):
     frame = pd.DataFrame({"prompt": [canonical_prompt("a"), canonical_prompt("b")], "chosen": ["yes yes yes", "y"],
                           "rejected": ["n", "no no no no"], "margin": [0.0, 0.0], "soft_label": [1.0, 1.0]})
     pairs = tokenize_pairs(tokenizer, frame, 64)
     pad = tokenizer.pad_token_id
-    batch = collate(pairs, [0, 1], pad)
-    assert batch.input_ids.shape[0] == 4
+    batch = make_batch(pairs, [0, 1], "none", pad)
+    input_ids, attention_mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]
+    assert input_ids.shape[0] == 4
     rows = pairs.chosen[:2] + pairs.rejected[:2]
     for r, seq in enumerate(rows):
         n = len(seq)
-        assert batch.input_ids[r, :n].tolist() == seq
-        assert batch.attention_mask[r].tolist() == [1] * n + [0] * (batch.input_ids.shape[1] - n)
-        assert (batch.input_ids[r, n:] == pad).all()
+        assert input_ids[r, :n].tolist() == seq
+        assert attention_mask[r].tolist() == [1] * n + [0] * (input_ids.shape[1] - n)
+        assert (input_ids[r, n:] == pad).all()
+    assert batch.real_tokens == sum(map(len, rows)) and batch.computed_tokens == input_ids.numel()
