@@ -1,0 +1,182 @@
+"""Packed layouts give the stacked layout's rewards (and gradients), cost fewer tokens, and are refused
+where a backbone's attention would make them inexact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rmpipe.backbones import build_tiny_backbone, load_backbone
+from rmpipe.batching import TokenizedPairs, plan_batches, shard, tokenize_pairs
+from rmpipe.errors import ConfigError
+from rmpipe.packing import (
+    CHOSEN, PROMPT, REJECTED, block_mask, common_prefix_length, layout_error, make_batch, pack_rows, pair_unit,
+    resolve_packing,
+)
+from rmpipe.reward_model import RewardModel, bradley_terry_loss
+from rmpipe.schema import canonical_prompt
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_CFG = {"max_length": 256, "tiny": {"vocab_size": 400, "hidden_size": 32, "intermediate_size": 64,
+                                        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                        "seed": 0}}
+
+
+def pairs_from_ids(chosen: list[list[int]], rejected: list[list[int]]) -> TokenizedPairs:
+    n = len(chosen)
+    return TokenizedPairs(chosen=chosen, rejected=rejected, margin=np.zeros(n, np.float32),
+                          soft_label=np.ones(n, np.float32))
+
+
+# --- the layout itself ---------------------------------------------------------------------
+def test_common_prefix_is_the_shared_prompt():
+    assert common_prefix_length([1, 2, 3, 4], [1, 2, 9]) == 2
+    assert common_prefix_length([1, 2], [1, 2, 3]) == 2
+    assert common_prefix_length([5], [6]) == 0
+
+
+def test_pair_unit_positions_continue_from_the_prompt_and_reads_end_each_response():
+    unit = pair_unit([7, 8, 9, 1, 2], [7, 8, 9, 3], prefix=3, chosen_slot=0, rejected_slot=1)
+    assert unit.ids == [7, 8, 9, 1, 2, 3]  # the prompt once
+    assert unit.positions == [0, 1, 2, 3, 4, 3]
+    assert unit.part == [PROMPT] * 3 + [CHOSEN] * 2 + [REJECTED]
+    assert unit.reads == [(4, 0), (5, 1)]
+    # a response that adds nothing to the prompt is read at the prompt's last token
+    assert pair_unit([7, 8], [7, 8, 3], prefix=2, chosen_slot=0, rejected_slot=1).reads == [(1, 0), (2, 1)]
+
+
+def test_block_mask_rejected_never_sees_chosen_and_units_never_see_each_other():
+    # one row: unit 0 = [P P C R], unit 1 = [P C], one pad
+    unit_id = torch.tensor([[0, 0, 0, 0, 1, 1, -99]])
+    part = torch.tensor([[PROMPT, PROMPT, CHOSEN, REJECTED, PROMPT, CHOSEN, PROMPT]])
+    allowed = block_mask(unit_id, part)[0, 0]
+    assert allowed[3, :4].tolist() == [True, True, False, True]  # rejected: prompt + itself
+    assert allowed[2, :4].tolist() == [True, True, True, False]  # chosen: prompt + itself, causal
+    assert not allowed[4:6, :4].any() and not allowed[:4, 4:].any()  # separate units
+    assert allowed[6].tolist() == [False] * 6 + [True]  # a pad sees only itself: no empty softmax row
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.integers(1, 50), min_size=1, max_size=40))
+def test_pack_rows_places_every_unit_once_within_the_width(lengths):
+    rows = pack_rows(lengths)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= max(lengths) for row in rows)
+
+
+def test_shared_prompt_costs_prompt_plus_both_responses():
+    prompt = list(range(100, 140))
+    pairs = pairs_from_ids([prompt + [1, 2, 3], prompt + [4]], [prompt + [5], prompt + [6, 7]])
+    assert pairs.tokens("shared_prompt").tolist() == [40 + 3 + 1, 40 + 1 + 2]
+    assert pairs.tokens("padding_free").tolist() == [2 * 40 + 4, 2 * 40 + 3]
+    batch = make_batch(pairs, [0, 1], "shared_prompt", pad_id=0)
+    assert batch.real_tokens == 44 + 43
+    stacked = make_batch(pairs, [0, 1], "none", pad_id=0)
+    assert stacked.computed_tokens == 4 * 43 and batch.computed_tokens < stacked.computed_tokens
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_packed_batches_stay_balanced_across_ranks(world):
+    rng = np.random.default_rng(3)
+    prompt_lengths, response_lengths = rng.integers(100, 400, 301), rng.integers(20, 120, (301, 2))
+    pairs = pairs_from_ids([[1] * p + [2] * c for p, (c, _) in zip(prompt_lengths, response_lengths)],
+                           [[1] * p + [3] * r for p, (_, r) in zip(prompt_lengths, response_lengths)])
+    tokens = pairs.tokens("shared_prompt")
+    for batch in plan_batches(tokens, 8000, 64, seed=0, min_pairs=world, packed=True):
+        per_rank = [int(tokens[shard(batch, tokens, r, world)].sum()) for r in range(world)]
+        assert max(per_rank) - min(per_rank) <= int(tokens[batch].max())  # within one pair of each other
+        assert sum(per_rank) <= 8000 or len(batch) == world
+
+
+# --- exactness on a real (tiny) backbone ------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    texts = ["a long conversation about owls, rivers and the colour of the evening sky"] * 20
+    folder = build_tiny_backbone(texts, TINY_CFG, tmp_path_factory.mktemp("tiny"))
+    backbone, tokenizer = load_backbone(folder)
+    return RewardModel.from_backbone(backbone, seed=0), tokenizer
+
+
+def frame_of_pairs() -> pd.DataFrame:
+    history = [{"role": "user", "content": "tell me about owls " * 8},
+               {"role": "assistant", "content": "owls hunt at night " * 5},
+               {"role": "user", "content": "and rivers?"}]
+    return pd.DataFrame({
+        "prompt": [canonical_prompt(history), canonical_prompt("hi"), canonical_prompt("same"),
+                   canonical_prompt("evening sky " * 30), canonical_prompt("prefix")],
+        "chosen": ["rivers run to the sea " * 3, "hello there", "identical", "blue " * 40, "yes"],
+        "rejected": ["owls", "no", "identical", "red", "yes and more"],  # equal responses; one a prefix of the other
+        "margin": [0.0] * 5, "soft_label": [1.0] * 5,
+    })
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("mode", ["padding_free", "shared_prompt"])
+def test_packed_rewards_equal_stacked_on_tiny_backbone(tiny, mode, attention):
+    model, tokenizer = tiny
+    model.backbone.config._attn_implementation = attention
+    pairs = tokenize_pairs(tokenizer, frame_of_pairs(), max_length=120)  # one pair left-truncated: prefix may be 0
+    assert pairs.n_truncated >= 1
+    try:
+        assert layout_error(model, pairs, mode, tokenizer.pad_token_id, n_pairs=len(pairs)) < 1e-5
+    finally:
+        model.backbone.config._attn_implementation = "sdpa"
+
+
+@pytest.mark.parametrize("mode", ["padding_free", "shared_prompt"])
+def test_packed_gradients_equal_stacked(tiny, mode):
+    """Exact rewards are not enough for training: the loss must push the weights the same way."""
+    model, tokenizer = tiny
+    pairs = tokenize_pairs(tokenizer, frame_of_pairs(), max_length=256)
+    grads = {}
+    for layout in ("none", mode):
+        model.zero_grad()
+        r_c, r_r = model(**make_batch(pairs, list(range(len(pairs))), layout, tokenizer.pad_token_id).inputs).chunk(2)
+        bradley_terry_loss(r_c, r_r).backward()
+        grads[layout] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert torch.allclose(grads["none"], grads[mode], atol=1e-5)
+
+
+def test_auto_picks_shared_prompt_where_exact(tiny):
+    model, tokenizer = tiny
+    pairs = tokenize_pairs(tokenizer, frame_of_pairs(), max_length=256)
+    mode, errors = resolve_packing("auto", model, pairs, tokenizer.pad_token_id)
+    assert mode == "shared_prompt" and errors["shared_prompt"] < 1e-4
+
+
+def test_inexact_layout_refused_and_auto_falls_back():
+    """A sliding-window backbone: a custom mask bypasses its window, so packed rewards differ."""
+    from transformers import MistralConfig, MistralModel
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=4, max_position_embeddings=64)
+    model = RewardModel.from_backbone(MistralModel(config), seed=0)
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(1, 50, 20).tolist()
+    pairs = pairs_from_ids([prompt + [3, 4, 5]] * 2, [prompt + [6, 7]] * 2)
+    assert layout_error(model, pairs, "shared_prompt", pad_id=0) > 1e-3
+    with pytest.raises(ConfigError, match="not exact for this backbone"):
+        resolve_packing("shared_prompt", model, pairs, pad_id=0)
+    mode, errors = resolve_packing("auto", model, pairs, pad_id=0)
+    assert mode == "none" and set(errors) == {"shared_prompt", "padding_free"}
+
+
+# --- exactness on the real SFT backbone ------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["padding_free", "shared_prompt"])
+def test_packed_rewards_equal_stacked_on_smollm2(mode):
+    from rmpipe import backbones
+
+    backbones.ignore_from_git(ROOT / "models/.cache")
+    backbone, tokenizer = load_backbone(backbones.materialize_smollm2(ROOT / backbones.SMOLLM2_CACHE))
+    model = RewardModel.from_backbone(backbone, seed=0)
+    pairs = tokenize_pairs(tokenizer, frame_of_pairs().head(3), max_length=512)
+    assert pairs.prefix.min() > 20  # the multi-turn prompt really is shared
+    assert layout_error(model, pairs, mode, tokenizer.pad_token_id, n_pairs=3) < 1e-4
