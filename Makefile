@@ -48,5 +48,11 @@ test: setup
 bench: setup
 	$(BIN)/python bench/data_stages.py
 
+# rmpipe's trainer vs TRL's RewardTrainer (`make bench-train ARGS=--quick`); TRL is a benchmark-only extra.
+.PHONY: bench-train
+bench-train: setup
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[bench]'
+	$(BIN)/python bench/train_throughput.py $(ARGS)
+
 clean:
 	rm -rf data/collected data/aggregated data/split reports .pytest_cache
