@@ -52,7 +52,7 @@ class TokenizedPairs:
         return np.array([max(len(c), len(r)) for c, r in zip(self.chosen, self.rejected)], dtype=np.int64)
 
     def tokens(self, packing: str) -> np.ndarray:
-        """Per pair, what batching sorts and budgets by in layout `packing` (see `batch_cost`)."""
+        """Per pair, the tokens layout `packing` computes for it (stacked: its longer row, padded later)."""
         if packing == "none":
             return self.lengths()
         both = np.array([len(c) + len(r) for c, r in zip(self.chosen, self.rejected)], dtype=np.int64)
@@ -95,11 +95,6 @@ def padded_tokens(lengths: np.ndarray, rows: list[int]) -> int:
     return 2 * len(rows) * int(lengths[rows].max()) if rows else 0
 
 
-def batch_cost(tokens: np.ndarray, rows: list[int], packed: bool) -> int:
-    """Tokens a batch computes: its pairs' own tokens when packed, else the padded stack."""
-    return int(tokens[rows].sum()) if packed else padded_tokens(tokens, rows)
-
-
 def plan_batches(
     lengths: np.ndarray,
     tokens_per_batch: int,
@@ -108,11 +103,13 @@ def plan_batches(
     epoch: int = 0,
     shuffle: bool = True,
     min_pairs: int = 1,
-    packed: bool = False,
+    packed_tokens: np.ndarray | None = None,
 ) -> list[list[int]]:
     """Global batches of pair indices for one epoch; every pair exactly once; same inputs, same plan.
 
-    `lengths` is `TokenizedPairs.tokens(packing)`; `packed` says how a batch's cost adds up (`batch_cost`).
+    Pairs are ordered by `lengths` (the longer row of each pair) in every layout, so a budget that
+    does not bind gives the same batches whichever layout computes them. A batch's cost is its padded
+    stack, or with `packed_tokens` (`TokenizedPairs.tokens(packing)`) the sum of its pairs' tokens.
 
     Pairs are sorted by length (ties broken by a seeded random key, so neighbours change between
     epochs) and cut greedily where the next pair would break the budget or the pair cap; the batch
@@ -129,7 +126,8 @@ def plan_batches(
     current: list[int] = []
     for idx in order.tolist():
         grown = current + [idx]
-        too_big = batch_cost(lengths, grown, packed) > tokens_per_batch or len(grown) > max_pairs_per_batch
+        cost = padded_tokens(lengths, grown) if packed_tokens is None else int(packed_tokens[grown].sum())
+        too_big = cost > tokens_per_batch or len(grown) > max_pairs_per_batch
         if current and too_big and len(current) >= min_pairs:
             batches.append(current)
             current = [idx]

@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 
 from rmpipe import io
-from rmpipe.batching import TokenizedPairs, plan_batches, shard, shard_weight, tokenize_pairs
+from rmpipe.batching import TokenizedPairs, plan_batches, shard, shard_weight
 from rmpipe.errors import ConfigError, DataError, UserError
 from rmpipe.io import sha256_file
 from rmpipe.packing import make_batch
@@ -127,6 +127,7 @@ class TrainPaths:
     model_dir: Path = Path("models/reward_model")
     metrics: Path = Path("metrics/train.json")
     live_dir: Path = Path("dvclive/train")
+    tokenized: Path = Path("data/tokenized")
 
 
 # --- checks before compute ------------------------------------------------------------------
@@ -287,11 +288,16 @@ class Data:
     pad_id: int
 
 
-def tokenize(tokenizer, train_frame: pd.DataFrame, val_frame: pd.DataFrame, max_length: int) -> Data:
+def tokenize(tokenizer, backbone_dir: Path | str, paths: "TrainPaths", train_frame: pd.DataFrame,
+             val_frame: pd.DataFrame, max_length: int) -> Data:
+    """Both splits as token ids: from data/tokenized/ when it was made from exactly these inputs."""
+    from rmpipe import tokenized
+
     if tokenizer.pad_token_id is None:
         raise UserError("the backbone's tokenizer has no pad token")
-    return Data(tokenize_pairs(tokenizer, train_frame, max_length), tokenize_pairs(tokenizer, val_frame, max_length),
-                tokenizer.pad_token_id)
+    key = tokenized.cache_key(backbone_dir, {"train": paths.train_split, "val": paths.val_split}, max_length)
+    pairs = tokenized.load_or_tokenize(paths.tokenized, tokenizer, {"train": train_frame, "val": val_frame}, key)
+    return Data(pairs["train"], pairs["val"], tokenizer.pad_token_id)
 
 
 # --- checkpoints ----------------------------------------------------------------------------
@@ -374,8 +380,8 @@ def evaluate_pairs(engine, pairs: TokenizedPairs, pad_id: int, s: TrainSettings,
     totals = [0.0, 0.0, 0.0]
     engine.eval()
     with torch.no_grad():
-        for batch_rows in plan_batches(tokens, s.tokens_per_batch, s.max_pairs_per_batch, s.seed, shuffle=False,
-                                       min_pairs=world, packed=s.packing != "none"):
+        for batch_rows in plan_batches(pairs.lengths(), s.tokens_per_batch, s.max_pairs_per_batch, s.seed,
+                                       shuffle=False, min_pairs=world, packed_tokens=_packed_tokens(pairs, s)):
             rows = shard(batch_rows, tokens, rank, world)
             batch = make_batch(pairs, rows, s.packing, pad_id).to(engine.device)
             r_c, r_r = engine(**batch.inputs).float().chunk(2)
@@ -389,9 +395,12 @@ def evaluate_pairs(engine, pairs: TokenizedPairs, pad_id: int, s: TrainSettings,
 
 def plan_epochs(pairs: TokenizedPairs, s: TrainSettings, world: int) -> list[list[list[int]]]:
     """Every epoch's global batches, budgeted in the tokens the resolved layout computes."""
-    tokens = pairs.tokens(s.packing)
-    return [plan_batches(tokens, s.tokens_per_batch, s.max_pairs_per_batch, s.seed, epoch, min_pairs=world,
-                         packed=s.packing != "none") for epoch in range(s.epochs)]
+    return [plan_batches(pairs.lengths(), s.tokens_per_batch, s.max_pairs_per_batch, s.seed, epoch, min_pairs=world,
+                         packed_tokens=_packed_tokens(pairs, s)) for epoch in range(s.epochs)]
+
+
+def _packed_tokens(pairs: TokenizedPairs, s: TrainSettings):
+    return None if s.packing == "none" else pairs.tokens(s.packing)
 
 
 def fit(model: RewardModel, data: Data, s: TrainSettings, paths: TrainPaths, fp: str, ds_config: dict,

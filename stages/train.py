@@ -70,7 +70,7 @@ def run(params_file: str = "params.yaml", paths: TrainPaths | None = None) -> di
     bf16 = bf16_wanted(s.bf16, device)
     backbone, tokenizer = load_backbone(backbone_dir, torch.float32, trust)
     model = RewardModel.from_backbone(backbone, get(model_cfg, "head_init", str, "model"), seed=s.seed)
-    data = tokenize(tokenizer, train_frame, val_frame, max_length)
+    data = tokenize(tokenizer, backbone_dir, paths, train_frame, val_frame, max_length)
     s.packing, packing_errors = resolve_packing(s.packing, model, data.train, data.pad_id)
     if rank == 0:
         log.info("packing: %s%s", s.packing, "".join(f" | {m} max |dr| {e:.1e}" for m, e in packing_errors.items()))

@@ -88,7 +88,7 @@ def test_packed_batches_stay_balanced_across_ranks(world):
     pairs = pairs_from_ids([[1] * p + [2] * c for p, (c, _) in zip(prompt_lengths, response_lengths)],
                            [[1] * p + [3] * r for p, (_, r) in zip(prompt_lengths, response_lengths)])
     tokens = pairs.tokens("shared_prompt")
-    for batch in plan_batches(tokens, 8000, 64, seed=0, min_pairs=world, packed=True):
+    for batch in plan_batches(pairs.lengths(), 8000, 64, seed=0, min_pairs=world, packed_tokens=tokens):
         per_rank = [int(tokens[shard(batch, tokens, r, world)].sum()) for r in range(world)]
         assert max(per_rank) - min(per_rank) <= int(tokens[batch].max())  # within one pair of each other
         assert sum(per_rank) <= 8000 or len(batch) == world

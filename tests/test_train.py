@@ -65,7 +65,8 @@ def make_project(folder: Path, backbone: Path, n_train: int = 48, n_val: int = 1
 def paths_in(folder: Path) -> TrainPaths:
     return TrainPaths(train_split=folder / "data/split/train.parquet", val_split=folder / "data/split/val.parquet",
                       checkpoints=folder / "checkpoints/train", model_dir=folder / "models/reward_model",
-                      metrics=folder / "metrics/train.json", live_dir=folder / "dvclive/train")
+                      metrics=folder / "metrics/train.json", live_dir=folder / "dvclive/train",
+                      tokenized=folder / "data/tokenized")
 
 
 def set_train(folder: Path, **train) -> None:
@@ -251,3 +252,40 @@ def test_ds_config_from_params(tmp_path):
     groups = param_groups(model, lr=1e-3, weight_decay=0.1, head_lr_mult=10.0)
     assert [g["weight_decay"] for g in groups] == [0.1, 0.0, 0.1]  # matrices, bias, head
     assert groups[2]["lr"] == pytest.approx(1e-2) and groups[2]["params"] == [model.head.weight]
+
+
+# --- packing and the tokenized cache ---------------------------------------------------------
+def test_packing_changes_the_speed_not_the_model(tmp_path, backbone):
+    """With a budget that does not bind, every layout sees the same batches: same curve, same weights."""
+    projects = {mode: make_project(tmp_path / mode, backbone, packing=mode, tokens_per_batch=100_000)
+                for mode in ("none", "shared_prompt")}
+    records = {mode: run(str(p / "params.yaml"), paths_in(p)) for mode, p in projects.items()}
+    assert records["shared_prompt"]["packing"] == "shared_prompt"
+    curves = {mode: loss_curve(p) for mode, p in projects.items()}
+    assert len(curves["none"]) == len(curves["shared_prompt"])
+    assert max(abs(a - b) for a, b in zip(curves["none"], curves["shared_prompt"])) < 1e-4
+    a, b = weights(projects["none"]), weights(projects["shared_prompt"])
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+
+
+def test_tokenized_cache_used_when_it_matches_and_never_when_stale(tmp_path, backbone, caplog):
+    import logging
+
+    from stages.tokenize import run as tokenize_stage
+
+    fresh = make_project(tmp_path / "fresh", backbone)
+    run(str(fresh / "params.yaml"), paths_in(fresh))
+    cached = make_project(tmp_path / "cached", backbone)
+    assert tokenize_stage(str(cached / "params.yaml"), paths_in(cached)) == {"train": 48, "val": 16}
+    with caplog.at_level(logging.INFO, logger="rmpipe.tokenized"):
+        run(str(cached / "params.yaml"), paths_in(cached))
+    assert "using tokenized splits" in caplog.text
+    assert loss_curve(cached) == pytest.approx(loss_curve(fresh), abs=1e-6)  # the same ids either way
+
+    # new split data: the cache no longer describes it, so training tokenizes afresh and says why
+    make_pairs(40, 7).to_parquet(cached / "data/split/train.parquet")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="rmpipe.tokenized"):
+        record = run(str(cached / "params.yaml"), paths_in(cached))
+    assert "stale (splits changed)" in caplog.text and "using tokenized splits" not in caplog.text
+    assert record["train_pairs"] == 40
