@@ -100,13 +100,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
     args = parser.parse_args(argv)
-    finished = False
-    try:
-        run(args.params)
-        finished = True
-    finally:
-        leave_distributed(finished)
+    run(args.params)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    # Only a process about to exit leaves the process group (see leave_distributed): not a Prefect worker
+    # that calls main() in-process and may train again.
+    try:
+        main(sys.argv[1:])
+    except BaseException:
+        leave_distributed(finished=False)
+        raise
+    leave_distributed(finished=True)

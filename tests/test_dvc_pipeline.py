@@ -89,12 +89,13 @@ def test_full_repro_in_a_plain_copy_then_nothing_then_only_downstream(tmp_path):
     again = run([str(BIN / "dvc"), "repro"], proj)
     assert ran_stages(again) == []
 
-    # One evaluation param changed: only evaluate and what depends on it re-run.
+    # One training param changed: training and what depends on it re-run, from the cached token ids.
     params = yaml.safe_load((proj / "params.yaml").read_text())
-    params["evaluate"]["max_length_r2"] = 0.25
+    params["train"]["lr"] = 2.5e-3
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = run([str(BIN / "dvc"), "repro"], proj)
-    assert ran_stages(third) == ["evaluate", "export"]
+    assert ran_stages(third) == ["train", "evaluate", "export"]
+    assert "using tokenized splits from data/tokenized" in third.stdout + third.stderr
 
 
 def test_data_stages_in_a_git_checkout_and_a_failed_validation_stops_training(tmp_path):
