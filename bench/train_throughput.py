@@ -241,10 +241,10 @@ def read_tsv(path: Path) -> list[float]:
 
 def run_rmpipe(run_dir: Path, s: Settings, backbone: Path, mode: str, tokenizer, train, val, real_tokens: int) -> dict:
     """`python -m stages.train` in a scratch project holding just params.yaml and the two splits."""
-    params = rmpipe_params(s, backbone, mode)
-    (run_dir / "data/split").mkdir(parents=True)
     import yaml
 
+    params = rmpipe_params(s, backbone, mode)
+    (run_dir / "data/split").mkdir(parents=True)
     (run_dir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     train.to_parquet(run_dir / "data/split/train.parquet", index=False)
     val.to_parquet(run_dir / "data/split/val.parquet", index=False)
