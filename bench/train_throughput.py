@@ -20,7 +20,7 @@ Runs are interleaved (per repeat: trl, rmpipe[mode], ...), each in its own proce
 
 Made equal on purpose: backbone weights, reward-head init (rmpipe's, copied into TRL's `score`), AdamW
 (betas 0.9/0.95, eps 1e-8, weight decay 0.01 on matrices only), grad clip 1.0, the learning-rate multiplier
-of every step (TRL gets DeepSpeed's WarmupCosineLR as rmpipe configures it, via a LambdaLR), fp32, threads,
+of every step (TRL gets rmpipe's warmup + cosine multipliers, via a LambdaLR), fp32, threads,
 deterministic algorithms, seed. Left to each trainer: batch composition (rmpipe: length-bucketed batches;
 TRL: its random sampler, or rmpipe's batches with --trl-order rmpipe) and how a batch is laid out.
 """
@@ -277,27 +277,11 @@ def run_rmpipe(run_dir: Path, s: Settings, backbone: Path, mode: str, tokenizer,
 
 # --- TRL -----------------------------------------------------------------------------------------
 def lr_multipliers(s: Settings) -> list[float]:
-    """The lr multiplier of each of rmpipe's N optimizer steps: DeepSpeed's WarmupCosineLR as
-    rmpipe.ds_config configures it, stepped the way DeepSpeed steps it (after each optimizer step)."""
-    import logging
+    """The lr multiplier of each of rmpipe's N optimizer steps (rmpipe.ds_config.warmup_cosine)."""
+    from rmpipe.ds_config import warmup_cosine, warmup_steps
 
-    import torch
-    from deepspeed.runtime.lr_schedules import WarmupCosineLR
-
-    from rmpipe.ds_config import build_config
-
-    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)  # its "lr before the scheduler started" warning is the point
-
-    cfg = {"zero_stage": 0, "warmup_ratio": s.warmup_ratio, "grad_clip": s.grad_clip, "lr": 1.0,
-           "weight_decay": s.weight_decay}
-    params = build_config(cfg, s.steps, 1, False)["scheduler"]["params"]
-    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    scheduler = WarmupCosineLR(optimizer, **params)
-    multipliers = []
-    for _ in range(s.steps):
-        multipliers.append(float(optimizer.param_groups[0]["lr"]))
-        scheduler.step()
-    return multipliers
+    warmup = warmup_steps({"warmup_ratio": s.warmup_ratio}, s.steps)
+    return [warmup_cosine(step, s.steps, warmup) for step in range(s.steps)]
 
 
 def run_trl(run_dir: Path, s: Settings, backbone: Path, head_init: str, tokenizer, train) -> dict:

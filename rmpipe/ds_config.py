@@ -1,12 +1,14 @@
 """The DeepSpeed config of a training run, generated from `params.yaml: train` (or read from a JSON file).
 
 One optimizer step = one global batch of variable size (see `rmpipe.batching`), so as far as
-DeepSpeed is concerned every rank feeds a micro-batch of 1 with no gradient accumulation.
+DeepSpeed is concerned every rank feeds a micro-batch of 1 with no gradient accumulation. The
+learning-rate schedule (warmup + cosine) is rmpipe's own `warmup_cosine`, handed to DeepSpeed.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,6 @@ def build_config(train_cfg: dict[str, Any], total_steps: int, world_size: int, b
     zero: dict[str, Any] = {"stage": stage}
     if offload:
         zero["offload_optimizer"] = {"device": "cpu"}
-    warmup = max(1, round(float(train_cfg["warmup_ratio"]) * total_steps))
     return {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
@@ -54,19 +55,36 @@ def build_config(train_cfg: dict[str, Any], total_steps: int, world_size: int, b
                 **({} if offload else {"torch_adam": True}),
             },
         },
-        "scheduler": {
-            "type": "WarmupCosineLR",
-            "params": {
-                "total_num_steps": max(total_steps, warmup + 1),
-                "warmup_num_steps": warmup,
-                "warmup_type": "linear",
-                "warmup_min_ratio": 0.0,
-                "cos_min_ratio": 0.1,
-            },
-        },
         "steps_per_print": 10**9,  # rmpipe logs its own metrics
         "wall_clock_breakdown": False,
     }
+
+
+def warmup_steps(train_cfg: dict[str, Any], total_steps: int) -> int:
+    return max(1, round(float(train_cfg["warmup_ratio"]) * total_steps))
+
+
+def warmup_cosine(step: int, total_steps: int, warmup: int, floor: float = 0.1) -> float:
+    """lr multiplier of optimizer step `step` (0-based): linear warmup to 1, then cosine down to `floor`.
+
+    The first step already learns (1 / (warmup + 1)); DeepSpeed's WarmupCosineLR starts at 0 and, stepped
+    after each optimizer step, gives the first two steps lr 0.
+    """
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup - 1))
+    return floor + (1.0 - floor) * (1.0 + math.cos(math.pi * progress)) / 2.0
+
+
+def lr_scheduler(train_cfg: dict[str, Any], total_steps: int):
+    """For `deepspeed.initialize(lr_scheduler=...)`: builds the schedule on DeepSpeed's optimizer.
+
+    Used when the DeepSpeed config has no `scheduler` of its own (a user's JSON may bring one).
+    """
+    from torch.optim.lr_scheduler import LambdaLR
+
+    warmup = warmup_steps(train_cfg, total_steps)
+    return lambda optimizer: LambdaLR(optimizer, lambda step: warmup_cosine(step, total_steps, warmup))
 
 
 def load_config(path: str | Path, world_size: int) -> dict[str, Any]:

@@ -408,17 +408,19 @@ def fit(model: RewardModel, data: Data, s: TrainSettings, paths: TrainPaths, fp:
     """Train `model` on `data` under DeepSpeed; returns metrics (rank 0 logs them, every rank computes them)."""
     import deepspeed
 
-    from rmpipe.ds_config import param_groups
+    from rmpipe.ds_config import lr_scheduler, param_groups
 
     started = time.monotonic()
-    if s.gradient_checkpointing:
-        model.backbone.gradient_checkpointing_enable()
-    groups = param_groups(model, s.lr, s.weight_decay, s.head_lr_mult)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
-
     plans = plan_epochs(data.train, s, world)
     pair_tokens = data.train.tokens(s.packing)
     total_steps = sum(len(p) for p in plans)
+
+    if s.gradient_checkpointing:
+        model.backbone.gradient_checkpointing_enable()
+    groups = param_groups(model, s.lr, s.weight_decay, s.head_lr_mult)
+    schedule = None if "scheduler" in ds_config else lr_scheduler({"warmup_ratio": s.warmup_ratio}, total_steps)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config,
+                                           lr_scheduler=schedule)
     result = TrainResult()
     start_epoch, start_batch, nonfinite = 0, 0, 0
     ln2_history: list[tuple[float, float]] = []
@@ -459,8 +461,11 @@ def fit(model: RewardModel, data: Data, s: TrainSettings, paths: TrainPaths, fp:
         finite = _all_same(bool(torch.isfinite(loss)))
         if finite:
             engine.backward(loss * shard_weight(len(rows), len(global_rows), world))
+            local_norm = _grad_norm(model) if engine.zero_optimization_stage() == 0 else None
+            step_lr = engine.get_lr()  # the lr this step uses (the scheduler moves on inside step())
             engine.step()
-            grad_norm = engine.get_global_grad_norm()
+            # DeepSpeed reports the norm it clipped with under ZeRO; without ZeRO (fp32) it reports none.
+            grad_norm = engine.get_global_grad_norm() if local_norm is None else local_norm
         else:
             nonfinite += 1
             result.skipped_steps += 1
@@ -494,9 +499,8 @@ def fit(model: RewardModel, data: Data, s: TrainSettings, paths: TrainPaths, fp:
                         "Check pooling (last real token from the attention mask) and the padding side / pad token "
                         "(cf. huggingface/trl#2758)")
             if live is not None:
-                lr = engine.get_lr()
                 for key, value in {"loss": step_loss, "accuracy": correct / n, "margin": margin_sum / n,
-                                   "grad_norm": float(grad_norm or 0.0), "lr": float(lr[0]) if lr else 0.0,
+                                   "grad_norm": float(grad_norm or 0.0), "lr": float(step_lr[0]) if step_lr else 0.0,
                                    "tokens_per_s": tokens / step_s, "pairs_per_s": n / step_s}.items():
                     live.log_metric(f"train/{key}", value)
                 live.next_step()
@@ -533,6 +537,12 @@ def fit(model: RewardModel, data: Data, s: TrainSettings, paths: TrainPaths, fp:
     if live is not None:
         live.end()
     return result
+
+
+def _grad_norm(model: torch.nn.Module) -> float:
+    """L2 norm of all gradients (ZeRO 0: every rank holds the whole, all-reduced gradient)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
 
 
 def _open_live(folder: Path, resumed: bool):

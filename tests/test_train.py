@@ -235,7 +235,7 @@ def test_ds_config_from_params(tmp_path):
     assert ds["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"}}
     assert ds["train_micro_batch_size_per_gpu"] == 1 and ds["gradient_accumulation_steps"] == 1
     assert ds["train_batch_size"] == 2 and ds["gradient_clipping"] == cfg["grad_clip"]
-    assert ds["scheduler"]["params"]["warmup_num_steps"] == max(1, round(cfg["warmup_ratio"] * 100))
+    assert "scheduler" not in ds  # rmpipe's own schedule goes to deepspeed.initialize
     with pytest.raises(ConfigError, match="offload_optimizer"):
         build_config({**cfg, "zero_stage": 0, "offload_optimizer": True}, 100, 1, False)
 
@@ -289,3 +289,22 @@ def test_tokenized_cache_used_when_it_matches_and_never_when_stale(tmp_path, bac
         record = run(str(cached / "params.yaml"), paths_in(cached))
     assert "stale (splits changed)" in caplog.text and "using tokenized splits" not in caplog.text
     assert record["train_pairs"] == 40
+
+
+def test_lr_schedule_learns_from_the_first_step_and_ends_at_the_floor():
+    from rmpipe.ds_config import warmup_cosine
+
+    lrs = [warmup_cosine(step, total_steps=20, warmup=4) for step in range(20)]
+    assert lrs[0] == pytest.approx(1 / 5)  # DeepSpeed's WarmupCosineLR gave the first two steps lr 0
+    assert lrs[:5] == sorted(lrs[:5]) and lrs[4] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] == pytest.approx(0.1)
+
+
+def test_logged_lr_and_grad_norm_are_the_real_ones(tmp_path, backbone):
+    project = make_project(tmp_path, backbone, epochs=1)
+    run(str(project / "params.yaml"), paths_in(project))
+    metrics = project / "dvclive/train/plots/metrics/train"
+    lr = pd.read_csv(metrics / "lr.tsv", sep="\t")["lr"].tolist()
+    grad_norm = pd.read_csv(metrics / "grad_norm.tsv", sep="\t")["grad_norm"].tolist()
+    assert lr[0] > 0 and max(lr) == pytest.approx(3e-3)
+    assert all(g > 0 and math.isfinite(g) for g in grad_norm)
