@@ -26,8 +26,8 @@ def bf16_wanted(setting: bool | str, device_type: str) -> bool:
     return True
 
 
-def build_config(train_cfg: dict[str, Any], total_steps: int, world_size: int, bf16: bool) -> dict[str, Any]:
-    """A DeepSpeed config for `total_steps` optimizer steps at `world_size` ranks."""
+def build_config(train_cfg: dict[str, Any], world_size: int, bf16: bool) -> dict[str, Any]:
+    """A DeepSpeed config for `world_size` ranks (the lr schedule comes from `lr_scheduler`)."""
     stage = int(train_cfg["zero_stage"])
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"params.yaml: 'train.zero_stage' must be 0, 1, 2 or 3, got {stage}")

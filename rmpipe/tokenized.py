@@ -27,15 +27,15 @@ from rmpipe.io import sha256_file
 log = logging.getLogger("rmpipe.tokenized")
 
 MANIFEST = "manifest.json"
-SPLITS = ("train", "val")
 # Files that decide how text becomes ids (tokenizer + chat template), whichever a backbone folder has.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
 CODE = ("render.py", "batching.py", "packing.py", "tokenized.py")
 
 
-def cache_key(backbone: Path | str, splits: dict[str, Path], max_length: int) -> dict:
-    """What the cached tokens depend on; equal keys mean equal tokens."""
+def cache_key(backbone: Path | str, paths, max_length: int) -> dict:
+    """What the cached tokens of `paths` (a `rmpipe.train.TrainPaths`) depend on; equal keys, equal tokens."""
+    splits = {"train": paths.train_split, "val": paths.val_split}
     folder = Path(backbone)
     if folder.is_dir():
         tokenizer = {name: sha256_file(folder / name) for name in TOKENIZER_FILES if (folder / name).exists()}
@@ -96,4 +96,8 @@ def load_or_tokenize(folder: Path, tokenizer, frames: dict[str, pd.DataFrame], k
         log.info("using tokenized splits from %s", folder)
         return {name: read(folder, name, counts[name]["truncated"]) for name in frames}
     log.info("%s: tokenizing", reason)
-    return {name: tokenize_pairs(tokenizer, frame, key["max_length"]) for name, frame in frames.items()}
+    return tokenize_splits(tokenizer, frames, key["max_length"])
+
+
+def tokenize_splits(tokenizer, frames: dict[str, pd.DataFrame], max_length: int) -> dict[str, TokenizedPairs]:
+    return {name: tokenize_pairs(tokenizer, frame, max_length) for name, frame in frames.items()}

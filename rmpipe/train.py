@@ -37,7 +37,7 @@ from rmpipe import io
 from rmpipe.batching import TokenizedPairs, plan_batches, shard, shard_weight
 from rmpipe.errors import ConfigError, DataError, UserError
 from rmpipe.io import sha256_file
-from rmpipe.packing import make_batch
+from rmpipe.packing import MODES, make_batch
 from rmpipe.params import get
 from rmpipe.progress import progress
 from rmpipe.reward_model import RewardModel, bradley_terry_loss
@@ -106,7 +106,7 @@ class TrainSettings:
             hostfile=get(cfg, "hostfile", (str, type(None)), w),
             checkpoint_every=get(cfg, "checkpoint_every", int, w),
             max_nonfinite_steps=get(cfg, "max_nonfinite_steps", int, w),
-            packing=get(cfg, "packing", str, w, choices=("auto", "none", "padding_free", "shared_prompt")),
+            packing=get(cfg, "packing", str, w, choices=("auto", *MODES)),
             stop_after_steps=cfg.get("stop_after_steps"),
         )
         if s.bf16 not in (True, False, "auto"):
@@ -295,7 +295,7 @@ def tokenize(tokenizer, backbone_dir: Path | str, paths: "TrainPaths", train_fra
 
     if tokenizer.pad_token_id is None:
         raise UserError("the backbone's tokenizer has no pad token")
-    key = tokenized.cache_key(backbone_dir, {"train": paths.train_split, "val": paths.val_split}, max_length)
+    key = tokenized.cache_key(backbone_dir, paths, max_length)
     pairs = tokenized.load_or_tokenize(paths.tokenized, tokenizer, {"train": train_frame, "val": val_frame}, key)
     return Data(pairs["train"], pairs["val"], tokenizer.pad_token_id)
 
@@ -381,7 +381,7 @@ def evaluate_pairs(engine, pairs: TokenizedPairs, pad_id: int, s: TrainSettings,
     engine.eval()
     with torch.no_grad():
         for batch_rows in plan_batches(pairs.lengths(), s.tokens_per_batch, s.max_pairs_per_batch, s.seed,
-                                       shuffle=False, min_pairs=world, packed_tokens=_packed_tokens(pairs, s)):
+                                       shuffle=False, min_pairs=world, packed_tokens=_packed(tokens, s)):
             rows = shard(batch_rows, tokens, rank, world)
             batch = make_batch(pairs, rows, s.packing, pad_id).to(engine.device)
             r_c, r_r = engine(**batch.inputs).float().chunk(2)
@@ -395,12 +395,14 @@ def evaluate_pairs(engine, pairs: TokenizedPairs, pad_id: int, s: TrainSettings,
 
 def plan_epochs(pairs: TokenizedPairs, s: TrainSettings, world: int) -> list[list[list[int]]]:
     """Every epoch's global batches, budgeted in the tokens the resolved layout computes."""
-    return [plan_batches(pairs.lengths(), s.tokens_per_batch, s.max_pairs_per_batch, s.seed, epoch, min_pairs=world,
-                         packed_tokens=_packed_tokens(pairs, s)) for epoch in range(s.epochs)]
+    lengths, packed = pairs.lengths(), _packed(pairs.tokens(s.packing), s)
+    return [plan_batches(lengths, s.tokens_per_batch, s.max_pairs_per_batch, s.seed, epoch, min_pairs=world,
+                         packed_tokens=packed) for epoch in range(s.epochs)]
 
 
-def _packed_tokens(pairs: TokenizedPairs, s: TrainSettings):
-    return None if s.packing == "none" else pairs.tokens(s.packing)
+def _packed(tokens, s: TrainSettings):
+    """Per-pair tokens for a packed layout's budget; None (budget the padded stack) for `none`."""
+    return None if s.packing == "none" else tokens
 
 
 def fit(model: RewardModel, data: Data, s: TrainSettings, paths: TrainPaths, fp: str, ds_config: dict,
@@ -461,11 +463,13 @@ def fit(model: RewardModel, data: Data, s: TrainSettings, paths: TrainPaths, fp:
         finite = _all_same(bool(torch.isfinite(loss)))
         if finite:
             engine.backward(loss * shard_weight(len(rows), len(global_rows), world))
-            local_norm = _grad_norm(model) if engine.zero_optimization_stage() == 0 else None
+            # DeepSpeed reports the norm it clipped with under ZeRO; without ZeRO (fp32) it reports none,
+            # and there every rank holds the whole, all-reduced gradient.
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            own_norm = float(torch.nn.utils.get_total_norm(grads)) if engine.zero_optimization_stage() == 0 else None
             step_lr = engine.get_lr()  # the lr this step uses (the scheduler moves on inside step())
             engine.step()
-            # DeepSpeed reports the norm it clipped with under ZeRO; without ZeRO (fp32) it reports none.
-            grad_norm = engine.get_global_grad_norm() if local_norm is None else local_norm
+            grad_norm = engine.get_global_grad_norm() if own_norm is None else own_norm
         else:
             nonfinite += 1
             result.skipped_steps += 1
@@ -537,12 +541,6 @@ def fit(model: RewardModel, data: Data, s: TrainSettings, paths: TrainPaths, fp:
     if live is not None:
         live.end()
     return result
-
-
-def _grad_norm(model: torch.nn.Module) -> float:
-    """L2 norm of all gradients (ZeRO 0: every rank holds the whole, all-reduced gradient)."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
 
 
 def _open_live(folder: Path, resumed: bool):

@@ -16,8 +16,7 @@ from pathlib import Path
 
 from rmpipe import tokenized
 from rmpipe.backbones import check_backbone, resolve_backbone
-from rmpipe.batching import tokenize_pairs
-from rmpipe.errors import UserError, exits_cleanly
+from rmpipe.errors import exits_cleanly
 from rmpipe.params import get, load_params, section
 from rmpipe.progress import setup_logging
 from rmpipe.train import TrainPaths, read_splits
@@ -30,12 +29,10 @@ def run(params_file: str = "params.yaml", paths: TrainPaths | None = None) -> di
     paths = paths or TrainPaths()
     frames = dict(zip(("train", "val"), read_splits(paths)))
     backbone_dir = resolve_backbone(model_cfg, Path.cwd())
-    _, tokenizer = check_backbone(backbone_dir, get(model_cfg, "trust_remote_code", bool, "model"))
-    if tokenizer.pad_token_id is None:
-        raise UserError("the backbone's tokenizer has no pad token")
+    _, tokenizer = check_backbone(backbone_dir, get(model_cfg, "trust_remote_code", bool, "model"))  # has a pad token
     max_length = get(model_cfg, "max_length", int, "model")
-    key = tokenized.cache_key(backbone_dir, {"train": paths.train_split, "val": paths.val_split}, max_length)
-    pairs = {name: tokenize_pairs(tokenizer, frame, max_length) for name, frame in frames.items()}
+    key = tokenized.cache_key(backbone_dir, paths, max_length)
+    pairs = tokenized.tokenize_splits(tokenizer, frames, max_length)
     tokenized.write(paths.tokenized, pairs, key)
     for name, split in pairs.items():
         shared = split.prefix.sum() / max(1, sum(len(c) for c in split.chosen))

@@ -28,7 +28,7 @@ from rmpipe.progress import setup_logging
 from rmpipe.reward_model import RewardModel
 from rmpipe.train import (
     TrainPaths, TrainSettings, check_max_length, fingerprint, fit, free_port, init_distributed, leave_distributed,
-    make_deterministic, plan_epochs, read_splits, save_outputs, tokenize,
+    make_deterministic, read_splits, save_outputs, tokenize,
 )
 
 log = logging.getLogger("rmpipe.train")
@@ -75,8 +75,7 @@ def run(params_file: str = "params.yaml", paths: TrainPaths | None = None) -> di
     if rank == 0:
         log.info("packing: %s%s", s.packing, "".join(f" | {m} max |dr| {e:.1e}" for m, e in packing_errors.items()))
 
-    steps = sum(len(plan) for plan in plan_epochs(data.train, s, world))
-    ds_config = load_config(s.deepspeed_config, world) if s.deepspeed_config else build_config(train_cfg, steps, world, bf16)
+    ds_config = load_config(s.deepspeed_config, world) if s.deepspeed_config else build_config(train_cfg, world, bf16)
     fp = fingerprint(model_cfg, train_cfg, paths.train_split, backbone_dir, world)
     result = fit(model, data, s, paths, fp, ds_config, rank, world)
     if result.stopped_early:

@@ -231,13 +231,13 @@ def test_ds_config_from_params(tmp_path):
 
     cfg = yaml.safe_load((ROOT / "params.yaml").read_text())["train"]
     assert not bf16_wanted("auto", "cpu") and not bf16_wanted(True, "cpu")  # never on CPU
-    ds = build_config({**cfg, "zero_stage": 3, "offload_optimizer": True}, total_steps=100, world_size=2, bf16=False)
+    ds = build_config({**cfg, "zero_stage": 3, "offload_optimizer": True}, world_size=2, bf16=False)
     assert ds["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"}}
     assert ds["train_micro_batch_size_per_gpu"] == 1 and ds["gradient_accumulation_steps"] == 1
     assert ds["train_batch_size"] == 2 and ds["gradient_clipping"] == cfg["grad_clip"]
     assert "scheduler" not in ds  # rmpipe's own schedule goes to deepspeed.initialize
     with pytest.raises(ConfigError, match="offload_optimizer"):
-        build_config({**cfg, "zero_stage": 0, "offload_optimizer": True}, 100, 1, False)
+        build_config({**cfg, "zero_stage": 0, "offload_optimizer": True}, 1, False)
 
     user = tmp_path / "ds.json"
     user.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2}}))
