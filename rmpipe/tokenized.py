@@ -83,7 +83,10 @@ def stale_reason(folder: Path, key: dict) -> str | None:
     manifest = folder / MANIFEST
     if not manifest.exists():
         return f"no tokenized cache at {folder}"
-    recorded = json.loads(manifest.read_text(encoding="utf-8")).get("key", {})
+    try:
+        recorded = json.loads(manifest.read_text(encoding="utf-8")).get("key", {})
+    except (OSError, ValueError, AttributeError) as exc:  # a damaged cache is re-made, never trusted
+        return f"tokenized cache manifest {manifest} is unreadable ({type(exc).__name__})"
     changed = [part for part in key if recorded.get(part) != key[part]]
     return f"tokenized cache at {folder} is stale ({', '.join(changed)} changed)" if changed else None
 

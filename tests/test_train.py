@@ -308,3 +308,11 @@ def test_logged_lr_and_grad_norm_are_the_real_ones(tmp_path, backbone):
     grad_norm = pd.read_csv(metrics / "grad_norm.tsv", sep="\t")["grad_norm"].tolist()
     assert lr[0] > 0 and max(lr) == pytest.approx(3e-3)
     assert all(g > 0 and math.isfinite(g) for g in grad_norm)
+
+
+def test_damaged_tokenized_cache_is_stale_not_a_crash(tmp_path):
+    from rmpipe import tokenized
+
+    (tmp_path / tokenized.MANIFEST).write_text("{ truncated")
+    assert "unreadable" in tokenized.stale_reason(tmp_path, {"max_length": 64})
+    assert "no tokenized cache" in tokenized.stale_reason(tmp_path / "missing", {"max_length": 64})
