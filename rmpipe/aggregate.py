@@ -39,7 +39,7 @@ from crowdkit.aggregation import DawidSkene, MajorityVote
 
 from rmpipe import params as P
 from rmpipe.errors import ConfigError, DataError
-from rmpipe.schema import CHOICES, PAIR_COLUMNS, STRENGTHS, VOTE_COLUMNS, prompt_hash
+from rmpipe.schema import CHOICES, PAIR_COLUMNS, STRENGTHS, VOTE_COLUMNS, VOTE_DEFAULTS, prompt_hash
 
 log = logging.getLogger("rmpipe.aggregate")
 
@@ -49,7 +49,7 @@ MALFORMED, IDENTICAL = -1, -2  # votes that cannot be oriented
 
 METHODS = ("majority", "dawid_skene")
 TIE_POLICIES = ("drop", "soft")
-OUTPUT_COLUMNS = [c for c in PAIR_COLUMNS if c != "split"]  # the split stage adds `split`
+OUTPUT_COLUMNS = [c for c in PAIR_COLUMNS if c != "split"] + ["prejudged"]  # the split stage adds `split`
 
 # Where each input vote ends up; report["votes"] counts them and they sum to n_votes_in.
 VOTE_BUCKETS = (
@@ -63,10 +63,11 @@ VOTE_BUCKETS = (
     "in_dropped_tie_pairs",
 )
 
-_SMALL_COLUMNS = ["batch_id", "line", "pair_id", "annotator_id", "choice", "strength", "margin"]
+_SMALL_COLUMNS = ["batch_id", "line", "pair_id", "annotator_id", "choice", "strength", "margin", "prejudged", "n_votes"]
 _TEXT_COLUMNS = ["prompt", "prompt_hash", "response_a", "response_b"]
-# Vote tables written before collect carried prompt_hash lack it: aggregate computes it then.
-_OPTIONAL_COLUMNS = ("prompt_hash",)
+# Vote tables written before collect carried prompt_hash lack it: aggregate computes it then. The
+# pre-judged columns take their schema.VOTE_DEFAULTS (an A/B vote, one judgement) where absent.
+_OPTIONAL_COLUMNS = ("prompt_hash", *VOTE_DEFAULTS)
 
 # Every character Python's str.isspace() accepts (what `\s` means in schema.normalize_text),
 # spelled for RE2 so pyarrow can normalize millions of texts without a Python loop.
@@ -95,6 +96,7 @@ class AggregateSettings:
     agreement_floor: float = 0.6
     share_ceiling: float = 0.3
     exclude_flagged: bool = False
+    max_dropped_share: float = 0.5
     ds_n_iter: int = 20
     ds_tol: float = 1e-4
 
@@ -115,6 +117,7 @@ class AggregateSettings:
             agreement_floor=P.fraction(cfg, "agreement_floor", where),
             share_ceiling=P.fraction(cfg, "share_ceiling", where),
             exclude_flagged=P.get(cfg, "exclude_flagged", bool, where),
+            max_dropped_share=P.fraction({"max_dropped_share": 0.5, **cfg}, "max_dropped_share", where),
             ds_n_iter=P.get(ds, "n_iter", int, f"{where}.dawid_skene"),
             ds_tol=float(P.get(ds, "tol", float, f"{where}.dawid_skene")),
         )
@@ -235,6 +238,7 @@ def _orient(small: pd.DataFrame, text_batches: Iterable[pa.RecordBatch]) -> Vote
     if start != n:
         raise RuntimeError(f"text columns have {start} rows, small columns {n}")
 
+    small = _with_defaults(small)
     choice = small["choice"].to_numpy(dtype=object, na_value=None)
     label = np.select(
         [choice == "tie", choice == "a", choice == "b"],
@@ -254,6 +258,8 @@ def _orient(small: pd.DataFrame, text_batches: Iterable[pa.RecordBatch]) -> Vote
             "chose_a": choice == "a",
             "strength": pd.Categorical(small["strength"]),
             "margin": pd.to_numeric(small["margin"], errors="coerce").to_numpy(dtype=float, na_value=np.nan),
+            "prejudged": small["prejudged"].to_numpy(dtype=bool),
+            "weight": small["n_votes"].to_numpy(dtype=np.int64),
             "len_first": np.where(a_first, len_a, len_b),
             "len_second": np.where(a_first, len_b, len_a),
         }
@@ -267,6 +273,15 @@ def _orient(small: pd.DataFrame, text_batches: Iterable[pa.RecordBatch]) -> Vote
     return Votes(table=table, texts=pa.table(columns))
 
 
+def _with_defaults(small: pd.DataFrame) -> pd.DataFrame:
+    """prejudged / n_votes filled where a vote table lacks them (or holds nulls): an A/B vote, one judgement."""
+    fills = {}
+    for name in ("prejudged", "n_votes"):
+        column = small[name] if name in small.columns else pd.Series(VOTE_DEFAULTS[name], index=small.index)
+        fills[name] = column.fillna(VOTE_DEFAULTS[name]).astype(bool if name == "prejudged" else np.int64)
+    return small.assign(**fills)
+
+
 def orient_votes(votes: pd.DataFrame) -> Votes:
     """Orient an in-memory vote table (columns schema.VOTE_COLUMNS)."""
     _require_columns(votes.columns, "the vote table")
@@ -274,7 +289,7 @@ def orient_votes(votes: pd.DataFrame) -> Votes:
     # from_pandas for prompt_hash only: a hand-built table may leave it NaN (computed later); a NaN text stays an error
     texts = pa.table({c: pa.array(votes[c].to_numpy(dtype=object), pa.string(), from_pandas=c == "prompt_hash")
                       for c in _TEXT_COLUMNS if c in votes.columns})
-    return _orient(votes[_SMALL_COLUMNS], texts.to_batches())
+    return _orient(votes[[c for c in _SMALL_COLUMNS if c in votes.columns]], texts.to_batches())
 
 
 def read_votes(path: str | Path, batch_rows: int = 32_768) -> Votes:
@@ -288,7 +303,7 @@ def read_votes(path: str | Path, batch_rows: int = 32_768) -> Votes:
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataError(f"{path} is not a readable parquet file ({exc}): re-run the collect stage") from None
     _require_columns(parquet.schema_arrow.names, str(path))
-    small = parquet.read(columns=_SMALL_COLUMNS).to_pandas()
+    small = parquet.read(columns=[c for c in _SMALL_COLUMNS if c in parquet.schema_arrow.names]).to_pandas()
     text_columns = [c for c in _TEXT_COLUMNS if c in parquet.schema_arrow.names]
     if "prompt_hash" not in text_columns:
         log.warning("%s has no prompt_hash column (written by an older collect): computing it here; "
@@ -305,8 +320,10 @@ def read_votes(path: str | Path, batch_rows: int = 32_768) -> Votes:
 class _Pass:
     """One aggregation pass over a set of votes; arrays indexed by pair code."""
 
-    counts: np.ndarray  # (n_pairs, 3): votes per label
-    eligible: np.ndarray  # n_votes >= min_votes
+    counts: np.ndarray  # (n_pairs, 3): votes (rows) per label
+    weighted: np.ndarray  # judgements per pair: the sum of the votes' n_votes (a pair row may stand for several)
+    prejudged: np.ndarray  # every vote from an already-judged row (pair row / ranked group): min_votes does not apply
+    eligible: np.ndarray  # prejudged, or weighted >= min_votes
     label: np.ndarray  # int8 aggregated label, -1 where not eligible
 
 
@@ -328,7 +345,12 @@ def _crowd_labels(votes: pd.DataFrame, settings: AggregateSettings) -> pd.Series
 def _aggregate_pass(votes: pd.DataFrame, n_pairs: int, settings: AggregateSettings) -> _Pass:
     pair = votes["pair"].to_numpy()
     counts = np.bincount(pair * 3 + votes["label"].to_numpy(), minlength=n_pairs * 3).reshape(n_pairs, 3)
-    eligible = counts.sum(axis=1) >= settings.min_votes
+    weighted = np.bincount(pair, weights=votes["weight"].to_numpy(), minlength=n_pairs).astype(np.int64)
+    has_votes = counts.sum(axis=1) > 0
+    # The mixed rule: one A/B vote row on a pair makes it vote-built, and min_votes counts all its judgements.
+    vote_built = np.bincount(pair[~votes["prejudged"].to_numpy()], minlength=n_pairs) > 0
+    prejudged = has_votes & ~vote_built
+    eligible = prejudged | (has_votes & (weighted >= settings.min_votes))
     label = np.full(n_pairs, -1, np.int8)
     voted = votes[eligible[pair]]
     if len(voted):
@@ -336,7 +358,7 @@ def _aggregate_pass(votes: pd.DataFrame, n_pairs: int, settings: AggregateSettin
         label[crowd.index.to_numpy()] = crowd.to_numpy()
     responses_level = (counts[:, FIRST] == counts[:, SECOND]) & (counts[:, FIRST] >= counts[:, TIE])
     label[eligible & responses_level] = TIE
-    return _Pass(counts=counts, eligible=eligible, label=label)
+    return _Pass(counts=counts, weighted=weighted, prejudged=prejudged, eligible=eligible, label=label)
 
 
 def krippendorff_alpha(counts: np.ndarray) -> float | None:
@@ -458,7 +480,8 @@ def _pairs_table(used: pd.DataFrame, final: _Pass, keep: np.ndarray, src: Votes,
     codes = np.flatnonzero(keep)
     label = final.label[codes]
     counts = final.counts[codes]
-    n_votes = counts.sum(axis=1)
+    n_rows = counts.sum(axis=1)
+    n_votes = final.weighted[codes]
     second_wins = label == SECOND
     n_chosen = np.where(second_wins, counts[:, 1], counts[:, 0])  # ties: canonical order
     n_rejected = np.where(second_wins, counts[:, 0], counts[:, 1])
@@ -485,11 +508,12 @@ def _pairs_table(used: pd.DataFrame, final: _Pass, keep: np.ndarray, src: Votes,
             "n_chosen": n_chosen.astype(np.int64),
             "n_rejected": n_rejected.astype(np.int64),
             "n_tie": counts[:, 2].astype(np.int64),
-            "agreement": n_label / np.maximum(n_votes, 1),
+            "agreement": n_label / np.maximum(n_rows, 1),
             "soft_label": soft_label.astype(float),
             "margin": margin.astype(float),
             "prompt_hash": _prompt_hashes(prompt, texts.column("prompt_hash").take(pa.array(rows))),
             "batch_ids": _batch_lists(used, codes, src.table["batch_id"].cat.categories),
+            "prejudged": final.prejudged[codes],
         }
     )
     # batch_ids as plain object lists: an ArrowDtype column leaves pandas metadata that read_parquet cannot parse.
@@ -521,6 +545,8 @@ def aggregate(source: Votes | pd.DataFrame, settings: AggregateSettings) -> Aggr
             "chose_a": table["chose_a"].to_numpy(),
             "strength": table["strength"],
             "margin": table["margin"].to_numpy(),
+            "prejudged": table["prejudged"].to_numpy(),
+            "weight": table["weight"].to_numpy(),
         }
     )
     bucket = np.zeros(n_in, np.int8)  # index into VOTE_BUCKETS; 0 = used
@@ -603,6 +629,37 @@ def aggregate(source: Votes | pd.DataFrame, settings: AggregateSettings) -> Aggr
     return Aggregation(pairs=pairs, report=report, annotators=annotators)
 
 
+# --------------------------------------------------------------------------- too much dropped
+
+# Why pairs were dropped, in words, and the param a person changes to keep them.
+_DROP_REASONS = {
+    "min_votes": ("fewer than min_votes={min_votes} votes each",
+                  "lower aggregate.min_votes or deliver more votes per pair (a pairwise dataset of already-judged "
+                  "prompt/chosen/rejected rows is exempt: check those rows are not delivered as A/B vote rows)"),
+    "tie": ("a tie by majority (aggregate.tie_policy=drop)", "set aggregate.tie_policy: soft to keep ties at soft label 0.5"),
+    "no_usable_votes": ("no usable vote (malformed, identical responses, duplicate or excluded annotators)",
+                        "see the votes buckets in reports/annotators.json"),
+    "inconsistent_pair_id": ("a pair_id naming different response pairs in different votes",
+                             "fix the pair_id column or leave it out so collect derives it"),
+}
+
+
+def check_dropped(report: dict[str, Any], settings: AggregateSettings) -> None:
+    """DataError when aggregation dropped every pair, or more than `max_dropped_share` of them: the stage
+    that emptied the data says so, with the reason, the count and the param, instead of a later stage."""
+    n_in, n_out = report["n_pairs_in"], report["n_pairs_out"]
+    dropped = n_in - n_out
+    if n_in == 0 or (n_out > 0 and dropped / n_in <= settings.max_dropped_share):
+        return
+    causes = sorted(((report["pairs"][key], key) for key in _DROP_REASONS if report["pairs"].get(key)), reverse=True)
+    reasons = "; ".join(f"{count:,} {'with ' if key != 'tie' else ''}{_DROP_REASONS[key][0].format(min_votes=settings.min_votes)}"
+                        for count, key in causes)
+    fix = _DROP_REASONS[causes[0][1]][1] if causes else "see reports/annotators.json"
+    over = "" if n_out == 0 else f" (over aggregate.max_dropped_share={settings.max_dropped_share:g})"
+    raise DataError(f"aggregate dropped {dropped:,} of {n_in:,} pairs{over}: {reasons}. To keep them: {fix}"
+                    + ("" if n_out == 0 else "; or raise aggregate.max_dropped_share"))
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -629,6 +686,8 @@ def _report(settings, votes, vote_buckets, pair_buckets, first, final, pairs, an
         "n_pairs_in": sum(pair_buckets.values()),
         "n_votes_used": vote_buckets["used"],
         "n_pairs_out": len(pairs),
+        "n_pairs_prejudged": int(pairs["prejudged"].sum()) if len(pairs) else 0,
+        "max_dropped_share": settings.max_dropped_share,
         "n_dropped_min_votes": pair_buckets["min_votes"],
         "n_dropped_tie": pair_buckets["tie"],
         "n_tie_pairs": n_tie_pairs,

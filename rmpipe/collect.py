@@ -42,7 +42,7 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from rmpipe import schema
+from rmpipe import formats, hf_batches, schema
 from rmpipe.errors import ConfigError, DataError
 from rmpipe.io import atomic_path, sha256_file
 from rmpipe.params import fraction, get
@@ -69,6 +69,11 @@ REASONS = {
     "bad_strength": "unknown strength label",
     "bad_margin": "margin is not a number",
     "mixed_shape": "row mixes vote fields and pair fields",
+    "bad_transcript": "Human:/Assistant: transcript does not parse",
+    "bad_conversation": "chosen/rejected conversations do not split into prompt + response",
+    "bad_group": "malformed ranked/rated group",
+    "bad_n_votes": "n_votes is not a whole number >= 1",
+    "bad_score": "score_chosen/score_rejected unusable as a margin",
     "identical_responses": "response_a and response_b are identical",
     "duplicate_vote": "duplicate vote by the same annotator on the same pair",
 }
@@ -79,7 +84,8 @@ _ABSENT = (None, "")  # an optional field left out or left blank (CSV)
 # Fields with a column of their own; anything else in a row is kept in `meta`. A margin is
 # read from pair rows only (the contract); on a vote row it is just metadata.
 _VOTE_KNOWN = frozenset(("prompt", "annotator_id", "strength", "pair_id") + _VOTE_FIELDS)
-_PAIR_KNOWN = frozenset(("prompt", "annotator_id", "strength", "pair_id", "margin") + _PAIR_FIELDS)
+_PAIR_KNOWN = frozenset(("prompt", "annotator_id", "strength", "pair_id", "margin", "n_votes") + _PAIR_FIELDS)
+_RANKED_KNOWN = frozenset(("prompt", "annotator_id", "strength", "responses", "ranking", "scores"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,6 +100,8 @@ class CollectConfig:
     max_field_chars: int
     max_file_mb: float
     on_rejected_batch: str  # fail | skip
+    margin_from_scores: bool = False  # score_chosen - score_rejected (a group's score gap) becomes the margin
+    hf_split: str = "train"  # the split read from a DatasetDict folder or a shard folder
 
     @classmethod
     def from_params(cls, cfg: Mapping[str, Any]) -> "CollectConfig":
@@ -107,6 +115,9 @@ class CollectConfig:
             max_field_chars=get(cfg, "max_field_chars", int, where),
             max_file_mb=float(get(cfg, "max_file_mb", float, where)),
             on_rejected_batch=get(cfg, "on_rejected_batch", str, where, choices=POLICIES),
+            # optional keys (older params files lack them): the defaults keep today's behaviour
+            margin_from_scores=get({"margin_from_scores": False, **cfg}, "margin_from_scores", bool, where),
+            hf_split=get({"hf_split": "train", **cfg}, "hf_split", str, where),
         )
         if conf.max_field_chars < 1 or conf.max_file_mb <= 0:
             raise ConfigError("params.yaml: collect.max_field_chars and collect.max_file_mb must be positive")
@@ -139,12 +150,13 @@ class _Bad:
     reason: str
 
 
-# A normalized vote is a plain tuple of the values of schema.VOTE_COLUMNS[2:] (pair_id ... meta):
+# A normalized vote is a plain tuple of the values of schema.VOTE_COLUMNS[2:] (pair_id ... group_id):
 # a million of them stay small and cheap to build (a NamedTuple costs ~2 us more per row), and
 # zip(*votes) gives the columns.
 _Vote = tuple
 _VOTE_FIELDS_OUT = tuple(schema.VOTE_COLUMNS[2:])
 _PAIR_ID, _ANNOTATOR = _VOTE_FIELDS_OUT.index("pair_id"), _VOTE_FIELDS_OUT.index("annotator_id")
+_PREJUDGED = _VOTE_FIELDS_OUT.index("prejudged")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,8 +212,9 @@ class _Normalizer:
     cached, so a cache hit is also a pass.
     """
 
-    def __init__(self, max_field_chars: int):
+    def __init__(self, max_field_chars: int, margin_from_scores: bool = False):
         self.max_chars = max_field_chars
+        self.margin_from_scores = margin_from_scores
         self._prompts: dict[Any, tuple[str, str] | _Bad] = {}  # delivered prompt -> (canonical, hash)
         self._canonical: dict[str, str] = {}  # one shared object per canonical prompt
         self._texts: dict[str, tuple[str, str, str]] = {}  # response -> (shared, normalized, its sha256)
@@ -271,7 +284,11 @@ class _Normalizer:
         if isinstance(value, str) and len(value) > self.max_chars:
             return self._too_long("prompt", len(value))
         try:
+            if formats.is_transcript(value):  # "\n\nHuman: ...\n\nAssistant:" -> real turns
+                value = formats.parse_transcript(value, "prompt", open_end=True)
             messages = schema.to_messages(value)
+        except formats.ShapeError as exc:
+            return _Bad(exc.code, exc.reason)
         except schema.PromptError as exc:
             return _Bad("empty_text" if "empty" in str(exc) else "bad_prompt", str(exc))
         size = sum(len(m["content"]) for m in messages)
@@ -296,13 +313,22 @@ class _Normalizer:
         return found
 
     # -- the row -------------------------------------------------------------------------------
-    def normalize(self, rec: Mapping[str, Any], batch_id: str) -> _Vote | _Bad:
-        """One record (vote row or pair row) -> a vote, or the reason it cannot be one."""
+    def normalize(self, rec: Mapping[str, Any], batch_id: str) -> _Vote | list[_Vote] | _Bad:
+        """One record -> a vote (vote row, pair row in any shape of rmpipe.formats), the votes of a
+        ranked/rated group, or the reason it cannot be normalized."""
         get = rec.get
+        if "responses" in rec and get("responses") not in _ABSENT:
+            return self._group(rec, batch_id)
         is_pair = ("chosen" in rec or "rejected" in rec) and (get("chosen") not in _ABSENT or get("rejected") not in _ABSENT)
         if is_pair and any(get(name) not in _ABSENT for name in _VOTE_FIELDS):
             return _Bad("mixed_shape", "row has both vote fields (response_a/response_b/choice) and pair fields "
                                        "(chosen/rejected): send one shape per row")
+        if is_pair:
+            try:
+                rec = formats.pair_row(rec)  # conversational / implicit-prompt / HH pairs -> prompt + two texts
+            except formats.ShapeError as exc:
+                return _Bad(exc.code, exc.reason)
+            get = rec.get
         a_name, b_name = ("chosen", "rejected") if is_pair else ("response_a", "response_b")
         # Each field: a cache hit (type(...) is str, seen before) is the fast path.
         value = get(a_name)
@@ -343,6 +369,15 @@ class _Normalizer:
             margin = _margin(margin)
             if isinstance(margin, _Bad):
                 return margin
+        n_votes = 1
+        if is_pair:
+            n_votes = _n_votes(get("n_votes"))
+            if isinstance(n_votes, _Bad):
+                return n_votes
+            if margin is None and self.margin_from_scores:
+                margin = _score_margin(get("score_chosen"), get("score_rejected"))
+                if isinstance(margin, _Bad):
+                    return margin
 
         value = get("prompt")
         prompt = (type(value) is str and self._prompts.get(value)) or self._new_prompt(value)
@@ -364,7 +399,42 @@ class _Normalizer:
             meta = orjson.dumps(extras, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS, default=str).decode()
             meta = self._meta.setdefault(meta, meta)
         return (pair_id or self._pair_id(prompt, a, b), prompt[0], prompt[1], a[0], b[0], annotator, choice,
-                strength, margin, meta)
+                strength, margin, meta, is_pair, n_votes, None)
+
+    def _group(self, rec: Mapping[str, Any], batch_id: str) -> list[_Vote] | _Bad:
+        """A ranked/rated group -> one vote per comparison (K(K-1)/2), all sharing a group_id.
+
+        Each comparison goes through `normalize` as a vote row, so its texts get the same checks.
+        """
+        if any(rec.get(name) not in _ABSENT for name in _VOTE_FIELDS + _PAIR_FIELDS if name in rec):
+            return _Bad("mixed_shape", "row has 'responses' (a ranked group) and vote or pair fields: one shape per row")
+        try:
+            responses, comparisons = formats.ranked_comparisons(rec)
+        except formats.ShapeError as exc:
+            return _Bad(exc.code, exc.reason)
+        annotator = rec.get("annotator_id")
+        annotator = f"anonymous:{batch_id}" if annotator in _ABSENT else annotator
+        scores = rec.get("scores") if formats.present(rec, "scores") else None
+        extras = {k: rec[k] for k in rec.keys() - _RANKED_KNOWN}
+        votes = []
+        for i, j, choice in comparisons:
+            vote = self.normalize({"prompt": rec.get("prompt"), "response_a": responses[i], "response_b": responses[j],
+                                   "annotator_id": annotator, "choice": choice, "strength": rec.get("strength")}, batch_id)
+            if isinstance(vote, _Bad):
+                return _Bad(vote.code, f"responses {i} vs {j}: {vote.reason}")
+            votes.append(vote)
+        # The group: its prompt and its set of responses (not the annotator: two annotators' rankings
+        # of one group share the id).
+        digests = sorted(self._texts[r][2] for r in responses)
+        group_id = "g-" + schema.text_sha256("\x1f".join([votes[0][2], *digests]))[:22]
+        out = []
+        for (i, j, _), vote in zip(comparisons, votes):
+            margin = abs(scores[i] - scores[j]) * 1.0 if scores is not None and self.margin_from_scores else None
+            meta = {**extras, **({"score_a": scores[i], "score_b": scores[j]} if scores is not None else {}),
+                    "group_index": [i, j]}
+            meta_json = orjson.dumps(meta, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS, default=str).decode()
+            out.append(vote[:8] + (margin, meta_json, True, 1, group_id))
+        return out
 
 
 def _margin(value: Any) -> float | None | _Bad:
@@ -385,6 +455,33 @@ def _margin(value: Any) -> float | None | _Bad:
             return _Bad("bad_margin", f"margin {number} is not a finite number")
         return number
     return _Bad("bad_margin", f"margin must be a number, got {_type_name(value)}")
+
+
+def _n_votes(value: Any) -> int | _Bad:
+    """A pair row's own vote count: how many judgements its label stands for (1 when not given)."""
+    if value is None or value == "" or (isinstance(value, float) and np.isnan(value)):
+        return 1
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    return _Bad("bad_n_votes", f"n_votes {_short(value)} is not a whole number >= 1")
+
+
+def _score_margin(chosen: Any, rejected: Any) -> float | None | _Bad:
+    """collect.margin_from_scores: score_chosen - score_rejected (None when the row has no scores)."""
+    if chosen in _ABSENT and rejected in _ABSENT:
+        return None
+    values = [_margin(chosen), _margin(rejected)]
+    if any(isinstance(v, _Bad) or v is None for v in values):
+        return _Bad("bad_score", f"score_chosen {_short(chosen)} / score_rejected {_short(rejected)} are not two numbers")
+    gap = values[0] - values[1]
+    if gap < 0:
+        return _Bad("bad_score", f"score_chosen {values[0]:g} is below score_rejected {values[1]:g}: the scores "
+                                 "contradict the label")
+    return gap
 
 
 def _given_pair_id(value: Any) -> str | None | _Bad:
@@ -526,7 +623,7 @@ def _read_parquet(path: Path) -> Iterator[tuple[int, Any, Any]]:
 
 
 _READERS = {"jsonl": _read_jsonl, "csv": _read_csv, "parquet": _read_parquet}
-_UNREADABLE = (OSError, pa.ArrowException, ValueError, UnicodeError)
+_UNREADABLE = (OSError, pa.ArrowException, ValueError, UnicodeError)  # hf_batches.UnreadableDataset is a ValueError
 
 
 def _raw_text(raw: Any) -> str | None:
@@ -552,13 +649,15 @@ def _raw_text(raw: Any) -> str | None:
 
 
 def _file_problem(path: Path, conf: CollectConfig) -> str | None:
-    """Why a batch file is refused unread, or None."""
+    """Why a batch file (or dataset folder) is refused unread, or None."""
     name = path.name
     if "/" in name or "\\" in name or ".." in name:
         return f"file name {name!r} holds a path separator or '..': rename it"
     if path.is_symlink():
         return ("is a symbolic link; batches must be regular files inside the incoming folder "
                 "(copy the file in; with DVC use `dvc config cache.type copy`)")
+    if path.is_dir():
+        return _folder_problem(path, conf)
     if not path.is_file():
         return "is not a regular file"
     size_mb = path.stat().st_size / 2**20
@@ -567,10 +666,24 @@ def _file_problem(path: Path, conf: CollectConfig) -> str | None:
     return None
 
 
+def _folder_problem(path: Path, conf: CollectConfig) -> str | None:
+    """A dataset folder: every file inside a regular file (no links out of the incoming folder), within max_file_mb."""
+    files = hf_batches.folder_files(path)
+    links = [f.relative_to(path).as_posix() for f in files if f.is_symlink()]
+    if links:
+        return (f"holds symbolic links ({', '.join(links[:3])}); a dataset folder must hold regular files only "
+                "(copy them in; with DVC use `dvc config cache.type copy`)")
+    size_mb = sum(f.stat().st_size for f in files) / 2**20
+    if size_mb > conf.max_file_mb:
+        return (f"dataset folder is {size_mb:.1f} MB, over collect.max_file_mb={conf.max_file_mb:g}: "
+                "split it into smaller batches")
+    return None
+
+
 def _new_entry(path: Path) -> dict[str, Any]:
     return {
         "batch_id": path.name,
-        "format": FORMATS.get(path.suffix.lower()),
+        "format": hf_batches.folder_kind(path) if path.is_dir() and not path.is_symlink() else FORMATS.get(path.suffix.lower()),
         "bytes": None,
         "sha256": None,
         "status": None,
@@ -578,6 +691,8 @@ def _new_entry(path: Path) -> dict[str, Any]:
         "rows_normalized": 0,
         "rows_quarantined": 0,
         "rows_excluded_with_batch": 0,
+        "votes": 0,
+        "shapes": {},
         "bad_share": 0.0,
         "top_reasons": [],
         "message": None,
@@ -602,13 +717,19 @@ def _rejection_message(entry: dict, conf: CollectConfig) -> str:
             f"collect.max_bad_share={conf.max_bad_share:g}; top reasons: {top}")
 
 
+_NUMERIC = {"margin": float, "prejudged": bool, "n_votes": np.int64}
+
+
 def _votes_frame(batch_id: str, lines: list[int], votes: list[_Vote]) -> pd.DataFrame:
     """Object columns on purpose: they share the normalizer's string objects (a str column would copy)."""
     columns: dict[str, Any] = {"batch_id": pd.Series([batch_id] * len(votes), dtype=object),
                                "line": np.asarray(lines, dtype=np.int64)}
     values = list(zip(*votes)) if votes else [()] * len(_VOTE_FIELDS_OUT)
     for name, column in zip(_VOTE_FIELDS_OUT, values):
-        columns[name] = np.asarray(column, dtype=float) if name == "margin" else pd.Series(column, dtype=object)
+        if name in _NUMERIC:
+            columns[name] = np.asarray(column, dtype=_NUMERIC[name])
+        else:
+            columns[name] = pd.Series(column, dtype=object)
     return pd.DataFrame(columns, columns=schema.VOTE_COLUMNS)
 
 
@@ -628,8 +749,12 @@ def _collect_batch(
     if problem:
         entry.update(status="refused", message=f"{batch_id}: {problem}")
         return empty
-    entry["bytes"] = path.stat().st_size
-    entry["sha256"] = sha256_file(path)
+    if path.is_dir():
+        entry["bytes"] = sum(f.stat().st_size for f in hf_batches.folder_files(path))
+        entry["sha256"] = hf_batches.folder_sha256(path)
+    else:
+        entry["bytes"] = path.stat().st_size
+        entry["sha256"] = sha256_file(path)
     if entry["sha256"] in seen_files:
         original = seen_files[entry["sha256"]]
         entry.update(status=f"duplicate_of:{original}",
@@ -641,9 +766,14 @@ def _collect_batch(
     votes: list[_Vote] = []
     quarantine: list[dict] = []
     first_here: dict[tuple[str, str], int] = {}  # (annotator, pair) -> line of its vote in this batch
+    shapes = Counter({"vote": 0, "pair": 0, "ranked": 0})  # normalized rows per shape
+    group_votes = 0
     unreadable = None
     rows_read = 0
-    rows = _READERS[entry["format"]](path)
+    if path.is_dir():
+        rows = hf_batches.read_rows(path, entry["format"], conf.hf_split)
+    else:
+        rows = _READERS[entry["format"]](path)
     while True:
         try:
             line, rec, raw = next(rows)
@@ -660,15 +790,34 @@ def _collect_batch(
                 first_here[key] = line
                 lines.append(line)
                 votes.append(outcome)
+                shapes["pair" if outcome[_PREJUDGED] else "vote"] += 1
                 continue
             earlier = f"line {first_here[key]}" if key in first_here else "{} line {}".format(*accepted[key])
             outcome = _Bad("duplicate_vote", f"duplicate vote: annotator {key[0]} already judged this pair "
                                               f"({earlier}); the first vote is kept")
+        elif type(outcome) is list:  # a ranked/rated group: all its comparisons, or (any repeated) none
+            repeated = next(((v[_ANNOTATOR], v[_PAIR_ID]) for v in outcome
+                             if (v[_ANNOTATOR], v[_PAIR_ID]) in first_here or (v[_ANNOTATOR], v[_PAIR_ID]) in accepted), None)
+            if repeated is None:
+                first_here.update({(v[_ANNOTATOR], v[_PAIR_ID]): line for v in outcome})
+                lines.extend([line] * len(outcome))
+                votes.extend(outcome)
+                shapes["ranked"] += 1
+                group_votes += len(outcome)
+                continue
+            earlier = (f"line {first_here[repeated]}" if repeated in first_here
+                       else "{} line {}".format(*accepted[repeated]))
+            outcome = _Bad("duplicate_vote", f"duplicate vote: annotator {repeated[0]} already judged a comparison of "
+                                              f"this group ({earlier}); the first vote is kept, this whole group is not")
         quarantine.append({"batch_id": batch_id, "line": line, "code": outcome.code,
                            "reason": outcome.reason, "raw": _raw_text(raw)})
     entry["rows_read"] = rows_read
 
-    entry["rows_normalized"] = len(votes)
+    entry["rows_normalized"] = sum(shapes.values())
+    entry["votes"] = len(votes)
+    # What each row became: a vote row or pair row is one vote; a group of K responses is K(K-1)/2 votes.
+    entry["shapes"] = {"vote_rows": shapes["vote"], "pair_rows": shapes["pair"], "ranked_rows": shapes["ranked"],
+                       "votes_from_ranked_rows": group_votes}
     entry["rows_quarantined"] = len(quarantine)
     entry["bad_share"] = round(len(quarantine) / entry["rows_read"], 6) if entry["rows_read"] else 0.0
     entry["top_reasons"] = _top_reasons(quarantine)
@@ -681,7 +830,7 @@ def _collect_batch(
     if entry["status"] == "accepted":
         accepted.update({key: (batch_id, line) for key, line in first_here.items()})
     else:
-        entry["rows_excluded_with_batch"] = len(votes)
+        entry["rows_excluded_with_batch"] = entry["rows_normalized"]
     return BatchResult(batch_id, _votes_frame(batch_id, lines, votes), quarantine, entry)
 
 
@@ -706,7 +855,7 @@ def check_batch(path: str | Path, cfg: Mapping[str, Any] | CollectConfig) -> Bat
     """
     conf = CollectConfig.from_params(cfg)
     with _gc_paused():
-        result = _collect_batch(Path(path), conf, _Normalizer(conf.max_field_chars), {}, {})
+        result = _collect_batch(Path(path), conf, _Normalizer(conf.max_field_chars, conf.margin_from_scores), {}, {})
     _log_batch(result.report)
     return result
 
@@ -717,19 +866,28 @@ def check_batch(path: str | Path, cfg: Mapping[str, Any] | CollectConfig) -> Bat
 
 
 def _batch_files(incoming_dir: Path) -> tuple[list[Path], list[dict]]:
-    """Candidate batch files (sorted by name) and the files skipped with a reason. Dotfiles are ignored."""
+    """Candidate batches (files and dataset folders, sorted by name) and the entries skipped with a
+    reason. Dotfiles and `rmpipe import` sidecars (<batch>.source.json) are not batches."""
     if not incoming_dir.is_dir():
         raise DataError(f"collect.incoming_dir '{incoming_dir}' is not a folder: create it and put batch files "
                         "(.jsonl, .csv, .parquet) in it, or run `rmpipe sample-data`")
     files, skipped = [], []
-    for name in sorted(os.listdir(incoming_dir)):
+    names = sorted(os.listdir(incoming_dir))
+    for name in names:
         if name.startswith("."):
             continue
         path = incoming_dir / name
-        if path.suffix.lower() in FORMATS:
+        if name.endswith(hf_batches.SOURCE_SUFFIX):
+            if name[: -len(hf_batches.SOURCE_SUFFIX)] not in names:
+                skipped.append({"file": name, "reason": "is the import record of a batch that is not here"})
+        elif path.suffix.lower() in FORMATS:
             files.append(path)
-        elif path.is_dir() and not path.is_symlink():
-            skipped.append({"file": name, "reason": "is a folder: batches must be files directly in the incoming folder"})
+        elif path.is_dir():
+            if path.is_symlink() or hf_batches.folder_kind(path):
+                files.append(path)  # a symlinked folder is refused with its reason, like a symlinked file
+            else:
+                skipped.append({"file": name, "reason": "is a folder, but no dataset: neither a save_to_disk folder nor "
+                                                        "data files (.parquet, .jsonl, .json, .csv) inside"})
         else:
             skipped.append({"file": name, "reason": f"extension {path.suffix or '(none)'!r} is not one of "
                                                     f"{', '.join(FORMATS)}"})
@@ -761,13 +919,16 @@ def collect_dir(
     files, skipped = _batch_files(Path(incoming_dir))
     for item in skipped:
         log.warning("skipped %s: %s", item["file"], item["reason"])
-    normalizer = _Normalizer(conf.max_field_chars)
+    normalizer = _Normalizer(conf.max_field_chars, conf.margin_from_scores)
     accepted: dict[tuple[str, str], tuple[str, int]] = {}
     seen_files: dict[str, str] = {}
     frames, quarantine, entries = [], [], []
     with _gc_paused():
         for path in files:
             result = _collect_batch(path, conf, normalizer, accepted, seen_files)
+            sidecar = path.with_name(path.name + hf_batches.SOURCE_SUFFIX)
+            if sidecar.is_file():  # where `rmpipe import` got it: lineage reads it from the report
+                result.report["source"] = hf_batches.read_source(sidecar)
             _log_batch(result.report)
             entries.append(result.report)
             quarantine.extend(result.quarantine)
@@ -826,7 +987,7 @@ def raise_for_rejected(report: dict, cfg: Mapping[str, Any] | CollectConfig) -> 
 def write_votes(path: str | Path, votes: pd.DataFrame, rows_per_group: int = 100_000) -> None:
     """Write the vote table to parquet in slices, so a million long-text votes never sit in
     Arrow memory at once. Text columns are plain strings (parquet dictionary-encodes repeats)."""
-    types = {"line": pa.int64(), "margin": pa.float64()}  # every other column is text
+    types = {"line": pa.int64(), "margin": pa.float64(), "prejudged": pa.bool_(), "n_votes": pa.int64()}  # others: text
     arrow_schema = pa.schema([(name, types.get(name, pa.string())) for name in schema.VOTE_COLUMNS])
     with atomic_path(path) as tmp:
         with pq.ParquetWriter(tmp, arrow_schema, compression="zstd") as writer:

@@ -35,7 +35,12 @@ VOTE_COLUMNS = [
     "strength",  # "slight" | "moderate" | "strong" | "very_strong" | None
     "margin",  # explicit margin from pair rows, else None
     "meta",  # JSON of any extra fields
+    "prejudged",  # True: from an already-judged row (a pair row, or a ranked/rated group), not an A/B vote row
+    "n_votes",  # judgements the row stands for: a pair row's own `n_votes` (else 1); 1 for every other vote
+    "group_id",  # the ranked/rated group (prompt + its K responses) the vote was expanded from, else None
 ]
+# Columns a vote table written before they existed may lack, with the value they mean there.
+VOTE_DEFAULTS = {"prejudged": False, "n_votes": 1, "group_id": None}
 CHOICES = ("a", "b", "tie")
 STRENGTHS = ("slight", "moderate", "strong", "very_strong")
 

@@ -108,3 +108,18 @@ def split_report(split_table: pd.DataFrame, fractions: Mapping[str, float]) -> d
             "target_fraction": float(fractions[name]),
         }
     return report
+
+
+def check_not_empty(report: Mapping[str, Any]) -> None:
+    """DataError when a split with a non-zero fraction got no pairs: too few distinct prompts for the
+    fractions. Raised by the split stage itself, not three stages later by validate."""
+    empty = [name for name in SPLITS if report[name]["target_fraction"] > 0 and report[name]["pairs"] == 0]
+    if not empty:
+        return
+    shown = ", ".join(f"{name}={report[name]['target_fraction']:g}" for name in SPLITS)
+    smallest = min(report[name]["target_fraction"] for name in empty)
+    raise DataError(
+        f"split left {' and '.join(empty)} empty: {report['prompts']:,} distinct prompt(s) ({report['pairs']:,} pairs) "
+        f"over split.fractions {shown}. Deliver pairs with more distinct prompts (roughly {math.ceil(3 / smallest):,}+ "
+        f"for a {smallest:g} share), or set split.fractions.{empty[0]}: 0 (and move its share elsewhere)"
+    )

@@ -3,7 +3,8 @@
 Eight frames are validated, each with its own expectation suite:
   <split>_schema   (train, val, test) the stored columns: present, typed, never null;
                    the split non-empty;
-  <split>_values   value ranges, n_votes >= aggregate.min_votes, response lengths,
+  <split>_values   value ranges, n_votes >= aggregate.min_votes (vote-built pairs; a pre-judged
+                   pair carries its own count), response lengths,
                    chosen != rejected, the chosen-longer share (a length-bias alarm);
   all_splits       pair_id and (prompt, chosen, rejected) unique across splits;
   prompts          one row per prompt_hash with the number of splits it sits in,
@@ -123,6 +124,9 @@ def values_frame(frame: pd.DataFrame) -> pd.DataFrame:
     """Identity and number columns, plus response lengths, `same_response` and `chosen_longer`."""
     keep = ["pair_id", "prompt_hash", "split", *INTEGER_COLUMNS, "agreement", "soft_label"]
     values = _pointer_strings(frame[[c for c in keep if c in frame.columns]])
+    if "prejudged" in frame.columns and "n_votes" in frame.columns:
+        # min_votes governs pairs built from A/B votes; a pre-judged pair carries its own count (null here: not checked)
+        values = values.assign(vote_built_n_votes=frame["n_votes"].where(~frame["prejudged"].astype(bool)).astype(float))
     if not (_is_text(frame, "chosen") and _is_text(frame, "rejected")):
         return values
     chosen_chars = frame["chosen"].str.len()
@@ -209,7 +213,11 @@ def values_expectations(name: str, values: pd.DataFrame, p: ContractParams) -> l
     if "prompt_hash" in has:
         checks.append(_check(gxe.ExpectColumnValuesToMatchRegex, "prompt_hash is a sha256 hex digest",
                              "malformed", column="prompt_hash", regex=SHA256_HEX))
-    if "n_votes" in has:
+    if "vote_built_n_votes" in has:
+        checks.append(_check(gxe.ExpectColumnValuesToBeBetween, f"n_votes >= {p.min_votes} (vote-built pairs)", "below",
+                             column="vote_built_n_votes", min_value=p.min_votes))
+        checks.append(_check(gxe.ExpectColumnValuesToBeBetween, "n_votes >= 1", "below", column="n_votes", min_value=1))
+    elif "n_votes" in has:
         checks.append(_check(gxe.ExpectColumnValuesToBeBetween, f"n_votes >= {p.min_votes}", "below",
                              column="n_votes", min_value=p.min_votes))
     checks += [_check(gxe.ExpectColumnValuesToBeBetween, f"{c} >= 0", "negative", column=c, min_value=0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from rmpipe.aggregate import AggregateSettings, aggregate, annotator_markdown, read_votes
+from rmpipe.aggregate import AggregateSettings, aggregate, annotator_markdown, check_dropped, read_votes
 from rmpipe.errors import exits_cleanly
 from rmpipe.io import write_json, write_parquet, write_text
 from rmpipe.params import load_params, section
@@ -26,6 +26,7 @@ def main() -> None:
     write_parquet(PAIRS, result.pairs)
     write_json(REPORT_JSON, result.report)
     write_text(REPORT_MD, annotator_markdown(result.report))
+    check_dropped(result.report, settings)  # after the reports, so the message can point at them
     log.info("wrote %s (%d pairs), %s, %s", PAIRS, len(result.pairs), REPORT_JSON, REPORT_MD)
 
 

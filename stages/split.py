@@ -16,7 +16,7 @@ from rmpipe import io
 from rmpipe.errors import DataError, exits_cleanly
 from rmpipe.params import get, load_params, section
 from rmpipe.progress import setup_logging
-from rmpipe.split import check_fractions, split_frames, split_pairs, split_report
+from rmpipe.split import check_fractions, check_not_empty, split_frames, split_pairs, split_report
 
 log = logging.getLogger("rmpipe.split")
 
@@ -43,8 +43,7 @@ def run(params_file: str | Path = "params.yaml") -> dict:
         part = report[name]
         log.info("%-5s %7d pairs  %6d prompts  (%.3f of prompts, target %.3f)",
                  name, part["pairs"], part["prompts"], part["prompt_fraction"], part["target_fraction"])
-        if part["pairs"] == 0:
-            log.warning("split '%s' is empty: validate will fail until there are more prompts", name)
+    check_not_empty(report)  # after the report, so it can be read
     return report
 
 

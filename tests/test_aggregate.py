@@ -62,7 +62,7 @@ def for_response(prompt, winner, loser, annotator, shown_first=True, **kw):
 
 
 def frame(rows) -> pd.DataFrame:
-    df = pd.DataFrame(rows)[VOTE_COLUMNS]
+    df = pd.DataFrame(rows).reindex(columns=VOTE_COLUMNS)  # pre-judged columns absent: their defaults
     df["line"] = np.arange(1, len(df) + 1)
     return df
 

@@ -323,8 +323,8 @@ def test_the_same_vote_in_a_later_batch_is_a_duplicate(tmp_path):
 
 def test_unsafe_unknown_and_oversized_files_are_reported_not_read(tmp_path):
     _jsonl(tmp_path / "ok.jsonl", _good_rows(2))
-    _jsonl(tmp_path / "elsewhere" / "real.jsonl", _good_rows(2, "e"))
-    (tmp_path / "link.jsonl").symlink_to(tmp_path / "elsewhere" / "real.jsonl")
+    _jsonl(tmp_path / "elsewhere" / "real.txt", _good_rows(2, "e"))  # a folder without data files: no dataset
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "elsewhere" / "real.txt")
     _jsonl(tmp_path / "odd..name.jsonl", _good_rows(2, "o"))
     (tmp_path / "notes.txt").write_text("hello")
     (tmp_path / ".hidden.jsonl").write_text("garbage")
