@@ -22,6 +22,16 @@ def _sample_data(args: argparse.Namespace) -> None:
         print(path)
 
 
+def _import(args: argparse.Namespace) -> None:
+    import json
+
+    from rmpipe.hf_batches import import_dataset
+
+    path, source = import_dataset(args.dataset_id, args.split, args.revision, args.out, args.name)
+    print(path)
+    print(json.dumps({k: source[k] for k in ("dataset_id", "split", "revision", "resolved_revision", "rows")}))
+
+
 def _lineage(args: argparse.Namespace) -> None:
     from rmpipe.lineage import describe, read_manifest
 
@@ -125,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="override sampling.seed")
     p.add_argument("--max-new-tokens", type=int, default=None, help="override sampling.max_new_tokens")
     p.set_defaults(func=_sample_pairs)
+
+    p = sub.add_parser("import", help="one split of a Hugging Face dataset -> a batch in data/incoming (+ its source record)")
+    p.add_argument("dataset_id", help="hub id (owner/name; needs network) or a local dataset folder")
+    p.add_argument("--split", default="train", help="split to import (default: train)")
+    p.add_argument("--revision", default=None, help="hub branch, tag or commit (default: the main branch)")
+    p.add_argument("--out", default="data/incoming", help="folder to write the batch into")
+    p.add_argument("--name", default=None, help="batch file name without .parquet (default: <owner>__<name>-<split>)")
+    p.set_defaults(func=_import)
 
     p = sub.add_parser("lineage", help="print an export's lineage manifest readably")
     p.add_argument("path", help="export folder (e.g. models/export)")

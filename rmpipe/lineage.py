@@ -158,6 +158,20 @@ def _verify_inputs(root: Path, inputs: dict[str, dict[str, Any]]) -> list[str]:
 
 
 # --- reading it -------------------------------------------------------------------------------
+def _data_lines(data: dict[str, Any]) -> list[str]:
+    """Pre-judged vs vote-built pairs per split, and each imported batch's source."""
+    lines = []
+    if data.get("splits"):
+        lines.append("pairs        " + ", ".join(f"{name} {s['pairs']} ({s['prejudged']} pre-judged)"
+                                                 for name, s in data["splits"].items()))
+    for batch, info in (data.get("batches") or {}).items():
+        source = info.get("source") or {}
+        where = (f" <- {source.get('dataset_id')} split {source.get('split')} revision "
+                 f"{source.get('resolved_revision') or source.get('revision') or 'default'}") if source else ""
+        lines.append(f"  batch      {batch} [{info.get('format')}] sha256 {str(info.get('sha256'))[:16]}{where}")
+    return lines
+
+
 def describe(manifest: dict[str, Any]) -> str:
     """The manifest as a person reads it: what model, from which data, code and params, and the verdict."""
     git = manifest.get("git")
@@ -171,6 +185,7 @@ def describe(manifest: dict[str, Any]) -> str:
         f"promotion    {'promoted' if promo.get('promoted') else 'not promoted'}: {promo.get('reason')}",
         f"parity       max |diff| {manifest.get('parity', {}).get('max_abs_diff')} on {manifest.get('parity', {}).get('n_rows')} golden rows",
         "batches      " + ", ".join(sorted({b for ids in manifest.get("batch_ids", {}).values() for b in ids})),
+        *_data_lines(manifest.get("data") or {}),
         "",
         "inputs (dvc.lock md5):",
         *[f"  {info['md5']}  {path}  [{info['stage']}]" for path, info in manifest.get("inputs", {}).items()],

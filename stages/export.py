@@ -32,6 +32,7 @@ TRAINING_RECORD = MODEL_DIR / "training.json"
 SPLIT_DIR = Path("data/split")
 METRICS = Path("metrics/eval.json")
 PATHOLOGY = Path("reports/pathology.json")
+COLLECT_REPORT = Path("reports/collect.json")
 
 
 def read_json(path: Path, stage: str) -> dict:
@@ -52,6 +53,27 @@ def split_batch_ids() -> dict[str, list[str]]:
     return ids
 
 
+def split_composition() -> dict[str, dict[str, int]]:
+    """Per split: pairs, and how many are pre-judged (pair rows / ranked groups, exempt from min_votes)."""
+    out = {}
+    for name in ("train", "val", "test"):
+        frame = pd.read_parquet(SPLIT_DIR / f"{name}.parquet", columns=None)
+        prejudged = int(frame["prejudged"].sum()) if "prejudged" in frame.columns else 0
+        out[name] = {"pairs": len(frame), "prejudged": prejudged, "vote_built": len(frame) - prejudged}
+    return out
+
+
+def batch_sources(batch_ids: dict[str, list[str]]) -> dict[str, dict]:
+    """For each batch that fed the splits: its format and content hash as collect read it, and where
+    `rmpipe import` got it (dataset id, split, revision, file hashes) when it came that way."""
+    if not COLLECT_REPORT.exists():
+        return {}
+    wanted = {b for ids in batch_ids.values() for b in ids}
+    entries = json.loads(COLLECT_REPORT.read_text(encoding="utf-8")).get("batches", [])
+    return {e["batch_id"]: {k: e[k] for k in ("format", "sha256", "rows_read", "shapes", "source") if k in e}
+            for e in entries if e["batch_id"] in wanted}
+
+
 def run(params_file: str | Path = "params.yaml") -> dict:
     params = load_params(params_file)
     settings = ExportSettings.from_params(params)
@@ -63,7 +85,9 @@ def run(params_file: str | Path = "params.yaml") -> dict:
     extra = {"model": {"backbone": params.get("model", {}).get("backbone"), "trained_in": str(MODEL_DIR)}}
     if TRAINING_RECORD.exists():
         extra["training"] = json.loads(TRAINING_RECORD.read_text(encoding="utf-8"))
-    lineage = {"project_root": Path("."), "params": params, "batch_ids": split_batch_ids(),
+    batch_ids = split_batch_ids()
+    extra["data"] = {"splits": split_composition(), "batches": batch_sources(batch_ids)}
+    lineage = {"project_root": Path("."), "params": params, "batch_ids": batch_ids,
                "exclude_stages": ("export",), "extra": extra}
 
     manifest = write_export(model, tokenizer, test, battery, metrics, pathology_report, settings, lineage)
