@@ -112,7 +112,7 @@ def _sample_pairs(args: argparse.Namespace) -> None:
         if getattr(args, key) is not None:
             sampling[key] = getattr(args, key)
     out = args.out or f"data/tasks/{Path(args.prompts).stem}.tasks.jsonl"
-    sample_pairs_file(args.prompts, out, section(params, "model"), sampling, backbone=args.backbone)
+    sample_pairs_file(args.prompts, out, section(params, "model"), sampling, backbone=args.backbone, groups=args.groups)
     print(out)
 
 
@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-completions", type=int, default=None, help="override sampling.n_completions")
     p.add_argument("--seed", type=int, default=None, help="override sampling.seed")
     p.add_argument("--max-new-tokens", type=int, default=None, help="override sampling.max_new_tokens")
+    p.add_argument("--groups", action="store_true",
+                   help="one ranking task per prompt (prompt + its K responses) instead of A/B pairs")
     p.set_defaults(func=_sample_pairs)
 
     p = sub.add_parser("import", help="one split of a Hugging Face dataset -> a batch in data/incoming (+ its source record)")

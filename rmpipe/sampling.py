@@ -3,7 +3,9 @@
 Each prompt gets `sampling.n_completions` samples from the SFT causal LM through its chat
 template (generation prompt on). Every unordered pair of *distinct* completions becomes one
 annotation task, written in the vote-row shape minus `choice` / `annotator_id`, so a labelled
-file dropped into data/incoming/ flows straight through the collect stage.
+file dropped into data/incoming/ flows straight through the collect stage. With `groups`, each
+prompt becomes one ranking task instead (`prompt`, `responses`: its K distinct completions):
+labelled with a `ranking` or `scores`, it is a ranked group collect expands into the same pairs.
 
 Reproducible: each prompt is sampled under its own seed, derived from `sampling.seed` and the
 prompt's hash, so a prompt's completions do not depend on which other prompts share the file.
@@ -127,12 +129,8 @@ def sample_completions(model, tokenizer, canonical: str, settings: SamplingSetti
     return [tokenizer.decode(row[prompt_len:], skip_special_tokens=True).strip() for row in output]
 
 
-def pair_tasks(canonical: str, completions: list[str], metadata: dict[str, Any]) -> tuple[list[dict], dict[str, int]]:
-    """All unordered pairs of distinct, non-empty completions as annotation tasks (+ counts of what was left out).
-
-    Completions equal after whitespace/Unicode normalization (what `pair_id` and collect compare)
-    are kept once, so no task asks an annotator to compare a response with itself.
-    """
+def _distinct(completions: list[str]) -> tuple[list[tuple[int, str]], int]:
+    """(index, text) of the first of each distinct non-empty completion, and how many were empty."""
     kept: dict[str, tuple[int, str]] = {}
     empty = 0
     for index, completion in enumerate(completions):
@@ -140,8 +138,30 @@ def pair_tasks(canonical: str, completions: list[str], metadata: dict[str, Any])
             empty += 1
             continue
         kept.setdefault(normalize_text(completion), (index, completion))
+    return list(kept.values()), empty
+
+
+def group_task(canonical: str, completions: list[str], metadata: dict[str, Any]) -> tuple[list[dict], dict[str, int]]:
+    """One ranking task per prompt: its distinct completions as `responses` (none when fewer than 2)."""
+    distinct, empty = _distinct(completions)
     non_empty = len(completions) - empty
-    distinct = list(kept.values())
+    counts = {"empty_completions": empty, "identical_pairs_skipped": non_empty * (non_empty - 1) // 2
+              - len(distinct) * (len(distinct) - 1) // 2}
+    if len(distinct) < 2:
+        return [], counts
+    task = {"task_id": prompt_hash(canonical)[:12], "prompt": prompt_messages(canonical),
+            "responses": [text for _, text in distinct], **metadata}
+    return [task], counts
+
+
+def pair_tasks(canonical: str, completions: list[str], metadata: dict[str, Any]) -> tuple[list[dict], dict[str, int]]:
+    """All unordered pairs of distinct, non-empty completions as annotation tasks (+ counts of what was left out).
+
+    Completions equal after whitespace/Unicode normalization (what `pair_id` and collect compare)
+    are kept once, so no task asks an annotator to compare a response with itself.
+    """
+    distinct, empty = _distinct(completions)
+    non_empty = len(completions) - empty
     messages = prompt_messages(canonical)
     tag = prompt_hash(canonical)[:12]
     tasks = [
@@ -159,8 +179,10 @@ def pair_tasks(canonical: str, completions: list[str], metadata: dict[str, Any])
     return tasks, {"empty_completions": empty, "identical_pairs_skipped": pairs_possible - len(tasks)}
 
 
-def sample_tasks(model, tokenizer, prompts: list[str], settings: SamplingSettings, backbone: str) -> tuple[list[dict], dict]:
-    """Annotation tasks for every prompt, plus a report of what was generated and what was left out."""
+def sample_tasks(model, tokenizer, prompts: list[str], settings: SamplingSettings, backbone: str,
+                 groups: bool = False) -> tuple[list[dict], dict]:
+    """Annotation tasks for every prompt (A/B pairs, or one ranking task each with `groups`), plus a report
+    of what was generated and what was left out."""
     model.eval()
     tasks: list[dict] = []
     report = {"prompts": len(prompts), "prompts_too_long": 0, "completions": 0, "empty_completions": 0,
@@ -171,7 +193,7 @@ def sample_tasks(model, tokenizer, prompts: list[str], settings: SamplingSetting
             report["prompts_too_long"] += 1
             continue
         metadata = {"backbone": backbone, **asdict(settings), "prompt_seed": prompt_seed(settings.seed, canonical)}
-        new_tasks, counts = pair_tasks(canonical, completions, metadata)
+        new_tasks, counts = (group_task if groups else pair_tasks)(canonical, completions, metadata)
         report["completions"] += len(completions)
         for key, value in counts.items():
             report[key] += value
@@ -182,7 +204,7 @@ def sample_tasks(model, tokenizer, prompts: list[str], settings: SamplingSetting
 
 
 def sample_pairs_file(prompts_path: str | Path, out_path: str | Path, model_cfg: dict[str, Any],
-                      sampling_cfg: dict[str, Any], backbone: str | None = None) -> dict:
+                      sampling_cfg: dict[str, Any], backbone: str | None = None, groups: bool = False) -> dict:
     """`rmpipe sample-pairs`: read prompts, sample with the SFT backbone, write the tasks JSONL atomically."""
     from rmpipe import io
     from rmpipe.backbones import backbone_name, load_causal_lm, resolve_backbone
@@ -194,7 +216,7 @@ def sample_pairs_file(prompts_path: str | Path, out_path: str | Path, model_cfg:
     trust = bool(get(cfg, "trust_remote_code", bool, "model"))
     model, tokenizer = load_causal_lm(resolve_backbone(cfg), trust_remote_code=trust)
     log.info("sampling %d completions for each of %d prompts with backbone %s", settings.n_completions, len(prompts), name)
-    tasks, report = sample_tasks(model, tokenizer, prompts, settings, name)
+    tasks, report = sample_tasks(model, tokenizer, prompts, settings, name, groups=groups)
     io.write_jsonl(out_path, tasks)
     log.info("%d tasks -> %s (%d identical pairs skipped, %d empty completions, %d prompts too long for the backbone)",
              report["tasks"], out_path, report["identical_pairs_skipped"], report["empty_completions"],

@@ -163,3 +163,31 @@ def test_labelled_tasks_flow_through_collect(sampler, tmp_path):
     assert list(result.votes["choice"]) == [row["choice"] for row in labelled]
     meta = json.loads(result.votes["meta"].iloc[0])
     assert meta["task_id"] == tasks[0]["task_id"] and meta["backbone"] == "tiny"
+
+
+def test_ranking_tasks_labelled_as_ranked_rows_flow_through_collect_as_the_same_pairs(sampler, tmp_path):
+    """sample-pairs --groups: K completions per prompt; ranked by an annotator, collect expands each task into
+    exactly the comparisons (same pair_ids, same texts) the A/B tasks of those completions would have been."""
+    collect = pytest.importorskip("rmpipe.collect")
+    model, tokenizer = sampler
+    settings = sampling_settings(SAMPLING)
+    groups, report = sample_tasks(model, tokenizer, PROMPTS, settings, "tiny", groups=True)
+    pairs, _ = sample_tasks(model, tokenizer, PROMPTS, settings, "tiny")
+    assert report["tasks"] == len(groups) > 0 and all(len(g["responses"]) >= 2 for g in groups)
+    labelled = [{**g, "ranking": list(reversed(range(len(g["responses"])))), "annotator_id": "ranker"} for g in groups]
+    batch = tmp_path / "ranked-tasks.jsonl"
+    batch.write_text("".join(json.dumps(row) + "\n" for row in labelled), encoding="utf-8")
+
+    cfg = {"incoming_dir": str(tmp_path), "max_bad_share": 0.0, "max_field_chars": 100000,
+           "max_file_mb": 16, "on_rejected_batch": "fail"}
+    result = collect.check_batch(batch, cfg)
+    assert result.accepted and result.quarantine == []
+    votes = result.votes
+    assert sorted(votes["pair_id"]) == sorted(t["pair_id"] for t in pairs)
+    by_pair = {t["pair_id"]: t for t in pairs}
+    for vote in votes.itertuples():
+        task = by_pair[vote.pair_id]
+        assert (vote.response_a, vote.response_b) == (task["response_a"], task["response_b"])
+        assert vote.choice == "b"  # the later completion ranked better by the reversed ranking
+        assert vote.prompt == canonical_prompt(task["prompt"])
+    assert votes.groupby("group_id")["line"].nunique().eq(1).all()  # one group per labelled task

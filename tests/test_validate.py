@@ -211,3 +211,15 @@ def test_stage_without_splits_says_what_to_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DataError, match="run the split stage first"):
         run()
+
+
+def test_min_votes_applies_to_vote_built_pairs_only(tmp_path):
+    """Pre-judged pairs (pair rows, ranked groups) carry their own n_votes: one judgement passes; a
+    vote-built pair with one vote still fails, named as such."""
+    splits = clean_splits()
+    for name, frame in splits.items():
+        splits[name] = frame.assign(prejudged=True, n_votes=1, n_chosen=1, n_rejected=0, agreement=1.0, soft_label=1.0)
+    val = splits["val"]
+    val.loc[0, "prejudged"] = False  # one vote-built pair with a single vote
+    result = validate_splits(splits, PARAMS, tmp_path / "docs")
+    assert result.failures == [f"FAIL val: n_votes >= 2 (vote-built pairs) — 1 of {len(val)} rows below (e.g. 1)"]
