@@ -349,14 +349,24 @@ def quick_check(batch: Path, root: Path) -> dict[str, Any]:
 
 
 def read_metrics(root: Path) -> dict[str, Any]:
-    """`dvc metrics show --json` for the workspace: {metrics file: values}."""
-    proc = _dvc(root, "metrics", "show", "--json")
-    if proc.returncode != 0 or not proc.stdout.strip():
-        return {}
-    data = json.loads(proc.stdout)
-    workspace = data.get("workspace", data) if isinstance(data, dict) else {}
-    files = (workspace.get("data") or {}) if isinstance(workspace, dict) else {}
-    return {name: entry.get("data") for name, entry in files.items() if isinstance(entry, dict)}
+    """The workspace's metrics files (dvc.yaml `metrics:`), read by DVC: {metrics file: values}.
+
+    DVC names the workspace revision "workspace" in one version and "" in another; asked
+    for no revision, it answers only the workspace, so the one entry is taken whatever its key.
+    A metrics file DVC cannot read is left out (it is named in the log).
+    """
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        revs = repo.metrics.show()
+    workspace = next(iter(revs.values()), None) or {}
+    metrics = {}
+    for name, entry in (workspace.get("data") or {}).items():
+        if "data" in entry:
+            metrics[name] = entry["data"]
+        else:
+            logging.getLogger("rmpipe.flows").warning("metrics file %s unreadable: %s", name, entry.get("error"))
+    return metrics
 
 
 def promotion(root: Path) -> dict[str, Any]:

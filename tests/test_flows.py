@@ -211,11 +211,19 @@ def batch_project(tmp: Path) -> Path:
     (project / "dvc.yaml").write_text(textwrap.dedent(f"""\
         stages:
           inventory:
-            cmd: {PY} -c "import os; open('inventory.txt','w').write(' '.join(sorted(os.listdir('data/incoming'))))"
+            cmd: {PY} inventory.py
             deps: [data/incoming]
             params: [collect]
             outs: [inventory.txt]
+            metrics:
+              - inventory.json:
+                  cache: false
         """))
+    (project / "inventory.py").write_text(
+        "import json, os\n"
+        "names = sorted(os.listdir('data/incoming'))\n"
+        "open('inventory.txt', 'w').write(' '.join(names))\n"
+        "json.dump({'batches': len(names)}, open('inventory.json', 'w'))  # a DVC metric\n")
     subprocess.run([PY, "-m", "dvc", "init", "--no-scm", "-q"], cwd=project, check=True)
     return project
 
@@ -242,6 +250,7 @@ def test_a_good_batch_is_registered_rebuilt_and_summarised(tmp_path, monkeypatch
     assert lock["stages"]["inventory"]["deps"][0]["nfiles"] == 1  # DVC hashed the registered batch
     written = json.loads((project / summary["summary_path"]).read_text())
     assert written["outcome"] == "accepted" and written["flow_run_id"] and written["batch_sha256"]
+    assert written["metrics"] == {"inventory.json": {"batches": 1}}  # the run record carries DVC's metrics
     assert "s3cr3t-token-value" not in (project / summary["summary_path"]).read_text()
 
     # The same content delivered again, under another name: a no-op.
