@@ -45,20 +45,45 @@ def toy_project(tmp: Path) -> Path:
 
 
 def test_prefect_home_is_inside_the_project_and_never_the_users_home(tmp_path):
-    home = tmp_path / "home"
+    home, project = tmp_path / "home", tmp_path / "project"
     home.mkdir()
+    project.mkdir()
+    for name in ("dvc.yaml", "params.yaml"):
+        (project / name).write_text((ROOT / name).read_text())
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(HOME=str(home), PYTHONPATH=str(ROOT))
     code = "import pipeline.flows, prefect.settings as s; print(s.get_current_settings().home)"
-    out = subprocess.run([PY, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
-    assert Path(out.stdout.strip()) == ROOT / ".prefect"
+    out = subprocess.run([PY, "-c", code], cwd=project, env=env, capture_output=True, text=True, check=True)
+    assert Path(out.stdout.strip()) == project / ".prefect"
     assert not (home / ".prefect").exists()
 
     # A user who points at a server keeps their own settings.
     env["PREFECT_API_URL"] = "http://127.0.0.1:9/api"
     out = subprocess.run([PY, "-c", "import pipeline.flows, os; print(os.environ.get('PREFECT_HOME'))"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+                         cwd=project, env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "None"
+
+
+def prefect_db_snapshot(home: Path):
+    return sorted((str(p.relative_to(home)), p.stat().st_mtime_ns) for p in home.rglob("*")) if home.exists() else None
+
+
+@pytest.mark.slow
+def test_the_test_suite_leaves_the_projects_prefect_database_alone():
+    """A `make test`-style run (pytest from the project folder, no PREFECT_* set) runs flows in a throwaway
+    Prefect home: the project's .prefect/ (what the user's server shows) is not touched, and the run
+    ends without Prefect's shutdown noise."""
+    before = prefect_db_snapshot(ROOT / ".prefect")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    proc = subprocess.run([PY, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "tests/test_flows.py::test_stage_flow_fails_with_the_stages_message"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    assert "1 passed" in output
+    assert prefect_db_snapshot(ROOT / ".prefect") == before
+    for noise in ("Logging error", "Error logging to API", "I/O operation on closed file"):
+        assert noise not in output, output[-3000:]
 
 
 def test_stage_flow_runs_the_stage_entry_point(tmp_path):
