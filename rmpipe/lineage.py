@@ -54,17 +54,55 @@ def dvc_lock_inputs(project_root: Path, exclude: tuple[str, ...] = ()) -> dict[s
     return dict(sorted(inputs.items()))
 
 
+def pipeline_files(project_root: Path) -> tuple[list[str], list[str]]:
+    """(inputs, products) named by dvc.yaml: every stage dep, and every out/metric/plot plus dvc.lock."""
+    spec_file = Path(project_root) / "dvc.yaml"
+    spec = yaml.safe_load(spec_file.read_text(encoding="utf-8")) if spec_file.exists() else None
+    inputs, products = ["dvc.yaml", "params.yaml"], ["dvc.lock"]
+    for stage in ((spec or {}).get("stages") or {}).values():
+        inputs += [str(d) for d in stage.get("deps") or []]
+        for key in ("outs", "metrics", "plots"):
+            products += [str(next(iter(o))) if isinstance(o, dict) else str(o) for o in stage.get(key) or []]
+    return inputs, products
+
+
+def _under(path: str, folders: list[str]) -> bool:
+    return any(path == f.rstrip("/") or path.startswith(f.rstrip("/") + "/") for f in folders)
+
+
 def git_state(project_root: Path) -> dict[str, Any] | None:
-    """{commit, dirty} when the project is a git work tree, else None (DVC may run with core.no_scm)."""
+    """{commit, dirty, changed, dvc_lock} when the project is a git work tree, else None (DVC may run with core.no_scm).
+
+    `dirty`: the work tree holds what made this model beyond `commit`: a change to a tracked file, or an
+    untracked input (a stage dep such as new code, params.yaml, dvc.yaml, any .py file). The pipeline's
+    own products (dvc.lock and the outputs dvc.yaml declares) are being rewritten by this very run, so
+    they do not count; `dvc_lock` says separately whether dvc.lock is in git yet ("committed" unchanged,
+    "modified", "untracked": commit it after the run, it is the lineage; or "missing").
+    """
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=project_root, capture_output=True, text=True, check=True, timeout=30).stdout
 
     try:
         commit = git("rev-parse", "HEAD").strip()
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no").strip())
+        status = git("status", "--porcelain=v1", "-z", "--untracked-files=all").split("\0")
     except (OSError, subprocess.SubprocessError):
         return None
-    return {"commit": commit, "dirty": dirty}
+    inputs, products = pipeline_files(project_root)
+    changed, dvc_lock = [], "committed" if (Path(project_root) / "dvc.lock").exists() else "missing"
+    entries = iter(status)
+    for entry in entries:
+        if len(entry) < 4:
+            continue
+        code, path = entry[:2], entry[3:]
+        if code[0] in "RC":
+            next(entries, None)  # a rename's second field is the old path
+        if path == "dvc.lock":
+            dvc_lock = "untracked" if code == "??" else "modified"
+        if _under(path, products):
+            continue
+        if code != "??" or path.endswith(".py") or _under(path, inputs):
+            changed.append(path)
+    return {"commit": commit, "dirty": bool(changed), "changed": sorted(changed)[:20], "dvc_lock": dvc_lock}
 
 
 def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str | None]:
@@ -158,6 +196,10 @@ def _verify_inputs(root: Path, inputs: dict[str, dict[str, Any]]) -> list[str]:
 
 
 # --- reading it -------------------------------------------------------------------------------
+def _num(value: Any, fmt: str) -> str:
+    return format(value, fmt) if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+
+
 def _data_lines(data: dict[str, Any]) -> list[str]:
     """Pre-judged vs vote-built pairs per split, and each imported batch's source."""
     lines = []
@@ -175,15 +217,23 @@ def _data_lines(data: dict[str, Any]) -> list[str]:
 def describe(manifest: dict[str, Any]) -> str:
     """The manifest as a person reads it: what model, from which data, code and params, and the verdict."""
     git = manifest.get("git")
-    git_line = "not in git" if git is None else f"{git['commit']}{' (dirty work tree)' if git['dirty'] else ''}"
+    if git is None:
+        git_line = "not in git"
+    else:
+        changed = git.get("changed") or []
+        git_line = git["commit"] + (f" + uncommitted changes ({', '.join(changed) or 'work tree dirty'})" if git["dirty"] else "")
+        if git.get("dvc_lock") == "untracked":
+            git_line += "; dvc.lock not in git yet (commit it: it records this lineage)"
     ev, promo = manifest.get("evaluation", {}), manifest.get("promotion", {})
+    parity = manifest.get("parity", {})
     lines = [
         f"created      {manifest.get('created_at')}",
         f"git          {git_line}",
         f"backbone     {manifest.get('model', {}).get('backbone')}",
-        f"evaluation   {'passed' if ev.get('passed') else 'FAILED'}: accuracy {ev.get('accuracy')} on {ev.get('n_pairs')} test pairs",
+        f"evaluation   {'passed' if ev.get('passed') else 'FAILED'}: accuracy {_num(ev.get('accuracy'), '.4f')} "
+        f"on {ev.get('n_pairs')} test pairs",
         f"promotion    {'promoted' if promo.get('promoted') else 'not promoted'}: {promo.get('reason')}",
-        f"parity       max |diff| {manifest.get('parity', {}).get('max_abs_diff')} on {manifest.get('parity', {}).get('n_rows')} golden rows",
+        f"parity       max |diff| {_num(parity.get('max_abs_diff'), '.1e')} on {parity.get('n_rows')} golden rows",
         "batches      " + ", ".join(sorted({b for ids in manifest.get("batch_ids", {}).values() for b in ids})),
         *_data_lines(manifest.get("data") or {}),
         "",

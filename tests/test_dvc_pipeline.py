@@ -121,3 +121,36 @@ def test_data_stages_in_a_git_checkout_and_a_failed_validation_stops_training(tm
     assert "Traceback" not in failed.stderr.split("ERROR")[0]
     assert "backbone" not in ran_stages(failed) and "train" not in ran_stages(failed)
     assert not (proj / "models" / "reward_model").exists()
+
+
+def test_two_experiments_show_their_metrics_and_plots_side_by_side(tmp_path):
+    """Metrics, plots and reports are committed with dvc.lock (not git-ignored), so every experiment's
+    commit holds them and `dvc exp show` / `dvc plots diff` compare reward models by them."""
+    proj = copy_project(tmp_path / "proj")
+    run(["git", "init", "-q"], proj)
+    run(["git", "add", "-A"], proj)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-qm", "init"], proj)
+    run([str(BIN / "rmpipe"), "sample-data"], proj)
+
+    first = run([str(BIN / "dvc"), "exp", "run", "-n", "lr-high", "-S", "train.lr=0.004"], proj)
+    run([str(BIN / "dvc"), "exp", "run", "-n", "lr-low", "-S", "train.lr=0.001"], proj)
+    assert "is empty" not in first.stderr  # a clean run's (empty) quarantine is no warning
+
+    shown = json.loads(run([str(BIN / "dvc"), "exp", "show", "--json"], proj).stdout)
+    experiments = {rev["name"]: rev["data"] for row in shown for exp in row.get("experiments") or []
+                   for rev in exp["revs"]}
+    assert set(experiments) == {"lr-high", "lr-low"}
+    for name, lr in (("lr-high", 0.004), ("lr-low", 0.001)):
+        data = experiments[name]
+        assert data["params"]["params.yaml"]["data"]["train"]["lr"] == lr
+        evaluation = data["metrics"]["metrics/eval.json"]["data"]
+        training = data["metrics"]["metrics/train.json"]["data"]
+        assert 0.0 <= evaluation["accuracy"] <= 1.0 and evaluation["n_pairs"] > 0
+        assert 0.0 <= training["val_accuracy"] <= 1.0
+        assert data["metrics"]["reports/annotators.json"]["data"]["n_votes_in"] > 0
+    assert experiments["lr-high"]["metrics"]["metrics/train.json"] != experiments["lr-low"]["metrics"]["metrics/train.json"]
+
+    plots = json.loads(run([str(BIN / "dvc"), "plots", "diff", "lr-high", "lr-low", "--json"], proj).stdout)["data"]
+    for plot in ("plots/eval/calibration.csv", "dvclive/train/plots/metrics/train/loss.tsv"):
+        (entry,) = plots[plot]
+        assert {row["rev"] for row in entry["content"]["data"]["values"]} == {"lr-high", "lr-low"}
