@@ -111,6 +111,27 @@ def resolve_backbone(model_cfg: dict[str, Any], project_root: Path = Path(".")) 
     return name
 
 
+def sampling_source(model_cfg: dict[str, Any], project_root: Path = Path(".")) -> Path | str:
+    """Where `rmpipe sample-pairs` loads its SFT model from, whatever models/backbone holds.
+
+    smollm2-135m-instruct -> its de-quantized cache (made once from the PyPI package); a folder or
+    hub id -> as given; tiny -> models/backbone, since the tiny model is built from the train split
+    by the backbone stage (resolve_backbone checks it matches params).
+    """
+    name = backbone_name(model_cfg)
+    root = Path(project_root)
+    if name == SMOLLM2:
+        ignore_from_git((root / SMOLLM2_CACHE).parent)
+        return materialize_smollm2(root / SMOLLM2_CACHE)
+    if name == TINY:
+        built = (read_manifest(root / BACKBONE_DIR) or {}).get("backbone")
+        if built not in (None, TINY):
+            raise UserError(f"{root / BACKBONE_DIR} holds backbone '{built}', not tiny: the tiny backbone is built "
+                            "from your train split by the backbone stage; set params.yaml 'model.backbone: tiny' "
+                            "and run `dvc repro backbone`, or sample with --backbone smollm2-135m-instruct")
+    return resolve_backbone(model_cfg, root)
+
+
 # --- loading -------------------------------------------------------------------------------
 def _describe_failure(path_or_id: str | Path, exc: Exception) -> str:
     where = str(path_or_id)

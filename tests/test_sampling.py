@@ -191,3 +191,45 @@ def test_ranking_tasks_labelled_as_ranked_rows_flow_through_collect_as_the_same_
         assert vote.choice == "b"  # the later completion ranked better by the reversed ranking
         assert vote.prompt == canonical_prompt(task["prompt"])
     assert votes.groupby("group_id")["line"].nunique().eq(1).all()  # one group per labelled task
+
+
+@pytest.mark.slow
+def test_the_readmes_smollm2_sampling_example_runs_as_written_on_a_default_project(tmp_path):
+    """`--backbone smollm2-135m-instruct` loads SmolLM2 whatever models/backbone holds (here the tiny model
+    `make repro` builds by default), on the project's own params (only fewer, shorter completions)."""
+    import os
+    import re
+    import shlex
+    import subprocess
+    import sys
+
+    from rmpipe import backbones
+
+    root = Path(__file__).resolve().parents[1]
+    (line,) = re.findall(r"^rmpipe sample-pairs [^\n#]*--backbone smollm2-135m-instruct[^\n#]*",
+                         (root / "README.md").read_text(), flags=re.M)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["sampling"].update(n_completions=2, max_new_tokens=8)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (tmp_path / "dvc.yaml").write_text((root / "dvc.yaml").read_text())
+    built = tmp_path / backbones.BACKBONE_DIR
+    built.mkdir(parents=True)
+    (built / backbones.MANIFEST).write_text(json.dumps(  # what the backbone stage leaves after `make repro`
+        {"backbone": "tiny", "params": backbones.expected_manifest_params(params["model"])}))
+    prompts = [{"prompt": "Name a river in Europe."}, {"prompt": [{"role": "user", "content": "Say hi."}]}]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    backbones.ignore_from_git(root / "models/.cache")  # de-quantized once per checkout, shared with test_backbones
+    cache = backbones.materialize_smollm2(root / backbones.SMOLLM2_CACHE)
+    (tmp_path / backbones.SMOLLM2_CACHE).parent.mkdir(parents=True)
+    (tmp_path / backbones.SMOLLM2_CACHE).symlink_to(cache)
+
+    args = shlex.split(line)
+    args[0] = str(Path(sys.executable).parent / "rmpipe")
+    proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "data/tasks/prompts.tasks.jsonl"
+    tasks = [json.loads(t) for t in (tmp_path / "data/tasks/prompts.tasks.jsonl").read_text().splitlines()]
+    assert tasks and all(t["backbone"] == "smollm2-135m-instruct" for t in tasks)
+    assert {canonical_prompt(t["prompt"]) for t in tasks} <= {canonical_prompt(p["prompt"]) for p in prompts}
