@@ -282,7 +282,7 @@ def read_score_input(path: Path) -> list[dict]:
         keys = ("response",) if "response" in row else ("chosen", "rejected")
         if not all(isinstance(row.get(k), str) for k in keys):
             raise DataError(f"{path}:{line_no}: need string 'response', or 'chosen' and 'rejected'")
-        rows.append({**row, "prompt": prompt, "_keys": keys})
+        rows.append({**row, "_canonical": prompt, "_keys": keys})  # the prompt is echoed back as given
     return rows
 
 
@@ -293,14 +293,14 @@ def score_file(export_dir: Path, input_path: Path, batch_size: int = 16) -> list
     prompts, responses, where = [], [], []
     for i, row in enumerate(rows):
         for key in row["_keys"]:
-            prompts.append(row["prompt"])
+            prompts.append(row["_canonical"])
             responses.append(row[key])
             where.append((i, key))
     tokens, truncated = encode_rows(tokenizer, prompts, responses, max_length)
     if truncated:
         log.warning("%d responses longer than %d tokens were left-truncated", truncated, max_length)
     rewards = score_token_rows(reward_fn_of(hf), tokens, tokenizer.pad_token_id, batch_size)
-    out = [{k: v for k, v in row.items() if k != "_keys"} for row in rows]
+    out = [{k: v for k, v in row.items() if k not in ("_keys", "_canonical")} for row in rows]
     for (i, key), reward in zip(where, rewards):
         out[i]["reward" if key == "response" else f"reward_{key}"] = float(reward)
     for row in out:

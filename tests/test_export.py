@@ -154,6 +154,7 @@ def test_lineage_and_score_commands(exported, tmp_path, capsys):
     scored = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
     assert [abs(s["reward"] - g["reward"]) <= 1e-4 for s, g in zip(scored, golden)] == [True] * 3
     assert scored[3]["margin"] == pytest.approx(scored[3]["reward_chosen"] - scored[3]["reward_rejected"])
+    assert scored[3]["prompt"] == "hi" and scored[0]["prompt"] == json.loads(golden[0]["prompt"])  # echoed as given
     rows.write_text('{"response": "no prompt"}\n')
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["score", str(export), "--input", str(rows)])
@@ -243,3 +244,25 @@ def test_passing_model_is_promoted_then_a_worse_one_is_not(exported, tmp_path, m
     second = export_stage.run()
     assert not second["promotion"]["promoted"] and "below the promoted model's" in second["promotion"]["reason"]
     assert read_manifest(promoted)["created_at"] == first["created_at"]  # the promoted model stayed
+
+
+def test_the_readme_snippet_scores_like_rmpipe_score(exported, tmp_path, capsys):
+    """The README's transformers block, run as written on an export, gives `rmpipe score`'s reward."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "AutoModelForSequenceClassification" in b]
+    export = exported / "models" / "export"
+    namespace: dict = {}
+    exec(block.replace('"models/export"', repr(str(export))), namespace)
+
+    chat = namespace["chat"]
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": chat[0]["content"], "response": chat[1]["content"]}) + "\n")
+    cli_main(["score", str(export), "--input", str(rows)])
+    (scored,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert scored["prompt"] == chat[0]["content"]
+    assert abs(namespace["reward"] - scored["reward"]) <= 1e-4
+    # Without the chat template the reward differs: the README's rendering is what makes them agree.
+    raw = namespace["tokenizer"](chat[0]["content"] + chat[1]["content"], return_tensors="pt")
+    assert abs(namespace["model"](**raw).logits[0, 0].item() - scored["reward"]) > 1e-3
