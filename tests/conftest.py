@@ -56,3 +56,8 @@ def pytest_sessionfinish(session, exitstatus):
         finally:
             prefect_log.setLevel(level)
     shutil.rmtree(PREFECT_HOME, ignore_errors=True)
+
+
+@pytest.fixture
+def project_root() -> Path:
+    return ROOT
