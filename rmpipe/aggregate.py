@@ -376,6 +376,12 @@ def krippendorff_alpha(counts: np.ndarray) -> float | None:
     return round(value, 4) if math.isfinite(value) else None
 
 
+
+def _pct(value: float, threshold: float | None = None) -> str:
+    """A share as a whole percent, with one decimal where whole percents would hide the threshold's side."""
+    text = f"{value:.0%}"
+    return f"{value:.1%}" if threshold is not None and text == f"{threshold:.0%}" else text
+
 def _annotator_stats(votes: pd.DataFrame, first: _Pass, names: pd.Index, settings: AggregateSettings) -> pd.DataFrame:
     """Per annotator: votes, share, agreement with the aggregated label on pairs with 2+ votes, A-picks, flags."""
     annotator, pair = votes["annotator"].to_numpy(), votes["pair"].to_numpy()
@@ -401,10 +407,12 @@ def _annotator_stats(votes: pd.DataFrame, first: _Pass, names: pd.Index, setting
     low = (stats["agreement"] < settings.agreement_floor).to_numpy()  # NaN (nothing compared) is never low
     heavy = (stats["share"] > settings.share_ceiling).to_numpy()
     stats["flagged"] = low | heavy
-    reasons = [
+    reasons = [  # the rule that flagged, in words: "cast 32% of all votes (ceiling 30%)"
         "; ".join(
-            ([f"agreement {agr:.2f} < floor {settings.agreement_floor:g}"] if lo else [])
-            + ([f"share {sh:.2f} > ceiling {settings.share_ceiling:g}"] if hv else [])
+            ([f"agreed with the majority on {_pct(agr, settings.agreement_floor)} of compared votes "
+              f"(floor {_pct(settings.agreement_floor)})"] if lo else [])
+            + ([f"cast {_pct(sh, settings.share_ceiling)} of all votes (ceiling {_pct(settings.share_ceiling)})"]
+               if hv else [])
         )
         or None
         for agr, sh, lo, hv in zip(stats["agreement"], stats["share"], low, heavy)

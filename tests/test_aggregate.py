@@ -348,7 +348,8 @@ def test_exclude_flagged_drops_always_a_and_careless_and_fixes_trapped_pairs():
     flagged = {a for a, s in kept.report["annotators"].items() if s["flagged"]}
     assert flagged == {"always_a", "careless"}
     assert kept.report["annotators"]["always_a"]["choice_a_share"] == 1.0
-    assert "agreement" in kept.report["annotators"]["careless"]["reason"]
+    assert kept.report["annotators"]["careless"]["reason"].startswith("agreed with the majority on ")
+    assert kept.report["annotators"]["careless"]["reason"].endswith("of compared votes (floor 60%)")
     trap_ids = {pair_id(f"q{p}", good_answer(p), bad_answer(p)) for p in range(30, 36)}
     assert not trap_ids & set(kept.pairs["pair_id"])  # 2-2 ties, dropped
     assert kept.report["excluded_annotators"] == []
@@ -367,8 +368,10 @@ def test_share_ceiling_flags_a_dominant_annotator():
     rows += [for_response(f"q{p}", "good", "bad", f"ann{p}", shown_first=True) for p in range(10)]
     report = aggregate(frame(rows), AggregateSettings(share_ceiling=0.3)).report
     assert report["annotators"]["heavy"]["flagged"] and report["annotators"]["heavy"]["share"] == 0.5
-    assert report["annotators"]["heavy"]["reason"] == "share 0.50 > ceiling 0.3"
+    assert report["annotators"]["heavy"]["reason"] == "cast 50% of all votes (ceiling 30%)"
     assert report["n_flagged"] == 1
+    from rmpipe.aggregate import _pct
+    assert _pct(0.304, 0.3) == "30.4%" and _pct(0.31, 0.3) == "31%"  # just over the line still reads as over
 
 
 def test_dawid_skene_does_at_least_as_well_as_majority_with_an_adversary():
