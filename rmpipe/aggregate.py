@@ -49,7 +49,7 @@ MALFORMED, IDENTICAL = -1, -2  # votes that cannot be oriented
 
 METHODS = ("majority", "dawid_skene")
 TIE_POLICIES = ("drop", "soft")
-OUTPUT_COLUMNS = [c for c in PAIR_COLUMNS if c != "split"] + ["prejudged"]  # the split stage adds `split`
+OUTPUT_COLUMNS = [c for c in PAIR_COLUMNS if c != "split"] + ["prejudged", "group_id"]  # the split stage adds `split`
 
 # Where each input vote ends up; report["votes"] counts them and they sum to n_votes_in.
 VOTE_BUCKETS = (
@@ -63,7 +63,8 @@ VOTE_BUCKETS = (
     "in_dropped_tie_pairs",
 )
 
-_SMALL_COLUMNS = ["batch_id", "line", "pair_id", "annotator_id", "choice", "strength", "margin", "prejudged", "n_votes"]
+_SMALL_COLUMNS = ["batch_id", "line", "pair_id", "annotator_id", "choice", "strength", "margin", "prejudged", "n_votes",
+                  "group_id"]
 _TEXT_COLUMNS = ["prompt", "prompt_hash", "response_a", "response_b"]
 # Vote tables written before collect carried prompt_hash lack it: aggregate computes it then. The
 # pre-judged columns take their schema.VOTE_DEFAULTS (an A/B vote, one judgement) where absent.
@@ -259,6 +260,7 @@ def _orient(small: pd.DataFrame, text_batches: Iterable[pa.RecordBatch]) -> Vote
             "strength": pd.Categorical(small["strength"]),
             "margin": pd.to_numeric(small["margin"], errors="coerce").to_numpy(dtype=float, na_value=np.nan),
             "prejudged": small["prejudged"].to_numpy(dtype=bool),
+            "group_id": pd.Categorical(small["group_id"]),
             "weight": small["n_votes"].to_numpy(dtype=np.int64),
             "len_first": np.where(a_first, len_a, len_b),
             "len_second": np.where(a_first, len_b, len_a),
@@ -279,6 +281,8 @@ def _with_defaults(small: pd.DataFrame) -> pd.DataFrame:
     for name in ("prejudged", "n_votes"):
         column = small[name] if name in small.columns else pd.Series(VOTE_DEFAULTS[name], index=small.index)
         fills[name] = column.fillna(VOTE_DEFAULTS[name]).astype(bool if name == "prejudged" else np.int64)
+    if "group_id" not in small.columns:
+        fills["group_id"] = pd.Series(None, index=small.index, dtype=object)
     return small.assign(**fills)
 
 
@@ -435,6 +439,19 @@ def _batch_lists(votes: pd.DataFrame, pair_codes: np.ndarray, batch_names: pd.In
     return pa.ListArray.from_arrays(pa.array(offsets), values)
 
 
+def _pair_groups(used: pd.DataFrame, group: pd.Categorical | pd.Series, n_pairs: int) -> np.ndarray:
+    """Per pair code: the ranked/rated group its first grouped vote came from (pairs of one group share it:
+    the same prompt and responses), None for pairs from A/B votes and pair rows only."""
+    out = np.full(n_pairs, None, dtype=object)
+    codes = np.asarray(group.cat.codes)[used.index.to_numpy()]
+    grouped = codes >= 0
+    if grouped.any():
+        pair = used["pair"].to_numpy()[grouped]
+        first = np.unique(pair, return_index=True)[1]  # input order: file name, then line
+        out[pair[first]] = np.asarray(group.cat.categories, dtype=object)[codes[grouped][first]]
+    return out
+
+
 def _pair_margins(votes: pd.DataFrame, label: np.ndarray, settings: AggregateSettings) -> np.ndarray:
     """Mean margin over the votes agreeing with the aggregated label; explicit margins win; else 0.0."""
     pair = votes["pair"].to_numpy()
@@ -522,6 +539,7 @@ def _pairs_table(used: pd.DataFrame, final: _Pass, keep: np.ndarray, src: Votes,
             "prompt_hash": _prompt_hashes(prompt, texts.column("prompt_hash").take(pa.array(rows))),
             "batch_ids": _batch_lists(used, codes, src.table["batch_id"].cat.categories),
             "prejudged": final.prejudged[codes],
+            "group_id": pa.array(_pair_groups(used, src.table["group_id"], len(pair_names))[codes], pa.string()),
         }
     )
     # batch_ids as plain object lists: an ArrowDtype column leaves pandas metadata that read_parquet cannot parse.

@@ -225,6 +225,7 @@ def test_a_ranking_of_five_becomes_its_ten_comparisons(tmp_path):
     pairs = _pairs(votes)
     expected = {_key("Rank these.", RESPONSES[i], RESPONSES[j]) for i in range(5) for j in range(i + 1, 5)}
     assert set(pairs) == expected
+    assert {p["group_id"] for p in pairs.values()} == {votes["group_id"].iloc[0]}  # the pairs know their group
 
 
 def test_scores_with_ties_and_two_annotators(tmp_path):
@@ -299,6 +300,7 @@ def test_prejudged_pairs_carry_their_own_count_and_the_mixed_rule(tmp_path):
     assert votes["prejudged"].tolist() == [True, True, False, True, False]
     assert votes["n_votes"].tolist() == [5, 1, 1, 1, 1]
     result = aggregate(votes, _settings())
+    assert result.pairs["group_id"].isna().all()  # no ranked group here
     got = {r["chosen"]: (r["n_votes"], r["prejudged"]) for r in result.pairs.to_dict("records")}
     assert got == {"yes": (5, True), "up": (1, True), "b1": (2, False)}  # "Lonely" is below min_votes
     assert result.report["pairs"]["min_votes"] == 1 and result.report["n_pairs_prejudged"] == 2
