@@ -414,7 +414,7 @@ class _Normalizer:
             return _Bad(exc.code, exc.reason)
         annotator = rec.get("annotator_id")
         annotator = f"anonymous:{batch_id}" if annotator in _ABSENT else annotator
-        scores = rec.get("scores") if formats.present(rec, "scores") else None
+        scores = formats.json_cell(rec.get("scores")) if formats.present(rec, "scores") else None
         extras = {k: rec[k] for k in rec.keys() - _RANKED_KNOWN}
         votes = []
         for i, j, choice in comparisons:

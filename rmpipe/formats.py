@@ -21,6 +21,7 @@ Every problem is a `ShapeError(code, reason)`; collect quarantines the row under
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from typing import Any, Mapping
@@ -40,6 +41,23 @@ class ShapeError(ValueError):
     def __init__(self, code: str, reason: str):
         super().__init__(reason)
         self.code, self.reason = code, reason
+
+
+def json_cell(value: Any, messages: bool = False) -> Any:
+    """A list spelled as JSON in a CSV cell (as spreadsheet exports write them) -> the list; else the value.
+    With `messages`, only a list of {role, content} objects is decoded: a response whose text happens to be
+    a JSON array stays text."""
+    if type(value) is str and value[:1] == "[" and value.rstrip()[-1:] == "]":
+        try:
+            decoded = json.loads(value)
+        except ValueError:
+            return value
+        if not isinstance(decoded, list):
+            return value
+        if messages and not all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in decoded):
+            return value
+        return decoded
+    return value
 
 
 def present(rec: Mapping[str, Any], name: str) -> bool:
@@ -92,6 +110,7 @@ def _messages(value: Any, name: str) -> list[dict[str, str]] | None:
     """A conversation as messages: a {role, content} list or a transcript string; None for plain text."""
     if is_transcript(value):
         return parse_transcript(value, name)
+    value = json_cell(value, messages=True)
     if isinstance(value, (list, tuple)):
         messages = []
         for i, m in enumerate(value):
@@ -133,6 +152,7 @@ def split_conversations(chosen: list[dict[str, str]], rejected: list[dict[str, s
 
 def _one_response(value: Any, name: str) -> Any:
     """TRL's conversational explicit pair keeps each response as [{"role": "assistant", "content": ...}]."""
+    value = json_cell(value, messages=True)
     if not isinstance(value, (list, tuple)):
         return value  # a string (or a wrong type collect names)
     messages = _messages(value, name) or []
@@ -170,7 +190,7 @@ def _number(value: Any) -> bool:
 def ranked_comparisons(rec: Mapping[str, Any]) -> tuple[list[str], list[tuple[int, int, str]]]:
     """(responses, [(i, j, choice)] for every i < j): choice "a" when response i is preferred,
     "b" when response j is, "tie" for equal scores. Raises ShapeError for a malformed group."""
-    responses = rec.get("responses")
+    responses = json_cell(rec.get("responses"))
     if not isinstance(responses, (list, tuple)) or not all(type(r) is str for r in responses):
         raise ShapeError("bad_group", "responses must be a list of strings")
     k = len(responses)
@@ -189,7 +209,7 @@ def ranked_comparisons(rec: Mapping[str, Any]) -> tuple[list[str], list[tuple[in
                          "a group needs exactly one of 'ranking' (indices, best first) or 'scores' "
                          f"(one per response), got {'both' if has_ranking else 'neither'}")
     if has_ranking:
-        ranking = rec["ranking"]
+        ranking = json_cell(rec["ranking"])
         if (not isinstance(ranking, (list, tuple)) or not all(isinstance(x, int) and not isinstance(x, bool) for x in ranking)
                 or sorted(ranking) != list(range(k))):
             raise ShapeError("bad_group", f"ranking {list(ranking) if isinstance(ranking, (list, tuple)) else ranking!r} "
@@ -197,7 +217,7 @@ def ranked_comparisons(rec: Mapping[str, Any]) -> tuple[list[str], list[tuple[in
         place = {index: position for position, index in enumerate(ranking)}
         key = [-place[i] for i in range(k)]  # higher is better, as with scores
     else:
-        scores = rec["scores"]
+        scores = json_cell(rec["scores"])
         if not isinstance(scores, (list, tuple)) or len(scores) != k or not all(_number(s) for s in scores):
             raise ShapeError("bad_group", f"scores must be {k} finite numbers (one per response), got {scores!r}"[:300])
         key = list(scores)

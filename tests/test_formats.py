@@ -359,3 +359,20 @@ def test_split_left_empty_by_too_few_prompts_fails_in_the_split_stage(tmp_path):
     assert line.startswith("error: split left "), line
     assert "empty: 3 distinct prompt(s) (3 pairs) over split.fractions train=0.8, val=0.1, test=0.1" in line
     assert "set split.fractions." in line
+
+
+def test_csv_cells_holding_json_lists_are_read_as_lists(tmp_path):
+    """Spreadsheet exports write lists as JSON text: ranked groups and conversations in a CSV batch."""
+    import csv
+
+    with (tmp_path / "sheet.csv").open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["prompt", "responses", "scores", "chosen", "rejected"])
+        writer.writerow(["Rate.", json.dumps(["p", "q"]), json.dumps([1, 2]), "", ""])
+        writer.writerow(["", "", "", json.dumps(_msgs("Hi", "Yo.")), json.dumps(_msgs("Hi", "Go."))])
+        writer.writerow(["Code?", "", "", "[1, 2, 3]", "[3, 2, 1]"])  # responses that are JSON arrays stay text
+    votes, quarantine, _ = _collect(tmp_path)
+    assert quarantine == []
+    got = [(schema.prompt_messages(v.prompt), v.response_a, v.response_b, v.choice) for v in votes.itertuples()]
+    assert got == [(_msgs("Rate."), "p", "q", "b"), (_msgs("Hi"), "Yo.", "Go.", "a"),
+                   (_msgs("Code?"), "[1, 2, 3]", "[3, 2, 1]", "a")]
