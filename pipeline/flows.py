@@ -86,6 +86,19 @@ def fails_cleanly(fn):
     return wrapper
 
 
+class _UserErrorTracebacks(logging.Filter):
+    """Drop Prefect's traceback of a UserError. A deployment run that fails on one (a rejected batch, a
+    stage's message) has logged its one-line reason already; Prefect's engine would log it again as
+    "Engine execution exited with unexpected exception" plus ~40 lines of its own frames."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], UserError))
+
+
+for _name in ("prefect.flow_runs", "prefect.task_runs"):
+    logging.getLogger(_name).addFilter(_UserErrorTracebacks())
+
+
 def run_task(task_, *args, **kwargs):
     """Call a task and return its result; a Failed state (e.g. from fails_cleanly) raises its exception here."""
     return task_(*args, return_state=True, **kwargs).result()

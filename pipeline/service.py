@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 from datetime import timedelta
 from pathlib import Path
 
@@ -67,6 +68,12 @@ def serve(project: str | Path | None = None) -> None:
     root = prefect_env.find_project_root(project)
     os.chdir(root)  # the runner starts flow runs in its working directory
     from prefect import serve as prefect_serve
+    from prefect.runner import Runner
+
+    # Prefect's SIGTERM handler calls the sync Runner.stop() inside the running event loop, where it only
+    # makes a coroutine nobody awaits ("coroutine 'Runner.astop' was never awaited") and exits without
+    # pausing the deployments. Treat SIGTERM as Ctrl-C, whose path shuts the runner down cleanly.
+    Runner.handle_sigterm = lambda self, *args, **kwargs: signal.raise_signal(signal.SIGINT)
 
     from pipeline.flows import on_new_batch, rebuild
 

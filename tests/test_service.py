@@ -299,3 +299,44 @@ def test_batches_arriving_together_are_processed_one_after_another_on_a_real_ser
             stop(proc)
         for log in sorted(logs.glob("*.log")):  # shown by pytest only when the test fails
             print(f"----- {log.name}\n{log.read_text()[-60000:]}")
+
+
+@pytest.mark.slow
+def test_a_rejected_batch_and_a_stopped_service_log_one_clear_line_each(tmp_path):
+    """On a real server: a served run that rejects a batch logs its reason, not Prefect's traceback of it,
+    and `rmpipe serve` stopped with SIGTERM shuts down like Ctrl-C (no un-awaited coroutine)."""
+    from pipeline.prefect_env import server_env
+    from test_flows import batch_project, vote_lines
+
+    project = batch_project(tmp_path)  # the real check and registration, a seconds-long rebuild
+    port = free_port()
+    env = server_env(tmp_path / "prefect-home", port)
+    env.update(PREFECT_RUNNER_POLL_FREQUENCY="2", PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+    api = env["PREFECT_API_URL"]
+    procs = [start([PY, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                   tmp_path, env, tmp_path / "server.log")]
+    try:
+        wait_for("the Prefect server", lambda: healthy(api), 150, procs)
+        serve = start([PY, "-m", "pipeline.cli", "serve"], project, env, tmp_path / "serve.log")
+        procs.append(serve)
+        wait_for("rmpipe serve", lambda: "on-new-batch" in (tmp_path / "serve.log").read_text(), 150, procs)
+        bad = tmp_path / "b-bad.jsonl"
+        bad.write_text("{not json\n" * 6 + vote_lines(2))
+        subprocess.run([PY, "-c", f"from pathlib import Path; from pipeline.service import announce_batch; "
+                                  f"announce_batch(Path({str(bad)!r}))"], env=env, check=True, timeout=120)
+        (run,) = wait_for("the rejected run", lambda: [r for r in flow_runs(api, "on-new-batch")
+                                                       if r["state_type"] in ("FAILED", "CRASHED", "COMPLETED")],
+                          240, procs)
+        assert run["state_type"] == "FAILED"
+        wait_for("the run's last log line", lambda: "Finished in state Failed" in (tmp_path / "serve.log").read_text(),
+                 60, procs)
+        time.sleep(3)  # the engine's own exit logging comes after the state change
+        os.killpg(serve.pid, signal.SIGTERM)
+        assert serve.wait(timeout=60) == 0
+    finally:
+        for proc in procs:
+            stop(proc)
+    log = (tmp_path / "serve.log").read_text()
+    assert "batch b-bad.jsonl rejected" in log and "line is not valid JSON" in log
+    assert "Traceback" not in log and "Engine execution exited" not in log
+    assert "never awaited" not in log and "shutting down" in log
