@@ -36,7 +36,8 @@ setup: $(BIN)/.installed
 	@if ! git rev-parse --is-inside-work-tree >/dev/null 2>&1; then $(BIN)/dvc config --local core.no_scm true; fi
 
 sample-data: setup
-	@if [ -z "$$(ls data/incoming 2>/dev/null | grep -E '\.(jsonl|csv|parquet)$$')" ]; then \
+	@# only into an empty inbox (dotfiles aside): your own files or dataset folders are never mixed with samples
+	@if [ -z "$$(ls data/incoming 2>/dev/null)" ]; then \
 	  $(BIN)/rmpipe sample-data; fi
 
 repro: sample-data

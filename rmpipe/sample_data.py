@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rmpipe.errors import ConfigError, UserError
+from rmpipe.hf_batches import folder_kind
 from rmpipe.io import atomic_path
 from rmpipe.params import get
 
@@ -790,8 +791,8 @@ def write_sample_batches(out_dir: str | Path, cfg: Mapping[str, Any]) -> list[Pa
         names.append(f"batch-{conf.n_batches + 1:04d}-pairs.parquet")
     if out_dir.is_dir():
         others = sorted(
-            p.name for p in out_dir.iterdir() if p.suffix in DATA_SUFFIXES and not p.name.startswith(".")
-            and p.name not in names
+            p.name for p in out_dir.iterdir() if not p.name.startswith(".") and p.name not in names
+            and (p.suffix in DATA_SUFFIXES or (p.is_dir() and folder_kind(p)))  # a dataset folder is a batch too
         )
         if others:
             raise UserError(

@@ -131,3 +131,16 @@ def test_import_writes_a_batch_and_its_source_record_that_collect_reports(tmp_pa
     with pytest.raises(SystemExit) as info:  # the same name again: refused, one line, the file kept
         cli(["import", str(source), "--out", str(incoming), "--name", "imported"])
     assert info.value.code == 2 and "exists already" in capsys.readouterr().err
+
+
+def test_sample_data_is_never_written_beside_a_dataset_folder(tmp_path):
+    """`make repro` writes samples only into an empty inbox, and `rmpipe sample-data` itself refuses to
+    mix them with a batch, a dataset folder included."""
+    from rmpipe.errors import UserError
+    from rmpipe.sample_data import write_sample_batches
+
+    datasets.Dataset.from_dict(PAIRS).save_to_disk(str(tmp_path / "mine"))
+    with pytest.raises(UserError, match=r"already holds other batch files \(mine\)"):
+        write_sample_batches(tmp_path, {**DEFAULTS["sample_data"], "n_pairs": 10})
+    makefile = (ROOT / "Makefile").read_text()
+    assert 'if [ -z "$$(ls data/incoming 2>/dev/null)" ]; then' in makefile
