@@ -163,6 +163,29 @@ def _one_response(value: Any, name: str) -> Any:
     return messages[0]["content"]
 
 
+def _whole_conversations(rec: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """A prompt column beside chosen / rejected that hold the whole conversation (UltraFeedback-binarized's
+    shape): split the conversations as for an implicit prompt, and check the prompt column says the same
+    (it may give only the last turns). None when chosen / rejected are not multi-turn conversations."""
+    # message lists only (or lists as JSON text): a response string that merely looks like a transcript stays text
+    conv_chosen, conv_rejected = (_messages(v, name) if not is_transcript(v) else None
+                                  for v, name in ((rec.get("chosen"), "chosen"), (rec.get("rejected"), "rejected")))
+    if not conv_chosen or not conv_rejected or max(len(conv_chosen), len(conv_rejected)) < 2:
+        return None
+    prompt, chosen_text, rejected_text = split_conversations(conv_chosen, conv_rejected)
+    given = rec["prompt"]
+    if is_transcript(given):
+        given = parse_transcript(given, "prompt", open_end=True)
+    given = json_cell(given, messages=True)
+    stated = [{"role": "user", "content": given}] if isinstance(given, str) else _messages(given, "prompt") or []
+    tail = prompt[-len(stated):] if stated else []
+    if not stated or len(tail) != len(stated) or not all(_same_turn(a, b) for a, b in zip(tail, stated)):
+        raise ShapeError("bad_conversation", f"the prompt column is not the turns chosen and rejected share "
+                                             f"({len(prompt)} turn(s), the last: {prompt[-1]['content'][:60]!r}): "
+                                             "cannot tell which prompt was judged")
+    return {**rec, "prompt": prompt, "chosen": chosen_text, "rejected": rejected_text}
+
+
 def pair_row(rec: Mapping[str, Any]) -> Mapping[str, Any]:
     """A pair row in any shape -> prompt (text or messages), chosen and rejected as text; other fields kept.
 
@@ -172,6 +195,9 @@ def pair_row(rec: Mapping[str, Any]) -> Mapping[str, Any]:
     if present(rec, "prompt"):
         if type(chosen) is str and type(rejected) is str:
             return rec
+        whole = _whole_conversations(rec)
+        if whole is not None:
+            return whole
         return {**rec, "chosen": _one_response(chosen, "chosen"), "rejected": _one_response(rejected, "rejected")}
     conv_chosen, conv_rejected = _messages(chosen, "chosen"), _messages(rejected, "rejected")
     if conv_chosen is None or conv_rejected is None:

@@ -101,6 +101,23 @@ def test_explicit_prompt_pairs_strings_and_conversational(tmp_path):
                                               "votes_from_ranked_rows": 0}
 
 
+def test_a_prompt_column_beside_whole_conversations_ultrafeedback_binarized(tmp_path):
+    """UltraFeedback-binarized keeps `prompt` and also the whole conversation in chosen / rejected: split the
+    conversations at the turn, and check the prompt column names the same prompt (or its last turns)."""
+    _jsonl(tmp_path / "uf.jsonl", [
+        {"prompt": "Name a prime.", "chosen": _msgs("Name a prime.", "7."), "rejected": _msgs("Name a prime.", "8."),
+         "score_chosen": 8.0, "score_rejected": 2.0},
+        {"prompt": "And another?", "chosen": _msgs("Name a prime.", "7.", "And another?", "11."),
+         "rejected": _msgs("Name a prime.", "7.", "And another?", "12.")},                # the last turn only
+        {"prompt": "Something else?", "chosen": _msgs("Name a prime.", "7."), "rejected": _msgs("Name a prime.", "9.")},
+    ])
+    votes, quarantine, _ = _collect(tmp_path, max_bad_share=0.5)
+    assert [(q["line"], q["code"]) for q in quarantine] == [(3, "bad_conversation")]
+    assert "the prompt column is not the turns chosen and rejected share" in quarantine[0]["reason"]
+    assert set(_pairs(votes)) == {_key(_msgs("Name a prime."), "7.", "8."),
+                                  _key(_msgs("Name a prime.", "7.", "And another?"), "11.", "12.")}
+
+
 # ----------------------------------------------------------------------------- implicit prompt / HH
 
 
