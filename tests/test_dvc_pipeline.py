@@ -72,6 +72,8 @@ def test_full_repro_in_a_plain_copy_then_nothing_then_only_downstream(tmp_path):
     first = run([str(BIN / "dvc"), "repro"], proj)
     stages = list(yaml.safe_load((proj / "dvc.yaml").read_text())["stages"])
     assert ran_stages(first) == stages  # every stage, in pipeline order
+    for noise in ("is empty", "Traceback", "Logging error"):  # a clean run prints nothing that reads as an error
+        assert noise not in first.stdout + first.stderr, noise
 
     for split in ("train", "val", "test"):
         assert (proj / "data" / "split" / f"{split}.parquet").stat().st_size > 0

@@ -340,3 +340,9 @@ def test_a_rejected_batch_and_a_stopped_service_log_one_clear_line_each(tmp_path
     assert "batch b-bad.jsonl rejected" in log and "line is not valid JSON" in log
     assert "Traceback" not in log and "Engine execution exited" not in log
     assert "never awaited" not in log and "shutting down" in log
+
+
+def test_the_readmes_server_command_sends_no_telemetry_and_listens_locally():
+    (line,) = [line for line in (ROOT / "README.md").read_text().splitlines()
+               if "prefect server start" in line and not line.lstrip().startswith("#")]
+    assert "PREFECT_SERVER_ANALYTICS_ENABLED=false" in line and "--host 127.0.0.1" in line
