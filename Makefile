@@ -40,8 +40,15 @@ sample-data: setup
 	@if [ -z "$$(ls data/incoming 2>/dev/null)" ]; then \
 	  $(BIN)/rmpipe sample-data; fi
 
+# What records a run in git: dvc.lock (the lineage) and the small cache: false metrics, plots and reports
+# (git-ignored run state inside them, e.g. reports/runs/, stays out). Commit them after each repro.
+RUN_RECORD := dvc.lock metrics plots reports dvclive
+
 repro: sample-data
 	$(BIN)/dvc repro
+	@if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
+	  git add -- $$(ls -d $(RUN_RECORD) 2>/dev/null) && \
+	  echo "staged this run's record ($(RUN_RECORD)); commit it: git commit -m 'reward model from ...'"; fi
 
 test: setup
 	$(BIN)/python -m pytest
