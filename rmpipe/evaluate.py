@@ -32,8 +32,9 @@ TokenRows = Sequence[Sequence[int]]
 
 
 # --- model access -----------------------------------------------------------------------------
-def load_checkpoint(model_dir: str | Path):
-    """(RewardModel, tokenizer) from a train-stage folder (RewardModel.save_pretrained + tokenizer)."""
+def load_checkpoint(model_dir: str | Path, trust_remote_code: bool = False):
+    """(RewardModel, tokenizer) from a train-stage folder (RewardModel.save_pretrained + tokenizer).
+    `trust_remote_code` (model.trust_remote_code) must be what training ran with: the backbone's own code."""
     from transformers import AutoTokenizer
 
     from rmpipe.reward_model import CONFIG_FILE, RewardModel
@@ -41,8 +42,8 @@ def load_checkpoint(model_dir: str | Path):
     model_dir = Path(model_dir)
     if not (model_dir / CONFIG_FILE).exists():
         raise DataError(f"{model_dir} holds no reward model ({CONFIG_FILE} missing): run the train stage first")
-    model = RewardModel.from_pretrained(model_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = RewardModel.from_pretrained(model_dir, trust_remote_code=trust_remote_code).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     return model, tokenizer
 
 

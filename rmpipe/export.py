@@ -47,6 +47,7 @@ class ExportSettings:
     promotion_tolerance: float
     max_length: int
     batch_size: int
+    trust_remote_code: bool = False  # model.trust_remote_code: the backbone's own code builds the classifier
 
     @classmethod
     def from_params(cls, params: dict) -> "ExportSettings":
@@ -59,6 +60,7 @@ class ExportSettings:
             promotion_tolerance=float(get(cfg, "promotion_tolerance", float, where)),
             max_length=get(section(params, "model"), "max_length", int, "model"),
             batch_size=get(section(params, "evaluate"), "batch_size", int, "evaluate"),
+            trust_remote_code=get(section(params, "model"), "trust_remote_code", bool, "model"),
         )
         if settings.parity_tolerance <= 0 or settings.golden_pairs < 1 or settings.promotion_tolerance < 0:
             raise ConfigError("params.yaml: 'export.parity_tolerance' must be > 0, 'export.golden_pairs' >= 1 "
@@ -77,7 +79,7 @@ def pad_is_safe(tokenizer, sample_rows: list[list[int]]) -> bool:
     return all(pad not in row for row in sample_rows)
 
 
-def to_sequence_classifier(model, tokenizer, sample_rows: list[list[int]]):
+def to_sequence_classifier(model, tokenizer, sample_rows: list[list[int]], trust_remote_code: bool = False):
     """(hf_model, tokenizer): our backbone + head as `AutoModelForSequenceClassification`, num_labels=1.
 
     Works on copies; `sample_rows` (rendered golden rows) prove whether the current pad token is safe.
@@ -92,7 +94,7 @@ def to_sequence_classifier(model, tokenizer, sample_rows: list[list[int]]):
     config = copy.deepcopy(model.backbone.config)
     config.num_labels = 1
     config.architectures = None  # filled in by save_pretrained from the class
-    hf = AutoModelForSequenceClassification.from_config(config)  # config's own pad id: in range until resized
+    hf = AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)  # config's own pad id: in range until resized
     score = getattr(hf, "score", None)
     if not isinstance(score, torch.nn.Linear) or score.bias is not None:
         raise DataError(f"{type(hf).__name__} has no bias-free `score` head: this architecture cannot be exported")
@@ -108,26 +110,27 @@ def to_sequence_classifier(model, tokenizer, sample_rows: list[list[int]]):
     return hf.float().eval(), tokenizer
 
 
-def exported_tokenizer(export_dir: Path):
+def exported_tokenizer(export_dir: Path, trust_remote_code: bool = False):
     """(tokenizer, max_length) of an export. rmpipe encodes whole rows then left-truncates to max_length,
     so the tokenizer's own limit is lifted here to keep it from warning about rows it never truncates."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(export_dir)
+    tokenizer = AutoTokenizer.from_pretrained(export_dir, trust_remote_code=trust_remote_code)
     max_length = int(tokenizer.model_max_length)
     tokenizer.model_max_length = int(1e30)
     return tokenizer, max_length
 
 
-def load_exported(export_dir: Path):
+def load_exported(export_dir: Path, trust_remote_code: bool = False):
     """(model, tokenizer, max_length) of an export with plain transformers: what any downstream user would run."""
     from transformers import AutoModelForSequenceClassification
 
     export_dir = Path(export_dir)
     if not (export_dir / "config.json").exists():
         raise DataError(f"{export_dir} is not an exported model (no config.json): run the export stage first")
-    hf = AutoModelForSequenceClassification.from_pretrained(export_dir, dtype=torch.float32, use_safetensors=True).eval()
-    return (hf, *exported_tokenizer(export_dir))
+    hf = AutoModelForSequenceClassification.from_pretrained(export_dir, dtype=torch.float32, use_safetensors=True,
+                                                            trust_remote_code=trust_remote_code).eval()
+    return (hf, *exported_tokenizer(export_dir, trust_remote_code))
 
 
 # --- golden set -------------------------------------------------------------------------------
@@ -144,9 +147,10 @@ def golden_rows(test: pd.DataFrame, battery: list[dict], n_pairs: int, eos_token
     return rows
 
 
-def parity(export_dir: Path, golden: list[dict], max_length: int, batch_size: int) -> dict:
+def parity(export_dir: Path, golden: list[dict], max_length: int, batch_size: int,
+           trust_remote_code: bool = False) -> dict:
     """Re-load the export with plain transformers and re-score `golden`, right- and left-padded."""
-    hf, tokenizer, _ = load_exported(export_dir)
+    hf, tokenizer, _ = load_exported(export_dir, trust_remote_code)
     rows, _ = encode_rows(tokenizer, [g["prompt"] for g in golden], [g["response"] for g in golden], max_length)
     expected = np.array([g["reward"] for g in golden])
     diffs = {}
@@ -179,7 +183,7 @@ def promotion_decision(metrics: dict, promoted_dir: Path, test: pd.DataFrame, s:
 
 
 def accuracy_of_export(export_dir: Path, test: pd.DataFrame, s: ExportSettings) -> float:
-    hf, tokenizer, max_length = load_exported(export_dir)  # scored the way that model was exported to be used
+    hf, tokenizer, max_length = load_exported(export_dir, s.trust_remote_code)  # scored the way that model was exported to be used
     rows, _ = encode_rows(tokenizer, list(test["prompt"]) * 2, list(test["chosen"]) + list(test["rejected"]), max_length)
     rewards = score_token_rows(reward_fn_of(hf), rows, tokenizer.pad_token_id, s.batch_size)
     return float((rewards[: len(test)] > rewards[len(test):]).mean())
@@ -210,7 +214,7 @@ def write_export(
         g["reward"] = float(r)
 
     norm = metrics.get("normalization") or {}
-    hf, hf_tokenizer = to_sequence_classifier(model, tokenizer, rows)
+    hf, hf_tokenizer = to_sequence_classifier(model, tokenizer, rows, s.trust_remote_code)
     hf.config.reward_mean = norm.get("reward_mean")
     hf.config.reward_std = norm.get("reward_std")
     hf.config.reward_stats_split = norm.get("split")
@@ -222,7 +226,7 @@ def write_export(
         hf.save_pretrained(tmp, safe_serialization=True)
         hf_tokenizer.save_pretrained(tmp)
         io.write_jsonl(tmp / GOLDEN_FILE, golden)
-        check = parity(tmp, golden, s.max_length, s.batch_size)
+        check = parity(tmp, golden, s.max_length, s.batch_size, s.trust_remote_code)
         log.info("parity: max |reward diff| %.2e over %d golden rows (right and left padded)", check["max_abs_diff"], check["n_rows"])
         if check["pad_in_text"] or not check["max_abs_diff"] <= s.parity_tolerance:
             raise ValidationFailed(

@@ -8,10 +8,31 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import pandas as pd
+
+
+# Test hook (tests/test_reliability.py): "pause:<name>:<signal file>" stops the writer of an output named
+# <name> once its new bytes are written and before they are published, touching <signal file>, so a test can
+# SIGKILL the stage inside the write; "fail:<name>" raises there instead (a stage failing mid-output).
+WRITE_HOOK_ENV = "RMPIPE_TEST_WRITE_HOOK"
+
+
+def _before_publish(path: Path) -> None:
+    hook = os.environ.get(WRITE_HOOK_ENV)
+    if not hook:
+        return
+    action, name, *signal_file = hook.split(":", 2)
+    if path.name != name:
+        return
+    if action == "fail":
+        raise OSError(f"{WRITE_HOOK_ENV}: injected failure before publishing {path}")
+    Path(signal_file[0]).touch()
+    while True:  # until the test kills this process
+        time.sleep(1)
 
 
 @contextlib.contextmanager
@@ -25,6 +46,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path.chmod(0o644)  # mkstemp makes it private; the published file should read like any other
     try:
         yield tmp_path
+        _before_publish(path)
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
@@ -43,6 +65,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp.chmod(0o755)  # mkdtemp makes it private; the published folder should read like any other
     try:
         yield tmp
+        _before_publish(path)
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")

@@ -151,13 +151,15 @@ class RewardModel(nn.Module):
         (path / CONFIG_FILE).write_text(json.dumps(asdict(config), indent=2) + "\n", encoding="utf-8")
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "RewardModel":
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32,
+                        trust_remote_code: bool = False) -> "RewardModel":
         from safetensors.torch import load_file
         from transformers import AutoModel
 
         path = Path(path)
         config = RewardModelConfig(**json.loads((path / CONFIG_FILE).read_text(encoding="utf-8")))
-        backbone = AutoModel.from_pretrained(path / BACKBONE_DIR, dtype=dtype, trust_remote_code=False, use_safetensors=True)
+        backbone = AutoModel.from_pretrained(path / BACKBONE_DIR, dtype=dtype, trust_remote_code=trust_remote_code,
+                                           use_safetensors=True)
         head = make_head(config.hidden_size, "zero")
         head.load_state_dict(load_file(str(path / HEAD_FILE)))
         return cls(backbone, head.to(dtype))

@@ -171,13 +171,17 @@ def hash_folder(folder: Path) -> str:
 
 
 # A checkpoint made by other training code (a fixed loss, a new batching rule) must not be resumed.
-TRAINING_CODE = ("train.py", "batching.py", "packing.py", "reward_model.py", "render.py", "ds_config.py")
+# Every module on the training path, relative to the project root: the same list as train's code deps
+# in dvc.yaml (tests/test_train.py::test_fingerprint_code_is_the_train_stage_code_deps keeps them equal).
+CODE_ROOT = Path(__file__).resolve().parents[1]
+TRAINING_CODE = ("stages/train.py", "rmpipe/train.py", "rmpipe/batching.py", "rmpipe/packing.py", "rmpipe/tokenized.py",
+                 "rmpipe/ds_config.py", "rmpipe/reward_model.py", "rmpipe/render.py")
 
 
 def fingerprint(model_cfg: dict, train_cfg: dict, train_split: Path, backbone_dir: Path | str, world_size: int) -> str:
     relevant = {k: v for k, v in train_cfg.items() if k not in NOT_FINGERPRINTED}
     backbone = hash_folder(Path(backbone_dir)) if Path(backbone_dir).is_dir() else str(backbone_dir)
-    code = {name: sha256_file(Path(__file__).with_name(name)) for name in TRAINING_CODE}
+    code = {name: sha256_file(CODE_ROOT / name) for name in TRAINING_CODE}
     blob = json.dumps({"model": model_cfg, "train": relevant, "train_split": sha256_file(train_split),
                        "backbone": backbone, "world_size": world_size, "code": code}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -204,6 +208,9 @@ def _skip_shm_comm_op() -> None:
 
 
 _rendezvous_dir: Path | None = None  # the one-rank file store, removed by leave_distributed
+# Set by the stage's single-node relaunch: the ranks meet through a file store in this folder. A TCP
+# rendezvous store (torch's env:// default) listens on every interface, whatever MASTER_ADDR says.
+RENDEZVOUS_ENV = "RMPIPE_RENDEZVOUS_DIR"
 
 
 def init_distributed() -> tuple[int, int]:
@@ -229,6 +236,9 @@ def init_distributed() -> tuple[int, int]:
             global _rendezvous_dir
             _rendezvous_dir = Path(tempfile.mkdtemp(prefix="rmpipe-rendezvous-"))
             rendezvous = {"init_method": f"file://{_rendezvous_dir / 'store'}", "rank": 0, "world_size": 1}
+        elif os.environ.get(RENDEZVOUS_ENV):
+            rendezvous = {"init_method": f"file://{Path(os.environ[RENDEZVOUS_ENV]) / 'store'}",
+                          "rank": int(os.environ["RANK"]), "world_size": int(os.environ["WORLD_SIZE"])}
         deepspeed.init_distributed(dist_backend=backend, verbose=False, **rendezvous)
     return dist.get_rank(), dist.get_world_size()
 

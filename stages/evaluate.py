@@ -19,7 +19,7 @@ import pandas as pd
 from rmpipe import io
 from rmpipe.errors import DataError, exits_cleanly
 from rmpipe.evaluate import EvalSettings, evaluate_model, load_checkpoint
-from rmpipe.params import load_params
+from rmpipe.params import get, load_params, section
 from rmpipe.pathology import load_battery
 from rmpipe.progress import setup_logging
 
@@ -41,12 +41,14 @@ def read_split(name: str) -> pd.DataFrame:
 
 
 def run(params_file: str | Path = "params.yaml") -> dict:
-    settings = EvalSettings.from_params(load_params(params_file))
+    params = load_params(params_file)
+    settings = EvalSettings.from_params(params)
+    trust = get(section(params, "model"), "trust_remote_code", bool, "model")  # the code training ran with
     test, val = read_split("test"), read_split("val")
     if test.empty:
         raise DataError(f"{SPLIT_DIR / 'test.parquet'} has no pairs: nothing held out to evaluate on")
     battery = load_battery(settings.battery_file)
-    model, tokenizer = load_checkpoint(MODEL_DIR)
+    model, tokenizer = load_checkpoint(MODEL_DIR, trust)
 
     result = evaluate_model(model, tokenizer, test, val, battery, settings)
 

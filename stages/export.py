@@ -80,7 +80,7 @@ def run(params_file: str | Path = "params.yaml") -> dict:
     metrics, pathology_report = read_json(METRICS, "evaluate"), read_json(PATHOLOGY, "evaluate")
     battery = load_battery(get(section(params, "evaluate"), "battery_file", str, "evaluate"))
     test = pd.read_parquet(SPLIT_DIR / "test.parquet")
-    model, tokenizer = load_checkpoint(MODEL_DIR)
+    model, tokenizer = load_checkpoint(MODEL_DIR, settings.trust_remote_code)
 
     extra = {"model": {"backbone": params.get("model", {}).get("backbone"), "trained_in": str(MODEL_DIR)}}
     if TRAINING_RECORD.exists():

@@ -15,6 +15,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -27,8 +28,8 @@ from rmpipe.params import get, load_params, section
 from rmpipe.progress import setup_logging
 from rmpipe.reward_model import RewardModel
 from rmpipe.train import (
-    TrainPaths, TrainSettings, check_max_length, fingerprint, fit, free_port, init_distributed, leave_distributed,
-    make_deterministic, read_splits, save_outputs, tokenize,
+    RENDEZVOUS_ENV, TrainPaths, TrainSettings, check_max_length, fingerprint, fit, free_port, init_distributed,
+    leave_distributed, make_deterministic, read_splits, save_outputs, tokenize,
 )
 
 log = logging.getLogger("rmpipe.train")
@@ -39,11 +40,20 @@ LAUNCHED = "RMPIPE_UNDER_LAUNCHER"
 def relaunch(s: TrainSettings, params_file: str) -> int:
     """Re-run this stage under the DeepSpeed launcher (CPU: gloo ranks on this machine)."""
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner"]
-    cmd += ["--hostfile", s.hostfile] if s.hostfile else ["--num_gpus", str(s.num_procs)]
-    # A fresh port: an inherited MASTER_PORT may belong to a process group that is already up.
-    cmd += ["--master_port", str(free_port()), "--module", "stages.train", "--params", params_file]
-    log.info("launching %s", " ".join(cmd))
-    return subprocess.call(cmd, env={**os.environ, LAUNCHED: "1"})
+    env = {**os.environ, LAUNCHED: "1"}
+    if s.hostfile:  # several nodes: a TCP rendezvous on the first host is the only way to meet
+        cmd += ["--hostfile", s.hostfile, "--master_port", str(free_port())]
+        cmd += ["--module", "stages.train", "--params", params_file]
+        log.info("launching %s", " ".join(cmd))
+        return subprocess.call(cmd, env=env)
+    # One machine: the ranks meet through a file store and talk over loopback, so nothing listens beyond
+    # this machine (torch's TCP store binds every interface; gloo binds the interface named here).
+    cmd += ["--num_gpus", str(s.num_procs), "--module", "stages.train", "--params", params_file]
+    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    with tempfile.TemporaryDirectory(prefix="rmpipe-rendezvous-") as folder:
+        env[RENDEZVOUS_ENV] = folder
+        log.info("launching %s", " ".join(cmd))
+        return subprocess.call(cmd, env=env)
 
 
 def run(params_file: str = "params.yaml", paths: TrainPaths | None = None) -> dict | None:

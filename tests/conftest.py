@@ -1,4 +1,9 @@
-"""Shared test set-up: offline, quiet, and pointed at the project root."""
+"""Shared test set-up: offline, quiet, pointed at the project root, and order-independent.
+
+Every test starts from the same process state: the environment, the working directory and what an
+in-process training run changes (torch threads and determinism, the DeepSpeed process group) are
+restored after each test, so which code path a later test takes never depends on what ran before it.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 # Offline and telemetry-free for every library the pipeline touches.
 for key, value in {
@@ -32,6 +38,12 @@ PREFECT_HOME = Path(tempfile.mkdtemp(prefix="rmpipe-test-prefect-"))
 os.environ["PREFECT_HOME"] = str(PREFECT_HOME)
 for key in ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_PROFILE"):
     os.environ.pop(key, None)
+
+# Hypothesis: a fixed seed and no example database by default (what CI runs), so a red run replays exactly
+# and no earlier run's saved examples change this one. HYPOTHESIS_PROFILE=explore draws fresh examples.
+hypothesis_settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+hypothesis_settings.register_profile("explore", print_blob=True)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,6 +70,77 @@ def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(PREFECT_HOME, ignore_errors=True)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--reverse-order", action="store_true",
+                     help="run the collected tests in reverse order (an order-independence check)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--reverse-order"):
+        items.reverse()
+
+
 @pytest.fixture
 def project_root() -> Path:
     return ROOT
+
+
+def reset_distributed() -> None:
+    """Tear down a process group an in-process `stages.train.run` left up, and DeepSpeed's caches of it,
+    so the next in-process run builds a fresh one-rank group (and subprocesses inherit nothing)."""
+    import torch.distributed as dist
+
+    from rmpipe.train import leave_distributed
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    leave_distributed(finished=False)
+    import deepspeed.comm.comm as ds_comm
+    import deepspeed.utils.groups as ds_groups
+
+    ds_comm.cdb = None
+    for name, value in vars(ds_groups).items():
+        if name.startswith("_") and name.isupper() and isinstance(value, dict):
+            value.clear()
+        elif name.startswith("_") and name.isupper() and not isinstance(value, (str, int, float, tuple)):
+            setattr(ds_groups, name, None)
+
+
+# What an in-process training run sets for its one-rank group. A module-scoped fixture that trains runs
+# before a test's snapshot is taken, so these are restored to their values at session start, not per test.
+DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_SESSION_ENV = {key: os.environ.get(key) for key in DISTRIBUTED_ENV}
+_SESSION_TORCH: tuple | None = None
+
+
+def _torch_state(torch) -> tuple:
+    return (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled())
+
+
+def pytest_collection_finish(session):
+    """Torch as the test modules left it at import, before any fixture trained."""
+    global _SESSION_TORCH
+    if "torch" in sys.modules:
+        _SESSION_TORCH = _torch_state(sys.modules["torch"])
+
+
+@pytest.fixture(autouse=True)
+def _restore_process_state():
+    env, cwd = dict(os.environ), os.getcwd()
+    yield
+    if "torch.distributed" in sys.modules:
+        reset_distributed()
+    torch = sys.modules.get("torch")
+    if torch is not None and _SESSION_TORCH is not None:
+        threads, deterministic, warn_only = _SESSION_TORCH
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    for key, value in _SESSION_ENV.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

@@ -8,11 +8,14 @@ would run code when unpickled, a config whose `auto_map` points at code that wou
 from __future__ import annotations
 
 import ast
+import json
 import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -167,6 +170,79 @@ def test_remote_code_in_a_backbone_folder_runs_only_when_params_turn_it_on(backb
     assert marker.exists()
 
 
+REMOTE_CODE = """
+import sys
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel, LlamaPreTrainedModel
+from transformers.modeling_layers import GenericForSequenceClassification
+
+with open({marker!r}, "a") as fh:  # runs at import: the stage whose process executed this folder's code
+    fh.write(sys.argv[0].rsplit("/", 1)[-1].removesuffix(".py") + "\\n")
+
+class RemoteConfig(LlamaConfig):
+    pass
+
+class RemoteModel(LlamaModel):
+    config_class = RemoteConfig
+
+class RemoteForCausalLM(LlamaForCausalLM):
+    config_class = RemoteConfig
+
+class RemoteForSequenceClassification(GenericForSequenceClassification, LlamaPreTrainedModel):
+    config_class = RemoteConfig
+
+    def __init__(self, config):  # builds its own base model, as a remote-code architecture does
+        LlamaPreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = RemoteModel(config)
+        self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
+        self.post_init()
+"""
+BACKBONE_STAGES = ("backbone", "tokenize", "train", "evaluate", "export")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trust", [True, False], ids=["trusted", "default"])
+def test_every_stage_that_loads_the_backbone_runs_its_code_only_when_params_say_so(tmp_path, trust):
+    """A backbone folder whose config maps every Auto class to its own code (which records the stage that
+    ran it), run through each stage that loads a backbone or the trained model built on it. With
+    `model.trust_remote_code: true` every one of them runs that code, as training did; with the default,
+    none does and the stages still work on the built-in architecture.
+    Mutations tried: `load_checkpoint(MODEL_DIR)` without the setting in stages/evaluate.py (evaluate then
+    scores with other code than training used), and `check_backbone(backbone_dir, False)` in
+    stages/tokenize.py, each turn the trusted case red."""
+    from test_evaluate import BATTERY, TINY_MODEL_CFG, WORDS, make_pairs
+
+    marker = tmp_path / "remote-code-ran"
+    corpus = [json.dumps(r) for r in BATTERY.read_text().splitlines()] + [" ".join(WORDS)] * 20
+    folder = build_tiny_backbone(corpus, TINY_MODEL_CFG, tmp_path / "remote-backbone")
+    (folder / "remote.py").write_text(REMOTE_CODE.format(marker=str(marker)))
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "remote.RemoteConfig", "AutoModel": "remote.RemoteModel",
+                          "AutoModelForCausalLM": "remote.RemoteForCausalLM",
+                          "AutoModelForSequenceClassification": "remote.RemoteForSequenceClassification"}
+    (folder / "config.json").write_text(json.dumps(config))
+
+    project = tmp_path / "project"
+    (project / "data/split").mkdir(parents=True)
+    shutil.copy(BATTERY, project / "data/battery.jsonl")
+    for name, n, seed in (("train", 24, 0), ("val", 8, 1), ("test", 8, 2)):
+        make_pairs(n, seed).assign(split=name).to_parquet(project / f"data/split/{name}.parquet", index=False)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["model"].update(backbone=str(folder), max_length=128, trust_remote_code=trust)
+    params["train"].update(epochs=1, tokens_per_batch=2048, max_pairs_per_batch=8, checkpoint_every=1000)
+    params["export"]["golden_pairs"] = 2
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_MODULES_CACHE": str(tmp_path / "hf-modules")}
+    for stage in BACKBONE_STAGES:
+        done = subprocess.run([PY, "-m", f"stages.{stage}"], cwd=project, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, f"{stage}: {done.stderr[-3000:]}"
+    ran = marker.read_text().split() if marker.exists() else []
+    assert sorted(set(ran)) == (sorted(BACKBONE_STAGES) if trust else [])
+    assert (project / "models/export/lineage.json").exists()
+
+
 # --- servers listen on loopback only ------------------------------------------------------------
 
 def test_prefect_server_settings_bind_loopback_even_if_the_environment_says_otherwise(tmp_path):
@@ -178,32 +254,78 @@ def test_prefect_server_settings_bind_loopback_even_if_the_environment_says_othe
     assert out.stdout.split() == ["127.0.0.1", "127.0.0.1"]
 
 
-LISTENERS = """
-import psutil
+def _wait_for_listeners(proc: subprocess.Popen, timeout_s: float) -> set[tuple[str, int]]:
+    from procnet import listening
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = listening(proc.pid)
+        if found:
+            return found
+        time.sleep(0.2)
+    raise AssertionError(f"{proc.args} never listened (exit code {proc.poll()})")
+
+
+@pytest.mark.slow
+def test_a_live_prefect_server_listens_on_loopback_even_when_the_environment_asks_for_all(tmp_path, monkeypatch):
+    """The user's environment says PREFECT_SERVER_API_HOST=0.0.0.0; a server started with rmpipe's server
+    environment (no --host flag, so the environment decides) listens on loopback only, measured from
+    /proc/net/tcp*. Port 0: the kernel picks a free port, read back from the same table (no race).
+    Mutation tried: dropping PREFECT_SERVER_API_HOST from prefect_env._ALWAYS turns this red (0.0.0.0)."""
+    import httpx
+
+    from pipeline.prefect_env import server_env
+    from procnet import LOOPBACK, listening
+
+    monkeypatch.setenv("PREFECT_SERVER_API_HOST", "0.0.0.0")
+    env = server_env(tmp_path / "prefect-home", 0)
+    log = tmp_path / "server.log"
+    proc = subprocess.Popen([PY, "-m", "prefect", "server", "start"], cwd=tmp_path, env=env, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        found = _wait_for_listeners(proc, 180)
+        port = next(iter(found))[1]
+        deadline = time.monotonic() + 120
+        while True:  # measured while the server answers, not while it is still starting
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.5)
+        found |= listening(proc.pid)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert {address for address, _ in found} <= LOOPBACK, found
+
+
+EPHEMERAL_LISTENERS = """
+import os
+import pipeline.flows  # configures Prefect (ephemeral server, loopback) before Prefect reads its settings
 from prefect import flow
-import pipeline.flows  # configures Prefect (ephemeral server, loopback)
+from procnet import listening
 
 @flow
 def listeners():
-    procs = [psutil.Process()] + psutil.Process().children(recursive=True)
-    found = set()
-    for proc in procs:
-        for conn in proc.net_connections(kind="inet"):
-            if conn.status == psutil.CONN_LISTEN:
-                found.add(conn.laddr.ip)
-    return sorted(found)
+    return sorted(listening(os.getpid()))
 
-print("LISTEN", *listeners())
+print("LISTEN", *[address for address, _ in listeners()])
 """
 
 
 @pytest.mark.slow
 def test_the_ephemeral_prefect_server_a_flow_starts_listens_on_loopback_only(tmp_path):
+    """Mutation tried: as above (PREFECT_SERVER_API_HOST out of _ALWAYS) — but Prefect's ephemeral server
+    binds 127.0.0.1 by itself, so this one stays green; the live-server test is the one that catches it."""
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     (tmp_path / "params.yaml").write_text("{}\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PYTHONPATH=str(ROOT), RMPIPE_PROJECT=str(tmp_path))
-    out = subprocess.run([PY, "-c", LISTENERS], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    env.update(PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}", RMPIPE_PROJECT=str(tmp_path),
+               PREFECT_SERVER_API_HOST="0.0.0.0")
+    out = subprocess.run([PY, "-c", EPHEMERAL_LISTENERS], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
     line = next(line for line in out.stdout.splitlines() if line.startswith("LISTEN"))
     addresses = line.split()[1:]
@@ -211,14 +333,38 @@ def test_the_ephemeral_prefect_server_a_flow_starts_listens_on_loopback_only(tmp
     assert set(addresses) <= {"127.0.0.1", "::1"}, addresses
 
 
-def test_training_rendezvous_port_is_probed_on_loopback():
-    import inspect
+@pytest.mark.slow
+def test_a_two_rank_training_run_listens_on_loopback_only(tmp_path):
+    """Every listener of a live 2-rank gloo run (launcher, both ranks), sampled from /proc/net/tcp* while
+    it trains. torch's TCP rendezvous store binds every interface ('::'), so a single-node run meets
+    through a file store instead and gloo is pinned to `lo`.
+    Mutation tried: relaunch without RMPIPE_RENDEZVOUS_DIR (back to the env:// TCP store) turns this red
+    with a listener on '::'."""
+    import pandas as pd
+    from test_train import TINY, make_pairs, make_project
 
-    from rmpipe import train
+    from procnet import LOOPBACK, listening
 
-    source = inspect.getsource(train.free_port)
-    assert '"127.0.0.1"' in source and "0.0.0.0" not in source
-    assert 1024 <= train.free_port() <= 65535
+    texts = pd.concat([make_pairs(32, 0).chosen, make_pairs(32, 0).rejected]).tolist()
+    bb = build_tiny_backbone(texts, {"max_length": 64, "tiny": TINY}, tmp_path / "backbone")
+    project = make_project(tmp_path / "p", bb, n_train=16, n_val=8, epochs=2, num_procs=2, zero_stage=2)
+    env = {k: v for k, v in os.environ.items() if k not in ("GLOO_SOCKET_IFNAME", "TP_SOCKET_IFNAME")}
+    env.update(PYTHONPATH=str(ROOT))
+    log = tmp_path / "train.log"
+    proc = subprocess.Popen([PY, "-m", "stages.train"], cwd=project, env=env, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    seen: set[tuple[str, int]] = set()
+    try:
+        while proc.poll() is None:
+            seen |= listening(proc.pid)
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait() == 0, log.read_text()[-3000:]
+    assert json.loads((project / "models/reward_model/training.json").read_text())["world_size"] == 2
+    assert seen, "no listener was seen during the run: nothing was checked"
+    assert {address for address, _ in seen} <= LOOPBACK, seen
 
 
 # --- no secret in outputs or logs ------------------------------------------------------------------

@@ -316,3 +316,83 @@ def test_damaged_tokenized_cache_is_stale_not_a_crash(tmp_path):
     (tmp_path / tokenized.MANIFEST).write_text("{ truncated")
     assert "unreadable" in tokenized.stale_reason(tmp_path, {"max_length": 64})
     assert "no tokenized cache" in tokenized.stale_reason(tmp_path / "missing", {"max_length": 64})
+
+
+# --- the resume fingerprint: each input it promises to cover ---------------------------------
+def test_fingerprint_changes_with_each_input_and_gates_resume(tmp_path, backbone, monkeypatch):
+    """Resume only with the same params, data, backbone, world size and code: each one moves the fingerprint,
+    and find_resumable refuses a checkpoint whose recorded fingerprint differs.
+    Mutations tried: dropping `world_size` from the fingerprint's blob, and TRAINING_CODE without
+    rmpipe/tokenized.py, each turn this test red."""
+    import shutil
+
+    from rmpipe import train as train_mod
+    from rmpipe.train import LATEST, NOT_FINGERPRINTED, STATE_FILE, TRAINING_CODE, fingerprint
+
+    project = make_project(tmp_path / "p", backbone)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    model_cfg, train_cfg = params["model"], params["train"]
+    split = project / "data/split/train.parquet"
+    bb = tmp_path / "bb"
+    shutil.copytree(backbone, bb)
+    code_root = tmp_path / "code"
+    for rel in TRAINING_CODE:
+        (code_root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / rel, code_root / rel)
+    monkeypatch.setattr(train_mod, "CODE_ROOT", code_root)
+
+    def fp(world: int = 1) -> str:
+        return fingerprint(model_cfg, train_cfg, split, bb, world)
+
+    base = fp()
+    assert fp() == base  # a pure function of its inputs
+    changed = {}
+    changed["world size"] = fp(world=2)
+    changed["model param"] = fingerprint({**model_cfg, "head_init": "zero"}, train_cfg, split, bb, 1)
+    changed["train param"] = fingerprint(model_cfg, {**train_cfg, "lr": 1e-4}, split, bb, 1)
+    assert fingerprint(model_cfg, {**train_cfg, "checkpoint_every": 7}, split, bb, 1) == base  # NOT_FINGERPRINTED
+    assert "checkpoint_every" in NOT_FINGERPRINTED
+
+    def flip_last_byte(path: Path) -> None:
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 1
+        path.write_bytes(bytes(data))
+
+    original = split.read_bytes()
+    flip_last_byte(split)
+    changed["train split"] = fp()
+    split.write_bytes(original)
+    weights = bb / "model.safetensors"
+    original = weights.read_bytes()
+    flip_last_byte(weights)
+    changed["backbone"] = fp()
+    weights.write_bytes(original)
+    assert fp() == base
+    for rel in TRAINING_CODE:  # every module on the training path, stages/train.py and tokenized.py included
+        source = code_root / rel
+        original = source.read_bytes()
+        source.write_bytes(original + b"\n# changed\n")
+        changed[f"code {rel}"] = fp()
+        source.write_bytes(original)
+    assert {"stages/train.py", "rmpipe/tokenized.py"} <= set(TRAINING_CODE)
+    assert [what for what, value in changed.items() if value == base] == []
+    assert len(set(changed.values())) == len(changed)
+
+    # find_resumable takes a checkpoint only when its recorded fingerprint is the current one
+    folder = tmp_path / "checkpoints"
+    (folder / "step4").mkdir(parents=True)
+    (folder / LATEST).write_text("step4")
+    (folder / "step4" / STATE_FILE).write_text(json.dumps({"fingerprint": base, "step": 4}))
+    assert find_resumable(folder, base) == "step4"
+    assert [what for what, value in changed.items() if find_resumable(folder, value) is not None] == []
+
+
+def test_fingerprint_code_is_the_train_stage_code_deps():
+    """TRAINING_CODE and train's code deps in dvc.yaml name the same modules: a module DVC re-runs train for
+    is one a checkpoint must not be resumed across, and the other way round.
+    Mutation tried: removing rmpipe/tokenized.py from TRAINING_CODE turns this red."""
+    from rmpipe.train import TRAINING_CODE
+
+    deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]["deps"]
+    assert sorted(d for d in deps if d.endswith(".py")) == sorted(TRAINING_CODE)
+    assert all((ROOT / rel).is_file() for rel in TRAINING_CODE)
