@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,8 @@ from test_dvc_pipeline import BIN, copy_project, run
 pytestmark = pytest.mark.slow
 
 PY = sys.executable
-SECRET = "rmpipe-planted-secret-5d1e8b"
+# Made at import, so no file (this one included: the project copy holds it) carries the value itself.
+SECRET = f"rmpipe-planted-{secrets.token_hex(8)}"
 # Where secrets live in a user's environment; each value carries SECRET so one search finds any of them.
 PLANTED = {"RMPIPE_FAKE_SECRET": SECRET, "HF_TOKEN": f"hf_{SECRET}", "AWS_SECRET_ACCESS_KEY": f"aws-{SECRET}",
            "DVC_REMOTE_PASSWORD": f"dvc-{SECRET}", "WANDB_API_KEY": f"wandb-{SECRET}",
@@ -151,7 +153,7 @@ def _independent_rows(path: Path) -> int:
     if path.suffix == ".csv":
         with path.open(newline="", encoding="utf-8") as fh:
             records = list(csv.reader(fh))
-        return sum(1 for record in records[1:] if any(field.strip() for field in record))
+        return sum(1 for record in records[1:] if record)  # a blank line holds no record
     if path.suffix == ".jsonl":
         return sum(1 for line in path.read_bytes().split(b"\n") if line.strip())
     return pq.ParquetFile(path).metadata.num_rows
