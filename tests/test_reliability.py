@@ -627,8 +627,9 @@ def test_a_stage_failing_after_part_of_its_output_reruns_with_downstream_only(tm
     """Aggregate fails after publishing pairs.parquet and annotators.json but before annotators.md (an
     injected I/O failure, not a config error: nothing the user changes). dvc.lock keeps the last good run,
     and the next `dvc repro` re-runs aggregate and what is downstream of it, never collect.
-    Mutation tried: `exits_cleanly` turning any exception into exit 0 (DVC then records the half-written
-    outputs and the next repro skips aggregate) turns this red."""
+    Mutation tried: `exits_cleanly` turning any exception into exit 0 turns this red on the stage's reason,
+    which is lost; dvc.lock stayed consistent even then, because DVC refuses a run whose declared output is
+    missing (annotators.md here): the lock half of this promise is DVC's, checked here end to end."""
     import re
 
     from test_dvc_pipeline import copy_project

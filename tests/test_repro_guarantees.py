@@ -68,8 +68,7 @@ def lock_entries(project: Path) -> dict[str, dict]:
 def test_lineage_lists_every_upstream_input_with_dvc_hashes_and_the_real_commit(built):
     """The manifest's inputs are dvc.lock's (every stage but export), folders included as `<md5>.dir`, and
     rmpipe's re-hash of each path equals what DVC recorded; the git commit is the checkout's HEAD.
-    Mutations tried: `dvc_md5` hashing a folder as the md5 of its sorted file md5s (not DVC's .dir object),
-    and `git_state` returning None, each turn this red."""
+    Mutation tried: `git_state` returning None turns this red."""
     from rmpipe.lineage import dvc_md5, read_manifest
 
     project = built["project"]
@@ -78,22 +77,24 @@ def test_lineage_lists_every_upstream_input_with_dvc_hashes_and_the_real_commit(
     assert {path: info["md5"] for path, info in manifest["inputs"].items()} == \
         {path: info["md5"] for path, info in expected.items()}
     folders = [path for path, info in manifest["inputs"].items() if info["md5"].endswith(".dir")]
-    assert {"data/split", "data/tokenized", "models/backbone", "models/reward_model", "data/incoming"} <= set(folders)
-    assert "data/collected/votes.parquet" in manifest["inputs"]
+    assert {"data/collected", "data/split", "data/tokenized", "models/backbone", "models/reward_model",
+            "data/incoming"} <= set(folders)
+    assert "data/battery.jsonl" in manifest["inputs"] and "rmpipe/train.py" in manifest["inputs"]
     for path, info in manifest["inputs"].items():
         assert dvc_md5(project / path) == info["md5"], path
     assert manifest["git"]["commit"] == built["head"] and len(built["head"]) == 40
-    assert isinstance(manifest["git"]["dirty"], bool)
+    # everything that made the model is committed; the run's own products (dvc.lock first) are not yet
+    assert manifest["git"]["dirty"] is False and manifest["git"]["dvc_lock"] == "untracked", manifest["git"]
     assert sorted(manifest["batch_ids"]["train"]) == sorted(
         p.name for p in (project / "data/incoming").iterdir() if p.suffix in (".jsonl", ".csv", ".parquet"))
 
 
-@pytest.mark.parametrize("target", ["data/split/test.parquet", "data/collected/votes.parquet"])
+@pytest.mark.parametrize("target", ["data/split/test.parquet", "data/battery.jsonl"])
 def test_verify_fails_naming_the_one_input_whose_byte_changed(built, target):
     """`rmpipe verify` passes on the fresh build, then one flipped byte in an input (inside a folder input,
     and a plain file input) makes it exit non-zero naming that input; `--export-only` still passes, since
     the export's own files are untouched. Mutation tried: `_verify_inputs` skipping `.dir` entries turns the
-    data/split case red."""
+    data/split case red (a byte edited inside a folder goes unnoticed)."""
     project = built["project"]
     ok = rmpipe(["verify", "models/export"], project)
     assert ok.returncode == 0, ok.stdout + ok.stderr
@@ -104,7 +105,7 @@ def test_verify_fails_naming_the_one_input_whose_byte_changed(built, target):
     try:
         path.write_bytes(bytes(damaged))
         bad = rmpipe(["verify", "models/export"], project)
-        named = target if target.startswith("data/collected") else "data/split"
+        named = "data/split" if target.startswith("data/split/") else target
         assert bad.returncode != 0
         assert f"input changed since export: {named} " in bad.stdout + bad.stderr, bad.stdout + bad.stderr
         only = rmpipe(["verify", "--export-only", "models/export"], project)
