@@ -22,7 +22,8 @@ import pytest
 import yaml
 from test_dvc_pipeline import BIN, copy_project, run
 
-pytestmark = pytest.mark.slow
+# The first test pays for the whole build (~3 min on a quiet 2-core machine, 10+ on a busy one).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 PY = sys.executable
 # Made at import, so no file (this one included: the project copy holds it) carries the value itself.
