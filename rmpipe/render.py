@@ -21,5 +21,8 @@ def render(tokenizer, prompt: str, response: str) -> str:
 
 
 def encode(tokenizer, prompt: str, response: str) -> list[int]:
-    """Token ids of `render(...)`; the template already holds every special token, so none are added."""
-    return tokenizer(render(tokenizer, prompt, response), add_special_tokens=False)["input_ids"]
+    """Token ids of `render(...)`; the template already holds every special token, so none are added.
+
+    Rows longer than `model.max_length` are left-truncated and counted by the caller, so transformers'
+    "will result in indexing errors" warning about them would be wrong: verbose=False."""
+    return tokenizer(render(tokenizer, prompt, response), add_special_tokens=False, verbose=False)["input_ids"]

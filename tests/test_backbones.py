@@ -100,6 +100,25 @@ def test_tiny_pad_token_is_dedicated_and_never_encoded(tiny_dir):
     assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
 
 
+def test_encoding_a_row_longer_than_max_length_warns_of_no_indexing_error(tiny_dir):
+    """rmpipe left-truncates long rows itself (and counts them): transformers' warning that such a row "will
+    result in indexing errors" was noise in every `dvc repro`."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    library_log = logging.getLogger("transformers")  # it does not propagate to the root logger
+    library_log.addHandler(handler)
+    try:
+        tokenizer = backbones.load_tokenizer(tiny_dir)
+        ids = encode(tokenizer, canonical_prompt("a long question " * 200), "ok")
+    finally:
+        library_log.removeHandler(handler)
+    assert len(ids) > tokenizer.model_max_length == MODEL_CFG["max_length"]
+    assert not [r for r in records if "indexing errors" in r.getMessage()]
+
+
 def test_tiny_loads_as_a_backbone_and_scores_a_pair(tiny_dir):
     backbone, tokenizer = load_backbone(tiny_dir)
     assert not hasattr(backbone, "lm_head")
