@@ -116,6 +116,26 @@ def _sample_pairs(args: argparse.Namespace) -> None:
     print(out)
 
 
+def _deps(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from rmpipe.codedeps import drift, write_deps
+    from rmpipe.errors import ConfigError, ValidationFailed
+
+    dvc_yaml = Path(args.dvc_yaml)
+    if not dvc_yaml.exists():
+        raise ConfigError(f"{dvc_yaml} not found: run from the project root (where dvc.yaml is)")
+    changed = drift(dvc_yaml) if args.check else write_deps(dvc_yaml)
+    for stage, (missing, extra) in changed.items():
+        print(f"{stage}: " + "; ".join(f"{word} {', '.join(paths)}"
+                                        for word, paths in (("missing", missing), ("extra", extra)) if paths))
+    if args.check and changed:
+        raise ValidationFailed(f"{dvc_yaml}: code deps of {len(changed)} stage(s) differ from their imports; "
+                               "run `rmpipe deps` to rewrite them")
+    print(f"ok: {dvc_yaml} code deps match the stages' imports" if args.check or not changed
+          else f"rewrote the code deps of {len(changed)} stage(s) in {dvc_yaml}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rmpipe", description=__doc__)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
@@ -161,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="JSONL to write (default: print to stdout)")
     p.add_argument("--batch-size", type=int, default=16)
     p.set_defaults(func=_score)
+
+    p = sub.add_parser("deps", help="write each stage's code deps in dvc.yaml from its imports (--check: only compare)")
+    p.add_argument("--check", action="store_true", help="change nothing; exit non-zero naming each stage's missing/extra code deps")
+    p.add_argument("--dvc-yaml", default="dvc.yaml", help="pipeline file (default: dvc.yaml)")
+    p.set_defaults(func=_deps)
 
     p = sub.add_parser("rebuild", help="run the pipeline through DVC (dvc repro) as a Prefect flow")
     p.add_argument("targets", nargs="*", help="dvc.yaml stages to bring up to date (default: all)")

@@ -3,14 +3,13 @@
     data/tokenized/train.parquet, val.parquet   chosen_ids, rejected_ids (int32 lists), prefix, targets
     data/tokenized/manifest.json                what the tokens were made from (the cache key)
 
-The key is the tokenizer's files, the split files, max_length and the rendering code. Training
+The key is the tokenizer's files, the split files, max_length and the tokenize stage's code. Training
 uses the cache only when the key matches what it is about to train on; anything else (a changed
 chat template, a new split) is tokenized afresh, with the reason logged. A stale cache is never used.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -20,7 +19,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rmpipe import io
+from rmpipe import codedeps, io
 from rmpipe.batching import TokenizedPairs, tokenize_pairs
 from rmpipe.io import sha256_file
 
@@ -30,7 +29,8 @@ MANIFEST = "manifest.json"
 # Files that decide how text becomes ids (tokenizer + chat template), whichever a backbone folder has.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
-CODE = ("render.py", "batching.py", "packing.py", "tokenized.py")
+# The code is the tokenize stage's import closure, the same list dvc.yaml's tokenize deps are written from.
+CODE_ENTRY = "stages/tokenize.py"
 
 
 def cache_key(backbone: Path | str, paths, max_length: int) -> dict:
@@ -41,8 +41,7 @@ def cache_key(backbone: Path | str, paths, max_length: int) -> dict:
         tokenizer = {name: sha256_file(folder / name) for name in TOKENIZER_FILES if (folder / name).exists()}
     else:
         tokenizer = {"hub_id": str(backbone)}
-    here = Path(__file__).parent
-    code = hashlib.sha256("".join(sha256_file(here / name) for name in CODE).encode()).hexdigest()
+    code = codedeps.code_hash(CODE_ENTRY)
     return {"tokenizer": tokenizer, "splits": {name: sha256_file(path) for name, path in splits.items()},
             "max_length": max_length, "code": code}
 

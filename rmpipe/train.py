@@ -33,7 +33,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from rmpipe import io
+from rmpipe import codedeps, io
 from rmpipe.batching import TokenizedPairs, plan_batches, shard, shard_weight
 from rmpipe.errors import ConfigError, DataError, UserError
 from rmpipe.io import sha256_file
@@ -171,11 +171,10 @@ def hash_folder(folder: Path) -> str:
 
 
 # A checkpoint made by other training code (a fixed loss, a new batching rule) must not be resumed.
-# Every module on the training path, relative to the project root: the same list as train's code deps
-# in dvc.yaml (tests/test_train.py::test_fingerprint_code_is_the_train_stage_code_deps keeps them equal).
-CODE_ROOT = Path(__file__).resolve().parents[1]
-TRAINING_CODE = ("stages/train.py", "rmpipe/train.py", "rmpipe/batching.py", "rmpipe/packing.py", "rmpipe/tokenized.py",
-                 "rmpipe/ds_config.py", "rmpipe/reward_model.py", "rmpipe/render.py")
+# Every module on the training path, relative to the project root: the train stage's import closure,
+# the same list `rmpipe deps` writes as train's code deps in dvc.yaml.
+CODE_ROOT = codedeps.ROOT
+TRAINING_CODE = tuple(codedeps.closure("stages/train.py"))
 
 
 def fingerprint(model_cfg: dict, train_cfg: dict, train_split: Path, backbone_dir: Path | str, world_size: int) -> str:

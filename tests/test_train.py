@@ -388,8 +388,9 @@ def test_fingerprint_changes_with_each_input_and_gates_resume(tmp_path, backbone
 
 
 def test_fingerprint_code_is_the_train_stage_code_deps():
-    """TRAINING_CODE and train's code deps in dvc.yaml name the same modules: a module DVC re-runs train for
-    is one a checkpoint must not be resumed across, and the other way round.
+    """TRAINING_CODE and train's code deps in dvc.yaml name the same modules (both are the train stage's
+    import closure, rmpipe.codedeps): a module DVC re-runs train for is one a checkpoint must not be
+    resumed across, and the other way round.
     Mutation tried: removing rmpipe/tokenized.py from TRAINING_CODE turns this red."""
     from rmpipe.train import TRAINING_CODE
 

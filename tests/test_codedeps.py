@@ -1,0 +1,146 @@
+"""Stage code deps have one truth, the stages' imports: dvc.yaml, the trainer's resume fingerprint and the
+tokenized-cache key all take it from rmpipe.codedeps, and `rmpipe deps --check` fails when dvc.yaml drifts.
+
+(That editing a module makes real `dvc status` report exactly the stages whose closure holds it is
+checked after a full repro in tests/test_dvc_pipeline.py, to share its run.)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import yaml
+
+from rmpipe import codedeps
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def deps_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", "deps", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def copy_code(dest: Path) -> Path:
+    """dvc.yaml and the project's packages: all `rmpipe deps` reads."""
+    dest.mkdir()
+    shutil.copy2(ROOT / "dvc.yaml", dest / "dvc.yaml")
+    for package in codedeps.PACKAGES:
+        shutil.copytree(ROOT / package, dest / package, ignore=shutil.ignore_patterns("__pycache__"))
+    return dest
+
+
+def code_lines(text: str) -> list[str]:
+    return [ln for ln in text.splitlines() if not any(f"- {p}/" in ln and ".py" in ln for p in codedeps.PACKAGES)]
+
+
+def test_dvc_yaml_code_deps_are_the_stages_import_closures():
+    proc = deps_cli(ROOT, "--check")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert codedeps.drift(ROOT / "dvc.yaml") == {}
+    # The closures the issue found missing are there (lazy imports included).
+    wanted = codedeps.wanted_deps(ROOT / "dvc.yaml")
+    assert {"rmpipe/batching.py", "rmpipe/packing.py", "rmpipe/pathology.py", "rmpipe/reward_model.py"} <= set(wanted["export"])
+    assert "rmpipe/batching.py" in wanted["evaluate"] and "rmpipe/render.py" in wanted["backbone"]
+    assert not set(codedeps.UNRECORDED) & {d for deps in wanted.values() for d in deps}
+
+
+def test_check_fails_on_a_removed_dep_an_extra_dep_and_a_new_import_and_deps_mends_them(tmp_path):
+    proj = copy_code(tmp_path / "proj")
+    original = (proj / "dvc.yaml").read_text()
+
+    # A code dep dropped from evaluate, a stray one added to aggregate.
+    text = original.replace("      - rmpipe/batching.py\n", "", 1)  # the first stage listing it
+    first = next(s for s, deps in codedeps.wanted_deps(proj / "dvc.yaml").items() if "rmpipe/batching.py" in deps)
+    text = text.replace("      - rmpipe/aggregate.py\n", "      - rmpipe/aggregate.py\n      - rmpipe/sample_data.py\n")
+    (proj / "dvc.yaml").write_text(text)
+    # A new lazy import inside a function of split's code.
+    with (proj / "rmpipe" / "split.py").open("a") as fh:
+        fh.write("\n\ndef _later():\n    from rmpipe import sampling  # noqa: F401\n")
+
+    proc = deps_cli(proj, "--check")
+    assert proc.returncode == 1
+    assert f"{first}: missing rmpipe/batching.py" in proc.stdout
+    assert "aggregate: extra rmpipe/sample_data.py" in proc.stdout
+    assert "split: missing" in proc.stdout and "rmpipe/sampling.py" in proc.stdout.split("split: missing")[1].splitlines()[0]
+    assert "run `rmpipe deps`" in proc.stderr and "Traceback" not in proc.stderr
+    assert (proj / "dvc.yaml").read_text() == text  # --check changes nothing
+
+    fixed = deps_cli(proj)
+    assert fixed.returncode == 0, fixed.stderr
+    assert deps_cli(proj, "--check").returncode == 0
+    new = (proj / "dvc.yaml").read_text()
+    # Only code lines changed: data deps, params, outs, comments and layout are as they were.
+    assert code_lines(new) == code_lines(original)
+    before, after = yaml.safe_load(original)["stages"], yaml.safe_load(new)["stages"]
+    for name in before:
+        assert {k: v for k, v in before[name].items() if k != "deps"} == {k: v for k, v in after[name].items() if k != "deps"}
+        data = [d for d in before[name]["deps"] if not codedeps.is_code_dep(d)]
+        assert [d for d in after[name]["deps"] if not codedeps.is_code_dep(d)] == data
+    assert "rmpipe/sampling.py" in after["split"]["deps"]
+    assert "rmpipe/sample_data.py" not in after["aggregate"]["deps"]
+
+
+def test_closure_follows_every_import_form_and_skips_only_type_checking_and_the_unrecorded(tmp_path):
+    files = {
+        "stages/__init__.py": "",
+        "stages/s.py": "import os\nimport rmpipe.a\n",
+        "rmpipe/__init__.py": '"""doc"""\n',
+        "rmpipe/a.py": "from . import b\n",                                   # relative, module form
+        "rmpipe/b.py": "def f():\n    from .c import g\n    return g\n",       # lazy, relative
+        "rmpipe/c.py": "from rmpipe.sub import d\ng = 1\n",                    # from package import module
+        "rmpipe/sub/__init__.py": "X = 1\n",
+        "rmpipe/sub/d.py": "import importlib\nimportlib.import_module('rmpipe.e')\n",
+        "rmpipe/e.py": ("from typing import TYPE_CHECKING\nfrom rmpipe.errors import E\n"
+                        "if TYPE_CHECKING:\n    from rmpipe import never\n"),
+        "rmpipe/never.py": "",
+        "rmpipe/errors.py": "from rmpipe import g\nclass E(Exception): pass\n",  # unrecorded, imports followed
+        "rmpipe/g.py": "",
+        "rmpipe/unused.py": "",
+    }
+    for rel, body in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(textwrap.dedent(body))
+    assert codedeps.closure("stages/s.py", tmp_path) == [
+        "stages/s.py", "rmpipe/a.py", "rmpipe/b.py", "rmpipe/c.py", "rmpipe/e.py", "rmpipe/g.py",
+        "rmpipe/sub/__init__.py", "rmpipe/sub/d.py"]
+
+
+def test_training_fingerprint_and_token_cache_key_follow_the_same_closure(tmp_path):
+    """backbones.py was in neither hand-kept list; it is in train's and tokenize's closures, so an edit
+    to it now stops a checkpoint resume and a cached-tokens reuse, as it makes DVC re-run both stages."""
+    from rmpipe import tokenized, train
+
+    wanted = codedeps.wanted_deps(ROOT / "dvc.yaml")
+    assert list(train.TRAINING_CODE) == wanted["train"]
+    assert codedeps.closure(tokenized.CODE_ENTRY) == wanted["tokenize"]
+    assert "rmpipe/backbones.py" in wanted["train"] and "rmpipe/backbones.py" in wanted["tokenize"]
+
+    proj = copy_code(tmp_path / "proj")
+    split = tmp_path / "train.parquet"
+    split.write_bytes(b"pairs")
+    edited = proj / "rmpipe" / "backbones.py"
+    script = textwrap.dedent(f"""
+        from types import SimpleNamespace
+        from rmpipe import tokenized, train
+        paths = SimpleNamespace(train_split={str(split)!r}, val_split={str(split)!r})
+        def keys():
+            return (train.fingerprint({{}}, {{}}, {str(split)!r}, "hub/model", 1),
+                    tokenized.cache_key("hub/model", paths, 64)["code"])
+        first, again = keys(), keys()
+        with open({str(edited)!r}, "a") as fh:
+            fh.write("\\n# an edit\\n")
+        print(*first, *again, *keys())
+    """)
+    env = {**os.environ, "PYTHONPATH": str(proj)}
+    out = subprocess.run([sys.executable, "-c", script], cwd=proj, env=env, check=True,
+                         capture_output=True, text=True, timeout=120).stdout.split()
+    first, again, after = out[0:2], out[2:4], out[4:6]
+    assert first == again  # deterministic
+    assert after[0] != first[0] and after[1] != first[1]
