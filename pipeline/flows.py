@@ -277,28 +277,20 @@ def rebuild(targets: list[str] | None = None, set_params: list[str] | None = Non
 
 # --- a new batch arrives -----------------------------------------------------------------------------
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def find_registered(batch: Path, incoming: Path, sha: str) -> tuple[Path, str] | None:
     """A file in `incoming` that already is this batch (same content, or same name): (file, why)."""
     if not incoming.is_dir():
         return None
     same_name = incoming / batch.name
     if same_name.exists():
-        if file_sha256(same_name) == sha:
+        if io.sha256_file(same_name) == sha:
             return same_name, "already registered (same name and content)"
         return same_name, ("a different file with this batch id is already registered; "
                            "rename the file to deliver it as a new batch")
     size = batch.stat().st_size
     for other in incoming.iterdir():  # only files of equal size can have equal content
         if other.is_file() and not other.name.startswith(".") and other.stat().st_size == size:
-            if file_sha256(other) == sha:
+            if io.sha256_file(other) == sha:
                 return other, f"same content as the registered batch {other.name}"
     return None
 
@@ -444,7 +436,7 @@ def on_new_batch(batch_path: str, project: str | None = None) -> dict[str, Any]:
     if not batch.is_file():
         raise UserError(f"batch file {batch} not found (was it moved after the event fired?)")
     incoming = root / get(section(load_params(root / "params.yaml"), "collect"), "incoming_dir", str, "collect")
-    sha = file_sha256(batch)
+    sha = io.sha256_file(batch)
     summary: dict[str, Any] = {"batch_id": batch.name, "batch_sha256": sha, "source": str(batch),
                                "flow_run_id": str(flow_run.id) if flow_run.id else None,
                                "started": datetime.now(timezone.utc).isoformat()}

@@ -26,7 +26,7 @@ from typing import Any, Iterable
 import torch
 
 from rmpipe.errors import ConfigError, UserError
-from rmpipe.io import sha256_file
+from rmpipe.io import folder_hashes, sha256_file
 from rmpipe.params import get
 
 log = logging.getLogger("rmpipe.backbones")
@@ -409,11 +409,6 @@ def ignore_from_git(cache_root: Path) -> None:
         marker.write_text("# rmpipe cache: rebuilt on demand, never committed\n*\n", encoding="utf-8")
 
 
-def fingerprint_folder(folder: Path) -> dict[str, str]:
-    """sha256 of each file of an external backbone folder, so the manifest says exactly what was used."""
-    return {p.name: sha256_file(p) for p in sorted(Path(folder).iterdir()) if p.is_file()}
-
-
 def prepare_backbone(model_cfg: dict[str, Any], out_dir: Path, train_pairs=None,
                      smollm2_cache: Path = SMOLLM2_CACHE) -> dict[str, Any]:
     """Fill `out_dir` for the current `model` params and return its manifest (also written there).
@@ -442,7 +437,7 @@ def prepare_backbone(model_cfg: dict[str, Any], out_dir: Path, train_pairs=None,
         folder = out_dir
     else:
         folder = resolve_backbone(model_cfg)
-        source = ({"kind": "local", "path": str(Path(folder).resolve()), "files": fingerprint_folder(folder)}
+        source = ({"kind": "local", "path": str(Path(folder).resolve()), "files": folder_hashes(folder)}
                   if isinstance(folder, Path) else {"kind": "hub", "id": folder})
     config, tokenizer = check_backbone(folder, trust)
     max_length = get(model_cfg, "max_length", int, "model")

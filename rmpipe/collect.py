@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 
 from rmpipe import formats, hf_batches, schema
 from rmpipe.errors import ConfigError, DataError
-from rmpipe.io import atomic_path, sha256_file
+from rmpipe.io import atomic_path, folder_sha256, sha256_file
 from rmpipe.params import fraction, get
 
 log = logging.getLogger("rmpipe.collect")
@@ -751,7 +751,7 @@ def _collect_batch(
         return empty
     if path.is_dir():
         entry["bytes"] = sum(f.stat().st_size for f in hf_batches.folder_files(path))
-        entry["sha256"] = hf_batches.folder_sha256(path)
+        entry["sha256"] = folder_sha256(path)
     else:
         entry["bytes"] = path.stat().st_size
         entry["sha256"] = sha256_file(path)

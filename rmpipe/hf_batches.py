@@ -11,7 +11,6 @@ The folder's name is the batch id; its content hash is over every file (relative
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -41,14 +40,6 @@ def folder_kind(path: Path) -> str | None:
 def folder_files(path: Path) -> list[Path]:
     """Every file under the folder (dotfiles included: they are bytes DVC hashes too), sorted."""
     return sorted(p for p in path.rglob("*") if p.is_file() or p.is_symlink())
-
-
-def folder_sha256(path: Path) -> str:
-    """One digest over every file: its relative path and its sha256 (so a renamed shard counts)."""
-    digest = hashlib.sha256()
-    for file in folder_files(path):
-        digest.update(f"{file.relative_to(path).as_posix()}\x1f{sha256_file(file)}\n".encode())
-    return digest.hexdigest()
 
 
 def _datasets():

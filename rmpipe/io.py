@@ -84,6 +84,19 @@ def sha256_file(path: str | Path) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
+def folder_hashes(folder: str | Path, exclude: tuple[str, ...] = ()) -> dict[str, str]:
+    """{relative path: sha256} of every file under `folder` (recursively, dotfiles too) but `exclude`, sorted."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() not in exclude)
+    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in files}
+
+
+def folder_sha256(folder: str | Path, exclude: tuple[str, ...] = ()) -> str:
+    """One digest over every file's relative path and sha256 (so a renamed file counts too)."""
+    blob = "".join(f"{rel}\x1f{digest}\n" for rel, digest in folder_hashes(folder, exclude).items())
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")

@@ -20,21 +20,13 @@ from typing import Any
 import yaml
 
 from rmpipe.errors import DataError
-from rmpipe.io import sha256_file
+from rmpipe.io import folder_hashes, sha256_file
 
 MANIFEST_FILE = "lineage.json"
 PROMOTION_FILE = "promotion.json"  # added beside a promoted copy after the export was sealed
 UNHASHED = (MANIFEST_FILE, PROMOTION_FILE)
 PACKAGES = ("rmpipe", "torch", "transformers", "tokenizers", "safetensors", "deepspeed", "dvc", "prefect",
             "pandas", "pyarrow", "numpy", "great-expectations", "crowd-kit")
-
-
-# --- hashing --------------------------------------------------------------------------------
-def folder_hashes(folder: Path, exclude: tuple[str, ...] = UNHASHED) -> dict[str, str]:
-    """{relative path: sha256} of every file under `folder` except `exclude`, sorted by path."""
-    folder = Path(folder)
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() not in exclude)
-    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in files}
 
 
 # --- what went in -----------------------------------------------------------------------------
@@ -133,7 +125,7 @@ def build_manifest(
         "git": git_state(project_root),
         "packages": package_versions(),
         **extra,
-        "files": folder_hashes(export_dir),
+        "files": folder_hashes(export_dir, UNHASHED),
     }
 
 
@@ -157,7 +149,7 @@ def verify_export(export_dir: Path, project_root: Path | None = None) -> list[st
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir)
     problems = []
-    recorded, present = manifest.get("files", {}), folder_hashes(export_dir)
+    recorded, present = manifest.get("files", {}), folder_hashes(export_dir, UNHASHED)
     for name in sorted(set(recorded) | set(present)):
         if name not in present:
             problems.append(f"export file missing: {name}")

@@ -160,16 +160,6 @@ def check_max_length(max_length: int, backbone_positions: int, backbone: str) ->
 
 
 # --- fingerprint: what a checkpoint must match to be resumed ---------------------------------
-def hash_folder(folder: Path) -> str:
-    """sha256 over every file's relative path and content, in sorted order."""
-    digest = hashlib.sha256()
-    folder = Path(folder)
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(folder)).encode())
-        digest.update(sha256_file(path).encode())
-    return digest.hexdigest()
-
-
 # A checkpoint made by other training code (a fixed loss, a new batching rule) must not be resumed.
 # Every module on the training path, relative to the project root: the train stage's import closure,
 # the same list `rmpipe deps` writes as train's code deps in dvc.yaml.
@@ -179,7 +169,7 @@ TRAINING_CODE = tuple(codedeps.closure("stages/train.py"))
 
 def fingerprint(model_cfg: dict, train_cfg: dict, train_split: Path, backbone_dir: Path | str, world_size: int) -> str:
     relevant = {k: v for k, v in train_cfg.items() if k not in NOT_FINGERPRINTED}
-    backbone = hash_folder(Path(backbone_dir)) if Path(backbone_dir).is_dir() else str(backbone_dir)
+    backbone = io.folder_sha256(backbone_dir) if Path(backbone_dir).is_dir() else str(backbone_dir)
     code = {name: sha256_file(CODE_ROOT / name) for name in TRAINING_CODE}
     blob = json.dumps({"model": model_cfg, "train": relevant, "train_split": sha256_file(train_split),
                        "backbone": backbone, "world_size": world_size, "code": code}, sort_keys=True, default=str)

@@ -19,6 +19,7 @@ import yaml
 
 from pipeline import flows
 from rmpipe.errors import UserError
+from rmpipe.io import sha256_file
 from rmpipe.schema import canonical_prompt, prompt_hash
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -219,11 +220,11 @@ def test_duplicate_detection_by_content_and_by_name(tmp_path):
     new = tmp_path / "b2.jsonl"
     new.write_text('{"x": 3}\n')
 
-    hit = flows.find_registered(same_content, incoming, flows.file_sha256(same_content))
+    hit = flows.find_registered(same_content, incoming, sha256_file(same_content))
     assert hit is not None and "b1.jsonl" in hit[1]
-    hit = flows.find_registered(same_name, incoming, flows.file_sha256(same_name))
+    hit = flows.find_registered(same_name, incoming, sha256_file(same_name))
     assert hit is not None and "different file" in hit[1]
-    assert flows.find_registered(new, incoming, flows.file_sha256(new)) is None
+    assert flows.find_registered(new, incoming, sha256_file(new)) is None
 
     registered = flows.register_batch(new, incoming)
     assert registered.read_bytes() == new.read_bytes()
