@@ -6,7 +6,11 @@ it in the chosen layout (`rmpipe.packing`): for the stacked layout, the padded `
 the sum of the pairs' own tokens. Pairs of similar length go together either way, so little
 compute is spent on padding and packed rows come out nearly full.
 
-With W DeepSpeed ranks, every global batch is split into W shards (rank r takes rows r, r+W, ...
+The planner packs *units*: one pair each, or for the `groups` layout the pairs of one prompt (a
+group; cut into sub-groups where a whole group would exceed the budget), so a batch holds whole
+groups and each group's prompt is computed once.
+
+With W DeepSpeed ranks, every global batch is split into W shards (rank r takes units r, r+W, ...
 of the length-sorted batch). Every rank therefore runs the same number of steps per epoch with
 about the same number of tokens, and the optimisation is the same for any W: the loss of each
 shard is weighted by its share of the global batch (see `shard_weight`).
@@ -21,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from rmpipe.packing import common_prefix_length
+from rmpipe.packing import common_prefix_length, group_members, group_tokens
 from rmpipe.render import encode
 
 log = logging.getLogger("rmpipe.batching")
@@ -38,11 +42,25 @@ class TokenizedPairs:
     pair_ids: list[str] = field(default_factory=list)
     n_truncated: int = 0  # pairs where chosen or rejected was cut to max_length
     prefix: np.ndarray | None = None  # int64 per pair: tokens shared by chosen and rejected (the prompt)
+    group: np.ndarray | None = None  # int64 per pair: pairs of one prompt share an id (default: one pair each)
 
     def __post_init__(self) -> None:
         if self.prefix is None:
             self.prefix = np.array([common_prefix_length(c, r) for c, r in zip(self.chosen, self.rejected)],
                                    dtype=np.int64)
+        if self.group is None:
+            self.group = np.arange(len(self.chosen), dtype=np.int64)
+
+    def has_groups(self) -> bool:
+        """True when some prompt has two or more pairs (the `groups` layout has something to share)."""
+        return len(np.unique(self.group)) < len(self.group)
+
+    def pair_weights(self, weighting: str) -> np.ndarray:
+        """Loss weight per pair: 1 each ("pair"), or 1 / (pairs of its prompt) ("group": each prompt counts once)."""
+        if weighting == "pair":
+            return np.ones(len(self), np.float32)
+        _, inverse, counts = np.unique(self.group, return_inverse=True, return_counts=True)
+        return (1.0 / counts[inverse]).astype(np.float32)
 
     def __len__(self) -> int:
         return len(self.chosen)
@@ -56,7 +74,47 @@ class TokenizedPairs:
         if packing == "none":
             return self.lengths()
         both = np.array([len(c) + len(r) for c, r in zip(self.chosen, self.rejected)], dtype=np.int64)
-        return both - self.prefix if packing == "shared_prompt" else both
+        return both - self.prefix if packing in ("shared_prompt", "groups") else both
+
+    def units(self, packing: str, tokens_per_batch: int, max_pairs: int | None = None) -> "Units":
+        """What the planner packs in layout `packing`: single pairs, or (`groups`) each prompt's pairs,
+        cut greedily into sub-groups of at most `tokens_per_batch` tokens and `max_pairs` pairs (a single
+        pair may exceed the budget)."""
+        if packing != "groups":
+            return Units([[i] for i in range(len(self))], self.lengths(), self.tokens(packing))
+        members, tokens = [], []
+        for group in group_members(self.group, list(range(len(self)))):
+            current: list[int] = []
+            for i in group:
+                grown = current + [i]
+                cost = group_tokens([s for k in grown for s in (self.chosen[k], self.rejected[k])])
+                if current and (cost > tokens_per_batch or max_pairs is not None and len(grown) > max_pairs):
+                    members.append(current)
+                    current = [i]
+                else:
+                    current = grown
+            members.append(current)
+        for m in members:
+            tokens.append(group_tokens([s for k in m for s in (self.chosen[k], self.rejected[k])]))
+        lengths = self.lengths()
+        return Units(members, np.array([lengths[m].max() for m in members], dtype=np.int64),
+                     np.array(tokens, dtype=np.int64))
+
+
+@dataclass
+class Units:
+    """The planner's items: `members[u]` are the pair indices of unit u, with its sort length and token cost."""
+
+    members: list[list[int]]
+    lengths: np.ndarray  # the longest sequence in the unit (the sort key; a stacked batch's T)
+    tokens: np.ndarray  # tokens the layout computes for the unit
+
+    def sizes(self) -> np.ndarray:
+        return np.array([len(m) for m in self.members], dtype=np.int64)
+
+    def rows(self, units: list[int]) -> list[int]:
+        """The pair indices of `units`, in order."""
+        return [i for u in units for i in self.members[u]]
 
 
 def truncate_left(ids: list[int], max_length: int) -> tuple[list[int], bool]:
@@ -64,6 +122,19 @@ def truncate_left(ids: list[int], max_length: int) -> tuple[list[int], bool]:
     if len(ids) <= max_length:
         return ids, False
     return ids[-max_length:], True
+
+
+def group_ids(frame: pd.DataFrame) -> np.ndarray:
+    """Dense group id per pair: pairs with one `prompt_hash` (the prompt itself where there is none) share one.
+
+    Built here, from the split, so no upstream stage has to know about groups; the split keeps a prompt in
+    one split, so a group never straddles splits."""
+    if frame.empty:
+        return np.zeros(0, np.int64)
+    key = frame["prompt"].map(lambda p: f"prompt:{p}")
+    if "prompt_hash" in frame:
+        key = frame["prompt_hash"].map(lambda h: f"hash:{h}", na_action="ignore").fillna(key)
+    return pd.factorize(key, sort=False)[0].astype(np.int64)
 
 
 def tokenize_pairs(tokenizer, frame: pd.DataFrame, max_length: int) -> TokenizedPairs:
@@ -87,6 +158,7 @@ def tokenize_pairs(tokenizer, frame: pd.DataFrame, max_length: int) -> Tokenized
         np.ones(len(frame), np.float32),
         pair_ids=[str(p) for p in frame["pair_id"]] if "pair_id" in frame else [],
         n_truncated=n_truncated,
+        group=group_ids(frame),
     )
 
 
@@ -104,6 +176,7 @@ def plan_batches(
     shuffle: bool = True,
     min_pairs: int = 1,
     packed_tokens: np.ndarray | None = None,
+    sizes: np.ndarray | None = None,
 ) -> list[list[int]]:
     """Global batches of pair indices for one epoch; every pair exactly once; same inputs, same plan.
 
@@ -115,6 +188,9 @@ def plan_batches(
     epochs) and cut greedily where the next pair would break the budget or the pair cap; the batch
     order is then shuffled with `seed + epoch`. A batch holds at least `min_pairs` pairs (the number
     of ranks), even if that alone exceeds the budget; a short tail joins the batch before it.
+
+    With `sizes` (pairs per item, `Units.sizes`) the items are units of several pairs: the pair cap
+    counts pairs, `min_pairs` counts units (each rank needs one).
     """
     n = len(lengths)
     if n == 0:
@@ -127,7 +203,8 @@ def plan_batches(
     for idx in order.tolist():
         grown = current + [idx]
         cost = padded_tokens(lengths, grown) if packed_tokens is None else int(packed_tokens[grown].sum())
-        too_big = cost > tokens_per_batch or len(grown) > max_pairs_per_batch
+        n_pairs = len(grown) if sizes is None else int(sizes[grown].sum())
+        too_big = cost > tokens_per_batch or n_pairs > max_pairs_per_batch
         if current and too_big and len(current) >= min_pairs:
             batches.append(current)
             current = [idx]
@@ -148,6 +225,9 @@ def shard(batch: list[int], lengths: np.ndarray, rank: int, world_size: int) -> 
     return by_length[rank::world_size]
 
 
-def shard_weight(n_shard: int, n_global: int, world_size: int) -> float:
-    """Scale on a shard's mean loss so DeepSpeed's mean over ranks equals the mean over the global batch."""
+def shard_weight(n_shard: float, n_global: float, world_size: int) -> float:
+    """Scale on a shard's (weighted) mean loss so DeepSpeed's mean over ranks equals the global batch's.
+
+    `n_shard`, `n_global`: the pair weights summed over the shard and over the global batch (pair counts
+    for per-pair weighting)."""
     return n_shard * world_size / n_global

@@ -1,4 +1,4 @@
-"""Three ways to lay a batch of pairs out for one forward pass; all three give the same rewards.
+"""Four ways to lay a batch of pairs out for one forward pass; all four give the same rewards.
 
     none           chosen rows stacked on rejected rows, right-padded to the longest:  2B x T
     padding_free   every sequence packed end to end into rows of width W (the longest sequence);
@@ -8,10 +8,17 @@
                    is computed once, both responses attend to it and not to each other, and each
                    response's positions continue from the prompt. A pair costs p + c + r tokens,
                    not 2p + c + r.
+    groups         the pairs of one prompt (a group: same `prompt_hash`) as one unit
+                   [prompt | response 1 | ... | response k]: the prompt once, each distinct response once,
+                   each response attending to the prompt and itself, positions continuing from the prompt
+                   (InstructGPT: one forward pass per completion). K responses compared in all C(K,2)
+                   ways cost p + K responses instead of C(K,2) x (2p + c + r). A group of one pair is
+                   exactly the shared_prompt unit.
 
 The "prompt" of a pair is the longest common prefix of its two token sequences, so the shared
 part is exactly what both sequences hold (chat-template tokens included) and tokenization at the
-prompt/response boundary cannot differ between the layouts. Packed layouts read each reward at a
+prompt/response boundary cannot differ between the layouts; a group's prompt is the common prefix of
+all its sequences. Packed layouts read each reward at a
 given flat position instead of finding the last real token from a 2-D mask.
 
 Whether a packed layout is exact depends on the backbone's attention (a sliding window or a kernel
@@ -28,10 +35,20 @@ import torch
 
 log = logging.getLogger("rmpipe.packing")
 
-MODES = ("none", "padding_free", "shared_prompt")
-FASTEST_FIRST = ("shared_prompt", "padding_free", "none")
+MODES = ("none", "padding_free", "shared_prompt", "groups")
+FASTEST_FIRST = ("groups", "shared_prompt", "padding_free", "none")
 EXACT_TOLERANCE = 1e-4  # max |reward(packed) - reward(stacked)|, fp32
-PROMPT, CHOSEN, REJECTED = 0, 1, 2  # which part of a unit a token belongs to
+# Which part of a unit a token belongs to: the prompt (0) or response j (j >= 1; a pair's chosen is 1, its
+# rejected 2). A response token sees the prompt and its own response only.
+PROMPT, CHOSEN, REJECTED = 0, 1, 2
+
+
+def group_members(group: np.ndarray, rows: list[int]) -> list[list[int]]:
+    """`rows` split by group id, groups in order of first appearance, rows in their given order."""
+    members: dict[int, list[int]] = {}
+    for i in rows:
+        members.setdefault(int(group[i]), []).append(i)
+    return list(members.values())
 
 
 def common_prefix_length(a: list[int], b: list[int]) -> int:
@@ -55,10 +72,12 @@ class Batch:
     soft_label: torch.Tensor  # (B,)
     real_tokens: int  # tokens of the pairs' sequences as the model sees them (a shared prompt once)
     computed_tokens: int  # positions the model computes, padding included
+    weight: torch.Tensor | None = None  # (B,) loss weight per pair (`TokenizedPairs.pair_weights`)
 
     def to(self, device) -> "Batch":
         return Batch({k: v.to(device) for k, v in self.inputs.items()}, self.margin.to(device),
-                     self.soft_label.to(device), self.real_tokens, self.computed_tokens)
+                     self.soft_label.to(device), self.real_tokens, self.computed_tokens,
+                     None if self.weight is None else self.weight.to(device))
 
     @property
     def n_pairs(self) -> int:
@@ -72,7 +91,7 @@ class Unit:
 
     ids: list[int]
     positions: list[int]
-    part: list[int]  # PROMPT / CHOSEN / REJECTED per token
+    part: list[int]  # PROMPT, or which response (1, 2, ...) per token
     reads: list[tuple[int, int]]  # (offset in the unit, slot in the output) where a reward is read
 
 
@@ -88,6 +107,49 @@ def pair_unit(chosen: list[int], rejected: list[int], prefix: int, chosen_slot: 
     # A response with no tokens of its own (it equals the prompt) is read at the prompt's last token.
     reads = [(prefix + len(c) - 1, chosen_slot), (prefix + len(c) + len(r) - 1 if r else prefix - 1, rejected_slot)]
     return Unit(chosen[:prefix] + c + r, positions, part, reads)
+
+
+def group_unit(seqs: list[list[int]], slots: list[list[int]]) -> Unit:
+    """[prompt | response 1 | ... | response k] for k distinct sequences, `slots[j]` the outputs read at seq j.
+
+    The prompt is the sequences' common prefix; each response's positions continue from it. A sequence
+    with no tokens of its own (it is the prompt, e.g. a prefix of the others) is read at the prompt's end.
+    """
+    prefix = min(common_prefix_length(seqs[0], s) for s in seqs) if len(seqs) > 1 else len(seqs[0]) - 1
+    ids, positions, part = list(seqs[0][:prefix]), list(range(prefix)), [PROMPT] * prefix
+    reads = []
+    for j, seq in enumerate(seqs):
+        suffix = seq[prefix:]
+        ids += suffix
+        positions += range(prefix, prefix + len(suffix))
+        part += [j + 1] * len(suffix)
+        reads += [(len(ids) - 1 if suffix else prefix - 1, slot) for slot in slots[j]]
+    return Unit(ids, positions, part, reads)
+
+
+def pair_group_unit(chosen: list[list[int]], rejected: list[list[int]], chosen_slots: list[int],
+                    rejected_slots: list[int]) -> Unit:
+    """The pairs of one prompt as one `group_unit`: distinct sequences in order of first appearance."""
+    index: dict[tuple[int, ...], int] = {}
+    seqs: list[list[int]] = []
+    slots: list[list[int]] = []
+    for c, r, cs, rs in zip(chosen, rejected, chosen_slots, rejected_slots):
+        for seq, slot in ((c, cs), (r, rs)):
+            j = index.setdefault(tuple(seq), len(seqs))
+            if j == len(seqs):
+                seqs.append(seq)
+                slots.append([])
+            slots[j].append(slot)
+    return group_unit(seqs, slots)
+
+
+def group_tokens(seqs: list[list[int]]) -> int:
+    """Tokens a `group_unit` of these sequences computes: their common prefix once, each distinct suffix once."""
+    distinct = list({tuple(s): s for s in seqs}.values())
+    if len(distinct) == 1:
+        return len(distinct[0])
+    prefix = min(common_prefix_length(distinct[0], s) for s in distinct)
+    return sum(len(s) for s in distinct) - (len(distinct) - 1) * prefix
 
 
 def pack_rows(lengths: list[int]) -> list[list[int]]:
@@ -110,15 +172,16 @@ def pack_rows(lengths: list[int]) -> list[list[int]]:
 def block_mask(unit_id: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
     """(R, W) unit ids and parts -> (R, 1, W, W) bool, True where query q may attend to key k.
 
-    Causal within a unit; a rejected token does not see the chosen tokens; units never see each other.
-    Padding carries unique negative unit ids, so a pad attends to itself only (no empty softmax row).
+    Causal within a unit; a response token sees the prompt and its own response, never another response
+    (so a rejected token does not see the chosen ones); units never see each other. Padding carries
+    unique negative unit ids, so a pad attends to itself only (no empty softmax row).
     """
     width = unit_id.shape[1]
     idx = torch.arange(width)
     causal = idx[:, None] >= idx[None, :]
     same_unit = unit_id[:, :, None] == unit_id[:, None, :]
-    rejected_sees_chosen = (part[:, :, None] == REJECTED) & (part[:, None, :] == CHOSEN)
-    return (same_unit & causal & ~rejected_sees_chosen).unsqueeze(1)
+    own_part = (part[:, None, :] == PROMPT) | (part[:, :, None] == part[:, None, :])
+    return (same_unit & causal & own_part).unsqueeze(1)
 
 
 def packed_inputs(units: list[Unit], n_outputs: int, pad_id: int) -> tuple[dict[str, torch.Tensor], int]:
@@ -173,6 +236,15 @@ def make_batch(pairs, rows: list[int], mode: str, pad_id: int) -> Batch:
         units = [pair_unit(c, r, int(pairs.prefix[i]), k, b + k) for k, (i, c, r) in enumerate(zip(rows, chosen, rejected))]
         inputs, computed = packed_inputs(units, 2 * b, pad_id)
         real = sum(len(u.ids) for u in units)
+    elif mode == "groups":
+        # Output slots stay "B chosen, then B rejected"; a response shared by several pairs is computed
+        # once and read into each of its slots (the gather sums their gradients).
+        slot = {i: k for k, i in enumerate(rows)}
+        units = [pair_group_unit([pairs.chosen[i] for i in m], [pairs.rejected[i] for i in m],
+                                 [slot[i] for i in m], [b + slot[i] for i in m])
+                 for m in group_members(pairs.group, rows)]
+        inputs, computed = packed_inputs(units, 2 * b, pad_id)
+        real = sum(len(u.ids) for u in units)
     else:
         raise ValueError(f"packing must be one of {MODES}, got {mode!r}")
     return Batch(inputs, torch.from_numpy(pairs.margin[rows].copy()), torch.from_numpy(pairs.soft_label[rows].copy()),
@@ -181,8 +253,14 @@ def make_batch(pairs, rows: list[int], mode: str, pad_id: int) -> Batch:
 
 # --- choosing a layout -----------------------------------------------------------------------
 def layout_error(model, pairs, mode: str, pad_id: int, n_pairs: int = 4) -> float:
-    """max |reward(mode) - reward(stacked)| over the first `n_pairs` pairs, fp32, eval mode."""
+    """max |reward(mode) - reward(stacked)| over the first `n_pairs` pairs, fp32, eval mode.
+
+    `groups` is measured on the first group of several pairs (up to 2 x `n_pairs` of them) as well.
+    """
     rows = list(range(min(n_pairs, len(pairs))))
+    if mode == "groups":
+        grouped = [m for m in group_members(pairs.group, list(range(len(pairs)))) if len(m) > 1]
+        rows += [i for i in (grouped[0][: 2 * n_pairs] if grouped else []) if i not in rows]
     was_training = model.training
     model.eval()
     try:
@@ -197,6 +275,8 @@ def layout_error(model, pairs, mode: str, pad_id: int, n_pairs: int = 4) -> floa
 def resolve_packing(requested: str, model, pairs, pad_id: int) -> tuple[str, dict[str, float]]:
     """`auto` -> the fastest layout that is exact for this backbone; an explicit layout must be exact.
 
+    `auto` tries `groups` only when some prompt has two or more pairs.
+
     Returns the layout and the measured error of each layout tried.
     """
     from rmpipe.errors import ConfigError
@@ -207,6 +287,8 @@ def resolve_packing(requested: str, model, pairs, pad_id: int) -> tuple[str, dic
         return "none", {}
     errors: dict[str, float] = {}
     for mode in FASTEST_FIRST if requested == "auto" else (requested,):
+        if mode == "groups" and requested == "auto" and not pairs.has_groups():
+            continue  # nothing to share beyond each pair's prompt: shared_prompt computes the same tokens
         if mode == "none":
             return "none", errors
         try:

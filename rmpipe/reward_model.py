@@ -65,8 +65,12 @@ def bradley_terry_loss(
     margin: torch.Tensor | None = None,
     soft_label: torch.Tensor | None = None,
     center_coef: float = 0.0,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean Bradley-Terry loss over a batch of pairs (see module docstring); `logsigmoid` keeps it finite."""
+    """Mean Bradley-Terry loss over a batch of pairs (see module docstring); `logsigmoid` keeps it finite.
+
+    `weight` (one per pair) makes it the weighted mean sum(w * loss) / sum(w), e.g. 1 / (pairs of the
+    prompt) so that each prompt counts once (InstructGPT)."""
     d = r_chosen - r_rejected
     if margin is not None:
         d = d - margin
@@ -77,6 +81,8 @@ def bradley_terry_loss(
         loss = -(p * F.logsigmoid(d) + (1 - p) * F.logsigmoid(-d))
     if center_coef:
         loss = loss + center_coef * (r_chosen + r_rejected) ** 2
+    if weight is not None:
+        return (weight * loss).sum() / weight.sum()
     return loss.mean()
 
 

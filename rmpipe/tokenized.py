@@ -1,6 +1,6 @@
 """Tokenized splits on disk (data/tokenized/), so a re-run of training does not re-tokenize.
 
-    data/tokenized/train.parquet, val.parquet   chosen_ids, rejected_ids (int32 lists), prefix, targets
+    data/tokenized/train.parquet, val.parquet   chosen_ids, rejected_ids (int32 lists), prefix, group, targets
     data/tokenized/manifest.json                what the tokens were made from (the cache key)
 
 The key is the tokenizer's files, the split files, max_length and the tokenize stage's code. Training
@@ -54,6 +54,7 @@ def write(folder: Path, pairs: dict[str, TokenizedPairs], key: dict) -> None:
                 "chosen_ids": pa.array(split.chosen, type=pa.list_(pa.int32())),
                 "rejected_ids": pa.array(split.rejected, type=pa.list_(pa.int32())),
                 "prefix": pa.array(split.prefix, type=pa.int32()),
+                "group": pa.array(split.group, type=pa.int64()),
                 "margin": pa.array(split.margin, type=pa.float32()),
                 "soft_label": pa.array(split.soft_label, type=pa.float32()),
                 "pair_id": pa.array(split.pair_ids or [""] * len(split), type=pa.string()),
@@ -74,6 +75,7 @@ def read(folder: Path, name: str, n_truncated: int) -> TokenizedPairs:
         pair_ids=pair_ids if any(pair_ids) else [],
         n_truncated=n_truncated,
         prefix=table.column("prefix").to_numpy().astype(np.int64),
+        group=table.column("group").to_numpy().astype(np.int64),
     )
 
 

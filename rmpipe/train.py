@@ -6,9 +6,11 @@ Everything a user can get wrong (missing or empty splits, a backbone that does n
 max_length the backbone cannot take) is checked by `read_splits` / `check_max_length` before
 any compute. The loop itself:
   * each rank scores its shard of the global batch in ONE forward pass, in the layout
-    `train.packing` names (`rmpipe.packing`: stacked rows, padding-free, or shared-prompt packing);
-  * Bradley-Terry loss (optional margin, soft labels, centering), weighted so the mean over
-    ranks is the mean over the global batch (`batching.shard_weight`);
+    `train.packing` names (`rmpipe.packing`: stacked rows, padding-free, shared-prompt or group
+    packing); a batch holds whole groups (prompts) in the `groups` layout;
+  * Bradley-Terry loss (optional margin, soft labels, centering), each pair weighted 1 or, with
+    `train.loss_weighting: group`, 1 / (pairs of its prompt); scaled so the mean over ranks is the
+    weighted mean over the global batch (`batching.shard_weight`);
   * a non-finite loss on any rank skips the step on every rank; too many abort the run;
   * checkpoints (DeepSpeed `save_checkpoint` + data position + RNG) every `checkpoint_every`
     steps; a run resumes only from a checkpoint with the same fingerprint.
@@ -34,7 +36,7 @@ import pandas as pd
 import torch
 
 from rmpipe import codedeps, io
-from rmpipe.batching import TokenizedPairs, plan_batches, shard, shard_weight
+from rmpipe.batching import TokenizedPairs, Units, plan_batches, shard, shard_weight
 from rmpipe.errors import ConfigError, DataError, UserError
 from rmpipe.io import sha256_file
 from rmpipe.packing import MODES, make_batch
@@ -44,6 +46,7 @@ from rmpipe.reward_model import RewardModel, bradley_terry_loss
 
 log = logging.getLogger("rmpipe.train")
 
+LOSS_WEIGHTINGS = ("pair", "group")
 LN2 = math.log(2.0)
 LN2_CHECK_STEPS = 8  # steps after which a loss still pinned at ln 2 with identical scores is a bug
 LATEST = "latest"
@@ -79,6 +82,7 @@ class TrainSettings:
     checkpoint_every: int
     max_nonfinite_steps: int
     packing: str = "auto"  # resolved to a layout by `rmpipe.packing.resolve_packing` before training
+    loss_weighting: str = "pair"  # pair: every comparison counts once; group: every prompt counts once
     stop_after_steps: int | None = None  # debug hook: stop as if killed after this many steps
 
     @classmethod
@@ -107,6 +111,8 @@ class TrainSettings:
             checkpoint_every=get(cfg, "checkpoint_every", int, w),
             max_nonfinite_steps=get(cfg, "max_nonfinite_steps", int, w),
             packing=get(cfg, "packing", str, w, choices=("auto", *MODES)),
+            loss_weighting=get(cfg, "loss_weighting", str, w, choices=LOSS_WEIGHTINGS) if "loss_weighting" in cfg
+            else "pair",
             stop_after_steps=cfg.get("stop_after_steps"),
         )
         if s.bf16 not in (True, False, "auto"):
@@ -375,13 +381,14 @@ def evaluate_pairs(engine, pairs: TokenizedPairs, pad_id: int, s: TrainSettings,
     """Plain BT loss and accuracy (r_c > r_r strictly; ties are wrong) over a split, summed over ranks."""
     if len(pairs) == 0:
         return {}
-    tokens = pairs.tokens(s.packing)
+    units = plan_units(pairs, s)
     totals = [0.0, 0.0, 0.0]
     engine.eval()
     with torch.no_grad():
-        for batch_rows in plan_batches(pairs.lengths(), s.tokens_per_batch, s.max_pairs_per_batch, s.seed,
-                                       shuffle=False, min_pairs=world, packed_tokens=_packed(tokens, s)):
-            rows = shard(batch_rows, tokens, rank, world)
+        for batch_units in plan_batches(units.lengths, s.tokens_per_batch, s.max_pairs_per_batch, s.seed,
+                                        shuffle=False, min_pairs=world, packed_tokens=_packed(units, s),
+                                        sizes=units.sizes()):
+            rows = units.rows(shard(batch_units, units.tokens, rank, world))
             batch = make_batch(pairs, rows, s.packing, pad_id).to(engine.device)
             r_c, r_r = engine(**batch.inputs).float().chunk(2)
             totals[0] += bradley_terry_loss(r_c, r_r).item() * len(rows)
@@ -392,16 +399,22 @@ def evaluate_pairs(engine, pairs: TokenizedPairs, pad_id: int, s: TrainSettings,
     return {"loss": loss / n, "accuracy": correct / n}
 
 
-def plan_epochs(pairs: TokenizedPairs, s: TrainSettings, world: int) -> list[list[list[int]]]:
-    """Every epoch's global batches, budgeted in the tokens the resolved layout computes."""
-    lengths, packed = pairs.lengths(), _packed(pairs.tokens(s.packing), s)
-    return [plan_batches(lengths, s.tokens_per_batch, s.max_pairs_per_batch, s.seed, epoch, min_pairs=world,
-                         packed_tokens=packed) for epoch in range(s.epochs)]
+def plan_units(pairs: TokenizedPairs, s: TrainSettings) -> Units:
+    """The planner's items in the resolved layout: pairs, or (`groups`) whole groups / sub-groups."""
+    return pairs.units(s.packing, s.tokens_per_batch, s.max_pairs_per_batch)
 
 
-def _packed(tokens, s: TrainSettings):
-    """Per-pair tokens for a packed layout's budget; None (budget the padded stack) for `none`."""
-    return None if s.packing == "none" else tokens
+def plan_epochs(pairs: TokenizedPairs, s: TrainSettings, world: int) -> tuple[Units, list[list[list[int]]]]:
+    """The units and every epoch's global batches of unit indices, budgeted in the tokens the layout computes."""
+    units = plan_units(pairs, s)
+    return units, [plan_batches(units.lengths, s.tokens_per_batch, s.max_pairs_per_batch, s.seed, epoch,
+                                min_pairs=world, packed_tokens=_packed(units, s), sizes=units.sizes())
+                   for epoch in range(s.epochs)]
+
+
+def _packed(units: Units, s: TrainSettings):
+    """Per-unit tokens for a packed layout's budget; None (budget the padded stack) for `none`."""
+    return None if s.packing == "none" else units.tokens
 
 
 def fit(model: RewardModel, data: Data, s: TrainSettings, paths: TrainPaths, fp: str, ds_config: dict,
@@ -412,8 +425,8 @@ def fit(model: RewardModel, data: Data, s: TrainSettings, paths: TrainPaths, fp:
     from rmpipe.ds_config import lr_scheduler, param_groups
 
     started = time.monotonic()
-    plans = plan_epochs(data.train, s, world)
-    pair_tokens = data.train.tokens(s.packing)
+    units, plans = plan_epochs(data.train, s, world)
+    weights = torch.from_numpy(data.train.pair_weights(s.loss_weighting))
     total_steps = sum(len(p) for p in plans)
 
     if s.gradient_checkpointing:
@@ -446,22 +459,24 @@ def fit(model: RewardModel, data: Data, s: TrainSettings, paths: TrainPaths, fp:
     live = _open_live(paths.live_dir, resumed=tag is not None) if rank == 0 else None
     done_tokens, done_pairs, busy_s = state.get("throughput", (0, 0, 0.0)) if tag is not None else (0, 0, 0.0)
     positions = [(e, b) for e in range(s.epochs) for b in range(len(plans[e])) if (e, b) >= (start_epoch, start_batch)]
-    epoch_sums = [0.0, 0.0, 0.0]  # an epoch cut by a resume reports the train metrics of its resumed part only
+    epoch_sums = [0.0, 0.0, 0.0, 0.0]  # an epoch cut by a resume reports the train metrics of its resumed part only
     for epoch, b in (progress(positions, total=len(positions), desc="train") if rank == 0 else positions):
         t0 = time.monotonic()
-        global_rows = plans[epoch][b]
-        rows = shard(global_rows, pair_tokens, rank, world)
+        global_rows = units.rows(plans[epoch][b])
+        rows = units.rows(shard(plans[epoch][b], units.tokens, rank, world))
         batch = make_batch(data.train, rows, s.packing, data.pad_id).to(engine.device)
+        weight = weights[rows].to(engine.device)
         r_c, r_r = engine(**batch.inputs).float().chunk(2)
         loss = bradley_terry_loss(
             r_c, r_r,
             margin=batch.margin if s.use_margin else None,
             soft_label=batch.soft_label if s.use_soft_labels else None,
             center_coef=s.center_coef,
+            weight=weight if s.loss_weighting != "pair" else None,
         )
         finite = _all_same(bool(torch.isfinite(loss)))
         if finite:
-            engine.backward(loss * shard_weight(len(rows), len(global_rows), world))
+            engine.backward(loss * shard_weight(float(weight.sum()), float(weights[global_rows].sum()), world))
             # DeepSpeed reports the norm it clipped with under ZeRO; without ZeRO (fp32) it reports none,
             # and there every rank holds the whole, all-reduced gradient.
             grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -481,18 +496,19 @@ def fit(model: RewardModel, data: Data, s: TrainSettings, paths: TrainPaths, fp:
                     f"{nonfinite} steps had a non-finite loss (train.max_nonfinite_steps = {s.max_nonfinite_steps}): "
                     "check the margin / soft_label columns for NaN or inf, or lower train.lr")
         gap = (r_c - r_r).detach()
-        loss_sum, correct, n, margin_sum, tokens = _reduce_sum([
-            loss.item() * len(rows) if finite else 0.0, float((gap > 0).sum()), float(len(rows)),
-            float(gap.sum()) if finite else 0.0, float(batch.real_tokens)])
+        w_sum = float(weight.sum())  # the logged loss is the objective: the weighted mean over the global batch
+        loss_sum, correct, n, margin_sum, tokens, w_sum = _reduce_sum([
+            loss.item() * w_sum if finite else 0.0, float((gap > 0).sum()), float(len(rows)),
+            float(gap.sum()) if finite else 0.0, float(batch.real_tokens), w_sum])
         step_s = time.monotonic() - t0
         busy_s += step_s
         done_tokens += tokens
         done_pairs += n
         result.steps += 1
         if finite:
-            step_loss = loss_sum / n
+            step_loss = loss_sum / w_sum
             result.losses.append(step_loss)
-            epoch_sums = [epoch_sums[0] + loss_sum, epoch_sums[1] + correct, epoch_sums[2] + n]
+            epoch_sums = [epoch_sums[0] + loss_sum, epoch_sums[1] + correct, epoch_sums[2] + n, epoch_sums[3] + w_sum]
             if len(ln2_history) < LN2_CHECK_STEPS:
                 ln2_history.append((step_loss, _reduce_max(float(gap.abs().max()))))
                 if stuck_at_ln2(ln2_history):
@@ -510,8 +526,9 @@ def fit(model: RewardModel, data: Data, s: TrainSettings, paths: TrainPaths, fp:
 
         last_of_epoch = b == len(plans[epoch]) - 1
         if last_of_epoch:
-            result.train = {"loss": epoch_sums[0] / max(epoch_sums[2], 1), "accuracy": epoch_sums[1] / max(epoch_sums[2], 1)}
-            epoch_sums = [0.0, 0.0, 0.0]
+            result.train = {"loss": epoch_sums[0] / max(epoch_sums[3], 1e-12),
+                            "accuracy": epoch_sums[1] / max(epoch_sums[2], 1)}
+            epoch_sums = [0.0, 0.0, 0.0, 0.0]
             result.val = evaluate_pairs(engine, data.val, data.pad_id, s, rank, world)
             if rank == 0 and result.val:
                 log.info("epoch %d: train loss %.4f acc %.3f | val loss %.4f acc %.3f", epoch + 1,

@@ -180,3 +180,188 @@ def test_packed_rewards_equal_stacked_on_smollm2(mode):
     pairs = tokenize_pairs(tokenizer, frame_of_pairs().head(3), max_length=512)
     assert pairs.prefix.min() > 20  # the multi-turn prompt really is shared
     assert layout_error(model, pairs, mode, tokenizer.pad_token_id, n_pairs=3) < 1e-4
+
+
+# --- groups: the pairs of one prompt as one unit ------------------------------------------------
+def frame_of_groups() -> pd.DataFrame:
+    """Two ranked prompts (K = 4, all 6 comparisons; K = 3 with responses that are prefixes of each other),
+    a prompt with a single pair, and a pair whose chosen equals its rejected."""
+    history = canonical_prompt([{"role": "user", "content": "tell me about owls " * 8},
+                                {"role": "assistant", "content": "owls hunt at night " * 5},
+                                {"role": "user", "content": "and rivers?"}])
+    ranked = ["rivers run to the sea " * 3, "owls", "they are wet", "no idea " * 4]  # best first
+    nested = ["yes and more and more", "yes and more", "yes"]
+    rows = [(history, ranked[i], ranked[j]) for i in range(4) for j in range(i + 1, 4)]
+    rows += [(canonical_prompt("prefix"), nested[i], nested[j]) for i in range(3) for j in range(i + 1, 3)]
+    rows += [(canonical_prompt("hi"), "hello there", "no"), (canonical_prompt("same"), "identical", "identical")]
+    frame = pd.DataFrame(rows, columns=["prompt", "chosen", "rejected"])
+    frame["prompt_hash"] = frame["prompt"].map(lambda p: f"h-{hash(p) % 10**8}")
+    rng = np.random.default_rng(0)
+    frame["margin"] = rng.uniform(0, 1, len(frame)).astype(np.float32)
+    frame["soft_label"] = rng.uniform(0.6, 1, len(frame)).astype(np.float32)
+    return frame
+
+
+def test_group_unit_prompt_once_each_response_once():
+    from rmpipe.packing import group_unit, group_tokens, pair_group_unit
+
+    p = [7, 8, 9]
+    a, b, c = p + [1, 2], p + [1], p + [3, 4, 5]  # b is a prefix of a
+    unit = pair_group_unit([a, a, b], [b, c, c], chosen_slots=[0, 1, 2], rejected_slots=[3, 4, 5])
+    assert unit.ids == [7, 8, 9, 1, 2, 1, 3, 4, 5]  # prompt once, a, b, c once each
+    assert unit.positions == [0, 1, 2, 3, 4, 3, 3, 4, 5]
+    assert unit.part == [PROMPT] * 3 + [1, 1, 2, 3, 3, 3]
+    assert sorted(unit.reads, key=lambda r: r[1]) == [(4, 0), (4, 1), (5, 2), (5, 3), (8, 4), (8, 5)]
+    assert group_tokens([a, b, b, c, a]) == len(unit.ids) == 9
+    # a response equal to the group's prompt is read at the prompt's last token
+    assert group_unit([p, p + [4]], [[0], [1]]).reads == [(2, 0), (3, 1)]
+
+
+def test_block_mask_group_responses_see_prompt_and_themselves_only():
+    unit_id = torch.zeros((1, 6), dtype=torch.long)
+    part = torch.tensor([[PROMPT, PROMPT, 1, 2, 2, 3]])
+    allowed = block_mask(unit_id, part)[0, 0]
+    assert allowed[4].tolist() == [True, True, False, True, True, False]
+    assert allowed[5].tolist() == [True, True, False, False, False, True]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_groups_rewards_equal_stacked_on_tiny_backbone(tiny, attention):
+    model, tokenizer = tiny
+    model.backbone.config._attn_implementation = attention
+    pairs = tokenize_pairs(tokenizer, frame_of_groups(), max_length=256)
+    assert pairs.has_groups() and len(np.unique(pairs.group)) == 4
+    try:
+        assert layout_error(model, pairs, "groups", tokenizer.pad_token_id, n_pairs=len(pairs)) < 1e-5
+    finally:
+        model.backbone.config._attn_implementation = "sdpa"
+
+
+def test_groups_cost_the_prompt_once_and_each_response_once(tiny):
+    _, tokenizer = tiny
+    pairs = tokenize_pairs(tokenizer, frame_of_groups(), max_length=256)
+    rows = list(range(6))  # the K = 4 prompt's six comparisons
+    groups, shared = (make_batch(pairs, rows, mode, tokenizer.pad_token_id) for mode in ("groups", "shared_prompt"))
+    prompt = min(common_prefix_length(pairs.chosen[0], s) for s in pairs.chosen[:6] + pairs.rejected[:6])
+    responses = sum(len(s) - prompt for s in {tuple(s): s for s in pairs.chosen[:6] + pairs.rejected[:6]}.values())
+    assert groups.real_tokens == prompt + responses
+    assert shared.real_tokens > 6 * prompt + 2 * responses  # 6 prompts, each response 3 times (and a longer prefix)
+
+
+@pytest.mark.parametrize("weighting", ["pair", "group"])
+def test_groups_gradients_equal_stacked(tiny, weighting):
+    model, tokenizer = tiny
+    pairs = tokenize_pairs(tokenizer, frame_of_groups(), max_length=256)
+    rows = list(range(len(pairs)))
+    weight = torch.from_numpy(pairs.pair_weights(weighting))
+    grads = {}
+    for layout in ("none", "groups"):
+        model.zero_grad()
+        batch = make_batch(pairs, rows, layout, tokenizer.pad_token_id)
+        r_c, r_r = model(**batch.inputs).chunk(2)
+        bradley_terry_loss(r_c, r_r, margin=batch.margin, soft_label=batch.soft_label, weight=weight).backward()
+        grads[layout] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert grads["none"].abs().max() > 1e-4  # a real gradient, not two zeros
+    assert torch.allclose(grads["none"], grads["groups"], atol=1e-5)
+
+
+def test_groups_of_one_pair_are_the_shared_prompt_layout(tiny):
+    """K = 2 (every prompt has one pair): the same units, the same batches, the same tensors."""
+    _, tokenizer = tiny
+    pairs = tokenize_pairs(tokenizer, frame_of_pairs(), max_length=256)
+    assert not pairs.has_groups()
+    rows = [3, 0, 4, 1, 2]
+    a, b = (make_batch(pairs, rows, mode, tokenizer.pad_token_id) for mode in ("groups", "shared_prompt"))
+    assert a.inputs.keys() == b.inputs.keys()
+    assert all(torch.equal(a.inputs[k], b.inputs[k]) for k in a.inputs)
+    u, v = pairs.units("groups", 300), pairs.units("shared_prompt", 300)
+    assert u.members == v.members and (u.tokens == v.tokens).all() and (u.lengths == v.lengths).all()
+
+
+def test_group_over_the_budget_is_split_into_sub_groups_without_changing_the_result(tiny):
+    model, tokenizer = tiny
+    pairs = tokenize_pairs(tokenizer, frame_of_groups(), max_length=256)
+    whole = pairs.units("groups", 10**6)
+    big = next(m for m in whole.members if len(m) == 6)
+    budget = int(whole.tokens[whole.members.index(big)]) - 1
+    units = pairs.units("groups", budget)
+    parts = [m for m in units.members if set(m) <= set(big)]
+    assert len(parts) >= 2 and sorted(i for m in parts for i in m) == big  # every pair once
+    assert all(t <= budget for m, t in zip(units.members, units.tokens) if len(m) > 1)
+    # rewards and the summed loss gradient of the sub-groups equal the whole group's (and the stacked)
+    grads, rewards = [], []
+    for batches in ([big], parts):
+        model.zero_grad()
+        out = []
+        for rows in batches:
+            r_c, r_r = model(**make_batch(pairs, rows, "groups", tokenizer.pad_token_id).inputs).chunk(2)
+            (bradley_terry_loss(r_c, r_r) * len(rows)).backward()
+            out += list(zip(rows, r_c.tolist(), r_r.tolist()))
+        rewards.append(sorted(out))
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert np.allclose(np.array(rewards[0]), np.array(rewards[1]), atol=1e-5)
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
+def test_plans_hold_whole_groups_within_the_budget():
+    rng = np.random.default_rng(5)
+    chosen, rejected, group = [], [], []
+    for g in range(60):
+        prompt = [1] * int(rng.integers(50, 300))
+        responses = [prompt + [2 + k] * int(rng.integers(5, 60)) for k in range(int(rng.integers(2, 6)))]
+        for i in range(len(responses)):
+            for j in range(i + 1, len(responses)):
+                chosen.append(responses[i]), rejected.append(responses[j]), group.append(g)
+    pairs = TokenizedPairs(chosen=chosen, rejected=rejected, margin=np.zeros(len(chosen), np.float32),
+                           soft_label=np.ones(len(chosen), np.float32), group=np.array(group))
+    units = pairs.units("groups", 1500)
+    batches = plan_batches(units.lengths, 1500, 64, seed=0, packed_tokens=units.tokens, sizes=units.sizes())
+    assert batches == plan_batches(units.lengths, 1500, 64, seed=0, packed_tokens=units.tokens, sizes=units.sizes())
+    assert sorted(units.rows([u for b in batches for u in b])) == list(range(len(pairs)))
+    batch_of_group = {}
+    for k, b in enumerate(batches):
+        assert units.tokens[b].sum() <= 1500 or len(b) == 1
+        assert units.sizes()[b].sum() <= 64
+        for i in units.rows(b):
+            assert batch_of_group.setdefault(group[i], k) == k  # a group never straddles batches
+    assert len(units.members) == 60  # every group fits the budget: no sub-groups
+
+
+def test_group_weighting_counts_each_prompt_once():
+    pairs = TokenizedPairs(chosen=[[1, 2]] * 4, rejected=[[1, 3]] * 4, margin=np.zeros(4, np.float32),
+                           soft_label=np.ones(4, np.float32), group=np.array([0, 0, 0, 1]))
+    assert pairs.pair_weights("pair").tolist() == [1, 1, 1, 1]
+    assert pairs.pair_weights("group").tolist() == pytest.approx([1 / 3, 1 / 3, 1 / 3, 1])
+    r_c, r_r = torch.tensor([1.0, 2.0, 3.0, 0.0]), torch.zeros(4)
+    per_pair = -torch.nn.functional.logsigmoid(r_c - r_r)
+    w = torch.from_numpy(pairs.pair_weights("group"))
+    assert bradley_terry_loss(r_c, r_r, weight=w).item() == pytest.approx((per_pair[:3].mean() + per_pair[3]).item() / 2)
+
+
+def test_auto_picks_groups_where_prompts_have_several_pairs(tiny):
+    model, tokenizer = tiny
+    pairs = tokenize_pairs(tokenizer, frame_of_groups(), max_length=256)
+    mode, errors = resolve_packing("auto", model, pairs, tokenizer.pad_token_id)
+    assert mode == "groups" and errors["groups"] < 1e-4
+
+
+def test_groups_come_from_the_prompt_hash():
+    from rmpipe.batching import group_ids
+
+    frame = pd.DataFrame({"prompt": ["a", "b", "a", "c"], "prompt_hash": ["x", "y", "x", "x"]})
+    assert group_ids(frame).tolist() == [0, 1, 0, 0]  # the hash decides, not the text
+    assert group_ids(frame.drop(columns="prompt_hash")).tolist() == [0, 1, 0, 2]
+    frame.loc[3, "prompt_hash"] = None  # a row without a hash groups by its prompt text
+    assert group_ids(frame).tolist() == [0, 1, 0, 2]
+
+
+@pytest.mark.slow
+def test_groups_rewards_equal_stacked_on_smollm2():
+    from rmpipe import backbones
+
+    backbones.ignore_from_git(ROOT / "models/.cache")
+    backbone, tokenizer = load_backbone(backbones.materialize_smollm2(ROOT / backbones.SMOLLM2_CACHE))
+    model = RewardModel.from_backbone(backbone, seed=0)
+    pairs = tokenize_pairs(tokenizer, frame_of_groups(), max_length=512)
+    assert pairs.prefix[:6].min() > 20  # the multi-turn prompt really is shared
+    assert layout_error(model, pairs, "groups", tokenizer.pad_token_id, n_pairs=len(pairs)) < 1e-4

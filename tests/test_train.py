@@ -268,6 +268,56 @@ def test_packing_changes_the_speed_not_the_model(tmp_path, backbone):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
 
 
+def make_ranked_pairs(n_prompts: int, seed: int) -> pd.DataFrame:
+    """K = 4 responses per prompt, all 6 comparisons (what a ranked row aggregates to), with prompt hashes."""
+    from rmpipe.schema import prompt_hash
+
+    rng = random.Random(seed)
+    rows = []
+    for g in range(n_prompts):
+        topic = rng.choice(TOPICS)
+        prompt = canonical_prompt(f"About {topic}? ({seed}-{g})")
+        ranked = [f"Sure, {topic} is fun." + " More on it." * rng.randint(1, 3), f"Sure, {topic}.",
+                  "Let us talk about cheese.", "No, go away."]
+        rows += [{"pair_id": f"g{seed}-{g}-{i}{j}", "prompt": prompt, "prompt_hash": prompt_hash(prompt),
+                  "chosen": ranked[i], "rejected": ranked[j], "margin": 0.0, "soft_label": 1.0}
+                 for i in range(4) for j in range(i + 1, 4)]
+    return pd.DataFrame(rows)
+
+
+def test_grouped_data_trains_with_groups_and_the_same_model(tmp_path, backbone):
+    """Prompts with 6 comparisons each: auto picks `groups`; with one batch per epoch (a budget that does not
+    bind) it trains the same curve and weights as the stacked layout; group weighting is another objective."""
+    projects = {}
+    for name, train in {"none": {"packing": "none"}, "auto": {"packing": "auto"},
+                        "group_weighted": {"packing": "auto", "loss_weighting": "group"}}.items():
+        project = make_project(tmp_path / name, backbone, tokens_per_batch=100_000, max_pairs_per_batch=64, **train)
+        make_ranked_pairs(8, 1).to_parquet(project / "data/split/train.parquet")
+        make_ranked_pairs(3, 2).to_parquet(project / "data/split/val.parquet")
+        projects[name] = project
+    records = {name: run(str(p / "params.yaml"), paths_in(p)) for name, p in projects.items()}
+    assert records["auto"]["packing"] == "groups" and records["group_weighted"]["packing"] == "groups"
+    curves = {name: loss_curve(p) for name, p in projects.items()}
+    assert len(curves["none"]) == len(curves["auto"]) == 2
+    assert max(abs(a - b) for a, b in zip(curves["none"], curves["auto"])) < 1e-4
+    a, b = weights(projects["none"]), weights(projects["auto"])
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    # every prompt has 6 pairs, so group weighting is the same mean here: the same first step
+    assert curves["group_weighted"][0] == pytest.approx(curves["auto"][0], abs=1e-5)
+
+
+def test_group_weighting_changes_the_objective_where_groups_differ(tmp_path, backbone):
+    train = pd.concat([make_ranked_pairs(4, 1), make_pairs(8, 3)], ignore_index=True)
+    curves = {}
+    for weighting in ("pair", "group"):
+        project = make_project(tmp_path / weighting, backbone, tokens_per_batch=100_000, max_pairs_per_batch=64,
+                               epochs=1, loss_weighting=weighting)
+        train.to_parquet(project / "data/split/train.parquet")
+        run(str(project / "params.yaml"), paths_in(project))
+        curves[weighting] = loss_curve(project)
+    assert abs(curves["pair"][0] - curves["group"][0]) > 1e-4
+
+
 def test_tokenized_cache_used_when_it_matches_and_never_when_stale(tmp_path, backbone, caplog):
     import logging
 
