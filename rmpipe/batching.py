@@ -43,6 +43,7 @@ class TokenizedPairs:
     n_truncated: int = 0  # pairs where chosen or rejected was cut to max_length
     prefix: np.ndarray | None = None  # int64 per pair: tokens shared by chosen and rejected (the prompt)
     group: np.ndarray | None = None  # int64 per pair: pairs of one prompt share an id (default: one pair each)
+    n_truncated_rows: int = 0  # sequences (chosen or rejected) cut to max_length
 
     def __post_init__(self) -> None:
         if self.prefix is None:
@@ -139,13 +140,14 @@ def group_ids(frame: pd.DataFrame) -> np.ndarray:
 
 def tokenize_pairs(tokenizer, frame: pd.DataFrame, max_length: int) -> TokenizedPairs:
     """Render and encode every pair (via `rmpipe.render.encode`), left-truncating and counting long ones."""
-    chosen, rejected, n_truncated = [], [], 0
+    chosen, rejected, n_truncated, n_rows = [], [], 0, 0
     for prompt, good, bad in zip(frame["prompt"], frame["chosen"], frame["rejected"]):
         c, cut_c = truncate_left(encode(tokenizer, prompt, good), max_length)
         r, cut_r = truncate_left(encode(tokenizer, prompt, bad), max_length)
         chosen.append(c)
         rejected.append(r)
         n_truncated += cut_c or cut_r
+        n_rows += cut_c + cut_r
     if n_truncated:
         log.warning("%d of %d pairs are longer than max_length=%d: left-truncated (their ends kept)",
                     n_truncated, len(frame), max_length)
@@ -159,6 +161,7 @@ def tokenize_pairs(tokenizer, frame: pd.DataFrame, max_length: int) -> Tokenized
         pair_ids=[str(p) for p in frame["pair_id"]] if "pair_id" in frame else [],
         n_truncated=n_truncated,
         group=group_ids(frame),
+        n_truncated_rows=n_rows,
     )
 
 

@@ -5,6 +5,11 @@ to `max_length` tokens (the end of a conversation is what the reward reads), and
 a model seen only as a `RewardFn`: (input_ids, attention_mask) -> (B,) rewards.
 The same path scores our `RewardModel` and the exported plain-transformers model,
 which is what makes the export parity check meaningful.
+
+Held-out splits are scored grouped by prompt (`score_pairs_grouped`): each prompt once, each distinct
+response once, in the `groups` layout training uses, where that layout is exact for the model
+(measured first, as training does). The battery, the padding canary and the export's golden-set
+parity stay on the plain padded path on purpose: they test that path.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from rmpipe.batching import truncate_left
+from rmpipe.batching import plan_batches, tokenize_pairs, truncate_left
 from rmpipe.errors import ConfigError, DataError
 from rmpipe.params import fraction, get, section
 from rmpipe.render import encode
@@ -119,6 +124,49 @@ def score_pairs(reward_fn: RewardFn, tokenizer, pairs: pd.DataFrame, max_length:
     rewards = score_token_rows(reward_fn, rows, pad_id_of(tokenizer), batch_size)
     n = len(pairs)
     return rewards[:n], rewards[n:], truncated
+
+
+def packed_reward_model(model):
+    """Our RewardModel, or the same (backbone, bias-free head) view of a transformers sequence classifier;
+    None when the model has no such parts (it is then scored on the plain path)."""
+    from rmpipe.reward_model import RewardModel
+
+    if isinstance(model, RewardModel):
+        return model
+    backbone, head = getattr(model, "base_model", None), getattr(model, "score", None)
+    if backbone is None or backbone is model or not isinstance(head, torch.nn.Linear) or head.out_features != 1 \
+            or head.bias is not None:
+        return None
+    return RewardModel(backbone, head)
+
+
+def score_pairs_grouped(model, tokenizer, pairs: pd.DataFrame, max_length: int, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray, int]:
+    """`score_pairs`, but each prompt's pairs scored as one group (prompt once, each response once).
+
+    Batches hold up to `batch_size x max_length` computed tokens (what one plain batch may hold). Falls
+    back to `score_pairs` for a model without packed scoring or where the packed layout is not exact.
+    """
+    from rmpipe.packing import make_batch, resolve_packing
+
+    packed = packed_reward_model(model)
+    if packed is None or pairs.empty:
+        return score_pairs(reward_fn_of(model), tokenizer, pairs, max_length, batch_size)
+    pad_id = pad_id_of(tokenizer)
+    tokens = tokenize_pairs(tokenizer, pairs, max_length)
+    layout, _ = resolve_packing("auto", packed, tokens, pad_id)
+    if layout == "none":
+        log.warning("packed scoring is not exact for this model: scoring on the plain path")
+        return score_pairs(reward_fn_of(model), tokenizer, pairs, max_length, batch_size)
+    budget = batch_size * max_length
+    units = tokens.units(layout, budget)
+    r_c, r_r = np.empty(len(tokens)), np.empty(len(tokens))
+    with torch.inference_mode():
+        for batch_units in plan_batches(units.lengths, budget, 10**9, seed=0, shuffle=False,
+                                        packed_tokens=units.tokens, sizes=units.sizes()):
+            rows = units.rows(batch_units)
+            rewards = packed(**make_batch(tokens, rows, layout, pad_id).inputs).float().cpu().numpy()
+            r_c[rows], r_r[rows] = rewards[: len(rows)], rewards[len(rows):]
+    return r_c, r_r, tokens.n_truncated_rows
 
 
 # --- metrics ----------------------------------------------------------------------------------
@@ -233,7 +281,7 @@ def evaluate_model(model, tokenizer, test: pd.DataFrame, val: pd.DataFrame, batt
     from rmpipe import pathology
 
     reward_fn = reward_fn_of(model)
-    r_c, r_r, truncated = score_pairs(reward_fn, tokenizer, test, s.max_length, s.batch_size)
+    r_c, r_r, truncated = score_pairs_grouped(model, tokenizer, test, s.max_length, s.batch_size)
     log.info("scored %d test pairs (%d rows left-truncated to %d tokens)", len(test), truncated, s.max_length)
     metrics = pair_metrics(r_c, r_r)
     metrics["truncated_rows"] = truncated
@@ -254,7 +302,7 @@ def evaluate_model(model, tokenizer, test: pd.DataFrame, val: pd.DataFrame, batt
     canary_tokens, _ = encode_rows(tokenizer, canary_frame["prompt"], canary_frame["chosen"], s.max_length)
     canary = pathology.padding_canary(batch_scorer(reward_fn, pad_id_of(tokenizer)), canary_tokens, s.canary_tolerance)
 
-    normalization = normalization_stats(reward_fn, tokenizer, val, s)
+    normalization = normalization_stats(model, tokenizer, val, s)
 
     checks = {
         "accuracy": metrics["accuracy"] >= s.min_accuracy,
@@ -289,11 +337,11 @@ def evaluate_model(model, tokenizer, test: pd.DataFrame, val: pd.DataFrame, batt
     return EvalResult(metrics, pathology_report, plots, summary_markdown(metrics, pathology_report))
 
 
-def normalization_stats(reward_fn: RewardFn, tokenizer, val: pd.DataFrame, s: EvalSettings) -> dict:
+def normalization_stats(model, tokenizer, val: pd.DataFrame, s: EvalSettings) -> dict:
     """Reward mean/std over the validation split's responses (never the test split: it stays held out)."""
     if val.empty:
         raise DataError("the val split is empty: reward normalisation stats come from it; add batches or adjust split.fractions")
-    v_c, v_r, _ = score_pairs(reward_fn, tokenizer, val, s.max_length, s.batch_size)
+    v_c, v_r, _ = score_pairs_grouped(model, tokenizer, val, s.max_length, s.batch_size)
     return {**reward_stats(np.concatenate([v_c, v_r])), "split": "val"}
 
 

@@ -27,7 +27,7 @@ import torch
 
 from rmpipe import io
 from rmpipe.errors import ConfigError, DataError, ValidationFailed
-from rmpipe.evaluate import encode_rows, reward_fn_of, score_token_rows
+from rmpipe.evaluate import encode_rows, reward_fn_of, score_pairs_grouped, score_token_rows
 from rmpipe.lineage import MANIFEST_FILE, PROMOTION_FILE, build_manifest
 from rmpipe.params import get, section
 
@@ -184,9 +184,8 @@ def promotion_decision(metrics: dict, promoted_dir: Path, test: pd.DataFrame, s:
 
 def accuracy_of_export(export_dir: Path, test: pd.DataFrame, s: ExportSettings) -> float:
     hf, tokenizer, max_length = load_exported(export_dir, s.trust_remote_code)  # scored the way that model was exported to be used
-    rows, _ = encode_rows(tokenizer, list(test["prompt"]) * 2, list(test["chosen"]) + list(test["rejected"]), max_length)
-    rewards = score_token_rows(reward_fn_of(hf), rows, tokenizer.pad_token_id, s.batch_size)
-    return float((rewards[: len(test)] > rewards[len(test):]).mean())
+    r_c, r_r, _ = score_pairs_grouped(hf, tokenizer, test, max_length, s.batch_size)  # each prompt once
+    return float((r_c > r_r).mean())
 
 
 # --- the export -------------------------------------------------------------------------------

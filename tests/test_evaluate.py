@@ -245,3 +245,29 @@ def test_length_biased_training_set_trips_the_flag(tiny_model_dir):
     assert result["flagged"] and result["r2"] > 0.5, result
     assert result["flagged"] and result["r2"] > 0.5, result
     assert result["accuracy_chosen_shorter"] < 0.5 and result["n_chosen_shorter"] == 20
+
+
+def grouped_pairs(n_prompts: int = 6, seed: int = 3) -> pd.DataFrame:
+    """K = 4 responses per prompt, all 6 comparisons, plus a few single pairs."""
+    rng = random.Random(seed)
+    words = lambda k: " ".join(rng.choice(WORDS) for _ in range(k))  # noqa: E731
+    frames = [make_pairs(4, seed)]
+    for g in range(n_prompts):
+        prompt, responses = canonical_prompt(f"ranked {g}: {words(12)}?"), [words(rng.randint(1, 20)) for _ in range(4)]
+        frames.append(pd.DataFrame([{**frames[0].iloc[0].to_dict(), "pair_id": f"g{g}-{i}{j}", "prompt": prompt,
+                                     "prompt_hash": f"g{g}", "chosen": responses[i], "rejected": responses[j]}
+                                    for i in range(4) for j in range(i + 1, 4)]))
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_grouped_scoring_equals_the_plain_path(tiny):
+    from rmpipe.evaluate import score_pairs_grouped
+
+    model, tokenizer = tiny
+    pairs = grouped_pairs()
+    plain = score_pairs(model, tokenizer, pairs, 128, batch_size=4)
+    grouped = score_pairs_grouped(model, tokenizer, pairs, 128, batch_size=4)  # a budget of a few groups per batch
+    assert np.abs(plain[0] - grouped[0]).max() < 1e-5 and np.abs(plain[1] - grouped[1]).max() < 1e-5
+    assert plain[2] == grouped[2] == 0
+    cut = score_pairs_grouped(model, tokenizer, pairs, 16, batch_size=4)  # left-truncated rows counted as before
+    assert cut[2] == score_pairs(model, tokenizer, pairs, 16, batch_size=4)[2] > 0

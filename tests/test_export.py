@@ -10,6 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import transformers
 import yaml
@@ -225,6 +226,22 @@ def test_promotion_gate(exported, tmp_path):
     assert not worse["promoted"] and worse["previous_accuracy"] == pytest.approx(previous)
     within = promotion_decision({**passing, "accuracy": previous - 0.005}, s.promoted_dir, test, s)
     assert within["promoted"] and "vs promoted" in within["reason"]
+
+
+def test_export_scored_grouped_by_prompt_equals_the_plain_path(exported):
+    """The promotion gate re-scores the promoted export grouped by prompt, through its own backbone + head."""
+    from rmpipe.evaluate import packed_reward_model, score_pairs_grouped
+    from test_evaluate import grouped_pairs
+
+    export = exported / "models" / "export"
+    hf = AutoModelForSequenceClassification.from_pretrained(export).eval()
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    assert packed_reward_model(hf) is not None  # the packed view exists: the grouped path really runs
+    pairs = grouped_pairs()
+    rows, _ = encode_rows(tokenizer, list(pairs["prompt"]) * 2, list(pairs["chosen"]) + list(pairs["rejected"]), 128)
+    plain = score_token_rows(reward_fn_of(hf), rows, tokenizer.pad_token_id, 8)
+    r_c, r_r, _ = score_pairs_grouped(hf, tokenizer, pairs, 128, batch_size=4)
+    assert np.abs(np.concatenate([r_c, r_r]) - plain).max() < 1e-5
 
 
 def test_passing_model_is_promoted_then_a_worse_one_is_not(exported, tmp_path, monkeypatch):
