@@ -1,6 +1,7 @@
 """A generated long-prompt preference set for the training benchmark (bench/train_throughput.py).
 
     make_long_pairs(n_pairs, seed, tokenizer) -> pandas.DataFrame   (the columns of data/split/*.parquet)
+    make_long_groups(n_groups, seed, tokenizer) -> the same columns: K = 4 responses per prompt, all 6 comparisons
 
 Each prompt is a multi-turn chat (an optional system turn, then user/assistant exchanges on assorted
 topics, ending with a user turn) of 100-400 tokens, measured as the backbone renders it through its
@@ -281,4 +282,41 @@ def make_long_pairs(n_pairs: int, seed: int, tokenizer) -> pd.DataFrame:
             "soft_label": 1.0, "margin": 0.0, "prompt_hash": messages_hash(to_messages(messages)), "split": "train",
             "batch_ids": [f"long_prompts:{flaw}:{instruction}"],
         })
+    return pd.DataFrame(rows, columns=PAIR_COLUMNS)
+
+
+def make_long_groups(n_groups: int, seed: int, tokenizer) -> pd.DataFrame:
+    """`n_groups` prompts, each with 4 ranked responses and all 6 comparisons (a ranked row, aggregated).
+
+    Best first: on topic and following the instruction; on topic, ignoring it (a second on-topic draw when
+    there is none); an earlier turn's topic, following it; another earlier topic in plain prose.
+    """
+    rng = random.Random(seed)
+    count = _Counter(tokenizer)
+    rows = []
+    for g in range(n_groups):
+        topic = rng.choice(list(TOPICS))
+        instruction = rng.choice(list(INSTRUCTIONS))
+        messages, earlier = _prompt(rng, count, topic, instruction)
+        fmt = INSTRUCTIONS[instruction][1]
+        ranked: list[str] = []
+        for chosen_topic, chosen_fmt in ((topic, fmt), (topic, _prose), (rng.choice(earlier), fmt),
+                                         (rng.choice(earlier), _prose)):
+            for _ in range(MAX_TRIES):
+                text = _response(rng, count, chosen_topic, chosen_fmt)
+                if text not in ranked:
+                    break
+            else:
+                raise RuntimeError(f"group {g}: no distinct response after {MAX_TRIES} draws")
+            ranked.append(text)
+        canonical = canonical_messages(to_messages(messages))
+        digest = messages_hash(to_messages(messages))
+        for i in range(4):
+            for j in range(i + 1, 4):
+                rows.append({
+                    "pair_id": pair_id(canonical, ranked[i], ranked[j]), "prompt": canonical, "chosen": ranked[i],
+                    "rejected": ranked[j], "n_votes": 1, "n_chosen": 1, "n_rejected": 0, "n_tie": 0,
+                    "agreement": 1.0, "soft_label": 1.0, "margin": 0.0, "prompt_hash": digest, "split": "train",
+                    "batch_ids": [f"long_groups:{instruction}"],
+                })
     return pd.DataFrame(rows, columns=PAIR_COLUMNS)

@@ -1,6 +1,6 @@
 """Benchmark: rmpipe's trainer against TRL's RewardTrainer on the same backbone, pairs and settings.
 
-Usage:  .venv/bin/python bench/train_throughput.py [--quick] [--backbone smollm2|tiny] [--datasets sample,long]
+Usage:  .venv/bin/python bench/train_throughput.py [--quick] [--backbone smollm2|tiny] [--datasets sample,long,long4,sample4]
             [--batch-pairs B] [--steps N] [--max-length 1024] [--lr LR] [--seed 0] [--repeats R]
             [--modes shared_prompt,none] [--trl-order random|rmpipe] [--out results.json] [--keep DIR]
         make bench-train ARGS="--quick"          (installs the `bench` extra: trl + accelerate)
@@ -9,10 +9,18 @@ Each data set gets exactly B*N pairs, so one epoch is N optimizer steps of B pai
   sample  the bundled sample data run through the project's stages (sample-data, collect, aggregate,
           split), first B*N pairs of the train split
   long    bench/long_prompts.py: multi-turn prompts of 100-400 tokens, responses of 20-120 tokens
+  long4   the same prompts with K = 4 ranked responses each and all 6 comparisons (B*N/6 prompts)
+  sample4 the bundled sample's generator (rmpipe.sample_data), 4 responses per prompt (two good, two
+          flawed: what `rmpipe sample-pairs` writes per prompt), all 6 comparisons
+          (the K = 4 sets need B to be a multiple of 6: a batch holds whole prompts in rmpipe's `groups`)
 Runs are interleaved (per repeat: trl, rmpipe[mode], ...), each in its own process, and report:
   pairs/s, tokens/s   steady state: the first step (warm-up allocations) is left out for both, rates are
-                      sums over the remaining steps. tokens = real (non-pad) tokens of every chosen and
-                      rejected sequence, prompt included in both, whatever layout rmpipe computes them in
+                      sums over the remaining steps; a comparison is a pair for both trainers. tokens = real
+                      (non-pad) tokens of every chosen and rejected sequence, prompt included in both,
+                      whatever layout rmpipe computes them in
+  tokens computed     what each trainer's forward passes hold, all steps: TRL its real tokens (a lower
+                      bound: it also computes its padding), rmpipe the tokens of its layout; their ratio
+                      is the token bound (the speed-up a step time proportional to tokens would give)
   step time           TRL: on_step_begin -> on_step_end (forward, backward, clip, AdamW, scheduler; its batch is
                       collated before); rmpipe: the step time it logs (batch layout included)
   peak RSS            the run's own process (os.wait4 ru_maxrss)
@@ -57,6 +65,8 @@ DEFAULTS = {  # backbone -> (batch pairs, steps, lr)
     "smollm2": (4, 8, 1e-5),
     "tiny": (16, 8, 3e-3),
 }
+GROUPED_BATCH = {"smollm2": 6, "tiny": 24}  # default B when a K = 4 set runs: whole prompts of 6 comparisons
+K4_SETS = ("long4", "sample4")
 BUSY_CORES = 0.2  # CPU used by other processes during a run (cores, on average) above which its timings are flagged
 RMPIPE_LIVE = Path("dvclive/train/plots/metrics/train")  # rmpipe's per-step TSVs (rmpipe.train.fit)
 
@@ -180,7 +190,42 @@ def dataset(name: str, s: Settings, tokenizer, sample):
 
         frame = make_long_pairs(s.n_pairs + s.batch_pairs, s.seed, tokenizer)
         return frame.head(s.n_pairs).reset_index(drop=True), frame.tail(s.batch_pairs).reset_index(drop=True)
-    sys.exit(f"unknown data set {name!r} (sample, long)")
+    if name in K4_SETS:
+        if s.batch_pairs % 6:
+            sys.exit(f"--batch-pairs must be a multiple of 6 for {name} (whole prompts of 6 comparisons)")
+        if name == "long4":
+            from long_prompts import make_long_groups
+
+            frame = make_long_groups((s.n_pairs + s.batch_pairs) // 6, s.seed, tokenizer)
+        else:
+            frame = sample_groups((s.n_pairs + s.batch_pairs) // 6, s.seed)
+        return frame.head(s.n_pairs).reset_index(drop=True), frame.tail(s.batch_pairs).reset_index(drop=True)
+    sys.exit(f"unknown data set {name!r} (sample, long, long4, sample4)")
+
+
+def sample_groups(n_groups: int, seed: int):
+    """K = 4 groups from the bundled sample's generator: per prompt two (good, flawed) draws, ranked
+    good, good, flawed, flawed; all 6 comparisons, with the split's columns."""
+    import random
+
+    import pandas as pd
+
+    from rmpipe import sample_data as sd
+    from rmpipe.schema import PAIR_COLUMNS, canonical_prompt, pair_id, prompt_hash
+
+    rng, rows = random.Random(seed), []
+    while len(rows) < 6 * n_groups:
+        prompt = sd._make_prompt(rng, long_texts=False)
+        (good_1, bad_1, _), (good_2, bad_2, _) = sd._make_pair(rng, prompt, False), sd._make_pair(rng, prompt, False)
+        ranked = [good_1, good_2, bad_1, bad_2]
+        if len(set(ranked)) < 4:
+            continue  # two draws gave one text: not 4 distinct responses
+        canonical, digest = canonical_prompt(prompt.delivered), prompt_hash(prompt.delivered)
+        rows += [{"pair_id": pair_id(canonical, ranked[i], ranked[j]), "prompt": canonical, "chosen": ranked[i],
+                  "rejected": ranked[j], "n_votes": 1, "n_chosen": 1, "n_rejected": 0, "n_tie": 0, "agreement": 1.0,
+                  "soft_label": 1.0, "margin": 0.0, "prompt_hash": digest, "split": "train",
+                  "batch_ids": ["sample_groups"]} for i in range(4) for j in range(i + 1, 4)]
+    return pd.DataFrame(rows, columns=PAIR_COLUMNS)
 
 
 # --- rmpipe --------------------------------------------------------------------------------------
@@ -221,12 +266,21 @@ def rmpipe_plan(params: dict, tokenizer, train) -> tuple[list[list[int]], list[i
     pairs = tokenize_pairs(tokenizer, train, params["model"]["max_length"])
     settings = rt.TrainSettings.from_params(params["train"])
     mode = getattr(settings, "packing", "none")
-    plan = (rt.plan_epochs(pairs, settings, 1)[0] if hasattr(rt, "plan_epochs") else
-            plan_batches(pairs.lengths(), settings.tokens_per_batch, settings.max_pairs_per_batch, settings.seed))
+    if hasattr(rt, "plan_units"):  # batches of units (single pairs, or whole groups)
+        units, plans = rt.plan_epochs(pairs, settings, 1)
+        plan = [units.rows(b) for b in plans[0]]
+        packed = [int(units.tokens[b].sum()) for b in plans[0]]
+    else:
+        plan = (rt.plan_epochs(pairs, settings, 1)[0] if hasattr(rt, "plan_epochs") else
+                plan_batches(pairs.lengths(), settings.tokens_per_batch, settings.max_pairs_per_batch, settings.seed))
+        packed = None
     prefix = getattr(pairs, "prefix", None)
     stacked = [sum(len(pairs.chosen[i]) + len(pairs.rejected[i]) for i in b) for b in plan]
-    own = [n - (int(sum(prefix[i] for i in b)) if mode == "shared_prompt" and prefix is not None else 0)
-           for n, b in zip(stacked, plan)]
+    if mode in ("shared_prompt", "groups") and packed is not None:
+        own = packed
+    else:
+        own = [n - (int(sum(prefix[i] for i in b)) if mode == "shared_prompt" and prefix is not None else 0)
+               for n, b in zip(stacked, plan)]
     return plan, stacked, own
 
 
@@ -271,6 +325,7 @@ def run_rmpipe(run_dir: Path, s: Settings, backbone: Path, mode: str, tokenizer,
         "wall_s": child.wall_s, "rss_mb": child.rss_mb, "others_cores": child.others_cores,
         "packing": training.get("packing", "none"),
         "plan_matches_log": logged_tokens == own,  # our recomputed batches are the ones rmpipe ran
+        "computed_tokens": sum(own) if own is not None else sum(logged_tokens),
         "truncated_pairs": metrics.get("truncated_pairs"), "rmpipe_metrics": metrics,
     }
 
@@ -415,6 +470,7 @@ def trl_main(spec_file: str) -> None:
         "threads": probe.threads, "gradient_checkpointing": probe.checkpointing, "ids_match_rmpipe": ids_match, "pad_token": tokenizer.pad_token,
         "original_pad_token": original_pad, "pooled_token": "rightmost token != pad_token_id",
         "expected_tokens": sum(len(c) + len(r) for c, r in expected),
+        "computed_tokens": sum(steps_tokens),  # real tokens only: its padding is computed too
     }))
 
 
@@ -429,10 +485,12 @@ def summarize(raw: dict, batch_pairs: int) -> dict:
         "tokens_per_s": sum(tokens[skip:]) / busy, "median_step_s": statistics.median(step_s),
         "first_step_s": step_s[0], "last_loss": losses[-1], "loss_last3": statistics.fmean(losses[-3:]),
         "rss_mb": raw["rss_mb"], "wall_s": raw["wall_s"], "others_cores": raw["others_cores"],
+        "computed_tokens": raw.get("computed_tokens", float("nan")),
     }
 
 
 COLUMNS = [("pairs/s", "pairs_per_s", "{:.2f}"), ("tokens/s", "tokens_per_s", "{:,.0f}"),
+           ("tok computed", "computed_tokens", "{:,.0f}"),
            ("med step s", "median_step_s", "{:.3f}"), ("1st step s", "first_step_s", "{:.2f}"),
            ("peak RSS MB", "rss_mb", "{:,.0f}"), ("last loss", "last_loss", "{:.4f}"),
            ("loss last3", "loss_last3", "{:.4f}"), ("wall s", "wall_s", "{:.1f}"),
@@ -456,8 +514,11 @@ def print_tables(results: list[dict], s: Settings, info: dict) -> dict:
                           / next(r for r in rows if r["run"] == "trl" and r["repeat"] == k)["summary"]["pairs_per_s"]
                           for k in range(s.repeats)]
             ratios[f"{name}/{mode}"] = statistics.median(per_repeat)
+            trl_tokens = statistics.median(r["summary"]["computed_tokens"] for r in rows if r["run"] == "trl")
+            own_tokens = statistics.median(r["summary"]["computed_tokens"] for r in rows if r["run"] == f"rmpipe[{mode}]")
             log(f"rmpipe[{mode}] / trl pairs/s: {statistics.median(per_repeat):.2f}x "
-                f"(median of {', '.join(f'{x:.2f}' for x in per_repeat)})")
+                f"(median of {', '.join(f'{x:.2f}' for x in per_repeat)}); token bound "
+                f"{trl_tokens / own_tokens:.2f}x ({trl_tokens:,.0f} / {own_tokens:,.0f} tokens computed)")
     return ratios
 
 
@@ -494,7 +555,8 @@ def parse_args(argv: list[str] | None) -> Settings:
     parser.add_argument("--backbone", choices=sorted(DEFAULTS), default=None, help="default smollm2 (tiny with --quick)")
     parser.add_argument("--quick", action="store_true", help="tiny backbone, 6 steps, 1 repeat: a smoke run")
     parser.add_argument("--datasets", default="sample,long")
-    parser.add_argument("--batch-pairs", type=int, default=None, help="B (default 4 smollm2, 16 tiny)")
+    parser.add_argument("--batch-pairs", type=int, default=None,
+                        help="B (default 4 smollm2, 16 tiny; 6 / 24 when a K = 4 set runs)")
     parser.add_argument("--steps", type=int, default=None, help="N (default 8; 6 with --quick)")
     parser.add_argument("--max-length", type=int, default=1024, help="no pair of either data set is longer")
     parser.add_argument("--lr", type=float, default=None, help="default 1e-5 smollm2, 3e-3 tiny")
@@ -509,11 +571,14 @@ def parse_args(argv: list[str] | None) -> Settings:
     args = parser.parse_args(argv)
     backbone = args.backbone or ("tiny" if args.quick else "smollm2")
     b, n, lr = DEFAULTS[backbone]
+    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    if any(d in K4_SETS for d in datasets):
+        b = GROUPED_BATCH[backbone]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not rmpipe_has_packing() and modes != ["none"]:
         log(f"note: this rmpipe has no train.packing; running modes {modes} as 'none'")
         modes = ["none"]
-    s = Settings(backbone=backbone, datasets=[d.strip() for d in args.datasets.split(",") if d.strip()],
+    s = Settings(backbone=backbone, datasets=datasets,
                  batch_pairs=args.batch_pairs or b, steps=args.steps or (6 if args.quick else n),
                  max_length=args.max_length, lr=args.lr or lr, seed=args.seed, repeats=args.repeats, modes=modes,
                  trl_order=args.trl_order, warmup_ratio=args.warmup_ratio)
