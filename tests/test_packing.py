@@ -325,6 +325,10 @@ def test_plans_hold_whole_groups_within_the_budget():
         for i in units.rows(b):
             assert batch_of_group.setdefault(group[i], k) == k  # a group never straddles batches
     assert len(units.members) == 60  # every group fits the budget: no sub-groups
+    # two ranks: each takes whole groups (every 2nd unit of the token-sorted batch), together the batch
+    for b in plan_batches(units.lengths, 1500, 64, seed=0, min_pairs=2, packed_tokens=units.tokens, sizes=units.sizes()):
+        shards = [shard(b, units.tokens, rank, 2) for rank in range(2)]
+        assert all(shards) and sorted(shards[0] + shards[1]) == sorted(b)
 
 
 def test_group_weighting_counts_each_prompt_once():
