@@ -113,6 +113,9 @@ class Units:
     def sizes(self) -> np.ndarray:
         return np.array([len(m) for m in self.members], dtype=np.int64)
 
+    def first_pair(self) -> np.ndarray:
+        return np.array([m[0] for m in self.members], dtype=np.int64)
+
     def rows(self, units: list[int]) -> list[int]:
         """The pair indices of `units`, in order."""
         return [i for u in units for i in self.members[u]]
@@ -180,6 +183,7 @@ def plan_batches(
     min_pairs: int = 1,
     packed_tokens: np.ndarray | None = None,
     sizes: np.ndarray | None = None,
+    first_pair: np.ndarray | None = None,
 ) -> list[list[int]]:
     """Global batches of pair indices for one epoch; every pair exactly once; same inputs, same plan.
 
@@ -193,13 +197,18 @@ def plan_batches(
     of ranks), even if that alone exceeds the budget; a short tail joins the batch before it.
 
     With `sizes` (pairs per item, `Units.sizes`) the items are units of several pairs: the pair cap
-    counts pairs, `min_pairs` counts units (each rank needs one).
+    counts pairs, `min_pairs` counts units (each rank needs one). `first_pair` (`Units.first_pair`) gives
+    each unit the random tie-break key of its first pair, so a unit takes that pair's place in the order
+    and units of one pair are ordered exactly as the pairs themselves would be.
     """
     n = len(lengths)
     if n == 0:
         return []
     rng = np.random.default_rng([seed, epoch])
-    tiebreak = rng.random(n) if shuffle else np.arange(n)
+    keys = n if first_pair is None else int(first_pair.max()) + 1
+    tiebreak = rng.random(keys) if shuffle else np.arange(keys)
+    if first_pair is not None:
+        tiebreak = tiebreak[first_pair]
     order = np.lexsort((tiebreak, lengths))
     batches: list[list[int]] = []
     current: list[int] = []

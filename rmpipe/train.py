@@ -387,7 +387,7 @@ def evaluate_pairs(engine, pairs: TokenizedPairs, pad_id: int, s: TrainSettings,
     with torch.no_grad():
         for batch_units in plan_batches(units.lengths, s.tokens_per_batch, s.max_pairs_per_batch, s.seed,
                                         shuffle=False, min_pairs=world, packed_tokens=_packed(units, s),
-                                        sizes=units.sizes()):
+                                        sizes=units.sizes(), first_pair=units.first_pair()):
             rows = units.rows(shard(batch_units, units.tokens, rank, world))
             batch = make_batch(pairs, rows, s.packing, pad_id).to(engine.device)
             r_c, r_r = engine(**batch.inputs).float().chunk(2)
@@ -408,7 +408,8 @@ def plan_epochs(pairs: TokenizedPairs, s: TrainSettings, world: int) -> tuple[Un
     """The units and every epoch's global batches of unit indices, budgeted in the tokens the layout computes."""
     units = plan_units(pairs, s)
     return units, [plan_batches(units.lengths, s.tokens_per_batch, s.max_pairs_per_batch, s.seed, epoch,
-                                min_pairs=world, packed_tokens=_packed(units, s), sizes=units.sizes())
+                                min_pairs=world, packed_tokens=_packed(units, s), sizes=units.sizes(),
+                                first_pair=units.first_pair())
                    for epoch in range(s.epochs)]
 
 
