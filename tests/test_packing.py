@@ -369,3 +369,18 @@ def test_groups_rewards_equal_stacked_on_smollm2():
     pairs = tokenize_pairs(tokenizer, frame_of_groups(), max_length=512)
     assert pairs.prefix[:6].min() > 20  # the multi-turn prompt really is shared
     assert layout_error(model, pairs, "groups", tokenizer.pad_token_id, n_pairs=len(pairs)) < 1e-4
+
+
+def test_auto_keeps_shared_prompt_where_groups_save_little(tiny):
+    """One prompt shared by two pairs among many single pairs: groups would save < 10% of the tokens."""
+    from rmpipe.packing import GROUPS_MIN_SAVING, groups_saving
+
+    model, tokenizer = tiny
+    frame = pd.concat([frame_of_pairs().assign(prompt_hash=[f"p{i}" for i in range(5)])] * 1, ignore_index=True)
+    frame = pd.concat([frame, frame.iloc[[1]].assign(chosen="hello again", prompt_hash="p1")], ignore_index=True)
+    pairs = tokenize_pairs(tokenizer, frame, max_length=256)
+    assert pairs.has_groups() and 0 < groups_saving(pairs) < GROUPS_MIN_SAVING
+    assert resolve_packing("auto", model, pairs, tokenizer.pad_token_id)[0] == "shared_prompt"
+    assert resolve_packing("groups", model, pairs, tokenizer.pad_token_id)[0] == "groups"  # asked for: exact, so used
+    grouped = tokenize_pairs(tokenizer, frame_of_groups(), max_length=256)
+    assert groups_saving(grouped) > 0.5  # K = 4 with all 6 comparisons: most tokens are not computed again
