@@ -47,6 +47,7 @@ from prefect.states import Failed  # noqa: E402
 
 from rmpipe import io  # noqa: E402
 from rmpipe.errors import UserError  # noqa: E402
+from rmpipe.history import TRIGGER_ENV  # noqa: E402
 from rmpipe.params import get, load_params, section  # noqa: E402
 from pipeline.prefect_env import find_project_root  # noqa: E402
 
@@ -215,11 +216,14 @@ def _dvc(root: Path, *args: str, capture: bool = True) -> subprocess.CompletedPr
 @task(retries=TRANSIENT_RETRIES, retry_delay_seconds=10, retry_condition_fn=_retry_transient_only,
       cache_policy=NO_CACHE, task_run_name="dvc {args}")
 @fails_cleanly
-def _dvc_repro(root: Path, args: list[str]) -> dict[str, list[str]]:
-    """Run `dvc <args>` streaming its output into the flow's log; which stages ran and which were up to date."""
+def _dvc_repro(root: Path, args: list[str], trigger: str = "rmpipe rebuild") -> dict[str, list[str]]:
+    """Run `dvc <args>` streaming its output into the flow's log; which stages ran and which were up to date.
+
+    `trigger` reaches the export stage, which records it in the run history (rmpipe.history)."""
     logger = get_run_logger()
     logger.info("$ dvc %s", " ".join(args))
-    proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=root, env=_subprocess_env(), text=True,
+    env = {**_subprocess_env(), TRIGGER_ENV: trigger}
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=root, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1)
     lines: list[str] = []
     assert proc.stdout is not None
@@ -249,7 +253,7 @@ def _has_git(root: Path) -> bool:
 @flow(name="rebuild", log_prints=True)
 @fails_cleanly
 def rebuild(targets: list[str] | None = None, set_params: list[str] | None = None, force: bool = False,
-            project: str | None = None) -> dict[str, Any]:
+            project: str | None = None, trigger: str = "rmpipe rebuild") -> dict[str, Any]:
     """`dvc repro [targets]`: DVC re-runs what is stale and records every input hash in dvc.lock.
 
     `set_params` (["train.epochs=1", ...]) goes through `dvc exp run -S`, which
@@ -268,7 +272,7 @@ def rebuild(targets: list[str] | None = None, set_params: list[str] | None = Non
         args.append("--force")
     args.extend(targets)
     with pipeline_lock(root):
-        stages = run_task(_dvc_repro, root, args)
+        stages = run_task(_dvc_repro, root, args, trigger)
         lock = root / "dvc.lock"
         lock_sha = hashlib.sha256(lock.read_bytes()).hexdigest() if lock.exists() else None
     get_run_logger().info("ran %s; up to date %s", stages["ran"] or "nothing", stages["skipped"] or "nothing")
@@ -340,10 +344,11 @@ def reject_batch(batch: Path, rejected_dir: Path, reasons: list[str]) -> Path:
 @fails_cleanly
 def quick_check(batch: Path, root: Path) -> dict[str, Any]:
     """The collect stage's logic on this one file: accepted or rejected, and why."""
+    from rmpipe import retractions
     from rmpipe.collect import check_batch
 
     cfg = section(load_params(root / "params.yaml"), "collect")
-    report = dict(check_batch(batch, cfg).report)
+    report = dict(check_batch(batch, cfg, retractions.load(root)).report)  # a retracted batch is refused
     accepted = report.get("status") == "accepted"
     reasons = [f"{r['reason']} x{r['count']} (e.g. {r['example']})" if isinstance(r, dict) else str(r)
                for r in report.get("top_reasons") or []]
@@ -470,7 +475,7 @@ def on_new_batch(batch_path: str, project: str | None = None) -> dict[str, Any]:
         logger.info("registered %s into %s (this rebuild takes in: %s)", batch.name, incoming.relative_to(root),
                     ", ".join(admitted) or "nothing new")
         try:
-            built = rebuild(project=str(root))
+            built = rebuild(project=str(root), trigger=f"on-new-batch {batch.name}")
         except Exception as exc:
             finish("failed", reasons=[str(exc)], registered_path=str(registered.relative_to(root)))
             raise

@@ -58,7 +58,7 @@ VOTE_BUCKETS = (
     "identical_responses",
     "duplicate_vote",  # same annotator, same pair again (first by batch_id, line is kept)
     "inconsistent_pair_id",  # the pair_id names different response pairs in different votes
-    "excluded_annotator",  # aggregate.exclude_flagged
+    "excluded_annotator",  # aggregate.exclude_flagged / aggregate.exclude_annotators
     "in_pairs_below_min_votes",
     "in_dropped_tie_pairs",
 )
@@ -98,6 +98,7 @@ class AggregateSettings:
     share_ceiling: float = 0.3
     exclude_flagged: bool = False
     max_dropped_share: float = 0.5
+    exclude_annotators: tuple[str, ...] = ()  # named out, e.g. by `rmpipe retract --annotator`
     ds_n_iter: int = 20
     ds_tol: float = 1e-4
 
@@ -119,6 +120,7 @@ class AggregateSettings:
             share_ceiling=P.fraction(cfg, "share_ceiling", where),
             exclude_flagged=P.get(cfg, "exclude_flagged", bool, where),
             max_dropped_share=P.fraction({"max_dropped_share": 0.5, **cfg}, "max_dropped_share", where),
+            exclude_annotators=tuple(str(a) for a in cfg.get("exclude_annotators") or ()),
             ds_n_iter=P.get(ds, "n_iter", int, f"{where}.dawid_skene"),
             ds_tol=float(P.get(ds, "tol", float, f"{where}.dawid_skene")),
         )
@@ -133,6 +135,8 @@ class AggregateSettings:
             raise ConfigError(f"aggregate.tie_policy must be one of {list(TIE_POLICIES)}, got {self.tie_policy!r}")
         if self.min_votes < 1:
             raise ConfigError(f"aggregate.min_votes must be at least 1, got {self.min_votes}")
+        if isinstance(self.exclude_annotators, str):
+            raise ConfigError("aggregate.exclude_annotators must be a list of annotator ids, not one string")
         if self.ds_n_iter < 1:
             raise ConfigError(f"aggregate.dawid_skene.n_iter must be at least 1, got {self.ds_n_iter}")
 
@@ -604,15 +608,17 @@ def aggregate(source: Votes | pd.DataFrame, settings: AggregateSettings) -> Aggr
     annotator_names = table["annotator_id"].cat.categories
     annotators = _annotator_stats(valid, first, annotator_names, settings)
 
-    excluded: list[str] = []
     final, used = first, valid
-    if settings.exclude_flagged and annotators["flagged"].any():
-        excluded = annotators.loc[annotators["flagged"], "annotator_id"].tolist()
+    flagged = set(annotators.loc[annotators["flagged"], "annotator_id"]) if settings.exclude_flagged else set()
+    named = set(settings.exclude_annotators) & set(annotators["annotator_id"])
+    excluded: list[str] = sorted(flagged | named)
+    if excluded:
         out = np.isin(valid["annotator"].to_numpy(), annotator_names.get_indexer(excluded))
         if out.all():
             raise DataError(
-                f"all {len(excluded)} annotators were flagged, so aggregate.exclude_flagged would leave no votes: "
-                "lower aggregate.agreement_floor, raise aggregate.share_ceiling, or set exclude_flagged: false"
+                f"excluding {len(excluded)} annotators (aggregate.exclude_flagged / aggregate.exclude_annotators) "
+                "would leave no votes: lower aggregate.agreement_floor, raise aggregate.share_ceiling, set "
+                "exclude_flagged: false, or name fewer annotators in exclude_annotators"
             )
         bucket[valid.index[out]] = VOTE_BUCKETS.index("excluded_annotator")
         used = valid[~out]
@@ -740,6 +746,7 @@ def _report(settings, votes, vote_buckets, pair_buckets, first, final, pairs, an
         "agreement_floor": settings.agreement_floor,
         "share_ceiling": settings.share_ceiling,
         "exclude_flagged": settings.exclude_flagged,
+        "exclude_annotators": list(settings.exclude_annotators),
         "excluded_annotators": excluded,
         "n_votes_excluded": vote_buckets["excluded_annotator"],
     }
@@ -787,7 +794,7 @@ def annotator_markdown(report: dict[str, Any]) -> str:
     ]
     if report["excluded_annotators"]:
         lines.append(
-            f"- excluded (exclude_flagged): {', '.join(report['excluded_annotators'])}: "
+            f"- excluded (exclude_flagged / exclude_annotators): {', '.join(report['excluded_annotators'])}: "
             f"{report['n_votes_excluded']} votes removed; alpha without them "
             f"{_fmt(report.get('krippendorff_alpha_after_exclusion'), '{:.3f}')}"
         )

@@ -42,7 +42,7 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from rmpipe import formats, hf_batches, schema
+from rmpipe import formats, hf_batches, retractions, schema
 from rmpipe.errors import ConfigError, DataError
 from rmpipe.io import atomic_path, folder_sha256, sha256_file
 from rmpipe.params import fraction, get
@@ -739,9 +739,11 @@ def _collect_batch(
     normalizer: _Normalizer,
     accepted: dict[tuple[str, str], tuple[str, int]],
     seen_files: dict[str, str],
+    retracted: list[dict],
 ) -> BatchResult:
     """Read one batch. `accepted` holds (annotator, pair) -> (batch, line) of votes already in the
-    table (a repeat is a duplicate); `seen_files` maps content sha256 -> batch of files already read."""
+    table (a repeat is a duplicate); `seen_files` maps content sha256 -> batch of files already read;
+    `retracted` is the retraction register (a retracted batch is refused unread)."""
     entry = _new_entry(path)
     batch_id = path.name
     empty = BatchResult(batch_id, _votes_frame(batch_id, [], []), [], entry)
@@ -755,6 +757,9 @@ def _collect_batch(
     else:
         entry["bytes"] = path.stat().st_size
         entry["sha256"] = sha256_file(path)
+    if (why := retractions.refusal(retracted, batch_id, entry["sha256"])) is not None:
+        entry.update(status="refused", message=why)
+        return empty
     if entry["sha256"] in seen_files:
         original = seen_files[entry["sha256"]]
         entry.update(status=f"duplicate_of:{original}",
@@ -847,15 +852,16 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def check_batch(path: str | Path, cfg: Mapping[str, Any] | CollectConfig) -> BatchResult:
+def check_batch(path: str | Path, cfg: Mapping[str, Any] | CollectConfig,
+                retracted: list[dict] | None = None) -> BatchResult:
     """Check one batch file on its own (e.g. before registering a new delivery).
 
     Same rules as the collect stage, minus what needs the other batches (duplicate
-    files, duplicate votes across batches).
+    files, duplicate votes across batches). `retracted`: the project's retraction register.
     """
     conf = CollectConfig.from_params(cfg)
     with _gc_paused():
-        result = _collect_batch(Path(path), conf, _Normalizer(conf.max_field_chars, conf.margin_from_scores), {}, {})
+        result = _collect_batch(Path(path), conf, _Normalizer(conf.max_field_chars, conf.margin_from_scores), {}, {}, retracted or [])
     _log_batch(result.report)
     return result
 
@@ -906,7 +912,7 @@ def _log_batch(entry: dict) -> None:
 
 
 def collect_dir(
-    incoming_dir: str | Path, cfg: Mapping[str, Any] | CollectConfig
+    incoming_dir: str | Path, cfg: Mapping[str, Any] | CollectConfig, retracted: list[dict] | None = None
 ) -> tuple[pd.DataFrame, list[dict], dict]:
     """Collect every batch in `incoming_dir`: (votes, quarantine rows, report).
 
@@ -925,7 +931,7 @@ def collect_dir(
     frames, quarantine, entries = [], [], []
     with _gc_paused():
         for path in files:
-            result = _collect_batch(path, conf, normalizer, accepted, seen_files)
+            result = _collect_batch(path, conf, normalizer, accepted, seen_files, retracted or [])
             sidecar = path.with_name(path.name + hf_batches.SOURCE_SUFFIX)
             if sidecar.is_file():  # where `rmpipe import` got it: lineage reads it from the report
                 result.report["source"] = hf_batches.read_source(sidecar)

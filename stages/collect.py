@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
+from rmpipe import retractions
 from rmpipe.collect import CollectConfig, collect_dir, raise_for_rejected, write_votes
 from rmpipe.errors import exits_cleanly
 from rmpipe.io import write_json, write_jsonl
@@ -33,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     cfg = CollectConfig.from_params(section(load_params(args.params), "collect"))
-    votes, quarantine, report = collect_dir(cfg.incoming_dir, cfg)
+    votes, quarantine, report = collect_dir(cfg.incoming_dir, cfg, retractions.load(Path(".")))
     write_jsonl(QUARANTINE, quarantine)
     write_json(REPORT, report)
     raise_for_rejected(report, cfg)

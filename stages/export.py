@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from rmpipe import history
 from rmpipe.errors import DataError, exits_cleanly
 from rmpipe.evaluate import load_checkpoint
 from rmpipe.export import ExportSettings, write_export
@@ -33,6 +34,7 @@ SPLIT_DIR = Path("data/split")
 METRICS = Path("metrics/eval.json")
 PATHOLOGY = Path("reports/pathology.json")
 COLLECT_REPORT = Path("reports/collect.json")
+ANNOTATORS = Path("reports/annotators.json")  # vote counts for the history record only (not in the export)
 
 
 def read_json(path: Path, stage: str) -> dict:
@@ -90,7 +92,12 @@ def run(params_file: str | Path = "params.yaml") -> dict:
     lineage = {"project_root": Path("."), "params": params, "batch_ids": batch_ids,
                "exclude_stages": ("export",), "extra": extra}
 
+    history.backfill(Path("."), settings.out_dir, settings.promoted_dir)  # a new history first records what exists
     manifest = write_export(model, tokenizer, test, battery, metrics, pathology_report, settings, lineage)
+    record = history.append(Path("."), history.model_record(
+        Path("."), manifest, settings.out_dir, settings.promoted_dir, history.trigger_from_env(),
+        split_dir=SPLIT_DIR, annotators_report=ANNOTATORS))
+    log.info("history: model %s recorded as #%d in %s", history.model_id(record), record["seq"], history.HISTORY)
     promo = manifest["promotion"]
     log.info("exported to %s (parity max diff %.2e); %s: %s", settings.out_dir, manifest["parity"]["max_abs_diff"],
              "PROMOTED" if promo["promoted"] else "not promoted", promo["reason"])

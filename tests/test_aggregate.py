@@ -360,7 +360,7 @@ def test_exclude_flagged_drops_always_a_and_careless_and_fixes_trapped_pairs():
     assert trap_ids <= set(cleaned.pairs["pair_id"])
     assert cleaned.pairs["chosen"].str.contains("good answer").all() and len(cleaned.pairs) == 36
     assert cleaned.report["krippendorff_alpha_after_exclusion"] == 1.0
-    assert "excluded (exclude_flagged): always_a, careless: 72 votes removed" in annotator_markdown(cleaned.report)
+    assert "excluded (exclude_flagged / exclude_annotators): always_a, careless: 72 votes removed" in annotator_markdown(cleaned.report)
 
 
 def test_share_ceiling_flags_a_dominant_annotator():
