@@ -136,6 +136,41 @@ def _deps(args: argparse.Namespace) -> None:
           else f"rewrote the code deps of {len(changed)} stage(s) in {dvc_yaml}")
 
 
+def _trace(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from rmpipe.trace import render, to_json, trace
+
+    result = trace(Path("."), batch=args.batch, annotator=args.annotator)
+    print(to_json(result) if args.json else render(result))
+
+
+def _retract(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from rmpipe.errors import UserError
+    from rmpipe.retract import render, retract_annotator, retract_batch, to_json
+
+    if (args.batch is None) == (args.annotator is None):
+        raise UserError("retract needs exactly one of --batch NAME or --annotator ID")
+    if args.annotator is not None and args.purge:
+        raise UserError("--purge deletes a batch file and its cache objects; an annotator's votes are left out "
+                        "through params (aggregate.exclude_annotators), nothing to purge")
+    if args.batch is not None:
+        outcome = retract_batch(Path("."), args.batch, args.reason, by=args.by, purge=args.purge)
+    else:
+        outcome = retract_annotator(Path("."), args.annotator, args.reason, by=args.by)
+    print(to_json(outcome) if args.json else render(outcome))
+
+
+def _report(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from rmpipe.report import write_report
+
+    print(write_report(Path("."), Path(args.out)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rmpipe", description=__doc__)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
@@ -206,6 +241,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=float, default=5.0, help="seconds between polls (default 5)")
     p.add_argument("--state", default=None, help="state file of announced files (default: DIR/.rmpipe-watch.json)")
     p.set_defaults(func=_watch)
+
+    p = sub.add_parser("trace", help="every recorded model a batch or an annotator reached, and the pairs it decided")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--batch", default=None, help="batch id (its file name)")
+    who.add_argument("--annotator", default=None, help="annotator id")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=_trace)
+
+    p = sub.add_parser("retract", help="take a batch or an annotator out, rebuild through DVC, record why and what changed")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--batch", default=None, help="batch id in data/incoming (moved to data/retracted)")
+    who.add_argument("--annotator", default=None, help="annotator id (added to aggregate.exclude_annotators)")
+    p.add_argument("--reason", required=True, help="why (recorded, and the reason a re-delivery is refused)")
+    p.add_argument("--by", default=None, help="who asked (default: the current user)")
+    p.add_argument("--purge", action="store_true",
+                   help="also delete the batch file and its DVC cache objects (recording their hashes); "
+                        "on an already retracted batch: purge only")
+    p.add_argument("--json", action="store_true", help="print the outcome record as JSON")
+    p.set_defaults(func=_retract)
+
+    p = sub.add_parser("report", help="write the audit report: one self-contained HTML page")
+    p.add_argument("--out", default="reports/audit.html", help="HTML file to write (default: reports/audit.html)")
+    p.set_defaults(func=_report)
     return parser
 
 
