@@ -15,7 +15,7 @@ export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup repro test sample-data bench clean
+.PHONY: setup repro test sample-data bench clean browser web-vendor
 
 # The venv is rebuilt only when the pinned requirements change.
 $(BIN)/.installed: requirements.lock pyproject.toml
@@ -50,8 +50,17 @@ repro: sample-data
 	  git add -- $$(ls -d $(RUN_RECORD) 2>/dev/null) && \
 	  echo "staged this run's record ($(RUN_RECORD)); commit it: git commit -m 'reward model from ...'"; fi
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest
+
+# The page tests open the project's HTML in headless Chromium with the network off (Debian's package).
+browser:
+	@test -x /usr/bin/chromium || { (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+	  >/dev/null 2>&1 || echo "WARNING: could not install chromium (apt-get as root); the browser tests will SKIP"; }
+
+# Re-vendor the browser libraries (npm registry) and rebuild the offline DVC plots template; commit the result.
+web-vendor:
+	web/vendor.sh
 
 bench: setup
 	$(BIN)/python bench/data_stages.py

@@ -1,0 +1,333 @@
+"""The audit trail end to end under real DVC, real Prefect (ephemeral) and real stages.
+
+One project is built once (module fixture) and taken through what an auditor does:
+a vendor batch arrives through on-new-batch, `trace` finds the model it reached and the
+pairs it decided, `retract` takes it out (and an annotator), a re-delivery is refused,
+a plain `dvc repro` records too, `--purge` wipes it from the DVC cache, and `rmpipe
+report` writes the page. Each test checks one promise against what the fixture saw.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from test_dvc_pipeline import BIN, FAST_PARAMS, copy_project, ran_stages, run
+
+pytestmark = pytest.mark.slow
+
+VENDOR = "vendor-2026-11-03.jsonl"
+MARKER = "Zyxquollian"  # appears only in the vendor batch: its trace in the DVC cache is searchable
+PARAMS = {**FAST_PARAMS, ("sample_data", "n_pairs"): 400, ("sample_data", "pair_rows"): 30}
+
+
+def _sample_votes(incoming: Path) -> pd.DataFrame:
+    frames = [pd.read_json(p, lines=True) for p in incoming.glob("*.jsonl")] + \
+             [pd.read_csv(p) for p in incoming.glob("*.csv")]
+    votes = pd.concat(frames, ignore_index=True)
+    return votes[votes["prompt"].map(lambda p: isinstance(p, str) and not p.startswith("["))]
+
+
+def write_vendor_batch(incoming: Path, dest: Path) -> dict:
+    """A batch that decides known pairs: 12 new pairs only it votes on (they drop out without it), and
+    8 sample pairs with 3 unanimous votes that its 4 opposite votes flip."""
+    votes = _sample_votes(incoming)
+    votes = votes.assign(winner=votes.apply(lambda r: r.response_a if r.choice == "a" else
+                                            (r.response_b if r.choice == "b" else None), axis=1),
+                         key=votes.apply(lambda r: (r.prompt, frozenset((r.response_a, r.response_b))), axis=1))
+    flips = []
+    for key, group in votes.groupby("key", sort=True):
+        if len(group) == 3 and group["winner"].notna().all() and group["winner"].nunique() == 1:
+            prompt, pair = key
+            winner = group["winner"].iloc[0]
+            flips.append({"prompt": prompt, "winner": winner, "loser": next(iter(pair - {winner}))})
+        if len(flips) == 8:
+            break
+    assert len(flips) == 8, "the sample has too few unanimous 3-vote pairs for this test"
+    rows = []
+    for f in flips:
+        for ann in ("vendor-a", "vendor-b", "vendor-c", "vendor-d"):
+            rows.append({"prompt": f["prompt"], "response_a": f["loser"], "response_b": f["winner"],
+                         "annotator_id": ann, "choice": "a"})
+    new = []
+    for i in range(12):
+        prompt = f"{MARKER} question {i}: how do I keep a sourdough starter alive while travelling for {i + 2} days?"
+        good = (f"Feed it, then refrigerate it: a cold starter slows down and survives {i + 2} days. "
+                "Take it out a day before baking and feed it twice." + (" It will bubble again." if i % 2 else ""))
+        bad = "Just leave it on the counter, it will be fine." + (" Probably. Maybe add flour later." if i % 2 == 0 else "")
+        new.append({"prompt": prompt, "chosen": good, "rejected": bad})
+        for ann in ("vendor-a", "vendor-b"):
+            rows.append({"prompt": prompt, "response_a": good, "response_b": bad, "annotator_id": ann, "choice": "a"})
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_json(dest, orient="records", lines=True)
+    return {"flips": flips, "new": new}
+
+
+def expected_decided(train: pd.DataFrame, vendor: dict) -> set[str]:
+    new_prompts = {n["prompt"] for n in vendor["new"]}
+    flip_keys = {(f["prompt"], frozenset((f["winner"], f["loser"]))) for f in vendor["flips"]}
+    keys = zip(train["prompt"], train["chosen"], train["rejected"], train["pair_id"])
+    return {pid for prompt, c, r, pid in keys if prompt in new_prompts or (prompt, frozenset((c, r))) in flip_keys}
+
+
+def history_bytes(proj: Path) -> bytes:
+    path = proj / "audit/history.jsonl"
+    return path.read_bytes() if path.exists() else b""
+
+
+def cache_holds(proj: Path, marker: str) -> list[str]:
+    """Cache objects whose bytes, or whose parquet text cells, contain `marker`."""
+    found = []
+    for path in (proj / ".dvc/cache").rglob("*"):
+        if not path.is_file():
+            continue
+        data = path.read_bytes()
+        if marker.encode() in data:
+            found.append(str(path))
+        elif data[:4] == b"PAR1":
+            table = pq.read_table(path)
+            for column in table.column_names:
+                values = table.column(column).to_pylist()
+                if any(marker in str(v) for v in values if v is not None):
+                    found.append(f"{path}:{column}")
+                    break
+    return found
+
+
+@pytest.fixture(scope="module")
+def audit(tmp_path_factory):
+    """The whole scenario, once; every step's output is kept for the tests."""
+    tmp = tmp_path_factory.mktemp("audit")
+    proj = copy_project(tmp / "proj", PARAMS)
+    shutil.rmtree(proj / "audit", ignore_errors=True)  # a working copy's own audit trail is not this project's
+    (proj / "audit").mkdir()
+    (proj / "audit/retractions.jsonl").write_text("")
+    run(["git", "init", "-q"], proj)
+    run(["git", "add", "-A"], proj)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-qm", "init"], proj)
+    run([str(BIN / "rmpipe"), "sample-data"], proj)
+    delivery = tmp / "delivery" / VENDOR
+    vendor = write_vendor_batch(proj / "data/incoming", delivery)
+    seen: dict = {"proj": proj, "vendor": vendor, "history": []}
+
+    def snap(step: str) -> None:
+        seen["history"].append((step, history_bytes(proj)))
+
+    rm, dvc = str(BIN / "rmpipe"), str(BIN / "dvc")
+    # 1. the vendor batch arrives through the on-new-batch flow: the first build
+    seen["delivered"] = run([rm, "on-new-batch", str(delivery)], proj)
+    snap("on-new-batch")
+    seen["noop"] = run([dvc, "repro"], proj)
+    snap("no-op dvc repro")
+    seen["train_with_vendor"] = pd.read_parquet(proj / "data/split/train.parquet")
+    seen["trace_batch"] = json.loads(run([rm, "trace", "--batch", VENDOR, "--json"], proj).stdout)
+    seen["trace_batch_text"] = run([rm, "trace", "--batch", VENDOR], proj).stdout
+    seen["trace_vendor_a"] = json.loads(run([rm, "trace", "--annotator", "vendor-a", "--json"], proj).stdout)
+
+    # 2. retract it; a re-delivery and a copy put back into data/incoming are refused
+    seen["retract_batch"] = json.loads(run([rm, "retract", "--batch", VENDOR, "--reason", "mislabeled by the vendor",
+                                            "--by", "audit-team", "--json"], proj).stdout)
+    snap("retract batch")
+    seen["lineage_after_batch"] = json.loads((proj / "models/export/lineage.json").read_text())
+    again = tmp / "again" / "vendor-resent.jsonl"
+    again.parent.mkdir()
+    shutil.copy(delivery, again)
+    seen["redelivered"] = run([rm, "on-new-batch", str(again)], proj, check=False)
+    shutil.copy(delivery, proj / "data/incoming" / "vendor-copy.jsonl")
+    seen["put_back"] = run([dvc, "repro", "collect"], proj, check=False)
+    (proj / "data/incoming" / "vendor-copy.jsonl").unlink()
+    run([dvc, "repro", "collect"], proj)
+
+    # 3. retract an annotator (through params), 4. a plain `dvc repro` after a param change
+    seen["retract_annotator"] = json.loads(run([rm, "retract", "--annotator", "ann-11", "--reason", "spam votes",
+                                                "--json"], proj).stdout)
+    snap("retract annotator")
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    seen["params_after_annotator"] = params
+    seen["params_text_after_annotator"] = (proj / "params.yaml").read_text()
+    seen["annotators_after"] = json.loads((proj / "reports/annotators.json").read_text())
+    params["evaluate"]["batch_size"] = 8
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    seen["plain_repro"] = run([dvc, "repro"], proj)
+    snap("dvc repro")
+    seen["trace_ann"] = json.loads(run([rm, "trace", "--annotator", "ann-11", "--json"], proj).stdout)
+
+    # 5. purge the retracted batch; the pipeline stays up to date
+    seen["cache_before_purge"] = cache_holds(proj, MARKER)
+    seen["purge"] = json.loads(run([rm, "retract", "--batch", VENDOR, "--reason", "deletion request", "--purge",
+                                    "--json"], proj).stdout)
+    seen["cache_after_purge"] = cache_holds(proj, MARKER)
+    seen["repro_after_purge"] = run([dvc, "repro"], proj)
+    seen["trace_after_purge"] = json.loads(run([rm, "trace", "--batch", VENDOR, "--json"], proj).stdout)
+    snap("purge")
+    return seen
+
+
+def records(proj: Path) -> list[dict]:
+    return [json.loads(line) for line in (proj / "audit/history.jsonl").read_text().splitlines()]
+
+
+def test_every_kind_of_rebuild_appends_one_record_and_none_is_rewritten(audit):
+    triggers = [r["trigger"] for r in records(audit["proj"])]
+    assert triggers[0] == f"on-new-batch {VENDOR}"
+    assert triggers[1].startswith(f"rmpipe retract batch {VENDOR} (R1)")
+    assert triggers[2].startswith("rmpipe retract annotator ann-11 (R2)")
+    assert triggers[3] == "dvc repro"
+    assert len(triggers) == 4  # the no-op repro, the refused deliveries and the purge built nothing
+    assert ran_stages(audit["noop"]) == [] and ran_stages(audit["repro_after_purge"]) == []
+    steps = audit["history"]
+    for (_, before), (step, after) in zip(steps, steps[1:]):
+        assert after.startswith(before), f"{step} rewrote earlier history"
+    first = records(audit["proj"])[0]
+    assert first["batches"][VENDOR]["sha256"] == audit["purge"]["purge"]["sha256"]
+    assert first["annotators"]["vendor-a"]["votes"] == 20
+    assert first["git"]["commit"] and first["model"]["md5"].endswith(".dir")
+
+
+def test_trace_finds_the_one_model_a_batch_reached_and_the_pairs_it_decided(audit):
+    trace = audit["trace_batch"]
+    assert [m["seq"] for m in trace["models"]] == [1]
+    model = trace["models"][0]
+    expected = expected_decided(audit["train_with_vendor"], audit["vendor"])
+    assert len(expected) >= 10
+    assert set(model["decided_pair_ids"]) == expected
+    assert model["contributed"] == len(expected)  # it voted on nothing else
+    assert model["votes"] == 8 * 4 + 12 * 2
+    assert model["current_export"] is True
+    assert "reached 1 of 1 recorded models" in audit["trace_batch_text"]
+    # One of its annotators decided the same pairs: without vendor-a a flipped pair ties 3-3, a new pair has 1 vote.
+    assert set(audit["trace_vendor_a"]["models"][0]["decided_pair_ids"]) == expected
+
+
+def test_retracting_a_batch_rebuilds_without_it_and_records_why(audit):
+    proj, outcome = audit["proj"], audit["retract_batch"]
+    assert VENDOR not in {b for ids in audit["lineage_after_batch"]["batch_ids"].values() for b in ids}
+    assert (proj / "data/retracted" / VENDOR).exists() is False  # purged at the end; the record stays:
+    kept = json.loads((proj / "data/retracted" / f"{VENDOR}.retraction.json").read_text())
+    assert kept["reason"] == "mislabeled by the vendor" and kept["by"] == "audit-team"
+    assert outcome["before"]["seq"] == 1 and outcome["after"]["seq"] == 2
+    assert VENDOR in outcome["before"]["batches"] and VENDOR not in outcome["after"]["batches"]
+    assert "accuracy" in outcome["after"]["metrics"] and "promoted" in outcome["promotion"]
+    assert json.loads((proj / "audit/retractions/R1.json").read_text())["retraction"]["reason"] == "mislabeled by the vendor"
+
+
+def test_a_retracted_batch_is_refused_on_redelivery_and_in_data_incoming(audit):
+    redelivered = audit["redelivered"]
+    assert redelivered.returncode != 0
+    assert "retracted" in redelivered.stderr and "mislabeled by the vendor" in redelivered.stderr
+    assert "Traceback" not in redelivered.stderr
+    put_back = audit["put_back"]
+    assert put_back.returncode != 0
+    assert "mislabeled by the vendor" in put_back.stdout + put_back.stderr
+
+
+def test_retracting_an_annotator_goes_through_params_and_rebuilds(audit):
+    assert audit["params_after_annotator"]["aggregate"]["exclude_annotators"] == ["ann-11"]
+    assert "# annotator ids whose votes" in audit["params_text_after_annotator"]  # comments kept (DVC's round-trip YAML)
+    assert audit["annotators_after"]["excluded_annotators"] == ["ann-11"]
+    outcome = audit["retract_annotator"]
+    assert outcome["removed"]["annotator"] == "ann-11" and outcome["after"]["seq"] == 3
+    # trace: the models built before the retraction used ann-11's votes; the ones after do not
+    assert [m["seq"] for m in audit["trace_ann"]["models"]] == [1, 2]
+
+
+def test_purge_leaves_no_trace_of_the_batch_in_the_dvc_cache(audit):
+    assert audit["cache_before_purge"], "the marker should be findable in the cache before the purge"
+    assert audit["cache_after_purge"] == []
+    purge = audit["purge"]["purge"]
+    assert purge["file_removed"] and purge["cache_objects_removed"]
+    assert purge["md5"] in purge["cache_objects_removed"]
+    # the models built with it are still listed, without their (purged) pairs
+    models = audit["trace_after_purge"]["models"]
+    assert [m["seq"] for m in models] == [1] and models[0]["decided"] is None
+
+
+# --- pages in a real browser, network off -----------------------------------------------------------
+def page_dom(url: str, tmp: Path, screenshot: Path | None = None) -> str:
+    """The DOM after scripts ran, from headless Chromium in a network namespace with no network."""
+    import os
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("SKIPPED LOUDLY: no chromium here; `make test` installs Debian's chromium (apt-get install -y chromium) "
+                    "and could not on this machine, so the pages were not checked in a browser")
+    base = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            f"--user-data-dir={tmp / 'chromium-profile'}", "--virtual-time-budget=5000", "--window-size=1200,1600"]
+    # Network off: a fresh network namespace has no interface but loopback. Without the right to make one,
+    # route everything to a closed port instead (same effect for a page: nothing loads from outside).
+    offline = ["unshare", "-n"] if shutil.which("unshare") and os.geteuid() == 0 else []
+    if not offline:
+        base += ["--proxy-server=http://127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND"]
+    if screenshot is not None:
+        subprocess.run([*offline, *base, f"--screenshot={screenshot}", url], capture_output=True, timeout=120)
+    proc = subprocess.run([*offline, *base, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "<html" in proc.stdout, proc.stderr[-2000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def report_page(audit, tmp_path_factory):
+    proj = audit["proj"]
+    out = run([str(BIN / "rmpipe"), "report"], proj).stdout.strip()
+    tmp = tmp_path_factory.mktemp("report")
+    path = Path(out if Path(out).is_absolute() else proj / out)
+    return path, page_dom(path.as_uri(), tmp, tmp / "audit.png")
+
+
+def test_the_audit_report_renders_offline_with_its_graph_plots_history_and_retractions(report_page, audit):
+    import re
+
+    from rmpipe.offline import external_resources
+
+    path, dom = report_page
+    html_text = path.read_text()
+    assert external_resources(html_text) == [] and "<script" not in html_text
+    assert "Reward model audit report" in dom
+    graph = re.search(r'<svg id="lineage-graph".*?</svg>', dom, re.S).group(0)
+    assert graph.count('class="batch"') == 3 and graph.count('class="batch retracted"') == 1 and VENDOR in graph
+    assert graph.count('class="stage"') == 9 and 'class="model"' in graph
+    assert re.search(r'<svg id="accuracy-chart".*?</svg>', dom, re.S).group(0).count("<circle") == 4
+    assert re.search(r'<svg id="reward-histogram".*?</svg>', dom, re.S).group(0).count('class="bar"') > 10
+    history_rows = re.search(r'<table class="history">.*?</table>', dom, re.S).group(0).count("<tr>") - 1
+    assert history_rows == 4
+    retractions = re.search(r'<table class="retractions">.*?</table>', dom, re.S).group(0)
+    assert "mislabeled by the vendor" in retractions and "ann-11" in retractions and "purged" in retractions
+    assert "ann-11" in re.search(r'<table class="annotators">.*?</table>', dom, re.S).group(0)
+    links = re.findall(r'href="([^"#][^"]*)"', html_text)
+    assert len(links) >= 5
+    for link in links:
+        assert (path.parent / link).exists(), f"broken link {link}"
+
+
+def test_the_dvc_plots_page_renders_offline(audit, tmp_path):
+    proj = audit["proj"]
+    run([str(BIN / "dvc"), "plots", "show", "-o", str(tmp_path / "plots")], proj)
+    page = tmp_path / "plots" / "index.html"
+    assert "cdn.jsdelivr" not in page.read_text()
+    dom = page_dom(page.as_uri(), tmp_path, tmp_path / "plots.png")
+    n_plots = dom.count('class="vega-embed')
+    assert n_plots >= 5
+    assert dom.count('<canvas') == n_plots  # vega-embed drew every plot (a failed load leaves an empty div)
+
+
+def test_the_data_docs_render_offline_with_filled_validation_tables(audit, tmp_path):
+    from rmpipe.offline import external_resources
+
+    site = audit["proj"] / "reports/data_docs"
+    pages = sorted(site.rglob("*.html"))
+    assert len(pages) > 5
+    for page in pages:
+        assert external_resources(page.read_text()) == [], page
+    validation = next(p for p in pages if "validations" in p.parts and "train_schema" in str(p))
+    dom = page_dom(validation.as_uri(), tmp_path, tmp_path / "data_docs.png")
+    assert dom.count("data-index=") > 10  # bootstrap-table filled the tables from the page's data
+    index = page_dom((site / "index.html").as_uri(), tmp_path)
+    assert index.count("data-index=") > 0
