@@ -25,7 +25,9 @@ pytestmark = pytest.mark.slow
 
 VENDOR = "vendor-2026-11-03.jsonl"
 MARKER = "Zyxquollian"  # appears only in the vendor batch: its trace in the DVC cache is searchable
-PARAMS = {**FAST_PARAMS, ("sample_data", "n_pairs"): 400, ("sample_data", "pair_rows"): 30}
+# Gates loose enough that the tiny model passes: promotion (and demotion by a retraction) happen.
+PARAMS = {**FAST_PARAMS, ("sample_data", "n_pairs"): 400, ("sample_data", "pair_rows"): 30,
+          ("evaluate", "min_accuracy"): 0.5, ("evaluate", "max_battery_failures"): 12}
 
 
 def _sample_votes(incoming: Path) -> pd.DataFrame:
@@ -200,7 +202,7 @@ def test_trace_finds_the_one_model_a_batch_reached_and_the_pairs_it_decided(audi
     assert set(model["decided_pair_ids"]) == expected
     assert model["contributed"] == len(expected)  # it voted on nothing else
     assert model["votes"] == 8 * 4 + 12 * 2
-    assert model["current_export"] is True
+    assert model["current_export"] is True and model["promoted"] is True and trace["n_promoted"] == 1
     assert "reached 1 of 1 recorded models" in audit["trace_batch_text"]
     # One of its annotators decided the same pairs: without vendor-a a flipped pair ties 3-3, a new pair has 1 vote.
     assert set(audit["trace_vendor_a"]["models"][0]["decided_pair_ids"]) == expected
@@ -215,6 +217,9 @@ def test_retracting_a_batch_rebuilds_without_it_and_records_why(audit):
     assert outcome["before"]["seq"] == 1 and outcome["after"]["seq"] == 2
     assert VENDOR in outcome["before"]["batches"] and VENDOR not in outcome["after"]["batches"]
     assert "accuracy" in outcome["after"]["metrics"] and "promoted" in outcome["promotion"]
+    # the promoted model was trained on the batch: it stops being the yardstick, the rebuilt one is judged alone
+    assert outcome["demoted"]["seq"] == 1
+    assert outcome["promotion"]["reason"].startswith("passed; no previously promoted model")
     assert json.loads((proj / "audit/retractions/R1.json").read_text())["retraction"]["reason"] == "mislabeled by the vendor"
 
 
