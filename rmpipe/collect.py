@@ -979,8 +979,10 @@ def raise_for_rejected(report: dict, cfg: Mapping[str, Any] | CollectConfig) -> 
     bad = [e for e in report["batches"] if e["status"] in ("rejected", "refused")]
     if bad and conf.on_rejected_batch == "fail":
         more = f" (and {len(bad) - 1} more batch(es), see reports/collect.json)" if len(bad) > 1 else ""
-        raise DataError(f"batch {bad[0]['status']}: {bad[0]['message']}{more}. Fix the rows listed in "
-                        "data/collected/quarantine.jsonl, or set collect.on_rejected_batch: skip to go on without it")
+        fix = ("Fix the rows listed in data/collected/quarantine.jsonl" if bad[0]["status"] == "rejected" else
+               f"Remove {bad[0]['batch_id']} from {conf.incoming_dir}")
+        raise DataError(f"batch {bad[0]['status']}: {bad[0]['message']}{more}. {fix}, or set "
+                        "collect.on_rejected_batch: skip to go on without it")
     for entry in bad:
         log.warning("!!! %s %s and SKIPPED (collect.on_rejected_batch=skip): %d good rows left out with it",
                     entry["batch_id"], entry["status"].upper(), entry["rows_excluded_with_batch"])

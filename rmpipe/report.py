@@ -270,9 +270,11 @@ def build_report(root: Path, out: Path) -> str:
         s.append("<p>none</p>")
     rows = []
     for entry in register_:
+        # R<n>.json is the retraction's own outcome; a later `--purge` of it writes R<n>.<time>.json
         outcome = _json(root / retractions.OUTCOMES / f"{entry['id']}.json")
+        later = [_json(p) for p in sorted((root / retractions.OUTCOMES).glob(f"{entry['id']}.*.json"))]
         before, after = outcome.get("before") or {}, outcome.get("after") or {}
-        purge = outcome.get("purge") or {}
+        purge = next((o["purge"] for o in [outcome, *later] if o.get("purge")), {})
         change = (f"{E(str(before.get('model', '-')))} (acc {_num((before.get('metrics') or {}).get('accuracy'))}) &rarr; "
                   f"{E(str(after.get('model', '-')))} (acc {_num((after.get('metrics') or {}).get('accuracy'))})")
         rows.append([E(entry["id"]), E(entry["time"]), E(f"{entry['kind']} {entry['target']}"), E(entry["reason"]),

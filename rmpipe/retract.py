@@ -263,10 +263,18 @@ def purge_batch(root: Path, entry: dict[str, Any]) -> dict[str, Any]:
     quarantined = root / retractions.RETRACTED_DIR / name
     file_removed = quarantined.exists()
     quarantined.unlink(missing_ok=True)
+    # Refused re-deliveries were moved to the rejected folder: the same bytes go too.
+    from pipeline.flows import REJECTED_DIR
+
+    copies = [p for p in (root / REJECTED_DIR).glob("*") if p.is_file() and not p.name.endswith(".reasons.json")
+              and entry.get("sha256") and sha256_file(p) == entry["sha256"]] if (root / REJECTED_DIR).is_dir() else []
+    for copy in copies:
+        copy.unlink()
     if batch_md5 and dvc_cache.object_path(root, batch_md5).exists():
         raise DataError(f"purge of {name}: its cache object {batch_md5} is still there")
     result = {"time": _now(), "file": str(quarantined.relative_to(root)), "file_removed": file_removed,
               "sha256": entry.get("sha256"), "md5": batch_md5, "cache_objects_removed": removed,
+              "copies_removed": [str(p.relative_to(root)) for p in copies],
               "run_cache_entries_removed": len(tainted_runs),
               "models_affected": [history.model_id(r) for r in tainted_records]}
     io.write_json(quarantined.with_name(name + ".purge.json"), result)

@@ -73,8 +73,10 @@ def write_vendor_batch(incoming: Path, dest: Path) -> dict:
 
 
 def expected_decided(train: pd.DataFrame, vendor: dict) -> set[str]:
-    new_prompts = {n["prompt"] for n in vendor["new"]}
-    flip_keys = {(f["prompt"], frozenset((f["winner"], f["loser"]))) for f in vendor["flips"]}
+    from rmpipe.schema import canonical_prompt  # how the splits store a prompt
+
+    new_prompts = {canonical_prompt(n["prompt"]) for n in vendor["new"]}
+    flip_keys = {(canonical_prompt(f["prompt"]), frozenset((f["winner"], f["loser"]))) for f in vendor["flips"]}
     keys = zip(train["prompt"], train["chosen"], train["rejected"], train["pair_id"])
     return {pid for prompt, c, r, pid in keys if prompt in new_prompts or (prompt, frozenset((c, r))) in flip_keys}
 
@@ -84,11 +86,11 @@ def history_bytes(proj: Path) -> bytes:
     return path.read_bytes() if path.exists() else b""
 
 
-def cache_holds(proj: Path, marker: str) -> list[str]:
-    """Cache objects whose bytes, or whose parquet text cells, contain `marker`."""
+def cache_holds(proj: Path, marker: str, folder: str = ".dvc/cache") -> list[str]:
+    """Files under `folder` whose bytes, or whose parquet text cells, contain `marker`."""
     found = []
-    for path in (proj / ".dvc/cache").rglob("*"):
-        if not path.is_file():
+    for path in (proj / folder).rglob("*"):
+        if not path.is_file() or ".git" in path.relative_to(proj).parts:
             continue
         data = path.read_bytes()
         if marker.encode() in data:
@@ -166,6 +168,7 @@ def audit(tmp_path_factory):
     seen["purge"] = json.loads(run([rm, "retract", "--batch", VENDOR, "--reason", "deletion request", "--purge",
                                     "--json"], proj).stdout)
     seen["cache_after_purge"] = cache_holds(proj, MARKER)
+    seen["project_after_purge"] = cache_holds(proj, MARKER, ".")
     seen["repro_after_purge"] = run([dvc, "repro"], proj)
     seen["trace_after_purge"] = json.loads(run([rm, "trace", "--batch", VENDOR, "--json"], proj).stdout)
     snap("purge")
@@ -246,9 +249,11 @@ def test_retracting_an_annotator_goes_through_params_and_rebuilds(audit):
 def test_purge_leaves_no_trace_of_the_batch_in_the_dvc_cache(audit):
     assert audit["cache_before_purge"], "the marker should be findable in the cache before the purge"
     assert audit["cache_after_purge"] == []
+    assert audit["project_after_purge"] == []  # nor anywhere in the workspace (the refused re-delivery went too)
     purge = audit["purge"]["purge"]
     assert purge["file_removed"] and purge["cache_objects_removed"]
     assert purge["md5"] in purge["cache_objects_removed"]
+    assert purge["copies_removed"] == ["data/rejected/vendor-resent.jsonl"]
     # the models built with it are still listed, without their (purged) pairs
     models = audit["trace_after_purge"]["models"]
     assert [m["seq"] for m in models] == [1] and models[0]["decided"] is None
@@ -278,13 +283,22 @@ def page_dom(url: str, tmp: Path, screenshot: Path | None = None) -> str:
     return proc.stdout
 
 
+def shot(tmp: Path, name: str) -> Path:
+    """Where a screenshot goes: $RMPIPE_SCREENSHOTS (to look at them) or the test's temp folder."""
+    import os
+
+    folder = Path(os.environ.get("RMPIPE_SCREENSHOTS") or tmp)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / name
+
+
 @pytest.fixture(scope="module")
 def report_page(audit, tmp_path_factory):
     proj = audit["proj"]
     out = run([str(BIN / "rmpipe"), "report"], proj).stdout.strip()
     tmp = tmp_path_factory.mktemp("report")
     path = Path(out if Path(out).is_absolute() else proj / out)
-    return path, page_dom(path.as_uri(), tmp, tmp / "audit.png")
+    return path, page_dom(path.as_uri(), tmp, shot(tmp, "audit.png"))
 
 
 def test_the_audit_report_renders_offline_with_its_graph_plots_history_and_retractions(report_page, audit):
@@ -317,7 +331,7 @@ def test_the_dvc_plots_page_renders_offline(audit, tmp_path):
     run([str(BIN / "dvc"), "plots", "show", "-o", str(tmp_path / "plots")], proj)
     page = tmp_path / "plots" / "index.html"
     assert "cdn.jsdelivr" not in page.read_text()
-    dom = page_dom(page.as_uri(), tmp_path, tmp_path / "plots.png")
+    dom = page_dom(page.as_uri(), tmp_path, shot(tmp_path, "plots.png"))
     n_plots = dom.count('class="vega-embed')
     assert n_plots >= 5
     assert dom.count('<canvas') == n_plots  # vega-embed drew every plot (a failed load leaves an empty div)
@@ -332,7 +346,7 @@ def test_the_data_docs_render_offline_with_filled_validation_tables(audit, tmp_p
     for page in pages:
         assert external_resources(page.read_text()) == [], page
     validation = next(p for p in pages if "validations" in p.parts and "train_schema" in str(p))
-    dom = page_dom(validation.as_uri(), tmp_path, tmp_path / "data_docs.png")
+    dom = page_dom(validation.as_uri(), tmp_path, shot(tmp_path, "data_docs.png"))
     assert dom.count("data-index=") > 10  # bootstrap-table filled the tables from the page's data
     index = page_dom((site / "index.html").as_uri(), tmp_path)
     assert index.count("data-index=") > 0
