@@ -19,7 +19,8 @@ import re
 import shutil
 from pathlib import Path
 
-VENDOR = Path("web/vendor")
+PROJECT = Path(__file__).resolve().parents[1]  # the project checkout this package runs from (editable, or PYTHONPATH)
+VENDOR = PROJECT / "web" / "vendor"
 PLOTS_TEMPLATE = Path("web/dvc_plots.html")
 VEGA_FILES = ("vega/build/vega.min.js", "vega-lite/build/vega-lite.min.js", "vega-embed/build/vega-embed.min.js")
 
@@ -68,7 +69,9 @@ def external_resources(html_text: str) -> list[str]:
 
 def localize_data_docs(site: Path, vendor: Path = VENDOR) -> list[str]:
     """Point every page of a GX data-docs site at local copies; returns what still loads from the network."""
-    site = Path(site)
+    site, vendor = Path(site), Path(vendor)
+    if not (vendor / "LICENSES.md").exists():
+        return [f"no local copies of the browser libraries ({vendor} is missing): the pages still use CDNs"]
     local = site / "static" / "vendor"
     if local.exists():
         shutil.rmtree(local)

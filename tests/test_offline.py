@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_the_committed_dvc_plots_template_is_the_vendored_libraries_inlined():
     template = (ROOT / offline.PLOTS_TEMPLATE).read_text(encoding="utf-8")
-    assert template == offline.plots_template(ROOT / offline.VENDOR)  # rebuilt by web/vendor.sh; never drifts
+    assert template == offline.plots_template(ROOT / "web/vendor")  # rebuilt by web/vendor.sh; never drifts
     assert "{plot_divs}" in template and "{scripts}" not in template  # DVC's CDN tags have nowhere to go
     assert offline.external_resources(template) == []
     config = configparser.ConfigParser()
@@ -32,7 +32,7 @@ def test_localize_rewrites_every_cdn_asset_to_a_relative_local_copy(tmp_path):
             '<a href="https://greatexpectations.io">GX</a>')
     (site / "index.html").write_text(page)
     (site / "validations/x/page.html").write_text(page)
-    assert offline.localize_data_docs(site, ROOT / offline.VENDOR) == []
+    assert offline.localize_data_docs(site, ROOT / "web/vendor") == []
     nested = (site / "validations/x/page.html").read_text()
     assert 'src="../../static/vendor/bootstrap-table/dist/bootstrap-table.min.js"' in nested
     assert 'href="../../static/vendor/bootstrap/dist/css/bootstrap.min.css"' in nested
@@ -42,5 +42,5 @@ def test_localize_rewrites_every_cdn_asset_to_a_relative_local_copy(tmp_path):
     assert 'src="static/vendor/bootstrap-table' in (site / "index.html").read_text()
     # an asset with no local copy is reported, not silently left
     (site / "index.html").write_text('<script src="https://example.invalid/x.js"></script>')
-    assert offline.localize_data_docs(site, ROOT / offline.VENDOR) == [
+    assert offline.localize_data_docs(site, ROOT / "web/vendor") == [
         'index.html: <script src="https://example.invalid/x.js">']
