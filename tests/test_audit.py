@@ -21,7 +21,7 @@ import yaml
 
 from test_dvc_pipeline import BIN, FAST_PARAMS, copy_project, ran_stages, run
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]  # one fixture builds four models
 
 VENDOR = "vendor-2026-11-03.jsonl"
 MARKER = "Zyxquollian"  # appears only in the vendor batch: its trace in the DVC cache is searchable
