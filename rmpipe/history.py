@@ -88,7 +88,11 @@ def batch_hashes(root: Path, names: list[str], inputs: dict[str, Any], incoming_
             sha = sha256_file(cached)
         else:
             path = Path(root) / incoming_dir / name
-            if path.is_file():
+            if path.is_dir():  # a dataset folder batch: the digest collect computes
+                from rmpipe.hf_batches import folder_sha256
+
+                sha = folder_sha256(path)
+            elif path.is_file():
                 with path.open("rb") as fh:
                     file_md5 = hashlib.file_digest(fh, "md5").hexdigest()
                 if md5 is None or file_md5 == md5:

@@ -52,6 +52,17 @@ def _md5(path: Path) -> str:
         return hashlib.file_digest(fh, "md5").hexdigest()
 
 
+def _content_hashes(source: Path) -> dict[str, Any]:
+    """sha256 as collect computes it (a dataset folder: one digest over its files), DVC's md5 per file, size."""
+    from rmpipe.hf_batches import folder_files, folder_sha256
+
+    if source.is_dir():
+        files = folder_files(source)
+        return {"sha256": folder_sha256(source), "md5": None, "bytes": sum(f.stat().st_size for f in files),
+                "file_md5s": {f.relative_to(source).as_posix(): _md5(f) for f in files}}
+    return {"sha256": sha256_file(source), "md5": _md5(source), "bytes": source.stat().st_size}
+
+
 def _model_summary(record: dict[str, Any] | None) -> dict[str, Any] | None:
     if record is None:
         return None
@@ -133,15 +144,16 @@ def retract_batch(root: Path, name: str, reason: str, by: str | None = None, pur
     register_ = retractions.load(root)
     earlier = next((e for e in register_ if e.get("kind") == "batch" and e["target"] == name), None)
     if earlier is not None:
+        if _unfinished(root, earlier):  # registered and moved, but the rebuild never finished (killed)
+            return _resume(root, earlier, purge)
         if not purge:
             raise UserError(f"batch {name} is already retracted ({retractions.describe(earlier)}); "
                             "add --purge to delete its file and cache objects")
         with pipeline_lock(root):
             return _finish(root, earlier, _latest(root), purge=purge_batch(root, earlier))
     source = incoming / name
-    if "/" in name or not source.is_file():
-        known = sorted(p.name for p in incoming.iterdir() if p.is_file() and not p.name.startswith(".")) \
-            if incoming.is_dir() else []
+    if "/" in name or name.startswith(".") or not source.exists():
+        known = sorted(p.name for p in incoming.iterdir() if not p.name.startswith(".")) if incoming.is_dir() else []
         raise UserError(f"no batch {name!r} in {incoming.relative_to(root)}; registered batches: "
                         f"{', '.join(known) or 'none'}")
 
@@ -149,8 +161,7 @@ def retract_batch(root: Path, name: str, reason: str, by: str | None = None, pur
         before = _latest(root)
         dest = root / retractions.RETRACTED_DIR / name
         entry = retractions.register(root, {
-            "time": _now(), "kind": "batch", "target": name, "sha256": sha256_file(source), "md5": _md5(source),
-            "bytes": source.stat().st_size, "reason": reason, "by": _who(by),
+            "time": _now(), "kind": "batch", "target": name, **_content_hashes(source), "reason": reason, "by": _who(by),
             "kept_at": str(dest.relative_to(root))})
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(source), dest)
@@ -177,6 +188,9 @@ def retract_annotator(root: Path, annotator: str, reason: str, by: str | None = 
     params = load_params(root / "params.yaml")
     promoted_dir = Path(get(section(params, "export"), "promoted_dir", str, "export"))
     excluded = list(section(params, "aggregate").get("exclude_annotators") or [])
+    earlier = next((e for e in retractions.load(root) if e.get("kind") == "annotator" and e["target"] == annotator), None)
+    if earlier is not None and annotator in excluded and _unfinished(root, earlier):
+        return _resume(root, earlier, False)
     if annotator in excluded or annotator in retractions.retracted_annotators(retractions.load(root)):
         raise UserError(f"annotator {annotator} is already retracted (aggregate.exclude_annotators in params.yaml)")
     latest = _latest(root)
@@ -205,6 +219,21 @@ def retract_annotator(root: Path, annotator: str, reason: str, by: str | None = 
                                    fields)
 
 
+def _unfinished(root: Path, entry: dict[str, Any]) -> bool:
+    return not (root / retractions.OUTCOMES / f"{entry['id']}.json").exists()
+
+
+def _resume(root: Path, entry: dict[str, Any], purge: bool) -> dict[str, Any]:
+    """Finish a retraction whose rebuild was interrupted: rebuild now and write its outcome."""
+    from pipeline.flows import pipeline_lock
+
+    with pipeline_lock(root):
+        fields = {"removed": {entry["kind"]: entry["target"]}, "resumed": True}
+        return _rebuild_and_finish(root, entry, _latest(root), f"rmpipe retract {entry['kind']} {entry['target']} "
+                                   f"({entry['id']}, resumed)", fields,
+                                   (lambda: {"purge": purge_batch(root, entry)}) if purge else None)
+
+
 def _check_reason(reason: str | None) -> str:
     if not reason or not reason.strip():
         raise UserError("a retraction needs a reason: --reason \"...\" (it is recorded and shown on re-delivery)")
@@ -215,7 +244,8 @@ def _check_reason(reason: str | None) -> str:
 def purge_batch(root: Path, entry: dict[str, Any]) -> dict[str, Any]:
     """Delete the quarantined copy and every DVC cache object derived from the batch (see module doc)."""
     root = Path(root)
-    name, batch_md5 = entry["target"], entry.get("md5")
+    name = entry["target"]
+    batch_objects = {m for m in [entry.get("md5"), *(entry.get("file_md5s") or {}).values()] if m}
     records = history.read(root)
     tainted_records = [r for r in records if name in (r.get("batches") or {})]
     clean_records = [r for r in records if name not in (r.get("batches") or {})]
@@ -229,10 +259,10 @@ def purge_batch(root: Path, entry: dict[str, Any]) -> dict[str, Any]:
     cache = dvc_cache.cache_root(root) / "files" / "md5"
     # Folder objects listing the batch's file (each data/incoming snapshot that held it).
     incoming_dirs = {f"{p.parent.name}{p.name}" for p in cache.glob("*/*.dir")
-                     if batch_md5 in dvc_cache.dir_listing(root, f"{p.parent.name}{p.name}").values()} \
-        if batch_md5 and cache.is_dir() else set()
-    siblings = {m for d in incoming_dirs for m in dvc_cache.dir_listing(root, d).values()} - {batch_md5}
-    tainted: set[str] = {m for m in ({batch_md5} | incoming_dirs) if m}
+                     if batch_objects & set(dvc_cache.dir_listing(root, f"{p.parent.name}{p.name}").values())} \
+        if cache.is_dir() else set()
+    siblings = {m for d in incoming_dirs for m in dvc_cache.dir_listing(root, d).values()} - batch_objects
+    tainted: set[str] = batch_objects | incoming_dirs
     for record in tainted_records:
         tainted |= md5s(record)
     # Stage runs downstream of anything tainted, including runs that never reached an export.
@@ -250,7 +280,7 @@ def purge_batch(root: Path, entry: dict[str, Any]) -> dict[str, Any]:
     for record in clean_records:
         keep |= md5s(record)
     keep_objects = {o for m in keep for o in dvc_cache.objects_of(root, m)}
-    delete = ({o for m in tainted for o in dvc_cache.objects_of(root, m)} - keep_objects - siblings) | {batch_md5}
+    delete = ({o for m in tainted for o in dvc_cache.objects_of(root, m)} - keep_objects - siblings) | batch_objects
     removed = []
     for md5 in sorted(m for m in delete if m):
         path = dvc_cache.object_path(root, md5)
@@ -262,6 +292,8 @@ def purge_batch(root: Path, entry: dict[str, Any]) -> dict[str, Any]:
             path.unlink(missing_ok=True)
     quarantined = root / retractions.RETRACTED_DIR / name
     file_removed = quarantined.exists()
+    if quarantined.is_dir():
+        shutil.rmtree(quarantined)
     quarantined.unlink(missing_ok=True)
     # Refused re-deliveries were moved to the rejected folder: the same bytes go too.
     from pipeline.flows import REJECTED_DIR
@@ -270,10 +302,11 @@ def purge_batch(root: Path, entry: dict[str, Any]) -> dict[str, Any]:
               and entry.get("sha256") and sha256_file(p) == entry["sha256"]] if (root / REJECTED_DIR).is_dir() else []
     for copy in copies:
         copy.unlink()
-    if batch_md5 and dvc_cache.object_path(root, batch_md5).exists():
-        raise DataError(f"purge of {name}: its cache object {batch_md5} is still there")
+    left = [m for m in batch_objects if dvc_cache.object_path(root, m).exists()]
+    if left:
+        raise DataError(f"purge of {name}: its cache objects {left} are still there")
     result = {"time": _now(), "file": str(quarantined.relative_to(root)), "file_removed": file_removed,
-              "sha256": entry.get("sha256"), "md5": batch_md5, "cache_objects_removed": removed,
+              "sha256": entry.get("sha256"), "md5": entry.get("md5"), "cache_objects_removed": removed,
               "copies_removed": [str(p.relative_to(root)) for p in copies],
               "run_cache_entries_removed": len(tainted_runs),
               "models_affected": [history.model_id(r) for r in tainted_records]}
