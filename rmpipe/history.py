@@ -154,6 +154,8 @@ def model_record(root: Path, manifest: dict[str, Any], export_dir: Path, promote
         "model": {"path": str(export_dir), "md5": dvc_md5(root / export_dir),
                   "manifest_sha256": manifest_sha256(root / export_dir), "created_at": manifest.get("created_at"),
                   "backbone": (manifest.get("model") or {}).get("backbone")},
+        # dvc.lock as the export stage saw it: every upstream stage recorded, export's own entry still to come
+        "dvc_lock_sha256": sha256_file(root / "dvc.lock") if (root / "dvc.lock").exists() and not backfilled_from else None,
         "upstream_lock_md5": {path: info.get("md5") for path, info in inputs.items()},
         "batches": batches,
         "n_train_pairs": n_train,
