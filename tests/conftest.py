@@ -48,11 +48,6 @@ hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def project_root() -> Path:
-    return ROOT
-
-
 def pytest_sessionfinish(session, exitstatus):
     """Stop Prefect's temporary server now, while pytest's streams are open: at interpreter exit its
     "Stopping temporary server" line hit a closed stream (`--- Logging error ---`). Queued logs and
