@@ -89,7 +89,7 @@ def batch_hashes(root: Path, names: list[str], inputs: dict[str, Any], incoming_
         else:
             path = Path(root) / incoming_dir / name
             if path.is_dir():  # a dataset folder batch: the digest collect computes
-                from rmpipe.hf_batches import folder_sha256
+                from rmpipe.io import folder_sha256
 
                 sha = folder_sha256(path)
             elif path.is_file():

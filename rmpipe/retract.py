@@ -54,7 +54,8 @@ def _md5(path: Path) -> str:
 
 def _content_hashes(source: Path) -> dict[str, Any]:
     """sha256 as collect computes it (a dataset folder: one digest over its files), DVC's md5 per file, size."""
-    from rmpipe.hf_batches import folder_files, folder_sha256
+    from rmpipe.hf_batches import folder_files
+    from rmpipe.io import folder_sha256
 
     if source.is_dir():
         files = folder_files(source)
