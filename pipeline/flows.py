@@ -7,14 +7,16 @@
   for parameter overrides), so dvc.lock records every input hash and DVC decides
   what is stale.
 - `on_new_batch(batch_path)` checks one delivered batch, queues it at once, then
-  (one run at a time) moves every queued batch into data/incoming/, rebuilds,
-  reads the promotion gate and writes a run summary.
+  rebuilds (one run at a time), which takes in every queued batch.
 
-Only one rebuild touches a project at a time: `pipeline_lock` queues the others.
-Arrivals are registered in a queue folder while a rebuild runs, never straight into
-data/incoming/: a file appearing there while `dvc repro` runs could be hashed into
-dvc.lock without having been collected. A rebuild takes in everything queued so far,
-so the runs still waiting behind it find nothing stale (DVC no-ops).
+Only one rebuild touches a project at a time: `pipeline_lock` queues the others, and
+a rebuild starts `dvc repro` only once no other DVC run (a manual `dvc repro`) is
+active (`dvc_activity`). Arrivals wait in `.rmpipe/queue/` (rmpipe's own state, which
+survives `rm -rf .dvc/tmp`), never straight in data/incoming/. Every rebuild, of any
+kind, first admits what is queued: it moves the batches into data/incoming/ under DVC's
+rwlock guard, so no stage reading that folder sees it change (and collect fails if it
+does anyway). A batch is *registered* once admitted. Run records (`records`) follow each
+batch from queued to accepted and are reconciled by every rebuild.
 """
 
 from __future__ import annotations
@@ -49,14 +51,20 @@ from rmpipe import io  # noqa: E402
 from rmpipe.errors import UserError  # noqa: E402
 from rmpipe.history import TRIGGER_ENV  # noqa: E402
 from rmpipe.params import get, load_params, section  # noqa: E402
+from pipeline import dvc_activity, orphans, records  # noqa: E402
 from pipeline.prefect_env import find_project_root  # noqa: E402
 
 REJECTED_DIR = Path("data/rejected")  # rejected batches + their reasons; no stage reads it
-RUNS_DIR = Path("reports/runs")  # one JSON summary per on_new_batch run
-LOCK_FILE = Path(".dvc/tmp/rmpipe-pipeline.lock")
-QUEUE_DIR = Path(".dvc/tmp/rmpipe-queue")  # accepted batches waiting for the next rebuild
-QUEUE_LOCK_FILE = Path(".dvc/tmp/rmpipe-queue.lock")  # held for moments: duplicate check + queue/admit
-TRANSIENT_RETRIES = 2
+RUNS_DIR = records.RUNS_DIR  # one JSON record per delivered batch
+STATE_DIR = Path(".rmpipe")  # rmpipe's own state (git-ignored); not .dvc/tmp, which people clear
+LOCK_FILE = STATE_DIR / "pipeline.lock"
+QUEUE_DIR = STATE_DIR / "queue"  # accepted batches waiting for the next rebuild
+QUEUE_LOCK_FILE = STATE_DIR / "queue.lock"  # held for moments: duplicate check + queue/admit
+TRANSIENT_RETRIES = 3
+# DVC messages that mean "another DVC run was in the way" (or its lock files were removed under it):
+# worth retrying once it is done.
+TRANSIENT_MARKERS = ("Unable to acquire lock", "is busy", "Unlock called on an unlocked lock",
+                     "changed while collect read it")
 
 
 class StageFailed(UserError):
@@ -221,6 +229,7 @@ def _dvc_repro(root: Path, args: list[str], trigger: str = "rmpipe rebuild") -> 
 
     `trigger` reaches the export stage, which records it in the run history (rmpipe.history)."""
     logger = get_run_logger()
+    dvc_activity.wait_until_idle(root)  # a manual `dvc repro` finishes first: runs never interleave
     logger.info("$ dvc %s", " ".join(args))
     env = {**_subprocess_env(), TRIGGER_ENV: trigger}
     proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=root, env=env, text=True,
@@ -240,8 +249,9 @@ def _dvc_repro(root: Path, args: list[str], trigger: str = "rmpipe rebuild") -> 
     # The lines that say what went wrong (stage `error:`/`FAIL` lines, DVC's ERROR), else the last few.
     errors = [line for line in lines if re.match(r"\s*(ERROR|error:|FAIL)", line)]
     tail = "\n".join(errors[-10:] or [line for line in lines[-8:] if line.strip()])
-    if code < 0 or "Unable to acquire lock" in tail:
-        raise TransientFailure(f"dvc {args[0]} was interrupted (exit {code}); retrying\n{tail}")
+    if code < 0 or any(marker in "\n".join(lines[-40:]) for marker in TRANSIENT_MARKERS):
+        raise TransientFailure(f"dvc {args[0]} was interrupted or blocked by another DVC run (exit {code}); "
+                               f"retrying once it is done\n{tail}")
     raise StageFailed(f"dvc {' '.join(args)} failed (exit {code}); stages that ran: {ran or 'none'}\n{tail}")
 
 
@@ -250,11 +260,39 @@ def _has_git(root: Path) -> bool:
                           capture_output=True).returncode == 0
 
 
+@contextlib.contextmanager
+def _tracked_run(root: Path, run_id: str | None) -> Iterator[None]:
+    """Children die with this process; flow runs left RUNNING by dead processes are marked Crashed."""
+    orphans.tie_descendants_to_this_process()
+    try:
+        orphans.crash_stale_runs(root)
+    except Exception as exc:  # noqa: BLE001 - bookkeeping must never stop a rebuild
+        logging.getLogger("rmpipe.flows").warning("could not check for crashed flow runs (%s)", exc)
+    orphans.flow_run_started(root, run_id)
+    try:
+        yield
+    finally:
+        orphans.flow_run_finished(root, run_id)
+
+
+def _incoming_dir(root: Path) -> Path | None:
+    """collect.incoming_dir, or None for a project without a collect stage (nothing to admit)."""
+    params = load_params(root / "params.yaml")
+    if "collect" not in params:
+        return None
+    return root / get(section(params, "collect"), "incoming_dir", str, "collect")
+
+
+def _names(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir() if p.is_file()} if folder.is_dir() else set()
+
+
 @flow(name="rebuild", log_prints=True)
 @fails_cleanly
 def rebuild(targets: list[str] | None = None, set_params: list[str] | None = None, force: bool = False,
             project: str | None = None, trigger: str = "rmpipe rebuild") -> dict[str, Any]:
-    """`dvc repro [targets]`: DVC re-runs what is stale and records every input hash in dvc.lock.
+    """Admit every queued batch, then `dvc repro [targets]`: DVC re-runs what is stale and records every
+    input hash in dvc.lock; then complete the run records of the batches that reached the model.
 
     `set_params` (["train.epochs=1", ...]) goes through `dvc exp run -S`, which
     writes the values into params.yaml before running, so the lineage names them.
@@ -271,12 +309,41 @@ def rebuild(targets: list[str] | None = None, set_params: list[str] | None = Non
     if force:
         args.append("--force")
     args.extend(targets)
-    with pipeline_lock(root):
-        stages = run_task(_dvc_repro, root, args, trigger)
+    run_id = str(flow_run.id) if flow_run.id else None
+    logger = get_run_logger()
+    with _tracked_run(root, run_id), pipeline_lock(root):
+        incoming = _incoming_dir(root)
+        admitted = admit_queued(root, incoming, run_id) if incoming is not None else []
+        if admitted:
+            logger.info("admitted into %s: %s", incoming.relative_to(root), ", ".join(admitted))
+        try:
+            stages = run_task(_dvc_repro, root, args, trigger)
+        except Exception as exc:
+            if incoming is not None:
+                records.mark_failed(root, str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc),
+                                    _names(incoming))
+            raise
         lock = root / "dvc.lock"
         lock_sha = hashlib.sha256(lock.read_bytes()).hexdigest() if lock.exists() else None
-    get_run_logger().info("ran %s; up to date %s", stages["ran"] or "nothing", stages["skipped"] or "nothing")
-    return {**stages, "dvc_lock_sha256": lock_sha}
+        result = {**stages, "dvc_lock_sha256": lock_sha, "admitted": admitted, "flow_run_id": run_id}
+        if incoming is not None and not targets:
+            result["records_completed"] = _settle_records(root, incoming, result)
+    logger.info("ran %s; up to date %s", stages["ran"] or "nothing", stages["skipped"] or "nothing")
+    return result
+
+
+def _settle_records(root: Path, incoming: Path, built: dict[str, Any]) -> list[str]:
+    """After a successful full rebuild: read the gate, push, and complete every pending run record."""
+    if not records.pending(root) and not (root / RUNS_DIR).is_dir() and not built["admitted"]:
+        return []  # nothing delivered through rmpipe here yet (e.g. a plain `make repro` project)
+    gate = promotion(root)
+    lineage = set(gate.get("batch_ids") or []) if gate.get("export_path") else None
+    pushed = push_to_remote(root, return_state=True)  # a push that still fails after retries is reported
+    push = {"remote": pushed.result()} if pushed.is_completed() else {"error": pushed.message}
+    details = {"rebuild": {k: built[k] for k in ("ran", "skipped", "dvc_lock_sha256", "flow_run_id", "admitted")},
+               "metrics": read_metrics(root), "promotion": gate, "export_path": gate.get("export_path"),
+               "dvc_push": push}
+    return records.reconcile(root, lineage, _names(incoming), details, built["flow_run_id"])
 
 
 # --- a new batch arrives -----------------------------------------------------------------------------
@@ -316,17 +383,40 @@ def queue_lock(root: Path):
     return pipeline_lock(root, QUEUE_LOCK_FILE)
 
 
-def admit_queued(root: Path, incoming: Path) -> list[str]:
-    """Move every queued batch into `incoming` (names in order); call only under `pipeline_lock`,
-    so no `dvc repro` is hashing `incoming` meanwhile."""
+class AdmissionFailed(UserError):
+    """A queued batch could not be moved into data/incoming (e.g. permissions); it stays queued."""
+
+
+def admit_queued(root: Path, incoming: Path, run_id: str | None = None) -> list[str]:
+    """Move every queued batch into `incoming` (names in order) and mark their records admitted.
+
+    Call under `pipeline_lock`. The move happens under DVC's rwlock guard while no DVC stage
+    holds a lock on `incoming` (`dvc_activity.inputs_guard`), so a manual `dvc repro` never
+    records a batch its collect did not read. A batch that cannot be moved stays queued.
+    """
     queue = root / QUEUE_DIR
+    moved: list[str] = []
     with queue_lock(root):
         names = sorted(p.name for p in queue.iterdir() if p.is_file() and not p.name.startswith(".")) \
             if queue.is_dir() else []
-        incoming.mkdir(parents=True, exist_ok=True)
-        for name in names:
-            os.replace(queue / name, incoming / name)  # same filesystem: atomic
-    return names
+        if not names:
+            return []
+        try:
+            incoming.mkdir(parents=True, exist_ok=True)
+            with dvc_activity.inputs_guard(root, incoming):
+                for name in names:
+                    os.replace(queue / name, incoming / name)  # same filesystem: atomic
+                    moved.append(name)
+        except OSError as exc:
+            left = [n for n in names if n not in moved]
+            raise AdmissionFailed(
+                f"cannot move queued batch {left[0]} into {incoming.relative_to(root)} ({exc.strerror or exc}); "
+                f"{len(left)} batch(es) stay queued in {QUEUE_DIR}: fix the folder's permissions, then run "
+                "`rmpipe rebuild` (or deliver any batch) to take them in") from None
+        finally:
+            if moved:
+                records.mark_admitted(root, moved, run_id)
+    return moved
 
 
 def reject_batch(batch: Path, rejected_dir: Path, reasons: list[str]) -> Path:
@@ -335,8 +425,12 @@ def reject_batch(batch: Path, rejected_dir: Path, reasons: list[str]) -> Path:
     dest = rejected_dir / batch.name
     if dest.exists():  # keep earlier rejections of a same-named file
         dest = rejected_dir / f"{batch.stem}.{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}{batch.suffix}"
-    shutil.move(str(batch), dest)
-    io.write_json(dest.with_name(dest.name + ".reasons.json"), {"batch_id": batch.name, "reasons": reasons})
+    try:
+        shutil.move(str(batch), dest)
+    except OSError as exc:  # e.g. an unreadable file on another filesystem: leave it, say so
+        reasons = [*reasons, f"could not move it to {rejected_dir} ({exc.strerror or exc}); it is left at {batch}"]
+        dest = batch
+    io.write_json(rejected_dir / f"{dest.name}.reasons.json", {"batch_id": batch.name, "reasons": reasons})
     return dest
 
 
@@ -415,41 +509,56 @@ def push_to_remote(root: Path) -> str | None:
     return remote
 
 
-def write_run_summary(root: Path, summary: dict[str, Any]) -> Path:
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-    path = root / RUNS_DIR / f"{stamp}-{summary['batch_id']}.json"
-    io.write_json(path, summary)
-    return path
+class BatchRefused(UserError):
+    """The delivered file cannot be taken as a batch as it is (e.g. its name is too long); it is left in place."""
 
 
 def _batch_run_name() -> str:
-    return Path(flow_run.parameters.get("batch_path", "?")).name
+    return records.safe_name(Path(flow_run.parameters.get("batch_path", "?")).name, 120)
 
 
 @flow(name="on-new-batch", flow_run_name=_batch_run_name, log_prints=True)
 @fails_cleanly
 def on_new_batch(batch_path: str, project: str | None = None) -> dict[str, Any]:
-    """Check, register and train on one delivered batch; returns (and writes) the run summary.
+    """Check, queue and train on one delivered batch; returns its run record (`records`).
 
-    Outcomes: `duplicate` (already registered: nothing done), `rejected` (moved to
-    data/rejected/ with reasons; the flow fails with them), `accepted` (registered
-    and rebuilt; the summary holds metrics, export path and the promotion decision).
+    Outcomes: `duplicate` (already registered or queued: nothing new), `rejected` (moved to
+    data/rejected/ with reasons; the flow fails with them), `refused` (the name is too long:
+    left in place), `accepted` (admitted and rebuilt, in the exported model's lineage; the
+    record holds metrics, export path and the promotion decision), `failed` / `not_in_model`
+    (completed by a later rebuild).
     """
     logger = get_run_logger()
     root = find_project_root(project)
     batch = Path(batch_path).expanduser().resolve()
+    summary: dict[str, Any] = {"batch_id": batch.name, "batch_sha256": None, "source": str(batch),
+                               "flow_run_id": str(flow_run.id) if flow_run.id else None, "started": records.now()}
+
+    def finish(outcome: str, **fields: Any) -> dict[str, Any]:  # a record of its own: never `accepted`
+        summary.update(outcome=outcome, finished=records.now(), **fields)
+        records.write_new(root, summary)
+        return summary
+
+    def reject(reasons: list[str], message: str, **fields: Any) -> None:
+        moved = reject_batch(batch, root / REJECTED_DIR, reasons)
+        finish("rejected", reasons=reasons, rejected_path=str(moved.relative_to(root)) if moved.is_relative_to(root)
+               else str(moved), **fields)
+        raise BatchRejected(f"batch {batch.name} rejected ({message})")
+
+    size = len(batch.name.encode("utf-8", "surrogateescape"))
+    if size > records.MAX_NAME_BYTES:  # its temp and record names would not fit the file system's 255
+        reason = (f"file name is {size} bytes long, over {records.MAX_NAME_BYTES}: rename it shorter (the name is "
+                  "the batch id); it is left where it is")
+        finish("refused", reasons=[reason])
+        raise BatchRefused(f"batch {records.safe_name(batch.name, 60)} refused: {reason}")
     if not batch.is_file():
         raise UserError(f"batch file {batch} not found (was it moved after the event fired?)")
     incoming = root / get(section(load_params(root / "params.yaml"), "collect"), "incoming_dir", str, "collect")
-    sha = io.sha256_file(batch)
-    summary: dict[str, Any] = {"batch_id": batch.name, "batch_sha256": sha, "source": str(batch),
-                               "flow_run_id": str(flow_run.id) if flow_run.id else None,
-                               "started": datetime.now(timezone.utc).isoformat()}
-
-    def finish(outcome: str, **fields: Any) -> dict[str, Any]:
-        summary.update(outcome=outcome, finished=datetime.now(timezone.utc).isoformat(), **fields)
-        summary["summary_path"] = str(write_run_summary(root, summary).relative_to(root))
-        return summary
+    try:
+        sha = summary["batch_sha256"] = io.sha256_file(batch)
+    except OSError as exc:  # e.g. chmod 000
+        reason = f"cannot read the file ({exc.strerror or exc}): fix its permissions and deliver it again"
+        reject([reason], reason)
 
     if (hit := find_registered(batch, incoming, sha)) is not None:
         logger.info("batch %s: duplicate, nothing to do (%s)", batch.name, hit[1])
@@ -457,35 +566,33 @@ def on_new_batch(batch_path: str, project: str | None = None) -> dict[str, Any]:
 
     check = run_task(quick_check, batch, root)
     if not check["accepted"]:
-        moved = reject_batch(batch, root / REJECTED_DIR, check["reasons"])
-        finish("rejected", reasons=check["reasons"], rejected_path=str(moved.relative_to(root)),
-               check=check["report"])
-        raise BatchRejected(f"batch {batch.name} rejected ({check['message']})")
+        reject(check["reasons"], check["message"], check=check["report"])
 
+    own = None
     with queue_lock(root):  # a second delivery of the same batch may have been queued meanwhile
-        if (hit := find_registered(batch, incoming, sha) or find_registered(batch, root / QUEUE_DIR, sha)) is not None:
+        hit = find_registered(batch, incoming, sha)
+        if hit is None and (queued := find_registered(batch, root / QUEUE_DIR, sha)) is not None:
+            if queued[1].startswith("already registered"):  # the same file, still waiting: take it in now
+                hit = (queued[0], "already queued by an earlier delivery and not yet admitted: this run takes it in")
+            else:
+                hit = queued
+        if hit is not None and not hit[1].startswith("already queued"):
             logger.info("batch %s: duplicate, nothing to do (%s)", batch.name, hit[1])
             return finish("duplicate", reasons=[hit[1]])
-        register_batch(batch, root / QUEUE_DIR)
-    logger.info("queued %s for the next rebuild", batch.name)
-    registered = incoming / batch.name
+        if hit is None:  # record first, then queue: a kill in between leaves a record, never a silent batch
+            own = records.write_new(root, {**summary, "outcome": "queued", "reasons": [], "check": check["report"]})
+            register_batch(batch, root / QUEUE_DIR)
+            logger.info("queued %s for the next rebuild", batch.name)
 
     with pipeline_lock(root):
-        admitted = admit_queued(root, incoming)  # this batch, unless a rebuild before ours took it in
-        logger.info("registered %s into %s (this rebuild takes in: %s)", batch.name, incoming.relative_to(root),
-                    ", ".join(admitted) or "nothing new")
-        try:
-            built = rebuild(project=str(root), trigger=f"on-new-batch {batch.name}")
-        except Exception as exc:
-            finish("failed", reasons=[str(exc)], registered_path=str(registered.relative_to(root)))
-            raise
-        gate = promotion(root)
-        # The model is built either way; a push that still fails after retries is reported, not fatal.
-        pushed = push_to_remote(root, return_state=True)
-        push = {"remote": pushed.result()} if pushed.is_completed() else {"error": pushed.message}
-        return finish("accepted", reasons=[], registered_path=str(registered.relative_to(root)),
-                      admitted=admitted, check=check["report"], rebuild=built, metrics=read_metrics(root), promotion=gate,
-                      export_path=gate.get("export_path"), dvc_push=push)
+        if own is not None and (record := records.read(root, own["summary_path"]))["outcome"] == "accepted":
+            logger.info("batch %s was taken in and trained by an earlier rebuild", batch.name)
+            return record  # a rebuild that ran while we waited took this batch in: nothing left to do
+        # admits the queue (this batch too), rebuilds, completes the records
+        built = rebuild(project=str(root), trigger=f"on-new-batch {batch.name}")
+    if own is None:
+        return finish("duplicate", reasons=[hit[1]], rebuild=built)
+    return records.read(root, own["summary_path"])
 
 
 if __name__ == "__main__":  # python -m pipeline.flows STAGE: one stage as a Prefect flow, outside DVC

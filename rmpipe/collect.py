@@ -751,12 +751,17 @@ def _collect_batch(
     if problem:
         entry.update(status="refused", message=f"{batch_id}: {problem}")
         return empty
-    if path.is_dir():
-        entry["bytes"] = sum(f.stat().st_size for f in hf_batches.folder_files(path))
-        entry["sha256"] = folder_sha256(path)
-    else:
-        entry["bytes"] = path.stat().st_size
-        entry["sha256"] = sha256_file(path)
+    try:
+        if path.is_dir():
+            entry["bytes"] = sum(f.stat().st_size for f in hf_batches.folder_files(path))
+            entry["sha256"] = folder_sha256(path)
+        else:
+            entry["bytes"] = path.stat().st_size
+            entry["sha256"] = sha256_file(path)
+    except OSError as exc:  # e.g. chmod 000: the batch cannot be read at all
+        entry.update(status="rejected", message=f"{batch_id}: cannot read the file ({exc.strerror or exc}): "
+                                                "fix its permissions (chmod a+r) or remove it")
+        return empty
     if (why := retractions.refusal(retracted, batch_id, entry["sha256"])) is not None:
         entry.update(status="refused", message=why)
         return empty
@@ -909,6 +914,50 @@ def _log_batch(entry: dict) -> None:
         log.warning("%s", entry["message"])
     else:
         log.warning("%s %s: %s", status.upper(), entry["batch_id"], entry["message"])
+
+
+class IncomingChanged(DataError):
+    """The incoming folder changed while collect read it: its outputs must not be recorded against it."""
+
+
+Snapshot = dict[str, tuple[int, int, int]]
+
+
+def incoming_snapshot(incoming_dir: str | Path) -> Snapshot:
+    """{relative path: (size, mtime_ns, inode)} of every file under `incoming_dir`, dotfiles included:
+    everything DVC hashes as the stage's dependency. A replaced, added, removed or rewritten file
+    changes it (the same signals DVC's own hash cache trusts)."""
+    root = Path(incoming_dir)
+    snap: Snapshot = {}
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            path = Path(folder) / name
+            try:
+                st = path.lstat()
+            except FileNotFoundError:
+                continue
+            snap[path.relative_to(root).as_posix()] = (st.st_size, st.st_mtime_ns, st.st_ino)
+    return snap
+
+
+def raise_if_changed(incoming_dir: str | Path, before: Snapshot) -> None:
+    """Fail when `incoming_dir` no longer matches the snapshot taken before reading it.
+
+    DVC releases its repo lock while a stage runs and hashes the stage's dependencies
+    after the command exits: a batch added meanwhile would be recorded in dvc.lock as
+    read when it was not. Failing here keeps dvc.lock unchanged, so the next
+    `dvc repro` runs collect again on what is there.
+    """
+    after = incoming_snapshot(incoming_dir)
+    if after == before:
+        return
+    added = sorted(set(after) - set(before))
+    removed = sorted(set(before) - set(after))
+    changed = sorted(n for n in set(before) & set(after) if before[n] != after[n])
+    parts = [f"{what}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+             for what, names in (("added", added), ("removed", removed), ("rewritten", changed)) if names]
+    raise IncomingChanged(f"{incoming_dir} changed while collect read it ({'; '.join(parts)}); nothing is recorded "
+                          "for this run: run `dvc repro` again to collect what is there now")
 
 
 def collect_dir(

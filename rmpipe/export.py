@@ -241,7 +241,7 @@ def write_export(
                  "normalization": {k: norm.get(k) for k in ("reward_mean", "reward_std", "n_rows", "split")}}
         io.write_text(tmp / CARD_FILE, model_card(extra, lineage["params"], metrics, pathology_report, lineage["batch_ids"]))
         manifest = build_manifest(tmp, Path(lineage["project_root"]), lineage["params"], lineage["batch_ids"],
-                                  tuple(lineage.get("exclude_stages", ())), extra)
+                                  tuple(lineage.get("exclude_stages", ())), extra, tuple(lineage.get("read_paths", ())))
         io.write_json(tmp / MANIFEST_FILE, manifest)
     if decision["promoted"]:
         promote(s.out_dir, s.promoted_dir, decision)

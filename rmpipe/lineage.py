@@ -61,6 +61,34 @@ def pipeline_files(project_root: Path) -> tuple[list[str], list[str]]:
 def _under(path: str, folders: list[str]) -> bool:
     return any(path == f.rstrip("/") or path.startswith(f.rstrip("/") + "/") for f in folders)
 
+def dvc_lock_stages(project_root: Path, exclude: tuple[str, ...] = ()) -> dict[str, dict[str, dict[str, str]]]:
+    """{stage: {"deps": {path: md5}, "outs": {path: md5}}} from dvc.lock, except stages in `exclude`."""
+    lock_file = Path(project_root) / "dvc.lock"
+    if not lock_file.exists():
+        return {}
+    lock = yaml.safe_load(lock_file.read_text(encoding="utf-8")) or {}
+    return {stage: {kind: {item["path"]: item["md5"] for item in entry.get(kind) or [] if "md5" in item}
+                    for kind in ("deps", "outs")}
+            for stage, entry in sorted((lock.get("stages") or {}).items()) if stage not in exclude}
+
+
+def chain_conflicts(stages: dict[str, dict[str, dict[str, str]]]) -> list[str]:
+    """Paths recorded with different hashes by different stages (one stage's output is another's input).
+
+    In one honest run every stage read what the stage before it wrote. A disagreement means
+    stages of two runs interleaved (e.g. a manual `dvc repro` beside the service): the
+    lineage would name inputs the model was not made from.
+    """
+    seen: dict[str, dict[str, list[str]]] = {}
+    for stage, kinds in stages.items():
+        for kind, paths in kinds.items():
+            for path, md5 in paths.items():
+                seen.setdefault(path, {}).setdefault(md5, []).append(f"{stage} {kind}")
+    return [f"lineage inconsistent: {path} is recorded as "
+            + " but ".join(f"{md5} ({', '.join(where)})" for md5, where in by_md5.items())
+            + ": stages of two different runs were recorded together; run `dvc repro` again"
+            for path, by_md5 in sorted(seen.items()) if len(by_md5) > 1]
+
 
 def git_state(project_root: Path) -> dict[str, Any] | None:
     """{commit, dirty, changed, dvc_lock} when the project is a git work tree, else None (DVC may run with core.no_scm).
@@ -114,12 +142,28 @@ def build_manifest(
     batch_ids: dict[str, list[str]],
     exclude_stages: tuple[str, ...],
     extra: dict[str, Any],
+    read_paths: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """The manifest for a fully written export folder (its files are hashed here, so call it last)."""
+    """The manifest for a fully written export folder (its files are hashed here, so call it last).
+
+    Refuses (DataError) a lineage that disagrees with itself (`chain_conflicts`) or with what the
+    export read: each of `read_paths` (e.g. data/split, where the batch ids come from) must hash
+    to what dvc.lock records for it.
+    """
+    stages = dvc_lock_stages(project_root, exclude_stages)
+    inputs = dvc_lock_inputs(project_root, exclude_stages)
+    problems = chain_conflicts(stages)
+    for rel in read_paths:
+        if rel in inputs and (current := dvc_md5(Path(project_root) / rel)) != inputs[rel]["md5"]:
+            problems.append(f"lineage inconsistent: this export read {rel} with md5 {current}, but dvc.lock records "
+                            f"{inputs[rel]['md5']}: another run changed it; run `dvc repro` again")
+    if problems:
+        raise DataError("; ".join(problems))
     return {
         "format": "rmpipe-lineage/1",
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "inputs": dvc_lock_inputs(project_root, exclude_stages),
+        "inputs": inputs,
+        "stages": stages,
         "params": params,
         "batch_ids": batch_ids,
         "git": git_state(project_root),
@@ -145,7 +189,8 @@ def manifest_sha256(export_dir: Path) -> str:
 
 # --- checking it later ------------------------------------------------------------------------
 def verify_export(export_dir: Path, project_root: Path | None = None) -> list[str]:
-    """Every mismatch, one line each: export files vs their recorded sha256, then inputs vs dvc.lock md5s."""
+    """Every mismatch, one line each: export files vs their recorded sha256, recorded stages that disagree
+    with each other (`chain_conflicts`), then inputs vs dvc.lock md5s."""
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir)
     problems = []
@@ -157,6 +202,7 @@ def verify_export(export_dir: Path, project_root: Path | None = None) -> list[st
             problems.append(f"export file not in manifest: {name}")
         elif present[name] != recorded[name]:
             problems.append(f"export file changed: {name} (sha256 {present[name][:12]}..., recorded {recorded[name][:12]}...)")
+    problems += chain_conflicts(manifest.get("stages") or {})
     if project_root is not None:
         problems += _verify_inputs(Path(project_root), manifest.get("inputs", {}))
     return problems

@@ -3,7 +3,8 @@
     python -m stages.collect [--params params.yaml]
 
 The report and the quarantine are written before a rejected batch stops the run,
-so the error message can point at them.
+so the error message can point at them. If data/incoming changes while the stage
+reads it, the stage fails (see `rmpipe.collect.raise_if_changed`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import sys
 from pathlib import Path
 
 from rmpipe import retractions
-from rmpipe.collect import CollectConfig, collect_dir, raise_for_rejected, write_votes
+from rmpipe.collect import (CollectConfig, collect_dir, incoming_snapshot, raise_for_rejected, raise_if_changed,
+                            write_votes)
 from rmpipe.errors import exits_cleanly
 from rmpipe.io import write_json, write_jsonl
 from rmpipe.params import load_params, section
@@ -35,11 +37,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     cfg = CollectConfig.from_params(section(load_params(args.params), "collect"))
+    # What DVC will hash as this stage's input must be exactly what was read: snapshot the
+    # folder first and fail at the end if it changed (DVC then records nothing for the stage).
+    before = incoming_snapshot(cfg.incoming_dir)
     votes, quarantine, report = collect_dir(cfg.incoming_dir, cfg, retractions.load(Path(".")))
     write_jsonl(QUARANTINE, quarantine)
     write_json(REPORT, report)
     raise_for_rejected(report, cfg)
     write_votes(VOTES, votes)
+    raise_if_changed(cfg.incoming_dir, before)
     totals = report["totals"]
     log.info("wrote %s: %d votes on %d pairs from %d annotators; %d rows quarantined (%s)",
              VOTES, totals["votes"], totals["pairs"], totals["annotators"], totals["rows_quarantined"], QUARANTINE)

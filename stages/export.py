@@ -90,7 +90,8 @@ def run(params_file: str | Path = "params.yaml") -> dict:
     batch_ids = split_batch_ids()
     extra["data"] = {"splits": split_composition(), "batches": batch_sources(batch_ids)}
     lineage = {"project_root": Path("."), "params": params, "batch_ids": batch_ids,
-               "exclude_stages": ("export",), "extra": extra}
+               "exclude_stages": ("export",), "extra": extra,
+               "read_paths": (str(SPLIT_DIR), str(MODEL_DIR))}  # the batch ids and the model come from these
 
     history.backfill(Path("."), settings.out_dir, settings.promoted_dir)  # a new history first records what exists
     manifest = write_export(model, tokenizer, test, battery, metrics, pathology_report, settings, lineage)
