@@ -446,6 +446,8 @@ def quick_check(batch: Path, root: Path) -> dict[str, Any]:
     accepted = report.get("status") == "accepted"
     reasons = [f"{r['reason']} x{r['count']} (e.g. {r['example']})" if isinstance(r, dict) else str(r)
                for r in report.get("top_reasons") or []]
+    if accepted and not report.get("rows_normalized"):  # it would be registered yet never reach a model
+        accepted, reasons = False, ["the batch has no usable vote rows (an empty file?): nothing to train on"]
     message = str(report.get("message") or "; ".join(reasons) or f"status {report.get('status')!r}")
     if not accepted and not reasons:  # e.g. refused unread (too large, a symlink): the message is the reason
         reasons = [message]

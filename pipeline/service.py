@@ -9,13 +9,28 @@ deployment's concurrency limit is 1 with the ENQUEUE strategy (extra runs wait
 in the server's queue rather than being dropped) and the runner executes one run
 at a time; inside the flow, `pipeline_lock` still guards DVC against any other
 process (a manual `rmpipe rebuild`).
+
+Delivery is at least once: the watcher records a file as announced only after the
+server took the event, so a crash in between announces it again (the flow's duplicate
+check makes that harmless). Order is not kept: the server starts queued runs in any
+order, and it does not matter, because every rebuild takes in every queued batch and
+the model depends on the set of batches (collect reads them sorted by name, the split
+is a function of each prompt's hash), not on the order they came in.
+
+Stopping `rmpipe serve` (Ctrl-C or SIGTERM) finishes within `SHUTDOWN_GRACE_S` whether
+or not the server answers: deployments are not paused on the way out (a paused
+deployment would also drop arrivals while the service is down; unpaused, they wait on
+the server as scheduled runs), and after the grace period the process exits hard; the
+flow runs it was executing die with it (`orphans`) and the next run marks them Crashed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
+import threading
 from datetime import timedelta
 from pathlib import Path
 
@@ -27,6 +42,7 @@ prefect_env.configure()  # before any `import prefect` below: Prefect reads its 
 BATCH_EVENT = "preference.batch.arrived"
 BATCH_RESOURCE_PREFIX = "rmpipe.batch."
 DEPLOYMENT = "on-new-batch"
+SHUTDOWN_GRACE_S = 10.0
 
 
 class NoServer(UserError):
@@ -70,19 +86,40 @@ def serve(project: str | Path | None = None) -> None:
     from prefect import serve as prefect_serve
     from prefect.runner import Runner
 
+    from pipeline import orphans
+    from pipeline.flows import on_new_batch, rebuild
+
+    orphans.tie_descendants_to_this_process()  # flow runs in progress die with the service
+
     # Prefect's SIGTERM handler calls the sync Runner.stop() inside the running event loop, where it only
     # makes a coroutine nobody awaits ("coroutine 'Runner.astop' was never awaited") and exits without
     # pausing the deployments. Treat SIGTERM as Ctrl-C, whose path shuts the runner down cleanly.
     Runner.handle_sigterm = lambda self, *args, **kwargs: signal.raise_signal(signal.SIGINT)
 
-    from pipeline.flows import on_new_batch, rebuild
+    def on_sigint(signum, frame):  # Ctrl-C (or SIGTERM, above): a graceful stop, bounded in time
+        _exit_hard_after(SHUTDOWN_GRACE_S, 128 + signum)
+        signal.default_int_handler(signum, frame)
 
+    signal.signal(signal.SIGINT, on_sigint)
     deployments = [
         on_new_batch.to_deployment(name=DEPLOYMENT, triggers=[batch_trigger()], concurrency_limit=one_at_a_time(),
                                    parameters={"project": str(root)}),
         rebuild.to_deployment(name="rebuild", concurrency_limit=one_at_a_time(), parameters={"project": str(root)}),
     ]
-    prefect_serve(*deployments, limit=1)
+    # Not paused on the way out: pausing needs the server (it hung when the server was down), and a paused
+    # deployment would drop arrivals while the service is stopped; unpaused, they wait as scheduled runs.
+    prefect_serve(*deployments, limit=1, pause_on_shutdown=False)
+
+
+def _exit_hard_after(seconds: float, code: int) -> None:
+    """Let a graceful shutdown try for `seconds`, then leave anyway (an unreachable server can stall it)."""
+    def leave():
+        logging.getLogger("rmpipe.service").warning("shutdown took over %.0fs (server unreachable?): exiting", seconds)
+        os._exit(code)
+
+    timer = threading.Timer(seconds, leave)
+    timer.daemon = True
+    timer.start()
 
 
 def batch_event(path: Path):

@@ -7,10 +7,16 @@ rename. Dotfiles and `.part`/`.tmp`-style names are never batches. Every fired
 file is remembered in a state file (bounded), so a restarted watcher does not
 announce it again; a changed file (new size or mtime) is announced anew and the
 flow decides whether it is a duplicate.
+
+Delivery is at least once: a file is recorded as fired only after `announce` returned
+(the server took the event); a watcher killed in between announces it again. One
+watcher per folder: it holds `<folder>/.rmpipe-watch.lock`, and a second one is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -26,6 +32,7 @@ log = logging.getLogger("rmpipe.watch")
 BATCH_SUFFIXES = (".jsonl", ".csv", ".parquet")  # what the collect stage reads
 IN_PROGRESS_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload", ".swp", ".lock")
 STATE_NAME = ".rmpipe-watch.json"
+LOCK_NAME = ".rmpipe-watch.lock"  # one watcher per folder holds it
 MAX_REMEMBERED = 10_000
 
 Signature = tuple[int, int]  # (size, mtime_ns)
@@ -111,8 +118,33 @@ def watch(folder: str | Path, announce: Callable[[Path], None], interval_s: floa
         from rmpipe.errors import UserError
 
         raise UserError(f"{folder} is not a folder: create it or point `rmpipe watch` at the delivery folder")
-    watcher = BatchWatcher(folder, state_file)
-    log.info("watching %s every %.1fs for %s files", folder, interval_s, "/".join(BATCH_SUFFIXES))
+    with _one_watcher(folder):
+        watcher = BatchWatcher(folder, state_file)
+        log.info("watching %s every %.1fs for %s files", folder, interval_s, "/".join(BATCH_SUFFIXES))
+        _loop(watcher, announce, interval_s, polls)
+
+
+@contextlib.contextmanager
+def _one_watcher(folder: Path):
+    """Hold `<folder>/.rmpipe-watch.lock` for the watcher's life; a second watcher is refused."""
+    from rmpipe.errors import UserError
+
+    with (folder / LOCK_NAME).open("a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "?"
+            raise UserError(f"another watcher (pid {holder}) is already watching {folder}: one watcher per "
+                            "folder (stop it first, or watch another folder)") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        yield
+
+
+def _loop(watcher: BatchWatcher, announce: Callable[[Path], None], interval_s: float, polls: int | None) -> None:
     for _ in _ticks(polls):
         for path in watcher.poll():
             try:
