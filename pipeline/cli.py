@@ -71,6 +71,9 @@ def _score(args: argparse.Namespace) -> None:
 def _rebuild(args: argparse.Namespace) -> None:
     import json
 
+    from pipeline.orphans import tie_descendants_to_this_process
+
+    tie_descendants_to_this_process()  # first: Prefect's temporary server must not outlive a killed command
     from pipeline.flows import rebuild
 
     result = rebuild(targets=args.targets, set_params=args.set, force=args.force)
@@ -80,6 +83,9 @@ def _rebuild(args: argparse.Namespace) -> None:
 def _on_new_batch(args: argparse.Namespace) -> None:
     import json
 
+    from pipeline.orphans import tie_descendants_to_this_process
+
+    tie_descendants_to_this_process()  # first: Prefect's temporary server must not outlive a killed command
     from pipeline.flows import on_new_batch
 
     summary = on_new_batch(batch_path=args.path)

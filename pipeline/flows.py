@@ -530,9 +530,13 @@ def on_new_batch(batch_path: str, project: str | None = None) -> dict[str, Any]:
     record holds metrics, export path and the promotion decision), `failed` / `not_in_model`
     (completed by a later rebuild).
     """
-    logger = get_run_logger()
     root = find_project_root(project)
-    batch = Path(batch_path).expanduser().resolve()
+    with _tracked_run(root, str(flow_run.id) if flow_run.id else None):
+        return _deliver(Path(batch_path).expanduser().resolve(), root)
+
+
+def _deliver(batch: Path, root: Path) -> dict[str, Any]:
+    logger = get_run_logger()
     summary: dict[str, Any] = {"batch_id": batch.name, "batch_sha256": None, "source": str(batch),
                                "flow_run_id": str(flow_run.id) if flow_run.id else None, "started": records.now()}
 
