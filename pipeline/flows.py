@@ -334,10 +334,12 @@ def rebuild(targets: list[str] | None = None, set_params: list[str] | None = Non
 
 def _settle_records(root: Path, incoming: Path, built: dict[str, Any]) -> list[str]:
     """After a successful full rebuild: read the gate, push, and complete every pending run record."""
-    if not records.pending(root) and not (root / RUNS_DIR).is_dir() and not built["admitted"]:
+    if not (root / RUNS_DIR).is_dir() and not built["admitted"]:
         return []  # nothing delivered through rmpipe here yet (e.g. a plain `make repro` project)
     gate = promotion(root)
     lineage = set(gate.get("batch_ids") or []) if gate.get("export_path") else None
+    if not records.needs_reconciling(root, lineage):
+        return []
     pushed = push_to_remote(root, return_state=True)  # a push that still fails after retries is reported
     push = {"remote": pushed.result()} if pushed.is_completed() else {"error": pushed.message}
     details = {"rebuild": {k: built[k] for k in ("ran", "skipped", "dvc_lock_sha256", "flow_run_id", "admitted")},

@@ -98,6 +98,13 @@ def mark_failed(root: Path, reason: str, incoming_names: set[str]) -> None:
             update(root, record, outcome="failed", reasons=[reason], finished=now())
 
 
+def needs_reconciling(root: Path, lineage: set[str] | None) -> bool:
+    """Is any record pending, or any batch of the lineage without an accepted record?"""
+    found = list(all_records(root))
+    accepted = {r["batch_id"] for r in found if r.get("outcome") == "accepted"}
+    return any(r.get("outcome") in PENDING for r in found) or bool((lineage or set()) - accepted)
+
+
 def reconcile(root: Path, lineage: set[str] | None, incoming_names: set[str], built: dict[str, Any],
               run_id: str | None) -> list[str]:
     """After a successful full rebuild: complete every pending record; returns the batch ids completed.

@@ -52,7 +52,7 @@ with io.atomic_dir("models/export") as tmp:
     (tmp / "model.txt").write_text("\\n".join(ids))
     manifest = build_manifest(tmp, Path("."), yaml.safe_load(open("params.yaml")), {"train": ids}, ("export",),
                               {"promotion": {"promoted": False, "reason": "stand-in export"}},
-                              read_paths=("data/collected/votes.parquet",))
+                              read_paths=("data/collected",))
     io.write_json(tmp / "lineage.json", manifest)
 with open("export-runs.jsonl", "a") as fh:
     fh.write(json.dumps({"event": "done", "start": started, "end": time.time(), "batches": ids}) + "\\n")
@@ -79,13 +79,13 @@ def arrival_project(tmp: Path) -> Path:
             cmd: python -m stages.collect
             deps: [data/incoming]
             params: [collect]
-            outs: [data/collected/votes.parquet, data/collected/quarantine.jsonl]
+            outs: [data/collected]
             metrics:
               - reports/collect.json:
                   cache: false
           export:
             cmd: python export_stage.py
-            deps: [data/collected/votes.parquet, export_stage.py]
+            deps: [data/collected, export_stage.py]
             outs:
               - models/export:
                   persist: true

@@ -346,3 +346,42 @@ def test_the_readmes_server_command_sends_no_telemetry_and_listens_locally():
     (line,) = [line for line in (ROOT / "README.md").read_text().splitlines()
                if "prefect server start" in line and not line.lstrip().startswith("#")]
     assert "PREFECT_SERVER_ANALYTICS_ENABLED=false" in line and "--host 127.0.0.1" in line
+
+
+def test_serve_stops_promptly_on_ctrl_c_and_sigterm_even_when_the_server_is_gone(tmp_path):
+    """After a server outage, stopping `rmpipe serve` used to hang (`Pausing all deployments`) until kill -9."""
+    import psutil
+
+    from pipeline.prefect_env import server_env
+
+    project = fast_project(tmp_path / "project")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    port = free_port()
+    env = server_env(tmp_path / "prefect-home", port)
+    env.update(PREFECT_RUNNER_POLL_FREQUENCY="2", PYTHONUNBUFFERED="1")
+    procs: list[subprocess.Popen] = []
+    try:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            server = start([PY, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                           tmp_path, env, logs / f"server-{signum}.log")
+            procs.append(server)
+            wait_for("the Prefect server", lambda: healthy(env["PREFECT_API_URL"]), 150, [server])
+            log = logs / f"serve-{signum}.log"
+            serve = start([PY, "-m", "pipeline.cli", "serve"], project, env, log)
+            procs.append(serve)
+            wait_for("the served deployments", lambda: "being served" in log.read_text(), 120, [serve])
+            children = psutil.Process(serve.pid).children(recursive=True)
+            stop(server)  # the outage
+            serve.send_signal(signum)  # to serve alone, as Ctrl-C in its terminal or `kill PID` would
+            try:
+                serve.wait(timeout=60)  # a hang, not a speed: the grace period is 10 s
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"rmpipe serve did not stop on {signal.Signals(signum).name} with the server gone")
+            _, alive = psutil.wait_procs(children, timeout=30)
+            assert not alive, [" ".join(p.cmdline())[:160] for p in alive]
+    finally:
+        for proc in reversed(procs):
+            stop(proc)
+        for log in sorted(logs.glob("*.log")):
+            print(f"----- {log.name}\n{log.read_text()[-20000:]}")
