@@ -22,12 +22,17 @@ OUTCOMES = Path("audit/retractions")
 RETRACTED_DIR = Path("data/retracted")  # retracted batches, each with <name>.retraction.json beside it
 
 
+# The register's first line (DVC warns about an empty dep file, and the register is collect's dep).
+HEADER = {"format": "rmpipe-retractions/1", "note": "one retraction per line below, appended by rmpipe retract"}
+
+
 def load(root: Path = Path(".")) -> list[dict[str, Any]]:
-    """Every retraction, oldest first ([] when there is no register yet)."""
+    """Every retraction, oldest first ([] when there is no register yet); the header line is not one."""
     path = Path(root) / REGISTER
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [row for row in rows if "id" in row]
 
 
 def register(root: Path, entry: dict[str, Any]) -> dict[str, Any]:
@@ -37,9 +42,12 @@ def register(root: Path, entry: dict[str, Any]) -> dict[str, Any]:
     with path.open("a+", encoding="utf-8") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         fh.seek(0)
-        n = sum(1 for line in fh if line.strip()) + 1
+        lines = [line for line in fh if line.strip()]
+        n = sum(1 for line in lines if "id" in json.loads(line)) + 1
         entry = {"id": f"R{n}", **entry}
         fh.seek(0, os.SEEK_END)
+        if not lines:
+            fh.write(json.dumps(HEADER) + "\n")
         fh.write(json.dumps(entry, sort_keys=False) + "\n")
         fh.flush()
         os.fsync(fh.fileno())

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from test_dvc_pipeline import BIN, FAST_PARAMS, copy_project, ran_stages, run
+from test_dvc_pipeline import BIN, FAST_PARAMS, ROOT, copy_project, ran_stages, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]  # one fixture builds four models
 
@@ -112,7 +112,7 @@ def audit(tmp_path_factory):
     proj = copy_project(tmp / "proj", PARAMS)
     shutil.rmtree(proj / "audit", ignore_errors=True)  # a working copy's own audit trail is not this project's
     (proj / "audit").mkdir()
-    (proj / "audit/retractions.jsonl").write_text("")
+    shutil.copy(ROOT / "audit/retractions.jsonl", proj / "audit/retractions.jsonl")  # the header alone
     run(["git", "init", "-q"], proj)
     run(["git", "add", "-A"], proj)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-qm", "init"], proj)

@@ -52,7 +52,7 @@ def test_a_retracted_batch_is_refused_by_content_under_any_name_and_by_its_id(tm
     entry = retractions.register(tmp_path, {"time": "t", "kind": "batch", "target": "v.jsonl", "sha256": "f" * 64,
                                             "reason": "poisoned", "by": "me"})
     register_ = retractions.load(tmp_path)
-    assert entry["id"] == "R1"
+    assert entry["id"] == "R1" and len(register_) == 1  # the header line is not a retraction
     assert "poisoned" in retractions.refusal(register_, "renamed.jsonl", "f" * 64)
     assert "new file name" in retractions.refusal(register_, "v.jsonl", "0" * 64)
     assert retractions.refusal(register_, "other.jsonl", "0" * 64) is None
