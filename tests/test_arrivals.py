@@ -73,10 +73,12 @@ def arrival_project(tmp: Path) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     (project / "params.yaml").write_text(yaml.safe_dump({"collect": params["collect"], "export": params["export"]}))
     (project / "export_stage.py").write_text(EXPORT_STAGE)
+    (project / "hold.py").write_text("import pathlib, sys, time\n"  # tests hold a stage at its end
+                                     "while pathlib.Path(sys.argv[1]).exists():\n    time.sleep(0.05)\n")
     (project / "dvc.yaml").write_text(textwrap.dedent("""\
         stages:
           collect:
-            cmd: python -m stages.collect
+            cmd: python -m stages.collect && python hold.py hold-collect
             deps: [data/incoming]
             params: [collect]
             outs: [data/collected]
@@ -184,6 +186,15 @@ class LockHolder:
             self.proc.wait(timeout=30)
 
 
+class Lines(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
 def deliver(project: Path, path: Path):
     from pipeline import flows
 
@@ -246,7 +257,11 @@ def test_an_admission_racing_a_manual_dvc_repro_never_records_an_unread_batch(tm
     holder = LockHolder(project)
     results = {}
     thread = threading.Thread(target=lambda: results.update(r=deliver(project, batch(drop, "r.jsonl"))))
-    manual = None
+    seen, flows_log = Lines(), logging.getLogger("rmpipe.flows")
+    level = flows_log.level
+    flows_log.setLevel(logging.INFO)
+    flows_log.addHandler(seen)
+    (project / "hold-collect").touch()  # the manual collect stops after reading, before DVC hashes its input
     try:
         thread.start()
         wait_for("R queued", lambda: (project / ".rmpipe/queue/r.jsonl").exists())
@@ -256,13 +271,19 @@ def test_an_admission_racing_a_manual_dvc_repro_never_records_an_unread_batch(tm
         for line in manual.stdout:
             lines.append(line)
             if "Running stage 'collect'" in line:
-                holder.release()  # R now admits while the manual collect runs
+                holder.release()  # R now tries to admit while the manual collect runs
                 break
+        # R must wait for the stage: moved in now, R would be hashed into dvc.lock as read by collect.
+        wait_for("R to wait for the manual collect", lambda: any("waiting to change" in m for m in seen.lines))
+        (project / "hold-collect").unlink()
         lines += manual.stdout.readlines()
-        assert manual.wait(timeout=300) == 0, "".join(lines)  # collect never saw data/incoming change under it
+        assert manual.wait(timeout=300) == 0, "".join(lines)
         thread.join(timeout=400)
     finally:
         holder.release()
+        (project / "hold-collect").unlink(missing_ok=True)
+        flows_log.removeHandler(seen)
+        flows_log.setLevel(level)
     assert results["r"].is_completed(), results["r"].message
     runs = export_runs(project)
     assert runs[-2]["batches"] == ["a.jsonl"]  # the manual run: R neither read nor recorded
@@ -293,15 +314,6 @@ def test_collect_fails_when_its_folder_changes_while_it_reads(tmp_path):
 
 
 # --- 3: a manual `dvc repro` and the service do not interleave; verify catches a lineage that does -------
-
-class Lines(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.lines: list[str] = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
 
 def test_the_service_waits_for_a_manual_dvc_repro_instead_of_interleaving(tmp_path):
     project = arrival_project(tmp_path)
