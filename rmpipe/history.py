@@ -18,7 +18,6 @@ When the history is new, `backfill` first adds the models the project already ha
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 from datetime import datetime, timezone
@@ -28,7 +27,7 @@ from typing import Any
 import pandas as pd
 
 from rmpipe import dvc_cache
-from rmpipe.io import sha256_file
+from rmpipe.io import append_jsonl_locked, sha256_file
 
 HISTORY = Path("audit/history.jsonl")
 TRIGGER_ENV = "RMPIPE_TRIGGER"
@@ -53,18 +52,8 @@ def read(root: Path = Path(".")) -> list[dict[str, Any]]:
 
 def append(root: Path, record: dict[str, Any]) -> dict[str, Any]:
     """Append one record under an exclusive lock (numbered in order); earlier bytes are never touched."""
-    path = Path(root) / HISTORY
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a+", encoding="utf-8") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        fh.seek(0)
-        seq = sum(1 for line in fh if line.strip()) + 1
-        record = {"format": FORMAT, "seq": seq, **record}
-        fh.seek(0, os.SEEK_END)
-        fh.write(json.dumps(record, sort_keys=False, default=str) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    return record
+    return append_jsonl_locked(Path(root) / HISTORY,
+                               lambda rows: {"format": FORMAT, "seq": len(rows) + 1, **record}, default=str)
 
 
 # --- what a record holds ------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -10,7 +11,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pandas as pd
 
@@ -117,3 +118,26 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> None:
         with tmp.open("w", encoding="utf-8") as fh:
             for row in rows:
                 fh.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+
+
+def append_jsonl_locked(path: str | Path, make_record: Callable[[list[dict]], dict], *,
+                        header: dict | None = None, default: Callable | None = None) -> dict:
+    """Append one JSON line built from the lines already there (e.g. to number it), under an exclusive lock.
+
+    Concurrent writers queue on the lock, so numbers never repeat; earlier bytes are never touched. `header`
+    is written first when the file has no line yet.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+", encoding="utf-8") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.seek(0)
+        rows = [json.loads(line) for line in fh if line.strip()]
+        record = make_record(rows)
+        fh.seek(0, os.SEEK_END)
+        if header is not None and not rows:
+            fh.write(json.dumps(header) + "\n")
+        fh.write(json.dumps(record, default=default) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    return record

@@ -11,11 +11,11 @@ it under audit/retractions/, which nothing reads back into the pipeline.
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from rmpipe.io import append_jsonl_locked
 
 REGISTER = Path("audit/retractions.jsonl")
 OUTCOMES = Path("audit/retractions")
@@ -37,21 +37,9 @@ def load(root: Path = Path(".")) -> list[dict[str, Any]]:
 
 def register(root: Path, entry: dict[str, Any]) -> dict[str, Any]:
     """Append a retraction (numbered R1, R2, ... in order) under an exclusive lock."""
-    path = Path(root) / REGISTER
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a+", encoding="utf-8") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        fh.seek(0)
-        lines = [line for line in fh if line.strip()]
-        n = sum(1 for line in lines if "id" in json.loads(line)) + 1
-        entry = {"id": f"R{n}", **entry}
-        fh.seek(0, os.SEEK_END)
-        if not lines:
-            fh.write(json.dumps(HEADER) + "\n")
-        fh.write(json.dumps(entry, sort_keys=False) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    return entry
+    def numbered(rows: list[dict]) -> dict[str, Any]:
+        return {"id": f"R{sum(1 for row in rows if 'id' in row) + 1}", **entry}
+    return append_jsonl_locked(Path(root) / REGISTER, numbered, header=HEADER)
 
 
 def describe(entry: dict[str, Any]) -> str:
