@@ -379,7 +379,7 @@ def trl_main(spec_file: str) -> None:
     import torch
 
     spec = json.loads(Path(spec_file).read_text())
-    # As rmpipe.train.make_deterministic does for one process.
+    # As rmpipe.distributed.make_deterministic does for one process.
     torch.set_num_threads(spec["threads"])
     torch.use_deterministic_algorithms(True, warn_only=True)
 

@@ -1,6 +1,9 @@
 """Reward-model training on a DeepSpeed engine: read top to bottom, one optimizer step per global batch.
 
-    fit(model, tokenizer, data, settings, paths, fingerprint) -> TrainResult
+    fit(model, data, settings, paths, fingerprint, ds_config, rank, world) -> TrainResult
+
+The process group and its collectives are `rmpipe.distributed`; the fingerprint, the loop's
+`LoopState` and checkpoint save / resume are `rmpipe.checkpoint`.
 
 Everything a user can get wrong (missing or empty splits, a backbone that does not load, a
 max_length the backbone cannot take) is checked by `read_splits` / `check_max_length` before
@@ -12,21 +15,15 @@ any compute. The loop itself:
     `train.loss_weighting: group`, 1 / (pairs of its prompt); scaled so the mean over ranks is the
     weighted mean over the global batch (`batching.shard_weight`);
   * a non-finite loss on any rank skips the step on every rank; too many abort the run;
-  * checkpoints (DeepSpeed `save_checkpoint` + data position + RNG) every `checkpoint_every`
+  * checkpoints (DeepSpeed `save_checkpoint` + the `LoopState` + RNG) every `checkpoint_every`
     steps; a run resumes only from a checkpoint with the same fingerprint.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import math
-import os
-import shutil
-import socket
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,10 +32,11 @@ from typing import Any
 import pandas as pd
 import torch
 
-from rmpipe import codedeps, io
+from rmpipe import checkpoint, io
 from rmpipe.batching import TokenizedPairs, Units, plan_batches, shard, shard_weight
+from rmpipe.checkpoint import LoopState
+from rmpipe.distributed import all_agree, reduce_max, reduce_sum
 from rmpipe.errors import ConfigError, DataError, UserError
-from rmpipe.io import sha256_file
 from rmpipe.packing import MODES, make_batch
 from rmpipe.params import get
 from rmpipe.progress import progress
@@ -49,10 +47,6 @@ log = logging.getLogger("rmpipe.train")
 LOSS_WEIGHTINGS = ("pair", "group")
 LN2 = math.log(2.0)
 LN2_CHECK_STEPS = 8  # steps after which a loss still pinned at ln 2 with identical scores is a bug
-LATEST = "latest"
-STATE_FILE = "rmpipe_state.json"
-# Keys of `train:` that do not change the weights a run ends with, so they do not block a resume.
-NOT_FINGERPRINTED = ("checkpoint_every", "stop_after_steps", "hostfile", "max_nonfinite_steps")
 
 
 # --- settings and paths ---------------------------------------------------------------------
@@ -165,104 +159,6 @@ def check_max_length(max_length: int, backbone_positions: int, backbone: str) ->
     return max_length
 
 
-# --- fingerprint: what a checkpoint must match to be resumed ---------------------------------
-# A checkpoint made by other training code (a fixed loss, a new batching rule) must not be resumed.
-# Every module on the training path, relative to the project root: the train stage's import closure,
-# the same list `rmpipe deps` writes as train's code deps in dvc.yaml.
-CODE_ROOT = codedeps.ROOT
-TRAINING_CODE = tuple(codedeps.closure("stages/train.py"))
-
-
-def fingerprint(model_cfg: dict, train_cfg: dict, train_split: Path, backbone_dir: Path | str, world_size: int) -> str:
-    relevant = {k: v for k, v in train_cfg.items() if k not in NOT_FINGERPRINTED}
-    backbone = io.folder_sha256(backbone_dir) if Path(backbone_dir).is_dir() else str(backbone_dir)
-    code = {name: sha256_file(CODE_ROOT / name) for name in TRAINING_CODE}
-    blob = json.dumps({"model": model_cfg, "train": relevant, "train_split": sha256_file(train_split),
-                       "backbone": backbone, "world_size": world_size, "code": code}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-# --- distributed set-up ---------------------------------------------------------------------
-def free_port() -> int:
-    """A TCP port nobody listens on now (for a rendezvous on this machine)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _skip_shm_comm_op() -> None:
-    """Tell DeepSpeed its CPU shared-memory comm op is unavailable, so init does not JIT-compile it.
-
-    Training never calls that op (gloo does the all-reduce), yet compiling it costs 1-3 minutes on a
-    2-core machine, again each time the shared torch_extensions cache is rebuilt by another
-    environment. DeepSpeed keeps its op-compatibility table in a module dict meant to be edited.
-    """
-    import deepspeed.ops
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
-
-_rendezvous_dir: Path | None = None  # the one-rank file store, removed by leave_distributed
-# Set by the stage's single-node relaunch: the ranks meet through a file store in this folder. A TCP
-# rendezvous store (torch's env:// default) listens on every interface, whatever MASTER_ADDR says.
-RENDEZVOUS_ENV = "RMPIPE_RENDEZVOUS_DIR"
-
-
-def init_distributed() -> tuple[int, int]:
-    """Join (or, without a launcher, create a one-rank) process group; returns (rank, world_size)."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-    import torch.distributed as dist
-
-    # Without a launcher, one rank meets itself through a file, not a TCP port another process could take.
-    alone = "WORLD_SIZE" not in os.environ
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
-    if not dist.is_initialized():
-        backend = None if torch.cuda.is_available() else "gloo"
-        if backend == "gloo":
-            _skip_shm_comm_op()
-        rendezvous = {}
-        if alone:
-            global _rendezvous_dir
-            _rendezvous_dir = Path(tempfile.mkdtemp(prefix="rmpipe-rendezvous-"))
-            rendezvous = {"init_method": f"file://{_rendezvous_dir / 'store'}", "rank": 0, "world_size": 1}
-        elif os.environ.get(RENDEZVOUS_ENV):
-            rendezvous = {"init_method": f"file://{Path(os.environ[RENDEZVOUS_ENV]) / 'store'}",
-                          "rank": int(os.environ["RANK"]), "world_size": int(os.environ["WORLD_SIZE"])}
-        deepspeed.init_distributed(dist_backend=backend, verbose=False, **rendezvous)
-    return dist.get_rank(), dist.get_world_size()
-
-
-def leave_distributed(finished: bool) -> None:
-    """Leave the process group before the process exits.
-
-    Left to interpreter shutdown, gloo's worker threads can abort a rank with "terminate called without an
-    active exception" after all the work is done. Only for a process about to exit: DeepSpeed caches its
-    sub-groups in module globals, so a group destroyed in a long-lived process cannot be re-created there.
-    """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        if finished:
-            dist.barrier()  # no rank tears down its connections while another still talks to it
-        dist.destroy_process_group()
-    if _rendezvous_dir is not None:
-        shutil.rmtree(_rendezvous_dir, ignore_errors=True)
-
-
-def make_deterministic(seed: int, world_size: int) -> None:
-    torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    if not torch.cuda.is_available():
-        # Ranks share the cores; oversubscription makes every rank slow.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_SIZE", world_size)))))
-
-
 # --- the pooling anchor (TRL#2758) ------------------------------------------------------------
 def stuck_at_ln2(history: list[tuple[float, float]], steps: int = LN2_CHECK_STEPS) -> bool:
     """True when each of the first `steps` (loss, max |r_c - r_r|) is ln 2 with identical scores."""
@@ -285,6 +181,14 @@ class TrainResult:
     wall_s: float = 0.0
     losses: list[float] = field(default_factory=list)  # per optimizer step (rank-averaged)
 
+    @classmethod
+    def of(cls, state: LoopState, stopped_early: bool, wall_s: float) -> "TrainResult":
+        return cls(steps=state.step, skipped_steps=state.skipped, resumed_from_step=state.resumed_from_step,
+                   stopped_early=stopped_early, train=state.train, val=state.val,
+                   pairs_per_s=state.pairs / state.busy_s if state.busy_s else 0.0,
+                   tokens_per_s=state.tokens / state.busy_s if state.busy_s else 0.0, wall_s=wall_s,
+                   losses=state.losses)
+
 
 @dataclass
 class Data:
@@ -305,78 +209,7 @@ def tokenize(tokenizer, backbone_dir: Path | str, paths: "TrainPaths", train_fra
     return Data(pairs["train"], pairs["val"], tokenizer.pad_token_id)
 
 
-# --- checkpoints ----------------------------------------------------------------------------
-def _comm_device() -> str:
-    """NCCL reduces GPU tensors only; gloo CPU tensors."""
-    import torch.distributed as dist
-
-    return f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
-
-
-def _all_same(flag: bool) -> bool:
-    """True on every rank iff `flag` is true on every rank."""
-    import torch.distributed as dist
-
-    t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=_comm_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
-
-
-def save_checkpoint(engine, folder: Path, step: int, state: dict, rank: int) -> None:
-    """DeepSpeed checkpoint in `step<N>/`, then `latest` switched atomically; older tags removed.
-
-    `latest` only ever names a tag whose files are complete, so a kill mid-write leaves the
-    previous checkpoint as the one a resume picks up.
-    """
-    import torch.distributed as dist
-
-    tag = f"step{step}"
-    engine.save_checkpoint(str(folder), tag=tag, client_state={"rmpipe": state}, save_latest=False)
-    dist.barrier()
-    if rank == 0:
-        io.write_json(folder / tag / STATE_FILE, {k: v for k, v in state.items() if k != "rng"})
-        io.write_text(folder / LATEST, tag)
-        for old in folder.glob("step*"):
-            if old.is_dir() and old.name != tag:
-                shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-
-
-def find_resumable(folder: Path, fp: str) -> str | None:
-    """The tag to resume from, or None (with the reason logged) to start fresh."""
-    latest = folder / LATEST
-    if not latest.exists():
-        return None
-    tag = latest.read_text(encoding="utf-8").strip()
-    state_file = folder / tag / STATE_FILE
-    if not state_file.exists():
-        log.warning("checkpoint %s is incomplete (no %s): starting fresh", folder / tag, STATE_FILE)
-        return None
-    recorded = json.loads(state_file.read_text(encoding="utf-8")).get("fingerprint")
-    if recorded != fp:
-        log.warning("checkpoint %s was made with other params, data or backbone (fingerprint %s..., now %s...): "
-                    "starting fresh", folder / tag, str(recorded)[:12], fp[:12])
-        return None
-    return tag
-
-
 # --- the loop -------------------------------------------------------------------------------
-def _reduce_sum(values: list[float]) -> list[float]:
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def _reduce_max(value: float) -> float:
-    import torch.distributed as dist
-
-    t = torch.tensor([value], dtype=torch.float64, device=_comm_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
-
-
 def evaluate_pairs(engine, pairs: TokenizedPairs, pad_id: int, s: TrainSettings, rank: int, world: int) -> dict:
     """Plain BT loss and accuracy (r_c > r_r strictly; ties are wrong) over a split, summed over ranks."""
     if len(pairs) == 0:
@@ -395,7 +228,7 @@ def evaluate_pairs(engine, pairs: TokenizedPairs, pad_id: int, s: TrainSettings,
             totals[1] += (r_c > r_r).sum().item()
             totals[2] += len(rows)
     engine.train()
-    loss, correct, n = _reduce_sum(totals)
+    loss, correct, n = reduce_sum(totals)
     return {"loss": loss / n, "accuracy": correct / n}
 
 
@@ -421,14 +254,69 @@ def _packed(units: Units, s: TrainSettings):
 def fit(model: RewardModel, data: Data, s: TrainSettings, paths: TrainPaths, fp: str, ds_config: dict,
         rank: int, world: int) -> TrainResult:
     """Train `model` on `data` under DeepSpeed; returns metrics (rank 0 logs them, every rank computes them)."""
-    import deepspeed
-
-    from rmpipe.ds_config import lr_scheduler, param_groups
-
     started = time.monotonic()
     units, plans = plan_epochs(data.train, s, world)
     weights = torch.from_numpy(data.train.pair_weights(s.loss_weighting))
     total_steps = sum(len(p) for p in plans)
+    engine = _engine(model, s, ds_config, total_steps)
+    state = checkpoint.resume(engine, paths.checkpoints, fp) or LoopState()
+    if rank == 0 and state.resumed_from_step is not None:
+        log.info("resuming from %s (step %d of %d)", paths.checkpoints / f"step{state.step}", state.step, total_steps)
+    elif rank == 0:
+        log.info("training %d pairs x %d epochs = %d steps on %d rank(s)", len(data.train), s.epochs, total_steps, world)
+    live = _open_live(paths.live_dir, resumed=state.resumed_from_step is not None) if rank == 0 else None
+    todo = [(e, b) for e in range(s.epochs) for b in range(len(plans[e])) if (e, b) >= (state.epoch, state.next_batch)]
+    stopped = False
+    for epoch, b in (progress(todo, total=len(todo), desc="train") if rank == 0 else todo):
+        t0 = time.monotonic()
+        # forward: this rank's shard of the global batch, in one pass
+        rows = units.rows(shard(plans[epoch][b], units.tokens, rank, world))
+        batch = make_batch(data.train, rows, s.packing, data.pad_id).to(engine.device)
+        weight = weights[rows].to(engine.device)
+        r_c, r_r = engine(**batch.inputs).float().chunk(2)
+        loss = bradley_terry_loss(r_c, r_r, margin=batch.margin if s.use_margin else None,
+                                  soft_label=batch.soft_label if s.use_soft_labels else None,
+                                  center_coef=s.center_coef, weight=weight if s.loss_weighting != "pair" else None)
+
+        # backward, clip and step (DeepSpeed clips to train.grad_clip), the loss scaled so the sum over ranks
+        # is the global batch's weighted mean; a non-finite loss on any rank skips the step on every rank
+        finite = all_agree(bool(torch.isfinite(loss)))
+        if finite:
+            global_weight = float(weights[units.rows(plans[epoch][b])].sum())
+            lr, grad_norm = _backward_step(engine, model, loss * shard_weight(float(weight.sum()), global_weight, world))
+        else:
+            _skip_step(engine, state, s, epoch, b, rank)
+
+        # log: the step's totals over all ranks; the first steps' loss checked against the ln 2 anchor
+        metrics = _tally(state, finite, loss, weight, (r_c - r_r).detach(), len(rows), batch.real_tokens, t0)
+        if metrics is not None and live is not None:
+            _log_metrics(live, {**metrics, "train/grad_norm": float(grad_norm or 0.0),
+                                "train/lr": float(lr[0]) if lr else 0.0})
+
+        # evaluate at the end of each epoch
+        last_of_epoch = b == len(plans[epoch]) - 1
+        if last_of_epoch:
+            state.end_epoch()
+            state.val = evaluate_pairs(engine, data.val, data.pad_id, s, rank, world)
+            _log_epoch(live, state, epoch, rank)
+
+        # checkpoint every train.checkpoint_every steps and after the last one
+        state.epoch, state.next_batch = (epoch + 1, 0) if last_of_epoch else (epoch, b + 1)
+        if state.step % s.checkpoint_every == 0 or last_of_epoch and epoch == s.epochs - 1:
+            checkpoint.save(engine, paths.checkpoints, state, fp, rank)
+        if s.stop_after_steps is not None and state.step >= s.stop_after_steps:
+            stopped = True
+            break
+    if live is not None:
+        live.end()
+    return TrainResult.of(state, stopped, time.monotonic() - started)
+
+
+def _engine(model: RewardModel, s: TrainSettings, ds_config: dict, total_steps: int):
+    """The DeepSpeed engine: AdamW param groups (no decay on biases and norms, the head's own lr) and the schedule."""
+    import deepspeed
+
+    from rmpipe.ds_config import lr_scheduler, param_groups
 
     if s.gradient_checkpointing:
         model.backbone.gradient_checkpointing_enable()
@@ -436,129 +324,79 @@ def fit(model: RewardModel, data: Data, s: TrainSettings, paths: TrainPaths, fp:
     schedule = None if "scheduler" in ds_config else lr_scheduler({"warmup_ratio": s.warmup_ratio}, total_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config,
                                            lr_scheduler=schedule)
-    result = TrainResult()
-    start_epoch, start_batch, nonfinite = 0, 0, 0
-    ln2_history: list[tuple[float, float]] = []
+    return engine
 
-    paths.checkpoints.mkdir(parents=True, exist_ok=True)
-    tag = find_resumable(paths.checkpoints, fp)
-    if tag is not None:
-        _, client = engine.load_checkpoint(str(paths.checkpoints), tag=tag)
-        state = client["rmpipe"]
-        start_epoch, start_batch = state["epoch"], state["next_batch"]
-        result.steps, nonfinite = state["step"], state["nonfinite"]
-        result.skipped_steps, result.losses = state["skipped"], list(state["losses"])
-        ln2_history = [tuple(x) for x in state["ln2_history"]]
-        result.train, result.val = state.get("train_metrics", {}), state.get("val_metrics", {})
-        torch.set_rng_state(state["rng"])
-        result.resumed_from_step = result.steps
-        if rank == 0:
-            log.info("resuming from %s (step %d of %d)", paths.checkpoints / tag, result.steps, total_steps)
-    elif rank == 0:
-        log.info("training %d pairs x %d epochs = %d steps on %d rank(s)", len(data.train), s.epochs, total_steps, world)
 
-    live = _open_live(paths.live_dir, resumed=tag is not None) if rank == 0 else None
-    done_tokens, done_pairs, busy_s = state.get("throughput", (0, 0, 0.0)) if tag is not None else (0, 0, 0.0)
-    positions = [(e, b) for e in range(s.epochs) for b in range(len(plans[e])) if (e, b) >= (start_epoch, start_batch)]
-    epoch_sums = [0.0, 0.0, 0.0, 0.0]  # an epoch cut by a resume reports the train metrics of its resumed part only
-    for epoch, b in (progress(positions, total=len(positions), desc="train") if rank == 0 else positions):
-        t0 = time.monotonic()
-        global_rows = units.rows(plans[epoch][b])
-        rows = units.rows(shard(plans[epoch][b], units.tokens, rank, world))
-        batch = make_batch(data.train, rows, s.packing, data.pad_id).to(engine.device)
-        weight = weights[rows].to(engine.device)
-        r_c, r_r = engine(**batch.inputs).float().chunk(2)
-        loss = bradley_terry_loss(
-            r_c, r_r,
-            margin=batch.margin if s.use_margin else None,
-            soft_label=batch.soft_label if s.use_soft_labels else None,
-            center_coef=s.center_coef,
-            weight=weight if s.loss_weighting != "pair" else None,
-        )
-        finite = _all_same(bool(torch.isfinite(loss)))
-        if finite:
-            engine.backward(loss * shard_weight(float(weight.sum()), float(weights[global_rows].sum()), world))
-            # DeepSpeed reports the norm it clipped with under ZeRO; without ZeRO (fp32) it reports none,
-            # and there every rank holds the whole, all-reduced gradient.
-            grads = [p.grad for p in model.parameters() if p.grad is not None]
-            own_norm = float(torch.nn.utils.get_total_norm(grads)) if engine.zero_optimization_stage() == 0 else None
-            step_lr = engine.get_lr()  # the lr this step uses (the scheduler moves on inside step())
-            engine.step()
-            grad_norm = engine.get_global_grad_norm() if own_norm is None else own_norm
-        else:
-            nonfinite += 1
-            result.skipped_steps += 1
-            engine.zero_grad()
-            if rank == 0:
-                log.warning("non-finite loss at epoch %d batch %d: step skipped (%d of at most %d)",
-                            epoch, b, nonfinite, s.max_nonfinite_steps)
-            if nonfinite > s.max_nonfinite_steps:
-                raise DataError(
-                    f"{nonfinite} steps had a non-finite loss (train.max_nonfinite_steps = {s.max_nonfinite_steps}): "
-                    "check the margin / soft_label columns for NaN or inf, or lower train.lr")
-        gap = (r_c - r_r).detach()
-        w_sum = float(weight.sum())  # the logged loss is the objective: the weighted mean over the global batch
-        loss_sum, correct, n, margin_sum, tokens, w_sum = _reduce_sum([
-            loss.item() * w_sum if finite else 0.0, float((gap > 0).sum()), float(len(rows)),
-            float(gap.sum()) if finite else 0.0, float(batch.real_tokens), w_sum])
-        step_s = time.monotonic() - t0
-        busy_s += step_s
-        done_tokens += tokens
-        done_pairs += n
-        result.steps += 1
-        if finite:
-            step_loss = loss_sum / w_sum
-            result.losses.append(step_loss)
-            epoch_sums = [epoch_sums[0] + loss_sum, epoch_sums[1] + correct, epoch_sums[2] + n, epoch_sums[3] + w_sum]
-            if len(ln2_history) < LN2_CHECK_STEPS:
-                ln2_history.append((step_loss, _reduce_max(float(gap.abs().max()))))
-                if stuck_at_ln2(ln2_history):
-                    raise UserError(
-                        f"the loss stayed at ln 2 = {LN2:.4f} with identical chosen/rejected rewards for the first "
-                        f"{LN2_CHECK_STEPS} steps: the reward is read at a position that does not see the response. "
-                        "Check pooling (last real token from the attention mask) and the padding side / pad token "
-                        "(cf. huggingface/trl#2758)")
-            if live is not None:
-                for key, value in {"loss": step_loss, "accuracy": correct / n, "margin": margin_sum / n,
-                                   "grad_norm": float(grad_norm or 0.0), "lr": float(step_lr[0]) if step_lr else 0.0,
-                                   "tokens_per_s": tokens / step_s, "pairs_per_s": n / step_s}.items():
-                    live.log_metric(f"train/{key}", value)
-                live.next_step()
+def _backward_step(engine, model: RewardModel, loss: torch.Tensor) -> tuple[list[float], float | None]:
+    """Backward and optimizer step; returns the lr this step used and the gradient norm before clipping."""
+    engine.backward(loss)
+    # DeepSpeed reports the norm it clipped with under ZeRO; without ZeRO (fp32) it reports none,
+    # and there every rank holds the whole, all-reduced gradient.
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    own_norm = float(torch.nn.utils.get_total_norm(grads)) if engine.zero_optimization_stage() == 0 else None
+    lr = engine.get_lr()  # the lr this step uses (the scheduler moves on inside step())
+    engine.step()
+    return lr, engine.get_global_grad_norm() if own_norm is None else own_norm
 
-        last_of_epoch = b == len(plans[epoch]) - 1
-        if last_of_epoch:
-            result.train = {"loss": epoch_sums[0] / max(epoch_sums[3], 1e-12),
-                            "accuracy": epoch_sums[1] / max(epoch_sums[2], 1)}
-            epoch_sums = [0.0, 0.0, 0.0, 0.0]
-            result.val = evaluate_pairs(engine, data.val, data.pad_id, s, rank, world)
-            if rank == 0 and result.val:
-                log.info("epoch %d: train loss %.4f acc %.3f | val loss %.4f acc %.3f", epoch + 1,
-                         result.train["loss"], result.train["accuracy"], result.val["loss"], result.val["accuracy"])
-                if live is not None:
-                    live.log_metric("val/loss", result.val["loss"])
-                    live.log_metric("val/accuracy", result.val["accuracy"])
-                    live.log_metric("epoch", epoch + 1)
-                    live.next_step()
 
-        if result.steps % s.checkpoint_every == 0 or last_of_epoch and epoch == s.epochs - 1:
-            next_pos = (epoch, b + 1) if not last_of_epoch else (epoch + 1, 0)
-            save_checkpoint(engine, paths.checkpoints, result.steps, {
-                "fingerprint": fp, "epoch": next_pos[0], "next_batch": next_pos[1], "step": result.steps,
-                "nonfinite": nonfinite, "skipped": result.skipped_steps, "losses": result.losses,
-                "ln2_history": ln2_history, "train_metrics": result.train, "val_metrics": result.val,
-                "throughput": (done_tokens, done_pairs, busy_s),
-                "rng": torch.get_rng_state()}, rank)
-        if s.stop_after_steps is not None and result.steps >= s.stop_after_steps:
-            result.stopped_early = True
-            break
+def _skip_step(engine, state: LoopState, s: TrainSettings, epoch: int, b: int, rank: int) -> None:
+    """Drop this step's gradients; too many skipped steps abort the run."""
+    state.skipped += 1
+    engine.zero_grad()
+    if rank == 0:
+        log.warning("non-finite loss at epoch %d batch %d: step skipped (%d of at most %d)",
+                    epoch, b, state.skipped, s.max_nonfinite_steps)
+    if state.skipped > s.max_nonfinite_steps:
+        raise DataError(
+            f"{state.skipped} steps had a non-finite loss (train.max_nonfinite_steps = {s.max_nonfinite_steps}): "
+            "check the margin / soft_label columns for NaN or inf, or lower train.lr")
 
-    result.pairs_per_s = done_pairs / busy_s if busy_s else 0.0
-    result.tokens_per_s = done_tokens / busy_s if busy_s else 0.0
-    result.wall_s = time.monotonic() - started
-    if live is not None:
-        live.end()
-    return result
 
+def _tally(state: LoopState, finite: bool, loss: torch.Tensor, weight: torch.Tensor, gap: torch.Tensor,
+           n_pairs: int, real_tokens: int, t0: float) -> dict[str, float] | None:
+    """Add the step's totals over all ranks to `state`; the step's metrics, or None for a skipped step."""
+    w_sum = float(weight.sum())  # the logged loss is the objective: the weighted mean over the global batch
+    loss_sum, correct, n, margin_sum, tokens, w_sum = reduce_sum([
+        loss.item() * w_sum if finite else 0.0, float((gap > 0).sum()), float(n_pairs),
+        float(gap.sum()) if finite else 0.0, float(real_tokens), w_sum])
+    step_s = time.monotonic() - t0
+    state.step += 1
+    state.busy_s += step_s
+    state.tokens += tokens
+    state.pairs += n
+    if not finite:
+        return None
+    step_loss = loss_sum / w_sum
+    state.losses.append(step_loss)
+    state.epoch_loss += loss_sum
+    state.epoch_correct += correct
+    state.epoch_pairs += n
+    state.epoch_weight += w_sum
+    if len(state.ln2_history) < LN2_CHECK_STEPS:
+        state.ln2_history.append((step_loss, reduce_max(float(gap.abs().max()))))
+        if stuck_at_ln2(state.ln2_history):
+            raise UserError(
+                f"the loss stayed at ln 2 = {LN2:.4f} with identical chosen/rejected rewards for the first "
+                f"{LN2_CHECK_STEPS} steps: the reward is read at a position that does not see the response. "
+                "Check pooling (last real token from the attention mask) and the padding side / pad token "
+                "(cf. huggingface/trl#2758)")
+    return {"train/loss": step_loss, "train/accuracy": correct / n, "train/margin": margin_sum / n,
+            "train/tokens_per_s": tokens / step_s, "train/pairs_per_s": n / step_s}
+
+
+def _log_epoch(live, state: LoopState, epoch: int, rank: int) -> None:
+    if rank == 0 and state.val:
+        log.info("epoch %d: train loss %.4f acc %.3f | val loss %.4f acc %.3f", epoch + 1,
+                 state.train["loss"], state.train["accuracy"], state.val["loss"], state.val["accuracy"])
+        if live is not None:
+            _log_metrics(live, {"val/loss": state.val["loss"], "val/accuracy": state.val["accuracy"], "epoch": epoch + 1})
+
+
+def _log_metrics(live, metrics: dict[str, float]) -> None:
+    """One dvclive step: dvclive/train/plots/metrics/<name>.tsv gets a row per metric."""
+    for name, value in metrics.items():
+        live.log_metric(name, value)
+    live.next_step()
 
 def _open_live(folder: Path, resumed: bool):
     from dvclive import Live

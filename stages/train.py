@@ -21,16 +21,15 @@ from pathlib import Path
 import torch
 
 from rmpipe.backbones import check_backbone, load_backbone, max_positions, resolve_backbone
+from rmpipe.checkpoint import fingerprint
+from rmpipe.distributed import RENDEZVOUS_ENV, free_port, init_distributed, leave_distributed, make_deterministic
 from rmpipe.ds_config import bf16_wanted, build_config, load_config
 from rmpipe.errors import exits_cleanly
 from rmpipe.packing import resolve_packing
 from rmpipe.params import get, load_params, section
 from rmpipe.progress import setup_logging
 from rmpipe.reward_model import RewardModel
-from rmpipe.train import (
-    RENDEZVOUS_ENV, TrainPaths, TrainSettings, check_max_length, fingerprint, fit, free_port, init_distributed,
-    leave_distributed, make_deterministic, read_splits, save_outputs, tokenize,
-)
+from rmpipe.train import TrainPaths, TrainSettings, check_max_length, fit, read_splits, save_outputs, tokenize
 
 log = logging.getLogger("rmpipe.train")
 

@@ -115,10 +115,10 @@ def test_closure_follows_every_import_form_and_skips_only_type_checking_and_the_
 def test_training_fingerprint_and_token_cache_key_follow_the_same_closure(tmp_path):
     """backbones.py was in neither hand-kept list; it is in train's and tokenize's closures, so an edit
     to it now stops a checkpoint resume and a cached-tokens reuse, as it makes DVC re-run both stages."""
-    from rmpipe import tokenized, train
+    from rmpipe import checkpoint, tokenized
 
     wanted = codedeps.wanted_deps(ROOT / "dvc.yaml")
-    assert list(train.TRAINING_CODE) == wanted["train"]
+    assert list(checkpoint.TRAINING_CODE) == wanted["train"]
     assert codedeps.closure(tokenized.CODE_ENTRY) == wanted["tokenize"]
     assert "rmpipe/backbones.py" in wanted["train"] and "rmpipe/backbones.py" in wanted["tokenize"]
 
@@ -128,10 +128,10 @@ def test_training_fingerprint_and_token_cache_key_follow_the_same_closure(tmp_pa
     edited = proj / "rmpipe" / "backbones.py"
     script = textwrap.dedent(f"""
         from types import SimpleNamespace
-        from rmpipe import tokenized, train
+        from rmpipe import checkpoint, tokenized
         paths = SimpleNamespace(train_split={str(split)!r}, val_split={str(split)!r})
         def keys():
-            return (train.fingerprint({{}}, {{}}, {str(split)!r}, "hub/model", 1),
+            return (checkpoint.fingerprint({{}}, {{}}, {str(split)!r}, "hub/model", 1),
                     tokenized.cache_key("hub/model", paths, 64)["code"])
         first, again = keys(), keys()
         with open({str(edited)!r}, "a") as fh:

@@ -20,7 +20,8 @@ from rmpipe.backbones import build_tiny_backbone
 from rmpipe.errors import ConfigError, DataError
 from rmpipe.reward_model import RewardModel
 from rmpipe.schema import canonical_prompt
-from rmpipe.train import LN2, TrainPaths, find_resumable, stuck_at_ln2
+from rmpipe.checkpoint import find_resumable
+from rmpipe.train import LN2, TrainPaths, stuck_at_ln2
 from stages.train import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,6 +128,43 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, backbone):
     # a checkpoint made under other params or data is never resumed
     assert find_resumable(killed / "checkpoints/train", record["fingerprint"]) is not None
     assert find_resumable(killed / "checkpoints/train", "0" * 64) is None
+
+    # killed inside the last epoch: the checkpoint carries that epoch's sums, so the resumed run reports the
+    # same train metrics as the run never killed (not those of the resumed part of the epoch alone)
+    late = make_project(tmp_path / "late", backbone, checkpoint_every=4, stop_after_steps=10)
+    run(str(late / "params.yaml"), paths_in(late))
+    assert (late / "checkpoints/train/latest").read_text() == "step8"  # 6 batches an epoch: epoch 2, batch 3
+    set_train(late, stop_after_steps=None)
+    run(str(late / "params.yaml"), paths_in(late))
+    straight_run = json.loads((straight / "models/reward_model/training.json").read_text())
+    for folder in (killed, late):
+        resumed = json.loads((folder / "models/reward_model/training.json").read_text())
+        assert (resumed["train"], resumed["val"], resumed["steps"]) == (
+            straight_run["train"], straight_run["val"], straight_run["steps"])
+    c = weights(late)
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_loop_state_saves_and_restores_every_field():
+    """A checkpoint restores the whole loop state: each field survives state_dict -> JSON -> load_state_dict.
+    A field left out of state_dict (or not restored) turns this red."""
+    from dataclasses import fields
+
+    from rmpipe.checkpoint import LoopState
+
+    state = LoopState(epoch=1, next_batch=2, step=8, skipped=1, losses=[0.7, 0.5], ln2_history=[(0.69, 0.01)],
+                      epoch_loss=3.5, epoch_correct=9.0, epoch_pairs=16.0, epoch_weight=14.0,
+                      train={"loss": 0.4, "accuracy": 0.8}, val={"loss": 0.5, "accuracy": 0.75},
+                      tokens=1234.0, pairs=64.0, busy_s=2.5)
+    restored = LoopState()
+    restored.load_state_dict(json.loads(json.dumps(state.state_dict())))
+    assert "resumed_from_step" not in state.state_dict()
+    for f in fields(LoopState):
+        if f.name != "resumed_from_step":
+            assert getattr(restored, f.name) == getattr(state, f.name) != getattr(LoopState(), f.name), f.name
+    assert restored.resumed_from_step == 8
+    restored.end_epoch()
+    assert restored.train == {"loss": 3.5 / 14.0, "accuracy": 9.0 / 16.0} and restored.epoch_pairs == 0.0
 
 
 def test_nonfinite_loss_skips_step_then_aborts(tmp_path, backbone):
@@ -376,8 +414,8 @@ def test_fingerprint_changes_with_each_input_and_gates_resume(tmp_path, backbone
     rmpipe/tokenized.py, each turn this test red."""
     import shutil
 
-    from rmpipe import train as train_mod
-    from rmpipe.train import LATEST, NOT_FINGERPRINTED, STATE_FILE, TRAINING_CODE, fingerprint
+    from rmpipe import checkpoint
+    from rmpipe.checkpoint import LATEST, NOT_FINGERPRINTED, STATE_FILE, TRAINING_CODE, fingerprint
 
     project = make_project(tmp_path / "p", backbone)
     params = yaml.safe_load((project / "params.yaml").read_text())
@@ -389,7 +427,7 @@ def test_fingerprint_changes_with_each_input_and_gates_resume(tmp_path, backbone
     for rel in TRAINING_CODE:
         (code_root / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / rel, code_root / rel)
-    monkeypatch.setattr(train_mod, "CODE_ROOT", code_root)
+    monkeypatch.setattr(checkpoint, "CODE_ROOT", code_root)
 
     def fp(world: int = 1) -> str:
         return fingerprint(model_cfg, train_cfg, split, bb, world)
@@ -442,7 +480,7 @@ def test_fingerprint_code_is_the_train_stage_code_deps():
     import closure, rmpipe.codedeps): a module DVC re-runs train for is one a checkpoint must not be
     resumed across, and the other way round.
     Mutation tried: removing rmpipe/tokenized.py from TRAINING_CODE turns this red."""
-    from rmpipe.train import TRAINING_CODE
+    from rmpipe.checkpoint import TRAINING_CODE
 
     deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]["deps"]
     assert sorted(d for d in deps if d.endswith(".py")) == sorted(TRAINING_CODE)
