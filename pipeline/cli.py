@@ -58,7 +58,7 @@ def _score(args: argparse.Namespace) -> None:
     import json
 
     from rmpipe import io
-    from rmpipe.export import score_file
+    from rmpipe.score import score_file
 
     rows = score_file(args.path, args.input, args.batch_size)
     if args.output:

@@ -19,8 +19,10 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 import rmpipe.export
 from pipeline.cli import main as cli_main
 from rmpipe.evaluate import encode_rows, load_checkpoint, reward_fn_of, score_token_rows
-from rmpipe.export import EXPORT_PAD, ExportSettings, promotion_decision
+from rmpipe.export import ExportSettings
+from rmpipe.hf_export import EXPORT_PAD, load_golden
 from rmpipe.lineage import describe, read_manifest, verify_export
+from rmpipe.promotion import accuracy_of_export, promotion_decision
 from stages import evaluate as evaluate_stage
 from stages import export as export_stage
 from test_evaluate import BATTERY, ROOT, make_pairs, save_reward_model
@@ -65,7 +67,7 @@ def test_export_loads_in_one_line_with_matching_rewards(exported):
     assert isinstance(hf.config.reward_mean, float) and hf.config.reward_std > 0
     assert hf.config.reward_stats_split == "val"
 
-    golden = rmpipe.export.load_golden(export)
+    golden = load_golden(export)
     assert {g["source"] for g in golden} == {"test", "battery", "eos_in_text"}
     model, rm_tokenizer = load_checkpoint(exported / "models" / "reward_model")
     rows, _ = encode_rows(tokenizer, [g["prompt"] for g in golden], [g["response"] for g in golden], 128)
@@ -99,6 +101,15 @@ def test_stage_outputs_and_manifest(exported):
     assert json.loads((promoted / "promotion.json").read_text())["reason"] == "no model has been promoted yet"
     card = (exported / "models" / "export" / "README.md").read_text()
     assert "## Limits" in card and "not promoted" in card and "battery" in card
+    # the card's metadata reads back as the hub reads it: how to load the model, and its held-out accuracy
+    from huggingface_hub import ModelCard
+
+    data = ModelCard.load(exported / "models" / "export" / "README.md").data
+    assert (data.library_name, data.pipeline_tag) == ("transformers", "text-classification")
+    assert "reward-model" in data.tags
+    (result,) = data.eval_results
+    assert (result.metric_type, result.metric_value) == ("accuracy", metrics["accuracy"])
+    assert "batch-train.jsonl" in card and f"{metrics['accuracy']:.4f} on 12 pairs" in card
     text = describe(manifest)
     assert "batch-train.jsonl" in text and "not in git" in text
 
@@ -147,7 +158,7 @@ def test_lineage_and_score_commands(exported, tmp_path, capsys):
     cli_main(["lineage", str(export)])
     out = capsys.readouterr().out
     assert "export files (sha256):" in out and "model.safetensors" in out
-    golden = rmpipe.export.load_golden(export)[:3]
+    golden = load_golden(export)[:3]
     rows = tmp_path / "rows.jsonl"
     rows.write_text("\n".join(json.dumps({"prompt": json.loads(g["prompt"]), "response": g["response"]}) for g in golden)
                     + "\n" + json.dumps({"prompt": "hi", "chosen": "hello there", "rejected": "go away"}) + "\n")
@@ -194,7 +205,7 @@ def test_pad_equal_to_eos_gets_a_dedicated_export_pad(tmp_path, monkeypatch):
     assert manifest["parity"]["max_abs_diff"] <= 1e-4 and not manifest["parity"]["pad_in_text"]
     # Rows whose last real token is eos (templates that end a turn with it): with pad == eos, plain
     # transformers would skip those tokens and score an earlier one; the dedicated pad keeps parity.
-    golden = rmpipe.export.load_golden(project / "models" / "export")
+    golden = load_golden(project / "models" / "export")
     rows, _ = encode_rows(tokenizer, [g["prompt"] for g in golden], [g["response"] for g in golden], 120)
     rows = [row + [tokenizer.eos_token_id] for row in rows]
     model, _ = load_checkpoint(project / "models" / "reward_model")
@@ -221,7 +232,7 @@ def test_promotion_gate(exported, tmp_path):
     assert not decision["promoted"] and decision["reason"] == "evaluation failed: battery"
 
     shutil.copytree(exported / "models" / "export", s.promoted_dir)  # a previously promoted model
-    previous = rmpipe.export.accuracy_of_export(s.promoted_dir, test, s)
+    previous = accuracy_of_export(s.promoted_dir, test, s)
     worse = promotion_decision({**passing, "accuracy": previous - 0.02}, s.promoted_dir, test, s)
     assert not worse["promoted"] and worse["previous_accuracy"] == pytest.approx(previous)
     within = promotion_decision({**passing, "accuracy": previous - 0.005}, s.promoted_dir, test, s)

@@ -80,7 +80,7 @@ def test_backbone_weights_in_a_pickle_are_refused(backbone, tmp_path, exploit):
 def test_reward_model_and_export_weights_in_a_pickle_are_refused(backbone, tmp_path):
     from transformers import AutoModel, AutoTokenizer
 
-    from rmpipe.export import load_exported
+    from rmpipe.hf_export import load_exported
     from rmpipe.reward_model import BACKBONE_DIR, RewardModel
 
     model = RewardModel.from_backbone(AutoModel.from_pretrained(backbone), seed=0)
