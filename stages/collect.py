@@ -15,10 +15,9 @@ import sys
 from pathlib import Path
 
 from rmpipe import retractions
-from rmpipe.collect import (CollectConfig, collect_dir, incoming_snapshot, raise_for_rejected, raise_if_changed,
-                            write_votes)
+from rmpipe.collect import CollectConfig, collect_to, incoming_snapshot, raise_for_rejected, raise_if_changed
 from rmpipe.errors import exits_cleanly
-from rmpipe.io import write_json, write_jsonl
+from rmpipe.io import atomic_path, write_json, write_jsonl
 from rmpipe.params import load_params, section
 from rmpipe.progress import setup_logging
 
@@ -40,11 +39,12 @@ def main(argv: list[str] | None = None) -> None:
     # What DVC will hash as this stage's input must be exactly what was read: snapshot the
     # folder first and fail at the end if it changed (DVC then records nothing for the stage).
     before = incoming_snapshot(cfg.incoming_dir)
-    votes, quarantine, report = collect_dir(cfg.incoming_dir, cfg, retractions.load(Path(".")))
-    write_jsonl(QUARANTINE, quarantine)
-    write_json(REPORT, report)
-    raise_for_rejected(report, cfg)
-    write_votes(VOTES, votes)
+    # The votes stream into a temp file, published only if no rejected batch stops the run.
+    with atomic_path(VOTES) as votes:
+        quarantine, report = collect_to(cfg.incoming_dir, cfg, votes, retractions.load(Path(".")))
+        write_jsonl(QUARANTINE, quarantine)
+        write_json(REPORT, report)
+        raise_for_rejected(report, cfg)
     raise_if_changed(cfg.incoming_dir, before)
     totals = report["totals"]
     log.info("wrote %s: %d votes on %d pairs from %d annotators; %d rows quarantined (%s)",

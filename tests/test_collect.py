@@ -156,12 +156,12 @@ def test_schema_text_functions_equal_their_definitions_and_collect_caches(prompt
                                                separators=(",", ":")).encode()).hexdigest()
     assert schema.prompt_hash(prompt) == reference_hash
     normalizer = collect._Normalizer(10_000)
-    info_a, info_b = normalizer._new_text(a, "a"), normalizer._new_text(b, "b")
+    info_a, info_b = normalizer.text_info(a, "a"), normalizer.text_info(b, "b")
     if isinstance(info_a, collect._Bad) or isinstance(info_b, collect._Bad) or info_a[1] == info_b[1]:
         return
     prompt_info = (schema.canonical_prompt(prompt), schema.prompt_hash(prompt))
-    assert normalizer._pair_id(prompt_info, info_a, info_b) == schema.pair_id(prompt, a, b)
-    assert normalizer._pair_id(prompt_info, info_b, info_a) == schema.pair_id(prompt, a, b)
+    assert normalizer.pair_id(prompt_info, info_a, info_b) == schema.pair_id(prompt, a, b)
+    assert normalizer.pair_id(prompt_info, info_b, info_a) == schema.pair_id(prompt, a, b)
 
 
 # --------------------------------------------------------------------------------- bad rows
