@@ -11,9 +11,11 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 
 # Test hook (tests/test_reliability.py): "pause:<name>:<signal file>" stops the writer of an output named
@@ -111,6 +113,57 @@ def write_text(path: str | Path, text: str) -> None:
 def write_parquet(path: str | Path, df: pd.DataFrame) -> None:
     with atomic_path(path) as tmp:
         df.to_parquet(tmp, index=False)
+
+
+class ParquetChunks:
+    """A parquet file written a DataFrame at a time, converted as `DataFrame.to_parquet(index=False)` does,
+    one row group per non-empty chunk: a table given as one chunk gets the same bytes as write_parquet.
+    An empty chunk is written only when no other came (a file needs its schema)."""
+
+    def __init__(self, path: str | Path):
+        self.path, self.rows = Path(path), 0
+        self._writer: Any = None
+        self._empty: pd.DataFrame | None = None
+
+    def write(self, frame: pd.DataFrame) -> None:
+        if len(frame) == 0:
+            if self._writer is None and self._empty is None:
+                self._empty = frame  # written at close if no row ever comes
+            return
+        self._append(frame)
+
+    def _append(self, frame: pd.DataFrame) -> None:
+        schema = None if self._writer is None else self._writer.schema
+        table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self.path, table.schema, compression="snappy")
+        self._writer.write_table(table)
+        self.rows += table.num_rows
+
+    def close(self) -> None:
+        if self._writer is None:
+            if self._empty is None:
+                raise ValueError(f"{self.path}: no chunk to take the schema from")
+            self._append(self._empty)
+        self._writer.close()
+
+    def __enter__(self) -> ParquetChunks:
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        if kind is None:
+            self.close()
+        elif self._writer is not None:
+            self._writer.close()
+
+
+def write_parquet_chunks(path: str | Path, frames: Iterable[pd.DataFrame]) -> int:
+    """write_parquet for a table that arrives in chunks (one frame in memory at a time); returns the rows written."""
+    with atomic_path(path) as tmp:
+        with ParquetChunks(tmp) as out:
+            for frame in frames:
+                out.write(frame)
+    return out.rows
 
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:

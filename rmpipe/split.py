@@ -91,23 +91,42 @@ def split_frames(split_table: pd.DataFrame) -> dict[str, pd.DataFrame]:
     }
 
 
+class SplitTally:
+    """Pairs and distinct prompts per split, counted over a split table that arrives in chunks."""
+
+    def __init__(self) -> None:
+        self.pairs: dict[str, int] = {}
+        self._placed: list[pd.DataFrame] = []  # distinct (split, prompt_hash) per chunk
+
+    def add(self, split_table: pd.DataFrame) -> None:
+        for name, count in split_table["split"].value_counts().items():
+            self.pairs[name] = self.pairs.get(name, 0) + int(count)
+        self._placed.append(split_table[["split", "prompt_hash"]].drop_duplicates())
+
+    def report(self, fractions: Mapping[str, float]) -> dict[str, Any]:
+        """Pairs and distinct prompts per split and the fractions realised (DVC metrics)."""
+        placed = pd.concat(self._placed, ignore_index=True).drop_duplicates() if self._placed else None
+        n_pairs = sum(self.pairs.values())
+        n_prompts = int(placed["prompt_hash"].nunique()) if placed is not None else 0
+        prompts = placed["split"].value_counts() if placed is not None else pd.Series(dtype=int)
+        report: dict[str, Any] = {"pairs": n_pairs, "prompts": n_prompts}
+        for name in SPLITS:
+            in_pairs, in_prompts = self.pairs.get(name, 0), int(prompts.get(name, 0))
+            report[name] = {
+                "pairs": in_pairs,
+                "prompts": in_prompts,
+                "pair_fraction": round(in_pairs / n_pairs, 6) if n_pairs else 0.0,
+                "prompt_fraction": round(in_prompts / n_prompts, 6) if n_prompts else 0.0,
+                "target_fraction": float(fractions[name]),
+            }
+        return report
+
+
 def split_report(split_table: pd.DataFrame, fractions: Mapping[str, float]) -> dict[str, Any]:
-    """Pairs and distinct prompts per split and the fractions realised (DVC metrics)."""
-    n_pairs = len(split_table)
-    n_prompts = int(split_table["prompt_hash"].nunique())
-    pairs = split_table["split"].value_counts()
-    prompts = split_table.groupby("split")["prompt_hash"].nunique()
-    report: dict[str, Any] = {"pairs": n_pairs, "prompts": n_prompts}
-    for name in SPLITS:
-        in_pairs, in_prompts = int(pairs.get(name, 0)), int(prompts.get(name, 0))
-        report[name] = {
-            "pairs": in_pairs,
-            "prompts": in_prompts,
-            "pair_fraction": round(in_pairs / n_pairs, 6) if n_pairs else 0.0,
-            "prompt_fraction": round(in_prompts / n_prompts, 6) if n_prompts else 0.0,
-            "target_fraction": float(fractions[name]),
-        }
-    return report
+    """SplitTally's report for a table held whole."""
+    tally = SplitTally()
+    tally.add(split_table)
+    return tally.report(fractions)
 
 
 def check_not_empty(report: Mapping[str, Any]) -> None:

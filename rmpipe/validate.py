@@ -19,19 +19,22 @@ to the folder the caller names. Nothing goes to the home folder or the network.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
-import numpy as np
 import pandas as pd
 
 from rmpipe.errors import ConfigError
 from rmpipe.params import get, section
 from rmpipe.schema import PAIR_COLUMNS
+from rmpipe.validate_frames import (
+    INTEGER_COLUMNS, all_splits_frame, identity_frame, prompts_frame, schema_frame, values_frame,
+)
 
 # GX decides about analytics when it is imported: switch it off first, whatever the caller's env says.
 os.environ["GX_ANALYTICS_ENABLED"] = "false"
@@ -48,7 +51,6 @@ log = logging.getLogger("rmpipe.validate")
 logging.getLogger("great_expectations").setLevel(logging.ERROR)
 
 TEXT_COLUMNS = ("pair_id", "prompt", "chosen", "rejected", "prompt_hash", "split")
-INTEGER_COLUMNS = ("n_votes", "n_chosen", "n_rejected", "n_tie")
 FLOAT_COLUMNS = ("agreement", "soft_label", "margin")
 ALL_SPLITS, PROMPTS = "all splits", "prompts"
 EXAMPLES = 3
@@ -84,87 +86,6 @@ def contract_params(params: dict[str, Any]) -> ContractParams:
             f"params.yaml: 'validate.chosen_longer_share' must be [low, high] with 0 <= low <= high <= 1, got {band!r}"
         )
     return ContractParams(min_votes, lo_chars, hi_chars, (float(band[0]), float(band[1])))
-
-
-# --- the frames GX validates (derived columns computed in pandas) ---------------------------
-#
-# Each split is validated as two frames: its stored columns as they are (schema: presence,
-# types, nulls) and a narrow frame of values (ranges, lengths, length bias). The long
-# texts stay out of the values frame because GX copies the whole frame for every
-# column-map expectation; with 200k pairs of real-length text that alone costs seconds.
-
-
-def _hashable(value: Any) -> Any:
-    return tuple(value) if isinstance(value, (list, np.ndarray)) else value
-
-
-def schema_frame(frame: pd.DataFrame) -> pd.DataFrame:
-    """The split as stored, with `batch_ids` lists as tuples.
-
-    GX fingerprints every batch and falls back to pickling the whole frame (seconds
-    on 200k pairs) when a column holds unhashable lists.
-    """
-    if "batch_ids" not in frame.columns:
-        return frame
-    return frame.assign(batch_ids=frame["batch_ids"].map(_hashable))
-
-
-def _is_text(frame: pd.DataFrame, column: str) -> bool:
-    return column in frame.columns and pd.api.types.is_string_dtype(frame[column])
-
-
-def _pointer_strings(frame: pd.DataFrame) -> pd.DataFrame:
-    """Short text columns as Python objects: GX filters the whole frame once per column-map
-    expectation, and copying object pointers is far cheaper than copying Arrow strings."""
-    text = [c for c in frame.columns if pd.api.types.is_string_dtype(frame[c]) and frame[c].dtype != object]
-    return frame.astype({c: object for c in text}) if text else frame
-
-
-def values_frame(frame: pd.DataFrame) -> pd.DataFrame:
-    """Identity and number columns, plus response lengths, `same_response` and `chosen_longer`."""
-    keep = ["pair_id", "prompt_hash", "split", *INTEGER_COLUMNS, "agreement", "soft_label"]
-    values = _pointer_strings(frame[[c for c in keep if c in frame.columns]])
-    if "prejudged" in frame.columns and "n_votes" in frame.columns:
-        # min_votes governs pairs built from A/B votes; a pre-judged pair carries its own count (null here: not checked)
-        values = values.assign(vote_built_n_votes=frame["n_votes"].where(~frame["prejudged"].astype(bool)).astype(float))
-    if not (_is_text(frame, "chosen") and _is_text(frame, "rejected")):
-        return values
-    chosen_chars = frame["chosen"].str.len()
-    rejected_chars = frame["rejected"].str.len()
-    return values.assign(
-        chosen_chars=chosen_chars,
-        rejected_chars=rejected_chars,
-        same_response=(frame["chosen"] == frame["rejected"]).fillna(False).astype(bool),
-        chosen_longer=(chosen_chars > rejected_chars).fillna(False).astype(float),
-    )
-
-
-def all_splits_frame(splits: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """Every split's identity columns stacked, `split` set from the file the row sits in.
-
-    For the (prompt, chosen, rejected) duplicate check the prompt enters as its
-    prompt_hash (the contract's identity of a prompt) and each response as an integer
-    code (equal text, equal code): GX would otherwise fingerprint and copy ~1 GB of
-    text once more just to find duplicates.
-    """
-    frames = list(splits.values())
-    stacked = pd.concat(
-        [f[[c for c in ("pair_id", "prompt_hash") if c in f.columns]].assign(split=name) for name, f in splits.items()],
-        ignore_index=True,
-    )
-    responses = ("chosen", "rejected")
-    if all(_is_text(f, c) for f in frames for c in responses):
-        for c in responses:
-            stacked[f"{c}_key"] = pd.factorize(pd.concat([f[c] for f in frames], ignore_index=True))[0]
-    return _pointer_strings(stacked)
-
-
-def prompts_frame(stacked: pd.DataFrame) -> pd.DataFrame:
-    """One row per prompt_hash with the number of splits it appears in."""
-    if "prompt_hash" not in stacked.columns:
-        return pd.DataFrame({"prompt_hash": pd.Series(dtype="str"), "n_splits": pd.Series(dtype="int64")})
-    placed = stacked[["prompt_hash", "split"]].dropna().drop_duplicates()
-    return placed["prompt_hash"].value_counts(sort=False).rename("n_splits").rename_axis("prompt_hash").reset_index()
 
 
 # --- suites ---------------------------------------------------------------------------------
@@ -375,36 +296,93 @@ class ContractResult:
         }
 
 
-def validate_splits(splits: dict[str, pd.DataFrame], params: ContractParams, docs_dir: str | Path) -> ContractResult:
+
+    def add(self, frame_name: str, asset_name: str, results: list, rows: int) -> None:
+        self.n_expectations += len(results)
+        self.failures += [failure_line(frame_name, r) for r in results if not r.success]
+        log.info("%-12s %7d rows  %2d expectations  %d failed", asset_name, rows, len(results),
+                 sum(not r.success for r in results))
+
+
+class _Runner:
+    """One GX suite per asset (train_schema, train_values, ...), run on a frame or on each chunk of one."""
+
+    def __init__(self, docs_dir: Path):
+        self.context = _context(docs_dir)
+        self.source = self.context.data_sources.add_pandas("rmpipe_splits")
+        self._definitions: dict[str, Any] = {}
+
+    def run(self, asset_name: str, frame: pd.DataFrame, expectations: list, id_column: str | None) -> list:
+        """The expectations' results on `frame`, in the order they were given."""
+        definition = self._definitions.get(asset_name)
+        if definition is None:
+            batch = self.source.add_dataframe_asset(asset_name).add_batch_definition_whole_dataframe("whole")
+            suite = self.context.suites.add(gx.ExpectationSuite(name=f"rmpipe.{asset_name}", expectations=expectations))
+            definition = self._definitions[asset_name] = self.context.validation_definitions.add(
+                gx.ValidationDefinition(name=f"rmpipe.{asset_name}", data=batch, suite=suite))
+        run = definition.run(batch_parameters={"dataframe": frame}, result_format=_result_format(frame, id_column))
+        order = {e.id: i for i, e in enumerate(definition.suite.expectations)}
+        return sorted(run.results, key=lambda r: order.get(r.expectation_config.id, len(order)))
+
+
+def merge_chunk_results(runs: list[list]) -> list:
+    """One result per expectation from its results on consecutive chunks of a table: counts summed,
+    the first examples kept (as on the whole table), a failure or an error on any chunk fails it."""
+    if len(runs) == 1:
+        return runs[0]
+    merged = []
+    for parts in zip(*runs):
+        first = copy.copy(parts[0])
+        result = dict(first.result or {})
+        if "unexpected_count" in result:
+            for key in ("unexpected_count", "element_count", "missing_count"):
+                if key in result:
+                    result[key] = sum((p.result or {}).get(key) or 0 for p in parts)
+            result["partial_unexpected_list"] = [
+                v for p in parts for v in (p.result or {}).get("partial_unexpected_list") or []][:EXAMPLES]
+        elif first.expectation_config.type == "expect_table_row_count_to_be_between":
+            result["observed_value"] = sum((p.result or {}).get("observed_value") or 0 for p in parts)
+        broken = next((p for p in parts if _exception_message(p.exception_info)), None)
+        first.result, first.success = result, all(p.success for p in parts)
+        if broken is not None:
+            first.exception_info = broken.exception_info
+        merged.append(first)
+    return merged
+
+
+def _chunks(split: pd.DataFrame | Iterable[pd.DataFrame]) -> Iterable[pd.DataFrame]:
+    return [split] if isinstance(split, pd.DataFrame) else split
+
+
+def validate_splits(splits: dict[str, pd.DataFrame | Iterable[pd.DataFrame]], params: ContractParams,
+                    docs_dir: str | Path) -> ContractResult:
     """Run the contract over the splits, build the HTML data docs in `docs_dir`, return the outcome.
 
-    `docs_dir` should be a fresh folder (the stage passes an atomic temp folder).
+    A split is a DataFrame or an iterable of chunk frames (at least one, maybe empty): the schema
+    suite runs on each chunk and its results are merged; everything else is validated whole on
+    frames without the texts. `docs_dir` should be a fresh folder (the stage passes an atomic temp folder).
     """
-    context = _context(Path(docs_dir).resolve())
-    source = context.data_sources.add_pandas("rmpipe_splits")
-    stacked = all_splits_frame(splits)
-    # (label in failure lines, GX asset name, frame, expectations, column naming failing rows or None)
-    frames = []
-    for name, frame in splits.items():
-        values = values_frame(frame)
-        frames.append((name, f"{name}_schema", schema_frame(frame), schema_expectations(frame), None))
-        frames.append((name, f"{name}_values", values, values_expectations(name, values, params), "pair_id"))
-    frames.append((ALL_SPLITS, "all_splits", stacked, all_splits_expectations(stacked), "pair_id"))
-    frames.append((PROMPTS, "prompts", prompts_frame(stacked), prompts_expectations(), "prompt_hash"))
-
-    outcome = ContractResult(rows={name: len(frame) for name, frame in splits.items()})
-    for name, asset_name, frame, expectations, id_column in frames:
-        batch = source.add_dataframe_asset(asset_name).add_batch_definition_whole_dataframe("whole")
-        suite = context.suites.add(gx.ExpectationSuite(name=f"rmpipe.{asset_name}", expectations=expectations))
-        definition = context.validation_definitions.add(
-            gx.ValidationDefinition(name=f"rmpipe.{asset_name}", data=batch, suite=suite)
-        )
-        run = definition.run(batch_parameters={"dataframe": frame}, result_format=_result_format(frame, id_column))
-        order = {e.id: i for i, e in enumerate(suite.expectations)}
-        results = sorted(run.results, key=lambda r: order.get(r.expectation_config.id, len(order)))
-        outcome.n_expectations += len(results)
-        outcome.failures += [failure_line(name, r) for r in results if not r.success]
-        log.info("%-12s %7d rows  %2d expectations  %d failed", asset_name, len(frame), len(results),
-                 sum(not r.success for r in results))
-    context.build_data_docs()
+    runner = _Runner(Path(docs_dir).resolve())
+    outcome = ContractResult(rows={})
+    identities: list[pd.DataFrame] = []
+    for name, split in splits.items():
+        schema_runs, values, rows = [], [], 0
+        for chunk in _chunks(split):
+            schema_runs.append(runner.run(f"{name}_schema", schema_frame(chunk), schema_expectations(chunk), None))
+            values.append(values_frame(chunk))
+            identities.append(identity_frame(name, chunk))
+            rows += len(chunk)
+        outcome.rows[name] = rows
+        outcome.add(name, f"{name}_schema", merge_chunk_results(schema_runs), rows)
+        whole = values[0] if len(values) == 1 else pd.concat(values, ignore_index=True)
+        del values
+        checks = values_expectations(name, whole, params)
+        outcome.add(name, f"{name}_values", runner.run(f"{name}_values", whole, checks, "pair_id"), rows)
+    stacked = all_splits_frame(identities)
+    del identities
+    outcome.add(ALL_SPLITS, "all_splits", runner.run("all_splits", stacked, all_splits_expectations(stacked), "pair_id"),
+                len(stacked))
+    prompts = prompts_frame(stacked)
+    outcome.add(PROMPTS, "prompts", runner.run("prompts", prompts, prompts_expectations(), "prompt_hash"), len(prompts))
+    runner.context.build_data_docs()
     return outcome

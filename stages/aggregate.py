@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 
-from rmpipe.aggregate import AggregateSettings, aggregate, annotator_markdown, check_dropped, read_votes
+from rmpipe.aggregate import AggregateSettings, aggregate_file, annotator_markdown, check_dropped
 from rmpipe.errors import exits_cleanly
-from rmpipe.io import write_json, write_parquet, write_text
+from rmpipe.io import write_json, write_text
 from rmpipe.params import load_params, section
 from rmpipe.progress import setup_logging
 
@@ -22,12 +22,11 @@ log = logging.getLogger("rmpipe.aggregate")
 def main() -> None:
     setup_logging()
     settings = AggregateSettings.from_params(section(load_params(), "aggregate"))
-    result = aggregate(read_votes(VOTES), settings)
-    write_parquet(PAIRS, result.pairs)
-    write_json(REPORT_JSON, result.report)
-    write_text(REPORT_MD, annotator_markdown(result.report))
-    check_dropped(result.report, settings)  # after the reports, so the message can point at them
-    log.info("wrote %s (%d pairs), %s, %s", PAIRS, len(result.pairs), REPORT_JSON, REPORT_MD)
+    report = aggregate_file(VOTES, PAIRS, settings).report  # streams: texts never all in memory
+    write_json(REPORT_JSON, report)
+    write_text(REPORT_MD, annotator_markdown(report))
+    check_dropped(report, settings)  # after the reports, so the message can point at them
+    log.info("wrote %s (%d pairs), %s, %s", PAIRS, report["n_pairs_out"], REPORT_JSON, REPORT_MD)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,11 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from rmpipe import io, offline
 from rmpipe.errors import DataError, ValidationFailed, exits_cleanly
@@ -27,13 +30,26 @@ log = logging.getLogger("rmpipe.validate")
 SPLIT_DIR = Path("data/split")
 DOCS_DIR = Path("reports/data_docs")
 REPORT = Path("reports/validation.json")
+BATCH_ROWS = 65_536  # pairs per chunk of a split: ~160 MB of real-length text
 
 
-def read_splits(folder: Path = SPLIT_DIR) -> dict[str, pd.DataFrame]:
+def read_chunks(path: Path, batch_rows: int | None = None) -> Iterator[pd.DataFrame]:
+    """A split file as DataFrames of at most `batch_rows` rows (one empty frame for an empty split)."""
+    parquet = pq.ParquetFile(path, pre_buffer=False)
+    empty = True
+    for batch in parquet.iter_batches(batch_size=batch_rows or BATCH_ROWS):
+        empty = False
+        yield pa.Table.from_batches([batch]).to_pandas()
+    if empty:
+        yield parquet.schema_arrow.empty_table().to_pandas()
+
+
+def read_splits(folder: Path = SPLIT_DIR) -> dict[str, Iterator[pd.DataFrame]]:
+    """Each split as chunks, read as GX goes: one chunk of texts in memory at a time."""
     missing = [name for name in SPLITS if not (folder / f"{name}.parquet").exists()]
     if missing:
         raise DataError(f"{folder}/ has no {', '.join(missing)} split: run the split stage first (dvc repro split)")
-    return {name: pd.read_parquet(folder / f"{name}.parquet") for name in SPLITS}
+    return {name: read_chunks(folder / f"{name}.parquet") for name in SPLITS}
 
 
 def run(params_file: str | Path = "params.yaml") -> ContractResult:

@@ -27,6 +27,7 @@ from rmpipe.aggregate import (
     canonical_key,
     krippendorff_alpha,
     orient_votes,
+    aggregate_file,
     read_votes,
 )
 from rmpipe.errors import ConfigError
@@ -166,6 +167,37 @@ def test_reading_parquet_in_batches_matches_in_memory(tmp_path):
     in_memory = aggregate(orient_votes(votes), MAJORITY)
     pd.testing.assert_frame_equal(streamed.pairs, in_memory.pairs)
     assert len(streamed.pairs) == 40 and (streamed.pairs["chosen"].str.startswith("good")).all()
+
+
+def test_spilling_pair_texts_in_buckets_and_writing_in_chunks_changes_nothing(tmp_path, monkeypatch):
+    """The stage's streaming path (texts spilled to disk in buckets of pair codes, pairs.parquet written a
+    bucket at a time) gives the in-memory table and report, whatever the bucket size."""
+    import pyarrow.parquet as pq
+
+    from rmpipe import aggregate_orient
+
+    rng = np.random.default_rng(5)
+    rows = [
+        for_response(f"q{p % 23}", f"good {p}", f"bad {p}", f"ann{k}", shown_first=bool(rng.integers(2)),
+                     batch=f"b{rng.integers(3)}.jsonl")
+        for p in range(60)
+        for k in range(int(rng.integers(1, 4)))
+    ]
+    rows.append(dict(rows[0]))  # a duplicate vote, far from its first copy
+    votes = frame(rows).sample(frac=1.0, random_state=2)
+    path = tmp_path / "votes.parquet"
+    votes.to_parquet(path, index=False, row_group_size=10)
+    in_memory = aggregate(orient_votes(votes), MAJORITY)
+    for bucket_bytes in (1, 2_000, 10**9):  # one pair per bucket .. everything in one
+        monkeypatch.setattr(aggregate_orient, "BUCKET_BYTES", bucket_bytes)
+        out = tmp_path / f"pairs-{bucket_bytes}.parquet"
+        decision = aggregate_file(path, out, MAJORITY)
+        pd.testing.assert_frame_equal(pd.read_parquet(out), in_memory.pairs)
+        assert decision.report == in_memory.report
+        n_groups = pq.ParquetFile(out).num_row_groups
+        assert (n_groups > 1) == (bucket_bytes < 10**9), n_groups
+    assert in_memory.report["votes"]["duplicate_vote"] == 1 and len(in_memory.pairs) > 30
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".aggregate-")]  # the spill folder is gone
 
 
 def test_vote_table_without_prompt_hash_gets_it_computed(tmp_path):

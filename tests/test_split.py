@@ -169,3 +169,31 @@ def test_stage_without_input_says_what_to_run(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2
     assert "aggregate" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_stage_streams_in_chunks_with_the_whole_table_result(tmp_path, monkeypatch):
+    """Reading pairs.parquet a few rows at a time (rows of one prompt in different chunks, a split empty in
+    some chunks) writes the tables and report of the whole-table split; as one chunk, the very bytes."""
+    import stages.split as stage
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"split": {"salt": SALT, "fractions": FRACTIONS}}))
+    table = pairs_for([f"prompt {i % 37}" for i in range(120)], pairs_per_prompt=1)
+    table["pair_id"] = [f"p{i:03d}" for i in range(len(table))]
+    table["batch_ids"] = [["b1", "b2"]] * len(table)
+    (tmp_path / "data/aggregated").mkdir(parents=True)
+    table.to_parquet(tmp_path / "data/aggregated/pairs.parquet", index=False)
+    monkeypatch.chdir(tmp_path)
+
+    whole = split_pairs(table, SALT, FRACTIONS)
+    expected = split_frames(whole)
+    for name, frame in expected.items():
+        frame.to_parquet(tmp_path / f"expected-{name}.parquet", index=False)  # today's one-piece write
+    for rows in (7, 10**6):
+        monkeypatch.setattr(stage, "BATCH_ROWS", rows)
+        report = stage.run(tmp_path / "params.yaml")
+        assert report == split_report(whole, FRACTIONS)
+        for name in SPLITS:
+            written = tmp_path / f"data/split/{name}.parquet"
+            pd.testing.assert_frame_equal(pd.read_parquet(written), expected[name])
+            if rows == 10**6:
+                assert written.read_bytes() == (tmp_path / f"expected-{name}.parquet").read_bytes()

@@ -1,0 +1,131 @@
+"""Labels per pair from crowd-kit (majority vote or Dawid-Skene), Krippendorff's alpha, annotator stats.
+
+Ties. crowd-kit's labels are `probas_.idxmax()`, which on a shared top score picks the
+first column and so would always favour the canonical-first response. We read the
+probabilities instead: a pair whose top score is shared (2 vs 2, or 2 "first" vs 2
+"tie") is a tie, deterministically. With either method a pair whose two responses
+share the top vote count (2 vs 2, with no more "tie" votes) is a tie too: Dawid-Skene
+may otherwise break it by annotator quality, and a 50/50 soft label backs a tie anyway.
+
+Everything here works on integer codes (pair, annotator, label) and numpy.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import krippendorff
+import numpy as np
+import pandas as pd
+from crowdkit.aggregation import DawidSkene, MajorityVote
+
+from rmpipe.aggregate_settings import FIRST, SECOND, TIE, AggregateSettings
+
+log = logging.getLogger("rmpipe.aggregate")
+
+
+@dataclass
+class Pass:
+    """One aggregation pass over a set of votes; arrays indexed by pair code."""
+
+    counts: np.ndarray  # (n_pairs, 3): votes (rows) per label
+    weighted: np.ndarray  # judgements per pair: the sum of the votes' n_votes (a pair row may stand for several)
+    prejudged: np.ndarray  # every vote from an already-judged row (pair row / ranked group): min_votes does not apply
+    eligible: np.ndarray  # prejudged, or weighted >= min_votes
+    label: np.ndarray  # int8 aggregated label, -1 where not eligible
+
+
+def _crowd_labels(votes: pd.DataFrame, settings: AggregateSettings) -> pd.Series:
+    """crowd-kit's label per pair code, a shared top score read as a tie (see module doc)."""
+    data = votes[["pair", "annotator", "label"]].set_axis(["task", "worker", "label"], axis=1)
+    if settings.method == "majority":
+        model = MajorityVote()
+    else:
+        model = DawidSkene(n_iter=settings.ds_n_iter, tol=settings.ds_tol)
+    probas = model.fit_predict_proba(data).reindex(columns=[FIRST, SECOND, TIE], fill_value=0.0)
+    if isinstance(model, DawidSkene) and len(model.loss_history_) >= settings.ds_n_iter:
+        log.info("Dawid-Skene stopped at n_iter=%d before reaching tol=%g", settings.ds_n_iter, settings.ds_tol)
+    scores = probas.to_numpy(dtype=float)
+    shared = (scores >= scores.max(axis=1, keepdims=True) - 1e-9).sum(axis=1) > 1
+    return pd.Series(np.where(shared, TIE, scores.argmax(axis=1)).astype(np.int8), index=probas.index)
+
+
+def aggregate_pass(votes: pd.DataFrame, n_pairs: int, settings: AggregateSettings) -> Pass:
+    pair = votes["pair"].to_numpy()
+    counts = np.bincount(pair * 3 + votes["label"].to_numpy(), minlength=n_pairs * 3).reshape(n_pairs, 3)
+    weighted = np.bincount(pair, weights=votes["weight"].to_numpy(), minlength=n_pairs).astype(np.int64)
+    has_votes = counts.sum(axis=1) > 0
+    # The mixed rule: one A/B vote row on a pair makes it vote-built, and min_votes counts all its judgements.
+    vote_built = np.bincount(pair[~votes["prejudged"].to_numpy()], minlength=n_pairs) > 0
+    prejudged = has_votes & ~vote_built
+    eligible = prejudged | (has_votes & (weighted >= settings.min_votes))
+    label = np.full(n_pairs, -1, np.int8)
+    voted = votes[eligible[pair]]
+    if len(voted):
+        crowd = _crowd_labels(voted, settings)
+        label[crowd.index.to_numpy()] = crowd.to_numpy()
+    responses_level = (counts[:, FIRST] == counts[:, SECOND]) & (counts[:, FIRST] >= counts[:, TIE])
+    label[eligible & responses_level] = TIE
+    return Pass(counts=counts, weighted=weighted, prejudged=prejudged, eligible=eligible, label=label)
+
+
+def krippendorff_alpha(counts: np.ndarray) -> float | None:
+    """Nominal Krippendorff's alpha from per-pair label counts (canonical orientation).
+
+    Alpha depends on the annotator x pair reliability matrix only through how many
+    annotators gave each label to each pair, so `value_counts` gives the same number
+    in O(pairs) memory instead of O(annotators x pairs). None where undefined (no pair
+    with 2+ votes, or a single label everywhere).
+    """
+    counts = counts[counts.sum(axis=1) >= 2]
+    if len(counts) == 0 or (counts.sum(axis=0) > 0).sum() < 2:
+        return None
+    value = float(krippendorff.alpha(value_counts=counts, level_of_measurement="nominal"))
+    return round(value, 4) if math.isfinite(value) else None
+
+
+
+def _pct(value: float, threshold: float | None = None) -> str:
+    """A share as a whole percent, with one decimal where whole percents would hide the threshold's side."""
+    text = f"{value:.0%}"
+    return f"{value:.1%}" if threshold is not None and text == f"{threshold:.0%}" else text
+
+def annotator_stats(votes: pd.DataFrame, first: Pass, names: pd.Index, settings: AggregateSettings) -> pd.DataFrame:
+    """Per annotator: votes, share, agreement with the aggregated label on pairs with 2+ votes, A-picks, flags."""
+    annotator, pair = votes["annotator"].to_numpy(), votes["pair"].to_numpy()
+    n = len(names)
+    n_votes = np.bincount(annotator, minlength=n)
+    compared = (first.counts.sum(axis=1)[pair] >= 2) & (first.label[pair] >= 0)
+    agree = compared & (votes["label"].to_numpy() == first.label[pair])
+    n_compared = np.bincount(annotator[compared], minlength=n)
+    n_agree = np.bincount(annotator[agree], minlength=n)
+    n_a = np.bincount(annotator[votes["chose_a"].to_numpy()], minlength=n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        stats = pd.DataFrame(
+            {
+                "annotator_id": np.asarray(names, dtype=object),
+                "votes": n_votes,
+                "share": n_votes / max(len(votes), 1),
+                "agreement": np.where(n_compared > 0, n_agree / n_compared, np.nan),
+                "n_compared": n_compared,
+                "choice_a_share": np.where(n_votes > 0, n_a / n_votes, np.nan),
+            }
+        )
+    stats = stats[stats["votes"] > 0].reset_index(drop=True)
+    low = (stats["agreement"] < settings.agreement_floor).to_numpy()  # NaN (nothing compared) is never low
+    heavy = (stats["share"] > settings.share_ceiling).to_numpy()
+    stats["flagged"] = low | heavy
+    reasons = [  # the rule that flagged, in words: "cast 32% of all votes (ceiling 30%)"
+        "; ".join(
+            ([f"agreed with the majority on {_pct(agr, settings.agreement_floor)} of compared votes "
+              f"(floor {_pct(settings.agreement_floor)})"] if lo else [])
+            + ([f"cast {_pct(sh, settings.share_ceiling)} of all votes (ceiling {_pct(settings.share_ceiling)})"]
+               if hv else [])
+        )
+        or None
+        for agr, sh, lo, hv in zip(stats["agreement"], stats["share"], low, heavy)
+    ]
+    stats["reason"] = pd.Series(reasons, dtype=object)  # object: keep None (a str column would make it NaN)
+    return stats
