@@ -17,24 +17,20 @@ kind, first admits what is queued: it moves the batches into data/incoming/ unde
 rwlock guard, so no stage reading that folder sees it change (and collect fails if it
 does anyway). A batch is *registered* once admitted. Run records (`records`) follow each
 batch from queued to accepted and are reconciled by every rebuild.
+
+The flows' parts, one module each: `locks` (one rebuild at a time), `dvc_runner` (`dvc repro` in a
+subprocess, its failures sorted), `registry` (registered, queued and rejected batches), `publish`
+(metrics, the promotion decision, `dvc push`), `records` (a run record per delivered batch),
+`tasks` (failures with a message, retries for transient trouble only).
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import functools
 import hashlib
 import importlib
-import json
 import logging
-import os
-import re
-import shutil
-import subprocess
 import sys
-import threading
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -45,124 +41,26 @@ prefect_env.configure()  # before `import prefect`: Prefect reads its settings a
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
-from prefect.states import Failed  # noqa: E402
 
+from pipeline import orphans, records  # noqa: E402
+from pipeline.dvc_runner import dvc_repro, has_git  # noqa: E402
+from pipeline.locks import pipeline_lock  # noqa: E402
+from pipeline.prefect_env import find_project_root  # noqa: E402
+from pipeline.publish import promotion, push_to_remote, read_metrics  # noqa: E402
+from pipeline.registry import (  # noqa: E402
+    ALREADY_QUEUED, REJECTED_DIR, admit_queued, file_names, find_registered, incoming_dir, queue_batch,
+    quick_check, reject_batch,
+)
+from pipeline.tasks import (  # noqa: E402
+    TRANSIENT_RETRIES, StageFailed, fails_cleanly, retry_transient_only, run_task,
+)
 from rmpipe import io  # noqa: E402
 from rmpipe.errors import UserError  # noqa: E402
-from rmpipe.history import TRIGGER_ENV  # noqa: E402
 from rmpipe.params import get, load_params, section  # noqa: E402
-from pipeline import dvc_activity, orphans, records  # noqa: E402
-from pipeline.prefect_env import find_project_root  # noqa: E402
-
-REJECTED_DIR = Path("data/rejected")  # rejected batches + their reasons; no stage reads it
-RUNS_DIR = records.RUNS_DIR  # one JSON record per delivered batch
-STATE_DIR = Path(".rmpipe")  # rmpipe's own state (git-ignored); not .dvc/tmp, which people clear
-LOCK_FILE = STATE_DIR / "pipeline.lock"
-QUEUE_DIR = STATE_DIR / "queue"  # accepted batches waiting for the next rebuild
-QUEUE_LOCK_FILE = STATE_DIR / "queue.lock"  # held for moments: duplicate check + queue/admit
-TRANSIENT_RETRIES = 3
-# DVC messages that mean "another DVC run was in the way" (or its lock files were removed under it):
-# worth retrying once it is done.
-TRANSIENT_MARKERS = ("Unable to acquire lock", "is busy", "Unlock called on an unlocked lock",
-                     "changed while collect read it")
-
-
-class StageFailed(UserError):
-    """A stage (or `dvc repro`) stopped with a message for the user; retrying would not help."""
-
-
-class TransientFailure(RuntimeError):
-    """A failure worth retrying: DVC's repo lock was busy, or the process was killed by a signal."""
 
 
 class BatchRejected(UserError):
     """The delivered batch failed the quick check; it was moved to the rejected folder."""
-
-
-def fails_cleanly(fn):
-    """A UserError ends the flow/task as Failed with its message (logged once, no traceback).
-
-    Calling the flow from Python still raises the same UserError (it is the state's data).
-    """
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except UserError as exc:
-            get_run_logger().error("%s", exc)
-            return Failed(message=str(exc), data=exc)
-
-    return wrapper
-
-
-class _UserErrorTracebacks(logging.Filter):
-    """Drop Prefect's traceback of a UserError. A deployment run that fails on one (a rejected batch, a
-    stage's message) has logged its one-line reason already; Prefect's engine would log it again as
-    "Engine execution exited with unexpected exception" plus ~40 lines of its own frames."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], UserError))
-
-
-for _name in ("prefect.flow_runs", "prefect.task_runs"):
-    logging.getLogger(_name).addFilter(_UserErrorTracebacks())
-
-
-def run_task(task_, *args, **kwargs):
-    """Call a task and return its result; a Failed state (e.g. from fails_cleanly) raises its exception here."""
-    return task_(*args, return_state=True, **kwargs).result()
-
-
-def _retry_transient_only(task_, task_run, state) -> bool:
-    """Prefect retry condition: retry TransientFailure / connection trouble, never a user or data error."""
-    exc = state.result(raise_on_failure=False)
-    return isinstance(exc, (TransientFailure, ConnectionError, TimeoutError))
-
-
-# --- one run at a time ----------------------------------------------------------------------
-
-_held: dict[tuple[Path, int], int] = {}
-_held_guard = threading.Lock()
-
-
-@contextlib.contextmanager
-def pipeline_lock(root: Path, lock_file: Path = LOCK_FILE) -> Iterator[None]:
-    """Exclusive, blocking, re-entrant (per thread) lock on the project's pipeline.
-
-    Waiting callers queue on the OS lock, so a second rebuild runs after the first
-    instead of being dropped or colliding on DVC's own lock. Re-entrance is per thread
-    (on_new_batch -> rebuild); other threads of the process wait like other processes
-    (flock conflicts between separate opens of the file, even within one process).
-    """
-    path = ((root / lock_file).resolve(), threading.get_ident())
-    with _held_guard:
-        if path in _held:
-            _held[path] += 1
-            reentered = True
-        else:
-            reentered = False
-    if reentered:
-        try:
-            yield
-        finally:
-            with _held_guard:
-                _held[path] -= 1
-        return
-    path[0].parent.mkdir(parents=True, exist_ok=True)
-    with path[0].open("a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            logging.getLogger("rmpipe.flows").info("another rebuild is running in %s; waiting for it", root)
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        with _held_guard:
-            _held[path] = 1
-        try:
-            yield
-        finally:
-            with _held_guard:
-                del _held[path]
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 # --- stages as flows ---------------------------------------------------------------------------
@@ -174,7 +72,7 @@ def dvc_stage_names(root: Path) -> list[str]:
     return list((spec.get("stages") or {}).keys())
 
 
-@task(retries=TRANSIENT_RETRIES, retry_delay_seconds=5, retry_condition_fn=_retry_transient_only,
+@task(retries=TRANSIENT_RETRIES, retry_delay_seconds=5, retry_condition_fn=retry_transient_only,
       cache_policy=NO_CACHE, task_run_name="{stage}")
 @fails_cleanly
 def _call_stage_main(stage: str, root: Path) -> None:
@@ -205,61 +103,6 @@ def run_stage(stage: str, project: str | None = None) -> None:
 
 # --- the pipeline through DVC ---------------------------------------------------------------------
 
-_RAN = re.compile(r"Running stage '([^']+)'")
-_SKIPPED = re.compile(r"Stage '([^']+)' didn't change, skipping")
-
-
-def _subprocess_env() -> dict[str, str]:
-    """dvc.yaml runs `python -m stages.x`: make that `python` the one running us."""
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    return env
-
-
-def _dvc(root: Path, *args: str, capture: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=_subprocess_env(),
-                          text=True, capture_output=capture)
-
-
-@task(retries=TRANSIENT_RETRIES, retry_delay_seconds=10, retry_condition_fn=_retry_transient_only,
-      cache_policy=NO_CACHE, task_run_name="dvc {args}")
-@fails_cleanly
-def _dvc_repro(root: Path, args: list[str], trigger: str = "rmpipe rebuild") -> dict[str, list[str]]:
-    """Run `dvc <args>` streaming its output into the flow's log; which stages ran and which were up to date.
-
-    `trigger` reaches the export stage, which records it in the run history (rmpipe.history)."""
-    logger = get_run_logger()
-    dvc_activity.wait_until_idle(root)  # a manual `dvc repro` finishes first: runs never interleave
-    logger.info("$ dvc %s", " ".join(args))
-    env = {**_subprocess_env(), TRIGGER_ENV: trigger}
-    proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=root, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1)
-    lines: list[str] = []
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        line = line.rstrip("\n")
-        lines.append(line)
-        if line.strip():
-            logger.info("%s", line)
-    code = proc.wait()
-    ran = [m.group(1) for line in lines if (m := _RAN.search(line))]
-    skipped = [m.group(1) for line in lines if (m := _SKIPPED.search(line))]
-    if code == 0:
-        return {"ran": ran, "skipped": skipped}
-    # The lines that say what went wrong (stage `error:`/`FAIL` lines, DVC's ERROR), else the last few.
-    errors = [line for line in lines if re.match(r"\s*(ERROR|error:|FAIL)", line)]
-    tail = "\n".join(errors[-10:] or [line for line in lines[-8:] if line.strip()])
-    if code < 0 or any(marker in "\n".join(lines[-40:]) for marker in TRANSIENT_MARKERS):
-        raise TransientFailure(f"dvc {args[0]} was interrupted or blocked by another DVC run (exit {code}); "
-                               f"retrying once it is done\n{tail}")
-    raise StageFailed(f"dvc {' '.join(args)} failed (exit {code}); stages that ran: {ran or 'none'}\n{tail}")
-
-
-def _has_git(root: Path) -> bool:
-    return subprocess.run(["git", "rev-parse", "--is-inside-work-tree"], cwd=root,
-                          capture_output=True).returncode == 0
-
-
 @contextlib.contextmanager
 def _tracked_run(root: Path, run_id: str | None) -> Iterator[None]:
     """Children die with this process; flow runs left RUNNING by dead processes are marked Crashed."""
@@ -275,18 +118,6 @@ def _tracked_run(root: Path, run_id: str | None) -> Iterator[None]:
         orphans.flow_run_finished(root, run_id)
 
 
-def _incoming_dir(root: Path) -> Path | None:
-    """collect.incoming_dir, or None for a project without a collect stage (nothing to admit)."""
-    params = load_params(root / "params.yaml")
-    if "collect" not in params:
-        return None
-    return root / get(section(params, "collect"), "incoming_dir", str, "collect")
-
-
-def _names(folder: Path) -> set[str]:
-    return {p.name for p in folder.iterdir() if p.is_file()} if folder.is_dir() else set()
-
-
 @flow(name="rebuild", log_prints=True)
 @fails_cleanly
 def rebuild(targets: list[str] | None = None, set_params: list[str] | None = None, force: bool = False,
@@ -300,7 +131,7 @@ def rebuild(targets: list[str] | None = None, set_params: list[str] | None = Non
     root = find_project_root(project)
     targets = list(targets or [])
     if set_params:
-        if not _has_git(root):
+        if not has_git(root):
             raise UserError("parameter overrides run as a DVC experiment (dvc exp run -S), which needs a git "
                             "repository; without git, edit params.yaml and run rebuild again")
         args = ["exp", "run", *(a for kv in set_params for a in ("-S", kv))]
@@ -312,16 +143,16 @@ def rebuild(targets: list[str] | None = None, set_params: list[str] | None = Non
     run_id = str(flow_run.id) if flow_run.id else None
     logger = get_run_logger()
     with _tracked_run(root, run_id), pipeline_lock(root):
-        incoming = _incoming_dir(root)
+        incoming = incoming_dir(root)
         admitted = admit_queued(root, incoming, run_id) if incoming is not None else []
         if admitted:
             logger.info("admitted into %s: %s", incoming.relative_to(root), ", ".join(admitted))
         try:
-            stages = run_task(_dvc_repro, root, args, trigger)
+            stages = run_task(dvc_repro, root, args, trigger)
         except Exception as exc:
             if incoming is not None:
                 records.mark_failed(root, str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc),
-                                    _names(incoming))
+                                    file_names(incoming))
             raise
         lock = root / "dvc.lock"
         lock_sha = hashlib.sha256(lock.read_bytes()).hexdigest() if lock.exists() else None
@@ -334,7 +165,7 @@ def rebuild(targets: list[str] | None = None, set_params: list[str] | None = Non
 
 def _settle_records(root: Path, incoming: Path, built: dict[str, Any]) -> list[str]:
     """After a successful full rebuild: read the gate, push, and complete every pending run record."""
-    if not (root / RUNS_DIR).is_dir() and not built["admitted"]:
+    if not (root / records.RUNS_DIR).is_dir() and not built["admitted"]:
         return []  # nothing delivered through rmpipe here yet (e.g. a plain `make repro` project)
     gate = promotion(root)
     lineage = set(gate.get("batch_ids") or []) if gate.get("export_path") else None
@@ -345,173 +176,10 @@ def _settle_records(root: Path, incoming: Path, built: dict[str, Any]) -> list[s
     details = {"rebuild": {k: built[k] for k in ("ran", "skipped", "dvc_lock_sha256", "flow_run_id", "admitted")},
                "metrics": read_metrics(root), "promotion": gate, "export_path": gate.get("export_path"),
                "dvc_push": push}
-    return records.reconcile(root, lineage, _names(incoming), details, built["flow_run_id"])
+    return records.reconcile(root, lineage, file_names(incoming), details, built["flow_run_id"])
 
 
 # --- a new batch arrives -----------------------------------------------------------------------------
-
-def find_registered(batch: Path, incoming: Path, sha: str) -> tuple[Path, str] | None:
-    """A file in `incoming` that already is this batch (same content, or same name): (file, why)."""
-    if not incoming.is_dir():
-        return None
-    same_name = incoming / batch.name
-    if same_name.exists():
-        if io.sha256_file(same_name) == sha:
-            return same_name, "already registered (same name and content)"
-        return same_name, ("a different file with this batch id is already registered; "
-                           "rename the file to deliver it as a new batch")
-    size = batch.stat().st_size
-    for other in incoming.iterdir():  # only files of equal size can have equal content
-        if other.is_file() and not other.name.startswith(".") and other.stat().st_size == size:
-            if io.sha256_file(other) == sha:
-                return other, f"same content as the registered batch {other.name}"
-    return None
-
-
-def register_batch(batch: Path, incoming: Path) -> Path:
-    """Copy the batch into data/incoming/ under its batch id, atomically (temp name + rename).
-
-    data/incoming is a dependency of the collect stage, so the next `dvc repro`
-    hashes the new file into dvc.lock: that is the batch's registration with DVC.
-    """
-    dest = incoming / batch.name
-    with io.atomic_path(dest) as tmp:
-        shutil.copyfile(batch, tmp)
-    return dest
-
-
-def queue_lock(root: Path):
-    """Short lock around the duplicate check + queueing, and around admitting the queue."""
-    return pipeline_lock(root, QUEUE_LOCK_FILE)
-
-
-class AdmissionFailed(UserError):
-    """A queued batch could not be moved into data/incoming (e.g. permissions); it stays queued."""
-
-
-def admit_queued(root: Path, incoming: Path, run_id: str | None = None) -> list[str]:
-    """Move every queued batch into `incoming` (names in order) and mark their records admitted.
-
-    Call under `pipeline_lock`. The move happens under DVC's rwlock guard while no DVC stage
-    holds a lock on `incoming` (`dvc_activity.inputs_guard`), so a manual `dvc repro` never
-    records a batch its collect did not read. A batch that cannot be moved stays queued.
-    """
-    queue = root / QUEUE_DIR
-    moved: list[str] = []
-    with queue_lock(root):
-        names = sorted(p.name for p in queue.iterdir() if p.is_file() and not p.name.startswith(".")) \
-            if queue.is_dir() else []
-        if not names:
-            return []
-        try:
-            incoming.mkdir(parents=True, exist_ok=True)
-            with dvc_activity.inputs_guard(root, incoming):
-                for name in names:
-                    os.replace(queue / name, incoming / name)  # same filesystem: atomic
-                    moved.append(name)
-        except OSError as exc:
-            left = [n for n in names if n not in moved]
-            raise AdmissionFailed(
-                f"cannot move queued batch {left[0]} into {incoming.relative_to(root)} ({exc.strerror or exc}); "
-                f"{len(left)} batch(es) stay queued in {QUEUE_DIR}: fix the folder's permissions, then run "
-                "`rmpipe rebuild` (or deliver any batch) to take them in") from None
-        finally:
-            if moved:
-                records.mark_admitted(root, moved, run_id)
-    return moved
-
-
-def reject_batch(batch: Path, rejected_dir: Path, reasons: list[str]) -> Path:
-    """Move a rejected batch out of the delivery folder, with its reasons beside it."""
-    rejected_dir.mkdir(parents=True, exist_ok=True)
-    dest = rejected_dir / batch.name
-    if dest.exists():  # keep earlier rejections of a same-named file
-        dest = rejected_dir / f"{batch.stem}.{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}{batch.suffix}"
-    try:
-        shutil.move(str(batch), dest)
-    except OSError as exc:  # e.g. an unreadable file on another filesystem: leave it, say so
-        reasons = [*reasons, f"could not move it to {rejected_dir} ({exc.strerror or exc}); it is left at {batch}"]
-        dest = batch
-    io.write_json(rejected_dir / f"{dest.name}.reasons.json", {"batch_id": batch.name, "reasons": reasons})
-    return dest
-
-
-@task(cache_policy=NO_CACHE, task_run_name="check {batch.name}")
-@fails_cleanly
-def quick_check(batch: Path, root: Path) -> dict[str, Any]:
-    """The collect stage's logic on this one file: accepted or rejected, and why."""
-    from rmpipe import retractions
-    from rmpipe.collect import check_batch
-
-    cfg = section(load_params(root / "params.yaml"), "collect")
-    report = dict(check_batch(batch, cfg, retractions.load(root)).report)  # a retracted batch is refused
-    accepted = report.get("status") == "accepted"
-    reasons = [f"{r['reason']} x{r['count']} (e.g. {r['example']})" if isinstance(r, dict) else str(r)
-               for r in report.get("top_reasons") or []]
-    if accepted and not report.get("rows_normalized"):  # it would be registered yet never reach a model
-        accepted, reasons = False, ["the batch has no usable vote rows (an empty file?): nothing to train on"]
-    message = str(report.get("message") or "; ".join(reasons) or f"status {report.get('status')!r}")
-    if not accepted and not reasons:  # e.g. refused unread (too large, a symlink): the message is the reason
-        reasons = [message]
-    return {"accepted": accepted, "reasons": reasons, "message": message, "report": report}
-
-
-def read_metrics(root: Path) -> dict[str, Any]:
-    """The workspace's metrics files (dvc.yaml `metrics:`), read by DVC: {metrics file: values}.
-
-    DVC names the workspace revision "workspace" in one version and "" in another; asked
-    for no revision, it answers only the workspace, so the one entry is taken whatever its key.
-    A metrics file DVC cannot read is left out (it is named in the log).
-    """
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo:
-        revs = repo.metrics.show()
-    workspace = next(iter(revs.values()), None) or {}
-    metrics = {}
-    for name, entry in (workspace.get("data") or {}).items():
-        if "data" in entry:
-            metrics[name] = entry["data"]
-        else:
-            logging.getLogger("rmpipe.flows").warning("metrics file %s unreadable: %s", name, entry.get("error"))
-    return metrics
-
-
-def promotion(root: Path) -> dict[str, Any]:
-    """The promotion gate's decision for the model this rebuild exported.
-
-    The export stage applies the gate inside `dvc repro` (so the decision is part of
-    the DVC-tracked run and its lineage manifest); here we read it back with the
-    batches the model was trained on.
-    """
-    cfg = load_params(root / "params.yaml").get("export")
-    if not isinstance(cfg, dict) or "out_dir" not in cfg:
-        return {"export_path": None, "promoted": False, "reason": "this pipeline has no export stage yet"}
-    from rmpipe.lineage import manifest_sha256, read_manifest
-
-    export_dir = root / str(cfg["out_dir"])
-    manifest = read_manifest(export_dir)
-    decision = manifest.get("promotion") or {}
-    batches = sorted({b for ids in (manifest.get("batch_ids") or {}).values() for b in ids})
-    promoted_dir = cfg.get("promoted_dir")
-    return {"export_path": str(cfg["out_dir"]), "manifest_sha256": manifest_sha256(export_dir),
-            "batch_ids": batches, "promoted": bool(decision.get("promoted")), "reason": decision.get("reason"),
-            "promoted_path": str(promoted_dir) if decision.get("promoted") and promoted_dir else None}
-
-
-@task(retries=TRANSIENT_RETRIES, retry_delay_seconds=30, retry_condition_fn=_retry_transient_only,
-      cache_policy=NO_CACHE)
-def push_to_remote(root: Path) -> str | None:
-    """`dvc push` when the project has a default DVC remote: the new outputs become recoverable elsewhere."""
-    found = _dvc(root, "remote", "default")
-    remote = found.stdout.strip()
-    if found.returncode != 0 or not remote:  # "No default remote set" (exit 251)
-        return None
-    proc = _dvc(root, "push")
-    if proc.returncode != 0:
-        raise TransientFailure(f"dvc push to '{remote}' failed: {proc.stderr.strip()[-500:]}")
-    return remote
-
 
 class BatchRefused(UserError):
     """The delivered file cannot be taken as a batch as it is (e.g. its name is too long); it is left in place."""
@@ -553,12 +221,7 @@ def _deliver(batch: Path, root: Path) -> dict[str, Any]:
                else str(moved), **fields)
         raise BatchRejected(f"batch {batch.name} rejected ({message})")
 
-    size = len(batch.name.encode("utf-8", "surrogateescape"))
-    if size > records.MAX_NAME_BYTES:  # its temp and record names would not fit the file system's 255
-        reason = (f"file name is {size} bytes long, over {records.MAX_NAME_BYTES}: rename it shorter (the name is "
-                  "the batch id); it is left where it is")
-        finish("refused", reasons=[reason])
-        raise BatchRefused(f"batch {records.safe_name(batch.name, 60)} refused: {reason}")
+    _refuse_long_name(batch, finish)
     if not batch.is_file():
         raise UserError(f"batch file {batch} not found (was it moved after the event fired?)")
     incoming = root / get(section(load_params(root / "params.yaml"), "collect"), "incoming_dir", str, "collect")
@@ -571,26 +234,16 @@ def _deliver(batch: Path, root: Path) -> dict[str, Any]:
     if (hit := find_registered(batch, incoming, sha)) is not None:
         logger.info("batch %s: duplicate, nothing to do (%s)", batch.name, hit[1])
         return finish("duplicate", reasons=[hit[1]])
-
     check = run_task(quick_check, batch, root)
     if not check["accepted"]:
         reject(check["reasons"], check["message"], check=check["report"])
-
-    own = None
-    with queue_lock(root):  # a second delivery of the same batch may have been queued meanwhile
-        hit = find_registered(batch, incoming, sha)
-        if hit is None and (queued := find_registered(batch, root / QUEUE_DIR, sha)) is not None:
-            if queued[1].startswith("already registered"):  # the same file, still waiting: take it in now
-                hit = (queued[0], "already queued by an earlier delivery and not yet admitted: this run takes it in")
-            else:
-                hit = queued
-        if hit is not None and not hit[1].startswith("already queued"):
-            logger.info("batch %s: duplicate, nothing to do (%s)", batch.name, hit[1])
-            return finish("duplicate", reasons=[hit[1]])
-        if hit is None:  # record first, then queue: a kill in between leaves a record, never a silent batch
-            own = records.write_new(root, {**summary, "outcome": "queued", "reasons": [], "check": check["report"]})
-            register_batch(batch, root / QUEUE_DIR)
-            logger.info("queued %s for the next rebuild", batch.name)
+    own, why_not = queue_batch(batch, root, incoming, sha,
+                               {**summary, "outcome": "queued", "reasons": [], "check": check["report"]})
+    if why_not is not None and why_not != ALREADY_QUEUED:
+        logger.info("batch %s: duplicate, nothing to do (%s)", batch.name, why_not)
+        return finish("duplicate", reasons=[why_not])
+    if own is not None:
+        logger.info("queued %s for the next rebuild", batch.name)
 
     with pipeline_lock(root):
         if own is not None and (record := records.read(root, own["summary_path"]))["outcome"] == "accepted":
@@ -599,8 +252,18 @@ def _deliver(batch: Path, root: Path) -> dict[str, Any]:
         # admits the queue (this batch too), rebuilds, completes the records
         built = rebuild(project=str(root), trigger=f"on-new-batch {batch.name}")
     if own is None:
-        return finish("duplicate", reasons=[hit[1]], rebuild=built)
+        return finish("duplicate", reasons=[why_not], rebuild=built)
     return records.read(root, own["summary_path"])
+
+
+def _refuse_long_name(batch: Path, finish) -> None:
+    """A name whose temp and record names would not fit the file system's 255 bytes: refused, left in place."""
+    size = len(batch.name.encode("utf-8", "surrogateescape"))
+    if size > records.MAX_NAME_BYTES:
+        reason = (f"file name is {size} bytes long, over {records.MAX_NAME_BYTES}: rename it shorter (the name is "
+                  "the batch id); it is left where it is")
+        finish("refused", reasons=[reason])
+        raise BatchRefused(f"batch {records.safe_name(batch.name, 60)} refused: {reason}")
 
 
 if __name__ == "__main__":  # python -m pipeline.flows STAGE: one stage as a Prefect flow, outside DVC

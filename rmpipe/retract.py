@@ -135,7 +135,7 @@ def _rebuild_and_finish(root: Path, entry: dict[str, Any], before: dict | None, 
 # --- a batch ------------------------------------------------------------------------------------
 def retract_batch(root: Path, name: str, reason: str, by: str | None = None, purge: bool = False,
                   rebuild: bool = True) -> dict[str, Any]:
-    from pipeline.flows import pipeline_lock
+    from pipeline.locks import pipeline_lock
 
     root = Path(root)
     reason = _check_reason(reason)
@@ -182,7 +182,7 @@ def retract_annotator(root: Path, annotator: str, reason: str, by: str | None = 
                       rebuild: bool = True) -> dict[str, Any]:
     from dvc.utils.serialize import modify_yaml
 
-    from pipeline.flows import pipeline_lock
+    from pipeline.locks import pipeline_lock
 
     root = Path(root)
     reason = _check_reason(reason)
@@ -226,7 +226,7 @@ def _unfinished(root: Path, entry: dict[str, Any]) -> bool:
 
 def _resume(root: Path, entry: dict[str, Any], purge: bool) -> dict[str, Any]:
     """Finish a retraction whose rebuild was interrupted: rebuild now and write its outcome."""
-    from pipeline.flows import pipeline_lock
+    from pipeline.locks import pipeline_lock
 
     with pipeline_lock(root):
         fields = {"removed": {entry["kind"]: entry["target"]}, "resumed": True}
@@ -297,7 +297,7 @@ def purge_batch(root: Path, entry: dict[str, Any]) -> dict[str, Any]:
         shutil.rmtree(quarantined)
     quarantined.unlink(missing_ok=True)
     # Refused re-deliveries were moved to the rejected folder: the same bytes go too.
-    from pipeline.flows import REJECTED_DIR
+    from pipeline.registry import REJECTED_DIR
 
     copies = [p for p in (root / REJECTED_DIR).glob("*") if p.is_file() and not p.name.endswith(".reasons.json")
               and entry.get("sha256") and sha256_file(p) == entry["sha256"]] if (root / REJECTED_DIR).is_dir() else []

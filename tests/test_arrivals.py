@@ -173,7 +173,7 @@ class LockHolder:
     """Another process holding the project's pipeline lock until `release()`: deliveries queue up and wait."""
 
     def __init__(self, project: Path):
-        code = ("import sys; from pathlib import Path; from pipeline.flows import pipeline_lock\n"
+        code = ("import sys; from pathlib import Path; from pipeline.locks import pipeline_lock\n"
                 f"with pipeline_lock(Path({str(project)!r})):\n print('held', flush=True); sys.stdin.readline()")
         self.proc = subprocess.Popen([PY, "-c", code], cwd=ROOT, env=env_for(project), stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True)

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline import flows
+from pipeline import flows, registry, tasks
 from rmpipe.errors import UserError
 from rmpipe.io import sha256_file
 from rmpipe.schema import canonical_prompt, prompt_hash
@@ -179,7 +179,7 @@ def test_pipeline_lock_queues_a_second_holder(tmp_path):
     holds on until the second is about to ask, then marks its release just before leaving."""
     go, released = tmp_path / "go", tmp_path / "released"
     holder = subprocess.Popen(
-        [PY, "-c", "import time; from pathlib import Path; from pipeline.flows import pipeline_lock\n"
+        [PY, "-c", "import time; from pathlib import Path; from pipeline.locks import pipeline_lock\n"
                    f"with pipeline_lock(Path({str(tmp_path)!r})):\n print('held', flush=True)\n"
                    f" while not Path({str(go)!r}).exists(): time.sleep(0.05)\n"
                    f" time.sleep(0.5); Path({str(released)!r}).touch()"],
@@ -203,9 +203,9 @@ def test_retry_condition_retries_only_transient_failures():
     def state(exc):
         return Failed(data=exc)
 
-    assert flows._retry_transient_only(None, None, state(flows.TransientFailure("dvc lock busy")))
-    assert not flows._retry_transient_only(None, None, state(flows.StageFailed("bad params")))
-    assert not flows._retry_transient_only(None, None, state(ValueError("a bug")))
+    assert tasks.retry_transient_only(None, None, state(tasks.TransientFailure("dvc lock busy")))
+    assert not tasks.retry_transient_only(None, None, state(tasks.StageFailed("bad params")))
+    assert not tasks.retry_transient_only(None, None, state(ValueError("a bug")))
 
 
 def test_duplicate_detection_by_content_and_by_name(tmp_path):
@@ -220,13 +220,13 @@ def test_duplicate_detection_by_content_and_by_name(tmp_path):
     new = tmp_path / "b2.jsonl"
     new.write_text('{"x": 3}\n')
 
-    hit = flows.find_registered(same_content, incoming, sha256_file(same_content))
+    hit = registry.find_registered(same_content, incoming, sha256_file(same_content))
     assert hit is not None and "b1.jsonl" in hit[1]
-    hit = flows.find_registered(same_name, incoming, sha256_file(same_name))
+    hit = registry.find_registered(same_name, incoming, sha256_file(same_name))
     assert hit is not None and "different file" in hit[1]
-    assert flows.find_registered(new, incoming, sha256_file(new)) is None
+    assert registry.find_registered(new, incoming, sha256_file(new)) is None
 
-    registered = flows.register_batch(new, incoming)
+    registered = registry.register_batch(new, incoming)
     assert registered.read_bytes() == new.read_bytes()
     assert sorted(p.name for p in incoming.iterdir()) == ["b1.jsonl", "b2.jsonl"]  # no temp file left
 

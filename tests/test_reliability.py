@@ -394,7 +394,7 @@ def test_twenty_batches_arriving_during_a_rebuild_are_each_processed_once_serial
 
     import psutil
 
-    from pipeline import flows
+    from pipeline import flows, registry
 
     project = load_project(tmp_path)
     drop = tmp_path / "drop"
@@ -449,7 +449,7 @@ def test_twenty_batches_arriving_during_a_rebuild_are_each_processed_once_serial
     assert {n: s["outcome"] for n, s in summaries.items()} == {n: "accepted" for n in names}
     # exactly once: each batch registered once, and taken in by exactly one rebuild
     assert sorted(os.listdir(project / "data/incoming")) == names
-    assert not list((project / flows.QUEUE_DIR).iterdir())
+    assert not list((project / registry.QUEUE_DIR).iterdir())
     groups = {tuple(s["admitted_with"]) for s in summaries.values()}  # what each rebuild took in
     assert sorted(b for group in groups for b in group) == names
     # serialized: stage runs never overlap

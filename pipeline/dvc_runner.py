@@ -1,0 +1,87 @@
+"""`dvc` as the flows run it: a subprocess with this interpreter's `python` on PATH, its output in the flow's log.
+
+    stages = run_task(dvc_repro, root, ["repro"], trigger)    # {"ran": [...], "skipped": [...]}
+    dvc(root, "remote", "default")                            # a quick one, output captured
+
+A failed `dvc repro` becomes a StageFailed with the lines that say why, or a TransientFailure
+(retried) when another DVC run was in the way or the process was killed by a signal.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from pipeline import prefect_env
+
+prefect_env.configure()  # before `import prefect`: Prefect reads its settings at import
+
+from prefect import get_run_logger, task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+from pipeline import dvc_activity  # noqa: E402
+from pipeline.tasks import (  # noqa: E402
+    TRANSIENT_RETRIES, StageFailed, TransientFailure, fails_cleanly, retry_transient_only,
+)
+from rmpipe.history import TRIGGER_ENV  # noqa: E402
+
+# DVC messages that mean "another DVC run was in the way" (or its lock files were removed under it):
+# worth retrying once it is done.
+TRANSIENT_MARKERS = ("Unable to acquire lock", "is busy", "Unlock called on an unlocked lock",
+                     "changed while collect read it")
+_RAN = re.compile(r"Running stage '([^']+)'")
+_SKIPPED = re.compile(r"Stage '([^']+)' didn't change, skipping")
+
+
+def subprocess_env() -> dict[str, str]:
+    """dvc.yaml runs `python -m stages.x`: make that `python` the one running us."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+def dvc(root: Path, *args: str, capture: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=subprocess_env(),
+                          text=True, capture_output=capture)
+
+
+def has_git(root: Path) -> bool:
+    return subprocess.run(["git", "rev-parse", "--is-inside-work-tree"], cwd=root,
+                          capture_output=True).returncode == 0
+
+
+@task(retries=TRANSIENT_RETRIES, retry_delay_seconds=10, retry_condition_fn=retry_transient_only,
+      cache_policy=NO_CACHE, task_run_name="dvc {args}")
+@fails_cleanly
+def dvc_repro(root: Path, args: list[str], trigger: str = "rmpipe rebuild") -> dict[str, list[str]]:
+    """Run `dvc <args>` streaming its output into the flow's log; which stages ran and which were up to date.
+
+    `trigger` reaches the export stage, which records it in the run history (rmpipe.history)."""
+    logger = get_run_logger()
+    dvc_activity.wait_until_idle(root)  # a manual `dvc repro` finishes first: runs never interleave
+    logger.info("$ dvc %s", " ".join(args))
+    env = {**subprocess_env(), TRIGGER_ENV: trigger}
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=root, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1)
+    lines: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        line = line.rstrip("\n")
+        lines.append(line)
+        if line.strip():
+            logger.info("%s", line)
+    code = proc.wait()
+    ran = [m.group(1) for line in lines if (m := _RAN.search(line))]
+    skipped = [m.group(1) for line in lines if (m := _SKIPPED.search(line))]
+    if code == 0:
+        return {"ran": ran, "skipped": skipped}
+    # The lines that say what went wrong (stage `error:`/`FAIL` lines, DVC's ERROR), else the last few.
+    errors = [line for line in lines if re.match(r"\s*(ERROR|error:|FAIL)", line)]
+    tail = "\n".join(errors[-10:] or [line for line in lines[-8:] if line.strip()])
+    if code < 0 or any(marker in "\n".join(lines[-40:]) for marker in TRANSIENT_MARKERS):
+        raise TransientFailure(f"dvc {args[0]} was interrupted or blocked by another DVC run (exit {code}); "
+                               f"retrying once it is done\n{tail}")
+    raise StageFailed(f"dvc {' '.join(args)} failed (exit {code}); stages that ran: {ran or 'none'}\n{tail}")

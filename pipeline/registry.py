@@ -1,0 +1,171 @@
+"""The batch registry: which delivered files are batches of this project, and where each one waits.
+
+    data/incoming/         registered batches (collect's input; a batch's registration with DVC is the
+                           next `dvc repro` hashing it into dvc.lock)
+    .rmpipe/queue/         accepted batches waiting for the next rebuild (`admit_queued` moves them in)
+    data/rejected/         rejected batches, each with its reasons beside it (no stage reads it)
+
+A delivery is checked by collect's own logic (`quick_check`), compared with what is registered or
+queued (`find_registered`), queued, and admitted by the next rebuild under DVC's rwlock guard.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pipeline import prefect_env
+
+prefect_env.configure()  # before `import prefect`: Prefect reads its settings at import
+
+from prefect import task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+from pipeline import dvc_activity, records  # noqa: E402
+from pipeline.locks import STATE_DIR, queue_lock  # noqa: E402
+from pipeline.tasks import fails_cleanly  # noqa: E402
+from rmpipe import io  # noqa: E402
+from rmpipe.errors import UserError  # noqa: E402
+from rmpipe.params import get, load_params, section  # noqa: E402
+
+REJECTED_DIR = Path("data/rejected")  # rejected batches + their reasons; no stage reads it
+QUEUE_DIR = STATE_DIR / "queue"  # accepted batches waiting for the next rebuild
+
+
+def incoming_dir(root: Path) -> Path | None:
+    """collect.incoming_dir, or None for a project without a collect stage (nothing to admit)."""
+    params = load_params(root / "params.yaml")
+    if "collect" not in params:
+        return None
+    return root / get(section(params, "collect"), "incoming_dir", str, "collect")
+
+
+def file_names(folder: Path) -> set[str]:
+    """Names of the files directly in `folder` (none when it does not exist)."""
+    return {p.name for p in folder.iterdir() if p.is_file()} if folder.is_dir() else set()
+
+
+def find_registered(batch: Path, incoming: Path, sha: str) -> tuple[Path, str] | None:
+    """A file in `incoming` that already is this batch (same content, or same name): (file, why)."""
+    if not incoming.is_dir():
+        return None
+    same_name = incoming / batch.name
+    if same_name.exists():
+        if io.sha256_file(same_name) == sha:
+            return same_name, "already registered (same name and content)"
+        return same_name, ("a different file with this batch id is already registered; "
+                           "rename the file to deliver it as a new batch")
+    size = batch.stat().st_size
+    for other in incoming.iterdir():  # only files of equal size can have equal content
+        if other.is_file() and not other.name.startswith(".") and other.stat().st_size == size:
+            if io.sha256_file(other) == sha:
+                return other, f"same content as the registered batch {other.name}"
+    return None
+
+
+def register_batch(batch: Path, incoming: Path) -> Path:
+    """Copy the batch into data/incoming/ under its batch id, atomically (temp name + rename).
+
+    data/incoming is a dependency of the collect stage, so the next `dvc repro`
+    hashes the new file into dvc.lock: that is the batch's registration with DVC.
+    """
+    dest = incoming / batch.name
+    with io.atomic_path(dest) as tmp:
+        shutil.copyfile(batch, tmp)
+    return dest
+
+
+class AdmissionFailed(UserError):
+    """A queued batch could not be moved into data/incoming (e.g. permissions); it stays queued."""
+
+
+def admit_queued(root: Path, incoming: Path, run_id: str | None = None) -> list[str]:
+    """Move every queued batch into `incoming` (names in order) and mark their records admitted.
+
+    Call under `pipeline_lock`. The move happens under DVC's rwlock guard while no DVC stage
+    holds a lock on `incoming` (`dvc_activity.inputs_guard`), so a manual `dvc repro` never
+    records a batch its collect did not read. A batch that cannot be moved stays queued.
+    """
+    queue = root / QUEUE_DIR
+    moved: list[str] = []
+    with queue_lock(root):
+        names = sorted(p.name for p in queue.iterdir() if p.is_file() and not p.name.startswith(".")) \
+            if queue.is_dir() else []
+        if not names:
+            return []
+        try:
+            incoming.mkdir(parents=True, exist_ok=True)
+            with dvc_activity.inputs_guard(root, incoming):
+                for name in names:
+                    os.replace(queue / name, incoming / name)  # same filesystem: atomic
+                    moved.append(name)
+        except OSError as exc:
+            left = [n for n in names if n not in moved]
+            raise AdmissionFailed(
+                f"cannot move queued batch {left[0]} into {incoming.relative_to(root)} ({exc.strerror or exc}); "
+                f"{len(left)} batch(es) stay queued in {QUEUE_DIR}: fix the folder's permissions, then run "
+                "`rmpipe rebuild` (or deliver any batch) to take them in") from None
+        finally:
+            if moved:
+                records.mark_admitted(root, moved, run_id)
+    return moved
+
+
+def reject_batch(batch: Path, rejected_dir: Path, reasons: list[str]) -> Path:
+    """Move a rejected batch out of the delivery folder, with its reasons beside it."""
+    rejected_dir.mkdir(parents=True, exist_ok=True)
+    dest = rejected_dir / batch.name
+    if dest.exists():  # keep earlier rejections of a same-named file
+        dest = rejected_dir / f"{batch.stem}.{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}{batch.suffix}"
+    try:
+        shutil.move(str(batch), dest)
+    except OSError as exc:  # e.g. an unreadable file on another filesystem: leave it, say so
+        reasons = [*reasons, f"could not move it to {rejected_dir} ({exc.strerror or exc}); it is left at {batch}"]
+        dest = batch
+    io.write_json(rejected_dir / f"{dest.name}.reasons.json", {"batch_id": batch.name, "reasons": reasons})
+    return dest
+
+
+@task(cache_policy=NO_CACHE, task_run_name="check {batch.name}")
+@fails_cleanly
+def quick_check(batch: Path, root: Path) -> dict[str, Any]:
+    """The collect stage's logic on this one file: accepted or rejected, and why."""
+    from rmpipe import retractions
+    from rmpipe.collect import check_batch
+
+    cfg = section(load_params(root / "params.yaml"), "collect")
+    report = dict(check_batch(batch, cfg, retractions.load(root)).report)  # a retracted batch is refused
+    accepted = report.get("status") == "accepted"
+    reasons = [f"{r['reason']} x{r['count']} (e.g. {r['example']})" if isinstance(r, dict) else str(r)
+               for r in report.get("top_reasons") or []]
+    if accepted and not report.get("rows_normalized"):  # it would be registered yet never reach a model
+        accepted, reasons = False, ["the batch has no usable vote rows (an empty file?): nothing to train on"]
+    message = str(report.get("message") or "; ".join(reasons) or f"status {report.get('status')!r}")
+    if not accepted and not reasons:  # e.g. refused unread (too large, a symlink): the message is the reason
+        reasons = [message]
+    return {"accepted": accepted, "reasons": reasons, "message": message, "report": report}
+
+
+ALREADY_QUEUED = "already queued by an earlier delivery and not yet admitted: this run takes it in"
+
+
+def queue_batch(batch: Path, root: Path, incoming: Path, sha: str, record: dict[str, Any]) -> tuple[dict | None, str | None]:
+    """Queue `batch` for the next rebuild unless it is already here: (its record, None) or (None, why not).
+
+    Why not is `ALREADY_QUEUED` when this very file waits in the queue (the caller's rebuild takes it in), or
+    a duplicate's reason. The record is written before the file is queued: a kill in between leaves a
+    record, never a silent batch. The check and the queueing hold `queue_lock`, so a second delivery of the
+    same batch meanwhile is seen.
+    """
+    with queue_lock(root):
+        hit = find_registered(batch, incoming, sha)
+        if hit is None and (queued := find_registered(batch, root / QUEUE_DIR, sha)) is not None:
+            hit = (queued[0], ALREADY_QUEUED) if queued[1].startswith("already registered") else queued
+        if hit is not None:
+            return None, hit[1]
+        own = records.write_new(root, record)
+        register_batch(batch, root / QUEUE_DIR)
+        return own, None
