@@ -1,11 +1,17 @@
-"""Benchmark: the four data stages (collect -> aggregate -> split -> validate) on ~1,000,000 vote rows.
+"""Benchmark: the four data stages (collect -> aggregate -> split -> validate) on N generated votes.
 
-Usage:  .venv/bin/python bench/data_stages.py [--pairs 250000] [--keep DIR]
+Usage:  .venv/bin/python bench/data_stages.py [--votes 1000000] [--compare [--old REF]] [--keep DIR]
 
 Generates realistic batches (prompts of a few hundred to a few thousand characters, responses of a
-few hundred; ~4 votes per pair) into a scratch project, then runs each stage exactly as `dvc repro`
-does (`python -m stages.<name>` in that folder) and prints wall seconds and peak RSS per stage,
-measured on the stage's own process (os.wait4). Target on a 2-core machine: <= 60 s and <= 4 GB.
+few hundred; exactly 4 votes per pair) into a scratch project, then runs each stage exactly as
+`dvc repro` does (`python -m stages.<name>` in that folder) and prints wall seconds and peak RSS per
+stage, measured on the stage's own process (os.wait4: the child's ru_maxrss).
+
+--compare also runs each stage with the code of git ref REF (default: the last commit before
+issue #13's collect, whose collect read each batch whole and normalized it row by row), extracted
+with `git archive` into a scratch folder: old and new alternate stage by stage in one run, on the
+same batches. Targets (issue #13, 2-core machine): 1M votes through the four stages <= 20 s, peak
+RSS <= 3 GB in every stage at 1M and 5M votes.
 """
 
 from __future__ import annotations
@@ -16,14 +22,17 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
+from io import BytesIO
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["collect", "aggregate", "split", "validate"]
+OLD_REF = "dfaf729"  # main just before issue #13's collect landed
 
 
 def make_project(where: Path, n_pairs: int, n_batches: int) -> None:
@@ -37,49 +46,74 @@ def make_project(where: Path, n_pairs: int, n_batches: int) -> None:
     write_sample_batches(where / "data" / "incoming", params["sample_data"])
 
 
-def run_stage(name: str, cwd: Path) -> tuple[float, float, int]:
-    """Run `python -m stages.<name>` in `cwd`; return (wall seconds, peak RSS in MB, exit code)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "GX_ANALYTICS_ENABLED": "false"}
+def old_code(ref: str) -> Path:
+    """The project's code at `ref`, extracted into a scratch folder (to run its stages)."""
+    where = Path(tempfile.mkdtemp(prefix="rmpipe-bench-old-"))
+    archive = subprocess.run(["git", "archive", ref, "rmpipe", "stages", "pipeline"], cwd=ROOT, check=True,
+                             capture_output=True).stdout
+    with tarfile.open(fileobj=BytesIO(archive)) as tar:
+        tar.extractall(where, filter="data")
+    return where
+
+
+def run_stage(name: str, cwd: Path, code: Path = ROOT) -> tuple[float, float, int]:
+    """Run `python -m stages.<name>` in `cwd` with the code in `code`; (wall seconds, peak RSS MB, exit code)."""
+    env = {**os.environ, "PYTHONPATH": str(code), "GX_ANALYTICS_ENABLED": "false"}
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", f"stages.{name}"], cwd=cwd, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stderr = proc.stderr.read()  # read before waiting: a full pipe would block the stage
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        sys.stderr.write(proc.stderr.read().decode(errors="replace")[-3000:])
-    return wall, usage.ru_maxrss / 1024, code
+    code_ = os.waitstatus_to_exitcode(status)
+    if code_ != 0:
+        sys.stderr.write(stderr.decode(errors="replace")[-3000:])
+    return wall, usage.ru_maxrss / 1024, code_
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", type=int, default=250_000, help="distinct comparisons (~4 votes each)")
-    parser.add_argument("--batches", type=int, default=8, help="delivered as this many files (~290 MB each)")
-    parser.add_argument("--keep", type=Path, default=None, help="keep the scratch project here")
+    parser.add_argument("--votes", type=int, default=1_000_000, help="vote rows (4 per pair)")
+    parser.add_argument("--batches", type=int, default=None, help="files to deliver them in (default: 125k votes each)")
+    parser.add_argument("--compare", action="store_true", help="run each stage with the old code too, interleaved")
+    parser.add_argument("--old", default=OLD_REF, help=f"git ref of the old code (default {OLD_REF})")
+    parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages to run (in order)")
+    parser.add_argument("--keep", type=Path, default=None, help="keep the scratch project here (reused if it has batches)")
     args = parser.parse_args()
+    batches = args.batches or max(1, round(args.votes / 125_000))
 
     where = Path(tempfile.mkdtemp(prefix="rmpipe-bench-")) if args.keep is None else args.keep
     where.mkdir(parents=True, exist_ok=True)
+    codes = [("new", ROOT)] + ([("old", old_code(args.old))] if args.compare else [])
     try:
         start = time.perf_counter()
-        make_project(where, args.pairs, args.batches)
+        if not (where / "data" / "incoming").is_dir():  # a kept project is reused as it is
+            make_project(where, args.votes // 4, batches)
         size_mb = sum(p.stat().st_size for p in (where / "data" / "incoming").iterdir()) / 2**20
-        print(f"generated {args.pairs:,} pairs ({size_mb:,.0f} MB in {args.batches} files) "
-              f"in {time.perf_counter() - start:.1f}s", flush=True)
-        print(f"{'stage':<10} {'seconds':>8} {'peak RSS MB':>12}")
-        total, peak = 0.0, 0.0
-        for name in STAGES:
-            wall, rss, code = run_stage(name, where)
-            total, peak = total + wall, max(peak, rss)
-            print(f"{name:<10} {wall:>8.1f} {rss:>12,.0f}" + ("" if code == 0 else f"   FAILED (exit {code})"), flush=True)
-            if code != 0:
-                sys.exit(code)
+        print(f"generated {args.votes:,} votes ({size_mb:,.0f} MB in {batches} files) "
+              f"in {time.perf_counter() - start:.1f}s; load average {os.getloadavg()[0]:.2f}", flush=True)
+        print(f"{'stage':<10} {'code':<5} {'seconds':>8} {'peak RSS MB':>12}")
+        total = {label: 0.0 for label, _ in codes}
+        peak = {label: 0.0 for label, _ in codes}
+        for name in args.stages.split(","):
+            for label, code in (reversed(codes) if args.compare else codes):  # old first: new reads the same input
+                wall, rss, status = run_stage(name, where, code)
+                total[label], peak[label] = total[label] + wall, max(peak[label], rss)
+                print(f"{name:<10} {label:<5} {wall:>8.1f} {rss:>12,.0f}"
+                      + ("" if status == 0 else f"   FAILED (exit {status})"), flush=True)
+                if status != 0:
+                    sys.exit(status)
             if name == "collect":
                 totals = json.loads((where / "reports" / "collect.json").read_text())["totals"]
                 print(f"{'':<10} {totals['rows_read']:,} vote rows read, {totals['rows_quarantined']:,} quarantined",
                       flush=True)
-        print(f"{'total':<10} {total:>8.1f} {peak:>12,.0f}   (target: <= 60 s, <= 4096 MB)")
+        for label, _ in codes:
+            print(f"{'total':<10} {label:<5} {total[label]:>8.1f} {peak[label]:>12,.0f}")
+        print(f"targets: <= 20 s at 1M votes, <= 3072 MB per stage; load average now {os.getloadavg()[0]:.2f}")
     finally:
+        for label, code in codes:
+            if label == "old":
+                shutil.rmtree(code, ignore_errors=True)
         if args.keep is None:
             shutil.rmtree(where, ignore_errors=True)
 

@@ -45,7 +45,7 @@ from rmpipe.io import atomic_path
 __all__ = ["FORMATS", "POLICIES", "RAW_MAX_CHARS", "REASONS", "BatchResult", "CollectConfig", "check_batch",
            "collect_dir", "collect_to", "incoming_snapshot", "raise_for_rejected", "raise_if_changed", "write_votes"]
 _Normalizer, _Bad = Normalizer, Bad  # the per-row path, under the names tests have used
-ROWS_PER_GROUP = 100_000  # parquet row group of votes.parquet
+ROWS_PER_GROUP = 50_000  # parquet row group of votes.parquet: ~100 MB of long texts, read a group at a time
 
 log = logging.getLogger("rmpipe.collect")
 
@@ -225,7 +225,7 @@ def _flush(writer: pq.ParquetWriter, pending: list[pa.Table], rows: int, final: 
     size = sum(t.num_rows for t in pending)
     if size < rows and not (final and size):
         return pending
-    table = pa.concat_tables(pending).combine_chunks()
+    table = pa.concat_tables(pending)
     start = 0
     while table.num_rows - start >= rows or (final and start < table.num_rows):
         writer.write_table(table.slice(start, rows), row_group_size=rows)

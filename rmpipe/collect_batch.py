@@ -242,7 +242,8 @@ class _Batch:
         self.group_votes = self.rows_read = self.votes = 0
         self.tables: list[pa.Table] = []
         self.votes_to = votes_to
-        self.writer = pq.ParquetWriter(votes_to, VOTES_SCHEMA, compression="zstd") if votes_to else None
+        # a part is read back once by the merge: not worth compressing
+        self.writer = pq.ParquetWriter(votes_to, VOTES_SCHEMA, compression="none") if votes_to else None
 
     def _earlier(self, key: bytes) -> str | None:
         line = self.first_here.get(key)
@@ -322,7 +323,9 @@ class _Batch:
         if fast_table is not None:
             ids = pa.array([self.batch_id] * len(fast_lines), pa.string())
             parts.insert(0, pa.table([ids, pa.array(fast_lines, pa.int64()), *fast_table.columns], schema=VOTES_SCHEMA))
-        table = pa.concat_tables(parts).take(pa.array(order, pa.int64()))
+        table = pa.concat_tables(parts)
+        if order != list(range(table.num_rows)):  # all rows kept in order: no copy
+            table = table.take(pa.array(order, pa.int64()))
         self.votes += table.num_rows
         if self.writer is not None:
             if table.num_rows:

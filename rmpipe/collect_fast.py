@@ -11,20 +11,56 @@ quarantine, and `rows read = normalized + quarantined` stays exact.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
+import xxhash
 
 from rmpipe import schema
-from rmpipe.collect_rows import CHOICE_LABELS, STRENGTH_LABELS, VOTE_FIELDS_OUT, VOTE_KNOWN, Bad, Normalizer, Vote, label, meta_json
+from rmpipe.collect_rows import (CHOICE_LABELS, STRENGTH_LABELS, VOTE_FIELDS_OUT, VOTE_KNOWN, Bad, Normalizer, Vote, label,
+                                 meta_json, prompt_messages)
 
 _TYPES = {"line": pa.int64(), "margin": pa.float64(), "prejudged": pa.bool_(), "n_votes": pa.int64()}  # others: text
 VOTES_SCHEMA = pa.schema([(name, _TYPES.get(name, pa.string())) for name in schema.VOTE_COLUMNS])
 _REQUIRED = ("prompt", "response_a", "response_b", "annotator_id", "choice")
 _OTHER_SHAPES = ("responses", "chosen", "rejected")  # rows filling these are groups or pairs: the row path
 _JSON_EXTRA_TYPES = (pa.string(), pa.large_string(), pa.int64(), pa.bool_())  # read back from JSON exactly as orjson
+
+
+class _Seen:
+    """What the checks found for texts met before, keyed by a 128-bit fingerprint of the text (xxh3, seeded
+    at random per process, so nobody can aim for a collision) instead of the text itself: a vote's texts
+    usually come back in later chunks and batches (one pair, several annotators), and this keeps their
+    digests at ~200 bytes each. Emptied when it holds `limit` entries; results never depend on it."""
+
+    def __init__(self, limit: int = 1_500_000):
+        self.max_chars = 0  # the checks depend on collect.max_field_chars: the cache holds one setting's results
+        self.seed = int.from_bytes(os.urandom(8), "little")
+        self.limit = limit
+        self.texts: dict[int, str | None] = {}  # response -> sha256 of its normalized form; None: fails a check
+        self.unclean: set[int] = set()  # responses whose normalized form is not the text itself
+        self.prompts: dict[int, str | None] = {}  # prompt -> prompt_hash; None: fails a check
+
+    def fingerprints(self, values: pa.Array) -> list[int]:
+        """Fingerprint of each string of `values`, hashed straight from Arrow's buffers."""
+        values = values.cast(pa.large_string())
+        offsets = np.frombuffer(values.buffers()[1], dtype=np.int64)[values.offset:values.offset + len(values) + 1]
+        data = memoryview(values.buffers()[2] or b"")
+        digest, seed = xxhash.xxh3_128_intdigest, self.seed
+        bounds = offsets.tolist()
+        return [digest(data[start:end], seed) for start, end in zip(bounds[:-1], bounds[1:])]
+
+    def trim(self, max_chars: int) -> None:
+        if len(self.texts) + len(self.prompts) > self.limit or max_chars != self.max_chars:
+            self.max_chars = max_chars
+            self.texts.clear(), self.unclean.clear(), self.prompts.clear()
+
+
+_SEEN = _Seen()
 
 
 def _is_text(kind: pa.DataType) -> bool:
@@ -80,12 +116,12 @@ def fast_votes(table: pa.Table, norm: Normalizer, nulls_may_be_absent: bool) -> 
     if not _usable(table, nulls_may_be_absent):
         return None
     n = table.num_rows
+    _SEEN.trim(norm.max_chars)
     ok = _shape_ok(table, nulls_may_be_absent)
-    texts_ok, text_index, texts = _distinct(pa.concat_arrays([table["response_a"].combine_chunks(),
-                                                              table["response_b"].combine_chunks()]),
-                                            lambda v: norm.text(v, "response"))
+    responses = pa.concat_arrays([table["response_a"].combine_chunks(), table["response_b"].combine_chunks()])
+    texts_ok, text_index, texts = _responses(responses.dictionary_encode(), norm)
     ok &= texts_ok[:n] & texts_ok[n:]
-    prompt_ok, prompt_index, prompts = _distinct(table["prompt"], norm.prompt_info)
+    prompt_ok, prompt_index, prompts = _prompts(table["prompt"].combine_chunks().dictionary_encode(), norm)
     annotator_ok, annotator_index, annotators = _distinct(table["annotator_id"], norm.annotator)
     choice_ok, choice_index, choices = _distinct(table["choice"], lambda v: label(v, CHOICE_LABELS) or Bad("", ""))
     ok &= prompt_ok & annotator_ok & choice_ok
@@ -97,11 +133,11 @@ def fast_votes(table: pa.Table, norm: Normalizer, nulls_may_be_absent: bool) -> 
         ok &= strength_ok | _absent(table["strength"])
         strengths.append(None)  # the null slot of _distinct: an absent strength
     rows = np.flatnonzero(ok)
-    pair_ids, rows, triple = _pair_ids(norm, rows, prompt_index, text_index[:n], text_index[n:], prompts, texts)
+    pair_ids, rows, triple = _pair_ids(responses, rows, prompt_index, text_index[:n], text_index[n:], prompts, texts)
     columns = {
         "pair_id": pa.array(pair_ids, pa.string()).take(triple),
-        "prompt": _take([p[0] if not isinstance(p, Bad) else None for p in prompts], prompt_index[rows]),
-        "prompt_hash": _take([p[1] if not isinstance(p, Bad) else None for p in prompts], prompt_index[rows]),
+        "prompt": _take([p and p[0] for p in prompts], prompt_index[rows]),
+        "prompt_hash": _take([p and p[1] for p in prompts], prompt_index[rows]),
         "response_a": table["response_a"].take(rows).cast(pa.string()),
         "response_b": table["response_b"].take(rows).cast(pa.string()),
         "annotator_id": _take([a if isinstance(a, str) else None for a in annotators], annotator_index[rows]),
@@ -116,22 +152,84 @@ def fast_votes(table: pa.Table, norm: Normalizer, nulls_may_be_absent: bool) -> 
     return rows, pa.table([columns[name] for name in VOTE_FIELDS_OUT], schema=_fields_schema())
 
 
+def _indices(encoded: pa.DictionaryArray) -> tuple[np.ndarray, int]:
+    """Row -> distinct index, a null row pointing one past the last value (a slot that fails)."""
+    size = len(encoded.dictionary)
+    return np.asarray(pc.fill_null(encoded.indices, size), dtype=np.int64), size
+
+
+def _responses(encoded: pa.DictionaryArray, norm: Normalizer) -> tuple[np.ndarray, np.ndarray, list]:
+    """Per distinct response: its normalized digest (None: fails a check), from the fingerprint cache or
+    from `Normalizer.text` (the per-row path's own check) the first time."""
+    index, size = _indices(encoded)
+    fingerprints = _SEEN.fingerprints(encoded.dictionary)
+    digests = [_SEEN.texts.get(fp, False) for fp in fingerprints]
+    missing = [i for i, d in enumerate(digests) if d is False]
+    for i, value in zip(missing, encoded.dictionary.take(pa.array(missing, pa.int64())).to_pylist()):
+        info = norm.text(value, "response")
+        digests[i] = _SEEN.texts[fingerprints[i]] = None if isinstance(info, Bad) else info[2]
+        if digests[i] is not None and info[1] != value:
+            _SEEN.unclean.add(fingerprints[i])
+    infos = [(d, fp in _SEEN.unclean) if d is not None else None for d, fp in zip(digests, fingerprints)]
+    good = np.array([info is not None for info in infos] + [False], dtype=bool)
+    return good[index], index, infos
+
+
+def _prompts(encoded: pa.DictionaryArray, norm: Normalizer) -> tuple[np.ndarray, np.ndarray, list]:
+    """Per distinct prompt: (canonical JSON, prompt_hash), None when it fails a check (hash cached by fingerprint)."""
+    index, size = _indices(encoded)
+    infos: list = []
+    for fp, value in zip(_SEEN.fingerprints(encoded.dictionary), encoded.dictionary.to_pylist()):
+        digest = _SEEN.prompts.get(fp, False)
+        if digest is False:  # first sight: the per-row path's own check
+            info = norm.prompt_info(value)
+            info = None if isinstance(info, Bad) else info
+            _SEEN.prompts[fp] = info and info[1]
+            infos.append(info)
+        elif digest is None:
+            infos.append(None)
+        else:  # seen before and passed every check: only its canonical form is rebuilt
+            infos.append((_canonical(value), digest))
+    good = np.array([info is not None for info in infos] + [False], dtype=bool)
+    return good[index], index, infos
+
+
+def _canonical(prompt: str) -> str:
+    """schema.canonical_messages(prompt_messages(prompt)) of a prompt that passed every check; a plain
+    question (no chat JSON, no transcript) directly."""
+    if "[" in prompt[:1] or "\n\nAssistant:" in prompt or prompt[-1:].isspace() or prompt[:1].isspace():
+        return schema.canonical_messages(prompt_messages(prompt))
+    return orjson.dumps([{"content": prompt, "role": "user"}]).decode()
+
+
 def _take(values: list, index: np.ndarray) -> pa.Array:
     return pa.array(values, pa.string()).take(pa.array(index))
 
 
-def _pair_ids(norm: Normalizer, rows: np.ndarray, prompt_index: np.ndarray, a_index: np.ndarray, b_index: np.ndarray,
-              prompts: list, texts: list) -> tuple[list, np.ndarray, pa.Array]:
+def _pair_ids(responses: pa.Array, rows: np.ndarray, prompt_index: np.ndarray, a_index: np.ndarray,
+              b_index: np.ndarray, prompts: list, texts: list) -> tuple[list, np.ndarray, pa.Array]:
     """pair_id per distinct (prompt, a, b) of the passing rows; rows whose responses are identical after
     normalization are dropped (the row path reports them). Returns (ids, kept rows, row -> id index)."""
     size = len(texts) + 1
     codes = (prompt_index[rows] * size + a_index[rows]) * size + b_index[rows]
-    distinct, inverse = np.unique(codes, return_inverse=True)
+    distinct, first_at, inverse = np.unique(codes, return_index=True, return_inverse=True)
+    p, rest = np.divmod(distinct, size * size)
+    a, b = np.divmod(rest, size)
+    # schema.pair_id orders the two responses by their normalized text; for clean texts that is the text itself
+    n = len(responses) // 2
+    first_rows = rows[first_at]
+    a_first = np.asarray(pc.less_equal(responses.take(pa.array(first_rows)), responses.take(pa.array(n + first_rows))))
     ids: list[str | None] = []
-    for code in distinct.tolist():
-        p, rest = divmod(code, size * size)
-        a, b = texts[rest // size], texts[rest % size]
-        ids.append(None if a[1] == b[1] else norm.pair_id(prompts[p], a, b))
+    for k, (pk, ak, bk) in enumerate(zip(p.tolist(), a.tolist(), b.tolist())):
+        (da, unclean_a), (db, unclean_b) = texts[ak], texts[bk]
+        if da == db:
+            ids.append(None)
+            continue
+        first = a_first[k]
+        if unclean_a or unclean_b:
+            row = int(first_rows[k])
+            first = schema.normalize_text(responses[row].as_py()) <= schema.normalize_text(responses[n + row].as_py())
+        ids.append(schema.pair_id_from_digests(prompts[pk][1], *((da, db) if first else (db, da))))
     same = np.array([i is None for i in ids], dtype=bool)
     keep = ~same[inverse] if len(rows) else np.zeros(0, dtype=bool)
     return ids, rows[keep], pa.array(inverse[keep])

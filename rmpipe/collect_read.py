@@ -16,10 +16,12 @@ quarantine. Chunk boundaries change nothing: a chunk is cut at whole lines / rec
 
 from __future__ import annotations
 
+import bisect
 import csv
 import io
 import itertools
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,8 +39,9 @@ from rmpipe.collect_rows import Bad, type_name
 CHUNK_ROWS = 16_384  # rows per chunk: ~40 MB of texts at a few KB per row
 RAW_MAX_CHARS = 4000  # a quarantined row keeps this much of its raw text
 UNREADABLE = (OSError, pa.ArrowException, ValueError, UnicodeError)  # hf_batches.UnreadableDataset is a ValueError
-# JSONL lines that go row by row without trying pyarrow: shapes whose columns change type between rows.
-_ROW_ONLY_MARKS = (b'"prompt":[', b'"prompt": [', b'"chosen"', b'"rejected"', b'"responses"')
+# JSONL lines that go row by row without trying pyarrow: shapes whose columns change type between rows
+# (a chat-message prompt, pairs, groups). A miss only costs speed: pyarrow then refuses the block.
+_ROW_ONLY = re.compile(rb'"prompt":\s*\[|"(?:chosen|rejected|responses)"')
 
 
 @dataclass
@@ -92,14 +95,14 @@ def _json_table(raws: list[bytes]) -> pa.Table | None:
 
 
 def _jsonl_chunk(block: list[bytes], first_line: int) -> Chunk:
-    lines, raws, columnar = [], [], []
+    lines, raws = [], []
     for offset, raw in enumerate(block):
-        if raw.isspace():
-            continue  # a blank line holds no row
-        if not any(mark in raw for mark in _ROW_ONLY_MARKS):
-            columnar.append(len(raws))
-        lines.append(first_line + offset)
-        raws.append(raw)
+        if not raw.isspace():  # a blank line holds no row
+            lines.append(first_line + offset)
+            raws.append(raw)
+    starts = list(itertools.accumulate((len(raw) for raw in raws), initial=0))
+    row_only = {bisect.bisect_right(starts, m.start()) - 1 for m in _ROW_ONLY.finditer(b"".join(raws))}
+    columnar = [i for i in range(len(raws)) if i not in row_only]
     table = _json_table([raws[i] for i in columnar]) if columnar else None
     if table is None and columnar:  # one bad line spoils pyarrow's block: try once more without the lines orjson refuses
         columnar = [i for i in columnar if isinstance(orjson_or_none(raws[i]), dict)]

@@ -116,6 +116,14 @@ def label(value: Any, known: dict[str, str]) -> str | None:
     return known.get(value) or known.get(value.strip().lower().replace(" ", "_").replace("-", "_"))
 
 
+def prompt_messages(value: Any) -> list[dict[str, str]]:
+    """A delivered prompt as messages ("\n\nHuman: ...\n\nAssistant:" transcripts as real turns); raises
+    formats.ShapeError / schema.PromptError when it is neither text nor messages."""
+    if formats.is_transcript(value):
+        value = formats.parse_transcript(value, "prompt", open_end=True)
+    return schema.to_messages(value)
+
+
 def meta_json(extras: Mapping[str, Any]) -> str:
     return orjson.dumps(extras, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS, default=str).decode()
 
@@ -219,9 +227,7 @@ class Normalizer:
         if isinstance(value, str) and len(value) > self.max_chars:
             return self._too_long("prompt", len(value))
         try:
-            if formats.is_transcript(value):  # "\n\nHuman: ...\n\nAssistant:" -> real turns
-                value = formats.parse_transcript(value, "prompt", open_end=True)
-            messages = schema.to_messages(value)
+            messages = prompt_messages(value)
         except formats.ShapeError as exc:
             return Bad(exc.code, exc.reason)
         except schema.PromptError as exc:
