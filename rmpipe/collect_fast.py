@@ -41,8 +41,9 @@ class _Seen:
         self.max_chars = 0  # the checks depend on collect.max_field_chars: the cache holds one setting's results
         self.seed = int.from_bytes(os.urandom(8), "little")
         self.limit = limit
-        self.texts: dict[int, str | None] = {}  # response -> sha256 of its normalized form; None: fails a check
-        self.unclean: set[int] = set()  # responses whose normalized form is not the text itself
+        # response -> (sha256 of its normalized form, whether normalizing changes it); None: fails a check.
+        # One entry per text, so a concurrent clear() never leaves half of what was found.
+        self.texts: dict[int, tuple[str, bool] | None] = {}
         self.prompts: dict[int, str | None] = {}  # prompt -> prompt_hash; None: fails a check
 
     def fingerprints(self, values: pa.Array) -> list[int]:
@@ -57,7 +58,7 @@ class _Seen:
     def trim(self, max_chars: int) -> None:
         if len(self.texts) + len(self.prompts) > self.limit or max_chars != self.max_chars:
             self.max_chars = max_chars
-            self.texts.clear(), self.unclean.clear(), self.prompts.clear()
+            self.texts.clear(), self.prompts.clear()
 
 
 _SEEN = _Seen()
@@ -163,14 +164,11 @@ def _responses(encoded: pa.DictionaryArray, norm: Normalizer) -> tuple[np.ndarra
     from `Normalizer.text` (the per-row path's own check) the first time."""
     index, size = _indices(encoded)
     fingerprints = _SEEN.fingerprints(encoded.dictionary)
-    digests = [_SEEN.texts.get(fp, False) for fp in fingerprints]
-    missing = [i for i, d in enumerate(digests) if d is False]
+    infos = [_SEEN.texts.get(fp, False) for fp in fingerprints]
+    missing = [i for i, info in enumerate(infos) if info is False]
     for i, value in zip(missing, encoded.dictionary.take(pa.array(missing, pa.int64())).to_pylist()):
         info = norm.text(value, "response")
-        digests[i] = _SEEN.texts[fingerprints[i]] = None if isinstance(info, Bad) else info[2]
-        if digests[i] is not None and info[1] != value:
-            _SEEN.unclean.add(fingerprints[i])
-    infos = [(d, fp in _SEEN.unclean) if d is not None else None for d, fp in zip(digests, fingerprints)]
+        infos[i] = _SEEN.texts[fingerprints[i]] = None if isinstance(info, Bad) else (info[2], info[1] != value)
     good = np.array([info is not None for info in infos] + [False], dtype=bool)
     return good[index], index, infos
 

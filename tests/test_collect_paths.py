@@ -170,3 +170,14 @@ def test_collect_batch_is_a_function_of_one_file(tmp_path, fast):
     assert first.table.equals(second.table) and first.table.num_rows == 5
     assert [q["line"] for q in first.quarantine] == [6, 7, 8]
     assert len(first.keys) == 5
+
+
+def test_texts_checked_under_one_max_field_chars_are_checked_again_under_another(tmp_path):
+    """The fast path remembers what it found per text; a different limit must not reuse it."""
+    incoming = tmp_path / "in"
+    incoming.mkdir()
+    (incoming / "a.jsonl").write_bytes(orjson.dumps(_vote(1, response_a="An answer of forty characters, or so...")) + b"\n")
+    _, _, roomy = collect.collect_dir(incoming, _cfg(incoming, max_field_chars=1000))
+    assert roomy["totals"]["votes"] == 1
+    _, quarantine, tight = collect.collect_dir(incoming, _cfg(incoming, max_field_chars=30))
+    assert tight["totals"]["votes"] == 0 and [q["code"] for q in quarantine] == ["field_too_long"]
