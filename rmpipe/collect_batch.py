@@ -242,8 +242,9 @@ class _Batch:
         self.group_votes = self.rows_read = self.votes = 0
         self.tables: list[pa.Table] = []
         self.votes_to = votes_to
-        # a part is read back once by the merge: not worth compressing
-        self.writer = pq.ParquetWriter(votes_to, VOTES_SCHEMA, compression="none") if votes_to else None
+        # a part is read back once by the merge: not worth compressing or dictionary-encoding
+        self.writer = (pq.ParquetWriter(votes_to, VOTES_SCHEMA, compression="none", use_dictionary=False)
+                       if votes_to else None)
 
     def _earlier(self, key: bytes) -> str | None:
         line = self.first_here.get(key)

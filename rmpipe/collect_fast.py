@@ -139,8 +139,8 @@ def fast_votes(table: pa.Table, norm: Normalizer, nulls_may_be_absent: bool) -> 
         "pair_id": pa.array(pair_ids, pa.string()).take(triple),
         "prompt": _take([p and p[0] for p in prompts], prompt_index[rows]),
         "prompt_hash": _take([p and p[1] for p in prompts], prompt_index[rows]),
-        "response_a": table["response_a"].take(rows).cast(pa.string()),
-        "response_b": table["response_b"].take(rows).cast(pa.string()),
+        "response_a": _rows_of(table["response_a"], rows),
+        "response_b": _rows_of(table["response_b"], rows),
         "annotator_id": _take([a if isinstance(a, str) else None for a in annotators], annotator_index[rows]),
         "choice": _take([c if isinstance(c, str) else None for c in choices], choice_index[rows]),
         "strength": _take([s if isinstance(s, str) else None for s in strengths], strength_index[rows]),
@@ -198,6 +198,13 @@ def _canonical(prompt: str) -> str:
     if "[" in prompt[:1] or "\n\nAssistant:" in prompt or prompt[-1:].isspace() or prompt[:1].isspace():
         return schema.canonical_messages(prompt_messages(prompt))
     return orjson.dumps([{"content": prompt, "role": "user"}]).decode()
+
+
+def _rows_of(column: pa.ChunkedArray, rows: np.ndarray) -> pa.ChunkedArray:
+    """The column at `rows` (no copy when that is every row)."""
+    if len(rows) != len(column):
+        column = column.take(pa.array(rows))
+    return column.cast(pa.string())
 
 
 def _take(values: list, index: np.ndarray) -> pa.Array:
