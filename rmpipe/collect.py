@@ -39,6 +39,7 @@ from rmpipe.collect_batch import (FORMATS, POLICIES, BatchResult, CollectConfig,
 from rmpipe.collect_fast import VOTES_SCHEMA
 from rmpipe.collect_read import CHUNK_ROWS, RAW_MAX_CHARS
 from rmpipe.collect_rows import REASONS, Bad, Normalizer
+from rmpipe.engine import BatchRunner
 from rmpipe.errors import DataError
 from rmpipe.io import atomic_path
 
@@ -164,12 +165,13 @@ def raise_if_changed(incoming_dir: str | Path, before: Snapshot) -> None:
 
 def collect_to(incoming_dir: str | Path, cfg: Mapping[str, Any] | CollectConfig, votes_path: str | Path,
                retracted: list[dict] | None = None, *, fast: bool = True,
-               chunk_rows: int = CHUNK_ROWS) -> tuple[list[dict], dict]:
+               chunk_rows: int = CHUNK_ROWS, ahead: BatchRunner | None = None) -> tuple[list[dict], dict]:
     """Collect every batch in `incoming_dir` into the parquet file `votes_path`: (quarantine rows, report).
 
     Votes of accepted batches only, in file-name then line order. Rejected batches never raise
     here: call `raise_for_rejected(report, cfg)` after writing the report and quarantine, so the
-    user can read why. `fast` and `chunk_rows` as in `collect_batch.collect_batch`.
+    user can read why. `fast` and `chunk_rows` as in `collect_batch.collect_batch`. `ahead`
+    (rmpipe.engine.batch_runner) collects every batch at once elsewhere; see `_reuse`.
     """
     conf = CollectConfig.from_params(cfg)
     files, skipped = _batch_files(Path(incoming_dir))
@@ -179,9 +181,12 @@ def collect_to(incoming_dir: str | Path, cfg: Mapping[str, Any] | CollectConfig,
     accepted, seen_files = SeenVotes(), {}
     quarantine, entries, parts = [], [], []
     with tempfile.TemporaryDirectory(prefix=".collect-parts-", dir=votes_path.parent) as tmp, _gc_paused():
+        futures = (ahead(files, conf, retracted or [], Path(tmp), fast=fast, chunk_rows=chunk_rows) if ahead
+                   else [None] * len(files))
         for number, path in enumerate(files):
-            result = collect_batch(path, conf, earlier=accepted, seen_files=seen_files, retracted=retracted or [],
-                                   votes_to=Path(tmp) / f"{number:06d}.parquet", fast=fast, chunk_rows=chunk_rows)
+            result = _reuse(futures[number], accepted, seen_files) or collect_batch(
+                path, conf, earlier=accepted, seen_files=seen_files, retracted=retracted or [],
+                votes_to=Path(tmp) / f"{number:06d}.parquet", fast=fast, chunk_rows=chunk_rows)
             if read_files(result.report):
                 seen_files[result.report["sha256"]] = result.batch_id
             sidecar = path.with_name(path.name + hf_batches.SOURCE_SUFFIX)
@@ -198,6 +203,20 @@ def collect_to(incoming_dir: str | Path, cfg: Mapping[str, Any] | CollectConfig,
         del accepted
         counts = merge_parts(parts, votes_path)
     return quarantine, _report(entries, skipped, counts, conf)
+
+
+def _reuse(future: Any, accepted: SeenVotes, seen_files: Mapping[str, str]) -> BatchResult | None:
+    """A batch collected ahead (by the engine, knowing no earlier batch), where that is what collect_batch
+    gives here too: accepted, its bytes not read before, none of its votes already in the table.
+    Otherwise None (its part deleted): the caller collects it again knowing the earlier batches."""
+    if future is None:
+        return None
+    result = future.result()
+    if result.accepted and result.report["sha256"] not in seen_files and not any(k in accepted for k in result.keys):
+        return result
+    if result.part is not None:
+        result.part.unlink(missing_ok=True)
+    return None
 
 
 def merge_parts(parts: list[Path], out: Path, rows_per_group: int = ROWS_PER_GROUP) -> dict[str, int]:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from rmpipe import retractions
 from rmpipe.collect import CollectConfig, collect_to, incoming_snapshot, raise_for_rejected, raise_if_changed
+from rmpipe.engine import EngineSettings, batch_runner
 from rmpipe.errors import exits_cleanly
 from rmpipe.io import atomic_path, write_json, write_jsonl
 from rmpipe.params import load_params, section
@@ -35,13 +36,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
 
-    cfg = CollectConfig.from_params(section(load_params(args.params), "collect"))
+    params = load_params(args.params)
+    cfg = CollectConfig.from_params(section(params, "collect"))
+    engine = EngineSettings.from_params(params)  # where the batches are read; never what comes out
     # What DVC will hash as this stage's input must be exactly what was read: snapshot the
     # folder first and fail at the end if it changed (DVC then records nothing for the stage).
     before = incoming_snapshot(cfg.incoming_dir)
     # The votes stream into a temp file, published only if no rejected batch stops the run.
-    with atomic_path(VOTES) as votes:
-        quarantine, report = collect_to(cfg.incoming_dir, cfg, votes, retractions.load(Path(".")))
+    with batch_runner(engine) as ahead, atomic_path(VOTES) as votes:
+        quarantine, report = collect_to(cfg.incoming_dir, cfg, votes, retractions.load(Path(".")), ahead=ahead)
         write_jsonl(QUARANTINE, quarantine)
         write_json(REPORT, report)
         raise_for_rejected(report, cfg)

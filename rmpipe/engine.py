@@ -1,0 +1,96 @@
+"""Where the data stages' parallel work runs: `data.engine: local` (this process) or `dask` (a Dask cluster).
+
+The engine is an execution choice, never a result: outputs are byte-identical either way (tested on a
+real two-worker cluster). With `dask`, collect checks every batch file at once, one task per file on
+the cluster's workers, each knowing no earlier batch (`collect_batch` is a function of one file). The
+stage then walks the batches in file-name order, as the local path does, and keeps a batch's result
+only where knowing the earlier batches could not have changed it: accepted, bytes not seen before,
+no vote already in the table. Any other batch (a duplicate file, a duplicate vote across batches,
+a rejected batch, whose counts would include those duplicates) is collected again here, in order,
+exactly as the local path does.
+
+`data.scheduler` names a running cluster (`tcp://host:8786`); its workers need the project importable
+(same code version) and the data on storage they see at the same absolute paths. Empty: a
+LocalCluster of `data.workers` processes on this machine, started and stopped with the stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+from rmpipe.errors import ConfigError
+
+log = logging.getLogger("rmpipe.engine")
+
+ENGINES = ("local", "dask")
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    engine: str = "local"
+    scheduler: str = ""  # a Dask scheduler address; empty: start a LocalCluster
+    workers: int = 0  # LocalCluster worker processes; 0: Dask's default for this machine
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> EngineSettings:
+        """The `data:` section of params.yaml (absent: local)."""
+        cfg = params.get("data") or {}
+        if not isinstance(cfg, Mapping):
+            raise ConfigError(f"params.yaml: 'data' must be a mapping (engine, scheduler, workers), got {cfg!r}")
+        engine = cfg.get("engine", "local")
+        if engine not in ENGINES:
+            raise ConfigError(f"params.yaml: 'data.engine' must be one of {list(ENGINES)}, got {engine!r}")
+        scheduler = cfg.get("scheduler") or ""
+        workers = cfg.get("workers", 0)
+        if not isinstance(scheduler, str):
+            raise ConfigError(f"params.yaml: 'data.scheduler' must be an address like tcp://host:8786 or '', got {scheduler!r}")
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+            raise ConfigError(f"params.yaml: 'data.workers' must be a whole number >= 0, got {workers!r}")
+        return cls(engine=engine, scheduler=scheduler, workers=workers)
+
+
+@contextlib.contextmanager
+def dask_client(settings: EngineSettings) -> Iterator[Any]:
+    """A distributed.Client on `settings.scheduler`, or on a LocalCluster that lives as long as the block."""
+    from distributed import Client, LocalCluster
+
+    if settings.scheduler:
+        try:
+            client = Client(settings.scheduler, timeout="30s")
+        except OSError as exc:
+            raise ConfigError(f"data.scheduler {settings.scheduler!r} cannot be reached ({exc}): start the Dask "
+                              "scheduler, fix the address, or set data.scheduler: '' for a local cluster") from None
+        with client:
+            yield client
+        return
+    with LocalCluster(n_workers=settings.workers or None, processes=True, threads_per_worker=1,
+                      dashboard_address=None, host="127.0.0.1") as cluster, Client(cluster) as client:
+        yield client
+
+
+BatchRunner = Callable[..., list]
+
+
+@contextlib.contextmanager
+def batch_runner(settings: EngineSettings) -> Iterator[BatchRunner | None]:
+    """For collect: None (local: one batch after the other) or a function submitting every batch to Dask."""
+    if settings.engine == "local":
+        yield None
+        return
+    from rmpipe.collect_batch import collect_batch
+
+    with dask_client(settings) as client:
+        log.info("data.engine=dask: scheduler %s, %d workers", client.scheduler_info()["address"],
+                 len(client.scheduler_info()["workers"]))
+
+        def submit(files: list[Path], conf: Any, retracted: list[dict], parts: Path, **options: Any) -> list:
+            # absolute paths: a worker's working folder is not the stage's (the data sits on shared storage)
+            return [client.submit(collect_batch, path.absolute(), conf, retracted=retracted, pure=False,
+                                  votes_to=parts.absolute() / f"ahead-{number:06d}.parquet", **options)
+                    for number, path in enumerate(files)]
+
+        yield submit
