@@ -5,7 +5,8 @@ Usage:  .venv/bin/python bench/data_stages.py [--votes 1000000] [--compare [--ol
 Generates realistic batches (prompts of a few hundred to a few thousand characters, responses of a
 few hundred; exactly 4 votes per pair) into a scratch project, then runs each stage exactly as
 `dvc repro` does (`python -m stages.<name>` in that folder) and prints wall seconds and peak RSS per
-stage, measured on the stage's own process (os.wait4: the child's ru_maxrss).
+stage, measured on the stage's own process (os.wait4: the child's ru_maxrss), and its CPU seconds (user +
+system), the figure to compare on a machine shared with other jobs.
 
 --compare also runs each stage with the code of git ref REF (default: the last commit before
 issue #13's collect, whose collect read each batch whole and normalized it row by row), extracted
@@ -56,8 +57,9 @@ def old_code(ref: str) -> Path:
     return where
 
 
-def run_stage(name: str, cwd: Path, code: Path = ROOT) -> tuple[float, float, int]:
-    """Run `python -m stages.<name>` in `cwd` with the code in `code`; (wall seconds, peak RSS MB, exit code)."""
+def run_stage(name: str, cwd: Path, code: Path = ROOT) -> tuple[float, float, float, int]:
+    """Run `python -m stages.<name>` in `cwd` with the code in `code`; (wall seconds, CPU seconds (user + system:
+    what load from other jobs does not inflate), peak RSS MB, exit code)."""
     env = {**os.environ, "PYTHONPATH": str(code), "GX_ANALYTICS_ENABLED": "false"}
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", f"stages.{name}"], cwd=cwd, env=env,
@@ -68,7 +70,7 @@ def run_stage(name: str, cwd: Path, code: Path = ROOT) -> tuple[float, float, in
     code_ = os.waitstatus_to_exitcode(status)
     if code_ != 0:
         sys.stderr.write(stderr.decode(errors="replace")[-3000:])
-    return wall, usage.ru_maxrss / 1024, code_
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, code_
 
 
 def main() -> None:
@@ -90,16 +92,19 @@ def main() -> None:
         if not (where / "data" / "incoming").is_dir():  # a kept project is reused as it is
             make_project(where, args.votes // 4, batches)
         size_mb = sum(p.stat().st_size for p in (where / "data" / "incoming").iterdir()) / 2**20
-        print(f"generated {args.votes:,} votes ({size_mb:,.0f} MB in {batches} files) "
+        files = len(list((where / "data" / "incoming").iterdir()))
+        print(f"{args.votes:,} votes ({size_mb:,.0f} MB in {files} files) generated or reused "
               f"in {time.perf_counter() - start:.1f}s; load average {os.getloadavg()[0]:.2f}", flush=True)
-        print(f"{'stage':<10} {'code':<5} {'seconds':>8} {'peak RSS MB':>12}")
+        print(f"{'stage':<10} {'code':<5} {'seconds':>8} {'CPU s':>8} {'peak RSS MB':>12}")
         total = {label: 0.0 for label, _ in codes}
+        cpu_total = {label: 0.0 for label, _ in codes}
         peak = {label: 0.0 for label, _ in codes}
         for name in args.stages.split(","):
             for label, code in (reversed(codes) if args.compare else codes):  # old first: new reads the same input
-                wall, rss, status = run_stage(name, where, code)
+                wall, cpu, rss, status = run_stage(name, where, code)
                 total[label], peak[label] = total[label] + wall, max(peak[label], rss)
-                print(f"{name:<10} {label:<5} {wall:>8.1f} {rss:>12,.0f}"
+                cpu_total[label] += cpu
+                print(f"{name:<10} {label:<5} {wall:>8.1f} {cpu:>8.1f} {rss:>12,.0f}"
                       + ("" if status == 0 else f"   FAILED (exit {status})"), flush=True)
                 if status != 0:
                     sys.exit(status)
@@ -108,7 +113,7 @@ def main() -> None:
                 print(f"{'':<10} {totals['rows_read']:,} vote rows read, {totals['rows_quarantined']:,} quarantined",
                       flush=True)
         for label, _ in codes:
-            print(f"{'total':<10} {label:<5} {total[label]:>8.1f} {peak[label]:>12,.0f}")
+            print(f"{'total':<10} {label:<5} {total[label]:>8.1f} {cpu_total[label]:>8.1f} {peak[label]:>12,.0f}")
         print(f"targets: <= 20 s at 1M votes, <= 3072 MB per stage; load average now {os.getloadavg()[0]:.2f}")
     finally:
         for label, code in codes:

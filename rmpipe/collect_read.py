@@ -38,9 +38,9 @@ from rmpipe.collect_rows import Bad, type_name
 CHUNK_ROWS = 16_384  # rows per chunk: ~40 MB of texts at a few KB per row
 RAW_MAX_CHARS = 4000  # a quarantined row keeps this much of its raw text
 UNREADABLE = (OSError, pa.ArrowException, ValueError, UnicodeError)  # hf_batches.UnreadableDataset is a ValueError
-# JSONL lines that go row by row without trying pyarrow: shapes whose columns change type between rows
-# (a chat-message prompt, pairs, groups). A miss only costs speed: pyarrow then refuses the block.
-_ROW_ONLY = (b'"prompt":[', b'"prompt": [', b'"chosen"', b'"rejected"', b'"responses"')
+# JSONL lines that go row by row without trying pyarrow: a chat-message prompt (its column would change type
+# between rows). Other shapes are left to the fast path's shape check; a block pyarrow refuses goes row by row.
+_ROW_ONLY = (b'"prompt":[', b'"prompt": [')
 
 
 @dataclass
