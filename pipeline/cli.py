@@ -181,7 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rmpipe", description=__doc__)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     sub = parser.add_subparsers(dest="command", required=True)
+    _data_commands(sub)
+    _model_commands(sub)
+    _flow_commands(sub)
+    _audit_commands(sub)
+    return parser
 
+
+def _data_commands(sub) -> None:
+    """Preference data in: the bundled sample, SFT samples to annotate, a Hugging Face dataset."""
     p = sub.add_parser("sample-data", help="write the bundled default preference batches")
     p.add_argument("--out", default="data/incoming", help="folder to write batches into")
     p.add_argument("--seed", type=int, default=None, help="override sample_data.seed")
@@ -207,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="batch file name without .parquet (default: <owner>__<name>-<split>)")
     p.set_defaults(func=_import)
 
+
+def _model_commands(sub) -> None:
+    """An export read, checked and used; the stages' code deps."""
     p = sub.add_parser("lineage", help="print an export's lineage manifest readably")
     p.add_argument("path", help="export folder (e.g. models/export)")
     p.set_defaults(func=_lineage)
@@ -228,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dvc-yaml", default="dvc.yaml", help="pipeline file (default: dvc.yaml)")
     p.set_defaults(func=_deps)
 
+
+def _flow_commands(sub) -> None:
+    """The pipeline run through DVC and Prefect: by hand, per delivered batch, as a service."""
     p = sub.add_parser("rebuild", help="run the pipeline through DVC (dvc repro) as a Prefect flow")
     p.add_argument("targets", nargs="*", help="dvc.yaml stages to bring up to date (default: all)")
     p.add_argument("-S", "--set", action="append", default=None, metavar="SECTION.KEY=VALUE",
@@ -248,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", default=None, help="state file of announced files (default: DIR/.rmpipe-watch.json)")
     p.set_defaults(func=_watch)
 
+
+def _audit_commands(sub) -> None:
+    """Where a batch or an annotator went, taking one out, and the audit page."""
     p = sub.add_parser("trace", help="every recorded model a batch or an annotator reached, and the pairs it decided")
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--batch", default=None, help="batch id (its file name)")
@@ -270,7 +287,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write the audit report: one self-contained HTML page")
     p.add_argument("--out", default="reports/audit.html", help="HTML file to write (default: reports/audit.html)")
     p.set_defaults(func=_report)
-    return parser
 
 
 @exits_cleanly

@@ -183,27 +183,18 @@ def check_backbone(path_or_id: str | Path, trust_remote_code: bool = False):
     return load_config(path_or_id, trust_remote_code), load_tokenizer(path_or_id, trust_remote_code)
 
 
-def load_backbone(path_or_id: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
-    """(backbone without LM head, tokenizer). Every load failure becomes a UserError before any compute."""
-    from transformers import AutoModel
+def load_backbone(path_or_id: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+                  lm_head: bool = False):
+    """(model, tokenizer): the backbone without its LM head (what the reward model is built on), or with it
+    (`lm_head=True`: the causal LM that samples candidate responses). Every load failure becomes a UserError
+    before any compute."""
+    from transformers import AutoModel, AutoModelForCausalLM
 
     _, tokenizer = check_backbone(path_or_id, trust_remote_code)
     try:
-        backbone = AutoModel.from_pretrained(str(path_or_id), dtype=dtype, trust_remote_code=trust_remote_code,
-                                             use_safetensors=True)  # never unpickle a weights file
-    except Exception as exc:
-        raise UserError(_describe_failure(path_or_id, exc)) from exc
-    return backbone, tokenizer
-
-
-def load_causal_lm(path_or_id: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
-    """(causal LM with its head, tokenizer): what sampling candidate responses needs."""
-    from transformers import AutoModelForCausalLM
-
-    _, tokenizer = check_backbone(path_or_id, trust_remote_code)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path_or_id), dtype=dtype, trust_remote_code=trust_remote_code,
-                                                     use_safetensors=True)  # never unpickle a weights file
+        model = (AutoModelForCausalLM if lm_head else AutoModel).from_pretrained(
+            str(path_or_id), dtype=dtype, trust_remote_code=trust_remote_code,
+            use_safetensors=True)  # never unpickle a weights file
     except Exception as exc:
         raise UserError(_describe_failure(path_or_id, exc)) from exc
     return model, tokenizer

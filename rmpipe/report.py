@@ -163,29 +163,18 @@ def _verdict(ok: bool, yes: str = "passed", no: str = "FAILED") -> str:
 
 
 def build_report(root: Path, out: Path) -> str:
+    """The audit page of the project at `root`, to be written at `out` (its links are relative to it)."""
     from rmpipe.lineage import MANIFEST_FILE
 
     root = Path(root)
-    params = load_params(root / "params.yaml")
-    export_cfg = params.get("export") or {}
+    export_cfg = load_params(root / "params.yaml").get("export") or {}
     export_dir = root / str(export_cfg.get("out_dir", "models/export"))
-    promoted_dir = root / str(export_cfg.get("promoted_dir", "models/promoted"))
     manifest = _json(export_dir / MANIFEST_FILE)
     records = history.read(root)
     register_ = retractions.load(root)
-    metrics = _json(root / "metrics/eval.json")
-    pathology = _json(root / "reports/pathology.json")
-    annotators = _json(root / "reports/annotators.json")
-    validation = _json(root / "reports/validation.json")
-    stages = list((yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8")) or {}).get("stages") or {})
-
-    batches = sorted({b for ids in (manifest.get("batch_ids") or {}).values() for b in ids})
-    retracted_batches = [e["target"] for e in register_ if e.get("kind") == "batch"]
     current = next((r for r in reversed(records)
                     if manifest and (r.get("model") or {}).get("created_at") == manifest.get("created_at")), None)
     model = history.model_id(current) if current else "(not recorded)"
-    ev, promo = manifest.get("evaluation") or {}, manifest.get("promotion") or {}
-    promoted_manifest = _json(promoted_dir / MANIFEST_FILE)
 
     s: list[str] = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
                     '<meta name="viewport" content="width=device-width, initial-scale=1">',
@@ -194,43 +183,73 @@ def build_report(root: Path, out: Path) -> str:
     if not manifest:
         s.append('<p class="bad">No exported model yet: run <code>dvc repro</code>.</p>')
     else:
-        git = manifest.get("git") or {}
-        s.append(_table(["", ""], [
-            ["model", E(model) + f' <span class="note">({E(str(export_dir.relative_to(root)))}, created '
-                                 f'{E(str(manifest.get("created_at")))})</span>'],
-            ["evaluation", _verdict(bool(ev.get("passed"))) + f" accuracy {_num(ev.get('accuracy'))} on "
-                           f"{E(str(ev.get('n_pairs')))} held-out pairs"],
-            ["promotion", _verdict(bool(promo.get("promoted")), "promoted", "not promoted") + " " + E(str(promo.get("reason")))],
-            ["promoted model now", E(promoted_manifest.get("created_at") and
-                                     next((history.model_id(r) for r in records if (r.get("model") or {}).get("created_at")
-                                           == promoted_manifest.get("created_at")), "(not recorded)") or "none")],
-            ["git", E(f"{git.get('commit')}{' (dirty)' if git.get('dirty') else ''}" if git else "not in git")],
-            ["backbone", E(str((manifest.get("model") or {}).get("backbone")))],
-            ["files", " · ".join([_link(out, export_dir / "README.md", "model card"),
-                                  _link(out, export_dir / MANIFEST_FILE, "lineage.json"),
-                                  _link(out, root / history.HISTORY, "history.jsonl"),
-                                  _link(out, root / retractions.REGISTER, "retractions.jsonl"),
-                                  _link(out, root / "reports/data_docs/index.html", "GX data docs"),
-                                  _link(out, root / "reports/plots/index.html", "DVC plots")])],
-        ], "summary"))
+        promoted = _json(root / str(export_cfg.get("promoted_dir", "models/promoted")) / MANIFEST_FILE)
+        s.append(_summary(root, out, export_dir, manifest, promoted, records, model))
+    s += _lineage(root, manifest, current, register_, model)
+    s += _metrics(root)
+    s += _validation(_json(root / "reports/validation.json"))
+    s += _annotators(_json(root / "reports/annotators.json"))
+    s += _history(records)
+    s += _retractions(root, register_)
+    s.append(f'<p class="note">Written by <code>rmpipe report</code> from {E(str(history.HISTORY))}, '
+             f"{E(str(retractions.REGISTER))} and the current outputs. Self-contained: no network needed.</p>")
+    s.append("</body></html>")
+    return "\n".join(s)
 
-    s.append("<h2 id='lineage'>Lineage</h2>")
-    s.append(f"<p>{len(batches)} batches feed the DVC stages that made model {E(model)}"
-             + (f"; retracted (struck out, no longer an input): {E(', '.join(retracted_batches))}" if retracted_batches else "")
-             + ".</p>")
-    s.append(lineage_svg(batches, [b for b in retracted_batches if b not in batches], stages, model))
+
+def _summary(root: Path, out: Path, export_dir: Path, manifest: dict, promoted: dict, records: list[dict],
+             model: str) -> str:
+    """The table on top: the exported model, its verdicts, the promoted model now, and links to the sources."""
+    from rmpipe.lineage import MANIFEST_FILE
+
+    ev, promo = manifest.get("evaluation") or {}, manifest.get("promotion") or {}
+    git = manifest.get("git") or {}
+    promoted_now = promoted.get("created_at") and next(
+        (history.model_id(r) for r in records if (r.get("model") or {}).get("created_at") == promoted.get("created_at")),
+        "(not recorded)")
+    return _table(["", ""], [
+        ["model", E(model) + f' <span class="note">({E(str(export_dir.relative_to(root)))}, created '
+                             f'{E(str(manifest.get("created_at")))})</span>'],
+        ["evaluation", _verdict(bool(ev.get("passed"))) + f" accuracy {_num(ev.get('accuracy'))} on "
+                       f"{E(str(ev.get('n_pairs')))} held-out pairs"],
+        ["promotion", _verdict(bool(promo.get("promoted")), "promoted", "not promoted") + " " + E(str(promo.get("reason")))],
+        ["promoted model now", E(promoted_now or "none")],
+        ["git", E(f"{git.get('commit')}{' (dirty)' if git.get('dirty') else ''}" if git else "not in git")],
+        ["backbone", E(str((manifest.get("model") or {}).get("backbone")))],
+        ["files", " · ".join([_link(out, export_dir / "README.md", "model card"),
+                              _link(out, export_dir / MANIFEST_FILE, "lineage.json"),
+                              _link(out, root / history.HISTORY, "history.jsonl"),
+                              _link(out, root / retractions.REGISTER, "retractions.jsonl"),
+                              _link(out, root / "reports/data_docs/index.html", "GX data docs"),
+                              _link(out, root / "reports/plots/index.html", "DVC plots")])],
+    ], "summary")
+
+
+def _lineage(root: Path, manifest: dict, current: dict | None, register_: list[dict], model: str) -> list[str]:
+    """The batches behind the model (the retracted ones struck out), as a graph and a table."""
+    stages = list((yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8")) or {}).get("stages") or {})
+    batches = sorted({b for ids in (manifest.get("batch_ids") or {}).values() for b in ids})
+    retracted = [e["target"] for e in register_ if e.get("kind") == "batch"]
+    s = ["<h2 id='lineage'>Lineage</h2>",
+         f"<p>{len(batches)} batches feed the DVC stages that made model {E(model)}"
+         + (f"; retracted (struck out, no longer an input): {E(', '.join(retracted))}" if retracted else "") + ".</p>",
+         lineage_svg(batches, [b for b in retracted if b not in batches], stages, model)]
     if current:
         s.append(_table(["batch", "sha256", "train / val / test pairs"], [
             [E(name), f"<code>{E((info.get('sha256') or '-')[:16])}</code>",
              E(" / ".join(str((info.get("pairs") or {}).get(k, "-")) for k in ("train", "val", "test")))]
             for name, info in sorted((current.get("batches") or {}).items())]))
+    return s
 
-    s.append("<h2 id='metrics'>Metrics and pathology checks</h2>")
-    checks = metrics.get("checks") or {}
-    s.append(_table(["check", "result"], [[E(k), _verdict(bool(v))] for k, v in checks.items()]))
-    s.append(_table(["metric", "value"], [[E(k), _num(metrics.get(k))] for k in
-                                           ("accuracy", "bt_loss", "ece", "length_r2", "accuracy_chosen_shorter",
-                                            "canary_max_abs_diff", "battery_failed", "battery_n") if k in metrics]))
+
+def _metrics(root: Path) -> list[str]:
+    """Evaluation checks and metrics, the unit battery, and the reward histogram."""
+    metrics, pathology = _json(root / "metrics/eval.json"), _json(root / "reports/pathology.json")
+    s = ["<h2 id='metrics'>Metrics and pathology checks</h2>",
+         _table(["check", "result"], [[E(k), _verdict(bool(v))] for k, v in (metrics.get("checks") or {}).items()]),
+         _table(["metric", "value"], [[E(k), _num(metrics.get(k))] for k in
+                                      ("accuracy", "bt_loss", "ece", "length_r2", "accuracy_chosen_shorter",
+                                       "canary_max_abs_diff", "battery_failed", "battery_n") if k in metrics])]
     battery = pathology.get("battery") or {}
     if battery.get("results"):
         s.append(f"<p>Unit battery: {battery.get('n', 0) - battery.get('n_failed', 0)}/{battery.get('n', 0)} pairs with "
@@ -238,36 +257,46 @@ def build_report(root: Path, out: Path) -> str:
         s.append(_table(["pair", "margin", "result"], [[E(r["name"]), _num(r.get("margin"), 3), _verdict(bool(r.get("passed")))]
                                                         for r in battery["results"]], "battery"))
     s.append("<h3>Reward histogram (test split)</h3>" + histogram_svg(root / "plots/eval/reward_hist.csv"))
+    return s
 
-    s.append("<h2 id='validation'>Data validation (Great Expectations)</h2>")
-    if validation:
-        s.append(f"<p>{_verdict(bool(validation.get('success')))}: {E(str(validation.get('n_expectations')))} expectations, "
-                 f"{E(str(validation.get('n_failed')))} failed; rows {E(json.dumps(validation.get('rows')))}</p>")
-        if validation.get("failures"):
-            s.append(_table(["failure"], [[E(json.dumps(f))] for f in validation["failures"]]))
-    else:
-        s.append("<p>no validation results (reports/validation.json)</p>")
 
-    s.append("<h2 id='annotators'>Annotators</h2>")
+def _validation(validation: dict) -> list[str]:
+    s = ["<h2 id='validation'>Data validation (Great Expectations)</h2>"]
+    if not validation:
+        return s + ["<p>no validation results (reports/validation.json)</p>"]
+    s.append(f"<p>{_verdict(bool(validation.get('success')))}: {E(str(validation.get('n_expectations')))} expectations, "
+             f"{E(str(validation.get('n_failed')))} failed; rows {E(json.dumps(validation.get('rows')))}</p>")
+    if validation.get("failures"):
+        s.append(_table(["failure"], [[E(json.dumps(f))] for f in validation["failures"]]))
+    return s
+
+
+def _annotators(annotators: dict) -> list[str]:
     table = annotators.get("annotators") or {}
-    s.append(f"<p>Krippendorff's alpha {_num(annotators.get('krippendorff_alpha'), 3)}; excluded: "
-             f"{E(', '.join(annotators.get('excluded_annotators') or []) or 'none')}</p>")
-    s.append(_table(["annotator", "votes", "share", "agreement", "flagged", "excluded", "reason"], [
-        [E(str(a)), E(str(v.get("votes"))), _num(v.get("share"), 3), _num(v.get("agreement"), 3),
-         "yes" if v.get("flagged") else "", "yes" if v.get("excluded") else "", E(str(v.get("reason") or ""))]
-        for a, v in table.items()], "annotators"))
+    return ["<h2 id='annotators'>Annotators</h2>",
+            f"<p>Krippendorff's alpha {_num(annotators.get('krippendorff_alpha'), 3)}; excluded: "
+            f"{E(', '.join(annotators.get('excluded_annotators') or []) or 'none')}</p>",
+            _table(["annotator", "votes", "share", "agreement", "flagged", "excluded", "reason"], [
+                [E(str(a)), E(str(v.get("votes"))), _num(v.get("share"), 3), _num(v.get("agreement"), 3),
+                 "yes" if v.get("flagged") else "", "yes" if v.get("excluded") else "", E(str(v.get("reason") or ""))]
+                for a, v in table.items()], "annotators")]
 
-    s.append("<h2 id='history'>History of built and promoted models</h2>")
-    s.append(accuracy_svg(records))
-    s.append(_table(["#", "time", "trigger", "model", "batches", "accuracy", "promotion"], [
-        [E(str(r.get("seq"))), E(str(r.get("time"))), E(str(r.get("trigger"))), f"<code>{E(history.model_id(r))}</code>",
-         E(str(len(r.get("batches") or {}))), _num((r.get("metrics") or {}).get("accuracy")),
-         _verdict(bool((r.get("promotion") or {}).get("promoted")), "promoted", "not promoted")]
-        for r in records], "history"))
 
-    s.append("<h2 id='retractions'>Retractions</h2>")
+def _history(records: list[dict]) -> list[str]:
+    return ["<h2 id='history'>History of built and promoted models</h2>", accuracy_svg(records),
+            _table(["#", "time", "trigger", "model", "batches", "accuracy", "promotion"], [
+                [E(str(r.get("seq"))), E(str(r.get("time"))), E(str(r.get("trigger"))),
+                 f"<code>{E(history.model_id(r))}</code>", E(str(len(r.get("batches") or {}))),
+                 _num((r.get("metrics") or {}).get("accuracy")),
+                 _verdict(bool((r.get("promotion") or {}).get("promoted")), "promoted", "not promoted")]
+                for r in records], "history")]
+
+
+def _retractions(root: Path, register_: list[dict]) -> list[str]:
+    """Each retraction: what was removed and why, the model before and after, and what became of the data."""
+    s = ["<h2 id='retractions'>Retractions</h2>"]
     if not register_:
-        s.append("<p>none</p>")
+        return s + ["<p>none</p>"]
     rows = []
     for entry in register_:
         # R<n>.json is the retraction's own outcome; a later `--purge` of it writes R<n>.<time>.json
@@ -283,13 +312,8 @@ def build_report(root: Path, out: Path) -> str:
                      if outcome.get("promotion") else "-",
                      E(f"purged ({len(purge.get('cache_objects_removed') or [])} cache objects)" if purge else
                        (entry.get("kept_at") or "params"))])
-    if rows:
-        s.append(_table(["id", "time", "removed", "reason", "by", "model before → after", "rebuilt model", "data"],
-                        rows, "retractions"))
-    s.append(f'<p class="note">Written by <code>rmpipe report</code> from {E(str(history.HISTORY))}, '
-             f"{E(str(retractions.REGISTER))} and the current outputs. Self-contained: no network needed.</p>")
-    s.append("</body></html>")
-    return "\n".join(s)
+    return s + [_table(["id", "time", "removed", "reason", "by", "model before → after", "rebuilt model", "data"],
+                       rows, "retractions")]
 
 
 def write_report(root: Path, out: Path) -> Path:

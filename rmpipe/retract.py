@@ -249,37 +249,18 @@ def purge_batch(root: Path, entry: dict[str, Any]) -> dict[str, Any]:
     batch_objects = {m for m in [entry.get("md5"), *(entry.get("file_md5s") or {}).values()] if m}
     records = history.read(root)
     tainted_records = [r for r in records if name in (r.get("batches") or {})]
-    clean_records = [r for r in records if name not in (r.get("batches") or {})]
-
-    def md5s(record: dict[str, Any]) -> set[str]:
-        found = {v for k, v in (record.get("upstream_lock_md5") or {}).items() if v and not k.endswith(".py")}
-        found |= {m for m in ((record.get("model") or {}).get("md5"),
-                              ((record.get("promoted_model") or {}) or {}).get("md5")) if m}
-        return found
-
-    cache = dvc_cache.cache_root(root) / "files" / "md5"
-    # Folder objects listing the batch's file (each data/incoming snapshot that held it).
-    incoming_dirs = {f"{p.parent.name}{p.name}" for p in cache.glob("*/*.dir")
-                     if batch_objects & set(dvc_cache.dir_listing(root, f"{p.parent.name}{p.name}").values())} \
-        if cache.is_dir() else set()
-    siblings = {m for d in incoming_dirs for m in dvc_cache.dir_listing(root, d).values()} - batch_objects
-    tainted: set[str] = batch_objects | incoming_dirs
+    # What the batch reached: its objects, the data/incoming snapshots that held it, every output of a model
+    # built with it, and (transitively, through the run cache) every stage run downstream of any of them.
+    tainted, siblings = _incoming_snapshots(root, batch_objects)
     for record in tainted_records:
-        tainted |= md5s(record)
-    # Stage runs downstream of anything tainted, including runs that never reached an export.
+        tainted |= _record_md5s(record)
     runs = list(dvc_cache.run_cache_entries(root))
-    tainted_runs: set[Path] = set()
-    grew = True
-    while grew:
-        grew = False
-        for path, deps, outs in runs:
-            if path not in tainted_runs and deps & tainted:
-                tainted_runs.add(path)
-                grew = grew or not outs <= tainted
-                tainted |= outs
+    tainted_runs = _downstream_runs(runs, tainted)
+    # What must stay: the workspace's outputs (dvc.lock) and the outputs of every model built without it.
     keep = dvc_cache.lock_md5s(root)
-    for record in clean_records:
-        keep |= md5s(record)
+    for record in records:
+        if name not in (record.get("batches") or {}):
+            keep |= _record_md5s(record)
     keep_objects = {o for m in keep for o in dvc_cache.objects_of(root, m)}
     delete = ({o for m in tainted for o in dvc_cache.objects_of(root, m)} - keep_objects - siblings) | batch_objects
     removed = []
@@ -293,16 +274,7 @@ def purge_batch(root: Path, entry: dict[str, Any]) -> dict[str, Any]:
             path.unlink(missing_ok=True)
     quarantined = root / retractions.RETRACTED_DIR / name
     file_removed = quarantined.exists()
-    if quarantined.is_dir():
-        shutil.rmtree(quarantined)
-    quarantined.unlink(missing_ok=True)
-    # Refused re-deliveries were moved to the rejected folder: the same bytes go too.
-    from pipeline.registry import REJECTED_DIR
-
-    copies = [p for p in (root / REJECTED_DIR).glob("*") if p.is_file() and not p.name.endswith(".reasons.json")
-              and entry.get("sha256") and sha256_file(p) == entry["sha256"]] if (root / REJECTED_DIR).is_dir() else []
-    for copy in copies:
-        copy.unlink()
+    copies = _remove_files(root, quarantined, entry.get("sha256"))
     left = [m for m in batch_objects if dvc_cache.object_path(root, m).exists()]
     if left:
         raise DataError(f"purge of {name}: its cache objects {left} are still there")
@@ -313,6 +285,56 @@ def purge_batch(root: Path, entry: dict[str, Any]) -> dict[str, Any]:
               "models_affected": [history.model_id(r) for r in tainted_records]}
     io.write_json(quarantined.with_name(name + ".purge.json"), result)
     return result
+
+
+def _record_md5s(record: dict[str, Any]) -> set[str]:
+    """The DVC objects a history record names: its data outputs (code deps aside) and its models."""
+    found = {v for k, v in (record.get("upstream_lock_md5") or {}).items() if v and not k.endswith(".py")}
+    found |= {m for m in ((record.get("model") or {}).get("md5"),
+                          ((record.get("promoted_model") or {}) or {}).get("md5")) if m}
+    return found
+
+
+def _incoming_snapshots(root: Path, batch_objects: set[str]) -> tuple[set[str], set[str]]:
+    """(the batch's objects plus each data/incoming folder object that lists them, the other batches' files
+    in those folders): the folders go, the other batches' files stay."""
+    cache = dvc_cache.cache_root(root) / "files" / "md5"
+    incoming_dirs = {f"{p.parent.name}{p.name}" for p in cache.glob("*/*.dir")
+                     if batch_objects & set(dvc_cache.dir_listing(root, f"{p.parent.name}{p.name}").values())} \
+        if cache.is_dir() else set()
+    siblings = {m for d in incoming_dirs for m in dvc_cache.dir_listing(root, d).values()} - batch_objects
+    return batch_objects | incoming_dirs, siblings
+
+
+def _downstream_runs(runs: list, tainted: set[str]) -> set[Path]:
+    """Run-cache entries downstream of anything in `tainted` (which grows by their outputs), including runs
+    that never reached an export."""
+    tainted_runs: set[Path] = set()
+    grew = True
+    while grew:
+        grew = False
+        for path, deps, outs in runs:
+            if path not in tainted_runs and deps & tainted:
+                tainted_runs.add(path)
+                grew = grew or not outs <= tainted
+                tainted |= outs
+    return tainted_runs
+
+
+def _remove_files(root: Path, quarantined: Path, sha256: str | None) -> list[Path]:
+    """Remove the quarantined batch and every refused re-delivery of the same bytes (moved to the rejected
+    folder); returns the copies removed."""
+    from pipeline.registry import REJECTED_DIR
+
+    if quarantined.is_dir():
+        shutil.rmtree(quarantined)
+    quarantined.unlink(missing_ok=True)
+    rejected = root / REJECTED_DIR
+    copies = [p for p in rejected.glob("*") if p.is_file() and not p.name.endswith(".reasons.json")
+              and sha256 and sha256_file(p) == sha256] if rejected.is_dir() else []
+    for copy in copies:
+        copy.unlink()
+    return copies
 
 
 def render(outcome: dict[str, Any]) -> str:

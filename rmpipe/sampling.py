@@ -207,14 +207,14 @@ def sample_pairs_file(prompts_path: str | Path, out_path: str | Path, model_cfg:
                       sampling_cfg: dict[str, Any], backbone: str | None = None, groups: bool = False) -> dict:
     """`rmpipe sample-pairs`: read prompts, sample with the SFT backbone, write the tasks JSONL atomically."""
     from rmpipe import io
-    from rmpipe.backbones import backbone_name, load_causal_lm, sampling_source
+    from rmpipe.backbones import backbone_name, load_backbone, sampling_source
 
     settings = sampling_settings(sampling_cfg)
     prompts = read_prompts(prompts_path)
     cfg = {**model_cfg, "backbone": backbone} if backbone else model_cfg
     name = backbone_name(cfg)
     trust = bool(get(cfg, "trust_remote_code", bool, "model"))
-    model, tokenizer = load_causal_lm(sampling_source(cfg), trust_remote_code=trust)
+    model, tokenizer = load_backbone(sampling_source(cfg), trust_remote_code=trust, lm_head=True)
     log.info("sampling %d completions for each of %d prompts with backbone %s", settings.n_completions, len(prompts), name)
     tasks, report = sample_tasks(model, tokenizer, prompts, settings, name, groups=groups)
     io.write_jsonl(out_path, tasks)

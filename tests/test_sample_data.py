@@ -16,6 +16,7 @@ import yaml
 
 from pipeline.cli import main as cli_main
 from rmpipe import sample_data as sd
+from rmpipe import sample_vocab as vocab
 from rmpipe.errors import UserError
 from rmpipe.pathology import load_battery
 
@@ -124,11 +125,11 @@ def test_votes_per_pair_ties_and_independent_ab_order(votes):
     order_mix = (votes["true_choice"] == "a").groupby(votes["true_pair"]).mean()
     assert 0.45 < (votes["true_choice"] == "a").mean() < 0.55
     assert ((order_mix > 0) & (order_mix < 1)).mean() > 0.5  # most pairs shown both ways
-    assert set(votes["strength"].dropna()) == set(sd.STRENGTHS)
+    assert set(votes["strength"].dropna()) == set(vocab.STRENGTHS)
 
 
 def test_strength_labels_follow_how_blatant_the_flaw_is(votes):
-    level = votes["strength"].map({s: i for i, s in enumerate(sd.STRENGTHS)})
+    level = votes["strength"].map({s: i for i, s in enumerate(vocab.STRENGTHS)})
     by_flaw = level.groupby(votes["true_flaw"]).mean()
     assert by_flaw["off_topic"] > by_flaw["refusal"] > by_flaw["rude"] > by_flaw["wrong_fact"]
 
@@ -141,21 +142,21 @@ def test_length_is_not_the_signal(pairs):
     assert (good_len[waffle] < bad_len[waffle]).all()  # the direct answer is the shorter one
 
 
-def _asked_fact(prompt) -> sd.Fact:
+def _asked_fact(prompt) -> vocab.Fact:
     user = _user_text(prompt)
-    return next(f for f in sd.FACTS if f.question in user)
+    return next(f for f in vocab.FACTS if f.question in user)
 
 
 def test_each_flaw_kind_leaves_its_trace(pairs):
     assert pairs["flaw"].value_counts(normalize=True).min() > 0.1
-    assert set(pairs["flaw"]) == set(sd.FLAW_KINDS)
+    assert set(pairs["flaw"]) == set(vocab.FLAW_KINDS)
     for row in pairs.itertuples():
         if row.flaw == "refusal":
-            assert any(row.bad.startswith(r) for r in sd.REFUSALS)
+            assert any(row.bad.startswith(r) for r in vocab.REFUSALS)
         elif row.flaw == "rude":
-            assert any(row.bad.startswith(r) for r in sd.RUDE_OPENERS)
+            assert any(row.bad.startswith(r) for r in vocab.RUDE_OPENERS)
         elif row.flaw == "off_topic":
-            assert any(row.bad.startswith(s) for s in sd.OFF_TOPIC_SENTENCES)
+            assert any(row.bad.startswith(s) for s in vocab.OFF_TOPIC_SENTENCES)
         elif row.flaw == "wrong_fact":  # the asked fact, stated rightly in one phrasing, wrongly in the other
             fact = _asked_fact(row.prompt)
             assert any(

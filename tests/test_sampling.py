@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rmpipe.backbones import build_tiny_backbone, chatml, load_causal_lm
+from rmpipe.backbones import build_tiny_backbone, chatml, load_backbone
 from rmpipe.errors import ConfigError, DataError
 from rmpipe.schema import canonical_prompt, normalize_text, pair_id
 from rmpipe.sampling import SamplingSettings, pair_tasks, read_prompts, sample_tasks, sampling_settings
@@ -34,7 +34,7 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def sampler(tiny_dir):
-    return load_causal_lm(tiny_dir)
+    return load_backbone(tiny_dir, lm_head=True)
 
 
 def test_tasks_are_valid_distinct_pairs_with_schema_pair_ids(sampler):

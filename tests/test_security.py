@@ -22,7 +22,7 @@ import pytest
 import torch
 import yaml
 
-from rmpipe.backbones import build_tiny_backbone, check_backbone, load_backbone, load_causal_lm
+from rmpipe.backbones import build_tiny_backbone, check_backbone, load_backbone
 from rmpipe.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,9 +71,9 @@ def _pickled_copy(folder: Path, dest: Path, exploit_marker: Path | None = None) 
 def test_backbone_weights_in_a_pickle_are_refused(backbone, tmp_path, exploit):
     marker = tmp_path / "pwned"
     folder = _pickled_copy(backbone, tmp_path / "pickled", marker if exploit else None)
-    for loader in (load_backbone, load_causal_lm):
+    for lm_head in (False, True):  # the reward model's backbone, and the causal LM that samples
         with pytest.raises(UserError, match="could not load backbone"):
-            loader(folder)
+            load_backbone(folder, lm_head=lm_head)
     assert not marker.exists()
 
 
