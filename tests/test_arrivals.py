@@ -497,6 +497,44 @@ def test_a_batch_whose_rebuild_failed_gets_its_one_record_from_the_next_rebuild(
     assert_invariants(project, {"f.jsonl", "hand.jsonl"})
 
 
+# --- deliveries waiting together: one rebuild takes them all in --------------------------------------------
+
+def test_deliveries_waiting_together_are_taken_in_by_one_rebuild_and_the_others_find_theirs_trained(tmp_path):
+    """Three deliveries queue while another process holds the pipeline lock; the first to get it admits and
+    trains all three, the two behind it find their batch already trained and rebuild nothing.
+    Mutation tried: dropping `_deliver`'s early return for an already accepted record makes the two
+    waiting deliveries rebuild again (no 'trained by an earlier rebuild' line) and fails this."""
+    project = arrival_project(tmp_path)
+    drop = tmp_path / "drop"
+    names = ["a.jsonl", "b.jsonl", "c.jsonl"]
+    paths = [batch(drop, name) for name in names]
+    results = {}
+    threads = [threading.Thread(target=lambda p=p: results.update({p.name: deliver(project, p)})) for p in paths]
+    seen, flows_log = Lines(), logging.getLogger("rmpipe.flows")
+    level = flows_log.level
+    flows_log.setLevel(logging.INFO)
+    flows_log.addHandler(seen)
+    holder = LockHolder(project)
+    try:
+        for thread in threads:
+            thread.start()
+        wait_for("all three queued", lambda: all((project / ".rmpipe/queue" / n).exists() for n in names))
+        holder.release()
+        for thread in threads:
+            thread.join(timeout=400)
+    finally:
+        holder.release()
+        flows_log.removeHandler(seen)
+        flows_log.setLevel(level)
+    assert {n: s.is_completed() for n, s in results.items()} == {n: True for n in names}
+    summaries = {n: s.result() for n, s in results.items()}
+    assert {n: s["outcome"] for n, s in summaries.items()} == {n: "accepted" for n in names}
+    assert {tuple(s["admitted_with"]) for s in summaries.values()} == {tuple(names)}  # one admission
+    assert [r["batches"] for r in export_runs(project)] == [names]  # one real rebuild
+    assert sum("trained by an earlier rebuild" in m for m in seen.lines) == 2
+    assert_invariants(project, set(names))
+
+
 # --- 8: one watcher per folder -----------------------------------------------------------------------------------
 
 def test_a_second_watcher_on_the_same_folder_is_refused(tmp_path):

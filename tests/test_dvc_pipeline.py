@@ -114,20 +114,42 @@ def test_full_repro_in_a_plain_copy_then_nothing_then_only_downstream(tmp_path):
         (proj / module).write_bytes(original)
 
 
-def test_data_stages_in_a_git_checkout_and_a_failed_validation_stops_training(tmp_path):
-    proj = copy_project(tmp_path / "proj")
+def git_checkout(dest: Path) -> Path:
+    proj = copy_project(dest)
     run(["git", "init", "-q"], proj)
     run(["git", "add", "-A"], proj)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-qm", "init"], proj)
     run([str(BIN / "rmpipe"), "sample-data"], proj)
+    return proj
 
+
+@pytest.fixture(scope="module")
+def data_stages_built(tmp_path_factory) -> dict:
+    """A git checkout with the sample batches whose data stages ran once (`dvc repro validate`), then the run
+    committed as the README says. Tests read it, or change a copy of it (`working_copy`), so none depends on
+    what another did."""
+    proj = git_checkout(tmp_path_factory.mktemp("checkout") / "proj")
     ok = run([str(BIN / "dvc"), "repro", "validate"], proj)
-    assert ran_stages(ok) == ["collect", "aggregate", "split", "validate"]
-    # DVC wrote .gitignore entries for its outputs, so git sees no stray data.
     status = run(["git", "status", "--porcelain"], proj).stdout
+    run(["git", "add", "-A"], proj)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-qm", "data stages"], proj)
+    return {"project": proj, "repro": ok, "git_status": status}
+
+
+def working_copy(proj: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(proj, tmp_path / "proj", symlinks=True))
+
+
+def test_data_stages_in_a_git_checkout_and_a_failed_validation_stops_training(data_stages_built, tmp_path):
+    ok = data_stages_built["repro"]
+    assert ran_stages(ok) == ["collect", "aggregate", "split", "validate"]
+    assert "is empty" not in ok.stdout + ok.stderr  # a clean run's (empty) quarantine is no warning
+    # DVC wrote .gitignore entries for its outputs, so git sees no stray data.
+    status = data_stages_built["git_status"]
     assert "data/split" not in status and "votes.parquet" not in status
 
     # A contract the data cannot meet: validation fails, and DVC stops before the backbone/train stages.
+    proj = working_copy(data_stages_built["project"], tmp_path)
     params = yaml.safe_load((proj / "params.yaml").read_text())
     params["validate"]["max_response_chars"] = 10
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -139,14 +161,11 @@ def test_data_stages_in_a_git_checkout_and_a_failed_validation_stops_training(tm
     assert not (proj / "models" / "reward_model").exists()
 
 
-def test_two_experiments_show_their_metrics_and_plots_side_by_side(tmp_path):
+def test_two_experiments_show_their_metrics_and_plots_side_by_side(data_stages_built, tmp_path):
     """Metrics, plots and reports are committed with dvc.lock (not git-ignored), so every experiment's
-    commit holds them and `dvc exp show` / `dvc plots diff` compare reward models by them."""
-    proj = copy_project(tmp_path / "proj")
-    run(["git", "init", "-q"], proj)
-    run(["git", "add", "-A"], proj)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-qm", "init"], proj)
-    run([str(BIN / "rmpipe"), "sample-data"], proj)
+    commit holds them and `dvc exp show` / `dvc plots diff` compare reward models by them. The experiments
+    start from a commit whose data stages already ran: they train, evaluate and export."""
+    proj = working_copy(data_stages_built["project"], tmp_path)
 
     first = run([str(BIN / "dvc"), "exp", "run", "-n", "lr-high", "-S", "train.lr=0.004"], proj)
     run([str(BIN / "dvc"), "exp", "run", "-n", "lr-low", "-S", "train.lr=0.001"], proj)

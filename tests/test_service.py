@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -136,6 +136,7 @@ def test_watch_needs_a_server(tmp_path):
 # Small enough that two full rebuilds fit the test's time budget on two CPU cores.
 FAST = {
     ("sample_data", "pair_rows"): 0,
+    ("sample_data", "n_batches"): 1,
     ("train", "epochs"): 1,
     ("evaluate", "min_accuracy"): 0.0,
     ("validate", "chosen_longer_share"): [0.0, 1.0],  # a 10-pair val split cannot show a meaningful band
@@ -172,12 +173,6 @@ def fast_project(dest: Path) -> Path:
     return dest
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_for(what: str, check, timeout_s: float, procs=(), every_s: float = 1.0):
     """Poll `check()` until it returns something truthy; fail with `what` after `timeout_s` or if a process died."""
     deadline = time.monotonic() + timeout_s
@@ -207,6 +202,26 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def start_server(tmp: Path, log: Path, **extra: str) -> tuple[subprocess.Popen, dict[str, str]]:
+    """`prefect server start` on 127.0.0.1 port 0: the kernel picks a free port as the server binds it, read
+    back from /proc/net/tcp (no port picked here and bound later, which another process could take between).
+    Returns the server and the environment its clients use (PREFECT_API_URL with the port it got)."""
+    from pipeline.prefect_env import api_url, server_env
+    from procnet import listening
+
+    env = {**server_env(tmp / "prefect-home", 0), **extra}
+    server_own = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}  # the server needs no client URL
+    proc = start([PY, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", "0"], tmp, server_own, log)
+    try:
+        ((_, port),) = wait_for("the Prefect server to listen", lambda: listening(proc.pid), 150, [proc], every_s=0.2)
+        env.update(PREFECT_SERVER_API_PORT=str(port), PREFECT_API_URL=api_url(port))
+        wait_for("the Prefect server", lambda: healthy(env["PREFECT_API_URL"]), 150, [proc])
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, env
+
+
 def flow_runs(api: str, flow_name: str) -> list[dict]:
     import httpx
 
@@ -227,73 +242,122 @@ def healthy(api: str) -> bool:
         return False
 
 
+BURST = 4  # batches landing at once: each is one full rebuild of the real pipeline, one after another
+
+
+def burst_batches(project: Path, staging: Path, env: dict, n: int = BURST) -> list[Path]:
+    """The sample votes cut into `n` batches by prompt (each batch carries every vote of its pairs, so a batch
+    alone aggregates with the default `min_votes`), delivered as .jsonl files."""
+    sample = staging / "sample"
+    subprocess.run([PY, "-m", "pipeline.cli", "sample-data", "--out", str(sample), "--n-pairs", str(80 * n)],
+                   cwd=project, env=env, check=True, capture_output=True)
+    (votes,) = sample.glob("*.jsonl")
+    by_prompt: dict[str, list[str]] = {}
+    for line in votes.read_text().splitlines():
+        by_prompt.setdefault(json.dumps(json.loads(line)["prompt"]), []).append(line + "\n")
+    paths = [staging / f"burst-{i}.jsonl" for i in range(n)]
+    for i, lines in enumerate(by_prompt.values()):
+        with paths[i % n].open("a") as fh:
+            fh.writelines(lines)
+    return paths
+
+
+def finished_runs(api: str, n: int):
+    runs = [r for r in flow_runs(api, "on-new-batch") if r["state_type"] in ("COMPLETED", "FAILED", "CRASHED")]
+    return runs if len(runs) == n else None
+
+
+def assert_a_malformed_batch_is_rejected_and_changes_nothing(project: Path, staging: Path, drop: Path, api: str,
+                                                             procs: list[subprocess.Popen], n_runs: int) -> None:
+    """After `n_runs` finished runs: one more batch, malformed, is rejected with reasons and changes nothing."""
+    lock_before = (project / "dvc.lock").read_bytes()
+    manifest_before = (project / "models/export/lineage.json").read_bytes()
+    bad = staging / "broken-batch.jsonl"
+    bad.write_text("\n".join(["{not json"] * 8 + ['{"prompt": "p", "response_a": "x"}'] * 4) + "\n")
+    bad.rename(drop / bad.name)
+    runs = wait_for("the malformed batch's run", lambda: finished_runs(api, n_runs + 1), 120, procs, every_s=2)
+    (rejected_run,) = [r for r in runs if r["parameters"]["batch_path"].endswith(bad.name)]
+    assert rejected_run["state_type"] == "FAILED" and "rejected" in rejected_run["state"]["message"]
+    rejected = json.loads((project / "reports/runs").glob(f"*-{bad.name}.json").__next__().read_text())
+    assert rejected["outcome"] == "rejected" and rejected["reasons"]
+    assert (project / "data/rejected" / bad.name).exists() and not (drop / bad.name).exists()
+    assert (project / "dvc.lock").read_bytes() == lock_before
+    assert (project / "models/export/lineage.json").read_bytes() == manifest_before
+    assert bad.name not in {p.name for p in (project / "data/incoming").iterdir()}
+
+
 @pytest.mark.slow
-def test_batches_arriving_together_are_processed_one_after_another_on_a_real_server(tmp_path):
-    from pipeline.prefect_env import server_env
+@pytest.mark.timeout(2400)  # four full rebuilds, one after another: ~8 min quiet, 15 on a busy 2-core box
+def test_batches_arriving_in_a_burst_are_each_processed_once_one_run_at_a_time_on_a_real_server(tmp_path):
+    """Four batches land in the watched folder at once; `rmpipe watch` announces them to a real Prefect server
+    on 127.0.0.1 and `rmpipe serve` runs the real pipeline (`dvc repro`, tiny backbone) for each. Each batch is
+    processed exactly once (one flow run, one accepted record, one model build that took it in), the runs never
+    overlap (the deployment's ENQUEUE limit of 1), and the final export's lineage lists every batch. Then a
+    malformed batch is rejected with reasons and changes nothing.
+    Mutations tried: without the concurrency limits (`concurrency_limit=None` on the deployments and `limit=None`
+    for the runner in `service.serve`) the runs overlap and this fails; the export stage dropping the last batch
+    id from the lineage fails it too."""
+    import psutil
+
+    from rmpipe import history
 
     project = fast_project(tmp_path / "project")
     drop, staging, logs = tmp_path / "drop", tmp_path / "staging", tmp_path / "logs"
     for folder in (drop, staging, logs):
         folder.mkdir()
-    port = free_port()
-    env = server_env(tmp_path / "prefect-home", port)
-    env.update(PREFECT_RUNNER_POLL_FREQUENCY="2", PREFECT_LOGGING_LEVEL="INFO", PYTHONUNBUFFERED="1")
-    api = env["PREFECT_API_URL"]
-    subprocess.run([PY, "-m", "pipeline.cli", "sample-data", "--out", str(staging), "--n-pairs", "240"],
-                   cwd=project, env=env, check=True, capture_output=True)
-    vote_batches = sorted(p for p in staging.iterdir() if p.suffix in (".jsonl", ".csv"))[:2]
-    assert len(vote_batches) == 2
-
     procs: list[subprocess.Popen] = []
+    peak_rss = 0
     try:
-        procs.append(start([PY, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                           tmp_path, env, logs / "server.log"))
-        wait_for("the Prefect server", lambda: healthy(api), 150, procs)
-        procs.append(start([PY, "-m", "pipeline.cli", "serve"], project, env, logs / "serve.log"))
+        server, env = start_server(tmp_path, logs / "server.log", PREFECT_RUNNER_POLL_FREQUENCY="2",
+                                   PREFECT_LOGGING_LEVEL="INFO", PYTHONUNBUFFERED="1")
+        procs.append(server)
+        api = env["PREFECT_API_URL"]
+        batches = burst_batches(project, staging, env)
+        names = sorted(b.name for b in batches)
+        serve = start([PY, "-m", "pipeline.cli", "serve"], project, env, logs / "serve.log")
+        procs.append(serve)
         wait_for("the served deployment", lambda: "being served" in (logs / "serve.log").read_text(), 120, procs)
         procs.append(start([PY, "-m", "pipeline.cli", "watch", str(drop), "--interval", "1"], project, env,
                            logs / "watch.log"))
 
-        for batch in vote_batches:  # both arrive at once (rename: each file appears complete)
+        for batch in batches:  # all arrive at once (rename: each file appears complete)
             batch.rename(drop / batch.name)
 
-        def two_done():
-            runs = [r for r in flow_runs(api, "on-new-batch") if r["state_type"] in ("COMPLETED", "FAILED", "CRASHED")]
-            return runs if len(runs) == 2 else None
+        def all_done():
+            nonlocal peak_rss
+            with contextlib.suppress(psutil.Error):  # what the service holds while runs wait and run
+                tree = [psutil.Process(serve.pid), *psutil.Process(serve.pid).children(recursive=True)]
+                peak_rss = max(peak_rss, sum(p.memory_info().rss for p in tree))
+            return finished_runs(api, BURST)
 
-        runs = wait_for("two on-new-batch runs to finish", two_done, 720, procs, every_s=3)
+        runs = wait_for(f"{BURST} on-new-batch runs to finish", all_done, 300 * BURST, procs, every_s=3)
         assert all(r["state_type"] == "COMPLETED" for r in runs), [r["state"]["message"] for r in runs]
-        first, second = sorted(runs, key=lambda r: r["start_time"])
-        assert first["end_time"] <= second["start_time"], "the two rebuilds overlapped"
-
-        manifest = json.loads((project / "models/export/lineage.json").read_text())
-        lineage_batches = {b for ids in manifest["batch_ids"].values() for b in ids}
-        assert {b.name for b in vote_batches} <= lineage_batches
+        # exactly once: one run per batch, one accepted record each, admitted once, in data/incoming once
+        assert sorted(Path(r["parameters"]["batch_path"]).name for r in runs) == names
         summaries = [json.loads(p.read_text()) for p in sorted((project / "reports/runs").glob("*.json"))]
-        assert [s["outcome"] for s in summaries] == ["accepted", "accepted"]
+        assert sorted(s["batch_id"] for s in summaries) == names
+        assert [s["outcome"] for s in summaries] == ["accepted"] * BURST
+        admissions = {tuple(s["admitted_with"]) for s in summaries}
+        assert sorted(b for group in admissions for b in group) == names
         assert all(s["batch_id"] in s["promotion"]["batch_ids"] for s in summaries)
-        assert sorted(p.name for p in (project / "data/incoming").iterdir()) == sorted(b.name for b in vote_batches)
+        assert sorted(p.name for p in (project / "data/incoming").iterdir()) == names
+        assert not [p for p in (project / ".rmpipe/queue").iterdir() if not p.name.startswith(".")]
+        # one at a time: each run ended before the next began
+        ordered = sorted(runs, key=lambda r: r["start_time"])
+        assert all(a["end_time"] <= b["start_time"] for a, b in zip(ordered, ordered[1:])), "runs overlapped"
+        # one model build per run, each taking in exactly the batch that triggered it
+        built = history.read(project)
+        assert [r["trigger"] for r in built] == [f"on-new-batch {Path(r['parameters']['batch_path']).name}"
+                                                 for r in ordered]
+        taken = [set(r["batches"]) for r in built]
+        assert [len(t) for t in taken] == list(range(1, BURST + 1))
+        assert all(a < b for a, b in zip(taken, taken[1:]))
+        # the final model's lineage lists every batch (and nothing else)
+        manifest = json.loads((project / "models/export/lineage.json").read_text())
+        assert {b for ids in manifest["batch_ids"].values() for b in ids} == set(names)
+        assert peak_rss < 3 * 2**30, peak_rss  # the service, its flow run and its stages
 
-        # A malformed batch is rejected with reasons and changes nothing.
-        lock_before = (project / "dvc.lock").read_bytes()
-        manifest_before = (project / "models/export/lineage.json").read_bytes()
-        bad = staging / "broken-batch.jsonl"
-        bad.write_text("\n".join(["{not json"] * 8 + ['{"prompt": "p", "response_a": "x"}'] * 4) + "\n")
-        bad.rename(drop / bad.name)
-
-        def third_done():
-            runs = [r for r in flow_runs(api, "on-new-batch") if r["state_type"] in ("COMPLETED", "FAILED", "CRASHED")]
-            return runs if len(runs) == 3 else None
-
-        runs = wait_for("the malformed batch's run", third_done, 120, procs, every_s=2)
-        (rejected_run,) = [r for r in runs if r["parameters"]["batch_path"].endswith(bad.name)]
-        assert rejected_run["state_type"] == "FAILED" and "rejected" in rejected_run["state"]["message"]
-        rejected = json.loads((project / "reports/runs").glob(f"*-{bad.name}.json").__next__().read_text())
-        assert rejected["outcome"] == "rejected" and rejected["reasons"]
-        assert (project / "data/rejected" / bad.name).exists() and not (drop / bad.name).exists()
-        assert (project / "dvc.lock").read_bytes() == lock_before
-        assert (project / "models/export/lineage.json").read_bytes() == manifest_before
-        assert bad.name not in {p.name for p in (project / "data/incoming").iterdir()}
+        assert_a_malformed_batch_is_rejected_and_changes_nothing(project, staging, drop, api, procs, BURST)
     finally:
         for proc in reversed(procs):
             stop(proc)
@@ -305,18 +369,14 @@ def test_batches_arriving_together_are_processed_one_after_another_on_a_real_ser
 def test_a_rejected_batch_and_a_stopped_service_log_one_clear_line_each(tmp_path):
     """On a real server: a served run that rejects a batch logs its reason, not Prefect's traceback of it,
     and `rmpipe serve` stopped with SIGTERM shuts down like Ctrl-C (no un-awaited coroutine)."""
-    from pipeline.prefect_env import server_env
     from test_flows import batch_project, vote_lines
 
     project = batch_project(tmp_path)  # the real check and registration, a seconds-long rebuild
-    port = free_port()
-    env = server_env(tmp_path / "prefect-home", port)
-    env.update(PREFECT_RUNNER_POLL_FREQUENCY="2", PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+    server, env = start_server(tmp_path, tmp_path / "server.log", PREFECT_RUNNER_POLL_FREQUENCY="2",
+                               PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
     api = env["PREFECT_API_URL"]
-    procs = [start([PY, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                   tmp_path, env, tmp_path / "server.log")]
+    procs = [server]
     try:
-        wait_for("the Prefect server", lambda: healthy(api), 150, procs)
         serve = start([PY, "-m", "pipeline.cli", "serve"], project, env, tmp_path / "serve.log")
         procs.append(serve)
         wait_for("rmpipe serve", lambda: "on-new-batch" in (tmp_path / "serve.log").read_text(), 150, procs)
@@ -352,21 +412,15 @@ def test_serve_stops_promptly_on_ctrl_c_and_sigterm_even_when_the_server_is_gone
     """After a server outage, stopping `rmpipe serve` used to hang (`Pausing all deployments`) until kill -9."""
     import psutil
 
-    from pipeline.prefect_env import server_env
-
     project = fast_project(tmp_path / "project")
     logs = tmp_path / "logs"
     logs.mkdir()
-    port = free_port()
-    env = server_env(tmp_path / "prefect-home", port)
-    env.update(PREFECT_RUNNER_POLL_FREQUENCY="2", PYTHONUNBUFFERED="1")
     procs: list[subprocess.Popen] = []
     try:
         for signum in (signal.SIGINT, signal.SIGTERM):
-            server = start([PY, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                           tmp_path, env, logs / f"server-{signum}.log")
+            server, env = start_server(tmp_path, logs / f"server-{signum}.log", PREFECT_RUNNER_POLL_FREQUENCY="2",
+                                       PYTHONUNBUFFERED="1")
             procs.append(server)
-            wait_for("the Prefect server", lambda: healthy(env["PREFECT_API_URL"]), 150, [server])
             log = logs / f"serve-{signum}.log"
             serve = start([PY, "-m", "pipeline.cli", "serve"], project, env, log)
             procs.append(serve)
