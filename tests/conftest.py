@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import shutil
 import sys
 import tempfile
@@ -73,9 +74,24 @@ def pytest_sessionfinish(session, exitstatus):
 def pytest_addoption(parser):
     parser.addoption("--reverse-order", action="store_true",
                      help="run the collected tests in reverse order (an order-independence check)")
+    parser.addoption("--shuffle-seed", type=int, default=None,
+                     help="run the test files, and the tests within each, in an order shuffled with this seed "
+                          "(an order-independence check that replays exactly; a file's tests stay together, so its "
+                          "module fixtures are built once)")
 
 
 def pytest_collection_modifyitems(config, items):
+    seed = config.getoption("--shuffle-seed")
+    if seed is not None:
+        rng = random.Random(seed)
+        files: dict[str, list] = {}
+        for item in items:
+            files.setdefault(item.nodeid.split("::")[0], []).append(item)
+        groups = list(files.values())
+        rng.shuffle(groups)
+        for group in groups:
+            rng.shuffle(group)
+        items[:] = [item for group in groups for item in group]
     if config.getoption("--reverse-order"):
         items.reverse()
 
