@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from rmpipe import io
-from rmpipe.aggregate_labels import Pass, aggregate_pass, annotator_stats, krippendorff_alpha, _pct  # noqa: F401
+from rmpipe.aggregate_labels import Counter, Pass, aggregate_pass, annotator_stats, krippendorff_alpha, _pct  # noqa: F401
 from rmpipe.aggregate_orient import PY_WHITESPACE, Votes, canonical_key, orient_votes, read_votes  # noqa: F401
 from rmpipe.aggregate_pairs import PairColumns, pair_chunks, pair_columns
 from rmpipe.aggregate_report import annotator_markdown, build_report, check_dropped  # noqa: F401
@@ -71,14 +71,16 @@ def aggregate(source: Votes | pd.DataFrame, settings: AggregateSettings) -> Aggr
     return Aggregation(pairs=pairs, report=decision.report, annotators=decision.annotators)
 
 
-def aggregate_file(votes_path: str | Path, pairs_path: str | Path, settings: AggregateSettings) -> Decision:
-    """votes.parquet -> pairs.parquet, streaming: texts spill beside the output and are written chunk by chunk."""
+def aggregate_file(votes_path: str | Path, pairs_path: str | Path, settings: AggregateSettings,
+                   counter: Counter | None = None) -> Decision:
+    """votes.parquet -> pairs.parquet, streaming: texts spill beside the output and are written chunk by chunk.
+    `counter`: the group-by on the pair code run by an engine (rmpipe.engine.pair_counter)."""
     settings.check()
     pairs_path = Path(pairs_path)
     pairs_path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_spills(pairs_path.parent)
     with tempfile.TemporaryDirectory(prefix=f".aggregate-{os.getpid()}-", dir=pairs_path.parent) as spill:
-        decision = decide(read_votes(votes_path, spill_dir=Path(spill)), settings)
+        decision = decide(read_votes(votes_path, spill_dir=Path(spill)), settings, counter)
         io.write_parquet_chunks(pairs_path, decision.chunks())
     return decision
 
@@ -176,7 +178,7 @@ def _pair_buckets(votes: pd.DataFrame, n_pairs: int, bad_pairs: np.ndarray, fina
     return buckets
 
 
-def decide(src: Votes, settings: AggregateSettings) -> Decision:
+def decide(src: Votes, settings: AggregateSettings, counter: Counter | None = None) -> Decision:
     """Run the passes over oriented votes: labels, exclusions, ties, min_votes; the report and kept pairs."""
     settings.check()
     table = src.table
@@ -187,7 +189,7 @@ def decide(src: Votes, settings: AggregateSettings) -> Decision:
     bucket, bad_pairs = _sort_out_unusable(table, votes)
 
     valid = votes[bucket == 0]
-    first = aggregate_pass(valid, n_pairs, settings)
+    first = aggregate_pass(valid, n_pairs, settings, counter)
     names = table["annotator_id"].cat.categories
     annotators = annotator_stats(valid, first, names, settings)
     excluded, out = _exclusions(valid, annotators, names, settings)
@@ -195,7 +197,7 @@ def decide(src: Votes, settings: AggregateSettings) -> Decision:
     if excluded:
         bucket[valid.index[out]] = VOTE_BUCKETS.index("excluded_annotator")
         used = valid[~out]
-        final = aggregate_pass(used, n_pairs, settings)
+        final = aggregate_pass(used, n_pairs, settings, counter)
 
     is_tie = final.eligible & (final.label == TIE)
     keep = final.eligible & (~is_tie | (settings.tie_policy == "soft"))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import krippendorff
 import numpy as np
@@ -52,20 +53,44 @@ def _crowd_labels(votes: pd.DataFrame, settings: AggregateSettings) -> pd.Series
     return pd.Series(np.where(shared, TIE, scores.argmax(axis=1)).astype(np.int8), index=probas.index)
 
 
-def aggregate_pass(votes: pd.DataFrame, n_pairs: int, settings: AggregateSettings) -> Pass:
+def count_pairs(pair: np.ndarray, label: np.ndarray, weight: np.ndarray, prejudged: np.ndarray,
+                n_pairs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The group-by on the pair code: votes per (pair, label), judgements per pair (sum of n_votes), and
+    A/B vote rows per pair. Sums of partial counts over any split of the votes give the same arrays."""
+    counts = np.bincount(pair * 3 + label, minlength=n_pairs * 3)
+    weighted = np.bincount(pair, weights=weight, minlength=n_pairs)
+    return counts, weighted, np.bincount(pair[~prejudged], minlength=n_pairs)
+
+
+def majority_labels(counts: np.ndarray) -> np.ndarray:
+    """crowd-kit MajorityVote's label from a pair's label counts, a shared top read as a tie (as
+    `_crowd_labels`; tests/test_aggregate.py checks the two agree)."""
+    shared = (counts == counts.max(axis=1, keepdims=True)).sum(axis=1) > 1
+    return np.where(shared, TIE, counts.argmax(axis=1)).astype(np.int8)
+
+
+Counter = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def aggregate_pass(votes: pd.DataFrame, n_pairs: int, settings: AggregateSettings, counter: Counter | None = None) -> Pass:
+    """One pass. `counter`: the group-by run elsewhere (rmpipe.engine); majority labels then come from its
+    counts, Dawid-Skene from crowd-kit here."""
     pair = votes["pair"].to_numpy()
-    counts = np.bincount(pair * 3 + votes["label"].to_numpy(), minlength=n_pairs * 3).reshape(n_pairs, 3)
-    weighted = np.bincount(pair, weights=votes["weight"].to_numpy(), minlength=n_pairs).astype(np.int64)
+    counts, weighted, vote_rows = (counter or count_pairs)(
+        pair, votes["label"].to_numpy(), votes["weight"].to_numpy(), votes["prejudged"].to_numpy(), n_pairs)
+    counts, weighted = counts.reshape(n_pairs, 3), weighted.astype(np.int64)
     has_votes = counts.sum(axis=1) > 0
     # The mixed rule: one A/B vote row on a pair makes it vote-built, and min_votes counts all its judgements.
-    vote_built = np.bincount(pair[~votes["prejudged"].to_numpy()], minlength=n_pairs) > 0
-    prejudged = has_votes & ~vote_built
+    prejudged = has_votes & ~(vote_rows > 0)
     eligible = prejudged | (has_votes & (weighted >= settings.min_votes))
     label = np.full(n_pairs, -1, np.int8)
-    voted = votes[eligible[pair]]
-    if len(voted):
-        crowd = _crowd_labels(voted, settings)
-        label[crowd.index.to_numpy()] = crowd.to_numpy()
+    if counter is not None and settings.method == "majority":
+        label[eligible] = majority_labels(counts[eligible])
+    else:
+        voted = votes[eligible[pair]]
+        if len(voted):
+            crowd = _crowd_labels(voted, settings)
+            label[crowd.index.to_numpy()] = crowd.to_numpy()
     responses_level = (counts[:, FIRST] == counts[:, SECOND]) & (counts[:, FIRST] >= counts[:, TIE])
     label[eligible & responses_level] = TIE
     return Pass(counts=counts, weighted=weighted, prejudged=prejudged, eligible=eligible, label=label)

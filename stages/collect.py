@@ -16,6 +16,7 @@ from pathlib import Path
 
 from rmpipe import retractions
 from rmpipe.collect import CollectConfig, collect_to, incoming_snapshot, raise_for_rejected, raise_if_changed
+from rmpipe.collect_batch import collect_batch
 from rmpipe.engine import EngineSettings, batch_runner
 from rmpipe.errors import exits_cleanly
 from rmpipe.io import atomic_path, write_json, write_jsonl
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     # folder first and fail at the end if it changed (DVC then records nothing for the stage).
     before = incoming_snapshot(cfg.incoming_dir)
     # The votes stream into a temp file, published only if no rejected batch stops the run.
-    with batch_runner(engine) as ahead, atomic_path(VOTES) as votes:
+    with batch_runner(engine, collect_batch) as ahead, atomic_path(VOTES) as votes:
         quarantine, report = collect_to(cfg.incoming_dir, cfg, votes, retractions.load(Path(".")), ahead=ahead)
         write_jsonl(QUARANTINE, quarantine)
         write_json(REPORT, report)

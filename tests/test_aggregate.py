@@ -498,3 +498,22 @@ def test_stage_without_votes_exits_with_a_readable_error(tmp_path, project_root)
     done = _run_stage(_stage_dir(tmp_path, project_root, None), project_root)
     assert done.returncode != 0
     assert "error:" in done.stderr and "collect" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_majority_labels_from_counts_are_crowd_kits(seed):
+    """data.engine: dask takes majority labels from the engine's group-by counts; crowd-kit's MajorityVote
+    (what the local path runs) stays the reference: the same label on every pair, ties included."""
+    from rmpipe.aggregate_labels import _crowd_labels, count_pairs, majority_labels
+
+    rng = np.random.default_rng(seed)
+    n_votes, n_pairs = 3000, 700
+    votes = pd.DataFrame({"pair": rng.integers(0, n_pairs, n_votes), "annotator": rng.integers(0, 40, n_votes),
+                          "label": rng.choice([0, 1, 2], n_votes, p=[0.45, 0.4, 0.15])})
+    votes = votes.drop_duplicates(["pair", "annotator"])
+    counts = count_pairs(votes["pair"].to_numpy(), votes["label"].to_numpy(), np.ones(len(votes)),
+                         np.zeros(len(votes), bool), n_pairs)[0].reshape(n_pairs, 3)
+    crowd = _crowd_labels(votes, MAJORITY)
+    ours = majority_labels(counts[crowd.index.to_numpy()])
+    assert (ours == crowd.to_numpy()).all()
+    assert (ours == 2).sum() > 20  # shared tops (ties) were exercised

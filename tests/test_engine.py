@@ -46,15 +46,17 @@ def _run(stage: str, cwd: Path) -> str:
     return done.stderr
 
 
-def test_collect_on_a_two_worker_dask_cluster_writes_the_local_bytes(tmp_path):
-    """Mutation tried: `_reuse` keeping every batch collected ahead (no check against the earlier batches)
-    lets the duplicate file and the cross-batch repeat through on the cluster, and this turns red."""
+def test_collect_and_aggregate_on_a_two_worker_dask_cluster_write_the_local_bytes(tmp_path):
+    """Collect reads the batches on the workers; aggregate's group-by on the pair code runs there as
+    partial counts (majority labels from them, crowd-kit's on the local path). Mutation tried: `_reuse`
+    keeping every batch collected ahead (no check against the earlier batches) lets the duplicate file
+    and the cross-batch repeat through on the cluster, and this turns red."""
     local = _project(tmp_path / "local", {"engine": "local", "scheduler": "", "workers": 0})
     dask = _project(tmp_path / "dask", {"engine": "dask", "scheduler": "", "workers": 2})
     for stage in ("collect", "aggregate"):
         assert "data.engine=dask" not in _run(stage, local)
         log = _run(stage, dask)
-        assert stage != "collect" or "data.engine=dask: scheduler tcp://127.0.0.1:" in log and ", 2 workers" in log, log
+        assert "data.engine=dask: scheduler tcp://127.0.0.1:" in log and ", 2 workers" in log, log
     for rel in OUTPUTS:
         assert (dask / rel).read_bytes() == (local / rel).read_bytes(), rel
     report = yaml.safe_load((local / "reports/collect.json").read_text())
