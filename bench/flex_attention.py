@@ -39,7 +39,7 @@ def main(argv=None) -> None:
 
     from long_prompts import make_long_groups
     from rmpipe.backbones import load_backbone
-    from rmpipe.batching import tokenize_pairs
+    from rmpipe.render import tokenize_pairs
     from rmpipe.packing import make_batch
     from rmpipe.reward_model import RewardModel, bradley_terry_loss
     from train_throughput import sample_splits, smollm2_folder, tiny_folder

@@ -24,7 +24,8 @@ import torch  # noqa: E402
 
 from long_prompts import make_long_pairs  # noqa: E402
 from rmpipe.backbones import SMOLLM2_CACHE, load_backbone, materialize_smollm2  # noqa: E402
-from rmpipe.batching import plan_batches, tokenize_pairs  # noqa: E402
+from rmpipe.batching import plan_batches  # noqa: E402
+from rmpipe.render import tokenize_pairs  # noqa: E402
 from rmpipe.packing import make_batch  # noqa: E402
 from rmpipe.reward_model import RewardModel, bradley_terry_loss  # noqa: E402
 

@@ -150,6 +150,7 @@ def tiny_folder(sample_train, max_length: int) -> Path:
 
     import long_prompts
     from rmpipe.backbones import build_tiny_backbone, ignore_from_git, tiny_corpus
+    from rmpipe.settings import ModelSettings
 
     model_cfg = {**yaml.safe_load((ROOT / "params.yaml").read_text())["model"], "max_length": max_length}
     texts = list(tiny_corpus(sample_train)) + list(long_prompts.corpus())
@@ -158,7 +159,7 @@ def tiny_folder(sample_train, max_length: int) -> Path:
     folder = CACHE / f"tiny-{key}"
     if not (folder / "config.json").exists():
         tmp = Path(tempfile.mkdtemp(dir=CACHE))
-        build_tiny_backbone(texts, model_cfg, tmp)
+        build_tiny_backbone(texts, ModelSettings.from_section(model_cfg), tmp)
         shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)
     return folder
@@ -230,11 +231,9 @@ def sample_groups(n_groups: int, seed: int):
 
 # --- rmpipe --------------------------------------------------------------------------------------
 def rmpipe_has_packing() -> bool:
-    from dataclasses import fields
+    from rmpipe.settings import TrainSettings
 
-    from rmpipe.train import TrainSettings
-
-    return any(f.name == "packing" for f in fields(TrainSettings))
+    return "packing" in TrainSettings.model_fields
 
 
 def rmpipe_params(s: Settings, backbone: Path, mode: str) -> dict:
@@ -261,10 +260,12 @@ def rmpipe_plan(params: dict, tokenizer, train) -> tuple[list[list[int]], list[i
     is computed once by rmpipe's shared_prompt layout but counts twice here, as in any stacked trainer).
     """
     from rmpipe import train as rt
-    from rmpipe.batching import plan_batches, tokenize_pairs
+    from rmpipe.batching import plan_batches
+    from rmpipe.render import tokenize_pairs
+    from rmpipe.settings import TrainSettings
 
     pairs = tokenize_pairs(tokenizer, train, params["model"]["max_length"])
-    settings = rt.TrainSettings.from_params(params["train"])
+    settings = TrainSettings.from_section(params["train"])
     mode = getattr(settings, "packing", "none")
     if hasattr(rt, "plan_units"):  # batches of units (single pairs, or whole groups)
         units, plans = rt.plan_epochs(pairs, settings, 1)
@@ -335,7 +336,7 @@ def lr_multipliers(s: Settings) -> list[float]:
     """The lr multiplier of each of rmpipe's N optimizer steps (rmpipe.ds_config.warmup_cosine)."""
     from rmpipe.ds_config import warmup_cosine, warmup_steps
 
-    warmup = warmup_steps({"warmup_ratio": s.warmup_ratio}, s.steps)
+    warmup = warmup_steps(s.warmup_ratio, s.steps)
     return [warmup_cosine(step, s.steps, warmup) for step in range(s.steps)]
 
 

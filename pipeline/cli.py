@@ -111,14 +111,16 @@ def _sample_pairs(args: argparse.Namespace) -> None:
 
     from rmpipe.params import load_params, section
     from rmpipe.sampling import sample_pairs_file
+    from rmpipe.settings import ModelSettings, SamplingSettings
 
     params = load_params(args.params)
-    sampling = dict(section(params, "sampling"))
-    for key in ("n_completions", "seed", "max_new_tokens"):
-        if getattr(args, key) is not None:
-            sampling[key] = getattr(args, key)
+    overrides = {key: getattr(args, key) for key in ("n_completions", "seed", "max_new_tokens")
+                 if getattr(args, key) is not None}
+    sampling = SamplingSettings.from_section({**section(params, "sampling"), **overrides})
+    backbone = {"backbone": args.backbone} if args.backbone else {}
+    model = ModelSettings.from_section({**section(params, "model"), **backbone})
     out = args.out or f"data/tasks/{Path(args.prompts).stem}.tasks.jsonl"
-    sample_pairs_file(args.prompts, out, section(params, "model"), sampling, backbone=args.backbone, groups=args.groups)
+    sample_pairs_file(args.prompts, out, model, sampling, groups=args.groups)
     print(out)
 
 

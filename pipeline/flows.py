@@ -56,7 +56,8 @@ from pipeline.tasks import (  # noqa: E402
 )
 from rmpipe import io  # noqa: E402
 from rmpipe.errors import UserError  # noqa: E402
-from rmpipe.params import get, load_params, section  # noqa: E402
+from rmpipe.params import load_params  # noqa: E402
+from rmpipe.settings import CollectSettings  # noqa: E402
 
 
 class BatchRejected(UserError):
@@ -224,7 +225,7 @@ def _deliver(batch: Path, root: Path) -> dict[str, Any]:
     _refuse_long_name(batch, finish)
     if not batch.is_file():
         raise UserError(f"batch file {batch} not found (was it moved after the event fired?)")
-    incoming = root / get(section(load_params(root / "params.yaml"), "collect"), "incoming_dir", str, "collect")
+    incoming = root / CollectSettings.parse(load_params(root / "params.yaml")).incoming_dir
     try:
         sha = summary["batch_sha256"] = io.sha256_file(batch)
     except OSError as exc:  # e.g. chmod 000

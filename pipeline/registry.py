@@ -29,7 +29,8 @@ from pipeline.locks import STATE_DIR, queue_lock  # noqa: E402
 from pipeline.tasks import fails_cleanly  # noqa: E402
 from rmpipe import io  # noqa: E402
 from rmpipe.errors import UserError  # noqa: E402
-from rmpipe.params import get, load_params, section  # noqa: E402
+from rmpipe.params import load_params  # noqa: E402
+from rmpipe.settings import CollectSettings  # noqa: E402
 
 REJECTED_DIR = Path("data/rejected")  # rejected batches + their reasons; no stage reads it
 QUEUE_DIR = STATE_DIR / "queue"  # accepted batches waiting for the next rebuild
@@ -40,7 +41,7 @@ def incoming_dir(root: Path) -> Path | None:
     params = load_params(root / "params.yaml")
     if "collect" not in params:
         return None
-    return root / get(section(params, "collect"), "incoming_dir", str, "collect")
+    return root / CollectSettings.parse(params).incoming_dir
 
 
 def file_names(folder: Path) -> set[str]:
@@ -136,7 +137,7 @@ def quick_check(batch: Path, root: Path) -> dict[str, Any]:
     from rmpipe import retractions
     from rmpipe.collect import check_batch
 
-    cfg = section(load_params(root / "params.yaml"), "collect")
+    cfg = CollectSettings.parse(load_params(root / "params.yaml"))
     report = dict(check_batch(batch, cfg, retractions.load(root)).report)  # a retracted batch is refused
     accepted = report.get("status") == "accepted"
     reasons = [f"{r['reason']} x{r['count']} (e.g. {r['example']})" if isinstance(r, dict) else str(r)

@@ -75,7 +75,6 @@ def aggregate_file(votes_path: str | Path, pairs_path: str | Path, settings: Agg
                    counter: Counter | None = None) -> Decision:
     """votes.parquet -> pairs.parquet, streaming: texts spill beside the output and are written chunk by chunk.
     `counter`: the group-by on the pair code run by an engine (rmpipe.engine.pair_counter)."""
-    settings.check()
     pairs_path = Path(pairs_path)
     pairs_path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_spills(pairs_path.parent)
@@ -180,7 +179,6 @@ def _pair_buckets(votes: pd.DataFrame, n_pairs: int, bad_pairs: np.ndarray, fina
 
 def decide(src: Votes, settings: AggregateSettings, counter: Counter | None = None) -> Decision:
     """Run the passes over oriented votes: labels, exclusions, ties, min_votes; the report and kept pairs."""
-    settings.check()
     table = src.table
     n_in, n_pairs = len(table), len(table["pair_id"].cat.categories)
     if n_in == 0:

@@ -44,10 +44,10 @@ def _crowd_labels(votes: pd.DataFrame, settings: AggregateSettings) -> pd.Series
     if settings.method == "majority":
         model = MajorityVote()
     else:
-        model = DawidSkene(n_iter=settings.ds_n_iter, tol=settings.ds_tol)
+        model = DawidSkene(n_iter=settings.dawid_skene.n_iter, tol=settings.dawid_skene.tol)
     probas = model.fit_predict_proba(data).reindex(columns=[FIRST, SECOND, TIE], fill_value=0.0)
-    if isinstance(model, DawidSkene) and len(model.loss_history_) >= settings.ds_n_iter:
-        log.info("Dawid-Skene stopped at n_iter=%d before reaching tol=%g", settings.ds_n_iter, settings.ds_tol)
+    if isinstance(model, DawidSkene) and len(model.loss_history_) >= settings.dawid_skene.n_iter:
+        log.info("Dawid-Skene stopped at n_iter=%d before reaching tol=%g", settings.dawid_skene.n_iter, settings.dawid_skene.tol)
     scores = probas.to_numpy(dtype=float)
     shared = (scores >= scores.max(axis=1, keepdims=True) - 1e-9).sum(axis=1) > 1
     return pd.Series(np.where(shared, TIE, scores.argmax(axis=1)).astype(np.int8), index=probas.index)

@@ -27,11 +27,12 @@ import torch
 
 from rmpipe.errors import ConfigError, UserError
 from rmpipe.io import folder_hashes, sha256_file
-from rmpipe.params import get
+from rmpipe.paths import ProjectPaths
+from rmpipe.settings import ModelSettings
 
 log = logging.getLogger("rmpipe.backbones")
 
-BACKBONE_DIR = Path("models/backbone")  # the DVC output of the backbone stage
+BACKBONE_DIR = ProjectPaths().backbone  # the DVC output of the backbone stage
 SMOLLM2_CACHE = Path("models/.cache/smollm2-135m-instruct")  # de-quantized once, reused; not a DVC output
 MANIFEST = "rmpipe_backbone.json"
 
@@ -61,20 +62,11 @@ def chatml(messages: list[dict[str, str]], add_generation_prompt: bool = False) 
 
 
 # --- resolving params to a folder -------------------------------------------------------------
-def backbone_name(model_cfg: dict[str, Any]) -> str:
-    name = get(model_cfg, "backbone", str, "model").strip()
-    if not name:
-        raise ConfigError("params.yaml: 'model.backbone' is empty: use tiny, smollm2-135m-instruct, a folder or a hub id")
-    return name
-
-
-def expected_manifest_params(model_cfg: dict[str, Any]) -> dict[str, Any]:
+def expected_manifest_params(m: ModelSettings) -> dict[str, Any]:
     """The params a built backbone folder must have been made with to serve the current params."""
-    name = backbone_name(model_cfg)
-    if name == TINY:
-        return {"backbone": TINY, "tiny": get(model_cfg, "tiny", dict, "model"),
-                "max_length": get(model_cfg, "max_length", int, "model")}
-    return {"backbone": name}
+    if m.backbone == TINY:
+        return {"backbone": TINY, "tiny": m.tiny.model_dump() if m.tiny else None, "max_length": m.max_length}
+    return {"backbone": m.backbone}
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
@@ -84,13 +76,13 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def resolve_backbone(model_cfg: dict[str, Any], project_root: Path = Path(".")) -> Path | str:
+def resolve_backbone(m: ModelSettings, project_root: Path = Path(".")) -> Path | str:
     """A local Hugging Face folder (or, failing that, a hub id) for `model.backbone`.
 
     tiny / smollm2-135m-instruct -> models/backbone, which the backbone stage must have built
     for the current params; anything else -> that local folder if it exists, else the hub id as given.
     """
-    name = backbone_name(model_cfg)
+    name = m.backbone
     root = Path(project_root)
     if name in BUILT_HERE:
         folder = root / BACKBONE_DIR
@@ -98,7 +90,7 @@ def resolve_backbone(model_cfg: dict[str, Any], project_root: Path = Path(".")) 
         rerun = "run `dvc repro backbone` (or `python -m stages.backbone`)"
         if manifest is None:
             raise UserError(f"backbone '{name}' has not been built yet ({folder} is missing): {rerun}")
-        if manifest.get("params") != expected_manifest_params(model_cfg):
+        if manifest.get("params") != expected_manifest_params(m):
             raise UserError(
                 f"{folder} holds backbone '{manifest.get('backbone')}' built with other params than "
                 f"params.yaml 'model' now asks for: {rerun}"
@@ -111,14 +103,14 @@ def resolve_backbone(model_cfg: dict[str, Any], project_root: Path = Path(".")) 
     return name
 
 
-def sampling_source(model_cfg: dict[str, Any], project_root: Path = Path(".")) -> Path | str:
+def sampling_source(m: ModelSettings, project_root: Path = Path(".")) -> Path | str:
     """Where `rmpipe sample-pairs` loads its SFT model from, whatever models/backbone holds.
 
     smollm2-135m-instruct -> its de-quantized cache (made once from the PyPI package); a folder or
     hub id -> as given; tiny -> models/backbone, since the tiny model is built from the train split
     by the backbone stage (resolve_backbone checks it matches params).
     """
-    name = backbone_name(model_cfg)
+    name = m.backbone
     root = Path(project_root)
     if name == SMOLLM2:
         ignore_from_git((root / SMOLLM2_CACHE).parent)
@@ -129,7 +121,7 @@ def sampling_source(model_cfg: dict[str, Any], project_root: Path = Path(".")) -
             raise UserError(f"{root / BACKBONE_DIR} holds backbone '{built}', not tiny: the tiny backbone is built "
                             "from your train split by the backbone stage; set params.yaml 'model.backbone: tiny' "
                             "and run `dvc repro backbone`, or sample with --backbone smollm2-135m-instruct")
-    return resolve_backbone(model_cfg, root)
+    return resolve_backbone(m, root)
 
 
 # --- loading -------------------------------------------------------------------------------
@@ -232,7 +224,7 @@ def _train_tokenizer(texts: Iterable[str], vocab_size: int):
     return tokenizer
 
 
-def build_tiny_backbone(texts: Iterable[str], model_cfg: dict[str, Any], out_dir: Path) -> Path:
+def build_tiny_backbone(texts: Iterable[str], m: ModelSettings, out_dir: Path) -> Path:
     """Train a byte-level BPE tokenizer on `texts` and save it with a seeded small Llama into `out_dir`.
 
     Same corpus and params -> byte-identical folder. Saved as LlamaForCausalLM with tied
@@ -240,9 +232,10 @@ def build_tiny_backbone(texts: Iterable[str], model_cfg: dict[str, Any], out_dir
     """
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    tiny = get(model_cfg, "tiny", dict, "model")
-    max_length = get(model_cfg, "max_length", int, "model")
-    vocab_size = get(tiny, "vocab_size", int, "model.tiny")
+    tiny, max_length = m.tiny, m.max_length
+    if tiny is None:
+        raise ConfigError("params.yaml: 'model.tiny' is missing: the tiny backbone needs its sizes (see params.yaml)")
+    vocab_size = tiny.vocab_size
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise ConfigError(f"params.yaml: 'model.tiny.vocab_size' must be at least {256 + len(SPECIAL_TOKENS)} (all bytes + special tokens)")
 
@@ -259,18 +252,18 @@ def build_tiny_backbone(texts: Iterable[str], model_cfg: dict[str, Any], out_dir
 
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=get(tiny, "hidden_size", int, "model.tiny"),
-        intermediate_size=get(tiny, "intermediate_size", int, "model.tiny"),
-        num_hidden_layers=get(tiny, "num_hidden_layers", int, "model.tiny"),
-        num_attention_heads=get(tiny, "num_attention_heads", int, "model.tiny"),
-        num_key_value_heads=get(tiny, "num_key_value_heads", int, "model.tiny"),
+        hidden_size=tiny.hidden_size,
+        intermediate_size=tiny.intermediate_size,
+        num_hidden_layers=tiny.num_hidden_layers,
+        num_attention_heads=tiny.num_attention_heads,
+        num_key_value_heads=tiny.num_key_value_heads,
         max_position_embeddings=max_length,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=True,
     )
-    seed = get(tiny, "seed", int, "model.tiny")
+    seed = tiny.seed
     with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
@@ -400,7 +393,7 @@ def ignore_from_git(cache_root: Path) -> None:
         marker.write_text("# rmpipe cache: rebuilt on demand, never committed\n*\n", encoding="utf-8")
 
 
-def prepare_backbone(model_cfg: dict[str, Any], out_dir: Path, train_pairs=None,
+def prepare_backbone(m: ModelSettings, out_dir: Path, train_pairs=None,
                      smollm2_cache: Path = SMOLLM2_CACHE) -> dict[str, Any]:
     """Fill `out_dir` for the current `model` params and return its manifest (also written there).
 
@@ -409,15 +402,14 @@ def prepare_backbone(model_cfg: dict[str, Any], out_dir: Path, train_pairs=None,
     """
     from rmpipe.io import write_json
 
-    name = backbone_name(model_cfg)
-    trust = bool(get(model_cfg, "trust_remote_code", bool, "model"))
+    name, trust = m.backbone, m.trust_remote_code
     out_dir = Path(out_dir)
     source: dict[str, Any]
     if name == TINY:
         if train_pairs is None or len(train_pairs) == 0:
             raise UserError("the tiny backbone's tokenizer is trained on the train split, which is empty or missing: "
                             "run `dvc repro split` with some preference data first")
-        build_tiny_backbone(tiny_corpus(train_pairs), model_cfg, out_dir)
+        build_tiny_backbone(tiny_corpus(train_pairs), m, out_dir)
         source = {"kind": "built", "train_pairs": int(len(train_pairs))}
         folder: Path | str = out_dir
     elif name == SMOLLM2:
@@ -427,15 +419,15 @@ def prepare_backbone(model_cfg: dict[str, Any], out_dir: Path, train_pairs=None,
         source = {"kind": "gguf", **json.loads((Path(cache) / SOURCE_RECORD).read_text(encoding="utf-8"))}
         folder = out_dir
     else:
-        folder = resolve_backbone(model_cfg)
+        folder = resolve_backbone(m)
         source = ({"kind": "local", "path": str(Path(folder).resolve()), "files": folder_hashes(folder)}
                   if isinstance(folder, Path) else {"kind": "hub", "id": folder})
     config, tokenizer = check_backbone(folder, trust)
-    max_length = get(model_cfg, "max_length", int, "model")
+    max_length = m.max_length
     if max_positions(config) < max_length:
         raise ConfigError(f"params.yaml: 'model.max_length' is {max_length} but backbone '{name}' "
                           f"takes at most {max_positions(config)} positions")
-    manifest = {"backbone": name, "params": expected_manifest_params(model_cfg), "source": source,
+    manifest = {"backbone": name, "params": expected_manifest_params(m), "source": source,
                 **describe(config, tokenizer)}
     write_json(out_dir / MANIFEST, manifest)
     return manifest

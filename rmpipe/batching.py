@@ -1,4 +1,5 @@
-"""Tokenize preference pairs once, then group them into length-bucketed batches under a token budget.
+"""Tokenized preference pairs (`TokenizedPairs`, made by `rmpipe.render.tokenize_pairs`) grouped into
+length-bucketed batches under a token budget.
 
 A *global batch* is what one optimizer step sees. Its cost is the tokens the model computes for
 it in the chosen layout (`rmpipe.packing`): for the stacked layout, the padded `2B x T` tensor
@@ -18,17 +19,12 @@ shard is weighted by its share of the global batch (see `shard_weight`).
 
 from __future__ import annotations
 
-import logging
 import random
 from dataclasses import dataclass, field
 
 import numpy as np
-import pandas as pd
 
 from rmpipe.packing import common_prefix_length, group_members, group_tokens
-from rmpipe.render import encode
-
-log = logging.getLogger("rmpipe.batching")
 
 
 @dataclass
@@ -119,53 +115,6 @@ class Units:
     def rows(self, units: list[int]) -> list[int]:
         """The pair indices of `units`, in order."""
         return [i for u in units for i in self.members[u]]
-
-
-def truncate_left(ids: list[int], max_length: int) -> tuple[list[int], bool]:
-    """Keep the last `max_length` ids: the reward is read at the end, where the template's final tokens are."""
-    if len(ids) <= max_length:
-        return ids, False
-    return ids[-max_length:], True
-
-
-def group_ids(frame: pd.DataFrame) -> np.ndarray:
-    """Dense group id per pair: pairs with one `prompt_hash` (the prompt itself where there is none) share one.
-
-    Built here, from the split, so no upstream stage has to know about groups; the split keeps a prompt in
-    one split, so a group never straddles splits."""
-    if frame.empty:
-        return np.zeros(0, np.int64)
-    key = frame["prompt"].map(lambda p: f"prompt:{p}")
-    if "prompt_hash" in frame:
-        key = frame["prompt_hash"].map(lambda h: f"hash:{h}", na_action="ignore").fillna(key)
-    return pd.factorize(key, sort=False)[0].astype(np.int64)
-
-
-def tokenize_pairs(tokenizer, frame: pd.DataFrame, max_length: int) -> TokenizedPairs:
-    """Render and encode every pair (via `rmpipe.render.encode`), left-truncating and counting long ones."""
-    chosen, rejected, n_truncated, n_rows = [], [], 0, 0
-    for prompt, good, bad in zip(frame["prompt"], frame["chosen"], frame["rejected"]):
-        c, cut_c = truncate_left(encode(tokenizer, prompt, good), max_length)
-        r, cut_r = truncate_left(encode(tokenizer, prompt, bad), max_length)
-        chosen.append(c)
-        rejected.append(r)
-        n_truncated += cut_c or cut_r
-        n_rows += cut_c + cut_r
-    if n_truncated:
-        log.warning("%d of %d pairs are longer than max_length=%d: left-truncated (their ends kept)",
-                    n_truncated, len(frame), max_length)
-    return TokenizedPairs(
-        chosen=chosen,
-        rejected=rejected,
-        margin=frame["margin"].to_numpy(dtype=np.float32, na_value=np.nan) if "margin" in frame else
-        np.zeros(len(frame), np.float32),
-        soft_label=frame["soft_label"].to_numpy(dtype=np.float32) if "soft_label" in frame else
-        np.ones(len(frame), np.float32),
-        pair_ids=[str(p) for p in frame["pair_id"]] if "pair_id" in frame else [],
-        n_truncated=n_truncated,
-        group=group_ids(frame),
-        n_truncated_rows=n_rows,
-    )
 
 
 def padded_tokens(lengths: np.ndarray, rows: list[int]) -> int:

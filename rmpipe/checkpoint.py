@@ -1,6 +1,6 @@
 """What a training run saves to resume from, and when it may resume.
 
-    fp = fingerprint(model_cfg, train_cfg, train_split, backbone_dir, world_size)
+    fp = fingerprint(model_settings, train_settings, train_split, backbone_dir, world_size)
     state = resume(engine, folder, fp) or LoopState()    # None: nothing to resume (the reason logged)
     ...
     save(engine, folder, state, fp, rank)                # every train.checkpoint_every steps
@@ -25,6 +25,7 @@ import torch
 from rmpipe import codedeps, io
 from rmpipe.distributed import barrier
 from rmpipe.io import sha256_file
+from rmpipe.settings import ModelSettings, TrainSettings
 
 log = logging.getLogger("rmpipe.train")
 
@@ -41,11 +42,13 @@ CODE_ROOT = codedeps.ROOT
 TRAINING_CODE = tuple(codedeps.closure("stages/train.py"))
 
 
-def fingerprint(model_cfg: dict, train_cfg: dict, train_split: Path, backbone_dir: Path | str, world_size: int) -> str:
-    relevant = {k: v for k, v in train_cfg.items() if k not in NOT_FINGERPRINTED}
+def fingerprint(model: ModelSettings, train: TrainSettings, train_split: Path, backbone_dir: Path | str,
+                world_size: int) -> str:
+    """Every field of both settings (bar NOT_FINGERPRINTED), the train split, backbone, world size and code."""
+    relevant = train.model_dump(exclude=set(NOT_FINGERPRINTED))
     backbone = io.folder_sha256(backbone_dir) if Path(backbone_dir).is_dir() else str(backbone_dir)
     code = {name: sha256_file(CODE_ROOT / name) for name in TRAINING_CODE}
-    blob = json.dumps({"model": model_cfg, "train": relevant, "train_split": sha256_file(train_split),
+    blob = json.dumps({"model": model.model_dump(), "train": relevant, "train_split": sha256_file(train_split),
                        "backbone": backbone, "world_size": world_size, "code": code}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 

@@ -34,17 +34,17 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rmpipe import hf_batches
-from rmpipe.collect_batch import (FORMATS, POLICIES, BatchResult, CollectConfig, SeenVotes, collect_batch, read_files,
-                                  votes_frame)
+from rmpipe.collect_batch import FORMATS, POLICIES, BatchResult, SeenVotes, collect_batch, read_files, votes_frame
 from rmpipe.collect_fast import VOTES_SCHEMA
 from rmpipe.collect_read import CHUNK_ROWS, RAW_MAX_CHARS
 from rmpipe.collect_rows import REASONS, Bad, Normalizer
 from rmpipe.engine import BatchRunner
 from rmpipe.errors import DataError
 from rmpipe.io import atomic_path
+from rmpipe.settings import CollectSettings
 
-__all__ = ["FORMATS", "POLICIES", "RAW_MAX_CHARS", "REASONS", "BatchResult", "CollectConfig", "check_batch",
-           "collect_dir", "collect_to", "incoming_snapshot", "raise_for_rejected", "raise_if_changed", "write_votes"]
+__all__ = ["FORMATS", "POLICIES", "RAW_MAX_CHARS", "REASONS", "BatchResult", "CollectSettings", "as_settings",
+           "check_batch", "collect_dir", "collect_to", "incoming_snapshot", "raise_for_rejected", "raise_if_changed", "write_votes"]
 _Normalizer, _Bad = Normalizer, Bad  # the per-row path, under the names tests have used
 ROWS_PER_GROUP = 50_000  # parquet row group of votes.parquet: ~100 MB of long texts, read a group at a time
 
@@ -64,14 +64,19 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def check_batch(path: str | Path, cfg: Mapping[str, Any] | CollectConfig,
+def as_settings(cfg: Mapping[str, Any] | CollectSettings) -> CollectSettings:
+    """The `collect:` section as CollectSettings (parsed here when a caller hands the raw mapping)."""
+    return cfg if isinstance(cfg, CollectSettings) else CollectSettings.from_section(cfg)
+
+
+def check_batch(path: str | Path, cfg: Mapping[str, Any] | CollectSettings,
                 retracted: list[dict] | None = None) -> BatchResult:
     """Check one batch file on its own (e.g. before registering a new delivery).
 
     Same rules as the collect stage, minus what needs the other batches (duplicate
     files, duplicate votes across batches). `retracted`: the project's retraction register.
     """
-    conf = CollectConfig.from_params(cfg)
+    conf = as_settings(cfg)
     with _gc_paused():
         result = collect_batch(Path(path), conf, retracted=retracted or [])
     _log_batch(result.report)
@@ -163,7 +168,7 @@ def raise_if_changed(incoming_dir: str | Path, before: Snapshot) -> None:
                           "for this run: run `dvc repro` again to collect what is there now")
 
 
-def collect_to(incoming_dir: str | Path, cfg: Mapping[str, Any] | CollectConfig, votes_path: str | Path,
+def collect_to(incoming_dir: str | Path, cfg: Mapping[str, Any] | CollectSettings, votes_path: str | Path,
                retracted: list[dict] | None = None, *, fast: bool = True,
                chunk_rows: int = CHUNK_ROWS, ahead: BatchRunner | None = None) -> tuple[list[dict], dict]:
     """Collect every batch in `incoming_dir` into the parquet file `votes_path`: (quarantine rows, report).
@@ -173,7 +178,7 @@ def collect_to(incoming_dir: str | Path, cfg: Mapping[str, Any] | CollectConfig,
     user can read why. `fast` and `chunk_rows` as in `collect_batch.collect_batch`. `ahead`
     (rmpipe.engine.batch_runner) collects every batch at once elsewhere; see `_reuse`.
     """
-    conf = CollectConfig.from_params(cfg)
+    conf = as_settings(cfg)
     files, skipped = _batch_files(Path(incoming_dir))
     for item in skipped:
         log.warning("skipped %s: %s", item["file"], item["reason"])
@@ -252,7 +257,7 @@ def _flush(writer: pq.ParquetWriter, pending: list[pa.Table], rows: int, final: 
     return [table.slice(start)] if start < table.num_rows else []
 
 
-def collect_dir(incoming_dir: str | Path, cfg: Mapping[str, Any] | CollectConfig, retracted: list[dict] | None = None,
+def collect_dir(incoming_dir: str | Path, cfg: Mapping[str, Any] | CollectSettings, retracted: list[dict] | None = None,
                 **options: Any) -> tuple[pd.DataFrame, list[dict], dict]:
     """`collect_to` with the votes returned as a DataFrame: (votes, quarantine rows, report). For tests
     and small folders; the stage streams to disk with `collect_to`."""
@@ -263,7 +268,7 @@ def collect_dir(incoming_dir: str | Path, cfg: Mapping[str, Any] | CollectConfig
     return votes, quarantine, report
 
 
-def _report(entries: list[dict], skipped: list[dict], counts: dict[str, int], conf: CollectConfig) -> dict:
+def _report(entries: list[dict], skipped: list[dict], counts: dict[str, int], conf: CollectSettings) -> dict:
     def total(key: str) -> int:
         return int(sum(e[key] for e in entries))
 
@@ -290,10 +295,10 @@ def _report(entries: list[dict], skipped: list[dict], counts: dict[str, int], co
     }
 
 
-def raise_for_rejected(report: dict, cfg: Mapping[str, Any] | CollectConfig) -> None:
+def raise_for_rejected(report: dict, cfg: Mapping[str, Any] | CollectSettings) -> None:
     """Stop the run (DataError) when a batch was rejected or refused under `on_rejected_batch: fail`,
     or when nothing at all was collected. Under `skip`, warn loudly and go on."""
-    conf = CollectConfig.from_params(cfg)
+    conf = as_settings(cfg)
     bad = [e for e in report["batches"] if e["status"] in ("rejected", "refused")]
     if bad and conf.on_rejected_batch == "fail":
         more = f" (and {len(bad) - 1} more batch(es), see reports/collect.json)" if len(bad) > 1 else ""

@@ -34,44 +34,11 @@ from rmpipe import hf_batches, retractions
 from rmpipe.collect_fast import VOTES_SCHEMA, fast_votes, votes_table
 from rmpipe.collect_read import CHUNK_ROWS, UNREADABLE, Chunk, chunks, raw_text
 from rmpipe.collect_rows import ANNOTATOR, PAIR_ID, PREJUDGED, REASONS, Bad, Normalizer
-from rmpipe.errors import ConfigError
 from rmpipe.io import folder_sha256, sha256_file
-from rmpipe.params import fraction, get
+from rmpipe.settings import CollectSettings
 
 FORMATS = {".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
-POLICIES = ("fail", "skip")
-
-
-@dataclass(frozen=True)
-class CollectConfig:
-    incoming_dir: Path
-    max_bad_share: float
-    max_field_chars: int
-    max_file_mb: float
-    on_rejected_batch: str  # fail | skip
-    margin_from_scores: bool = False  # score_chosen - score_rejected (a group's score gap) becomes the margin
-    hf_split: str = "train"  # the split read from a DatasetDict folder or a shard folder
-
-    @classmethod
-    def from_params(cls, cfg: Mapping[str, Any]) -> "CollectConfig":
-        """Read and check the `collect:` section of params.yaml."""
-        if isinstance(cfg, CollectConfig):
-            return cfg
-        where = "collect"
-        conf = cls(
-            incoming_dir=Path(get(cfg, "incoming_dir", str, where)),
-            max_bad_share=fraction(cfg, "max_bad_share", where),
-            max_field_chars=get(cfg, "max_field_chars", int, where),
-            max_file_mb=float(get(cfg, "max_file_mb", float, where)),
-            on_rejected_batch=get(cfg, "on_rejected_batch", str, where, choices=POLICIES),
-            # optional keys (older params files lack them): the defaults keep today's behaviour
-            margin_from_scores=get({"margin_from_scores": False, **cfg}, "margin_from_scores", bool, where),
-            hf_split=get({"hf_split": "train", **cfg}, "hf_split", str, where),
-        )
-        if conf.max_field_chars < 1 or conf.max_file_mb <= 0:
-            raise ConfigError("params.yaml: collect.max_field_chars and collect.max_file_mb must be positive")
-        return conf
-
+POLICIES = ("fail", "skip")  # collect.on_rejected_batch (CollectSettings checks it)
 
 
 @dataclass
@@ -141,7 +108,7 @@ class SeenVotes:
 # ----------------------------------------------------------------------------------------------
 
 
-def _file_problem(path: Path, conf: CollectConfig) -> str | None:
+def _file_problem(path: Path, conf: CollectSettings) -> str | None:
     """Why a batch file (or dataset folder) is refused unread, or None."""
     name = path.name
     if "/" in name or "\\" in name or ".." in name:
@@ -159,7 +126,7 @@ def _file_problem(path: Path, conf: CollectConfig) -> str | None:
     return None
 
 
-def _folder_problem(path: Path, conf: CollectConfig) -> str | None:
+def _folder_problem(path: Path, conf: CollectSettings) -> str | None:
     """A dataset folder: every file inside a regular file (no links out of the incoming folder), within max_file_mb."""
     files = hf_batches.folder_files(path)
     links = [f.relative_to(path).as_posix() for f in files if f.is_symlink()]
@@ -192,7 +159,7 @@ def _new_entry(path: Path) -> dict[str, Any]:
     }
 
 
-def _screen(path: Path, conf: CollectConfig, entry: dict, seen_files: Mapping[str, str], retracted: list[dict]) -> bool:
+def _screen(path: Path, conf: CollectSettings, entry: dict, seen_files: Mapping[str, str], retracted: list[dict]) -> bool:
     """Settle a batch that is not to be read (refused, unreadable, retracted, a duplicate file): True if so."""
     batch_id = path.name
     problem = _file_problem(path, conf)
@@ -358,13 +325,13 @@ def _top_reasons(quarantine: list[dict], n: int = 5) -> list[dict]:
     ]
 
 
-def _rejection_message(entry: dict, conf: CollectConfig) -> str:
+def _rejection_message(entry: dict, conf: CollectSettings) -> str:
     top = "; ".join(f"{r['reason']} x{r['count']} (e.g. {r['example']})" for r in entry["top_reasons"][:3])
     return (f"{entry['batch_id']}: {entry['bad_share']:.1%} of its {entry['rows_read']} rows are bad, over "
             f"collect.max_bad_share={conf.max_bad_share:g}; top reasons: {top}")
 
 
-def _settle(entry: dict, batch: _Batch, unreadable: str | None, conf: CollectConfig) -> None:
+def _settle(entry: dict, batch: _Batch, unreadable: str | None, conf: CollectSettings) -> None:
     """The entry's counts and status once the batch is read."""
     shapes = batch.shapes
     entry["rows_read"] = batch.rows_read
@@ -386,7 +353,7 @@ def _settle(entry: dict, batch: _Batch, unreadable: str | None, conf: CollectCon
         entry["rows_excluded_with_batch"] = entry["rows_normalized"]
 
 
-def collect_batch(path: str | Path, conf: CollectConfig, *, earlier: SeenVotes | None = None,
+def collect_batch(path: str | Path, conf: CollectSettings, *, earlier: SeenVotes | None = None,
                   seen_files: Mapping[str, str] | None = None, retracted: list[dict] | None = None,
                   votes_to: Path | None = None, fast: bool = True, chunk_rows: int = CHUNK_ROWS) -> BatchResult:
     """Check and normalize one batch file (or dataset folder).

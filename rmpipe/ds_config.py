@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from rmpipe.errors import ConfigError
+from rmpipe.settings import TrainSettings
 
 
 def bf16_wanted(setting: bool | str, device_type: str) -> bool:
@@ -26,31 +27,26 @@ def bf16_wanted(setting: bool | str, device_type: str) -> bool:
     return True
 
 
-def build_config(train_cfg: dict[str, Any], world_size: int, bf16: bool) -> dict[str, Any]:
+def build_config(s: TrainSettings, world_size: int, bf16: bool) -> dict[str, Any]:
     """A DeepSpeed config for `world_size` ranks (the lr schedule comes from `lr_scheduler`)."""
-    stage = int(train_cfg["zero_stage"])
-    if stage not in (0, 1, 2, 3):
-        raise ConfigError(f"params.yaml: 'train.zero_stage' must be 0, 1, 2 or 3, got {stage}")
-    offload = bool(train_cfg.get("offload_optimizer", False))
-    if offload and stage == 0:
-        raise ConfigError("params.yaml: 'train.offload_optimizer' needs 'train.zero_stage' 1, 2 or 3")
-    zero: dict[str, Any] = {"stage": stage}
+    offload = s.offload_optimizer  # TrainSettings refuses it with ZeRO stage 0
+    zero: dict[str, Any] = {"stage": s.zero_stage}
     if offload:
         zero["offload_optimizer"] = {"device": "cpu"}
     return {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
         "train_batch_size": world_size,
-        "gradient_clipping": float(train_cfg["grad_clip"]),
+        "gradient_clipping": s.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": bf16},
         "optimizer": {
             "type": "AdamW",
             "params": {
-                "lr": float(train_cfg["lr"]),
+                "lr": s.lr,
                 "betas": [0.9, 0.95],
                 "eps": 1e-8,
-                "weight_decay": float(train_cfg["weight_decay"]),
+                "weight_decay": s.weight_decay,
                 # Plain torch AdamW: FusedAdam needs a CUDA build; offload brings DeepSpeed's CPU Adam.
                 **({} if offload else {"torch_adam": True}),
             },
@@ -60,8 +56,8 @@ def build_config(train_cfg: dict[str, Any], world_size: int, bf16: bool) -> dict
     }
 
 
-def warmup_steps(train_cfg: dict[str, Any], total_steps: int) -> int:
-    return max(1, round(float(train_cfg["warmup_ratio"]) * total_steps))
+def warmup_steps(warmup_ratio: float, total_steps: int) -> int:
+    return max(1, round(warmup_ratio * total_steps))
 
 
 def warmup_cosine(step: int, total_steps: int, warmup: int, floor: float = 0.1) -> float:
@@ -76,14 +72,14 @@ def warmup_cosine(step: int, total_steps: int, warmup: int, floor: float = 0.1) 
     return floor + (1.0 - floor) * (1.0 + math.cos(math.pi * progress)) / 2.0
 
 
-def lr_scheduler(train_cfg: dict[str, Any], total_steps: int):
+def lr_scheduler(warmup_ratio: float, total_steps: int):
     """For `deepspeed.initialize(lr_scheduler=...)`: builds the schedule on DeepSpeed's optimizer.
 
     Used when the DeepSpeed config has no `scheduler` of its own (a user's JSON may bring one).
     """
     from torch.optim.lr_scheduler import LambdaLR
 
-    warmup = warmup_steps(train_cfg, total_steps)
+    warmup = warmup_steps(warmup_ratio, total_steps)
     return lambda optimizer: LambdaLR(optimizer, lambda step: warmup_cosine(step, total_steps, warmup))
 
 

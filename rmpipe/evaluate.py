@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -25,10 +25,10 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from rmpipe.batching import plan_batches, tokenize_pairs, truncate_left
-from rmpipe.errors import ConfigError, DataError
-from rmpipe.params import fraction, get, section
-from rmpipe.render import encode
+from rmpipe.batching import plan_batches
+from rmpipe.errors import DataError
+from rmpipe.render import encode_rows, tokenize_pairs
+from rmpipe.settings import EvalSettings
 
 log = logging.getLogger("rmpipe.evaluate")
 
@@ -62,16 +62,6 @@ def reward_fn_of(model) -> RewardFn:
 
 
 # --- tokens -> batches -> scores --------------------------------------------------------------
-def encode_rows(tokenizer, prompts: Sequence[str], responses: Sequence[str], max_length: int) -> tuple[list[list[int]], int]:
-    """Token rows through the chat template, left-truncated to `max_length`; also how many were truncated."""
-    rows, truncated = [], 0
-    for prompt, response in zip(prompts, responses, strict=True):
-        ids, cut = truncate_left(encode(tokenizer, prompt, response), max_length)  # the training rule
-        rows.append(ids)
-        truncated += cut
-    return rows, truncated
-
-
 def pad_batch(rows: TokenRows, pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
     """Pad token rows into (B, T) ids and attention mask, on the right or the left."""
     if side not in ("right", "left"):
@@ -223,51 +213,6 @@ def reward_stats(rewards: np.ndarray) -> dict:
 
 
 # --- the whole evaluation ---------------------------------------------------------------------
-@dataclass(frozen=True)
-class EvalSettings:
-    """The `evaluate:` params (plus `model.max_length`), checked once."""
-
-    max_length: int
-    batch_size: int
-    min_accuracy: float
-    max_ece: float
-    max_length_r2: float
-    battery_file: str
-    battery_min_margin: float
-    max_battery_failures: int
-    canary_rows: int
-    canary_tolerance: float
-    calibration_bins: int
-    agreement_edges: tuple[float, ...]
-    length_buckets: int
-
-    @classmethod
-    def from_params(cls, params: dict) -> "EvalSettings":
-        cfg, where = section(params, "evaluate"), "evaluate"
-        edges = tuple(float(e) for e in get(cfg, "agreement_edges", list, where))
-        if len(edges) < 2 or list(edges) != sorted(edges):
-            raise ConfigError("params.yaml: 'evaluate.agreement_edges' must be at least two increasing numbers")
-        settings = cls(
-            max_length=get(section(params, "model"), "max_length", int, "model"),
-            batch_size=get(cfg, "batch_size", int, where),
-            min_accuracy=fraction(cfg, "min_accuracy", where),
-            max_ece=fraction(cfg, "max_ece", where),
-            max_length_r2=fraction(cfg, "max_length_r2", where),
-            battery_file=get(cfg, "battery_file", str, where),
-            battery_min_margin=float(get(cfg, "battery_min_margin", float, where)),
-            max_battery_failures=get(cfg, "max_battery_failures", int, where),
-            canary_rows=get(cfg, "canary_rows", int, where),
-            canary_tolerance=float(get(cfg, "canary_tolerance", float, where)),
-            calibration_bins=get(cfg, "calibration_bins", int, where),
-            agreement_edges=edges,
-            length_buckets=get(cfg, "length_buckets", int, where),
-        )
-        for name in ("max_length", "batch_size", "canary_rows", "calibration_bins", "length_buckets"):
-            if getattr(settings, name) < (2 if name == "canary_rows" else 1):
-                raise ConfigError(f"params.yaml: '{name}' is too small: {getattr(settings, name)}")
-        return settings
-
-
 @dataclass
 class EvalResult:
     metrics: dict  # -> metrics/eval.json (DVC metrics)
@@ -276,13 +221,14 @@ class EvalResult:
     summary: str  # -> reports/eval.md
 
 
-def evaluate_model(model, tokenizer, test: pd.DataFrame, val: pd.DataFrame, battery: list[dict], s: EvalSettings) -> EvalResult:
-    """Score the held-out test split, the battery and the canary; decide pass/fail from `s`."""
+def evaluate_model(model, tokenizer, test: pd.DataFrame, val: pd.DataFrame, battery: list[dict], s: EvalSettings,
+                   max_length: int) -> EvalResult:
+    """Score the held-out test split, the battery and the canary (rows cut to `max_length`); pass/fail from `s`."""
     from rmpipe import pathology
 
     reward_fn = reward_fn_of(model)
-    r_c, r_r, truncated = score_pairs_grouped(model, tokenizer, test, s.max_length, s.batch_size)
-    log.info("scored %d test pairs (%d rows left-truncated to %d tokens)", len(test), truncated, s.max_length)
+    r_c, r_r, truncated = score_pairs_grouped(model, tokenizer, test, max_length, s.batch_size)
+    log.info("scored %d test pairs (%d rows left-truncated to %d tokens)", len(test), truncated, max_length)
     metrics = pair_metrics(r_c, r_r)
     metrics["truncated_rows"] = truncated
     correct = r_c > r_r
@@ -295,14 +241,14 @@ def evaluate_model(model, tokenizer, test: pd.DataFrame, val: pd.DataFrame, batt
     length = pathology.length_bias(r_c, r_r, len_c, len_r, s.max_length_r2)
 
     b_frame = pd.DataFrame(battery)
-    b_c, b_r, _ = score_pairs(reward_fn, tokenizer, b_frame, s.max_length, s.batch_size)
+    b_c, b_r, _ = score_pairs(reward_fn, tokenizer, b_frame, max_length, s.batch_size)
     battery_result = pathology.battery_report(b_frame["name"].tolist(), b_c - b_r, s.battery_min_margin)
 
     canary_frame = pd.concat([test.head(s.canary_rows), b_frame.head(2)], ignore_index=True)
-    canary_tokens, _ = encode_rows(tokenizer, canary_frame["prompt"], canary_frame["chosen"], s.max_length)
+    canary_tokens, _ = encode_rows(tokenizer, canary_frame["prompt"], canary_frame["chosen"], max_length)
     canary = pathology.padding_canary(batch_scorer(reward_fn, pad_id_of(tokenizer)), canary_tokens, s.canary_tolerance)
 
-    normalization = normalization_stats(model, tokenizer, val, s)
+    normalization = normalization_stats(model, tokenizer, val, max_length, s.batch_size)
 
     checks = {
         "accuracy": metrics["accuracy"] >= s.min_accuracy,
@@ -324,7 +270,7 @@ def evaluate_model(model, tokenizer, test: pd.DataFrame, val: pd.DataFrame, batt
         "passed": all(checks.values()),
     })
     pathology_report = {"calibration": calib, "length_bias": length, "battery": battery_result, "padding_canary": canary,
-                        "thresholds": {k: v for k, v in asdict(s).items() if k not in ("batch_size",)}}
+                        "thresholds": {"max_length": max_length, **s.model_dump(exclude={"batch_size"})}}
     plots = {
         "reward_hist": reward_histogram(r_c, r_r),
         "calibration": pd.DataFrame(calib["curve"]),
@@ -337,11 +283,11 @@ def evaluate_model(model, tokenizer, test: pd.DataFrame, val: pd.DataFrame, batt
     return EvalResult(metrics, pathology_report, plots, summary_markdown(metrics, pathology_report))
 
 
-def normalization_stats(model, tokenizer, val: pd.DataFrame, s: EvalSettings) -> dict:
+def normalization_stats(model, tokenizer, val: pd.DataFrame, max_length: int, batch_size: int) -> dict:
     """Reward mean/std over the validation split's responses (never the test split: it stays held out)."""
     if val.empty:
         raise DataError("the val split is empty: reward normalisation stats come from it; add batches or adjust split.fractions")
-    v_c, v_r, _ = score_pairs_grouped(model, tokenizer, val, s.max_length, s.batch_size)
+    v_c, v_r, _ = score_pairs_grouped(model, tokenizer, val, max_length, batch_size)
     return {**reward_stats(np.concatenate([v_c, v_r])), "split": "val"}
 
 

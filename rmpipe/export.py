@@ -17,69 +17,30 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from rmpipe import io
-from rmpipe.errors import ConfigError, DataError, ValidationFailed
-from rmpipe.evaluate import encode_rows, reward_fn_of, score_token_rows
+from rmpipe.errors import DataError, ValidationFailed
+from rmpipe.evaluate import reward_fn_of, score_token_rows
 from rmpipe.hf_export import GOLDEN_FILE, golden_rows, parity, to_sequence_classifier
 from rmpipe.lineage import MANIFEST_FILE, PROMOTION_FILE, build_manifest
 from rmpipe.model_card import model_card
-from rmpipe.params import get, section
 from rmpipe.promotion import promote, promotion_decision
+from rmpipe.render import encode_rows
+from rmpipe.settings import ExportSettings, ModelSettings
 
 log = logging.getLogger("rmpipe.export")
 
 CARD_FILE = "README.md"
 
 
-@dataclass(frozen=True)
-class ExportSettings:
-    out_dir: Path
-    promoted_dir: Path
-    parity_tolerance: float
-    golden_pairs: int
-    promotion_tolerance: float
-    max_length: int
-    batch_size: int
-    trust_remote_code: bool = False  # model.trust_remote_code: the backbone's own code builds the classifier
-
-    @classmethod
-    def from_params(cls, params: dict) -> "ExportSettings":
-        cfg, where = section(params, "export"), "export"
-        settings = cls(
-            out_dir=Path(get(cfg, "out_dir", str, where)),
-            promoted_dir=Path(get(cfg, "promoted_dir", str, where)),
-            parity_tolerance=float(get(cfg, "parity_tolerance", float, where)),
-            golden_pairs=get(cfg, "golden_pairs", int, where),
-            promotion_tolerance=float(get(cfg, "promotion_tolerance", float, where)),
-            max_length=get(section(params, "model"), "max_length", int, "model"),
-            batch_size=get(section(params, "evaluate"), "batch_size", int, "evaluate"),
-            trust_remote_code=get(section(params, "model"), "trust_remote_code", bool, "model"),
-        )
-        if settings.parity_tolerance <= 0 or settings.golden_pairs < 1 or settings.promotion_tolerance < 0:
-            raise ConfigError("params.yaml: 'export.parity_tolerance' must be > 0, 'export.golden_pairs' >= 1 "
-                              "and 'export.promotion_tolerance' >= 0")
-        if settings.out_dir.resolve() == settings.promoted_dir.resolve():
-            raise ConfigError("params.yaml: 'export.out_dir' and 'export.promoted_dir' must differ")
-        return settings
-
-
 # --- the export -------------------------------------------------------------------------------
-def write_export(
-    model,
-    tokenizer,
-    test: pd.DataFrame,
-    battery: list[dict],
-    metrics: dict,
-    pathology_report: dict,
-    s: ExportSettings,
-    lineage: dict,
-) -> dict:
-    """Build the export in a temp folder beside `s.out_dir`, verify it, then swap it in whole.
+def write_export(model, tokenizer, test: pd.DataFrame, battery: list[dict], metrics: dict, pathology_report: dict,
+                 s: ExportSettings, m: ModelSettings, batch_size: int, lineage: dict) -> dict:
+    """Build the export in a temp folder beside `s.out_dir`, verify it, then swap it in whole. Rows are cut to
+    `m.max_length` as in training and scored `batch_size` (evaluate.batch_size) at a time.
 
     `lineage` holds what only the project knows: project_root, params, batch_ids, exclude_stages (dvc.lock),
     and `extra` (anything else to record). Returns the manifest written as lineage.json.
@@ -87,17 +48,17 @@ def write_export(
     golden = golden_rows(test, battery, s.golden_pairs, tokenizer.eos_token)
     if not golden:
         raise DataError("no golden rows: the test split and the unit battery are both empty")
-    rows, _ = encode_rows(tokenizer, [g["prompt"] for g in golden], [g["response"] for g in golden], s.max_length)
-    rewards = score_token_rows(reward_fn_of(model), rows, tokenizer.pad_token_id or 0, s.batch_size)
+    rows, _ = encode_rows(tokenizer, [g["prompt"] for g in golden], [g["response"] for g in golden], m.max_length)
+    rewards = score_token_rows(reward_fn_of(model), rows, tokenizer.pad_token_id or 0, batch_size)
     for g, r in zip(golden, rewards):
         g["reward"] = float(r)
 
     norm = metrics.get("normalization") or {}
-    hf, hf_tokenizer = to_sequence_classifier(model, tokenizer, rows, s.trust_remote_code)
+    hf, hf_tokenizer = to_sequence_classifier(model, tokenizer, rows, m.trust_remote_code)
     hf.config.reward_mean = norm.get("reward_mean")
     hf.config.reward_std = norm.get("reward_std")
     hf.config.reward_stats_split = norm.get("split")
-    hf_tokenizer.model_max_length = s.max_length  # with truncation_side=left: plain `tokenizer(..., truncation=True)` cuts like rmpipe
+    hf_tokenizer.model_max_length = m.max_length  # with truncation_side=left: plain `tokenizer(..., truncation=True)` cuts like rmpipe
     hf_tokenizer.truncation_side = "left"
     hf_tokenizer.padding_side = "right"
 
@@ -105,7 +66,7 @@ def write_export(
         hf.save_pretrained(tmp, safe_serialization=True)
         hf_tokenizer.save_pretrained(tmp)
         io.write_jsonl(tmp / GOLDEN_FILE, golden)
-        check = parity(tmp, golden, s.max_length, s.batch_size, s.trust_remote_code)
+        check = parity(tmp, golden, m.max_length, batch_size, m.trust_remote_code)
         log.info("parity: max |reward diff| %.2e over %d golden rows (right and left padded)", check["max_abs_diff"], check["n_rows"])
         if check["pad_in_text"] or not check["max_abs_diff"] <= s.parity_tolerance:
             raise ValidationFailed(
@@ -114,7 +75,7 @@ def write_export(
                 + ("; the pad token occurs in rendered text" if check["pad_in_text"] else "")
                 + f". The previous export in {s.out_dir} is left untouched."
             )
-        decision = promotion_decision(metrics, s.promoted_dir, test, s)
+        decision = promotion_decision(metrics, s.promoted_dir, test, s, batch_size, m.trust_remote_code)
         evaluation = {k: metrics.get(k) for k in ("passed", "accuracy", "n_pairs", "bt_loss", "ece", "length_r2",
                                                   "battery_failed", "canary_max_abs_diff", "checks")}
         extra = {**lineage.get("extra", {}), "evaluation": evaluation, "parity": check, "promotion": decision,

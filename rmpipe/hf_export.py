@@ -22,7 +22,8 @@ import pandas as pd
 import torch
 
 from rmpipe.errors import DataError
-from rmpipe.evaluate import encode_rows, reward_fn_of, score_token_rows
+from rmpipe.evaluate import reward_fn_of, score_token_rows
+from rmpipe.render import encode_rows
 
 log = logging.getLogger("rmpipe.export")
 

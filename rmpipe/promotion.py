@@ -1,6 +1,6 @@
 """The promotion gate: whether a fresh export replaces the promoted model, and the atomic copy that does it.
 
-    decision = promotion_decision(metrics, promoted_dir, test, settings)
+    decision = promotion_decision(metrics, promoted_dir, test, settings, batch_size)
     if decision["promoted"]: promote(export_dir, promoted_dir, decision)
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 
@@ -17,17 +17,17 @@ from rmpipe import io
 from rmpipe.evaluate import score_pairs_grouped
 from rmpipe.hf_export import load_exported
 from rmpipe.lineage import PROMOTION_FILE
-
-if TYPE_CHECKING:
-    from rmpipe.export import ExportSettings
+from rmpipe.settings import ExportSettings
 
 log = logging.getLogger("rmpipe.export")
 
 
-def promotion_decision(metrics: dict, promoted_dir: Path, test: pd.DataFrame, s: "ExportSettings") -> dict:
+def promotion_decision(metrics: dict, promoted_dir: Path, test: pd.DataFrame, s: ExportSettings, batch_size: int,
+                       trust_remote_code: bool = False) -> dict:
     """Promote when evaluation passed and test accuracy is not lower than the promoted model's by > tolerance.
 
-    The promoted model is re-scored on *this* test split, so both accuracies are measured on the same pairs.
+    The promoted model is re-scored on *this* test split (`batch_size` rows at a time, with the backbone's own
+    code when `trust_remote_code`), so both accuracies are measured on the same pairs.
     """
     accuracy = float(metrics["accuracy"])
     decision: dict[str, Any] = {"accuracy": accuracy, "tolerance": s.promotion_tolerance, "previous_accuracy": None}
@@ -36,7 +36,7 @@ def promotion_decision(metrics: dict, promoted_dir: Path, test: pd.DataFrame, s:
         return {**decision, "promoted": False, "reason": f"evaluation failed: {', '.join(failed) or 'see metrics'}"}
     if not (promoted_dir / "config.json").exists():
         return {**decision, "promoted": True, "reason": "passed; no previously promoted model"}
-    previous = accuracy_of_export(promoted_dir, test, s)
+    previous = accuracy_of_export(promoted_dir, test, batch_size, trust_remote_code)
     decision["previous_accuracy"] = previous
     if accuracy < previous - s.promotion_tolerance:
         return {**decision, "promoted": False,
@@ -44,9 +44,9 @@ def promotion_decision(metrics: dict, promoted_dir: Path, test: pd.DataFrame, s:
     return {**decision, "promoted": True, "reason": f"passed; accuracy {accuracy:.4f} vs promoted {previous:.4f}"}
 
 
-def accuracy_of_export(export_dir: Path, test: pd.DataFrame, s: "ExportSettings") -> float:
-    hf, tokenizer, max_length = load_exported(export_dir, s.trust_remote_code)  # scored the way that model was exported to be used
-    r_c, r_r, _ = score_pairs_grouped(hf, tokenizer, test, max_length, s.batch_size)  # each prompt once
+def accuracy_of_export(export_dir: Path, test: pd.DataFrame, batch_size: int, trust_remote_code: bool = False) -> float:
+    hf, tokenizer, max_length = load_exported(export_dir, trust_remote_code)  # scored the way that model was exported to be used
+    r_c, r_r, _ = score_pairs_grouped(hf, tokenizer, test, max_length, batch_size)  # each prompt once
     return float((r_c > r_r).mean())
 
 

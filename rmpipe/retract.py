@@ -31,7 +31,8 @@ from typing import Any
 from rmpipe import dvc_cache, history, io, retractions
 from rmpipe.errors import DataError, UserError
 from rmpipe.io import sha256_file
-from rmpipe.params import get, load_params, section
+from rmpipe.params import load_params
+from rmpipe.settings import AggregateSettings, CollectSettings, ExportSettings
 
 
 def _now() -> str:
@@ -140,8 +141,8 @@ def retract_batch(root: Path, name: str, reason: str, by: str | None = None, pur
     root = Path(root)
     reason = _check_reason(reason)
     params = load_params(root / "params.yaml")
-    incoming = root / get(section(params, "collect"), "incoming_dir", str, "collect")
-    promoted_dir = Path(get(section(params, "export"), "promoted_dir", str, "export"))
+    incoming = root / CollectSettings.parse(params).incoming_dir
+    promoted_dir = ExportSettings.parse(params).promoted_dir
     register_ = retractions.load(root)
     earlier = next((e for e in register_ if e.get("kind") == "batch" and e["target"] == name), None)
     if earlier is not None:
@@ -187,8 +188,8 @@ def retract_annotator(root: Path, annotator: str, reason: str, by: str | None = 
     root = Path(root)
     reason = _check_reason(reason)
     params = load_params(root / "params.yaml")
-    promoted_dir = Path(get(section(params, "export"), "promoted_dir", str, "export"))
-    excluded = list(section(params, "aggregate").get("exclude_annotators") or [])
+    promoted_dir = ExportSettings.parse(params).promoted_dir
+    excluded = list(AggregateSettings.parse(params).exclude_annotators)
     earlier = next((e for e in retractions.load(root) if e.get("kind") == "annotator" and e["target"] == annotator), None)
     if earlier is not None and annotator in excluded and _unfinished(root, earlier):
         return _resume(root, earlier, False)

@@ -35,7 +35,7 @@ from rmpipe import sample_vocab as vocab
 from rmpipe.errors import ConfigError, UserError
 from rmpipe.hf_batches import folder_kind
 from rmpipe.io import atomic_path
-from rmpipe.params import get
+from rmpipe.settings import SampleDataSettings
 
 # --- The annotator crowd ----------------------------------------------------------------------
 
@@ -59,7 +59,6 @@ ANNOTATORS: tuple[Annotator, ...] = (
     Annotator(CARELESS_ANNOTATOR, "careless", 0.5, 0.3),
     Annotator(ALWAYS_A_ANNOTATOR, "always_a", 0.5, 0.3),
 )
-VOTES_PER_PAIR = {3: 0.82, 4: 0.13, 5: 0.05}  # mostly 3: lets one annotator hold > 30% of votes
 # A good annotator's tie / error rates scale with how subtle the flaw is.
 TIE_RATE = {"slight": 0.06, "moderate": 0.045, "strong": 0.03, "very_strong": 0.02}
 ERROR_SCALE = {"slight": 1.4, "moderate": 1.0, "strong": 0.6, "very_strong": 0.4}
@@ -69,36 +68,13 @@ MISSING_STRENGTH_RATE = 0.04  # annotators sometimes leave the strength blank
 # --- Config -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SampleConfig:
-    seed: int
-    n_pairs: int  # comparisons delivered as vote rows
-    n_batches: int  # vote-row files, alternating .jsonl / .csv
-    pair_rows: int  # extra comparisons delivered as already-judged pair rows (.parquet)
-    long_texts: bool  # benchmark mode: prompts of 300-3000 chars, responses of a few hundred
-    votes_per_pair: Mapping[int, float]  # {votes: probability}; the dominant annotator is in every pair
-
-    @classmethod
-    def from_params(cls, cfg: Mapping[str, Any]) -> "SampleConfig":
-        where = "sample_data"
-        optional = {"pair_rows": 0, "long_texts": False, "votes_per_pair": VOTES_PER_PAIR, **cfg}
-        parsed = cls(
-            seed=get(cfg, "seed", int, where),
-            n_pairs=get(cfg, "n_pairs", int, where),
-            n_batches=get(cfg, "n_batches", int, where),
-            pair_rows=get(optional, "pair_rows", int, where),
-            long_texts=get(optional, "long_texts", bool, where),
-            votes_per_pair=get(optional, "votes_per_pair", dict, where),
-        )
-        if parsed.n_pairs < 1 or parsed.n_batches < 1 or parsed.pair_rows < 0:
-            raise ConfigError("params.yaml: sample_data.n_pairs and n_batches must be >= 1, pair_rows >= 0")
-        counts, shares = list(parsed.votes_per_pair), list(parsed.votes_per_pair.values())
-        if not all(isinstance(k, int) and 1 <= k <= len(ANNOTATORS) for k in counts) or abs(sum(shares) - 1) > 1e-6:
-            raise ConfigError(
-                f"params.yaml: sample_data.votes_per_pair must map vote counts (1-{len(ANNOTATORS)}) "
-                f"to shares summing to 1, got {dict(parsed.votes_per_pair)}"
-            )
-        return parsed
+def sample_settings(cfg: Mapping[str, Any] | SampleDataSettings) -> SampleDataSettings:
+    """The `sample_data:` section, parsed (rmpipe.settings) and checked against the annotator table."""
+    conf = cfg if isinstance(cfg, SampleDataSettings) else SampleDataSettings.from_section(cfg)
+    if max(conf.votes_per_pair) > len(ANNOTATORS):
+        raise ConfigError(f"params.yaml: 'sample_data.votes_per_pair' asks for up to {max(conf.votes_per_pair)} votes "
+                          f"per pair, but the sample has {len(ANNOTATORS)} annotators")
+    return conf
 
 
 # --- Texts ------------------------------------------------------------------------------------
@@ -312,7 +288,7 @@ def _strength_labels(rng: np.random.Generator, strength: np.ndarray, annotator: 
     return labels
 
 
-def generate_votes(cfg: Mapping[str, Any]) -> pd.DataFrame:
+def generate_votes(cfg: Mapping[str, Any] | SampleDataSettings) -> pd.DataFrame:
     """All vote rows for `cfg.n_pairs` comparisons, in memory.
 
     Columns: prompt, response_a, response_b, annotator_id, choice, strength, time_spent_s (the
@@ -321,7 +297,7 @@ def generate_votes(cfg: Mapping[str, Any]) -> pd.DataFrame:
     true_flaw. Text columns are object dtype sharing one string per comparison, so 1M rows
     cost the memory of the distinct texts only.
     """
-    conf = cfg if isinstance(cfg, SampleConfig) else SampleConfig.from_params(cfg)
+    conf = sample_settings(cfg)
     pairs = _generate_pairs(conf.seed, conf.n_pairs + conf.pair_rows, conf.long_texts).iloc[: conf.n_pairs]
     rng = np.random.default_rng(conf.seed)
     pair_idx, annotator = _draw_annotators(rng, len(pairs), conf.votes_per_pair)
@@ -352,10 +328,10 @@ def generate_votes(cfg: Mapping[str, Any]) -> pd.DataFrame:
     )
 
 
-def generate_pair_rows(cfg: Mapping[str, Any]) -> pd.DataFrame:
+def generate_pair_rows(cfg: Mapping[str, Any] | SampleDataSettings) -> pd.DataFrame:
     """`cfg.pair_rows` extra comparisons as already-judged pair rows (prompt, chosen, rejected,
     annotator_id, margin), each judged by two annotators; `true_pair`/`true_flaw` hold the truth."""
-    conf = cfg if isinstance(cfg, SampleConfig) else SampleConfig.from_params(cfg)
+    conf = sample_settings(cfg)
     pairs = _generate_pairs(conf.seed, conf.n_pairs + conf.pair_rows, conf.long_texts).iloc[conf.n_pairs:]
     rng = np.random.default_rng(conf.seed + 1)
     rows = []
@@ -409,14 +385,14 @@ def _write_pair_parquet(path: Path, frame: pd.DataFrame) -> None:
         pq.write_table(table, tmp)
 
 
-def write_sample_batches(out_dir: str | Path, cfg: Mapping[str, Any]) -> list[Path]:
+def write_sample_batches(out_dir: str | Path, cfg: Mapping[str, Any] | SampleDataSettings) -> list[Path]:
     """Write the sample batches into `out_dir` and return their paths.
 
     `n_batches` vote-row files (batch-0001.jsonl, batch-0002.csv, ... alternating) holding the
     votes in shuffled order, plus batch-NNNN-pairs.parquet with the pair rows (if pair_rows > 0).
     Refuses to write beside other batch files, which would be collected together with these.
     """
-    conf = SampleConfig.from_params(cfg)
+    conf = sample_settings(cfg)
     out_dir = Path(out_dir)
     names = [f"batch-{i + 1:04d}{'.jsonl' if i % 2 == 0 else '.csv'}" for i in range(conf.n_batches)]
     if conf.pair_rows:

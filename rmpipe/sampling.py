@@ -17,48 +17,18 @@ import hashlib
 import itertools
 import json
 import logging
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from rmpipe.backbones import max_positions
-from rmpipe.errors import ConfigError, DataError
-from rmpipe.params import get
+from rmpipe.errors import DataError
 from rmpipe.progress import progress
 from rmpipe.schema import PromptError, canonical_prompt, normalize_text, pair_id, prompt_hash, prompt_messages
+from rmpipe.settings import ModelSettings, SamplingSettings
 
 log = logging.getLogger("rmpipe.sampling")
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    n_completions: int
-    temperature: float
-    top_p: float
-    max_new_tokens: int
-    seed: int
-
-
-def sampling_settings(cfg: dict[str, Any]) -> SamplingSettings:
-    """The `sampling:` params, checked: >= 2 completions, temperature > 0, 0 < top_p <= 1, >= 1 new token."""
-    settings = SamplingSettings(
-        n_completions=get(cfg, "n_completions", int, "sampling"),
-        temperature=float(get(cfg, "temperature", float, "sampling")),
-        top_p=float(get(cfg, "top_p", float, "sampling")),
-        max_new_tokens=get(cfg, "max_new_tokens", int, "sampling"),
-        seed=get(cfg, "seed", int, "sampling"),
-    )
-    if settings.n_completions < 2:
-        raise ConfigError(f"params.yaml: 'sampling.n_completions' must be at least 2 (a pair), got {settings.n_completions}")
-    if settings.temperature <= 0:
-        raise ConfigError(f"params.yaml: 'sampling.temperature' must be > 0, got {settings.temperature}")
-    if not 0 < settings.top_p <= 1:
-        raise ConfigError(f"params.yaml: 'sampling.top_p' must be in (0, 1], got {settings.top_p}")
-    if settings.max_new_tokens < 1:
-        raise ConfigError(f"params.yaml: 'sampling.max_new_tokens' must be at least 1, got {settings.max_new_tokens}")
-    return settings
 
 
 # --- prompts in ------------------------------------------------------------------------------
@@ -192,7 +162,7 @@ def sample_tasks(model, tokenizer, prompts: list[str], settings: SamplingSetting
         if completions is None:
             report["prompts_too_long"] += 1
             continue
-        metadata = {"backbone": backbone, **asdict(settings), "prompt_seed": prompt_seed(settings.seed, canonical)}
+        metadata = {"backbone": backbone, **settings.model_dump(), "prompt_seed": prompt_seed(settings.seed, canonical)}
         new_tasks, counts = (group_task if groups else pair_tasks)(canonical, completions, metadata)
         report["completions"] += len(completions)
         for key, value in counts.items():
@@ -203,18 +173,16 @@ def sample_tasks(model, tokenizer, prompts: list[str], settings: SamplingSetting
     return tasks, report
 
 
-def sample_pairs_file(prompts_path: str | Path, out_path: str | Path, model_cfg: dict[str, Any],
-                      sampling_cfg: dict[str, Any], backbone: str | None = None, groups: bool = False) -> dict:
+def sample_pairs_file(prompts_path: str | Path, out_path: str | Path, model_settings: ModelSettings,
+                      settings: SamplingSettings, groups: bool = False) -> dict:
     """`rmpipe sample-pairs`: read prompts, sample with the SFT backbone, write the tasks JSONL atomically."""
     from rmpipe import io
-    from rmpipe.backbones import backbone_name, load_backbone, sampling_source
+    from rmpipe.backbones import load_backbone, sampling_source
 
-    settings = sampling_settings(sampling_cfg)
     prompts = read_prompts(prompts_path)
-    cfg = {**model_cfg, "backbone": backbone} if backbone else model_cfg
-    name = backbone_name(cfg)
-    trust = bool(get(cfg, "trust_remote_code", bool, "model"))
-    model, tokenizer = load_backbone(sampling_source(cfg), trust_remote_code=trust, lm_head=True)
+    name = model_settings.backbone
+    model, tokenizer = load_backbone(sampling_source(model_settings), trust_remote_code=model_settings.trust_remote_code,
+                                     lm_head=True)
     log.info("sampling %d completions for each of %d prompts with backbone %s", settings.n_completions, len(prompts), name)
     tasks, report = sample_tasks(model, tokenizer, prompts, settings, name, groups=groups)
     io.write_jsonl(out_path, tasks)

@@ -13,8 +13,9 @@ import logging
 from pathlib import Path
 
 from rmpipe.errors import DataError
-from rmpipe.evaluate import encode_rows, reward_fn_of, score_token_rows
+from rmpipe.evaluate import reward_fn_of, score_token_rows
 from rmpipe.hf_export import load_exported
+from rmpipe.render import encode_rows
 
 log = logging.getLogger("rmpipe.export")
 

@@ -17,30 +17,9 @@ import pandas as pd
 
 from rmpipe.errors import ConfigError, DataError
 from rmpipe.schema import PAIR_COLUMNS, SPLITS
+from rmpipe.settings import check_fractions
 
-FRACTION_TOLERANCE = 1e-6
 _SEPARATOR = "\x1f"
-
-
-def check_fractions(fractions: Any) -> dict[str, float]:
-    """`{train, val, test}` fractions, each >= 0 and summing to 1 (within 1e-6), else ConfigError."""
-    if not isinstance(fractions, Mapping) or set(fractions) != set(SPLITS):
-        raise ConfigError(
-            f"params.yaml: 'split.fractions' must map exactly {list(SPLITS)} to numbers, got {fractions!r}"
-        )
-    values: dict[str, float] = {}
-    for name in SPLITS:
-        value = fractions[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ConfigError(f"params.yaml: 'split.fractions.{name}' must be a number, got {value!r}")
-        values[name] = float(value)
-    shown = ", ".join(f"{name}={value:g}" for name, value in values.items())
-    if any(value < 0 for value in values.values()):
-        raise ConfigError(f"params.yaml: 'split.fractions' must be non-negative, got {shown}")
-    total = sum(values.values())
-    if abs(total - 1.0) > FRACTION_TOLERANCE:
-        raise ConfigError(f"params.yaml: 'split.fractions' must sum to 1, got {shown} (sum {total:g})")
-    return values
 
 
 def unit_interval_points(prompt_hashes: pd.Series, salt: str) -> np.ndarray:

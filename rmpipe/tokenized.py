@@ -20,8 +20,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rmpipe import codedeps, io
-from rmpipe.batching import TokenizedPairs, tokenize_pairs
+from rmpipe.batching import TokenizedPairs
 from rmpipe.io import sha256_file
+from rmpipe.render import tokenize_splits
 
 log = logging.getLogger("rmpipe.tokenized")
 
@@ -34,7 +35,7 @@ CODE_ENTRY = "stages/tokenize.py"
 
 
 def cache_key(backbone: Path | str, paths, max_length: int) -> dict:
-    """What the cached tokens of `paths` (a `rmpipe.train.TrainPaths`) depend on; equal keys, equal tokens."""
+    """What the cached tokens of `paths` (a `rmpipe.paths.ProjectPaths`) depend on; equal keys, equal tokens."""
     splits = {"train": paths.train_split, "val": paths.val_split}
     folder = Path(backbone)
     if folder.is_dir():
@@ -101,7 +102,3 @@ def load_or_tokenize(folder: Path, tokenizer, frames: dict[str, pd.DataFrame], k
         return {name: read(folder, name, counts[name]["truncated"]) for name in frames}
     log.info("%s: tokenizing", reason)
     return tokenize_splits(tokenizer, frames, key["max_length"])
-
-
-def tokenize_splits(tokenizer, frames: dict[str, pd.DataFrame], max_length: int) -> dict[str, TokenizedPairs]:
-    return {name: tokenize_pairs(tokenizer, frame, max_length) for name, frame in frames.items()}

@@ -40,7 +40,9 @@ def influence(votes: pd.DataFrame, train: pd.DataFrame, removed: pd.Series, aggr
     """Training pairs the `removed` votes contributed to, and those they decided (see module doc)."""
     from rmpipe.aggregate import AggregateSettings, aggregate
 
-    settings = AggregateSettings.from_params(aggregate_params)
+    # The params recorded when that model was built: keys a later rmpipe no longer knows are left out.
+    settings = AggregateSettings.from_section({k: v for k, v in aggregate_params.items()
+                                               if k in AggregateSettings.model_fields})
     train_ids = set(train["pair_id"])
     contributed = sorted(set(votes.loc[removed, "pair_id"]) & train_ids)
     try:

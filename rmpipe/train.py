@@ -6,7 +6,7 @@ The process group and its collectives are `rmpipe.distributed`; the fingerprint,
 `LoopState` and checkpoint save / resume are `rmpipe.checkpoint`.
 
 Everything a user can get wrong (missing or empty splits, a backbone that does not load, a
-max_length the backbone cannot take) is checked by `read_splits` / `check_max_length` before
+max_length the backbone cannot take) is checked by `paths.training_splits` / `check_max_length` before
 any compute. The loop itself:
   * each rank scores its shard of the global batch in ONE forward pass, in the layout
     `train.packing` names (`rmpipe.packing`: stacked rows, padding-free, shared-prompt or group
@@ -27,7 +27,6 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import torch
@@ -37,121 +36,21 @@ from rmpipe.batching import TokenizedPairs, Units, plan_batches, shard, shard_we
 from rmpipe.checkpoint import LoopState
 from rmpipe.distributed import all_agree, reduce_max, reduce_sum
 from rmpipe.errors import ConfigError, DataError, UserError
-from rmpipe.packing import MODES, make_batch
-from rmpipe.params import get
+from rmpipe.packing import make_batch
+from rmpipe.paths import ProjectPaths
 from rmpipe.progress import progress
 from rmpipe.reward_model import RewardModel, bradley_terry_loss
+from rmpipe.settings import TrainSettings
 
 log = logging.getLogger("rmpipe.train")
 
-LOSS_WEIGHTINGS = ("pair", "group")
 LN2 = math.log(2.0)
 LN2_CHECK_STEPS = 8  # steps after which a loss still pinned at ln 2 with identical scores is a bug
 
 
-# --- settings and paths ---------------------------------------------------------------------
-@dataclass
-class TrainSettings:
-    """`params.yaml: train`, type-checked once so the loop can trust it."""
-
-    seed: int
-    epochs: int
-    lr: float
-    head_lr_mult: float
-    weight_decay: float
-    warmup_ratio: float
-    grad_clip: float
-    tokens_per_batch: int
-    max_pairs_per_batch: int
-    use_margin: bool
-    use_soft_labels: bool
-    center_coef: float
-    bf16: bool | str
-    gradient_checkpointing: bool
-    zero_stage: int
-    offload_optimizer: bool
-    deepspeed_config: str | None
-    num_procs: int
-    hostfile: str | None
-    checkpoint_every: int
-    max_nonfinite_steps: int
-    packing: str = "auto"  # resolved to a layout by `rmpipe.packing.resolve_packing` before training
-    loss_weighting: str = "pair"  # pair: every comparison counts once; group: every prompt counts once
-    stop_after_steps: int | None = None  # debug hook: stop as if killed after this many steps
-
-    @classmethod
-    def from_params(cls, cfg: dict[str, Any]) -> "TrainSettings":
-        w = "train"
-        s = cls(
-            seed=get(cfg, "seed", int, w),
-            epochs=get(cfg, "epochs", int, w),
-            lr=float(get(cfg, "lr", float, w)),
-            head_lr_mult=float(get(cfg, "head_lr_mult", float, w)),
-            weight_decay=float(get(cfg, "weight_decay", float, w)),
-            warmup_ratio=float(get(cfg, "warmup_ratio", float, w)),
-            grad_clip=float(get(cfg, "grad_clip", float, w)),
-            tokens_per_batch=get(cfg, "tokens_per_batch", int, w),
-            max_pairs_per_batch=get(cfg, "max_pairs_per_batch", int, w),
-            use_margin=get(cfg, "use_margin", bool, w),
-            use_soft_labels=get(cfg, "use_soft_labels", bool, w),
-            center_coef=float(get(cfg, "center_coef", float, w)),
-            bf16=get(cfg, "bf16", (bool, str), w),
-            gradient_checkpointing=get(cfg, "gradient_checkpointing", bool, w),
-            zero_stage=get(cfg, "zero_stage", int, w, choices=(0, 1, 2, 3)),
-            offload_optimizer=get(cfg, "offload_optimizer", bool, w),
-            deepspeed_config=get(cfg, "deepspeed_config", (str, type(None)), w),
-            num_procs=get(cfg, "num_procs", int, w),
-            hostfile=get(cfg, "hostfile", (str, type(None)), w),
-            checkpoint_every=get(cfg, "checkpoint_every", int, w),
-            max_nonfinite_steps=get(cfg, "max_nonfinite_steps", int, w),
-            packing=get(cfg, "packing", str, w, choices=("auto", *MODES)),
-            loss_weighting=get(cfg, "loss_weighting", str, w, choices=LOSS_WEIGHTINGS) if "loss_weighting" in cfg
-            else "pair",
-            stop_after_steps=cfg.get("stop_after_steps"),
-        )
-        if s.bf16 not in (True, False, "auto"):
-            raise ConfigError(f"params.yaml: 'train.bf16' must be true, false or auto, got {s.bf16!r}")
-        for key in ("epochs", "tokens_per_batch", "max_pairs_per_batch", "checkpoint_every", "num_procs"):
-            if getattr(s, key) < 1:
-                raise ConfigError(f"params.yaml: 'train.{key}' must be at least 1, got {getattr(s, key)}")
-        if s.lr <= 0:
-            raise ConfigError(f"params.yaml: 'train.lr' must be positive, got {s.lr}")
-        return s
-
-
-@dataclass
-class TrainPaths:
-    train_split: Path = Path("data/split/train.parquet")
-    val_split: Path = Path("data/split/val.parquet")
-    checkpoints: Path = Path("checkpoints/train")
-    model_dir: Path = Path("models/reward_model")
-    metrics: Path = Path("metrics/train.json")
-    live_dir: Path = Path("dvclive/train")
-    tokenized: Path = Path("data/tokenized")
-
-
 # --- checks before compute ------------------------------------------------------------------
-PAIR_FIELDS = ("prompt", "chosen", "rejected", "margin", "soft_label")
-
-
-def read_splits(paths: TrainPaths) -> tuple[pd.DataFrame, pd.DataFrame]:
-    frames = []
-    for path in (paths.train_split, paths.val_split):
-        if not Path(path).exists():
-            raise DataError(f"{path} not found: build the splits first (dvc repro split)")
-        frame = pd.read_parquet(path)
-        missing = [c for c in PAIR_FIELDS if c not in frame.columns]
-        if missing:
-            raise DataError(f"{path} lacks column(s) {missing}: rebuild it with `dvc repro split`")
-        frames.append(frame)
-    if frames[0].empty:
-        raise DataError(f"{paths.train_split} holds no pairs: add preference batches to data/incoming/ and run `dvc repro`")
-    return frames[0], frames[1]
-
-
 def check_max_length(max_length: int, backbone_positions: int, backbone: str) -> int:
-    if max_length < 8:
-        raise ConfigError(f"params.yaml: 'model.max_length' must be at least 8, got {max_length}")
+    """`model.max_length` (>= 8, by ModelSettings) against what this backbone takes."""
     if max_length > backbone_positions:
         raise ConfigError(
             f"params.yaml: 'model.max_length' is {max_length} but backbone '{backbone}' takes at most "
@@ -197,7 +96,7 @@ class Data:
     pad_id: int
 
 
-def tokenize(tokenizer, backbone_dir: Path | str, paths: "TrainPaths", train_frame: pd.DataFrame,
+def tokenize(tokenizer, backbone_dir: Path | str, paths: ProjectPaths, train_frame: pd.DataFrame,
              val_frame: pd.DataFrame, max_length: int) -> Data:
     """Both splits as token ids: from data/tokenized/ when it was made from exactly these inputs."""
     from rmpipe import tokenized
@@ -251,7 +150,7 @@ def _packed(units: Units, s: TrainSettings):
     return None if s.packing == "none" else units.tokens
 
 
-def fit(model: RewardModel, data: Data, s: TrainSettings, paths: TrainPaths, fp: str, ds_config: dict,
+def fit(model: RewardModel, data: Data, s: TrainSettings, paths: ProjectPaths, fp: str, ds_config: dict,
         rank: int, world: int) -> TrainResult:
     """Train `model` on `data` under DeepSpeed; returns metrics (rank 0 logs them, every rank computes them)."""
     started = time.monotonic()
@@ -321,7 +220,7 @@ def _engine(model: RewardModel, s: TrainSettings, ds_config: dict, total_steps: 
     if s.gradient_checkpointing:
         model.backbone.gradient_checkpointing_enable()
     groups = param_groups(model, s.lr, s.weight_decay, s.head_lr_mult)
-    schedule = None if "scheduler" in ds_config else lr_scheduler({"warmup_ratio": s.warmup_ratio}, total_steps)
+    schedule = None if "scheduler" in ds_config else lr_scheduler(s.warmup_ratio, total_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config,
                                            lr_scheduler=schedule)
     return engine
@@ -406,7 +305,7 @@ def _open_live(folder: Path, resumed: bool):
 
 
 # --- outputs --------------------------------------------------------------------------------
-def save_outputs(result: TrainResult, model: RewardModel, tokenizer, paths: TrainPaths, record: dict, rank: int,
+def save_outputs(result: TrainResult, model: RewardModel, tokenizer, paths: ProjectPaths, record: dict, rank: int,
                  zero_stage: int) -> None:
     """models/reward_model/ (weights + tokenizer + training.json, one atomic folder) and metrics/train.json."""
     import deepspeed
@@ -421,7 +320,7 @@ def save_outputs(result: TrainResult, model: RewardModel, tokenizer, paths: Trai
             tokenizer.save_pretrained(tmp)
             summary = {k: v for k, v in asdict(result).items() if k != "losses"}
             io.write_json(tmp / "training.json", {**record, **summary})
-    io.write_json(paths.metrics, {
+    io.write_json(paths.train_metrics, {
         "val_accuracy": result.val.get("accuracy"), "val_loss": result.val.get("loss"),
         "train_loss": result.train.get("loss"), "train_accuracy": result.train.get("accuracy"),
         "steps": result.steps, "skipped_steps": result.skipped_steps,

@@ -29,9 +29,8 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from rmpipe.errors import ConfigError
-from rmpipe.params import get, section
 from rmpipe.schema import PAIR_COLUMNS
+from rmpipe.settings import ValidateSettings
 from rmpipe.validate_frames import (
     INTEGER_COLUMNS, all_splits_frame, identity_frame, prompts_frame, schema_frame, values_frame,
 )
@@ -65,27 +64,10 @@ class ContractParams:
     chosen_longer_share: tuple[float, float]
 
 
-def contract_params(params: dict[str, Any]) -> ContractParams:
-    """The contract's thresholds from params.yaml (`aggregate.min_votes` and the `validate:` section)."""
-    min_votes = get(section(params, "aggregate"), "min_votes", int, "aggregate")
-    cfg = section(params, "validate")
-    lo_chars = get(cfg, "min_response_chars", int, "validate")
-    hi_chars = get(cfg, "max_response_chars", int, "validate")
-    if not 0 <= lo_chars <= hi_chars:
-        raise ConfigError(
-            "params.yaml: 'validate.min_response_chars' and 'validate.max_response_chars' must satisfy "
-            f"0 <= min <= max, got {lo_chars} and {hi_chars}"
-        )
-    band = get(cfg, "chosen_longer_share", list, "validate")
-    if (
-        len(band) != 2
-        or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in band)
-        or not 0 <= band[0] <= band[1] <= 1
-    ):
-        raise ConfigError(
-            f"params.yaml: 'validate.chosen_longer_share' must be [low, high] with 0 <= low <= high <= 1, got {band!r}"
-        )
-    return ContractParams(min_votes, lo_chars, hi_chars, (float(band[0]), float(band[1])))
+def contract_params(settings: ValidateSettings, min_votes: int) -> ContractParams:
+    """The contract's thresholds: the `validate:` section and `aggregate.min_votes`."""
+    return ContractParams(min_votes, settings.min_response_chars, settings.max_response_chars,
+                          settings.chosen_longer_share)
 
 
 # --- suites ---------------------------------------------------------------------------------

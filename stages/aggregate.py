@@ -1,37 +1,38 @@
-"""DVC stage `aggregate`: data/collected/votes.parquet -> data/aggregated/pairs.parquet + annotator report."""
+"""DVC stage `aggregate`: data/collected/votes.parquet -> data/aggregated/pairs.parquet + annotator report.
+
+    python -m stages.aggregate [--params params.yaml]
+"""
 
 from __future__ import annotations
 
 import logging
+import sys
 
 from rmpipe.aggregate import AggregateSettings, aggregate_file, annotator_markdown, check_dropped
 from rmpipe.aggregate_labels import count_pairs
 from rmpipe.engine import EngineSettings, pair_counter
-from rmpipe.errors import exits_cleanly
 from rmpipe.io import write_json, write_text
-from rmpipe.params import load_params, section
-from rmpipe.progress import setup_logging
-
-VOTES = "data/collected/votes.parquet"
-PAIRS = "data/aggregated/pairs.parquet"
-REPORT_JSON = "reports/annotators.json"
-REPORT_MD = "reports/annotators.md"
+from rmpipe.params import load_params
+from rmpipe.paths import ProjectPaths
+from rmpipe.stage import stage_main
 
 log = logging.getLogger("rmpipe.aggregate")
 
 
-@exits_cleanly
-def main() -> None:
-    setup_logging()
-    params = load_params()
-    settings = AggregateSettings.from_params(section(params, "aggregate"))
+def run(params_file: str = "params.yaml", paths: ProjectPaths = ProjectPaths()) -> dict:
+    params = load_params(params_file)
+    settings = AggregateSettings.parse(params)
     with pair_counter(EngineSettings.from_params(params), count_pairs) as counter:  # where the group-by runs, not what it gives
-        report = aggregate_file(VOTES, PAIRS, settings, counter).report  # streams: texts never all in memory
-    write_json(REPORT_JSON, report)
-    write_text(REPORT_MD, annotator_markdown(report))
+        report = aggregate_file(paths.votes, paths.pairs, settings, counter).report  # streams: texts never all in memory
+    write_json(paths.annotators_json, report)
+    write_text(paths.annotators_md, annotator_markdown(report))
     check_dropped(report, settings)  # after the reports, so the message can point at them
-    log.info("wrote %s (%d pairs), %s, %s", PAIRS, report["n_pairs_out"], REPORT_JSON, REPORT_MD)
+    log.info("wrote %s (%d pairs), %s, %s", paths.pairs, report["n_pairs_out"], paths.annotators_json,
+             paths.annotators_md)
+    return report
 
+
+main = stage_main("aggregate", run, __doc__)
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

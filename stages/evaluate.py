@@ -9,54 +9,39 @@ promotion gate reads it.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
 
-import pandas as pd
-
 from rmpipe import io
-from rmpipe.errors import DataError, exits_cleanly
-from rmpipe.evaluate import EvalSettings, evaluate_model, load_checkpoint
-from rmpipe.params import get, load_params, section
+from rmpipe.errors import DataError
+from rmpipe.evaluate import evaluate_model, load_checkpoint
+from rmpipe.params import load_params
+from rmpipe.paths import ProjectPaths, read_splits
 from rmpipe.pathology import load_battery
-from rmpipe.progress import setup_logging
+from rmpipe.settings import EvalSettings, ModelSettings
+from rmpipe.stage import stage_main
 
 log = logging.getLogger("rmpipe.evaluate")
 
-MODEL_DIR = Path("models/reward_model")
-SPLIT_DIR = Path("data/split")
-METRICS = Path("metrics/eval.json")
-PATHOLOGY = Path("reports/pathology.json")
-SUMMARY = Path("reports/eval.md")
-PLOTS_DIR = Path("plots/eval")
 
-
-def read_split(name: str) -> pd.DataFrame:
-    path = SPLIT_DIR / f"{name}.parquet"
-    if not path.exists():
-        raise DataError(f"{path} not found: run the split stage first (dvc repro split)")
-    return pd.read_parquet(path)
-
-
-def run(params_file: str | Path = "params.yaml") -> dict:
+def run(params_file: str | Path = "params.yaml", paths: ProjectPaths = ProjectPaths()) -> dict:
     params = load_params(params_file)
-    settings = EvalSettings.from_params(params)
-    trust = get(section(params, "model"), "trust_remote_code", bool, "model")  # the code training ran with
-    test, val = read_split("test"), read_split("val")
+    settings, model_settings = EvalSettings.parse(params), ModelSettings.parse(params)
+    splits = read_splits(paths, ("test", "val"))
+    test, val = splits["test"], splits["val"]
     if test.empty:
-        raise DataError(f"{SPLIT_DIR / 'test.parquet'} has no pairs: nothing held out to evaluate on")
+        raise DataError(f"{paths.split('test')} has no pairs: nothing held out to evaluate on")
     battery = load_battery(settings.battery_file)
-    model, tokenizer = load_checkpoint(MODEL_DIR, trust)
+    model, tokenizer = load_checkpoint(paths.model_dir, model_settings.trust_remote_code)  # the code training ran with
 
-    result = evaluate_model(model, tokenizer, test, val, battery, settings)
+    result = evaluate_model(model, tokenizer, test, val, battery, settings, model_settings.max_length)
 
-    io.write_json(METRICS, result.metrics)
-    io.write_json(PATHOLOGY, result.pathology)
-    io.write_text(SUMMARY, result.summary)
+    io.write_json(paths.eval_metrics, result.metrics)
+    io.write_json(paths.pathology, result.pathology)
+    io.write_text(paths.eval_summary, result.summary)
     for name, table in result.plots.items():
-        with io.atomic_path(PLOTS_DIR / f"{name}.csv") as tmp:
+        with io.atomic_path(paths.eval_plots / f"{name}.csv") as tmp:
             table.to_csv(tmp, index=False)
 
     m = result.metrics
@@ -69,14 +54,7 @@ def run(params_file: str | Path = "params.yaml") -> dict:
     return m
 
 
-@exits_cleanly
-def main(argv: list[str] | None = None) -> None:
-    setup_logging()
-    parser = argparse.ArgumentParser(prog="python -m stages.evaluate", description=__doc__)
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    args = parser.parse_args(argv)
-    run(args.params)
-
+main = stage_main("evaluate", run, __doc__)
 
 if __name__ == "__main__":
     main(sys.argv[1:])

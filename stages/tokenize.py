@@ -9,30 +9,29 @@ model.max_length are left-truncated and counted, never dropped.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
 
 from rmpipe import tokenized
 from rmpipe.backbones import check_backbone, resolve_backbone
-from rmpipe.errors import exits_cleanly
-from rmpipe.params import get, load_params, section
-from rmpipe.progress import setup_logging
-from rmpipe.train import TrainPaths, read_splits
+from rmpipe.params import load_params
+from rmpipe.paths import ProjectPaths, training_splits
+from rmpipe.render import tokenize_splits
+from rmpipe.settings import ModelSettings
+from rmpipe.stage import stage_main
 
 log = logging.getLogger("rmpipe.tokenize")
 
 
-def run(params_file: str = "params.yaml", paths: TrainPaths | None = None) -> dict:
-    model_cfg = section(load_params(params_file), "model")
-    paths = paths or TrainPaths()
-    frames = dict(zip(("train", "val"), read_splits(paths)))
-    backbone_dir = resolve_backbone(model_cfg, Path.cwd())
-    _, tokenizer = check_backbone(backbone_dir, get(model_cfg, "trust_remote_code", bool, "model"))  # has a pad token
-    max_length = get(model_cfg, "max_length", int, "model")
+def run(params_file: str = "params.yaml", paths: ProjectPaths = ProjectPaths()) -> dict:
+    settings = ModelSettings.parse(load_params(params_file))
+    frames = dict(zip(("train", "val"), training_splits(paths)))
+    backbone_dir = resolve_backbone(settings, Path.cwd())
+    _, tokenizer = check_backbone(backbone_dir, settings.trust_remote_code)  # has a pad token
+    max_length = settings.max_length
     key = tokenized.cache_key(backbone_dir, paths, max_length)
-    pairs = tokenized.tokenize_splits(tokenizer, frames, max_length)
+    pairs = tokenize_splits(tokenizer, frames, max_length)
     tokenized.write(paths.tokenized, pairs, key)
     for name, split in pairs.items():
         shared = split.prefix.sum() / max(1, sum(len(c) for c in split.chosen))
@@ -41,15 +40,7 @@ def run(params_file: str = "params.yaml", paths: TrainPaths | None = None) -> di
     return {name: len(split) for name, split in pairs.items()}
 
 
-@exits_cleanly
-def main(argv: list[str] | None = None) -> None:
-    setup_logging()
-    parser = argparse.ArgumentParser(prog="python -m stages.tokenize", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    args = parser.parse_args(argv)
-    run(args.params)
-
+main = stage_main("tokenize", run, __doc__)
 
 if __name__ == "__main__":
     main(sys.argv[1:])

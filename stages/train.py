@@ -10,7 +10,6 @@ backbone are unchanged.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import subprocess
@@ -24,12 +23,13 @@ from rmpipe.backbones import check_backbone, load_backbone, max_positions, resol
 from rmpipe.checkpoint import fingerprint
 from rmpipe.distributed import RENDEZVOUS_ENV, free_port, init_distributed, leave_distributed, make_deterministic
 from rmpipe.ds_config import bf16_wanted, build_config, load_config
-from rmpipe.errors import exits_cleanly
 from rmpipe.packing import resolve_packing
-from rmpipe.params import get, load_params, section
-from rmpipe.progress import setup_logging
+from rmpipe.params import load_params
+from rmpipe.paths import ProjectPaths, training_splits
 from rmpipe.reward_model import RewardModel
-from rmpipe.train import TrainPaths, TrainSettings, check_max_length, fit, read_splits, save_outputs, tokenize
+from rmpipe.settings import ModelSettings, TrainSettings
+from rmpipe.stage import stage_main
+from rmpipe.train import check_max_length, fit, save_outputs, tokenize
 
 log = logging.getLogger("rmpipe.train")
 
@@ -55,11 +55,9 @@ def relaunch(s: TrainSettings, params_file: str) -> int:
         return subprocess.call(cmd, env=env)
 
 
-def run(params_file: str = "params.yaml", paths: TrainPaths | None = None) -> dict | None:
+def run(params_file: str = "params.yaml", paths: ProjectPaths = ProjectPaths()) -> dict | None:
     params = load_params(params_file)
-    model_cfg, train_cfg = section(params, "model"), section(params, "train")
-    s = TrainSettings.from_params(train_cfg)
-    paths = paths or TrainPaths()
+    m, s = ModelSettings.parse(params), TrainSettings.parse(params)
     if (s.num_procs > 1 or s.hostfile) and LAUNCHED not in os.environ:
         code = relaunch(s, params_file)
         if code:
@@ -67,31 +65,30 @@ def run(params_file: str = "params.yaml", paths: TrainPaths | None = None) -> di
         return None
 
     # Everything a user can get wrong, before any compute.
-    train_frame, val_frame = read_splits(paths)
-    backbone_dir = resolve_backbone(model_cfg, Path.cwd())
-    trust = get(model_cfg, "trust_remote_code", bool, "model")
-    config, _ = check_backbone(backbone_dir, trust)
-    max_length = check_max_length(get(model_cfg, "max_length", int, "model"), max_positions(config), str(backbone_dir))
+    train_frame, val_frame = training_splits(paths)
+    backbone_dir = resolve_backbone(m, Path.cwd())
+    config, _ = check_backbone(backbone_dir, m.trust_remote_code)
+    max_length = check_max_length(m.max_length, max_positions(config), str(backbone_dir))
 
     rank, world = init_distributed()
     make_deterministic(s.seed, world)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bf16 = bf16_wanted(s.bf16, device)
-    backbone, tokenizer = load_backbone(backbone_dir, torch.float32, trust)
-    model = RewardModel.from_backbone(backbone, get(model_cfg, "head_init", str, "model"), seed=s.seed)
+    backbone, tokenizer = load_backbone(backbone_dir, torch.float32, m.trust_remote_code)
+    model = RewardModel.from_backbone(backbone, m.head_init, seed=s.seed)
     data = tokenize(tokenizer, backbone_dir, paths, train_frame, val_frame, max_length)
-    s.packing, packing_errors = resolve_packing(s.packing, model, data.train, data.pad_id)
+    packing, packing_errors = resolve_packing(s.packing, model, data.train, data.pad_id)
     if rank == 0:
-        log.info("packing: %s%s", s.packing, "".join(f" | {m} max |dr| {e:.1e}" for m, e in packing_errors.items()))
+        log.info("packing: %s%s", packing, "".join(f" | {k} max |dr| {e:.1e}" for k, e in packing_errors.items()))
 
-    ds_config = load_config(s.deepspeed_config, world) if s.deepspeed_config else build_config(train_cfg, world, bf16)
-    fp = fingerprint(model_cfg, train_cfg, paths.train_split, backbone_dir, world)
-    result = fit(model, data, s, paths, fp, ds_config, rank, world)
+    ds_config = load_config(s.deepspeed_config, world) if s.deepspeed_config else build_config(s, world, bf16)
+    fp = fingerprint(m, s, paths.train_split, backbone_dir, world)  # the params as written (packing: auto)
+    result = fit(model, data, s.model_copy(update={"packing": packing}), paths, fp, ds_config, rank, world)
     if result.stopped_early:
         log.warning("stopped after %d steps (train.stop_after_steps): no model written", result.steps)
         return None
-    record = {"params": {"model": model_cfg, "train": train_cfg}, "fingerprint": fp, "backbone": str(backbone_dir),
-              "world_size": world, "packing": s.packing, "packing_errors": packing_errors,
+    record = {"params": {"model": m.model_dump(), "train": s.model_dump()}, "fingerprint": fp,
+              "backbone": str(backbone_dir), "world_size": world, "packing": packing, "packing_errors": packing_errors,
               "truncated_pairs": data.train.n_truncated + data.val.n_truncated,
               "train_pairs": len(data.train), "val_pairs": len(data.val), "deepspeed_config": ds_config}
     save_outputs(result, model, tokenizer, paths, record, rank, int(ds_config.get("zero_optimization", {}).get("stage", 0)))
@@ -101,15 +98,7 @@ def run(params_file: str = "params.yaml", paths: TrainPaths | None = None) -> di
     return record
 
 
-@exits_cleanly
-def main(argv: list[str] | None = None) -> None:
-    setup_logging()
-    parser = argparse.ArgumentParser(prog="python -m stages.train", description=__doc__)
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
-    args = parser.parse_args(argv)
-    run(args.params)
-
+main = stage_main("train", run, __doc__, launched=True)
 
 if __name__ == "__main__":
     # Only a process about to exit leaves the process group (see leave_distributed): not a Prefect worker

@@ -454,13 +454,13 @@ def test_alpha_from_counts_equals_alpha_on_the_reliability_matrix():
 
 def test_invalid_method_or_policy_is_a_config_error(project_root):
     cfg = section(load_params(project_root / "params.yaml"), "aggregate")
-    assert AggregateSettings.from_params(cfg).method in ("majority", "dawid_skene")
+    assert AggregateSettings.from_section(cfg).method in ("majority", "dawid_skene")
     with pytest.raises(ConfigError, match="aggregate.method"):
-        AggregateSettings.from_params({**cfg, "method": "mean"})
+        AggregateSettings.from_section({**cfg, "method": "mean"})
     with pytest.raises(ConfigError, match="tie_policy"):
-        AggregateSettings.from_params({**cfg, "tie_policy": "keep"})
+        AggregateSettings.from_section({**cfg, "tie_policy": "keep"})
     with pytest.raises(ConfigError, match="very_strong"):
-        AggregateSettings.from_params({**cfg, "strength_margin": {"slight": 0.0}})
+        AggregateSettings.from_section({**cfg, "strength_margin": {"slight": 0.0}})
     with pytest.raises(ConfigError, match="aggregate.method"):
         aggregate(frame([vote("q", "x", "y", "a", "a")]), AggregateSettings(method="median"))
 

@@ -24,6 +24,7 @@ from rmpipe.errors import ConfigError, UserError
 from rmpipe.render import encode, render
 from rmpipe.reward_model import RewardModel, bradley_terry_loss
 from rmpipe.schema import canonical_prompt
+from rmpipe.settings import ModelSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,12 +54,12 @@ def rendered_corpus(pairs: pd.DataFrame) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
-    return build_tiny_backbone(rendered_corpus(train_pairs()), MODEL_CFG, tmp_path_factory.mktemp("tiny"))
+    return build_tiny_backbone(rendered_corpus(train_pairs()), ModelSettings.from_section(MODEL_CFG), tmp_path_factory.mktemp("tiny"))
 
 
 # --- tiny -----------------------------------------------------------------------------------
 def test_tiny_build_is_deterministic(tiny_dir, tmp_path):
-    again = build_tiny_backbone(rendered_corpus(train_pairs()), MODEL_CFG, tmp_path / "again")
+    again = build_tiny_backbone(rendered_corpus(train_pairs()), ModelSettings.from_section(MODEL_CFG), tmp_path / "again")
     files = sorted(p.name for p in tiny_dir.iterdir())
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(files)
     assert files == sorted(p.name for p in again.iterdir())
@@ -69,7 +70,7 @@ def test_tiny_build_is_deterministic(tiny_dir, tmp_path):
 def test_tiny_weights_follow_the_seed(tiny_dir, tmp_path):
     cfg = copy.deepcopy(MODEL_CFG)
     cfg["tiny"]["seed"] = 1
-    other = build_tiny_backbone(rendered_corpus(train_pairs()), cfg, tmp_path / "seed1")
+    other = build_tiny_backbone(rendered_corpus(train_pairs()), ModelSettings.from_section(cfg), tmp_path / "seed1")
     assert (tiny_dir / "tokenizer.json").read_bytes() == (other / "tokenizer.json").read_bytes()
     assert (tiny_dir / "model.safetensors").read_bytes() != (other / "model.safetensors").read_bytes()
 
@@ -139,7 +140,7 @@ def test_tiny_vocab_too_small_is_a_config_error(tmp_path):
     cfg = copy.deepcopy(MODEL_CFG)
     cfg["tiny"]["vocab_size"] = 100
     with pytest.raises(ConfigError, match="vocab_size"):
-        build_tiny_backbone(["hello"], cfg, tmp_path)
+        build_tiny_backbone(["hello"], ModelSettings.from_section(cfg), tmp_path)
 
 
 # --- the stage and resolve_backbone -----------------------------------------------------------
@@ -158,18 +159,18 @@ def test_stage_builds_tiny_and_resolve_checks_it_matches_params(tmp_path, monkey
     assert manifest["backbone"] == "tiny" and manifest["pad_equals_eos"] is False
     assert json.loads((tmp_path / "models/backbone/rmpipe_backbone.json").read_text())["pad_token"] == PAD
 
-    assert resolve_backbone(MODEL_CFG, tmp_path) == tmp_path / "models/backbone"
+    assert resolve_backbone(ModelSettings.from_section(MODEL_CFG), tmp_path) == tmp_path / "models/backbone"
     changed = copy.deepcopy(MODEL_CFG)
     changed["tiny"]["hidden_size"] = 64
     with pytest.raises(UserError, match="dvc repro backbone"):
-        resolve_backbone(changed, tmp_path)
+        resolve_backbone(ModelSettings.from_section(changed), tmp_path)
     with pytest.raises(UserError, match="dvc repro backbone"):
-        resolve_backbone({**MODEL_CFG, "backbone": "smollm2-135m-instruct"}, tmp_path)
+        resolve_backbone(ModelSettings.from_section({**MODEL_CFG, "backbone": "smollm2-135m-instruct"}), tmp_path)
 
 
 def test_tiny_not_built_yet_tells_the_user_what_to_run(tmp_path):
     with pytest.raises(UserError, match="dvc repro backbone"):
-        resolve_backbone(MODEL_CFG, tmp_path)
+        resolve_backbone(ModelSettings.from_section(MODEL_CFG), tmp_path)
 
 
 def test_stage_exits_cleanly_without_a_train_split(tmp_path, monkeypatch, capsys):
@@ -187,7 +188,7 @@ def test_local_folder_resolves_and_is_recorded_by_the_stage(tiny_dir, tmp_path, 
     from stages import backbone as stage
 
     cfg = {**MODEL_CFG, "backbone": str(tiny_dir)}
-    assert resolve_backbone(cfg, tmp_path) == tiny_dir
+    assert resolve_backbone(ModelSettings.from_section(cfg), tmp_path) == tiny_dir
     write_project(tmp_path, cfg)
     monkeypatch.chdir(tmp_path)
     manifest = stage.run("params.yaml")
@@ -207,7 +208,7 @@ def test_missing_local_folder_is_a_user_error(tmp_path):
 def test_unknown_hub_id_offline_is_a_user_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     name = "rmpipe-test/definitely-not-a-model"
-    assert resolve_backbone({**MODEL_CFG, "backbone": name}) == name
+    assert resolve_backbone(ModelSettings.from_section({**MODEL_CFG, "backbone": name})) == name
     with pytest.raises(UserError, match="neither a local folder nor a hub model"):
         load_backbone(name)
 
@@ -249,7 +250,7 @@ def test_smollm2_materializes_and_loads_with_pad_equal_to_eos(smollm2_dir, tmp_p
     assert max_positions(backbone) == 8192
     assert "<|im_start|>assistant\nHi<|im_end|>" in render(tokenizer, canonical_prompt("Hello"), "Hi")
 
-    manifest = backbones.prepare_backbone({**MODEL_CFG, "backbone": "smollm2-135m-instruct"}, tmp_path,
+    manifest = backbones.prepare_backbone(ModelSettings.from_section({**MODEL_CFG, "backbone": "smollm2-135m-instruct"}), tmp_path,
                                           smollm2_cache=smollm2_dir)
     assert manifest["pad_equals_eos"] is True and manifest["source"]["sha256"] == record["sha256"]
     assert (tmp_path / "model.safetensors").stat().st_size == (smollm2_dir / "model.safetensors").stat().st_size

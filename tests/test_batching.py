@@ -9,9 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rmpipe.backbones import build_tiny_backbone
-from rmpipe.batching import padded_tokens, plan_batches, shard, shard_weight, tokenize_pairs, truncate_left
+from rmpipe.settings import ModelSettings
+from rmpipe.batching import padded_tokens, plan_batches, shard, shard_weight
 from rmpipe.packing import make_batch
-from rmpipe.render import encode
+from rmpipe.render import encode, tokenize_pairs, truncate_left
 from rmpipe.schema import canonical_prompt
 
 lengths_strategy = st.lists(st.integers(min_value=1, max_value=200), min_size=1, max_size=300)
@@ -74,7 +75,7 @@ def tokenizer(tmp_path_factory):
     cfg = {"max_length": 64, "tiny": {"vocab_size": 300, "hidden_size": 16, "intermediate_size": 32,
                                        "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
                                        "seed": 0}}
-    folder = build_tiny_backbone(["hello world, a short text about owls"] * 5, cfg, tmp_path_factory.mktemp("bb"))
+    folder = build_tiny_backbone(["hello world, a short text about owls"] * 5, ModelSettings.from_section(cfg), tmp_path_factory.mktemp("bb"))
     return AutoTokenizer.from_pretrained(folder)
 
 

@@ -128,10 +128,14 @@ def test_training_fingerprint_and_token_cache_key_follow_the_same_closure(tmp_pa
     edited = proj / "rmpipe" / "backbones.py"
     script = textwrap.dedent(f"""
         from types import SimpleNamespace
+        import yaml
         from rmpipe import checkpoint, tokenized
+        from rmpipe.settings import ModelSettings, TrainSettings
         paths = SimpleNamespace(train_split={str(split)!r}, val_split={str(split)!r})
+        params = yaml.safe_load(open({str(ROOT / "params.yaml")!r}))
+        model, train = ModelSettings.parse(params), TrainSettings.parse(params)
         def keys():
-            return (checkpoint.fingerprint({{}}, {{}}, {str(split)!r}, "hub/model", 1),
+            return (checkpoint.fingerprint(model, train, {str(split)!r}, "hub/model", 1),
                     tokenized.cache_key("hub/model", paths, 64)["code"])
         first, again = keys(), keys()
         with open({str(edited)!r}, "a") as fh:

@@ -351,7 +351,7 @@ def test_missing_folder_and_bad_params_are_user_errors(tmp_path):
     with pytest.raises(DataError, match="is not a folder"):
         collect.collect_dir(tmp_path / "nope", _cfg(tmp_path / "nope"))
     with pytest.raises(Exception, match="on_rejected_batch"):
-        collect.CollectConfig.from_params(_cfg(tmp_path, on_rejected_batch="ignore"))
+        collect.as_settings(_cfg(tmp_path, on_rejected_batch="ignore"))
     _, _, report = collect.collect_dir(tmp_path, _cfg(tmp_path))
     with pytest.raises(DataError, match="no batch files"):
         collect.raise_for_rejected(report, _cfg(tmp_path))

@@ -164,7 +164,7 @@ def test_collect_batch_is_a_function_of_one_file(tmp_path, fast):
     """What the engine switch runs per batch: no shared state, the same answer however often it runs."""
     path = tmp_path / "one.jsonl"
     path.write_bytes(b"".join(orjson.dumps(_vote(i % 5)) + b"\n" for i in range(8)))
-    conf = collect.CollectConfig.from_params(_cfg(tmp_path))
+    conf = collect.as_settings(_cfg(tmp_path))
     first, second = (collect_batch(path, conf, fast=fast, chunk_rows=3) for _ in range(2))
     assert first.report == second.report and first.quarantine == second.quarantine
     assert first.table.equals(second.table) and first.table.num_rows == 5

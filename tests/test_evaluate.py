@@ -16,9 +16,7 @@ from transformers import AutoModel
 from rmpipe.backbones import build_tiny_backbone
 from rmpipe.errors import ConfigError, DataError
 from rmpipe.evaluate import (
-    EvalSettings,
     batch_scorer,
-    encode_rows,
     evaluate_model,
     load_checkpoint,
     pad_batch,
@@ -27,8 +25,10 @@ from rmpipe.evaluate import (
     score_pairs,
 )
 from rmpipe.pathology import battery_report, calibration, length_bias, load_battery, padding_canary
+from rmpipe.render import encode_rows
 from rmpipe.reward_model import RewardModel, bradley_terry_loss
 from rmpipe.schema import canonical_prompt
+from rmpipe.settings import EvalSettings, ModelSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 BATTERY = ROOT / "data" / "battery.jsonl"
@@ -62,7 +62,7 @@ def make_pairs(n: int, seed: int = 0) -> pd.DataFrame:
 def save_reward_model(folder: Path, pad_equals_eos: bool = False) -> Path:
     """A tiny untrained RewardModel + tokenizer saved the way the train stage saves one."""
     corpus = [json.dumps(r) for r in BATTERY.read_text().splitlines()] + [" ".join(WORDS)] * 20
-    backbone_dir = build_tiny_backbone(corpus, TINY_MODEL_CFG, folder / "_backbone")
+    backbone_dir = build_tiny_backbone(corpus, ModelSettings.from_section(TINY_MODEL_CFG), folder / "_backbone")
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(backbone_dir)
@@ -87,9 +87,7 @@ def tiny(tiny_model_dir):
 
 def settings(**overrides) -> EvalSettings:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["evaluate"] = {**params["evaluate"], "battery_file": str(BATTERY), **overrides}
-    params["model"] = {**params["model"], "max_length": 128}
-    return EvalSettings.from_params(params)
+    return EvalSettings.from_section({**params["evaluate"], "battery_file": str(BATTERY), **overrides})
 
 
 # --- metrics on plain arrays ----------------------------------------------------------------
@@ -199,7 +197,7 @@ def test_pad_batch_both_sides():
 def test_evaluate_model_reports_every_check(tiny):
     model, tokenizer = tiny
     test, val = make_pairs(24, seed=1), make_pairs(10, seed=2)
-    result = evaluate_model(model, tokenizer, test, val, load_battery(BATTERY), settings())
+    result = evaluate_model(model, tokenizer, test, val, load_battery(BATTERY), settings(), 128)
     m = result.metrics
     assert m["n_pairs"] == 24 and 0.0 <= m["accuracy"] <= 1.0
     assert set(m["checks"]) == {"accuracy", "calibration", "length_bias", "battery", "padding_canary"}

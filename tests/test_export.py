@@ -18,11 +18,12 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import rmpipe.export
 from pipeline.cli import main as cli_main
-from rmpipe.evaluate import encode_rows, load_checkpoint, reward_fn_of, score_token_rows
-from rmpipe.export import ExportSettings
+from rmpipe.evaluate import load_checkpoint, reward_fn_of, score_token_rows
 from rmpipe.hf_export import EXPORT_PAD, load_golden
 from rmpipe.lineage import describe, read_manifest, verify_export
 from rmpipe.promotion import accuracy_of_export, promotion_decision
+from rmpipe.render import encode_rows
+from rmpipe.settings import ExportSettings
 from stages import evaluate as evaluate_stage
 from stages import export as export_stage
 from test_evaluate import BATTERY, ROOT, make_pairs, save_reward_model
@@ -219,23 +220,23 @@ def test_pad_equal_to_eos_gets_a_dedicated_export_pad(tmp_path, monkeypatch):
 
 def settings_for(tmp_path: Path, tolerance: float = 0.01) -> ExportSettings:
     return ExportSettings(out_dir=tmp_path / "export", promoted_dir=tmp_path / "promoted", parity_tolerance=1e-4,
-                          golden_pairs=4, promotion_tolerance=tolerance, max_length=128, batch_size=8)
+                          golden_pairs=4, promotion_tolerance=tolerance)
 
 
 def test_promotion_gate(exported, tmp_path):
     test = make_pairs(12, seed=2)
     s = settings_for(tmp_path)
     passing = {"accuracy": 0.9, "passed": True, "checks": {"accuracy": True}}
-    assert promotion_decision(passing, s.promoted_dir, test, s)["reason"] == "passed; no previously promoted model"
+    assert promotion_decision(passing, s.promoted_dir, test, s, 8)["reason"] == "passed; no previously promoted model"
     failing = {"accuracy": 0.9, "passed": False, "checks": {"accuracy": True, "battery": False}}
-    decision = promotion_decision(failing, s.promoted_dir, test, s)
+    decision = promotion_decision(failing, s.promoted_dir, test, s, 8)
     assert not decision["promoted"] and decision["reason"] == "evaluation failed: battery"
 
     shutil.copytree(exported / "models" / "export", s.promoted_dir)  # a previously promoted model
-    previous = accuracy_of_export(s.promoted_dir, test, s)
-    worse = promotion_decision({**passing, "accuracy": previous - 0.02}, s.promoted_dir, test, s)
+    previous = accuracy_of_export(s.promoted_dir, test, 8)
+    worse = promotion_decision({**passing, "accuracy": previous - 0.02}, s.promoted_dir, test, s, 8)
     assert not worse["promoted"] and worse["previous_accuracy"] == pytest.approx(previous)
-    within = promotion_decision({**passing, "accuracy": previous - 0.005}, s.promoted_dir, test, s)
+    within = promotion_decision({**passing, "accuracy": previous - 0.005}, s.promoted_dir, test, s, 8)
     assert within["promoted"] and "vs promoted" in within["reason"]
 
 

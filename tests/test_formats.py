@@ -29,7 +29,7 @@ def _cfg(incoming: Path, **overrides) -> dict:
 
 
 def _settings(**overrides) -> AggregateSettings:
-    return AggregateSettings.from_params({**DEFAULTS["aggregate"], **overrides})
+    return AggregateSettings.from_section({**DEFAULTS["aggregate"], **overrides})
 
 
 def _jsonl(path: Path, rows: list[dict]) -> Path:

@@ -13,14 +13,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rmpipe.backbones import build_tiny_backbone, load_backbone
-from rmpipe.batching import TokenizedPairs, plan_batches, shard, tokenize_pairs
+from rmpipe.batching import TokenizedPairs, plan_batches, shard
 from rmpipe.errors import ConfigError
 from rmpipe.packing import (
     CHOSEN, PROMPT, REJECTED, block_mask, common_prefix_length, layout_error, make_batch, pack_rows, pair_unit,
     resolve_packing,
 )
 from rmpipe.reward_model import RewardModel, bradley_terry_loss
+from rmpipe.render import tokenize_pairs
 from rmpipe.schema import canonical_prompt
+from rmpipe.settings import ModelSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CFG = {"max_length": 256, "tiny": {"vocab_size": 400, "hidden_size": 32, "intermediate_size": 64,
@@ -98,7 +100,7 @@ def test_packed_batches_stay_balanced_across_ranks(world):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     texts = ["a long conversation about owls, rivers and the colour of the evening sky"] * 20
-    folder = build_tiny_backbone(texts, TINY_CFG, tmp_path_factory.mktemp("tiny"))
+    folder = build_tiny_backbone(texts, ModelSettings.from_section(TINY_CFG), tmp_path_factory.mktemp("tiny"))
     backbone, tokenizer = load_backbone(folder)
     return RewardModel.from_backbone(backbone, seed=0), tokenizer
 
@@ -350,7 +352,7 @@ def test_auto_picks_groups_where_prompts_have_several_pairs(tiny):
 
 
 def test_groups_come_from_the_prompt_hash():
-    from rmpipe.batching import group_ids
+    from rmpipe.render import group_ids
 
     frame = pd.DataFrame({"prompt": ["a", "b", "a", "c"], "prompt_hash": ["x", "y", "x", "x"]})
     assert group_ids(frame).tolist() == [0, 1, 0, 0]  # the hash decides, not the text

@@ -388,10 +388,11 @@ def test_train_killed_with_sigkill_resumes_to_the_weights_of_an_uninterrupted_ru
     from test_train import TINY, make_pairs, make_project
 
     from rmpipe.backbones import build_tiny_backbone
+    from rmpipe.settings import ModelSettings
     from rmpipe.reward_model import RewardModel
 
     texts = pd.concat([make_pairs(64, 0).chosen, make_pairs(64, 0).rejected]).tolist()
-    backbone = build_tiny_backbone(texts, {"max_length": 64, "tiny": TINY}, tmp_path / "backbone")
+    backbone = build_tiny_backbone(texts, ModelSettings.from_section({"max_length": 64, "tiny": TINY}), tmp_path / "backbone")
     train = {"epochs": 3, "checkpoint_every": 3}
     straight = make_project(tmp_path / "straight", backbone, n_train=96, **train)
     killed = make_project(tmp_path / "killed", backbone, n_train=96, **train)
@@ -550,10 +551,11 @@ def test_a_non_finite_batch_is_skipped_with_a_warning_and_too_many_abort(tmp_pat
     from test_train import TINY, make_pairs, make_project, paths_in
 
     from rmpipe.backbones import build_tiny_backbone
+    from rmpipe.settings import ModelSettings
     from stages.train import run
 
     texts = pd.concat([make_pairs(64, 0).chosen, make_pairs(64, 0).rejected]).tolist()
-    backbone = build_tiny_backbone(texts, {"max_length": 64, "tiny": TINY}, tmp_path / "backbone")
+    backbone = build_tiny_backbone(texts, ModelSettings.from_section({"max_length": 64, "tiny": TINY}), tmp_path / "backbone")
     project = make_project(tmp_path / "p", backbone, use_margin=True, max_nonfinite_steps=1, epochs=1)
     frame = pd.read_parquet(project / "data/split/train.parquet")
     frame.loc[0, "margin"] = float("inf")  # an injected bad batch

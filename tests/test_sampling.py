@@ -11,7 +11,8 @@ import yaml
 from rmpipe.backbones import build_tiny_backbone, chatml, load_backbone
 from rmpipe.errors import ConfigError, DataError
 from rmpipe.schema import canonical_prompt, normalize_text, pair_id
-from rmpipe.sampling import SamplingSettings, pair_tasks, read_prompts, sample_tasks, sampling_settings
+from rmpipe.sampling import pair_tasks, read_prompts, sample_tasks
+from rmpipe.settings import ModelSettings, SamplingSettings
 
 MODEL_CFG = {
     "backbone": "tiny",
@@ -29,7 +30,7 @@ PROMPTS = [canonical_prompt("Tell me about rivers."), canonical_prompt([{"role":
 def tiny_dir(tmp_path_factory) -> Path:
     corpus = [chatml([{"role": "user", "content": f"Question {i} about rivers and birds?"},
                       {"role": "assistant", "content": f"Answer {i}: rivers flow, birds fly."}]) for i in range(40)]
-    return build_tiny_backbone(corpus, MODEL_CFG, tmp_path_factory.mktemp("tiny"))
+    return build_tiny_backbone(corpus, ModelSettings.from_section(MODEL_CFG), tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def sampler(tiny_dir):
 
 def test_tasks_are_valid_distinct_pairs_with_schema_pair_ids(sampler):
     model, tokenizer = sampler
-    tasks, report = sample_tasks(model, tokenizer, PROMPTS, sampling_settings(SAMPLING), "tiny")
+    tasks, report = sample_tasks(model, tokenizer, PROMPTS, SamplingSettings.from_section(SAMPLING), "tiny")
     assert report["prompts"] == 2 and report["completions"] == 6
     assert report["tasks"] == len(tasks) > 0
     assert report["tasks"] + report["identical_pairs_skipped"] <= 2 * 3  # at most C(3, 2) per prompt
@@ -55,21 +56,21 @@ def test_tasks_are_valid_distinct_pairs_with_schema_pair_ids(sampler):
 
 def test_sampling_is_reproducible_and_per_prompt(sampler):
     model, tokenizer = sampler
-    settings = sampling_settings(SAMPLING)
+    settings = SamplingSettings.from_section(SAMPLING)
     first, _ = sample_tasks(model, tokenizer, PROMPTS, settings, "tiny")
     again, _ = sample_tasks(model, tokenizer, PROMPTS, settings, "tiny")
     assert first == again
     # a prompt's samples depend on the seed and the prompt only, not on its neighbours in the file
     alone, _ = sample_tasks(model, tokenizer, PROMPTS[1:], settings, "tiny")
     assert alone == [t for t in first if canonical_prompt(t["prompt"]) == PROMPTS[1]]
-    other_seed, _ = sample_tasks(model, tokenizer, PROMPTS, sampling_settings({**SAMPLING, "seed": 1}), "tiny")
+    other_seed, _ = sample_tasks(model, tokenizer, PROMPTS, SamplingSettings.from_section({**SAMPLING, "seed": 1}), "tiny")
     assert {t["pair_id"] for t in other_seed} != {t["pair_id"] for t in first}
 
 
 def test_prompt_too_long_for_the_backbone_is_skipped_and_counted(sampler):
     model, tokenizer = sampler
     long_prompt = canonical_prompt("word " * 400)
-    tasks, report = sample_tasks(model, tokenizer, [long_prompt], sampling_settings(SAMPLING), "tiny")
+    tasks, report = sample_tasks(model, tokenizer, [long_prompt], SamplingSettings.from_section(SAMPLING), "tiny")
     assert tasks == [] and report["prompts_too_long"] == 1
 
 
@@ -112,12 +113,12 @@ def test_bad_prompt_files_name_the_line(tmp_path, content, message):
 
 def test_bad_sampling_params_are_config_errors():
     with pytest.raises(ConfigError, match="n_completions"):
-        sampling_settings({**SAMPLING, "n_completions": 1})
+        SamplingSettings.from_section({**SAMPLING, "n_completions": 1})
     with pytest.raises(ConfigError, match="top_p"):
-        sampling_settings({**SAMPLING, "top_p": 0})
+        SamplingSettings.from_section({**SAMPLING, "top_p": 0})
     with pytest.raises(ConfigError, match="temperature"):
-        sampling_settings({**SAMPLING, "temperature": 0})
-    assert sampling_settings(SAMPLING) == SamplingSettings(3, 1.0, 0.95, 8, 0)
+        SamplingSettings.from_section({**SAMPLING, "temperature": 0})
+    assert SamplingSettings.from_section(SAMPLING) == SamplingSettings(n_completions=3, temperature=1.0, top_p=0.95, max_new_tokens=8, seed=0)
 
 
 def test_cli_sample_pairs_writes_tasks(tiny_dir, tmp_path, monkeypatch, capsys):
@@ -149,7 +150,7 @@ def test_cli_with_an_unbuilt_tiny_backbone_exits_cleanly(tmp_path, monkeypatch, 
 def test_labelled_tasks_flow_through_collect(sampler, tmp_path):
     collect = pytest.importorskip("rmpipe.collect")
     model, tokenizer = sampler
-    tasks, _ = sample_tasks(model, tokenizer, PROMPTS, sampling_settings(SAMPLING), "tiny")
+    tasks, _ = sample_tasks(model, tokenizer, PROMPTS, SamplingSettings.from_section(SAMPLING), "tiny")
     labelled = [{**task, "choice": "ab"[i % 2], "annotator_id": f"ann-{i % 3}"} for i, task in enumerate(tasks)]
     batch = tmp_path / "sampled-batch-1.jsonl"
     batch.write_text("".join(json.dumps(row) + "\n" for row in labelled), encoding="utf-8")
@@ -170,7 +171,7 @@ def test_ranking_tasks_labelled_as_ranked_rows_flow_through_collect_as_the_same_
     exactly the comparisons (same pair_ids, same texts) the A/B tasks of those completions would have been."""
     collect = pytest.importorskip("rmpipe.collect")
     model, tokenizer = sampler
-    settings = sampling_settings(SAMPLING)
+    settings = SamplingSettings.from_section(SAMPLING)
     groups, report = sample_tasks(model, tokenizer, PROMPTS, settings, "tiny", groups=True)
     pairs, _ = sample_tasks(model, tokenizer, PROMPTS, settings, "tiny")
     assert report["tasks"] == len(groups) > 0 and all(len(g["responses"]) >= 2 for g in groups)
@@ -215,7 +216,7 @@ def test_the_readmes_smollm2_sampling_example_runs_as_written_on_a_default_proje
     built = tmp_path / backbones.BACKBONE_DIR
     built.mkdir(parents=True)
     (built / backbones.MANIFEST).write_text(json.dumps(  # what the backbone stage leaves after `make repro`
-        {"backbone": "tiny", "params": backbones.expected_manifest_params(params["model"])}))
+        {"backbone": "tiny", "params": backbones.expected_manifest_params(ModelSettings.parse(params))}))
     prompts = [{"prompt": "Name a river in Europe."}, {"prompt": [{"role": "user", "content": "Say hi."}]}]
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
     backbones.ignore_from_git(root / "models/.cache")  # de-quantized once per checkout, shared with test_backbones

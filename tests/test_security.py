@@ -24,6 +24,7 @@ import yaml
 
 from rmpipe.backbones import build_tiny_backbone, check_backbone, load_backbone
 from rmpipe.errors import UserError
+from rmpipe.settings import ModelSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -46,7 +47,7 @@ class _Exploit:
 
 @pytest.fixture(scope="module")
 def backbone(tmp_path_factory) -> Path:
-    return build_tiny_backbone(["hello world", "a reward model"] * 20, TINY_CFG, tmp_path_factory.mktemp("bb") / "bb")
+    return build_tiny_backbone(["hello world", "a reward model"] * 20, ModelSettings.from_section(TINY_CFG), tmp_path_factory.mktemp("bb") / "bb")
 
 
 def _pickled_copy(folder: Path, dest: Path, exploit_marker: Path | None = None) -> Path:
@@ -215,7 +216,7 @@ def test_every_stage_that_loads_the_backbone_runs_its_code_only_when_params_say_
 
     marker = tmp_path / "remote-code-ran"
     corpus = [json.dumps(r) for r in BATTERY.read_text().splitlines()] + [" ".join(WORDS)] * 20
-    folder = build_tiny_backbone(corpus, TINY_MODEL_CFG, tmp_path / "remote-backbone")
+    folder = build_tiny_backbone(corpus, ModelSettings.from_section(TINY_MODEL_CFG), tmp_path / "remote-backbone")
     (folder / "remote.py").write_text(REMOTE_CODE.format(marker=str(marker)))
     config = json.loads((folder / "config.json").read_text())
     config["auto_map"] = {"AutoConfig": "remote.RemoteConfig", "AutoModel": "remote.RemoteModel",
@@ -346,7 +347,7 @@ def test_a_two_rank_training_run_listens_on_loopback_only(tmp_path):
     from procnet import LOOPBACK, listening
 
     texts = pd.concat([make_pairs(32, 0).chosen, make_pairs(32, 0).rejected]).tolist()
-    bb = build_tiny_backbone(texts, {"max_length": 64, "tiny": TINY}, tmp_path / "backbone")
+    bb = build_tiny_backbone(texts, ModelSettings.from_section({"max_length": 64, "tiny": TINY}), tmp_path / "backbone")
     project = make_project(tmp_path / "p", bb, n_train=16, n_val=8, epochs=2, num_procs=2, zero_stage=2)
     env = {k: v for k, v in os.environ.items() if k not in ("GLOO_SOCKET_IFNAME", "TP_SOCKET_IFNAME")}
     env.update(PYTHONPATH=str(ROOT))

@@ -17,11 +17,13 @@ import torch
 import yaml
 
 from rmpipe.backbones import build_tiny_backbone
+from rmpipe.checkpoint import find_resumable
 from rmpipe.errors import ConfigError, DataError
+from rmpipe.paths import ProjectPaths
 from rmpipe.reward_model import RewardModel
 from rmpipe.schema import canonical_prompt
-from rmpipe.checkpoint import find_resumable
-from rmpipe.train import LN2, TrainPaths, stuck_at_ln2
+from rmpipe.settings import ModelSettings, TrainSettings
+from rmpipe.train import LN2, stuck_at_ln2
 from stages.train import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +49,7 @@ def make_pairs(n: int, seed: int) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def backbone(tmp_path_factory) -> Path:
     texts = pd.concat([make_pairs(64, 0).chosen, make_pairs(64, 0).rejected]).tolist()
-    return build_tiny_backbone(texts, {"max_length": MAX_LENGTH, "tiny": TINY}, tmp_path_factory.mktemp("backbone"))
+    return build_tiny_backbone(texts, ModelSettings.from_section({"max_length": MAX_LENGTH, "tiny": TINY}), tmp_path_factory.mktemp("backbone"))
 
 
 def make_project(folder: Path, backbone: Path, n_train: int = 48, n_val: int = 16, **train) -> Path:
@@ -63,11 +65,8 @@ def make_project(folder: Path, backbone: Path, n_train: int = 48, n_val: int = 1
     return folder
 
 
-def paths_in(folder: Path) -> TrainPaths:
-    return TrainPaths(train_split=folder / "data/split/train.parquet", val_split=folder / "data/split/val.parquet",
-                      checkpoints=folder / "checkpoints/train", model_dir=folder / "models/reward_model",
-                      metrics=folder / "metrics/train.json", live_dir=folder / "dvclive/train",
-                      tokenized=folder / "data/tokenized")
+def paths_in(folder: Path) -> ProjectPaths:
+    return ProjectPaths.at(folder)
 
 
 def set_train(folder: Path, **train) -> None:
@@ -269,13 +268,14 @@ def test_ds_config_from_params(tmp_path):
 
     cfg = yaml.safe_load((ROOT / "params.yaml").read_text())["train"]
     assert not bf16_wanted("auto", "cpu") and not bf16_wanted(True, "cpu")  # never on CPU
-    ds = build_config({**cfg, "zero_stage": 3, "offload_optimizer": True}, world_size=2, bf16=False)
+    ds = build_config(TrainSettings.from_section({**cfg, "zero_stage": 3, "offload_optimizer": True}), world_size=2,
+                      bf16=False)
     assert ds["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"}}
     assert ds["train_micro_batch_size_per_gpu"] == 1 and ds["gradient_accumulation_steps"] == 1
     assert ds["train_batch_size"] == 2 and ds["gradient_clipping"] == cfg["grad_clip"]
     assert "scheduler" not in ds  # rmpipe's own schedule goes to deepspeed.initialize
-    with pytest.raises(ConfigError, match="offload_optimizer"):
-        build_config({**cfg, "zero_stage": 0, "offload_optimizer": True}, 1, False)
+    with pytest.raises(ConfigError, match="offload_optimizer"):  # refused where the section is parsed
+        TrainSettings.from_section({**cfg, "zero_stage": 0, "offload_optimizer": True})
 
     user = tmp_path / "ds.json"
     user.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2}}))
@@ -359,12 +359,13 @@ def test_group_weighting_changes_the_objective_where_groups_differ(tmp_path, bac
 def test_tokenized_cache_used_when_it_matches_and_never_when_stale(tmp_path, backbone, caplog):
     import logging
 
+    from rmpipe.paths import ProjectPaths
     from stages.tokenize import run as tokenize_stage
 
     fresh = make_project(tmp_path / "fresh", backbone)
     run(str(fresh / "params.yaml"), paths_in(fresh))
     cached = make_project(tmp_path / "cached", backbone)
-    assert tokenize_stage(str(cached / "params.yaml"), paths_in(cached)) == {"train": 48, "val": 16}
+    assert tokenize_stage(str(cached / "params.yaml"), ProjectPaths.at(cached)) == {"train": 48, "val": 16}
     with caplog.at_level(logging.INFO, logger="rmpipe.tokenized"):
         run(str(cached / "params.yaml"), paths_in(cached))
     assert "using tokenized splits" in caplog.text
@@ -407,6 +408,27 @@ def test_damaged_tokenized_cache_is_stale_not_a_crash(tmp_path):
 
 
 # --- the resume fingerprint: each input it promises to cover ---------------------------------
+def other_value(settings, name: str):
+    """A different valid value for field `name` of a settings object (another choice, a flipped bool, ...)."""
+    import typing
+
+    value, annotation = getattr(settings, name), type(settings).model_fields[name].annotation
+    args = typing.get_args(annotation)
+    choices = [c for arg in (annotation, *args) if typing.get_origin(arg) is typing.Literal
+               for c in typing.get_args(arg) if c != value and not isinstance(c, bool)]
+    if isinstance(value, bool) or value == "auto" and bool in args:  # bf16: auto -> false
+        return not value if isinstance(value, bool) else False
+    if choices:
+        return choices[0]
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value + 0.5 if value < 0.5 else value / 2
+    if value is None:
+        return 1 if int in args else "changed.json"
+    return f"{value}-changed"
+
+
 def test_fingerprint_changes_with_each_input_and_gates_resume(tmp_path, backbone, monkeypatch):
     """Resume only with the same params, data, backbone, world size and code: each one moves the fingerprint,
     and find_resumable refuses a checkpoint whose recorded fingerprint differs.
@@ -419,7 +441,7 @@ def test_fingerprint_changes_with_each_input_and_gates_resume(tmp_path, backbone
 
     project = make_project(tmp_path / "p", backbone)
     params = yaml.safe_load((project / "params.yaml").read_text())
-    model_cfg, train_cfg = params["model"], params["train"]
+    model_s, train_s = ModelSettings.parse(params), TrainSettings.parse(params)
     split = project / "data/split/train.parquet"
     bb = tmp_path / "bb"
     shutil.copytree(backbone, bb)
@@ -429,17 +451,24 @@ def test_fingerprint_changes_with_each_input_and_gates_resume(tmp_path, backbone
         shutil.copy(ROOT / rel, code_root / rel)
     monkeypatch.setattr(checkpoint, "CODE_ROOT", code_root)
 
-    def fp(world: int = 1) -> str:
-        return fingerprint(model_cfg, train_cfg, split, bb, world)
+    def fp(world: int = 1, model: ModelSettings = model_s, train: TrainSettings = train_s) -> str:
+        return fingerprint(model, train, split, bb, world)
 
     base = fp()
     assert fp() == base  # a pure function of its inputs
     changed = {}
     changed["world size"] = fp(world=2)
-    changed["model param"] = fingerprint({**model_cfg, "head_init": "zero"}, train_cfg, split, bb, 1)
-    changed["train param"] = fingerprint(model_cfg, {**train_cfg, "lr": 1e-4}, split, bb, 1)
-    assert fingerprint(model_cfg, {**train_cfg, "checkpoint_every": 7}, split, bb, 1) == base  # NOT_FINGERPRINTED
-    assert "checkpoint_every" in NOT_FINGERPRINTED
+    for name in TrainSettings.model_fields:  # every field of both sections, one at a time
+        if name in NOT_FINGERPRINTED:
+            assert fp(train=train_s.model_copy(update={name: other_value(train_s, name)})) == base, name
+        else:
+            changed[f"train.{name}"] = fp(train=train_s.model_copy(update={name: other_value(train_s, name)}))
+    for name in set(ModelSettings.model_fields) - {"tiny"}:  # model.tiny: field by field below
+        changed[f"model.{name}"] = fp(model=model_s.model_copy(update={name: other_value(model_s, name)}))
+    for name in type(model_s.tiny).model_fields:
+        tiny = model_s.tiny.model_copy(update={name: other_value(model_s.tiny, name)})
+        changed[f"model.tiny.{name}"] = fp(model=model_s.model_copy(update={"tiny": tiny}))
+    assert "checkpoint_every" in NOT_FINGERPRINTED and set(NOT_FINGERPRINTED) <= set(TrainSettings.model_fields)
 
     def flip_last_byte(path: Path) -> None:
         data = bytearray(path.read_bytes())

@@ -15,6 +15,7 @@ import yaml
 
 from rmpipe.errors import ConfigError, DataError
 from rmpipe.schema import SPLITS, canonical_prompt, pair_id, prompt_hash
+from rmpipe.settings import ValidateSettings
 from rmpipe.split import split_frames, split_pairs
 from rmpipe.validate import ContractParams, contract_params, validate_splits
 
@@ -151,7 +152,7 @@ def test_nothing_but_the_planted_defects_fails(defect_run):
 
 def test_contract_params_from_params_yaml():
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    p = contract_params(params)
+    p = contract_params(ValidateSettings.parse(params), params["aggregate"]["min_votes"])
     assert p.min_votes == params["aggregate"]["min_votes"]
     assert p.chosen_longer_share == tuple(params["validate"]["chosen_longer_share"])
 
@@ -160,16 +161,16 @@ def test_contract_params_from_params_yaml():
     "override, words",
     [
         ({"chosen_longer_share": [0.8, 0.2]}, "chosen_longer_share"),
-        ({"chosen_longer_share": 0.5}, "must be list"),
+        ({"chosen_longer_share": 0.5}, "'validate.chosen_longer_share' must be a list, got 0.5"),
+        ({"min_response_chars": True}, "'validate.min_response_chars' must be a whole number, got True"),
+        ({"max_chars": 5}, "'validate.max_chars' is not a setting rmpipe knows"),
         ({"min_response_chars": 10, "max_response_chars": 5}, "0 <= min <= max"),
     ],
 )
 def test_bad_validate_params_raise_config_error(override, words):
-    params = {"aggregate": {"min_votes": 2},
-              "validate": {"min_response_chars": 1, "max_response_chars": 100, "chosen_longer_share": [0.2, 0.8]}}
-    params["validate"].update(override)
+    section = {"min_response_chars": 1, "max_response_chars": 100, "chosen_longer_share": [0.2, 0.8], **override}
     with pytest.raises(ConfigError, match=re.escape(words)):
-        contract_params(params)
+        ValidateSettings.from_section(section)
 
 
 def _write_project(folder: Path, splits: dict[str, pd.DataFrame]) -> None:
