@@ -19,45 +19,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from rmpipe.errors import ConfigError
+from rmpipe.settings import DataSettings
 
 log = logging.getLogger("rmpipe.engine")
 
-ENGINES = ("local", "dask")
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    engine: str = "local"
-    scheduler: str = ""  # a Dask scheduler address; empty: start a LocalCluster
-    workers: int = 0  # LocalCluster worker processes; 0: Dask's default for this machine
-
-    @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> EngineSettings:
-        """The `data:` section of params.yaml (absent: local)."""
-        cfg = params.get("data") or {}
-        if not isinstance(cfg, Mapping):
-            raise ConfigError(f"params.yaml: 'data' must be a mapping (engine, scheduler, workers), got {cfg!r}")
-        engine = cfg.get("engine", "local")
-        if engine not in ENGINES:
-            raise ConfigError(f"params.yaml: 'data.engine' must be one of {list(ENGINES)}, got {engine!r}")
-        scheduler = cfg.get("scheduler") or ""
-        workers = cfg.get("workers", 0)
-        if not isinstance(scheduler, str):
-            raise ConfigError(f"params.yaml: 'data.scheduler' must be an address like tcp://host:8786 or '', got {scheduler!r}")
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-            raise ConfigError(f"params.yaml: 'data.workers' must be a whole number >= 0, got {workers!r}")
-        return cls(engine=engine, scheduler=scheduler, workers=workers)
 
 
 @contextlib.contextmanager
-def dask_client(settings: EngineSettings) -> Iterator[Any]:
+def dask_client(settings: DataSettings) -> Iterator[Any]:
     """A distributed.Client on `settings.scheduler`, or on a LocalCluster that lives as long as the block."""
     from distributed import Client, LocalCluster
 
@@ -86,7 +61,7 @@ BatchRunner = Callable[..., list]
 
 
 @contextlib.contextmanager
-def batch_runner(settings: EngineSettings, collect_batch: Callable) -> Iterator[BatchRunner | None]:
+def batch_runner(settings: DataSettings, collect_batch: Callable) -> Iterator[BatchRunner | None]:
     """For collect: None (local: one batch after the other) or a function submitting every batch to Dask
     (`collect_batch` is passed in, so this module imports no stage's code and stays out of their deps)."""
     if settings.engine == "local":
@@ -104,7 +79,7 @@ def batch_runner(settings: EngineSettings, collect_batch: Callable) -> Iterator[
 
 
 @contextlib.contextmanager
-def pair_counter(settings: EngineSettings, count_pairs: Callable) -> Iterator[Callable | None]:
+def pair_counter(settings: DataSettings, count_pairs: Callable) -> Iterator[Callable | None]:
     """For aggregate: None (local) or the group-by on the pair code (`count_pairs`) as partial counts on the
     cluster's workers, one slice of the votes each, summed here (integer sums: the same arrays in any split)."""
     if settings.engine == "local":

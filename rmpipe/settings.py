@@ -129,6 +129,24 @@ class ModelSettings(Settings):
 
 
 # --- data stages -------------------------------------------------------------------------------
+class DataSettings(Settings):
+    """`data:` (where the data stages' parallel work runs; never what comes out). Absent: local."""
+
+    SECTION: ClassVar[str] = "data"
+    engine: Literal["local", "dask"] = "local"
+    scheduler: str = ""  # a Dask scheduler address (tcp://host:8786); empty: start a LocalCluster
+    workers: int = Field(0, ge=0)  # LocalCluster worker processes; 0: Dask's default for this machine
+
+    @field_validator("scheduler", mode="before")
+    @classmethod
+    def _empty(cls, value: Any) -> Any:
+        return "" if value is None else value
+
+    @classmethod
+    def parse(cls, params: Mapping[str, Any]):
+        return cls.from_section(params.get("data") or {})  # an optional section
+
+
 class SampleDataSettings(Settings):
     """`sample_data:` (`rmpipe sample-data`: the bundled default batches)."""
 

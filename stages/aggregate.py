@@ -10,10 +10,11 @@ import sys
 
 from rmpipe.aggregate import AggregateSettings, aggregate_file, annotator_markdown, check_dropped
 from rmpipe.aggregate_labels import count_pairs
-from rmpipe.engine import EngineSettings, pair_counter
+from rmpipe.engine import pair_counter
 from rmpipe.io import write_json, write_text
 from rmpipe.params import load_params
 from rmpipe.paths import ProjectPaths
+from rmpipe.settings import DataSettings
 from rmpipe.stage import stage_main
 
 log = logging.getLogger("rmpipe.aggregate")
@@ -22,7 +23,8 @@ log = logging.getLogger("rmpipe.aggregate")
 def run(params_file: str = "params.yaml", paths: ProjectPaths = ProjectPaths()) -> dict:
     params = load_params(params_file)
     settings = AggregateSettings.parse(params)
-    with pair_counter(EngineSettings.from_params(params), count_pairs) as counter:  # where the group-by runs, not what it gives
+    engine = DataSettings.parse(params)  # where the group-by runs, not what it gives
+    with pair_counter(engine, count_pairs) as counter:
         report = aggregate_file(paths.votes, paths.pairs, settings, counter).report  # streams: texts never all in memory
     write_json(paths.annotators_json, report)
     write_text(paths.annotators_md, annotator_markdown(report))

@@ -16,11 +16,11 @@ from pathlib import Path
 from rmpipe import retractions
 from rmpipe.collect import collect_to, incoming_snapshot, raise_for_rejected, raise_if_changed
 from rmpipe.collect_batch import collect_batch
-from rmpipe.engine import EngineSettings, batch_runner
+from rmpipe.engine import batch_runner
 from rmpipe.io import atomic_path, write_json, write_jsonl
 from rmpipe.params import load_params
 from rmpipe.paths import ProjectPaths
-from rmpipe.settings import CollectSettings
+from rmpipe.settings import CollectSettings, DataSettings
 from rmpipe.stage import stage_main
 
 log = logging.getLogger("rmpipe.collect")
@@ -29,7 +29,7 @@ log = logging.getLogger("rmpipe.collect")
 def run(params_file: str = "params.yaml", paths: ProjectPaths = ProjectPaths()) -> dict:
     params = load_params(params_file)
     cfg = CollectSettings.parse(params)
-    engine = EngineSettings.from_params(params)  # where the batches are read; never what comes out
+    engine = DataSettings.parse(params)  # where the batches are read; never what comes out
     # What DVC will hash as this stage's input must be exactly what was read: snapshot the
     # folder first and fail at the end if it changed (DVC then records nothing for the stage).
     before = incoming_snapshot(cfg.incoming_dir)

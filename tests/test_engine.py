@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rmpipe.engine import EngineSettings
 from rmpipe.errors import ConfigError
 from rmpipe.sample_data import write_sample_batches
+from rmpipe.settings import DataSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = ["data/collected/votes.parquet", "data/collected/quarantine.jsonl", "reports/collect.json",
@@ -73,5 +73,5 @@ def test_collect_and_aggregate_on_a_two_worker_dask_cluster_write_the_local_byte
 ])
 def test_bad_engine_params_are_a_config_error(data, words):
     with pytest.raises(ConfigError, match=words):
-        EngineSettings.from_params({"data": data})
-    assert EngineSettings.from_params({}).engine == "local"
+        DataSettings.parse({"data": data})
+    assert DataSettings.parse({}).engine == "local"

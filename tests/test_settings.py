@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 SECTIONS = {"model": S.ModelSettings, "train": S.TrainSettings, "evaluate": S.EvalSettings,
             "export": S.ExportSettings, "split": S.SplitSettings, "validate": S.ValidateSettings,
-            "sampling": S.SamplingSettings, "collect": S.CollectSettings, "aggregate": S.AggregateSettings}
+            "sampling": S.SamplingSettings, "collect": S.CollectSettings, "aggregate": S.AggregateSettings,
+            "data": S.DataSettings, "sample_data": S.SampleDataSettings}
 
 
 @pytest.mark.parametrize("name", sorted(SECTIONS))
