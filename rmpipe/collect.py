@@ -13,8 +13,8 @@ The work is split by job: `collect_read` reads a batch in chunks, `collect_fast`
 normalizes whole columns of a chunk, `collect_rows` is the per-row path (every rule and reason),
 `collect_batch` puts one batch together (`collect_batch.collect_batch`, a function of one file
 that can run in any process), and this module runs the batches of the folder in file-name order
-and merges their parts into data/collected/votes.parquet. Memory is that of a chunk plus a
-16-byte key per vote; the output does not depend on the chunk size or on the fast path.
+and merges their parts into data/collected/votes.parquet. Memory is that of a chunk, a
+16-byte key per vote and a capped cache of text fingerprints; the output does not depend on the chunk size or on the fast path.
 """
 
 from __future__ import annotations
