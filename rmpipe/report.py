@@ -21,6 +21,7 @@ import yaml
 
 from rmpipe import history, io, retractions
 from rmpipe.params import load_params
+from rmpipe.settings import ExportSettings
 
 E = html.escape
 
@@ -167,8 +168,8 @@ def build_report(root: Path, out: Path) -> str:
     from rmpipe.lineage import MANIFEST_FILE
 
     root = Path(root)
-    export_cfg = load_params(root / "params.yaml").get("export") or {}
-    export_dir = root / str(export_cfg.get("out_dir", "models/export"))
+    export = ExportSettings.parse(load_params(root / "params.yaml"))
+    export_dir = root / export.out_dir
     manifest = _json(export_dir / MANIFEST_FILE)
     records = history.read(root)
     register_ = retractions.load(root)
@@ -183,7 +184,7 @@ def build_report(root: Path, out: Path) -> str:
     if not manifest:
         s.append('<p class="bad">No exported model yet: run <code>dvc repro</code>.</p>')
     else:
-        promoted = _json(root / str(export_cfg.get("promoted_dir", "models/promoted")) / MANIFEST_FILE)
+        promoted = _json(root / export.promoted_dir / MANIFEST_FILE)
         s.append(_summary(root, out, export_dir, manifest, promoted, records, model))
     s += _lineage(root, manifest, current, register_, model)
     s += _metrics(root)
