@@ -157,7 +157,7 @@ def _retract(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from rmpipe.errors import UserError
-    from rmpipe.retract import render, retract_annotator, retract_batch, to_json
+    from pipeline.retract import render, retract_annotator, retract_batch, to_json
 
     if (args.batch is None) == (args.annotator is None):
         raise UserError("retract needs exactly one of --batch NAME or --annotator ID")
