@@ -207,21 +207,14 @@ def dataset(name: str, s: Settings, tokenizer, sample):
 def sample_groups(n_groups: int, seed: int):
     """K = 4 groups from the bundled sample's generator: per prompt two (good, flawed) draws, ranked
     good, good, flawed, flawed; all 6 comparisons, with the split's columns."""
-    import random
-
     import pandas as pd
 
-    from rmpipe import sample_data as sd
+    from rmpipe.sample_data import ranked_groups
     from rmpipe.schema import PAIR_COLUMNS, canonical_prompt, pair_id, prompt_hash
 
-    rng, rows = random.Random(seed), []
-    while len(rows) < 6 * n_groups:
-        prompt = sd._make_prompt(rng, long_texts=False)
-        (good_1, bad_1, _), (good_2, bad_2, _) = sd._make_pair(rng, prompt, False), sd._make_pair(rng, prompt, False)
-        ranked = [good_1, good_2, bad_1, bad_2]
-        if len(set(ranked)) < 4:
-            continue  # two draws gave one text: not 4 distinct responses
-        canonical, digest = canonical_prompt(prompt.delivered), prompt_hash(prompt.delivered)
+    rows = []
+    for prompt, ranked in ranked_groups(n_groups, seed):
+        canonical, digest = canonical_prompt(prompt), prompt_hash(prompt)
         rows += [{"pair_id": pair_id(canonical, ranked[i], ranked[j]), "prompt": canonical, "chosen": ranked[i],
                   "rejected": ranked[j], "n_votes": 1, "n_chosen": 1, "n_rejected": 0, "n_tie": 0, "agreement": 1.0,
                   "soft_label": 1.0, "margin": 0.0, "prompt_hash": digest, "split": "train",

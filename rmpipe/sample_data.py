@@ -328,6 +328,19 @@ def generate_votes(cfg: Mapping[str, Any] | SampleDataSettings) -> pd.DataFrame:
     )
 
 
+def ranked_groups(n_prompts: int, seed: int) -> list[tuple[Any, list[str]]]:
+    """`n_prompts` (prompt as delivered, 4 distinct responses best first): two (good, flawed) draws per prompt,
+    ranked good, good, flawed, flawed -- the K = 4 shape of ranking datasets (6 comparisons per prompt)."""
+    rng, groups = random.Random(seed), []
+    while len(groups) < n_prompts:
+        prompt = _make_prompt(rng, long_texts=False)
+        (good_1, bad_1, _), (good_2, bad_2, _) = _make_pair(rng, prompt, False), _make_pair(rng, prompt, False)
+        responses = [good_1, good_2, bad_1, bad_2]
+        if len(set(responses)) == 4:  # two draws can give one text: keep 4 distinct responses
+            groups.append((prompt.delivered, responses))
+    return groups
+
+
 def generate_pair_rows(cfg: Mapping[str, Any] | SampleDataSettings) -> pd.DataFrame:
     """`cfg.pair_rows` extra comparisons as already-judged pair rows (prompt, chosen, rejected,
     annotator_id, margin), each judged by two annotators; `true_pair`/`true_flaw` hold the truth."""

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from rmpipe.sample_data import generate_pair_rows
+from rmpipe.sample_data import generate_pair_rows, ranked_groups
 from tests.test_dvc_pipeline import BIN, copy_project, ran_stages, run
 
 pytestmark = pytest.mark.slow
@@ -81,20 +81,9 @@ def test_pairwise_dataset_folders_train_with_default_params_and_lineage_names_th
 
 
 def _ranked_rows(n_prompts: int, seed: int) -> list[dict]:
-    """`n_prompts` ranked groups of K = 4 from the sample generator (two good, two flawed answers, best first),
-    in the `prompt, responses, ranking` shape of rating/ranking datasets: 6 comparisons per prompt."""
-    import random
-
-    from rmpipe import sample_data as sd
-
-    rng, rows = random.Random(seed), []
-    while len(rows) < n_prompts:
-        prompt = sd._make_prompt(rng, long_texts=False)
-        (good_1, bad_1, _), (good_2, bad_2, _) = sd._make_pair(rng, prompt, False), sd._make_pair(rng, prompt, False)
-        responses = [good_1, good_2, bad_1, bad_2]
-        if len(set(responses)) == 4:
-            rows.append({"prompt": prompt.delivered, "responses": responses, "ranking": [0, 1, 2, 3]})
-    return rows
+    """Ranked groups of K = 4 in the `prompt, responses, ranking` shape of rating/ranking datasets."""
+    return [{"prompt": prompt, "responses": responses, "ranking": [0, 1, 2, 3]}
+            for prompt, responses in ranked_groups(n_prompts, seed)]
 
 
 def test_ranked_groups_through_dvc_repro_train_with_the_groups_layout(tmp_path):
