@@ -7,7 +7,10 @@ probabilities instead: a pair whose top score is shared (2 vs 2, or 2 "first" vs
 share the top vote count (2 vs 2, with no more "tie" votes) is a tie too: Dawid-Skene
 may otherwise break it by annotator quality, and a 50/50 soft label backs a tie anyway.
 
-Everything here works on integer codes (pair, annotator, label) and numpy.
+Everything here works on integer codes (pair, annotator, label) and numpy. Majority labels are read
+off the label counts the group-by makes anyway (crowd-kit's MajorityVote gives the same label on every
+pair, ties included: tests/test_aggregate.py checks it); crowd-kit runs Dawid-Skene, and is imported
+only then (it pulls in scipy.stats and more: seconds per run).
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ from typing import Callable
 import krippendorff
 import numpy as np
 import pandas as pd
-from crowdkit.aggregation import DawidSkene, MajorityVote
 
 from rmpipe.aggregate_settings import FIRST, SECOND, TIE, AggregateSettings
 
@@ -40,6 +42,8 @@ class Pass:
 
 def _crowd_labels(votes: pd.DataFrame, settings: AggregateSettings) -> pd.Series:
     """crowd-kit's label per pair code, a shared top score read as a tie (see module doc)."""
+    from crowdkit.aggregation import DawidSkene, MajorityVote  # here: the default (majority) path never needs it
+
     data = votes[["pair", "annotator", "label"]].set_axis(["task", "worker", "label"], axis=1)
     if settings.method == "majority":
         model = MajorityVote()
@@ -73,8 +77,8 @@ Counter = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int], tuple[
 
 
 def aggregate_pass(votes: pd.DataFrame, n_pairs: int, settings: AggregateSettings, counter: Counter | None = None) -> Pass:
-    """One pass. `counter`: the group-by run elsewhere (rmpipe.engine); majority labels then come from its
-    counts, Dawid-Skene from crowd-kit here."""
+    """One pass. `counter`: the group-by run elsewhere (rmpipe.engine), else here; majority labels come from
+    its counts, Dawid-Skene from crowd-kit."""
     pair = votes["pair"].to_numpy()
     counts, weighted, vote_rows = (counter or count_pairs)(
         pair, votes["label"].to_numpy(), votes["weight"].to_numpy(), votes["prejudged"].to_numpy(), n_pairs)
@@ -84,7 +88,7 @@ def aggregate_pass(votes: pd.DataFrame, n_pairs: int, settings: AggregateSetting
     prejudged = has_votes & ~(vote_rows > 0)
     eligible = prejudged | (has_votes & (weighted >= settings.min_votes))
     label = np.full(n_pairs, -1, np.int8)
-    if counter is not None and settings.method == "majority":
+    if settings.method == "majority":
         label[eligible] = majority_labels(counts[eligible])
     else:
         voted = votes[eligible[pair]]

@@ -502,8 +502,8 @@ def test_stage_without_votes_exits_with_a_readable_error(tmp_path, project_root)
 
 @pytest.mark.parametrize("seed", range(5))
 def test_majority_labels_from_counts_are_crowd_kits(seed):
-    """data.engine: dask takes majority labels from the engine's group-by counts; crowd-kit's MajorityVote
-    (what the local path runs) stays the reference: the same label on every pair, ties included."""
+    """Majority labels come from the group-by counts (local and data.engine: dask alike); crowd-kit's
+    MajorityVote stays the reference: the same label on every pair, ties included."""
     from rmpipe.aggregate_labels import _crowd_labels, count_pairs, majority_labels
 
     rng = np.random.default_rng(seed)
