@@ -336,30 +336,50 @@ def _chunks(split: pd.DataFrame | Iterable[pd.DataFrame]) -> Iterable[pd.DataFra
     return [split] if isinstance(split, pd.DataFrame) else split
 
 
+SCHEMA_ROWS = 1_048_576  # rows per schema run: its frame holds no text (validate_frames.schema_frame)
+_VALUE_TYPED = {*TEXT_COLUMNS, *INTEGER_COLUMNS, *FLOAT_COLUMNS}
+
+
+def _validate_split(runner: _Runner, name: str, split: pd.DataFrame | Iterable[pd.DataFrame], params: ContractParams,
+                    outcome: ContractResult, identities: list[pd.DataFrame], schema_rows: int) -> None:
+    """One split's schema suite (over its chunks, `schema_rows` a run, results merged) and values suite."""
+    schema_runs, pending, values, rows = [], [], [], 0
+
+    def run_schema() -> None:
+        frame = pending[0] if len(pending) == 1 else pd.concat(pending, ignore_index=True)
+        schema_runs.append(runner.run(f"{name}_schema", frame, schema_expectations(frame), None))
+        pending.clear()
+
+    for chunk in _chunks(split):
+        pending.append(schema_frame(chunk, _VALUE_TYPED))
+        values.append(values_frame(chunk))
+        identities.append(identity_frame(name, chunk))
+        rows += len(chunk)
+        if sum(map(len, pending)) >= schema_rows:
+            run_schema()
+    if pending or not schema_runs:
+        run_schema()
+    outcome.rows[name] = rows
+    outcome.add(name, f"{name}_schema", merge_chunk_results(schema_runs), rows)
+    whole = values[0] if len(values) == 1 else pd.concat(values, ignore_index=True)
+    del values
+    checks = values_expectations(name, whole, params)
+    outcome.add(name, f"{name}_values", runner.run(f"{name}_values", whole, checks, "pair_id"), rows)
+
+
 def validate_splits(splits: dict[str, pd.DataFrame | Iterable[pd.DataFrame]], params: ContractParams,
-                    docs_dir: str | Path) -> ContractResult:
+                    docs_dir: str | Path, schema_rows: int = SCHEMA_ROWS) -> ContractResult:
     """Run the contract over the splits, build the HTML data docs in `docs_dir`, return the outcome.
 
     A split is a DataFrame or an iterable of chunk frames (at least one, maybe empty): the schema
-    suite runs on each chunk and its results are merged; everything else is validated whole on
+    suite runs on consecutive chunks of `schema_rows` rows or more and its results are merged; everything else is validated whole on
     frames without the texts. `docs_dir` should be a fresh folder (the stage passes an atomic temp folder).
     """
     runner = _Runner(Path(docs_dir).resolve())
     outcome = ContractResult(rows={})
     identities: list[pd.DataFrame] = []
     for name, split in splits.items():
-        schema_runs, values, rows = [], [], 0
-        for chunk in _chunks(split):
-            schema_runs.append(runner.run(f"{name}_schema", schema_frame(chunk), schema_expectations(chunk), None))
-            values.append(values_frame(chunk))
-            identities.append(identity_frame(name, chunk))
-            rows += len(chunk)
-        outcome.rows[name] = rows
-        outcome.add(name, f"{name}_schema", merge_chunk_results(schema_runs), rows)
-        whole = values[0] if len(values) == 1 else pd.concat(values, ignore_index=True)
-        del values
-        checks = values_expectations(name, whole, params)
-        outcome.add(name, f"{name}_values", runner.run(f"{name}_values", whole, checks, "pair_id"), rows)
+        _validate_split(runner, name, split, params, outcome, identities, schema_rows)
     stacked = all_splits_frame(identities)
     del identities
     outcome.add(ALL_SPLITS, "all_splits", runner.run("all_splits", stacked, all_splits_expectations(stacked), "pair_id"),

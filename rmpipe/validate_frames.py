@@ -1,16 +1,16 @@
 """The frames Great Expectations validates, built from the splits a chunk at a time.
 
-Each split is validated as two frames: its stored columns as they are (schema: presence,
-types, nulls), validated chunk by chunk, and a narrow frame of values (ranges, lengths,
-length bias), validated whole. The long texts stay out of every frame validated whole:
-GX copies the whole frame for every column-map expectation, and a split of real-length
-text held at once would cost gigabytes. What the texts contribute to the whole-table
-checks (lengths, chosen == rejected, the identity of each response) is derived per chunk.
-"""
+Each split is validated as two frames: its stored columns' names, dtypes and nulls (schema:
+presence, types, nulls), validated a million rows at a time, and a narrow frame of values
+(ranges, lengths, length bias), validated whole. The long texts stay out of every frame GX
+sees: GX fingerprints every batch and copies the whole frame for every column-map expectation,
+and a split of real-length text held at once would cost gigabytes. What the texts contribute
+to the whole-table checks (lengths, chosen == rejected, the identity of each response) is
+derived per chunk."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Iterable
 
 import numpy as np
 import pandas as pd
@@ -18,19 +18,22 @@ import pandas as pd
 INTEGER_COLUMNS = ("n_votes", "n_chosen", "n_rejected", "n_tie")
 
 
-def _hashable(value: Any) -> Any:
-    return tuple(value) if isinstance(value, (list, np.ndarray)) else value
+def schema_frame(frame: pd.DataFrame, value_typed: Iterable[str] = ()) -> pd.DataFrame:
+    """The split's columns as the schema suite reads them: names, dtypes and null masks.
 
-
-def schema_frame(frame: pd.DataFrame) -> pd.DataFrame:
-    """The split as stored, with `batch_ids` lists as tuples.
-
-    GX fingerprints every batch and falls back to pickling the whole frame (seconds
-    on 200k pairs) when a column holds unhashable lists.
+    Its checks (columns present, type, not null, row count) read nothing else from a column of a
+    string dtype (GX types it by its dtype; only an `object` column is typed value by value) or from
+    an `object` column whose type is not checked (batch_ids; `value_typed` names those whose type
+    is). Such a column goes to GX as a stand-in of the same dtype and nulls, "" for every other
+    value: GX fingerprints (hashes) every batch it is given, and the texts would cost seconds.
     """
-    if "batch_ids" not in frame.columns:
-        return frame
-    return frame.assign(batch_ids=frame["batch_ids"].map(_hashable))
+    stand_ins = {}
+    for name in frame.columns:
+        dtype = frame[name].dtype
+        if (dtype == object and name not in value_typed) or (dtype != object and pd.api.types.is_string_dtype(dtype)):
+            null = frame[name].isna().to_numpy()
+            stand_ins[name] = pd.Series(np.where(null, None, ""), index=frame.index, dtype=dtype)
+    return frame.assign(**stand_ins) if stand_ins else frame
 
 
 def is_text(frame: pd.DataFrame, column: str) -> bool:

@@ -234,11 +234,41 @@ def _in_chunks(frame: pd.DataFrame, rows: int):
 
 
 def test_splits_given_in_chunks_report_what_the_whole_splits_do(defect_run, tmp_path):
-    """The stage reads each split a chunk at a time: the schema suite runs per chunk and its results are
-    merged (counts summed, first examples kept), the rest is validated whole on text-free frames. Every
-    planted defect (a null in one chunk, duplicates across chunks, a leak, an empty split) reads the same."""
+    """The stage reads each split a chunk at a time: the schema suite runs on groups of chunks (here two
+    chunks of 100 rows a run) and its results are merged (counts summed, first examples kept), the rest is
+    validated whole on text-free frames. Every planted defect (a null in one chunk, duplicates across
+    chunks, a leak, an empty split) reads the same."""
     whole, _, _ = defect_run
     splits, _ = defective_splits()
-    chunked = validate_splits({name: _in_chunks(frame, 100) for name, frame in splits.items()}, PARAMS, tmp_path)
+    chunked = validate_splits({name: _in_chunks(frame, 100) for name, frame in splits.items()}, PARAMS, tmp_path,
+                              schema_rows=150)
     assert chunked.summary() == whole.summary()
     assert len(whole.failures) == 12
+
+
+def test_schema_frame_keeps_names_dtypes_and_nulls_but_no_text():
+    """The schema suite reads a column's name, dtype and nulls only (an `object` column's type value by
+    value): the frame GX fingerprints keeps exactly those, and no text, so hashing it costs nothing."""
+    from rmpipe.validate import _VALUE_TYPED
+    from rmpipe.validate_frames import schema_frame
+
+    split = clean_splits()["train"]
+    split.loc[0, "chosen"] = None
+    split.loc[1, "batch_ids"] = None
+    split["rejected"] = split["rejected"].astype(object)
+    split.loc[2, "rejected"] = 7  # an object column whose type GX checks value by value: kept as it is
+    frame = schema_frame(split, _VALUE_TYPED)
+    assert list(frame.columns) == list(split.columns) and (frame.dtypes == split.dtypes).all()
+    assert frame.isna().equals(split.isna())
+    assert set(frame["chosen"].dropna()) == set(frame["prompt"]) == {""}
+    assert set(frame["batch_ids"].dropna()) == {""}
+    assert frame["rejected"].equals(split["rejected"])
+
+
+def test_a_non_text_value_in_a_text_column_still_fails(tmp_path):
+    splits = clean_splits()
+    train = splits["train"].astype({"rejected": object})
+    train.loc[3, "rejected"] = 7
+    result = validate_splits({**splits, "train": train}, PARAMS, tmp_path)
+    assert _line(result.failures, "FAIL train: rejected is text") == (
+        f"FAIL train: rejected is text — 1 of {len(train)} rows fail (e.g. 7)")
