@@ -30,7 +30,8 @@ def unit_interval_points(prompt_hashes: pd.Series, salt: str) -> np.ndarray:
     """
     codes, distinct = pd.factorize(prompt_hashes, sort=False)
     prefix = salt + _SEPARATOR
-    digests = b"".join(hashlib.sha256((prefix + h).encode("utf-8")).digest()[:8] for h in distinct)
+    # tolist(): Python strings at once (iterating an Arrow-backed Index builds them one call at a time)
+    digests = b"".join(hashlib.sha256((prefix + h).encode("utf-8")).digest()[:8] for h in distinct.tolist())
     top64 = np.frombuffer(digests, dtype=">u8").astype(np.uint64)
     points = (top64 >> np.uint64(11)).astype(np.float64) / float(2**53)
     return points[codes]
