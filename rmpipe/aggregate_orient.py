@@ -70,13 +70,27 @@ class Votes:
     texts: PairTexts
 
 
-def _already_normal(texts: pa.Array | pa.ChunkedArray) -> pa.Array:
+def _already_normal(texts: pa.Array) -> pa.Array:
     """True where normalize_text keeps the text as is: printable ASCII (NFKC keeps it; no whitespace
     but the space), no double space, no space at either end. Null -> False."""
-    # (RE2 finds the literal "  " ~3x faster than match_substring does)
-    clean = pc.and_(pc.ascii_is_printable(texts), pc.invert(pc.match_substring_regex(texts, "  ")))
     ends = pc.or_(pc.starts_with(texts, " "), pc.ends_with(texts, " "))
-    return pc.fill_null(pc.and_(clean, pc.invert(ends)), False)
+    clean = pc.and_(pc.ascii_is_printable(texts), pc.invert(ends))
+    return pc.fill_null(pc.and_(clean, pc.invert(_double_spaced(texts))), False)
+
+
+def _double_spaced(texts: pa.Array) -> pa.Array:
+    """True where a text holds two spaces in a row (null slots: any value, the caller masks them)."""
+    if not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)) or texts.buffers()[2] is None:
+        return pc.match_substring_regex(texts, "  ")  # (RE2 finds the literal ~3x faster than match_substring)
+    # One numpy pass over the string bytes: twice as fast as RE2, on the hottest loop of aggregate.
+    offsets = np.frombuffer(texts.buffers()[1], np.int64 if pa.types.is_large_string(texts.type) else np.int32)
+    offsets = offsets[texts.offset:texts.offset + len(texts) + 1].astype(np.int64)
+    space = np.frombuffer(texts.buffers()[2], np.uint8)[offsets[0]:offsets[-1]] == ord(" ")
+    at = np.flatnonzero(space[:-1] & space[1:]) + offsets[0]  # the first byte of each "  "
+    rows = np.searchsorted(offsets, at, side="right") - 1
+    found = np.zeros(len(texts), bool)
+    found[rows[at + 1 < offsets[rows + 1]]] = True  # both spaces in one text, not the end of one and the next
+    return pa.array(found)
 
 
 def canonical_key(texts: pa.Array | pa.ChunkedArray) -> pa.Array:
