@@ -149,6 +149,27 @@ def test_canonical_key_on_a_column_of_normal_and_other_texts(texts):
     assert canonical_key(pa.chunked_array([texts[:3], texts[3:]], pa.string())).to_pylist() == expected
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.none() | st.text(alphabet=st.sampled_from(list("  ab\n")), max_size=6), max_size=10),
+       st.integers(0, 10), st.integers(0, 10), st.sampled_from([pa.string(), pa.large_string()]))
+def test_canonical_key_on_a_slice_of_a_column(texts, start, length, type_):
+    """The double-space scan reads the string bytes through the offsets: a slice (record batches are slices of
+    a column) must see only its own texts, and "a " + " b" in adjacent texts is no double space."""
+    part = pa.array(texts, type_).slice(start, length)
+    expected = [None if t is None else normalize_text(t) for t in texts[start:start + length]]
+    assert canonical_key(part).to_pylist() == expected
+
+
+@pytest.mark.parametrize("type_", [pa.string(), pa.large_string()])
+def test_canonical_key_on_every_slice_of_a_column_with_double_spaces(type_):
+    texts = ["ab", "a  b", None, "c", "d  e  f", "", "g h", "x  "]
+    column = pa.array(texts, type_)
+    for start in range(len(texts)):
+        for stop in range(start, len(texts) + 1):
+            expected = [None if t is None else normalize_text(t) for t in texts[start:stop]]
+            assert canonical_key(column.slice(start, stop - start)).to_pylist() == expected
+
+
 def test_whitespace_list_is_what_python_calls_whitespace():
     assert set(PY_WHITESPACE) == {chr(c) for c in range(0x110000) if chr(c).isspace()}
 
