@@ -97,12 +97,14 @@ def _remove_stale_spills(folder: Path) -> None:
 
 
 def _vote_codes(table: pd.DataFrame) -> pd.DataFrame:
+    """The integer-coded votes every pass works on; int32 codes and int8 labels: this table is copied
+    per pass (valid, used...), so its width is most of aggregate's memory per vote."""
     return pd.DataFrame(
         {
-            "pair": table["pair_id"].cat.codes.to_numpy().astype(np.int64),
-            "annotator": table["annotator_id"].cat.codes.to_numpy().astype(np.int64),
-            "batch": table["batch_id"].cat.codes.to_numpy().astype(np.int64),
-            "label": table["label"].to_numpy().astype(np.int64),
+            "pair": table["pair_id"].cat.codes.to_numpy().astype(np.int32),
+            "annotator": table["annotator_id"].cat.codes.to_numpy().astype(np.int32),
+            "batch": table["batch_id"].cat.codes.to_numpy().astype(np.int32),
+            "label": table["label"].to_numpy(),  # int8
             "chose_a": table["chose_a"].to_numpy(),
             "strength": table["strength"],
             "margin": table["margin"].to_numpy(),

@@ -44,7 +44,7 @@ def _crowd_labels(votes: pd.DataFrame, settings: AggregateSettings) -> pd.Series
     """crowd-kit's label per pair code, a shared top score read as a tie (see module doc)."""
     from crowdkit.aggregation import DawidSkene, MajorityVote  # here: the default (majority) path never needs it
 
-    data = votes[["pair", "annotator", "label"]].set_axis(["task", "worker", "label"], axis=1)
+    data = votes[["pair", "annotator", "label"]].astype(np.int64).set_axis(["task", "worker", "label"], axis=1)
     if settings.method == "majority":
         model = MajorityVote()
     else:
@@ -61,7 +61,7 @@ def count_pairs(pair: np.ndarray, label: np.ndarray, weight: np.ndarray, prejudg
                 n_pairs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The group-by on the pair code: votes per (pair, label), judgements per pair (sum of n_votes), and
     A/B vote rows per pair. Sums of partial counts over any split of the votes give the same arrays."""
-    counts = np.bincount(pair * 3 + label, minlength=n_pairs * 3)
+    counts = np.bincount(pair.astype(np.int64) * 3 + label, minlength=n_pairs * 3)
     weighted = np.bincount(pair, weights=weight, minlength=n_pairs)
     return counts, weighted, np.bincount(pair[~prejudged], minlength=n_pairs)
 

@@ -161,7 +161,8 @@ class _Orientation:
 
     @classmethod
     def empty(cls, n: int) -> _Orientation:
-        return cls(np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, np.int64), np.zeros(n, np.int64))
+        # int32 lengths: collect caps a text at collect.max_field_chars
+        return cls(np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, np.int32), np.zeros(n, np.int32))
 
     def fill(self, start: int, batch: pa.RecordBatch) -> pa.Array:
         """Orient rows start.. of one batch; return first_is_a for them."""

@@ -25,7 +25,7 @@ from rmpipe.schema import prompt_hash
 def _batch_lists(votes: pd.DataFrame, pair_codes: np.ndarray, batch_names: pd.Index) -> pa.ListArray:
     """Sorted distinct batch ids per pair, one list per pair code (ascending), all pairs at once."""
     n_batches = max(len(batch_names), 1)
-    combos = np.sort(votes["pair"].to_numpy() * n_batches + votes["batch"].to_numpy())
+    combos = np.sort(votes["pair"].to_numpy().astype(np.int64) * n_batches + votes["batch"].to_numpy())
     combos = combos[np.r_[True, combos[1:] != combos[:-1]]] if len(combos) else combos
     combo_pair, combo_batch = np.divmod(combos, n_batches)  # sorted by pair, then by batch name
     starts = np.searchsorted(combo_pair, pair_codes)
