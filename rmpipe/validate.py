@@ -353,7 +353,7 @@ def _validate_split(runner: _Runner, name: str, split: pd.DataFrame | Iterable[p
     for chunk in _chunks(split):
         pending.append(schema_frame(chunk, _VALUE_TYPED))
         values.append(values_frame(chunk))
-        identities.append(identity_frame(name, chunk))
+        identities.append(identity_frame(name, chunk, values[-1]))
         rows += len(chunk)
         if sum(map(len, pending)) >= schema_rows:
             run_schema()

@@ -66,8 +66,12 @@ def values_frame(frame: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def identity_frame(name: str, frame: pd.DataFrame) -> pd.DataFrame:
+def identity_frame(name: str, frame: pd.DataFrame, values: pd.DataFrame | None = None) -> pd.DataFrame:
     """A chunk's identity columns, `split` set from the file the row sits in.
+
+    `values`: the chunk's values_frame, whose pair_id / prompt_hash are Python strings already: the
+    stacked identities then share those objects instead of holding a second copy of every id
+    (~200 bytes a pair), and every `split` cell is one shared string.
 
     For the (prompt, chosen, rejected) duplicate check the prompt enters as its prompt_hash
     (the contract's identity of a prompt) and each response as a 64-bit hash of its text
@@ -75,7 +79,9 @@ def identity_frame(name: str, frame: pd.DataFrame) -> pd.DataFrame:
     could only raise a false alarm, never hide a duplicate): GX would otherwise fingerprint
     and copy the texts once more just to find duplicates.
     """
-    ids = frame[[c for c in ("pair_id", "prompt_hash") if c in frame.columns]].assign(split=name)
+    source = frame if values is None else values
+    ids = source[[c for c in ("pair_id", "prompt_hash") if c in source.columns]]
+    ids = ids.assign(split=pd.Series(np.full(len(ids), name, dtype=object), index=ids.index))
     for c in ("chosen", "rejected"):
         if is_text(frame, c):
             ids[f"{c}_key"] = pd.util.hash_array(frame[c].to_numpy(dtype=object, na_value=None), categorize=False)
