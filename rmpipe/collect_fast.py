@@ -11,6 +11,7 @@ quarantine, and `rows read = normalized + quarantined` stays exact.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Any, Callable, Sequence
 
@@ -20,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import xxhash
 
-from rmpipe import schema
+from rmpipe import schema, text_columns
 from rmpipe.collect_rows import (CHOICE_LABELS, STRENGTH_LABELS, VOTE_FIELDS_OUT, VOTE_KNOWN, Bad, Normalizer, Vote, label,
                                  meta_json, prompt_messages)
 
@@ -120,9 +121,9 @@ def fast_votes(table: pa.Table, norm: Normalizer, nulls_may_be_absent: bool) -> 
     _SEEN.trim(norm.max_chars)
     ok = _shape_ok(table, nulls_may_be_absent)
     responses = pa.concat_arrays([table["response_a"].combine_chunks(), table["response_b"].combine_chunks()])
-    texts_ok, text_index, texts = _responses(responses.dictionary_encode(), norm)
+    texts_ok, text_index, digests, unclean = _responses(responses.dictionary_encode(), norm)
     ok &= texts_ok[:n] & texts_ok[n:]
-    prompt_ok, prompt_index, prompts = _prompts(table["prompt"].combine_chunks().dictionary_encode(), norm)
+    prompt_ok, prompt_index, canonical, prompt_hashes = _prompts(table["prompt"].combine_chunks().dictionary_encode(), norm)
     annotator_ok, annotator_index, annotators = _distinct(table["annotator_id"], norm.annotator)
     choice_ok, choice_index, choices = _distinct(table["choice"], lambda v: label(v, CHOICE_LABELS) or Bad("", ""))
     ok &= prompt_ok & annotator_ok & choice_ok
@@ -134,11 +135,12 @@ def fast_votes(table: pa.Table, norm: Normalizer, nulls_may_be_absent: bool) -> 
         ok &= strength_ok | _absent(table["strength"])
         strengths.append(None)  # the null slot of _distinct: an absent strength
     rows = np.flatnonzero(ok)
-    pair_ids, rows, triple = _pair_ids(responses, rows, prompt_index, text_index[:n], text_index[n:], prompts, texts)
+    pair_ids, rows, triple = _pair_ids(responses, rows, prompt_index, text_index[:n], text_index[n:], prompt_hashes,
+                                       digests, unclean)
     columns = {
-        "pair_id": pa.array(pair_ids, pa.string()).take(triple),
-        "prompt": _take([p and p[0] for p in prompts], prompt_index[rows]),
-        "prompt_hash": _take([p and p[1] for p in prompts], prompt_index[rows]),
+        "pair_id": pair_ids.take(triple),
+        "prompt": canonical.take(pa.array(prompt_index[rows])),
+        "prompt_hash": prompt_hashes.take(pa.array(prompt_index[rows])),
         "response_a": _rows_of(table["response_a"], rows),
         "response_b": _rows_of(table["response_b"], rows),
         "annotator_id": _take([a if isinstance(a, str) else None for a in annotators], annotator_index[rows]),
@@ -159,45 +161,76 @@ def _indices(encoded: pa.DictionaryArray) -> tuple[np.ndarray, int]:
     return np.asarray(pc.fill_null(encoded.indices, size), dtype=np.int64), size
 
 
-def _responses(encoded: pa.DictionaryArray, norm: Normalizer) -> tuple[np.ndarray, np.ndarray, list]:
-    """Per distinct response: its normalized digest (None: fails a check), from the fingerprint cache or
-    from `Normalizer.text` (the per-row path's own check) the first time."""
+def _responses(encoded: pa.DictionaryArray, norm: Normalizer) -> tuple[np.ndarray, np.ndarray, pa.Array, np.ndarray]:
+    """Per distinct response: (row passes, row -> distinct index, sha256 of its normalized form (null: fails
+    a check), whether normalizing changes it). A text met before is known by its fingerprint; a new one
+    is checked and hashed as a column when it is normal ASCII, else once by `Normalizer.text` (the
+    per-row path's own check)."""
     index, size = _indices(encoded)
-    fingerprints = _SEEN.fingerprints(encoded.dictionary)
+    values = encoded.dictionary
+    fingerprints = _SEEN.fingerprints(values)
     infos = [_SEEN.texts.get(fp, False) for fp in fingerprints]
-    missing = [i for i, info in enumerate(infos) if info is False]
-    for i, value in zip(missing, encoded.dictionary.take(pa.array(missing, pa.int64())).to_pylist()):
-        info = norm.text(value, "response")
-        infos[i] = _SEEN.texts[fingerprints[i]] = None if isinstance(info, Bad) else (info[2], info[1] != value)
+    new = np.array([info is False for info in infos], dtype=bool)
+    if new.any():
+        at = np.flatnonzero(new)
+        fresh = values.take(pa.array(at))
+        clean = text_columns.normal_ascii(fresh, norm.max_chars)
+        for i, digest in zip(at[clean].tolist(), text_columns.sha256_hex(fresh.filter(clean))):
+            infos[i] = _SEEN.texts[fingerprints[i]] = (digest, False)
+        for i, value in zip(at[~clean].tolist(), fresh.filter(~clean).to_pylist()):
+            info = norm.text(value, "response")
+            infos[i] = _SEEN.texts[fingerprints[i]] = None if isinstance(info, Bad) else (info[2], info[1] != value)
     good = np.array([info is not None for info in infos] + [False], dtype=bool)
-    return good[index], index, infos
+    digests = pa.array([info and info[0] for info in infos], pa.string())
+    unclean = np.array([info is not None and info[1] for info in infos], dtype=bool)
+    return good[index], index, digests, unclean
 
 
-def _prompts(encoded: pa.DictionaryArray, norm: Normalizer) -> tuple[np.ndarray, np.ndarray, list]:
-    """Per distinct prompt: (canonical JSON, prompt_hash), None when it fails a check (hash cached by fingerprint)."""
+def _prompts(encoded: pa.DictionaryArray, norm: Normalizer) -> tuple[np.ndarray, np.ndarray, pa.Array, pa.Array]:
+    """Per distinct prompt: (row passes, row -> distinct index, canonical JSON, prompt_hash; null: fails a
+    check). The hash is computed at a prompt's first sight and remembered by fingerprint; the canonical
+    form is rebuilt each time (it is what the votes store)."""
     index, size = _indices(encoded)
-    infos: list = []
-    for fp, value in zip(_SEEN.fingerprints(encoded.dictionary), encoded.dictionary.to_pylist()):
-        digest = _SEEN.prompts.get(fp, False)
-        if digest is False:  # first sight: the per-row path's own check
+    values = encoded.dictionary
+    canonical: list = [None] * size
+    hashes: list = [None] * size
+    seen, max_chars = _SEEN.prompts, norm.max_chars
+    for i, (fp, value) in enumerate(zip(_SEEN.fingerprints(values), values.to_pylist())):
+        digest = seen.get(fp, False)
+        if _one_turn(value):
+            if digest is False:  # first sight: the checks prompt_info makes of a one-turn text prompt
+                digest = seen[fp] = _one_turn_hash(value) if _one_turn_passes(value, max_chars) else None
+            if digest is not None:
+                canonical[i], hashes[i] = _one_turn_json(value), digest
+            continue
+        if digest is False:  # chat JSON, a transcript, or whitespace at an end: the per-row path's own check
             info = norm.prompt_info(value)
-            info = None if isinstance(info, Bad) else info
-            _SEEN.prompts[fp] = info and info[1]
-            infos.append(info)
-        elif digest is None:
-            infos.append(None)
-        else:  # seen before and passed every check: only its canonical form is rebuilt
-            infos.append((_canonical(value), digest))
-    good = np.array([info is not None for info in infos] + [False], dtype=bool)
-    return good[index], index, infos
+            digest = seen[fp] = None if isinstance(info, Bad) else info[1]
+        if digest is not None:
+            canonical[i], hashes[i] = schema.canonical_messages(prompt_messages(value)), digest
+    good = np.array([h is not None for h in hashes] + [False], dtype=bool)
+    return good[index], index, pa.array(canonical, pa.string()), pa.array(hashes, pa.string())
 
 
-def _canonical(prompt: str) -> str:
-    """schema.canonical_messages(prompt_messages(prompt)) of a prompt that passed every check; a plain
-    question (no chat JSON, no transcript) directly."""
-    if "[" in prompt[:1] or "\n\nAssistant:" in prompt or prompt[-1:].isspace() or prompt[:1].isspace():
-        return schema.canonical_messages(prompt_messages(prompt))
+def _one_turn(prompt: str) -> bool:
+    """A prompt that `schema.to_messages` takes as one user turn whatever its content: not a JSON list
+    (which may start after whitespace) and not a Human:/Assistant: transcript."""
+    return not ("[" in prompt[:1] or prompt[:1].isspace() or prompt[-1:].isspace() or "\n\nAssistant:" in prompt)
+
+
+def _one_turn_passes(prompt: str, max_chars: int) -> bool:
+    """Normalizer.prompt_info's checks for a one-turn prompt (no lone surrogate can come out of Arrow)."""
+    return 0 < len(prompt) <= max_chars and "\x00" not in prompt and not prompt.isspace()
+
+
+def _one_turn_json(prompt: str) -> str:
+    """schema.canonical_prompt of a one-turn prompt."""
     return orjson.dumps([{"content": prompt, "role": "user"}]).decode()
+
+
+def _one_turn_hash(prompt: str) -> str:
+    """schema.prompt_hash of a one-turn prompt."""
+    return hashlib.sha256(orjson.dumps([{"content": schema.normalize_text(prompt), "role": "user"}])).hexdigest()
 
 
 def _rows_of(column: pa.ChunkedArray, rows: np.ndarray) -> pa.ChunkedArray:
@@ -212,30 +245,26 @@ def _take(values: list, index: np.ndarray) -> pa.Array:
 
 
 def _pair_ids(responses: pa.Array, rows: np.ndarray, prompt_index: np.ndarray, a_index: np.ndarray,
-              b_index: np.ndarray, prompts: list, texts: list) -> tuple[list, np.ndarray, pa.Array]:
-    """pair_id per distinct (prompt, a, b) of the passing rows; rows whose responses are identical after
+              b_index: np.ndarray, prompt_hashes: pa.Array, digests: pa.Array,
+              unclean: np.ndarray) -> tuple[pa.Array, np.ndarray, pa.Array]:
+    """pair_id per distinct (prompt, {a, b}) of the passing rows; rows whose responses are identical after
     normalization are dropped (the row path reports them). Returns (ids, kept rows, row -> id index)."""
-    size = len(texts) + 1
-    codes = (prompt_index[rows] * size + a_index[rows]) * size + b_index[rows]
-    distinct, first_at, inverse = np.unique(codes, return_index=True, return_inverse=True)
-    p, rest = np.divmod(distinct, size * size)
-    a, b = np.divmod(rest, size)
-    # schema.pair_id orders the two responses by their normalized text; for clean texts that is the text itself
-    n = len(responses) // 2
+    size = len(digests) + 1
+    a, b = a_index[rows], b_index[rows]
+    codes = (prompt_index[rows] * size + np.minimum(a, b)) * size + np.maximum(a, b)  # A/B and B/A: one pair
+    _, first_at, inverse = np.unique(codes, return_index=True, return_inverse=True)
     first_rows = rows[first_at]
+    n = len(responses) // 2
+    da, db = digests.take(pa.array(a_index[first_rows])), digests.take(pa.array(b_index[first_rows]))
+    # schema.pair_id orders the two responses by their normalized text; for clean texts that is the text itself
     a_first = np.asarray(pc.less_equal(responses.take(pa.array(first_rows)), responses.take(pa.array(n + first_rows))))
-    ids: list[str | None] = []
-    for k, (pk, ak, bk) in enumerate(zip(p.tolist(), a.tolist(), b.tolist())):
-        (da, unclean_a), (db, unclean_b) = texts[ak], texts[bk]
-        if da == db:
-            ids.append(None)
-            continue
-        first = a_first[k]
-        if unclean_a or unclean_b:
-            row = int(first_rows[k])
-            first = schema.normalize_text(responses[row].as_py()) <= schema.normalize_text(responses[n + row].as_py())
-        ids.append(schema.pair_id_from_digests(prompts[pk][1], *((da, db) if first else (db, da))))
-    same = np.array([i is None for i in ids], dtype=bool)
+    for k in np.flatnonzero(unclean[a_index[first_rows]] | unclean[b_index[first_rows]]).tolist():
+        row = int(first_rows[k])
+        a_first[k] = schema.normalize_text(responses[row].as_py()) <= schema.normalize_text(responses[n + row].as_py())
+    first, second = pc.if_else(a_first, da, db), pc.if_else(a_first, db, da)
+    joined = pc.binary_join_element_wise(prompt_hashes.take(pa.array(prompt_index[first_rows])), first, second, "\x1f")
+    ids = pa.array([digest[:24] for digest in text_columns.sha256_hex(joined)], pa.string())
+    same = np.asarray(pc.equal(da, db))  # identical after normalization: the row path says so
     keep = ~same[inverse] if len(rows) else np.zeros(0, dtype=bool)
     return ids, rows[keep], pa.array(inverse[keep])
 

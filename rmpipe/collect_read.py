@@ -6,8 +6,8 @@ table (the candidates for `collect_fast`); every row can also be had as a record
 the `Bad` that says why it cannot be read) for the per-row path, with its raw form for the
 quarantine. Chunk boundaries change nothing: a chunk is cut at whole lines / records.
 
-  JSONL    blocks of lines; pyarrow.json parses the block when it can (a block it refuses, and any
-           line holding a chat-message prompt or a pair/group, goes row by row through orjson)
+  JSONL    blocks of lines; pyarrow.json parses the block when it can (a chat-message prompt as its
+           JSON text; a block it refuses goes row by row through orjson)
   CSV      pyarrow's streaming CSV reader; from the first record it refuses, the csv module reads
            the rest record by record so each bad record gets its own reason
   Parquet  row groups via ParquetFile.iter_batches
@@ -38,9 +38,9 @@ from rmpipe.collect_rows import Bad, type_name
 CHUNK_ROWS = 16_384  # rows per chunk: ~40 MB of texts at a few KB per row
 RAW_MAX_CHARS = 4000  # a quarantined row keeps this much of its raw text
 UNREADABLE = (OSError, pa.ArrowException, ValueError, UnicodeError)  # hf_batches.UnreadableDataset is a ValueError
-# JSONL lines that go row by row without trying pyarrow: a chat-message prompt (its column would change type
-# between rows). Other shapes are left to the fast path's shape check; a block pyarrow refuses goes row by row.
-_ROW_ONLY = (b'"prompt":[', b'"prompt": [')
+# JSONL lines whose prompt is a chat-message list (its column would change type between rows): pyarrow
+# reads them with the prompt as JSON text. Other shapes are left to the fast path's shape check.
+_CHAT_PROMPT = (b'"prompt":[', b'"prompt": [')
 
 
 @dataclass
@@ -100,13 +100,27 @@ def _jsonl_chunk(block: list[bytes], first_line: int) -> Chunk:
             lines.append(first_line + offset)
             raws.append(raw)
     starts = list(itertools.accumulate((len(raw) for raw in raws), initial=0))
-    row_only = {bisect.bisect_right(starts, at) - 1 for at in _found(b"".join(raws), _ROW_ONLY)}
-    columnar = [i for i in range(len(raws)) if i not in row_only]
-    table = _json_table([raws[i] for i in columnar]) if columnar else None
+    chat = {bisect.bisect_right(starts, at) - 1 for at in _found(b"".join(raws), _CHAT_PROMPT)}
+    as_read = {i: _chat_prompt_as_text(raws[i]) for i in chat}  # line -> what pyarrow reads (None: the row path)
+    columnar = [i for i in range(len(raws)) if i not in chat or as_read[i] is not None]
+    table = _json_table([as_read.get(i) or raws[i] for i in columnar]) if columnar else None
     if table is None and columnar:  # one bad line spoils pyarrow's block: try once more without the lines orjson refuses
         columnar = [i for i in columnar if isinstance(orjson_or_none(raws[i]), dict)]
-        table = _json_table([raws[i] for i in columnar]) if columnar else None
+        table = _json_table([as_read.get(i) or raws[i] for i in columnar]) if columnar else None
     return Chunk(lines, lambda i: jsonl_record(raws[i]), table, columnar if table is not None else [], True)
+
+
+def _chat_prompt_as_text(raw: bytes) -> bytes | None:
+    """A line whose prompt is a list of chat messages, with the prompt as its JSON text (a column of one
+    type), or None. schema.to_messages reads that text back as the same messages, so the fast path
+    judges it as the per-row path judges the list; a row it refuses (e.g. the text is over
+    max_field_chars where the messages are not) goes to the per-row path as delivered. An empty list,
+    or one holding a non-object, would read differently as text: those lines stay on the row path."""
+    rec = orjson_or_none(raw)
+    prompt = rec.get("prompt") if isinstance(rec, dict) else None
+    if not (isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt)):
+        return None
+    return orjson.dumps({**rec, "prompt": orjson.dumps(prompt).decode()})
 
 
 def _found(data: bytes, marks: tuple[bytes, ...]) -> Iterator[int]:

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from rmpipe import collect
 from rmpipe.collect_batch import collect_batch
+from test_text_columns import TEXT
 from test_reliability import (_csv_text, _hostile_record, _jsonl_bytes, _line_damage, _parquet_table,
                               assert_every_row_accounted_for)
 
@@ -96,6 +97,8 @@ def test_fast_path_equals_the_row_path_on_hostile_files_in_every_format(tmp_path
     st.builds(lambda i, p: {**_vote(i), "prompt": p}, st.integers(0, 3),
               st.sampled_from(["", " ", "a\x00b", '[{"role": "user", "content": "hi"}]', "\n\nHuman: hi\n\nAssistant:"])),
     st.builds(lambda i, pid: {**_vote(i), "pair_id": pid}, st.integers(0, 3), st.sampled_from(["", "p-1", 5])),
+    st.builds(lambda i, p, a, b: {**_vote(i), "prompt": p, "response_a": a, "response_b": b},  # column vs Python texts
+              st.integers(0, 3), TEXT, TEXT, TEXT),
 ), max_size=30))
 def test_generated_vote_batches_give_the_same_table_either_path(tmp_path, rows):
     """Near-valid vote rows (the fast path's own territory): every label spelling, duplicates, identical texts."""
@@ -181,3 +184,37 @@ def test_texts_checked_under_one_max_field_chars_are_checked_again_under_another
     assert roomy["totals"]["votes"] == 1
     _, quarantine, tight = collect.collect_dir(incoming, _cfg(incoming, max_field_chars=30))
     assert tight["totals"]["votes"] == 0 and [q["code"] for q in quarantine] == ["field_too_long"]
+
+
+def test_texts_that_could_tell_the_column_path_from_the_row_path_do_not(tmp_path):
+    """Quotes and backslashes (JSON escapes), "[" (chat JSON), whitespace runs and ends, control
+    characters, DEL and non-ASCII, as prompts and responses in JSONL and CSV: each way agrees."""
+    texts = ['Say "hi" \\ now', 'a [b] "c"', "[not json", " lead", "trail ", "two  spaces", "tab\there", "new\nline",
+             "bell\x07", "del\x7f", "caf\u00e9", "wide\u3000space", "\\", '"', "plain",
+             "Human: hi\n\nAssistant: hello\n\nHuman: and?\n\nAssistant:", '[{"role": "user", "content": "hi"}]']
+    rows = [{"prompt": p, "response_a": texts[(i + 1) % len(texts)], "response_b": texts[(i + 5) % len(texts)],
+             "annotator_id": f"ann-{i % 2}", "choice": "ab"[i % 2]} for i, p in enumerate(texts)]
+    incoming = _fresh(tmp_path)
+    (incoming / "a.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    out = stdio.StringIO()
+    csv.DictWriter(out, fieldnames=list(rows[0])).writeheader()
+    csv.DictWriter(out, fieldnames=list(rows[0])).writerows({**r, "annotator_id": "c" + r["annotator_id"]} for r in rows)
+    (incoming / "b.csv").write_text(out.getvalue(), encoding="utf-8")
+    votes, quarantine, _ = collect_every_way(incoming, max_bad_share=1.0)
+    assert len(votes) == 2 * len(texts) and not quarantine
+    assert votes["prompt"].str.count('"role"').max() == 3  # the transcript became its three turns
+
+
+def test_chat_prompts_read_as_json_text_are_judged_as_the_messages_they_are(tmp_path):
+    """JSONL chat prompts reach the fast path as their JSON text; where the text would be judged
+    otherwise than the messages (longer than max_field_chars when the messages are not; an empty
+    list or non-objects, which as text would pass as a plain question) the row path decides."""
+    chat = [{"role": "user", "content": "x" * 30}]  # 30 chars of content, ~60 of JSON text
+    rows = [{**_vote(1), "prompt": chat}, {**_vote(2), "prompt": []}, {**_vote(3), "prompt": ["hi"]},
+            {**_vote(0), "prompt": [{"role": " User ", "content": "Question 0?"}]}]
+    incoming = _fresh(tmp_path)
+    (incoming / "a.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    votes, quarantine, _ = collect_every_way(incoming, max_bad_share=1.0, max_field_chars=40)
+    assert [(q["line"], q["code"]) for q in quarantine] == [(2, "empty_text"), (3, "bad_prompt")]
+    assert votes["line"].tolist() == [1, 4]
+    assert votes["prompt"].tolist()[1] == '[{"content":"Question 0?","role":"user"}]'  # as the text prompt
