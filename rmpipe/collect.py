@@ -13,8 +13,9 @@ The work is split by job: `collect_read` reads a batch in chunks, `collect_fast`
 normalizes whole columns of a chunk, `collect_rows` is the per-row path (every rule and reason),
 `collect_batch` puts one batch together (`collect_batch.collect_batch`, a function of one file
 that can run in any process), and this module runs the batches of the folder in file-name order
-and merges their parts into data/collected/votes.parquet. Memory is that of a chunk, a
-16-byte key per vote and a capped cache of text fingerprints; the output does not depend on the chunk size or on the fast path.
+and appends each accepted batch to data/collected/votes.parquet (`VoteWriter`). Memory is that of a
+batch's votes up to HOLD_MB (beyond, they wait in a part on disk), a 16-byte key per vote and a
+capped cache of text fingerprints; the output does not depend on the chunk size or on the fast path.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ __all__ = ["FORMATS", "POLICIES", "RAW_MAX_CHARS", "REASONS", "BatchResult", "Co
            "check_batch", "collect_dir", "collect_to", "incoming_snapshot", "raise_for_rejected", "raise_if_changed", "write_votes"]
 _Normalizer, _Bad = Normalizer, Bad  # the per-row path, under the names tests have used
 ROWS_PER_GROUP = 50_000  # parquet row group of votes.parquet: ~100 MB of long texts, read a group at a time
+HOLD_MB = 256  # a batch's votes up to this size wait in memory for the merge, not in a part on disk
 
 log = logging.getLogger("rmpipe.collect")
 
@@ -169,13 +171,13 @@ def raise_if_changed(incoming_dir: str | Path, before: Snapshot) -> None:
 
 
 def collect_to(incoming_dir: str | Path, cfg: Mapping[str, Any] | CollectSettings, votes_path: str | Path,
-               retracted: list[dict] | None = None, *, fast: bool = True,
-               chunk_rows: int = CHUNK_ROWS, ahead: BatchRunner | None = None) -> tuple[list[dict], dict]:
+               retracted: list[dict] | None = None, *, fast: bool = True, chunk_rows: int = CHUNK_ROWS,
+               hold_mb: float = HOLD_MB, ahead: BatchRunner | None = None) -> tuple[list[dict], dict]:
     """Collect every batch in `incoming_dir` into the parquet file `votes_path`: (quarantine rows, report).
 
     Votes of accepted batches only, in file-name then line order. Rejected batches never raise
     here: call `raise_for_rejected(report, cfg)` after writing the report and quarantine, so the
-    user can read why. `fast` and `chunk_rows` as in `collect_batch.collect_batch`. `ahead`
+    user can read why. `fast`, `chunk_rows` and `hold_mb` as in `collect_batch.collect_batch`. `ahead`
     (rmpipe.engine.batch_runner) collects every batch at once elsewhere; see `_reuse`.
     """
     conf = as_settings(cfg)
@@ -184,14 +186,15 @@ def collect_to(incoming_dir: str | Path, cfg: Mapping[str, Any] | CollectSetting
         log.warning("skipped %s: %s", item["file"], item["reason"])
     votes_path = Path(votes_path)
     accepted, seen_files = SeenVotes(), {}
-    quarantine, entries, parts = [], [], []
+    quarantine, entries = [], []
+    table = VoteWriter(votes_path)
     with tempfile.TemporaryDirectory(prefix=".collect-parts-", dir=votes_path.parent) as tmp, _gc_paused():
         futures = (ahead(files, conf, retracted or [], Path(tmp), fast=fast, chunk_rows=chunk_rows) if ahead
                    else [None] * len(files))
         for number, path in enumerate(files):
             result = _reuse(futures[number], accepted, seen_files) or collect_batch(
                 path, conf, earlier=accepted, seen_files=seen_files, retracted=retracted or [],
-                votes_to=Path(tmp) / f"{number:06d}.parquet", fast=fast, chunk_rows=chunk_rows)
+                votes_to=Path(tmp) / f"{number:06d}.parquet", hold_mb=hold_mb, fast=fast, chunk_rows=chunk_rows)
             if read_files(result.report):
                 seen_files[result.report["sha256"]] = result.batch_id
             sidecar = path.with_name(path.name + hf_batches.SOURCE_SUFFIX)
@@ -202,12 +205,12 @@ def collect_to(incoming_dir: str | Path, cfg: Mapping[str, Any] | CollectSetting
             quarantine.extend(result.quarantine)
             if result.accepted:
                 accepted.add(result.batch_id, result.keys)
-                parts.append(result.part)
+                table.add(result.part or result.table)
             elif result.part is not None:
                 result.part.unlink(missing_ok=True)
+            result.table = None  # held votes are freed batch by batch
         del accepted
-        counts = merge_parts(parts, votes_path)
-    return quarantine, _report(entries, skipped, counts, conf)
+    return quarantine, _report(entries, skipped, table.close(), conf)
 
 
 def _reuse(future: Any, accepted: SeenVotes, seen_files: Mapping[str, str]) -> BatchResult | None:
@@ -224,37 +227,48 @@ def _reuse(future: Any, accepted: SeenVotes, seen_files: Mapping[str, str]) -> B
     return None
 
 
-def merge_parts(parts: list[Path], out: Path, rows_per_group: int = ROWS_PER_GROUP) -> dict[str, int]:
-    """Concatenate the batches' parquet parts into `out`, in order, in row groups of `rows_per_group`
-    whatever the parts' own (so the bytes depend on the votes only); count votes, pairs, annotators."""
-    pairs: set[str] = set()
-    annotators: set[str] = set()
-    votes = 0
-    pending: list[pa.Table] = []
-    with pq.ParquetWriter(out, VOTES_SCHEMA, compression="zstd") as writer:
-        for part in parts:
-            for batch in pq.ParquetFile(part).iter_batches(batch_size=rows_per_group):
-                pairs.update(pc.unique(batch["pair_id"]).to_pylist())
-                annotators.update(pc.unique(batch["annotator_id"]).to_pylist())
-                votes += batch.num_rows
-                pending.append(pa.Table.from_batches([batch], schema=VOTES_SCHEMA))
-                pending = _flush(writer, pending, rows_per_group, final=False)
-            part.unlink()
-        _flush(writer, pending, rows_per_group, final=True)
-    return {"votes": votes, "pairs": len(pairs), "annotators": len(annotators)}
+class VoteWriter:
+    """votes.parquet, written as accepted batches come (in file-name order), in row groups of
+    `rows_per_group` whatever the batches' sizes, so its bytes depend on the votes only. Counts
+    votes, pairs and annotators on the way."""
 
+    def __init__(self, out: Path, rows_per_group: int = ROWS_PER_GROUP):
+        self.writer = pq.ParquetWriter(out, VOTES_SCHEMA, compression="zstd")
+        self.rows = rows_per_group
+        self.pending: list[pa.Table] = []
+        self.pairs: set[str] = set()
+        self.annotators: set[str] = set()
+        self.votes = 0
 
-def _flush(writer: pq.ParquetWriter, pending: list[pa.Table], rows: int, final: bool) -> list[pa.Table]:
-    """Write whole row groups of `rows` from `pending` (all of it when `final`); return what is left."""
-    size = sum(t.num_rows for t in pending)
-    if size < rows and not (final and size):
-        return pending
-    table = pa.concat_tables(pending)
-    start = 0
-    while table.num_rows - start >= rows or (final and start < table.num_rows):
-        writer.write_table(table.slice(start, rows), row_group_size=rows)
-        start += rows
-    return [table.slice(start)] if start < table.num_rows else []
+    def add(self, votes: Path | pa.Table) -> None:
+        """A batch's votes: a table held in memory, or a parquet part (deleted once copied)."""
+        batches = (votes.to_batches(max_chunksize=self.rows) if isinstance(votes, pa.Table)
+                   else pq.ParquetFile(votes).iter_batches(batch_size=self.rows))
+        for batch in batches:
+            self.pairs.update(pc.unique(batch["pair_id"]).to_pylist())
+            self.annotators.update(pc.unique(batch["annotator_id"]).to_pylist())
+            self.votes += batch.num_rows
+            self.pending.append(pa.Table.from_batches([batch], schema=VOTES_SCHEMA))
+            self._flush(final=False)
+        if isinstance(votes, Path):
+            votes.unlink()
+
+    def close(self) -> dict[str, int]:
+        self._flush(final=True)
+        self.writer.close()
+        return {"votes": self.votes, "pairs": len(self.pairs), "annotators": len(self.annotators)}
+
+    def _flush(self, final: bool) -> None:
+        """Write whole row groups from `pending` (all of it when `final`); keep the rest pending."""
+        size = sum(t.num_rows for t in self.pending)
+        if size < self.rows and not (final and size):
+            return
+        table = pa.concat_tables(self.pending)
+        start = 0
+        while table.num_rows - start >= self.rows or (final and start < table.num_rows):
+            self.writer.write_table(table.slice(start, self.rows), row_group_size=self.rows)
+            start += self.rows
+        self.pending = [table.slice(start)] if start < table.num_rows else []
 
 
 def collect_dir(incoming_dir: str | Path, cfg: Mapping[str, Any] | CollectSettings, retracted: list[dict] | None = None,

@@ -201,17 +201,16 @@ def read_files(entry: dict) -> bool:
 class _Batch:
     """What one batch has gathered so far: its votes (written as they come), quarantine and counts."""
 
-    def __init__(self, batch_id: str, earlier: SeenVotes, votes_to: Path | None):
+    def __init__(self, batch_id: str, earlier: SeenVotes, votes_to: Path | None, hold_bytes: float):
         self.batch_id, self.earlier = batch_id, earlier
         self.first_here: dict[bytes, int] = {}  # vote key -> line of its vote in this batch
         self.quarantine: list[dict] = []
         self.shapes = Counter({"vote": 0, "pair": 0, "ranked": 0})  # normalized rows per shape
         self.group_votes = self.rows_read = self.votes = 0
-        self.tables: list[pa.Table] = []
-        self.votes_to = votes_to
-        # a part is read back once by the merge: not worth compressing or dictionary-encoding
-        self.writer = (pq.ParquetWriter(votes_to, VOTES_SCHEMA, compression="none", use_dictionary=False)
-                       if votes_to else None)
+        self.tables: list[pa.Table] = []  # votes held in memory (all of them when there is no `votes_to`)
+        self.held = 0  # their bytes
+        self.votes_to, self.hold_bytes = votes_to, hold_bytes
+        self.writer: pq.ParquetWriter | None = None
 
     def _earlier(self, key: bytes) -> str | None:
         line = self.first_here.get(key)
@@ -295,17 +294,27 @@ class _Batch:
         if order != list(range(table.num_rows)):  # all rows kept in order: no copy
             table = table.take(pa.array(order, pa.int64()))
         self.votes += table.num_rows
-        if self.writer is not None:
+        self.tables.append(table)
+        self.held += table.nbytes
+        if self.votes_to is not None and self.held > self.hold_bytes:
+            self._spill()
+
+    def _spill(self) -> None:
+        """Move the votes held in memory to the part on disk (opened at the first spill)."""
+        if self.writer is None:  # read back once by the merge: not worth compressing or dictionary-encoding
+            self.writer = pq.ParquetWriter(self.votes_to, VOTES_SCHEMA, compression="none", use_dictionary=False)
+        for table in self.tables:
             if table.num_rows:
                 self.writer.write_table(table)
-        else:
-            self.tables.append(table)
+        self.tables, self.held = [], 0
 
-    def close(self) -> pa.Table | None:
+    def close(self) -> tuple[pa.Table | None, Path | None]:
+        """(votes held in memory, or None when they went to the part; the part, or None)."""
         if self.writer is not None:
+            self._spill()
             self.writer.close()
-            return None
-        return pa.concat_tables(self.tables) if self.tables else VOTES_SCHEMA.empty_table()
+            return None, self.votes_to
+        return (pa.concat_tables(self.tables) if self.tables else VOTES_SCHEMA.empty_table()), None
 
 
 def _duplicate(annotator: str, earlier: str) -> Bad:
@@ -355,13 +364,16 @@ def _settle(entry: dict, batch: _Batch, unreadable: str | None, conf: CollectSet
 
 def collect_batch(path: str | Path, conf: CollectSettings, *, earlier: SeenVotes | None = None,
                   seen_files: Mapping[str, str] | None = None, retracted: list[dict] | None = None,
-                  votes_to: Path | None = None, fast: bool = True, chunk_rows: int = CHUNK_ROWS) -> BatchResult:
+                  votes_to: Path | None = None, hold_mb: float = 0, fast: bool = True,
+                  chunk_rows: int = CHUNK_ROWS) -> BatchResult:
     """Check and normalize one batch file (or dataset folder).
 
     earlier     votes of batches already accepted (a repeat is a duplicate vote); default none
     seen_files  content sha256 -> batch of files already read (a repeat is a duplicate file)
     retracted   the retraction register (a retracted batch is refused unread)
     votes_to    write the votes to this parquet part as they come; default: keep them in memory
+    hold_mb     with `votes_to`: keep up to this many MB of votes in memory first, so a batch that fits
+                never goes to disk (BatchResult.table, no part)
     fast        the column-wise fast path (False: every row through the per-row path, same result)
     chunk_rows  rows per chunk (memory is that of a chunk; the result does not depend on it)
     """
@@ -369,7 +381,7 @@ def collect_batch(path: str | Path, conf: CollectSettings, *, earlier: SeenVotes
     entry = _new_entry(path)
     if _screen(path, conf, entry, seen_files or {}, retracted or []):
         return BatchResult(path.name, entry)
-    batch = _Batch(path.name, earlier or SeenVotes(), votes_to)
+    batch = _Batch(path.name, earlier or SeenVotes(), votes_to, hold_mb * 2**20)
     norm = Normalizer(conf.max_field_chars, conf.margin_from_scores)
     unreadable = None
     reader = chunks(path, entry["format"], chunk_rows, conf.hf_split)
@@ -383,7 +395,7 @@ def collect_batch(path: str | Path, conf: CollectSettings, *, earlier: SeenVotes
             break
         batch.add(chunk, norm, fast)
         norm.trim()
-    table = batch.close()
+    table, part = batch.close()
     _settle(entry, batch, unreadable, conf)
-    return BatchResult(path.name, entry, batch.quarantine, table, votes_to,
+    return BatchResult(path.name, entry, batch.quarantine, table, part,
                        batch.first_here if entry["status"] == "accepted" else {})

@@ -207,7 +207,7 @@ def _prompts(encoded: pa.DictionaryArray, norm: Normalizer) -> tuple[np.ndarray,
             info = norm.prompt_info(value)
             digest = seen[fp] = None if isinstance(info, Bad) else info[1]
         if digest is not None:
-            canonical[i], hashes[i] = schema.canonical_messages(prompt_messages(value)), digest
+            canonical[i], hashes[i] = _chat_json(value) or schema.canonical_messages(prompt_messages(value)), digest
     good = np.array([h is not None for h in hashes] + [False], dtype=bool)
     return good[index], index, pa.array(canonical, pa.string()), pa.array(hashes, pa.string())
 
@@ -216,6 +216,20 @@ def _one_turn(prompt: str) -> bool:
     """A prompt that `schema.to_messages` takes as one user turn whatever its content: not a JSON list
     (which may start after whitespace) and not a Human:/Assistant: transcript."""
     return not ("[" in prompt[:1] or prompt[:1].isspace() or prompt[-1:].isspace() or "\n\nAssistant:" in prompt)
+
+
+def _chat_json(prompt: str) -> str | None:
+    """schema.canonical_prompt of a chat-JSON prompt that passed the checks, without re-validating it
+    (roles stripped and lower-cased, contents verbatim); None when it is not one (a transcript, ...)."""
+    if not prompt.lstrip()[:1] == "[":
+        return None
+    try:
+        messages = orjson.loads(prompt)
+        if not (isinstance(messages, list) and messages):  # "[]" is a plain question to schema.to_messages
+            return None
+        return orjson.dumps([{"content": m["content"], "role": m["role"].strip().lower()} for m in messages]).decode()
+    except (orjson.JSONDecodeError, TypeError, KeyError, AttributeError):
+        return None
 
 
 def _one_turn_passes(prompt: str, max_chars: int) -> bool:

@@ -31,7 +31,8 @@ PATHS = settings(max_examples=25, deadline=None, derandomize=True,
                  suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                         HealthCheck.data_too_large])
 WAYS = [dict(fast=False, chunk_rows=100_000), dict(fast=True, chunk_rows=100_000), dict(fast=True, chunk_rows=1),
-        dict(fast=True, chunk_rows=2), dict(fast=True, chunk_rows=3), dict(fast=False, chunk_rows=3)]
+        dict(fast=True, chunk_rows=2), dict(fast=True, chunk_rows=3), dict(fast=False, chunk_rows=3),
+        dict(fast=True, chunk_rows=2, hold_mb=0)]  # every batch's votes through a part on disk
 
 
 def _cfg(incoming: Path, **overrides) -> dict:
@@ -191,7 +192,7 @@ def test_texts_that_could_tell_the_column_path_from_the_row_path_do_not(tmp_path
     characters, DEL and non-ASCII, as prompts and responses in JSONL and CSV: each way agrees."""
     texts = ['Say "hi" \\ now', 'a [b] "c"', "[not json", " lead", "trail ", "two  spaces", "tab\there", "new\nline",
              "bell\x07", "del\x7f", "caf\u00e9", "wide\u3000space", "\\", '"', "plain",
-             "Human: hi\n\nAssistant: hello\n\nHuman: and?\n\nAssistant:", '[{"role": "user", "content": "hi"}]']
+             "Human: hi\n\nAssistant: hello\n\nHuman: and?\n\nAssistant:", '[{"role": "user", "content": "hi"}]', "[]", "[1]"]
     rows = [{"prompt": p, "response_a": texts[(i + 1) % len(texts)], "response_b": texts[(i + 5) % len(texts)],
              "annotator_id": f"ann-{i % 2}", "choice": "ab"[i % 2]} for i, p in enumerate(texts)]
     incoming = _fresh(tmp_path)
