@@ -48,7 +48,7 @@ __all__ = ["FORMATS", "POLICIES", "RAW_MAX_CHARS", "REASONS", "BatchResult", "Co
            "check_batch", "collect_dir", "collect_to", "incoming_snapshot", "raise_for_rejected", "raise_if_changed", "write_votes"]
 _Normalizer, _Bad = Normalizer, Bad  # the per-row path, under the names tests have used
 ROWS_PER_GROUP = 50_000  # parquet row group of votes.parquet: ~100 MB of long texts, read a group at a time
-HOLD_MB = 256  # a batch's votes up to this size wait in memory for the merge, not in a part on disk
+HOLD_MB = 512  # a batch's votes up to this size wait in memory for the merge, not in a part on disk
 
 log = logging.getLogger("rmpipe.collect")
 

@@ -1,9 +1,12 @@
 """Collect, column-wise fast path: whole columns of a chunk checked and normalized at once.
 
 Plain vote rows (prompt, response_a, response_b, annotator_id, choice as text) are the bulk of
-every delivery. Here each column is dictionary-encoded, each *distinct* value goes once through
-the same checks as the per-row path (`Normalizer.text`, `.prompt_info`, `.annotator`, `label`),
-and the results are mapped back to the rows with numpy. A row that fails any check, or has any
+every delivery. Here each column is dictionary-encoded, each *distinct* value is checked once and
+the results are mapped back to the rows with numpy. Texts met before are known by fingerprint;
+new normal-ASCII responses are checked and hashed as a column (`text_columns`), one-turn text
+prompts by a short exact twin of `Normalizer.prompt_info`, and every other value by the per-row
+path's own checks (`Normalizer.text`, `.prompt_info`, `.annotator`, `label`); pair ids are hashed
+from Arrow's buffers. A row that fails any check, or has any
 other shape (pairs, groups, a given pair_id, a null that may be a missing JSON key), is left to
 the per-row path, which gives it its reason; so both paths produce the same votes and the same
 quarantine, and `rows read = normalized + quarantined` stays exact.
