@@ -1,6 +1,7 @@
 """Benchmark: the four data stages (collect -> aggregate -> split -> validate) on N generated votes.
 
 Usage:  .venv/bin/python bench/data_stages.py [--votes 1000000] [--compare [--old REF]] [--keep DIR]
+                                             [--engine local|dask [--workers 2]]
 
 Generates realistic batches (prompts of a few hundred to a few thousand characters, responses of a
 few hundred; exactly 4 votes per pair) into a scratch project, then runs each stage exactly as
@@ -11,7 +12,8 @@ system), the figure to compare on a machine shared with other jobs.
 --compare also runs each stage with the code of git ref REF (default: the last commit before
 issue #13's collect, whose collect read each batch whole and normalized it row by row), extracted
 with `git archive` into a scratch folder: old and new alternate stage by stage in one run, on the
-same batches. Targets (issue #13, 2-core machine): 1M votes through the four stages <= 20 s, peak
+same batches. --engine dask runs collect's batches and aggregate's group-by on a LocalCluster of
+--workers processes (data.engine; outputs are the same bytes). Targets (issue #13, 2-core machine): 1M votes through the four stages <= 20 s, peak
 RSS <= 3 GB in every stage at 1M and 5M votes.
 """
 
@@ -45,6 +47,15 @@ def make_project(where: Path, n_pairs: int, n_batches: int) -> None:
                                  votes_per_pair={4: 1.0})  # exactly 4 votes per pair: 250k pairs -> 1M rows
     (where / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     write_sample_batches(where / "data" / "incoming", params["sample_data"])
+
+
+def set_engine(where: Path, engine: str, workers: int) -> None:
+    """params.yaml's `data:` section: where collect's batches and aggregate's group-by run."""
+    params = yaml.safe_load((where / "params.yaml").read_text())
+    params.pop("data", None)  # absent: local (what the old code of --compare knows)
+    if engine != "local":
+        params["data"] = {"engine": engine, "scheduler": "", "workers": workers}
+    (where / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def old_code(ref: str) -> Path:
@@ -81,6 +92,9 @@ def main() -> None:
     parser.add_argument("--old", default=OLD_REF, help=f"git ref of the old code (default {OLD_REF})")
     parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages to run (in order)")
     parser.add_argument("--keep", type=Path, default=None, help="keep the scratch project here (reused if it has batches)")
+    parser.add_argument("--engine", choices=["local", "dask"], default="local",
+                        help="data.engine of the run (dask: a LocalCluster of --workers processes on this machine)")
+    parser.add_argument("--workers", type=int, default=2, help="Dask workers with --engine dask")
     args = parser.parse_args()
     batches = args.batches or max(1, round(args.votes / 125_000))
 
@@ -91,6 +105,7 @@ def main() -> None:
         start = time.perf_counter()
         if not (where / "data" / "incoming").is_dir():  # a kept project is reused as it is
             make_project(where, args.votes // 4, batches)
+        set_engine(where, args.engine, args.workers)
         size_mb = sum(p.stat().st_size for p in (where / "data" / "incoming").iterdir()) / 2**20
         files = len(list((where / "data" / "incoming").iterdir()))
         print(f"{args.votes:,} votes ({size_mb:,.0f} MB in {files} files) generated or reused "
