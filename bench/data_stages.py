@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -104,7 +105,13 @@ def main() -> None:
     try:
         start = time.perf_counter()
         if not (where / "data" / "incoming").is_dir():  # a kept project is reused as it is
-            make_project(where, args.votes // 4, batches)
+            # in a process of its own: a child started from this one would report this one's peak RSS
+            # as its own (Linux keeps the parent's high-water mark across fork + exec)
+            maker = multiprocessing.get_context("spawn").Process(target=make_project, args=(where, args.votes // 4, batches))
+            maker.start()
+            maker.join()
+            if maker.exitcode != 0:
+                sys.exit(f"generating the batches failed (exit {maker.exitcode})")
         set_engine(where, args.engine, args.workers)
         size_mb = sum(p.stat().st_size for p in (where / "data" / "incoming").iterdir()) / 2**20
         files = len(list((where / "data" / "incoming").iterdir()))
