@@ -22,6 +22,7 @@ any compute. The loop itself:
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import time
@@ -300,8 +301,31 @@ def _log_metrics(live, metrics: dict[str, float]) -> None:
 def _open_live(folder: Path, resumed: bool):
     from dvclive import Live
 
+    if resumed:
+        _repair_live_summary(folder)
     # dvcyaml=None: dvclive must not edit the project's dvc.yaml (the train stage declares its plots).
     return Live(dir=str(folder), resume=resumed, save_dvc_exp=False, dvcyaml=None)
+
+
+def _repair_live_summary(folder: Path) -> None:
+    """dvclive rewrites its summary (metrics.json) in place at every step, so a kill can leave it cut
+    short, and dvclive cannot resume from that. Rebuild it as the last step its plots recorded (the
+    plots are appended a line at a time: a cut last line is skipped)."""
+    summary = folder / "metrics.json"
+    try:
+        json.loads(summary.read_text(encoding="utf-8"))
+        return
+    except FileNotFoundError:
+        return
+    except ValueError:
+        pass
+    steps = [0]
+    for plot in (folder / "plots" / "metrics").rglob("*.tsv"):
+        for line in plot.read_text(encoding="utf-8", errors="replace").split("\n")[1:-1]:  # header; cut or empty end
+            with contextlib.suppress(ValueError, IndexError):
+                steps.append(int(line.split("\t")[0]))
+    log.warning("%s was cut short by a kill: rebuilt at step %d from its plots", summary, max(steps))
+    summary.write_text(json.dumps({"step": max(steps)}), encoding="utf-8")
 
 
 # --- outputs --------------------------------------------------------------------------------

@@ -514,3 +514,20 @@ def test_fingerprint_code_is_the_train_stage_code_deps():
     deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]["deps"]
     assert sorted(d for d in deps if d.endswith(".py")) == sorted(TRAINING_CODE)
     assert all((ROOT / rel).is_file() for rel in TRAINING_CODE)
+
+
+def test_a_dvclive_summary_cut_by_a_kill_is_rebuilt_from_its_plots_on_resume(tmp_path):
+    """A SIGKILL while dvclive rewrote metrics.json (in place) left it empty, and the resumed run died in
+    dvclive's JSON read (seen once in CI: test_reliability's SIGKILL test). Without the repair this fails."""
+    from rmpipe.train import _open_live
+
+    live = _open_live(tmp_path, resumed=False)
+    for step in range(3):
+        live.log_metric("train/loss", 1.0 / (step + 1))
+        live.next_step()
+    live.end()
+    expected = _open_live(tmp_path, resumed=True).step  # where dvclive resumes from a whole summary
+    (tmp_path / "metrics.json").write_text('{"train": {"lo', encoding="utf-8")  # the kill, mid-write
+    with (tmp_path / "plots" / "metrics" / "train" / "loss.tsv").open("a") as plot:
+        plot.write("3\t0.2")  # and a plot line cut short
+    assert _open_live(tmp_path, resumed=True).step == expected == 3
