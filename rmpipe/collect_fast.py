@@ -52,12 +52,8 @@ class _Seen:
 
     def fingerprints(self, values: pa.Array) -> list[int]:
         """Fingerprint of each string of `values`, hashed straight from Arrow's buffers."""
-        values = values.cast(pa.large_string())
-        offsets = np.frombuffer(values.buffers()[1], dtype=np.int64)[values.offset:values.offset + len(values) + 1]
-        data = memoryview(values.buffers()[2] or b"")
         digest, seed = xxhash.xxh3_128_intdigest, self.seed
-        bounds = offsets.tolist()
-        return [digest(data[start:end], seed) for start, end in zip(bounds[:-1], bounds[1:])]
+        return [digest(view, seed) for view in text_columns.byte_slices(values)]
 
     def trim(self, max_chars: int) -> None:
         if len(self.texts) + len(self.prompts) > self.limit or max_chars != self.max_chars:

@@ -29,16 +29,20 @@ def normal_ascii(values: pa.Array, max_chars: int) -> np.ndarray:
     return np.asarray(pc.fill_null(ok, False), dtype=bool)
 
 
-def sha256_hex(values: pa.Array) -> list[str | None]:
-    """Hex SHA-256 of each string's UTF-8 bytes (schema.text_sha256), hashed from Arrow's buffers."""
+def byte_slices(values: pa.Array) -> list[memoryview]:
+    """Each string's UTF-8 bytes, as views into Arrow's buffers (a null is empty): hashed without copies."""
     values = values.cast(pa.large_string())
     if len(values) == 0:
         return []
-    offsets = np.frombuffer(values.buffers()[1], dtype=np.int64)[values.offset:values.offset + len(values) + 1]
+    bounds = np.frombuffer(values.buffers()[1], dtype=np.int64)[values.offset:values.offset + len(values) + 1].tolist()
     data = memoryview(values.buffers()[2] or b"")
+    return [data[start:end] for start, end in zip(bounds[:-1], bounds[1:])]
+
+
+def sha256_hex(values: pa.Array) -> list[str | None]:
+    """Hex SHA-256 of each string's UTF-8 bytes (schema.text_sha256); None for a null."""
     sha256 = hashlib.sha256
-    bounds = offsets.tolist()
-    digests: list[str | None] = [sha256(data[start:end]).hexdigest() for start, end in zip(bounds[:-1], bounds[1:])]
+    digests: list[str | None] = [sha256(view).hexdigest() for view in byte_slices(values)]
     if values.null_count:
         for i in np.flatnonzero(np.asarray(values.is_null())).tolist():
             digests[i] = None
