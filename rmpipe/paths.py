@@ -87,10 +87,10 @@ def read_splits(paths: ProjectPaths, names: Sequence[str] = SPLITS,
     return {name: pd.read_parquet(paths.split(name), columns=wanted) for name in names}
 
 
-def split_chunks(paths: ProjectPaths, batch_rows: int, names: Sequence[str] = SPLITS) -> dict[str, Iterator[pd.DataFrame]]:
-    """The named splits as chunks of at most `batch_rows` rows, read as the caller goes (bounded memory)."""
+def split_files(paths: ProjectPaths, names: Sequence[str] = SPLITS) -> dict[str, Path]:
+    """The named splits' parquet files, for a reader that goes a chunk at a time; a missing one is a DataError."""
     _require_splits(paths, names)
-    return {name: read_chunks(paths.split(name), batch_rows, "split") for name in names}
+    return {name: paths.split(name) for name in names}
 
 
 def read_chunks(path: Path, batch_rows: int, made_by: str) -> Iterator[pd.DataFrame]:

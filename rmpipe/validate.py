@@ -22,29 +22,21 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterator
 
+import numpy as np
 import pandas as pd
 
+from rmpipe.paths import read_chunks
 from rmpipe.schema import PAIR_COLUMNS
 from rmpipe.settings import ValidateSettings
-from rmpipe.validate_frames import (
-    INTEGER_COLUMNS, all_splits_frame, identity_frame, prompts_frame, schema_frame, values_frame,
-)
+from rmpipe.validate_frames import INTEGER_COLUMNS, response_keys, schema_frame, values_frame
+from rmpipe.validate_ids import ID_COLUMNS, SplitSource, all_splits_frame, decode_examples, encode, prompts_frame, read_ids
+from rmpipe.validate_runs import EXAMPLES, Runner, exception_message, merge_chunk_results
 
-# GX decides about analytics when it is imported: switch it off first, whatever the caller's env says.
-os.environ["GX_ANALYTICS_ENABLED"] = "false"
-
-import great_expectations as gx  # noqa: E402
-import great_expectations.expectations as gxe  # noqa: E402
-from great_expectations.data_context.types.base import (  # noqa: E402
-    DataContextConfig,
-    InMemoryStoreBackendDefaults,
-    ProgressBarsConfig,
-)
+import great_expectations.expectations as gxe  # noqa: E402  (after validate_runs: GX analytics off)
 
 log = logging.getLogger("rmpipe.validate")
 logging.getLogger("great_expectations").setLevel(logging.ERROR)
@@ -52,7 +44,6 @@ logging.getLogger("great_expectations").setLevel(logging.ERROR)
 TEXT_COLUMNS = ("pair_id", "prompt", "chosen", "rejected", "prompt_hash", "split")
 FLOAT_COLUMNS = ("agreement", "soft_label", "margin")
 ALL_SPLITS, PROMPTS = "all splits", "prompts"
-EXAMPLES = 3
 SHA256_HEX = r"^[0-9a-f]{64}$"
 
 
@@ -107,7 +98,10 @@ def schema_expectations(frame: pd.DataFrame) -> list:
 
 
 def values_expectations(name: str, values: pd.DataFrame, p: ContractParams) -> list:
-    """Value ranges, response lengths and the length-bias band; absent columns are left to the schema suite."""
+    """Value ranges, response lengths and the length-bias band; absent columns are left to the schema suite.
+
+    The share is a statistic of the whole split: each chunk's run computes its own, and
+    `_validate_split` puts GX's verdict on the split's whole `chosen_longer` column in its place."""
     has = set(values.columns)
     checks = []
     if "split" in has:
@@ -134,11 +128,15 @@ def values_expectations(name: str, values: pd.DataFrame, p: ContractParams) -> l
                              example=example, column="same_response", value_set=[False]))
         checks += [_check(gxe.ExpectColumnValuesToBeBetween, f"{c} length in [{lo}, {hi}] chars", "outside",
                           column=f"{c}_chars", min_value=lo, max_value=hi) for c in ("chosen", "rejected")]
-        if len(values):  # on an empty split the row-count check already says it all
-            low, high = p.chosen_longer_share
-            checks.append(_check(gxe.ExpectColumnMeanToBeBetween, f"chosen-longer share in [{low:g}, {high:g}]",
-                                 column="chosen_longer", min_value=low, max_value=high))
+        if len(values):  # on an empty split (its one chunk empty) the row-count check already says it all
+            checks.append(share_expectation(p))
     return checks
+
+
+def share_expectation(p: ContractParams):
+    low, high = p.chosen_longer_share
+    return _check(gxe.ExpectColumnMeanToBeBetween, f"chosen-longer share in [{low:g}, {high:g}]",
+                  column="chosen_longer", min_value=low, max_value=high)
 
 
 def all_splits_expectations(stacked: pd.DataFrame) -> list:
@@ -160,37 +158,6 @@ def prompts_expectations() -> list:
 
 
 # --- running GX -----------------------------------------------------------------------------
-
-
-def _context(docs_dir: Path):
-    """An in-memory GX context whose only on-disk output is the data-docs site in `docs_dir`."""
-    site = {
-        "class_name": "SiteBuilder",
-        "show_how_to_buttons": False,
-        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
-        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-    }
-    config = DataContextConfig(
-        store_backend_defaults=InMemoryStoreBackendDefaults(),
-        data_docs_sites={"rmpipe": site},
-        progress_bars=ProgressBarsConfig(globally=False),
-        analytics_enabled=False,
-    )
-    return gx.get_context(project_config=config, mode="ephemeral")
-
-
-def _result_format(frame: pd.DataFrame, id_column: str | None) -> dict:
-    """SUMMARY (examples with the row's id) for narrow frames; BASIC for frames holding the long texts.
-
-    SUMMARY makes GX copy the whole frame twice per column-map expectation to list the
-    failing rows' index, which on a split's texts costs seconds; BASIC lists values only.
-    """
-    if id_column is None:
-        return {"result_format": "BASIC", "partial_unexpected_count": EXAMPLES}
-    fmt: dict[str, Any] = {"result_format": "SUMMARY", "partial_unexpected_count": EXAMPLES}
-    if id_column in frame.columns:
-        fmt["unexpected_index_column_names"] = [id_column]
-    return fmt
 
 
 def _short(value: Any) -> str:
@@ -218,25 +185,13 @@ def _examples(result: dict, meta: dict) -> list[str]:
     return shown[:EXAMPLES]
 
 
-def _exception_message(info: dict) -> str | None:
-    """GX reports an exception either flat or keyed by metric; return the first message."""
-    if not info:
-        return None
-    if "raised_exception" in info:
-        return info.get("exception_message") if info["raised_exception"] else None
-    for value in info.values():
-        if isinstance(value, dict) and value.get("raised_exception"):
-            return value.get("exception_message")
-    return None
-
-
 def failure_line(frame_name: str, validation_result) -> str:
     """`FAIL train: agreement in [0, 1] — 3 of 2400 rows outside (e.g. 1.2, -0.1)`."""
     config = validation_result.expectation_config
     meta = config.meta or {}
     label = meta.get("check", config.type)
     result = validation_result.result or {}
-    error = _exception_message(validation_result.exception_info)
+    error = exception_message(validation_result.exception_info)
     if error:
         detail = f"could not be checked: {error.splitlines()[0]}"
     elif config.type == "expect_table_columns_to_match_set":
@@ -277,8 +232,6 @@ class ContractResult:
             "failures": self.failures,
         }
 
-
-
     def add(self, frame_name: str, asset_name: str, results: list, rows: int) -> None:
         self.n_expectations += len(results)
         self.failures += [failure_line(frame_name, r) for r in results if not r.success]
@@ -286,105 +239,115 @@ class ContractResult:
                  sum(not r.success for r in results))
 
 
-class _Runner:
-    """One GX suite per asset (train_schema, train_values, ...), run on a frame or on each chunk of one."""
-
-    def __init__(self, docs_dir: Path):
-        self.context = _context(docs_dir)
-        self.source = self.context.data_sources.add_pandas("rmpipe_splits")
-        self._definitions: dict[str, Any] = {}
-
-    def run(self, asset_name: str, frame: pd.DataFrame, expectations: list, id_column: str | None) -> list:
-        """The expectations' results on `frame`, in the order they were given."""
-        definition = self._definitions.get(asset_name)
-        if definition is None:
-            batch = self.source.add_dataframe_asset(asset_name).add_batch_definition_whole_dataframe("whole")
-            suite = self.context.suites.add(gx.ExpectationSuite(name=f"rmpipe.{asset_name}", expectations=expectations))
-            definition = self._definitions[asset_name] = self.context.validation_definitions.add(
-                gx.ValidationDefinition(name=f"rmpipe.{asset_name}", data=batch, suite=suite))
-        run = definition.run(batch_parameters={"dataframe": frame}, result_format=_result_format(frame, id_column))
-        order = {e.id: i for i, e in enumerate(definition.suite.expectations)}
-        return sorted(run.results, key=lambda r: order.get(r.expectation_config.id, len(order)))
 
 
-def merge_chunk_results(runs: list[list]) -> list:
-    """One result per expectation from its results on consecutive chunks of a table: counts summed,
-    the first examples kept (as on the whole table), a failure or an error on any chunk fails it."""
-    if len(runs) == 1:
-        return runs[0]
-    merged = []
-    for parts in zip(*runs):
-        first = copy.copy(parts[0])
-        result = dict(first.result or {})
-        if "unexpected_count" in result:
-            for key in ("unexpected_count", "element_count", "missing_count"):
-                if key in result:
-                    result[key] = sum((p.result or {}).get(key) or 0 for p in parts)
-            result["partial_unexpected_list"] = [
-                v for p in parts for v in (p.result or {}).get("partial_unexpected_list") or []][:EXAMPLES]
-        elif first.expectation_config.type == "expect_table_row_count_to_be_between":
-            result["observed_value"] = sum((p.result or {}).get("observed_value") or 0 for p in parts)
-        broken = next((p for p in parts if _exception_message(p.exception_info)), None)
-        first.result, first.success = result, all(p.success for p in parts)
-        if broken is not None:
-            first.exception_info = broken.exception_info
-        merged.append(first)
-    return merged
+# --- running the contract -------------------------------------------------------------------
 
-
-def _chunks(split: pd.DataFrame | Iterable[pd.DataFrame]) -> Iterable[pd.DataFrame]:
-    return [split] if isinstance(split, pd.DataFrame) else split
-
-
-SCHEMA_ROWS = 1_048_576  # rows per schema run: its frame holds no text (validate_frames.schema_frame)
+CHUNK_ROWS = 65_536  # rows of a split read at a time: one chunk of real-length text (~160 MB) in memory
+GX_ROWS = 262_144  # rows a GX run of a split's suites (text-free frames, ~500 B a row): GX costs ~0.3 s a run
 _VALUE_TYPED = {*TEXT_COLUMNS, *INTEGER_COLUMNS, *FLOAT_COLUMNS}
 
 
-def _validate_split(runner: _Runner, name: str, split: pd.DataFrame | Iterable[pd.DataFrame], params: ContractParams,
-                    outcome: ContractResult, identities: list[pd.DataFrame], schema_rows: int) -> None:
-    """One split's schema suite (over its chunks, `schema_rows` a run, results merged) and values suite."""
-    schema_runs, pending, values, rows = [], [], [], 0
+def _chunks(split: SplitSource, rows: int) -> Iterator[pd.DataFrame]:
+    """A split's consecutive chunks of at most `rows` rows; an empty split is one empty chunk."""
+    if not isinstance(split, pd.DataFrame):
+        yield from read_chunks(split, rows, "split")
+    elif len(split) == 0:
+        yield split
+    else:
+        for start in range(0, len(split), rows):
+            yield split.iloc[start:start + rows].reset_index(drop=True)
 
-    def run_schema() -> None:
-        frame = pending[0] if len(pending) == 1 else pd.concat(pending, ignore_index=True)
-        schema_runs.append(runner.run(f"{name}_schema", frame, schema_expectations(frame), None))
-        pending.clear()
 
-    for chunk in _chunks(split):
-        pending.append(schema_frame(chunk, _VALUE_TYPED))
-        values.append(values_frame(chunk))
-        identities.append(identity_frame(name, chunk, values[-1]))
+def _whole_share(runner: Runner, name: str, results: list, longer: list, params: ContractParams) -> list:
+    """`results` with the chosen-longer share's result replaced by GX's on the whole split's column
+    (one byte a pair), run aside: the docs keep it as an entry of the values suite."""
+    at = next((i for i, r in enumerate(results) if r.expectation_config.type == "expect_column_mean_to_be_between"), None)
+    if at is None:
+        return results
+    frame = pd.DataFrame({"chosen_longer": np.concatenate(longer)})
+    share = runner.aside().run(f"{name}_share", frame, [share_expectation(params)], None).results[0]
+    whole = copy.copy(results[at])
+    whole.result, whole.success, whole.exception_info = share.result, share.success, share.exception_info
+    return [*results[:at], whole, *results[at + 1:]]
+
+
+def _run_suites(runner: Runner, name: str, pending: list, params: ContractParams, runs: dict[str, list]) -> None:
+    """The split's schema and values suites on the pending chunks' frames (stacked), the chunks then dropped."""
+    schema, values = (frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True) for frames in zip(*pending))
+    pending.clear()
+    runs[f"{name}_schema"].append(runner.run(f"{name}_schema", schema, schema_expectations(schema), None))
+    runs[f"{name}_values"].append(runner.run(f"{name}_values", values, values_expectations(name, values, params),
+                                             "pair_id"))
+
+
+def _validate_split(runner: Runner, name: str, split: SplitSource, params: ContractParams, outcome: ContractResult,
+                    chunk_rows: int, gx_rows: int) -> tuple[int, tuple | None]:
+    """One split's schema and values suites, run on `gx_rows` rows or more at a time from chunks of at most
+    `chunk_rows` rows (the only frames holding texts); returns its rows and its response keys."""
+    runs: dict[str, list] = {f"{name}_schema": [], f"{name}_values": []}
+    pending, keys, longer, rows = [], [], [], 0
+    for chunk in _chunks(split, chunk_rows):
+        pending.append((schema_frame(chunk, _VALUE_TYPED), values_frame(chunk)))
+        keys.append(response_keys(chunk))
+        if "chosen_longer" in pending[-1][1].columns:
+            longer.append(pending[-1][1]["chosen_longer"].to_numpy(np.uint8))
         rows += len(chunk)
-        if sum(map(len, pending)) >= schema_rows:
-            run_schema()
-    if pending or not schema_runs:
-        run_schema()
+        del chunk
+        if sum(len(frames[0]) for frames in pending) >= gx_rows:
+            _run_suites(runner, name, pending, params, runs)
+    if pending:
+        _run_suites(runner, name, pending, params, runs)
     outcome.rows[name] = rows
-    outcome.add(name, f"{name}_schema", merge_chunk_results(schema_runs), rows)
-    whole = values[0] if len(values) == 1 else pd.concat(values, ignore_index=True)
-    del values
-    checks = values_expectations(name, whole, params)
-    outcome.add(name, f"{name}_values", runner.run(f"{name}_values", whole, checks, "pair_id"), rows)
+    for asset, asset_runs in runs.items():
+        results = merge_chunk_results([run.results for run in asset_runs])
+        if asset.endswith("_values") and len(asset_runs) > 1:
+            results = _whole_share(runner, name, results, longer, params)
+        runner.keep(asset, asset_runs[-1], results)
+        outcome.add(name, asset, results, rows)
+    if any(k is None for k in keys):
+        return rows, None
+    return rows, (np.concatenate([k[0] for k in keys]), np.concatenate([k[1] for k in keys]))
 
 
-def validate_splits(splits: dict[str, pd.DataFrame | Iterable[pd.DataFrame]], params: ContractParams,
-                    docs_dir: str | Path, schema_rows: int = SCHEMA_ROWS) -> ContractResult:
+def _cross_split_checks(runner: Runner, splits: dict[str, SplitSource], outcome: ContractResult, rows: list[int],
+                        keys: list) -> None:
+    """pair_id and (prompt, chosen, rejected) unique across splits, each prompt in one split: on codes (validate_ids)."""
+    coded = {}
+    for column in ID_COLUMNS:  # one column's strings at a time
+        column_codes = encode([read_ids(source, column) for source in splits.values()], rows)
+        if column_codes is not None:
+            coded[column] = column_codes
+    stacked = all_splits_frame(coded.get("pair_id"), coded.get("prompt_hash"), keys, sum(rows))
+    run = runner.run("all_splits", stacked, all_splits_expectations(stacked), "pair_id")
+    decode_examples(run.results, coded, EXAMPLES)
+    runner.keep("all_splits", run, run.results)
+    outcome.add(ALL_SPLITS, "all_splits", run.results, len(stacked))
+    del stacked
+    prompts = prompts_frame(coded.get("prompt_hash"), rows)
+    run = runner.run("prompts", prompts, prompts_expectations(), "prompt_hash")
+    decode_examples(run.results, coded, EXAMPLES)
+    runner.keep("prompts", run, run.results)
+    outcome.add(PROMPTS, "prompts", run.results, len(prompts))
+
+
+def validate_splits(splits: dict[str, SplitSource], params: ContractParams, docs_dir: str | Path,
+                    chunk_rows: int = CHUNK_ROWS, gx_rows: int = GX_ROWS) -> ContractResult:
     """Run the contract over the splits, build the HTML data docs in `docs_dir`, return the outcome.
 
-    A split is a DataFrame or an iterable of chunk frames (at least one, maybe empty): the schema
-    suite runs on consecutive chunks of `schema_rows` rows or more and its results are merged; everything else is validated whole on
-    frames without the texts. `docs_dir` should be a fresh folder (the stage passes an atomic temp folder).
+    A split is a DataFrame or its parquet file, read `chunk_rows` rows at a time. Its schema and values
+    suites run on the chunks' text-free frames, `gx_rows` rows or more a run, their results merged into
+    one per suite (validate_runs); the cross-split checks run on codes of the ids (validate_ids). Held
+    from one run to the next: ~17 bytes a pair (response keys, chosen-longer flags).
+    `docs_dir` should be a fresh folder (the stage passes an atomic temp folder).
     """
-    runner = _Runner(Path(docs_dir).resolve())
+    runner = Runner(Path(docs_dir).resolve())
     outcome = ContractResult(rows={})
-    identities: list[pd.DataFrame] = []
+    rows, keys = [], []
     for name, split in splits.items():
-        _validate_split(runner, name, split, params, outcome, identities, schema_rows)
-    stacked = all_splits_frame(identities)
-    del identities
-    outcome.add(ALL_SPLITS, "all_splits", runner.run("all_splits", stacked, all_splits_expectations(stacked), "pair_id"),
-                len(stacked))
-    prompts = prompts_frame(stacked)
-    outcome.add(PROMPTS, "prompts", runner.run("prompts", prompts, prompts_expectations(), "prompt_hash"), len(prompts))
+        n, k = _validate_split(runner, name, split, params, outcome, chunk_rows, gx_rows)
+        rows.append(n)
+        keys.append(k)
+    _cross_split_checks(runner, splits, outcome, rows, keys)
     runner.context.build_data_docs()
     return outcome

@@ -1,12 +1,10 @@
 """The frames Great Expectations validates, built from the splits a chunk at a time.
 
-Each split is validated as two frames: its stored columns' names, dtypes and nulls (schema:
-presence, types, nulls), validated a million rows at a time, and a narrow frame of values
-(ranges, lengths, length bias), validated whole. The long texts stay out of every frame GX
-sees: GX fingerprints every batch and copies the whole frame for every column-map expectation,
-and a split of real-length text held at once would cost gigabytes. What the texts contribute
-to the whole-table checks (lengths, chosen == rejected, the identity of each response) is
-derived per chunk."""
+Each chunk of a split is validated as two frames: its stored columns' names, dtypes and nulls
+(schema: presence, types, nulls) and a narrow frame of values (ranges, lengths, length bias).
+The long texts stay out of every frame GX sees: GX fingerprints every batch and copies the whole
+frame for every column-map expectation. What the texts contribute to the whole-table checks
+(lengths, chosen == rejected, the identity of each response) is derived per chunk."""
 
 from __future__ import annotations
 
@@ -66,40 +64,14 @@ def values_frame(frame: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def identity_frame(name: str, frame: pd.DataFrame, values: pd.DataFrame | None = None) -> pd.DataFrame:
-    """A chunk's identity columns, `split` set from the file the row sits in.
-
-    `values`: the chunk's values_frame, whose pair_id / prompt_hash are Python strings already: the
-    stacked identities then share those objects instead of holding a second copy of every id
-    (~200 bytes a pair), and every `split` cell is one shared string.
-
-    For the (prompt, chosen, rejected) duplicate check the prompt enters as its prompt_hash
-    (the contract's identity of a prompt) and each response as a 64-bit hash of its text
-    (equal text, equal key; unequal texts collide with odds ~1e-19 a pair, and a collision
-    could only raise a false alarm, never hide a duplicate): GX would otherwise fingerprint
-    and copy the texts once more just to find duplicates.
-    """
-    source = frame if values is None else values
-    ids = source[[c for c in ("pair_id", "prompt_hash") if c in source.columns]]
-    ids = ids.assign(split=pd.Series(np.full(len(ids), name, dtype=object), index=ids.index))
-    for c in ("chosen", "rejected"):
-        if is_text(frame, c):
-            ids[f"{c}_key"] = pd.util.hash_array(frame[c].to_numpy(dtype=object, na_value=None), categorize=False)
-    return ids
-
-
-def all_splits_frame(identities: list[pd.DataFrame]) -> pd.DataFrame:
-    """Every split's identity chunks stacked; the response keys only where every chunk has them."""
-    stacked = pd.concat(identities, ignore_index=True)
-    keys = [c for c in ("chosen_key", "rejected_key") if c in stacked.columns]
-    if any(c not in part.columns for part in identities for c in keys) or len(keys) < 2:
-        stacked = stacked.drop(columns=keys)
-    return pointer_strings(stacked)
-
-
-def prompts_frame(stacked: pd.DataFrame) -> pd.DataFrame:
-    """One row per prompt_hash with the number of splits it appears in."""
-    if "prompt_hash" not in stacked.columns:
-        return pd.DataFrame({"prompt_hash": pd.Series(dtype="str"), "n_splits": pd.Series(dtype="int64")})
-    placed = stacked[["prompt_hash", "split"]].dropna().drop_duplicates()
-    return placed["prompt_hash"].value_counts(sort=False).rename("n_splits").rename_axis("prompt_hash").reset_index()
+def response_keys(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray] | None:
+    """Each response's 64-bit hash of its text, for the (prompt, chosen, rejected) duplicate check (None
+    where the chunk lacks a response column): GX would otherwise fingerprint and copy the texts once more
+    just to find duplicates. Equal text, equal key; unequal texts collide with odds ~1e-19 a pair, and
+    a collision could only raise a false alarm, never hide a duplicate. 16 bytes a pair are all that
+    the texts leave for the cross-split checks (rmpipe.validate_ids)."""
+    if not (is_text(frame, "chosen") and is_text(frame, "rejected")):
+        return None
+    chosen, rejected = (pd.util.hash_array(frame[c].to_numpy(dtype=object, na_value=None), categorize=False)
+                        for c in ("chosen", "rejected"))
+    return chosen, rejected

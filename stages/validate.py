@@ -15,20 +15,18 @@ from pathlib import Path
 from rmpipe import io, offline
 from rmpipe.errors import ValidationFailed
 from rmpipe.params import load_params
-from rmpipe.paths import ProjectPaths, split_chunks
+from rmpipe.paths import ProjectPaths, split_files
 from rmpipe.settings import AggregateSettings, ValidateSettings
 from rmpipe.stage import stage_main
 from rmpipe.validate import ContractResult, contract_params, validate_splits
 
 log = logging.getLogger("rmpipe.validate")
 
-BATCH_ROWS = 65_536  # pairs per chunk of a split: ~160 MB of real-length text
-
 
 def run(params_file: str | Path = "params.yaml", paths: ProjectPaths = ProjectPaths()) -> ContractResult:
     params = load_params(params_file)
     contract = contract_params(ValidateSettings.parse(params), AggregateSettings.parse(params).min_votes)
-    splits = split_chunks(paths, BATCH_ROWS)  # each split read as GX goes: one chunk of texts in memory at a time
+    splits = split_files(paths)  # each split read as GX goes: one chunk of texts in memory at a time
     with io.atomic_dir(paths.data_docs) as docs:
         outcome = validate_splits(splits, contract, docs)
         # GX links Bootstrap, bootstrap-table, jQuery... from CDNs: point the pages at local copies (offline clusters)

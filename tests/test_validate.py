@@ -226,22 +226,14 @@ def test_min_votes_applies_to_vote_built_pairs_only(tmp_path):
     assert result.failures == [f"FAIL val: n_votes >= 2 (vote-built pairs) — 1 of {len(val)} rows below (e.g. 1)"]
 
 
-def _in_chunks(frame: pd.DataFrame, rows: int):
-    if len(frame) == 0:
-        yield frame
-    for start in range(0, len(frame), rows):
-        yield frame.iloc[start:start + rows].reset_index(drop=True)
-
-
 def test_splits_given_in_chunks_report_what_the_whole_splits_do(defect_run, tmp_path):
-    """The stage reads each split a chunk at a time: the schema suite runs on groups of chunks (here two
-    chunks of 100 rows a run) and its results are merged (counts summed, first examples kept), the rest is
-    validated whole on text-free frames. Every planted defect (a null in one chunk, duplicates across
-    chunks, a leak, an empty split) reads the same."""
+    """The stage reads each split a chunk at a time and runs its suites on groups of chunks (here two chunks
+    of 100 rows a run), merging each suite's results (counts summed, first examples kept, the share taken
+    on the whole split). Every planted defect (a null in one chunk, duplicates across chunks and splits,
+    a leak, an empty split) reads the same."""
     whole, _, _ = defect_run
     splits, _ = defective_splits()
-    chunked = validate_splits({name: _in_chunks(frame, 100) for name, frame in splits.items()}, PARAMS, tmp_path,
-                              schema_rows=150)
+    chunked = validate_splits(splits, PARAMS, tmp_path, chunk_rows=100, gx_rows=150)
     assert chunked.summary() == whole.summary()
     assert len(whole.failures) == 12
 
