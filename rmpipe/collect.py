@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from rmpipe import hf_batches
+from rmpipe import hf_batches, key_sets
 from rmpipe.collect_batch import FORMATS, POLICIES, BatchResult, SeenVotes, collect_batch, read_files, votes_frame
 from rmpipe.collect_fast import VOTES_SCHEMA
 from rmpipe.collect_read import CHUNK_ROWS, RAW_MAX_CHARS
@@ -220,7 +220,7 @@ def _reuse(future: Any, accepted: SeenVotes, seen_files: Mapping[str, str]) -> B
     if future is None:
         return None
     result = future.result()
-    if result.accepted and result.report["sha256"] not in seen_files and not any(k in accepted for k in result.keys):
+    if result.accepted and result.report["sha256"] not in seen_files and not accepted.any_of(result.keys):
         return result
     if result.part is not None:
         result.part.unlink(missing_ok=True)
@@ -236,7 +236,7 @@ class VoteWriter:
         self.writer = pq.ParquetWriter(out, VOTES_SCHEMA, compression="zstd")
         self.rows = rows_per_group
         self.pending: list[pa.Table] = []
-        self.pairs: set[str] = set()
+        self.pairs = key_sets.DigestSet()  # millions of pair ids: 24 bytes each, not a str in a set
         self.annotators: set[str] = set()
         self.votes = 0
 
@@ -245,7 +245,7 @@ class VoteWriter:
         batches = (votes.to_batches(max_chunksize=self.rows) if isinstance(votes, pa.Table)
                    else pq.ParquetFile(votes).iter_batches(batch_size=self.rows))
         for batch in batches:
-            self.pairs.update(pc.unique(batch["pair_id"]).to_pylist())
+            self.pairs.update(key_sets.digests_of(pc.unique(batch["pair_id"])))
             self.annotators.update(pc.unique(batch["annotator_id"]).to_pylist())
             self.votes += batch.num_rows
             self.pending.append(pa.Table.from_batches([batch], schema=VOTES_SCHEMA))

@@ -19,18 +19,17 @@ Statuses in the report entry:
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rmpipe import hf_batches, retractions
+from rmpipe import hf_batches, key_sets, retractions
 from rmpipe.collect_fast import VOTES_SCHEMA, fast_votes, votes_table
 from rmpipe.collect_read import CHUNK_ROWS, UNREADABLE, Chunk, chunks, raw_text
 from rmpipe.collect_rows import ANNOTATOR, PAIR_ID, PREJUDGED, REASONS, Bad, Normalizer
@@ -80,27 +79,32 @@ def votes_frame(table: pa.Table) -> pd.DataFrame:
 
 def vote_key(annotator: str, pair_id: str) -> bytes:
     """16 bytes standing for (annotator, pair): duplicates are found by key, without holding texts."""
-    return hashlib.blake2b(f"{annotator}\x1f{pair_id}".encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    return key_sets.digest(f"{annotator}\x1f{pair_id}".encode("utf-8", "surrogatepass"))
 
 
 class SeenVotes:
     """Keys of the votes already in the table -> where (batch, line), packed in one int per vote."""
 
     def __init__(self) -> None:
-        self._where: dict[bytes, int] = {}
+        self._where = key_sets.DigestSet()
         self._batches: list[str] = []
 
     def add(self, batch_id: str, keys: Mapping[bytes, int]) -> None:
         base = len(self._batches) << 40
         self._batches.append(batch_id)
-        self._where.update({key: base | line for key, line in keys.items()})
+        self._where.add(list(keys), base | np.fromiter(keys.values(), np.int64, len(keys)))
+
+    def where_each(self, keys: list[bytes]) -> list[str | None]:
+        """Where each key's vote is ("<batch> line <n>"), None for a key not seen, a chunk at once."""
+        mask = (1 << 40) - 1
+        return [None if packed < 0 else f"{self._batches[packed >> 40]} line {packed & mask}"
+                for packed in self._where.find(keys).tolist()]
 
     def where(self, key: bytes) -> str | None:
-        packed = self._where.get(key)
-        return None if packed is None else f"{self._batches[packed >> 40]} line {packed & ((1 << 40) - 1)}"
+        return self.where_each([key])[0]
 
-    def __contains__(self, key: bytes) -> bool:
-        return key in self._where
+    def any_of(self, keys: Iterable[bytes]) -> bool:
+        return bool((self._where.find(list(keys)) >= 0).any())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,21 +226,23 @@ class _Batch:
         found = fast_votes(chunk.table, norm, chunk.nulls_may_be_absent) if fast and chunk.table is not None else None
         fast_rows, fast_table = found if found is not None else (np.zeros(0, dtype=np.int64), None)
         fast_at = {chunk.table_rows[row]: i for i, row in enumerate(fast_rows.tolist())}
-        keys = self._fast_keys(fast_table)
+        keys = [] if fast_table is None else key_sets.joined_digests(fast_table["annotator_id"], fast_table["pair_id"])
+        before = self.earlier.where_each(keys)  # votes of earlier batches, looked up for the chunk at once
         slow_lines: list[int] = []
         slow_votes: list[tuple] = []
         order: list[int] = []  # rows of concat(fast votes, slow votes) to keep, in line order
         for pos, line in enumerate(chunk.lines):
             i = fast_at.get(pos)
             if i is not None:
-                annotator, key = keys[i]
-                earlier = self._earlier(key)
+                key = keys[i]
+                here = self.first_here.get(key)
+                earlier = before[i] if here is None else f"line {here}"
                 if earlier is None:
                     self.first_here[key] = line
                     self.shapes["vote"] += 1
                     order.append(i)
                     continue
-                outcome, raw = _duplicate(annotator, earlier), chunk.record(pos)[1]
+                outcome, raw = _duplicate(fast_table["annotator_id"][i].as_py(), earlier), chunk.record(pos)[1]
             else:
                 rec, raw = chunk.record(pos)
                 outcome = rec if type(rec) is Bad else norm.normalize(rec, self.batch_id)
@@ -247,13 +253,6 @@ class _Batch:
                                     "reason": outcome.reason, "raw": raw_text(raw)})
         self._write(fast_table, [chunk.lines[chunk.table_rows[r]] for r in fast_rows.tolist()],
                     slow_lines, slow_votes, order)
-
-    @staticmethod
-    def _fast_keys(table: pa.Table | None) -> list[tuple[str, bytes]]:
-        if table is None:
-            return []
-        annotators = table["annotator_id"].to_pylist()
-        return [(a, vote_key(a, p)) for a, p in zip(annotators, table["pair_id"].to_pylist())]
 
     def _admit(self, outcome: Any, line: int, lines: list[int], votes: list[tuple], order: list[int],
                offset: int) -> Bad | None:
