@@ -208,6 +208,7 @@ class _Batch:
     def __init__(self, batch_id: str, earlier: SeenVotes, votes_to: Path | None, hold_bytes: float):
         self.batch_id, self.earlier = batch_id, earlier
         self.first_here: dict[bytes, int] = {}  # vote key -> line of its vote in this batch
+        self.before: dict[bytes, str] = {}  # vote key -> where an earlier batch has it, for the chunk at hand
         self.quarantine: list[dict] = []
         self.shapes = Counter({"vote": 0, "pair": 0, "ranked": 0})  # normalized rows per shape
         self.group_votes = self.rows_read = self.votes = 0
@@ -218,7 +219,7 @@ class _Batch:
 
     def _earlier(self, key: bytes) -> str | None:
         line = self.first_here.get(key)
-        return f"line {line}" if line is not None else self.earlier.where(key)
+        return f"line {line}" if line is not None else self.before.get(key)
 
     def add(self, chunk: Chunk, norm: Normalizer, fast: bool) -> None:
         """Every row of the chunk to the votes or the quarantine, in line order."""
@@ -227,25 +228,23 @@ class _Batch:
         fast_rows, fast_table = found if found is not None else (np.zeros(0, dtype=np.int64), None)
         fast_at = {chunk.table_rows[row]: i for i, row in enumerate(fast_rows.tolist())}
         keys = [] if fast_table is None else key_sets.joined_digests(fast_table["annotator_id"], fast_table["pair_id"])
-        before = self.earlier.where_each(keys)  # votes of earlier batches, looked up for the chunk at once
+        slow = {pos: self._outcome(chunk, pos, norm) for pos in range(len(chunk.lines)) if pos not in fast_at}
+        self._look_up_earlier(keys + [key for outcome, _ in slow.values() for key in _vote_keys(outcome)])
         slow_lines: list[int] = []
         slow_votes: list[tuple] = []
         order: list[int] = []  # rows of concat(fast votes, slow votes) to keep, in line order
         for pos, line in enumerate(chunk.lines):
             i = fast_at.get(pos)
             if i is not None:
-                key = keys[i]
-                here = self.first_here.get(key)
-                earlier = before[i] if here is None else f"line {here}"
+                earlier = self._earlier(keys[i])
                 if earlier is None:
-                    self.first_here[key] = line
+                    self.first_here[keys[i]] = line
                     self.shapes["vote"] += 1
                     order.append(i)
                     continue
                 outcome, raw = _duplicate(fast_table["annotator_id"][i].as_py(), earlier), chunk.record(pos)[1]
             else:
-                rec, raw = chunk.record(pos)
-                outcome = rec if type(rec) is Bad else norm.normalize(rec, self.batch_id)
+                outcome, raw = slow[pos]
                 outcome = self._admit(outcome, line, slow_lines, slow_votes, order, len(fast_at))
                 if outcome is None:
                     continue
@@ -253,6 +252,15 @@ class _Batch:
                                     "reason": outcome.reason, "raw": raw_text(raw)})
         self._write(fast_table, [chunk.lines[chunk.table_rows[r]] for r in fast_rows.tolist()],
                     slow_lines, slow_votes, order)
+
+    def _outcome(self, chunk: Chunk, pos: int, norm: Normalizer) -> tuple[Any, Any]:
+        """A row of the per-row path: (its vote(s) or why not, the raw record)."""
+        rec, raw = chunk.record(pos)
+        return (rec if type(rec) is Bad else norm.normalize(rec, self.batch_id)), raw
+
+    def _look_up_earlier(self, keys: list[bytes]) -> None:
+        """Which of the chunk's vote keys earlier batches hold, in one search (a search per vote costs ~30 us)."""
+        self.before = {key: where for key, where in zip(keys, self.earlier.where_each(keys)) if where is not None}
 
     def _admit(self, outcome: Any, line: int, lines: list[int], votes: list[tuple], order: list[int],
                offset: int) -> Bad | None:
@@ -314,6 +322,15 @@ class _Batch:
             self.writer.close()
             return None, self.votes_to
         return (pa.concat_tables(self.tables) if self.tables else VOTES_SCHEMA.empty_table()), None
+
+
+def _vote_keys(outcome: Any) -> list[bytes]:
+    """The vote keys of a per-row outcome: one for a vote, one per comparison of a group, none for a Bad."""
+    if type(outcome) is tuple:
+        return [vote_key(outcome[ANNOTATOR], outcome[PAIR_ID])]
+    if type(outcome) is list:
+        return [vote_key(vote[ANNOTATOR], vote[PAIR_ID]) for vote in outcome]
+    return []
 
 
 def _duplicate(annotator: str, earlier: str) -> Bad:
