@@ -224,10 +224,11 @@ class _Batch:
     def add(self, chunk: Chunk, norm: Normalizer, fast: bool) -> None:
         """Every row of the chunk to the votes or the quarantine, in line order."""
         self.rows_read += len(chunk.lines)
-        found = fast_votes(chunk.table, norm, chunk.nulls_may_be_absent) if fast and chunk.table is not None else None
+        found = fast_votes(chunk.table, norm, chunk.nulls_may_be_absent, self.batch_id) if fast and chunk.table is not None else None
         fast_rows, fast_table = found if found is not None else (np.zeros(0, dtype=np.int64), None)
         fast_at = {chunk.table_rows[row]: i for i, row in enumerate(fast_rows.tolist())}
         keys = [] if fast_table is None else key_sets.joined_digests(fast_table["annotator_id"], fast_table["pair_id"])
+        fast_shape = "pair" if fast_table is not None and fast_table.num_rows and fast_table["prejudged"][0].as_py() else "vote"
         slow = {pos: self._outcome(chunk, pos, norm) for pos in range(len(chunk.lines)) if pos not in fast_at}
         self._look_up_earlier(keys + [key for outcome, _ in slow.values() for key in _vote_keys(outcome)])
         slow_lines: list[int] = []
@@ -239,7 +240,7 @@ class _Batch:
                 earlier = self._earlier(keys[i])
                 if earlier is None:
                     self.first_here[keys[i]] = line
-                    self.shapes["vote"] += 1
+                    self.shapes[fast_shape] += 1
                     order.append(i)
                     continue
                 outcome, raw = _duplicate(fast_table["annotator_id"][i].as_py(), earlier), chunk.record(pos)[1]

@@ -32,6 +32,9 @@ _TYPES = {"line": pa.int64(), "margin": pa.float64(), "prejudged": pa.bool_(), "
 VOTES_SCHEMA = pa.schema([(name, _TYPES.get(name, pa.string())) for name in schema.VOTE_COLUMNS])
 _REQUIRED = ("prompt", "response_a", "response_b", "annotator_id", "choice")
 _OTHER_SHAPES = ("responses", "chosen", "rejected")  # rows filling these are groups or pairs: the row path
+# A pair row with any of these is not plain: its labels, margin or count are its own (the per-row path).
+_NOT_PLAIN_PAIRS = {"response_a", "response_b", "choice", "responses", "margin", "n_votes", "score_chosen",
+                    "score_rejected", "ranking", "scores"}
 _JSON_EXTRA_TYPES = (pa.string(), pa.large_string(), pa.int64(), pa.bool_())  # read back from JSON exactly as orjson
 
 
@@ -112,8 +115,30 @@ def _shape_ok(table: pa.Table, nulls_may_be_absent: bool) -> np.ndarray:
     return ok
 
 
-def fast_votes(table: pa.Table, norm: Normalizer, nulls_may_be_absent: bool) -> tuple[np.ndarray, pa.Table] | None:
-    """(rows of `table` that pass every check, their votes as columns `VOTE_FIELDS_OUT`); None when no row can."""
+def plain_pairs_as_votes(table: pa.Table, batch_id: str) -> pa.Table | None:
+    """A chunk of plain pair rows (prompt, chosen and rejected as text, no labels of their own: the shape of
+    most public pairwise sets) as the vote rows the per-row path makes of them: chosen is response_a and
+    the one judgement chooses it; no annotator_id column means `anonymous:<batch>`. None for any other
+    chunk (conversations, scores, margins and vote columns are the per-row path's)."""
+    names = set(table.column_names)
+    if not {"chosen", "rejected"} <= names or names & _NOT_PLAIN_PAIRS:
+        return None
+    if not (_is_text(table["chosen"].type) and _is_text(table["rejected"].type)):
+        return None
+    n = table.num_rows
+    columns = {name: table[name] for name in table.column_names}
+    columns["response_a"], columns["response_b"] = columns.pop("chosen"), columns.pop("rejected")
+    columns["choice"] = pa.array(np.full(n, "a", dtype=object), pa.string())
+    columns.setdefault("annotator_id", pa.array(np.full(n, f"anonymous:{batch_id}", dtype=object), pa.string()))
+    return pa.table(columns)
+
+
+def fast_votes(table: pa.Table, norm: Normalizer, nulls_may_be_absent: bool,
+               batch_id: str = "") -> tuple[np.ndarray, pa.Table] | None:
+    """(rows of `table` that pass every check, their votes as columns `VOTE_FIELDS_OUT`); None when no row can.
+    Plain pair rows come as votes (prejudged: True)."""
+    pairs = plain_pairs_as_votes(table, batch_id)
+    table = table if pairs is None else pairs
     if not _usable(table, nulls_may_be_absent):
         return None
     n = table.num_rows
@@ -147,7 +172,7 @@ def fast_votes(table: pa.Table, norm: Normalizer, nulls_may_be_absent: bool) -> 
         "strength": _take([s if isinstance(s, str) else None for s in strengths], strength_index[rows]),
         "margin": pa.nulls(len(rows), pa.float64()),
         "meta": _meta_column(table, rows),
-        "prejudged": pa.array(np.zeros(len(rows), dtype=bool)),
+        "prejudged": pa.array(np.full(len(rows), pairs is not None)),
         "n_votes": pa.array(np.ones(len(rows), dtype=np.int64)),
         "group_id": pa.nulls(len(rows), pa.string()),
     }

@@ -219,3 +219,61 @@ def test_chat_prompts_read_as_json_text_are_judged_as_the_messages_they_are(tmp_
     assert [(q["line"], q["code"]) for q in quarantine] == [(2, "empty_text"), (3, "bad_prompt")]
     assert votes["line"].tolist() == [1, 4]
     assert votes["prompt"].tolist()[1] == '[{"content":"Question 0?","role":"user"}]'  # as the text prompt
+
+
+_PAIR = st.fixed_dictionaries({"prompt": st.one_of(TEXT, st.sampled_from(["Q?", "\n\nHuman: Hi\n\nAssistant:", ""])),
+                               "chosen": st.one_of(TEXT, st.sampled_from(["Yes.", " Yes. ", ""])),
+                               "rejected": st.one_of(TEXT, st.sampled_from(["No.", "Yes."]))},
+                              optional={"strength": st.sampled_from(["", "Strong", "huge"]),
+                                        "source": st.sampled_from(["hh", "shp"]), "pair_id": st.just("p-1")})
+
+
+@PATHS
+@given(rows=st.lists(_PAIR, max_size=25))
+def test_generated_plain_pair_rows_give_the_same_table_either_path(tmp_path, rows):
+    """prompt / chosen / rejected as text, the shape of most public pairwise sets: the fast path takes them
+    as votes for chosen (prejudged, anonymous annotator); texts that fail a check, identical responses, a
+    given pair_id, a repeated pair go to the row path; both agree, in JSONL, CSV and Parquet."""
+    incoming = _fresh(tmp_path)
+    (incoming / "a.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    names = ["prompt", "chosen", "rejected", "strength", "source"]
+    out = stdio.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(names)
+    writer.writerows(["" if r.get(n) is None else r[n] for n in names] for r in rows)
+    (incoming / "b.csv").write_text(out.getvalue(), encoding="utf-8")
+    if rows:
+        pq.write_table(pa.Table.from_pylist([{n: r.get(n) for n in names} for r in rows]), incoming / "c.parquet",
+                       row_group_size=7)
+    collect_every_way(incoming, max_bad_share=1.0)
+
+
+def test_public_pair_sets_are_taken_by_the_fast_path_as_the_row_path_takes_them(tmp_path):
+    """An HH-style prompt, extra fields, a named annotator column with a blank, a repeated pair and JSON
+    arrays as response text; and a file with scores (the row path's): either way the same, and the plain
+    rows really are prejudged votes for chosen by `anonymous:<batch>` unless an annotator is named."""
+    rows = [{"prompt": f"Question {i}?", "chosen": f"Good answer {i}.", "rejected": f"Bad answer {i}.", "source": "hh"}
+            for i in range(6)]
+    rows[1]["prompt"] = "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Name a colour.\n\nAssistant:"
+    rows[2]["chosen"], rows[2]["rejected"] = "[1, 2, 3]", "[3, 2, 1]"
+    rows.append(dict(rows[0]))  # the same pair again, by the same (anonymous) annotator: a duplicate vote
+    incoming = _fresh(tmp_path)
+    (incoming / "hh.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    named = [{**r, "annotator_id": "" if i == 3 else f"rater-{i % 2}"} for i, r in enumerate(rows)]
+    pq.write_table(pa.Table.from_pylist(named), incoming / "named.parquet", row_group_size=3)
+    scored = [{**r, "score_chosen": 8.0, "score_rejected": 2.0} for r in rows[:3]]
+    pq.write_table(pa.Table.from_pylist(scored), incoming / "scored.parquet")  # floats: JSONL would go by row anyway
+    votes, quarantine, report = collect_every_way(incoming, max_bad_share=1.0)
+    assert [(q["batch_id"], q["line"], q["code"]) for q in quarantine] == [("hh.jsonl", 7, "duplicate_vote"),
+                                                                        ("named.parquet", 7, "duplicate_vote")]
+    hh = votes[votes["batch_id"] == "hh.jsonl"]
+    assert hh["prejudged"].all() and (hh["choice"] == "a").all() and (hh["annotator_id"] == "anonymous:hh.jsonl").all()
+    assert hh["response_a"].tolist()[2] == "[1, 2, 3]" and '"Name a colour."' in hh["prompt"].tolist()[1]
+    assert votes.loc[votes["batch_id"] == "named.parquet", "annotator_id"].tolist() == [
+        "rater-0", "rater-1", "rater-0", "anonymous:named.parquet", "rater-0", "rater-1"]
+    assert [b["shapes"]["pair_rows"] for b in report["batches"]] == [6, 6, 3]
+    plain = votes[votes["batch_id"] != "scored.parquet"]
+    assert (plain["meta"] == '{"source":"hh"}').all()
+    _, _, _ = collect_every_way(incoming, [WAYS[0], WAYS[2]], max_bad_share=1.0, margin_from_scores=True)
+    scored_votes, _, _ = collect.collect_dir(incoming, _cfg(incoming, max_bad_share=1.0, margin_from_scores=True))
+    assert scored_votes.loc[scored_votes["batch_id"] == "scored.parquet", "margin"].tolist() == [6.0] * 3
