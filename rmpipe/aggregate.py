@@ -28,11 +28,14 @@ from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from rmpipe import io
+from rmpipe.aggregate_codes import VoteCodes, release_memory
 from rmpipe.aggregate_labels import Counter, Pass, aggregate_pass, annotator_stats, krippendorff_alpha, _pct  # noqa: F401
 from rmpipe.aggregate_orient import PY_WHITESPACE, Votes, canonical_key, orient_votes, read_votes  # noqa: F401
 from rmpipe.aggregate_pairs import PairColumns, pair_chunks, pair_columns
+from rmpipe.aggregate_texts import PairTexts
 from rmpipe.aggregate_report import annotator_markdown, build_report, check_dropped  # noqa: F401
 from rmpipe.aggregate_settings import (  # noqa: F401
     IDENTICAL, LABELS, MALFORMED, OUTPUT_COLUMNS, TIE, VOTE_BUCKETS, AggregateSettings,
@@ -56,11 +59,11 @@ class Decision:
     report: dict[str, Any]
     annotators: pd.DataFrame
     columns: PairColumns
-    votes: Votes
+    texts: PairTexts  # the kept pairs' texts (the per-vote codes are not kept: freed once decided)
 
     def chunks(self) -> Iterator[pd.DataFrame]:
         """The output rows (OUTPUT_COLUMNS) in pair_id order, a bucket of pairs at a time."""
-        return pair_chunks(self.columns, self.votes.texts)
+        return pair_chunks(self.columns, self.texts)
 
 
 def aggregate(source: Votes | pd.DataFrame, settings: AggregateSettings) -> Aggregation:
@@ -80,6 +83,7 @@ def aggregate_file(votes_path: str | Path, pairs_path: str | Path, settings: Agg
     _remove_stale_spills(pairs_path.parent)
     with tempfile.TemporaryDirectory(prefix=f".aggregate-{os.getpid()}-", dir=pairs_path.parent) as spill:
         decision = decide(read_votes(votes_path, spill_dir=Path(spill)), settings, counter)
+        release_memory()  # the per-vote codes, gone with decide's frame: only per-pair columns remain
         io.write_parquet_chunks(pairs_path, decision.chunks())
     return decision
 
@@ -96,61 +100,51 @@ def _remove_stale_spills(folder: Path) -> None:
             continue
 
 
-def _vote_codes(table: pd.DataFrame) -> pd.DataFrame:
-    """The integer-coded votes every pass works on; int32 codes and int8 labels: this table is copied
-    per pass (valid, used...), so its width is most of aggregate's memory per vote."""
-    return pd.DataFrame(
-        {
-            "pair": table["pair_id"].cat.codes.to_numpy().astype(np.int32),
-            "annotator": table["annotator_id"].cat.codes.to_numpy().astype(np.int32),
-            "batch": table["batch_id"].cat.codes.to_numpy().astype(np.int32),
-            "label": table["label"].to_numpy(),  # int8
-            "chose_a": table["chose_a"].to_numpy(),
-            "strength": table["strength"],
-            "margin": table["margin"].to_numpy(),
-            "prejudged": table["prejudged"].to_numpy(),
-            "weight": table["weight"].to_numpy(),
-        }
-    )
-
-
-def _sort_out_unusable(table: pd.DataFrame, votes: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+def _sort_out_unusable(votes: VoteCodes) -> tuple[np.ndarray, np.ndarray]:
     """Vote buckets (index into VOTE_BUCKETS; 0 = usable) for malformed, identical, duplicate and
     inconsistent votes; and the codes of the pairs whose pair_id names different response pairs."""
-    bucket = np.zeros(len(table), np.int8)
-    bucket[votes["label"] == MALFORMED] = VOTE_BUCKETS.index("malformed")
-    bucket[votes["label"] == IDENTICAL] = VOTE_BUCKETS.index("identical_responses")
+    bucket = np.zeros(len(votes), np.int8)
+    bucket[votes.label == MALFORMED] = VOTE_BUCKETS.index("malformed")
+    bucket[votes.label == IDENTICAL] = VOTE_BUCKETS.index("identical_responses")
 
     # collect drops repeats already; a second vote by one annotator on one pair would also skew alpha.
-    candidates = np.flatnonzero(bucket == 0)
-    order = candidates[np.lexsort((table["line"].to_numpy()[candidates], votes["batch"].to_numpy()[candidates]))]
-    repeat = votes.iloc[order].duplicated(["pair", "annotator"]).to_numpy()
-    bucket[order[repeat]] = VOTE_BUCKETS.index("duplicate_vote")
+    # The first in (batch_id, line) order is kept: np.unique gives each key's first position.
+    candidates = votes.in_order(bucket == 0)
+    key = votes.pair[candidates].astype(np.int64) * max(len(votes.annotator_names), 1) + votes.annotator[candidates]
+    repeat = np.ones(len(candidates), bool)
+    repeat[np.unique(key, return_index=True)[1]] = False
+    del key
+    bucket[candidates[repeat]] = VOTE_BUCKETS.index("duplicate_vote")
+    del candidates, repeat
 
     # A pair_id whose votes show different response pairs (an id reused by a tool) cannot be aggregated.
-    # Normalized text lengths are a cheap fingerprint of "the same two responses".
+    # Normalized text lengths are a cheap fingerprint of "the same two responses": a pair is inconsistent
+    # where any of its votes differs from the lengths one of them (the last written) put in `seen`.
     alive = (bucket == 0) | (bucket == VOTE_BUCKETS.index("identical_responses"))
-    lengths = table.loc[alive, ["len_first", "len_second"]].assign(pair=votes["pair"][alive])
-    spread = lengths.groupby("pair").agg(["min", "max"])
-    differs = (spread.xs("min", axis=1, level=1) != spread.xs("max", axis=1, level=1)).any(axis=1)
-    bad_pairs = differs.index[differs.to_numpy()].to_numpy()
+    pair = votes.pair[alive]
+    bad = np.zeros(len(votes.pair_names), bool)
+    for lengths in (votes.len_first[alive], votes.len_second[alive]):
+        seen = np.zeros(len(bad), np.int32)
+        seen[pair] = lengths
+        bad[pair[lengths != seen[pair]]] = True
+    bad_pairs = np.flatnonzero(bad)
     if len(bad_pairs):
         log.warning(
             "%d pair_id(s) name different response pairs in different votes; dropped, e.g. %s",
-            len(bad_pairs), table["pair_id"].cat.categories[bad_pairs[:5]].tolist(),
+            len(bad_pairs), votes.pair_names.take(pa.array(bad_pairs[:5])).to_pylist(),
         )
-        bucket[(bucket == 0) & np.isin(votes["pair"].to_numpy(), bad_pairs)] = VOTE_BUCKETS.index("inconsistent_pair_id")
+        bucket[(bucket == 0) & votes.of_pairs(bad, votes.pair >= 0)] = VOTE_BUCKETS.index("inconsistent_pair_id")
     return bucket, bad_pairs
 
 
-def _exclusions(valid: pd.DataFrame, annotators: pd.DataFrame, names: pd.Index,
+def _exclusions(votes: VoteCodes, valid: np.ndarray, annotators: pd.DataFrame,
                 settings: AggregateSettings) -> tuple[list[str], np.ndarray]:
-    """The annotators left out (flagged and excluded, or named) and which `valid` votes are theirs."""
+    """The annotators left out (flagged and excluded, or named) and which `valid` votes are theirs (a mask)."""
     flagged = set(annotators.loc[annotators["flagged"], "annotator_id"]) if settings.exclude_flagged else set()
     named = set(settings.exclude_annotators) & set(annotators["annotator_id"])
     excluded: list[str] = sorted(flagged | named)
-    out = np.isin(valid["annotator"].to_numpy(), names.get_indexer(excluded)) if excluded else np.zeros(len(valid), bool)
-    if excluded and out.all():
+    out = valid & np.isin(votes.annotator, votes.annotator_names.get_indexer(excluded)) if excluded else np.zeros(len(votes), bool)
+    if excluded and out.sum() == valid.sum():
         raise DataError(
             f"excluding {len(excluded)} annotators (aggregate.exclude_flagged / aggregate.exclude_annotators) "
             "would leave no votes: lower aggregate.agreement_floor, raise aggregate.share_ceiling, set "
@@ -159,11 +153,12 @@ def _exclusions(valid: pd.DataFrame, annotators: pd.DataFrame, names: pd.Index,
     return excluded, out
 
 
-def _pair_buckets(votes: pd.DataFrame, n_pairs: int, bad_pairs: np.ndarray, final: Pass, keep: np.ndarray,
+def _pair_buckets(votes: VoteCodes, bad_pairs: np.ndarray, final: Pass, keep: np.ndarray,
                   is_tie: np.ndarray) -> dict[str, int]:
     """Where every pair that had a vote ended up."""
+    n_pairs = len(votes.pair_names)
     seen = np.zeros(n_pairs, bool)
-    seen[votes["pair"][votes["pair"] >= 0].to_numpy()] = True
+    seen[votes.pair[votes.pair >= 0]] = True
     inconsistent = np.zeros(n_pairs, bool)
     inconsistent[bad_pairs] = True
     has_votes = final.counts.sum(axis=1) > 0
@@ -179,44 +174,47 @@ def _pair_buckets(votes: pd.DataFrame, n_pairs: int, bad_pairs: np.ndarray, fina
     return buckets
 
 
+PASS_COLUMNS = ("pair", "annotator", "label", "weight", "prejudged")
+
+
 def decide(src: Votes, settings: AggregateSettings, counter: Counter | None = None) -> Decision:
-    """Run the passes over oriented votes: labels, exclusions, ties, min_votes; the report and kept pairs."""
-    table = src.table
-    n_in, n_pairs = len(table), len(table["pair_id"].cat.categories)
+    """Run the passes over oriented votes: labels, exclusions, ties, min_votes; the report and kept pairs.
+    Votes are selected by bool masks over the one coded table (no per-pass copy of the table)."""
+    votes = src.codes
+    n_in, n_pairs = len(votes), len(votes.pair_names)
     if n_in == 0:
         raise DataError("the vote table is empty: nothing to aggregate (see reports/collect.json for why)")
-    votes = _vote_codes(table)
-    bucket, bad_pairs = _sort_out_unusable(table, votes)
+    bucket, bad_pairs = _sort_out_unusable(votes)
 
-    valid = votes[bucket == 0]
-    first = aggregate_pass(valid, n_pairs, settings, counter)
-    names = table["annotator_id"].cat.categories
-    annotators = annotator_stats(valid, first, names, settings)
-    excluded, out = _exclusions(valid, annotators, names, settings)
+    valid = bucket == 0
+    first = aggregate_pass(votes.select(valid, *PASS_COLUMNS), n_pairs, settings, counter)
+    names = votes.annotator_names
+    annotators = annotator_stats(votes.select(valid, "annotator", "pair", "label", "chose_a"), first, names, settings)
+    excluded, out = _exclusions(votes, valid, annotators, settings)
     final, used = first, valid
     if excluded:
-        bucket[valid.index[out]] = VOTE_BUCKETS.index("excluded_annotator")
-        used = valid[~out]
-        final = aggregate_pass(used, n_pairs, settings, counter)
+        bucket[out] = VOTE_BUCKETS.index("excluded_annotator")
+        used = valid & ~out
+        final = aggregate_pass(votes.select(used, *PASS_COLUMNS), n_pairs, settings, counter)
+    del valid, out
 
     is_tie = final.eligible & (final.label == TIE)
     keep = final.eligible & (~is_tie | (settings.tie_policy == "soft"))
-    used_pair = used["pair"].to_numpy()
-    bucket[used.index[~final.eligible[used_pair]]] = VOTE_BUCKETS.index("in_pairs_below_min_votes")
-    bucket[used.index[(final.eligible & ~keep)[used_pair]]] = VOTE_BUCKETS.index("in_dropped_tie_pairs")
-    columns = pair_columns(used[keep[used_pair]], final, keep, table, settings)
+    bucket[used & ~votes.of_pairs(final.eligible, used)] = VOTE_BUCKETS.index("in_pairs_below_min_votes")
+    bucket[votes.of_pairs(final.eligible & ~keep, used)] = VOTE_BUCKETS.index("in_dropped_tie_pairs")
+    columns = pair_columns(votes, votes.of_pairs(keep, used), final, keep, settings)
 
     vote_counts = np.bincount(bucket, minlength=len(VOTE_BUCKETS))
     if vote_counts.sum() != n_in:
         raise RuntimeError(f"aggregate lost track of votes: {vote_counts}")
-    pair_buckets = _pair_buckets(votes, n_pairs, bad_pairs, final, keep, is_tie)
+    pair_buckets = _pair_buckets(votes, bad_pairs, final, keep, is_tie)
     report = build_report(
-        settings, votes, dict(zip(VOTE_BUCKETS, map(int, vote_counts))), pair_buckets, first, final, columns.numbers,
-        annotators, excluded,
+        settings, votes.label, votes.chose_a, dict(zip(VOTE_BUCKETS, map(int, vote_counts))), pair_buckets, first,
+        final, columns.numbers, annotators, excluded,
     )
     log.info(
         "%d votes on %d pairs -> %d pairs (%d below min_votes, %d ties dropped, %d ties kept soft, %d annotators flagged)",
         n_in, report["n_pairs_in"], report["n_pairs_out"], report["n_dropped_min_votes"], report["n_dropped_tie"],
         report["n_tie_kept_soft"], report["n_flagged"],
     )
-    return Decision(report=report, annotators=annotators, columns=columns, votes=src)
+    return Decision(report=report, annotators=annotators, columns=columns, texts=src.texts)

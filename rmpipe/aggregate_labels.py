@@ -18,9 +18,8 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Mapping
 
-import krippendorff
 import numpy as np
 import pandas as pd
 
@@ -40,11 +39,12 @@ class Pass:
     label: np.ndarray  # int8 aggregated label, -1 where not eligible
 
 
-def _crowd_labels(votes: pd.DataFrame, settings: AggregateSettings) -> pd.Series:
+def _crowd_labels(votes: VoteColumns, settings: AggregateSettings) -> pd.Series:
     """crowd-kit's label per pair code, a shared top score read as a tie (see module doc)."""
     from crowdkit.aggregation import DawidSkene, MajorityVote  # here: the default (majority) path never needs it
 
-    data = votes[["pair", "annotator", "label"]].astype(np.int64).set_axis(["task", "worker", "label"], axis=1)
+    data = pd.DataFrame({"task": np.asarray(votes["pair"], np.int64), "worker": np.asarray(votes["annotator"], np.int64),
+                         "label": np.asarray(votes["label"], np.int64)})
     if settings.method == "majority":
         model = MajorityVote()
     else:
@@ -73,15 +73,15 @@ def majority_labels(counts: np.ndarray) -> np.ndarray:
     return np.where(shared, TIE, counts.argmax(axis=1)).astype(np.int8)
 
 
+VoteColumns = Mapping[str, Any]  # column name -> one value per vote (numpy arrays, or a DataFrame's columns)
 Counter = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
-def aggregate_pass(votes: pd.DataFrame, n_pairs: int, settings: AggregateSettings, counter: Counter | None = None) -> Pass:
-    """One pass. `counter`: the group-by run elsewhere (rmpipe.engine), else here; majority labels come from
-    its counts, Dawid-Skene from crowd-kit."""
-    pair = votes["pair"].to_numpy()
-    counts, weighted, vote_rows = (counter or count_pairs)(
-        pair, votes["label"].to_numpy(), votes["weight"].to_numpy(), votes["prejudged"].to_numpy(), n_pairs)
+def aggregate_pass(votes: VoteColumns, n_pairs: int, settings: AggregateSettings, counter: Counter | None = None) -> Pass:
+    """One pass over the votes' pair / annotator / label / weight / prejudged. `counter`: the group-by run
+    elsewhere (rmpipe.engine), else here; majority labels come from its counts, Dawid-Skene from crowd-kit."""
+    pair = votes["pair"]
+    counts, weighted, vote_rows = (counter or count_pairs)(pair, votes["label"], votes["weight"], votes["prejudged"], n_pairs)
     counts, weighted = counts.reshape(n_pairs, 3), weighted.astype(np.int64)
     has_votes = counts.sum(axis=1) > 0
     # The mixed rule: one A/B vote row on a pair makes it vote-built, and min_votes counts all its judgements.
@@ -91,8 +91,8 @@ def aggregate_pass(votes: pd.DataFrame, n_pairs: int, settings: AggregateSetting
     if settings.method == "majority":
         label[eligible] = majority_labels(counts[eligible])
     else:
-        voted = votes[eligible[pair]]
-        if len(voted):
+        voted = {name: np.asarray(votes[name])[eligible[pair]] for name in ("pair", "annotator", "label")}
+        if len(voted["pair"]):
             crowd = _crowd_labels(voted, settings)
             label[crowd.index.to_numpy()] = crowd.to_numpy()
     responses_level = (counts[:, FIRST] == counts[:, SECOND]) & (counts[:, FIRST] >= counts[:, TIE])
@@ -100,20 +100,38 @@ def aggregate_pass(votes: pd.DataFrame, n_pairs: int, settings: AggregateSetting
     return Pass(counts=counts, weighted=weighted, prejudged=prejudged, eligible=eligible, label=label)
 
 
-def krippendorff_alpha(counts: np.ndarray) -> float | None:
+def krippendorff_alpha(counts: np.ndarray, chunk_rows: int = 1 << 16) -> float | None:
     """Nominal Krippendorff's alpha from per-pair label counts (canonical orientation).
 
     Alpha depends on the annotator x pair reliability matrix only through how many
     annotators gave each label to each pair, so `value_counts` gives the same number
     in O(pairs) memory instead of O(annotators x pairs). None where undefined (no pair
     with 2+ votes, or a single label everywhere).
+
+    The krippendorff package's own steps, with its coincidence matrix summed `chunk_rows` pairs at a time
+    (it builds three pairs x labels x labels float arrays at once: ~300 bytes a pair); numpy sums that
+    axis row after row, and each chunk's sum starts from the running total, so the bits are the same.
     """
     counts = counts[counts.sum(axis=1) >= 2]
     if len(counts) == 0 or (counts.sum(axis=0) > 0).sum() < 2:
         return None
-    value = float(krippendorff.alpha(value_counts=counts, level_of_measurement="nominal"))
+    value = nominal_alpha(counts, chunk_rows)
     return round(value, 4) if math.isfinite(value) else None
 
+
+def nominal_alpha(counts: np.ndarray, chunk_rows: int) -> float:
+    """krippendorff.alpha(value_counts=counts, level_of_measurement="nominal"), bit for bit, in bounded memory."""
+    n_labels = counts.shape[1]
+    o = np.zeros((n_labels, n_labels))
+    for start in range(0, len(counts), chunk_rows):
+        part = counts[start:start + chunk_rows]
+        terms = np.divide(part[..., np.newaxis] * part[:, np.newaxis, :] - part[:, np.newaxis, :] * np.eye(n_labels),
+                          (np.maximum(part.sum(axis=1), 2) - 1).reshape((-1, 1, 1)), dtype=float)
+        o = np.concatenate([o[np.newaxis], terms]).sum(axis=0)
+    n_v = o.sum(axis=0)
+    e = np.divide(np.outer(n_v, n_v) - np.diagflat(n_v), n_v.sum() - 1, dtype=float)
+    d = 1.0 - np.eye(n_labels)  # the nominal distance
+    return float(1 - (o * d).sum() / (e * d).sum())
 
 
 def _pct(value: float, threshold: float | None = None) -> str:
@@ -121,22 +139,22 @@ def _pct(value: float, threshold: float | None = None) -> str:
     text = f"{value:.0%}"
     return f"{value:.1%}" if threshold is not None and text == f"{threshold:.0%}" else text
 
-def annotator_stats(votes: pd.DataFrame, first: Pass, names: pd.Index, settings: AggregateSettings) -> pd.DataFrame:
+def annotator_stats(votes: VoteColumns, first: Pass, names: pd.Index, settings: AggregateSettings) -> pd.DataFrame:
     """Per annotator: votes, share, agreement with the aggregated label on pairs with 2+ votes, A-picks, flags."""
-    annotator, pair = votes["annotator"].to_numpy(), votes["pair"].to_numpy()
+    annotator, pair = votes["annotator"], votes["pair"]
     n = len(names)
     n_votes = np.bincount(annotator, minlength=n)
     compared = (first.counts.sum(axis=1)[pair] >= 2) & (first.label[pair] >= 0)
-    agree = compared & (votes["label"].to_numpy() == first.label[pair])
+    agree = compared & (votes["label"] == first.label[pair])
     n_compared = np.bincount(annotator[compared], minlength=n)
     n_agree = np.bincount(annotator[agree], minlength=n)
-    n_a = np.bincount(annotator[votes["chose_a"].to_numpy()], minlength=n)
+    n_a = np.bincount(annotator[votes["chose_a"]], minlength=n)
     with np.errstate(invalid="ignore", divide="ignore"):
         stats = pd.DataFrame(
             {
                 "annotator_id": np.asarray(names, dtype=object),
                 "votes": n_votes,
-                "share": n_votes / max(len(votes), 1),
+                "share": n_votes / max(len(pair), 1),
                 "agreement": np.where(n_compared > 0, n_agree / n_compared, np.nan),
                 "n_compared": n_compared,
                 "choice_a_share": np.where(n_votes > 0, n_a / n_votes, np.nan),

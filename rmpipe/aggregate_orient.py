@@ -4,8 +4,8 @@ A pair may be shown as A/B to one annotator and B/A to another. Every vote becom
 label in the pair's *canonical* order: "first" is the response whose normalized text
 (schema.normalize_text) sorts first, the rule schema.pair_id uses.
 
-Memory. `read_votes` reads the small columns whole (ids dictionary-encoded: a few bytes
-per vote), streams the text columns in record batches to orient each vote, and hands the
+Memory. `read_votes` reads the small columns one at a time as integer codes (aggregate_codes:
+a few bytes per vote), streams the text columns in record batches to orient each vote, and hands the
 texts of one representative vote per pair (lowest batch_id, line) to a `PairTexts`
 store, which spills them to disk in buckets of pair codes. Nothing but one record batch
 of texts and one bucket is ever held, whatever the number of votes.
@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from rmpipe.aggregate_codes import ID_COLUMNS, VoteCodes, read_codes, release_memory
 from rmpipe.aggregate_settings import FIRST, IDENTICAL, MALFORMED, SECOND, TIE
 from rmpipe.aggregate_texts import PairTexts
 from rmpipe.errors import DataError
@@ -32,13 +33,11 @@ from rmpipe.schema import CHOICES, VOTE_COLUMNS, VOTE_DEFAULTS
 
 log = logging.getLogger("rmpipe.aggregate")
 
-SMALL_COLUMNS = ["batch_id", "line", "pair_id", "annotator_id", "choice", "strength", "margin", "prejudged", "n_votes",
-                 "group_id"]
 TEXT_COLUMNS = ["prompt", "prompt_hash", "response_a", "response_b"]
-_CATEGORIES = ["pair_id", "annotator_id", "batch_id", "choice", "strength", "group_id"]  # read dictionary-encoded
 # Vote tables written before collect carried prompt_hash lack it: aggregate computes it then. The
 # pre-judged columns take their schema.VOTE_DEFAULTS (an A/B vote, one judgement) where absent.
 OPTIONAL_COLUMNS = ("prompt_hash", *VOTE_DEFAULTS)
+A_CHOICE, B_CHOICE, TIE_CHOICE = (CHOICES.index(c) for c in ("a", "b", "tie"))
 BUCKET_BYTES = 64 * 2**20  # texts per spilled bucket of pairs
 
 # Every character Python's str.isspace() accepts (what `\s` means in schema.normalize_text),
@@ -58,15 +57,14 @@ _WS_PATTERN = f"[{_WS}]{{2,}}|[{_WS_NOT_SPACE}]"
 class Votes:
     """Votes in canonical orientation.
 
-    table: one compact row per input vote, in input order: pair_id / annotator_id /
-      batch_id / strength / group_id as categoricals (sorted categories), line, label (FIRST,
-      SECOND, TIE, or MALFORMED / IDENTICAL), chose_a (position-A pick), margin, and
-      the lengths of the normalized first/second texts (to spot a reused pair_id).
+    codes: one entry per input vote, in input order (aggregate_codes.VoteCodes), with each vote's
+      label (FIRST, SECOND, TIE, or MALFORMED / IDENTICAL) and the lengths of its normalized
+      first/second texts (to spot a reused pair_id) filled in from the text columns.
     texts: the raw texts (prompt, prompt_hash, first, second) of each pair's representative
       vote, keyed by pair code (prompt_hash null where the vote table did not carry it).
     """
 
-    table: pd.DataFrame
+    codes: VoteCodes
     texts: PairTexts
 
 
@@ -119,65 +117,45 @@ def require_columns(columns: Iterable[str], where: str) -> None:
         raise DataError(f"{where} lacks the vote columns {missing}: is it the output of the collect stage?")
 
 
-def _sorted_categorical(column: pd.Series) -> pd.Categorical:
-    """A column as a categorical with sorted categories (codes then sort like the names)."""
-    if not isinstance(column.dtype, pd.CategoricalDtype):
-        return pd.Categorical(column)
-    cat = pd.Categorical(column).remove_unused_categories()
-    if len(cat.categories) == 0:
-        return cat
-    # codes remapped by rank: reorder_categories would look every name up again (250k pair_ids: 0.5 s)
-    order = cat.categories.argsort()
-    rank = np.empty(len(order), cat.codes.dtype)
-    rank[order] = np.arange(len(order))
-    dtype = pd.CategoricalDtype(cat.categories[order], ordered=cat.ordered)
-    return pd.Categorical.from_codes(np.where(cat.codes >= 0, rank[cat.codes], -1), dtype=dtype, validate=False)
-
-
-def _representative_rows(small: pd.DataFrame) -> np.ndarray:
+def _representative_rows(codes: VoteCodes) -> np.ndarray:
     """Sorted row positions of each pair's lowest (batch_id, line) vote with a known choice.
 
     Depends on neither row order nor A/B presentation, so the output texts do not either.
     """
-    candidate = small["pair_id"].notna() & small["annotator_id"].notna() & small["choice"].isin(CHOICES)
-    rows = np.flatnonzero(candidate.to_numpy())
-    batch = small["batch_id"].cat.codes.to_numpy()[rows]  # sorted categories: codes sort like names
-    pair = small["pair_id"].cat.codes.to_numpy()[rows]
-    order = np.lexsort((small["line"].to_numpy()[rows], batch, pair))
-    first_of_pair = np.ones(len(order), bool)
-    first_of_pair[1:] = pair[order][1:] != pair[order][:-1]
-    return np.sort(rows[order[first_of_pair]])
+    rows = codes.in_order((codes.pair >= 0) & (codes.annotator >= 0) & (codes.choice >= 0))
+    first = np.unique(codes.pair[rows], return_index=True)[1]  # the first of each pair in that order
+    return np.sort(rows[first])
 
 
-@dataclass
 class _Orientation:
-    """Per-vote facts from the text columns, filled batch by batch."""
+    """Fills the per-vote facts that need the text columns, batch by batch: the canonical label and the
+    normalized text lengths (int32: collect caps a text at collect.max_field_chars)."""
 
-    a_first: np.ndarray
-    readable: np.ndarray
-    identical: np.ndarray
-    len_a: np.ndarray
-    len_b: np.ndarray
-
-    @classmethod
-    def empty(cls, n: int) -> _Orientation:
-        # int32 lengths: collect caps a text at collect.max_field_chars
-        return cls(np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, np.int32), np.zeros(n, np.int32))
+    def __init__(self, codes: VoteCodes):
+        n = len(codes)
+        self.codes = codes
+        codes.label, codes.len_first, codes.len_second = np.zeros(n, np.int8), np.zeros(n, np.int32), np.zeros(n, np.int32)
 
     def fill(self, start: int, batch: pa.RecordBatch) -> pa.Array:
         """Orient rows start.. of one batch; return first_is_a for them."""
-        stop = start + batch.num_rows
+        stop, codes = start + batch.num_rows, self.codes
         key_a, key_b = canonical_key(batch.column("response_a")), canonical_key(batch.column("response_b"))
         first_is_a = pc.fill_null(pc.less_equal(key_a, key_b), True)
 
-        def put(target: np.ndarray, values: pa.Array) -> None:
-            target[start:stop] = values.to_numpy(zero_copy_only=False)
+        def numpy(values: pa.Array) -> np.ndarray:
+            return values.to_numpy(zero_copy_only=False)
 
-        put(self.a_first, first_is_a)
-        put(self.readable, pc.and_(pc.is_valid(key_a), pc.is_valid(key_b)))
-        put(self.identical, pc.fill_null(pc.equal(key_a, key_b), False))
-        put(self.len_a, pc.fill_null(pc.utf8_length(key_a), 0))
-        put(self.len_b, pc.fill_null(pc.utf8_length(key_b), 0))
+        a_first = numpy(first_is_a)
+        choice = codes.choice[start:stop]
+        label = np.select([choice == TIE_CHOICE, choice == A_CHOICE, choice == B_CHOICE],
+                          [TIE, np.where(a_first, FIRST, SECOND), np.where(a_first, SECOND, FIRST)], MALFORMED)
+        label[numpy(pc.fill_null(pc.equal(key_a, key_b), False)) & (label >= 0)] = IDENTICAL
+        readable = numpy(pc.and_(pc.is_valid(key_a), pc.is_valid(key_b)))
+        label[~readable | (codes.pair[start:stop] < 0) | (codes.annotator[start:stop] < 0)] = MALFORMED
+        codes.label[start:stop] = label
+        len_a, len_b = numpy(pc.fill_null(pc.utf8_length(key_a), 0)), numpy(pc.fill_null(pc.utf8_length(key_b), 0))
+        codes.len_first[start:stop] = np.where(a_first, len_a, len_b)
+        codes.len_second[start:stop] = np.where(a_first, len_b, len_a)
         return first_is_a
 
 
@@ -197,66 +175,24 @@ def _keep_texts(store: PairTexts, batch: pa.RecordBatch, here: np.ndarray, first
     }))
 
 
-def _orient(small: pd.DataFrame, text_batches: Iterable[pa.RecordBatch], store: PairTexts) -> Votes:
+def _orient(codes: VoteCodes, text_batches: Iterable[pa.RecordBatch], store: PairTexts) -> Votes:
     """Label every vote in canonical order; keep the texts of each pair's representative vote."""
-    n = len(small)
-    small = _with_defaults(small)
-    reps = _representative_rows(small)
-    pair_codes = small["pair_id"].cat.codes.to_numpy()
-    facts = _Orientation.empty(n)
+    reps = _representative_rows(codes)
+    facts = _Orientation(codes)
     start = 0
     for batch in text_batches:
         first_is_a = facts.fill(start, batch)
-        here = reps[(reps >= start) & (reps < start + batch.num_rows)]
-        if len(here):
-            _keep_texts(store, batch, here - start, first_is_a, pair_codes[here])
+        lo, hi = np.searchsorted(reps, [start, start + batch.num_rows])
+        if hi > lo:
+            here = reps[lo:hi]
+            _keep_texts(store, batch, here - start, first_is_a, codes.pair[here])
         start += batch.num_rows
-    if start != n:
-        raise RuntimeError(f"text columns have {start} rows, small columns {n}")
+        del batch, first_is_a
+        release_memory()
+    if start != len(codes):
+        raise RuntimeError(f"text columns have {start} rows, small columns {len(codes)}")
     store.finish()
-    return Votes(table=_vote_table(small, facts), texts=store)
-
-
-def _vote_table(small: pd.DataFrame, facts: _Orientation) -> pd.DataFrame:
-    choice = small["choice"].to_numpy(dtype=object, na_value=None)
-    a_first = facts.a_first
-    label = np.select(
-        [choice == "tie", choice == "a", choice == "b"],
-        [TIE, np.where(a_first, FIRST, SECOND), np.where(a_first, SECOND, FIRST)],
-        MALFORMED,
-    ).astype(np.int8)
-    label[facts.identical & (label >= 0)] = IDENTICAL
-    label[~facts.readable | small["pair_id"].isna().to_numpy() | small["annotator_id"].isna().to_numpy()] = MALFORMED
-    return pd.DataFrame(
-        {
-            "pair_id": small["pair_id"],
-            "annotator_id": small["annotator_id"],
-            "batch_id": small["batch_id"],
-            "line": small["line"].to_numpy(),
-            "label": label,
-            "chose_a": choice == "a",
-            "strength": _sorted_categorical(small["strength"]),
-            "margin": pd.to_numeric(small["margin"], errors="coerce").to_numpy(dtype=float, na_value=np.nan),
-            "prejudged": small["prejudged"].to_numpy(dtype=bool),
-            "group_id": small["group_id"],
-            "weight": small["n_votes"].to_numpy(dtype=np.int64),
-            "len_first": np.where(a_first, facts.len_a, facts.len_b),
-            "len_second": np.where(a_first, facts.len_b, facts.len_a),
-        }
-    )
-
-
-def _with_defaults(small: pd.DataFrame) -> pd.DataFrame:
-    """Ids as sorted categoricals; prejudged / n_votes filled where a vote table lacks them (or holds nulls):
-    an A/B vote, one judgement."""
-    fills = {}
-    for name in ("prejudged", "n_votes"):
-        column = small[name] if name in small.columns else pd.Series(VOTE_DEFAULTS[name], index=small.index)
-        fills[name] = column.fillna(VOTE_DEFAULTS[name]).astype(bool if name == "prejudged" else np.int64)
-    if "group_id" not in small.columns:
-        fills["group_id"] = pd.Series(None, index=small.index, dtype=object)
-    small = small.assign(**fills)
-    return small.assign(**{c: _sorted_categorical(small[c]) for c in ("pair_id", "annotator_id", "batch_id", "group_id")})
+    return Votes(codes=codes, texts=store)
 
 
 def orient_votes(votes: pd.DataFrame) -> Votes:
@@ -266,7 +202,11 @@ def orient_votes(votes: pd.DataFrame) -> Votes:
     # from_pandas for prompt_hash only: a hand-built table may leave it NaN (computed later); a NaN text stays an error
     texts = pa.table({c: pa.array(votes[c].to_numpy(dtype=object), pa.string(), from_pandas=c == "prompt_hash")
                       for c in TEXT_COLUMNS if c in votes.columns})
-    return _orient(votes[[c for c in SMALL_COLUMNS if c in votes.columns]], texts.to_batches(), PairTexts())
+
+    def read(name: str) -> pa.ChunkedArray | None:
+        return pa.chunked_array([pa.array(votes[name], from_pandas=True)]) if name in votes.columns else None
+
+    return _orient(read_codes(read, len(votes)), texts.to_batches(), PairTexts())
 
 
 def _text_bytes_per_row(parquet: pq.ParquetFile, columns: list[str]) -> float:
@@ -289,19 +229,21 @@ def read_votes(path: str | Path, spill_dir: Path | None = None, batch_rows: int 
     try:
         # pre_buffer=False: decode one column chunk at a time instead of buffering the whole file (half the RSS and CPU)
         schema = pq.read_schema(path)
-        parquet = pq.ParquetFile(path, pre_buffer=False, read_dictionary=[c for c in _CATEGORIES if c in schema.names])
+        parquet = pq.ParquetFile(path, pre_buffer=False, read_dictionary=[c for c in ID_COLUMNS if c in schema.names])
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataError(f"{path} is not a readable parquet file ({exc}): re-run the collect stage") from None
     require_columns(parquet.schema_arrow.names, str(path))
-    small = parquet.read(columns=[c for c in SMALL_COLUMNS if c in parquet.schema_arrow.names]).to_pandas()
-    text_columns = [c for c in TEXT_COLUMNS if c in parquet.schema_arrow.names]
+    names = parquet.schema_arrow.names
+    codes = read_codes(lambda c: parquet.read(columns=[c]).column(0) if c in names else None, parquet.metadata.num_rows)
+    release_memory()
+    text_columns = [c for c in TEXT_COLUMNS if c in names]
     if "prompt_hash" not in text_columns:
         log.warning("%s has no prompt_hash column (written by an older collect): computing it here; "
                     "re-run the collect stage to skip this", path)
-    n_pairs = int(small["pair_id"].nunique())
+    n_pairs = len(codes.pair_names)
     buckets = math.ceil(n_pairs * _text_bytes_per_row(parquet, text_columns) / BUCKET_BYTES) or 1
     store = PairTexts(folder=spill_dir, bucket_codes=math.ceil(max(n_pairs, 1) / buckets))
     batches = pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=batch_rows, columns=text_columns)
-    votes = _orient(small, batches, store)
-    pa.default_memory_pool().release_unused()  # hand the decoded batches' memory back to the OS
+    votes = _orient(codes, batches, store)
+    release_memory()  # the decoded batches' memory
     return votes

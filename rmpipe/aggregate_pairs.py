@@ -15,6 +15,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from rmpipe.aggregate_codes import VoteCodes
 from rmpipe.aggregate_labels import Pass
 from rmpipe.aggregate_settings import SECOND, TIE, AggregateSettings
 from rmpipe.aggregate_texts import SCHEMA as TEXT_SCHEMA
@@ -22,46 +23,58 @@ from rmpipe.aggregate_texts import PairTexts
 from rmpipe.schema import prompt_hash
 
 
-def _batch_lists(votes: pd.DataFrame, pair_codes: np.ndarray, batch_names: pd.Index) -> pa.ListArray:
+@dataclass
+class BatchLists:
+    """Sorted distinct batch ids per kept pair, as codes (a byte or two each); strings only per output chunk."""
+
+    offsets: np.ndarray  # int64, one more than pairs: pair k's batches are batch[offsets[k]:offsets[k + 1]]
+    batch: np.ndarray  # codes into names, sorted within each pair
+    names: np.ndarray  # object: the batch ids
+
+    def slice(self, start: int, n: int) -> pa.ListArray:
+        offsets = self.offsets[start:start + n + 1]
+        values = pa.array(self.names[self.batch[offsets[0]:offsets[-1]]], pa.string())
+        return pa.ListArray.from_arrays(pa.array((offsets - offsets[0]).astype(np.int32)), values)
+
+
+def _batch_lists(pair: np.ndarray, batch: np.ndarray, pair_codes: np.ndarray, batch_names: pd.Index) -> BatchLists:
     """Sorted distinct batch ids per pair, one list per pair code (ascending), all pairs at once."""
     n_batches = max(len(batch_names), 1)
-    combos = np.sort(votes["pair"].to_numpy().astype(np.int64) * n_batches + votes["batch"].to_numpy())
-    combos = combos[np.r_[True, combos[1:] != combos[:-1]]] if len(combos) else combos
-    combo_pair, combo_batch = np.divmod(combos, n_batches)  # sorted by pair, then by batch name
+    combos = np.sort(pair.astype(np.int64) * n_batches + batch)  # by pair, then by batch name
+    combos = combos[np.r_[True, combos[1:] != combos[:-1]]] if len(combos) else combos  # (np.unique: 50x slower)
+    combo_pair, combo_batch = np.divmod(combos, n_batches)
+    del combos
     starts = np.searchsorted(combo_pair, pair_codes)
-    if not np.array_equal(combo_pair[np.r_[True, combo_pair[1:] != combo_pair[:-1]]] if len(combos) else combo_pair, pair_codes):
+    if not np.array_equal(combo_pair[np.r_[True, combo_pair[1:] != combo_pair[:-1]]] if len(combo_pair) else combo_pair, pair_codes):
         raise RuntimeError("aggregate: batch ids requested for pairs without votes")
-    offsets = np.append(starts, len(combos)).astype(np.int32)
-    values = pa.array(np.asarray(batch_names, dtype=object)[combo_batch], pa.string())
-    return pa.ListArray.from_arrays(pa.array(offsets), values)
+    return BatchLists(offsets=np.append(starts, len(combo_pair)), batch=combo_batch.astype(batch.dtype),
+                      names=np.asarray(batch_names, dtype=object))
 
 
-def _pair_groups(used: pd.DataFrame, group: pd.Categorical | pd.Series, n_pairs: int) -> np.ndarray:
+def _pair_groups(pair: np.ndarray, group: np.ndarray, group_names: pd.Index, n_pairs: int) -> np.ndarray:
     """Per pair code: the ranked/rated group its first grouped vote came from (pairs of one group share it:
-    the same prompt and responses), None for pairs from A/B votes and pair rows only."""
+    the same prompt and responses), None for pairs from A/B votes and pair rows only. Votes in input order."""
     out = np.full(n_pairs, None, dtype=object)
-    codes = np.asarray(group.cat.codes)[used.index.to_numpy()]
-    grouped = codes >= 0
+    grouped = group >= 0
     if grouped.any():
-        pair = used["pair"].to_numpy()[grouped]
+        pair = pair[grouped]
         first = np.unique(pair, return_index=True)[1]  # input order: file name, then line
-        out[pair[first]] = np.asarray(group.cat.categories, dtype=object)[codes[grouped][first]]
+        out[pair[first]] = np.asarray(group_names, dtype=object)[group[grouped][first]]
     return out
 
 
-def _pair_margins(votes: pd.DataFrame, label: np.ndarray, settings: AggregateSettings) -> np.ndarray:
-    """Mean margin over the votes agreeing with the aggregated label; explicit margins win; else 0.0."""
-    pair = votes["pair"].to_numpy()
-    agree = votes["label"].to_numpy() == label[pair]
-    strength_codes = votes["strength"].cat.codes.to_numpy()
-    per_category = [settings.strength_margin.get(s, np.nan) for s in votes["strength"].cat.categories]
-    strength = np.append(np.asarray(per_category, dtype=float), np.nan)[strength_codes]  # code -1 -> NaN
+def _pair_margins(votes: VoteCodes, used: np.ndarray, label: np.ndarray, settings: AggregateSettings) -> np.ndarray:
+    """Mean margin over the `used` votes agreeing with the aggregated label; explicit margins win; else 0.0."""
+    agree = used & (votes.label == votes.of_pairs(label, used))
+    pair = votes.pair[agree]
+    per_category = [settings.strength_margin.get(s, np.nan) for s in votes.strength_names]
+    strength = np.append(np.asarray(per_category, dtype=float), np.nan)[votes.strength[agree]]  # code -1 -> NaN
 
     def sums(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        use = agree & ~np.isnan(values)
+        use = ~np.isnan(values)
         return np.bincount(pair[use], weights=values[use], minlength=len(label)), np.bincount(pair[use], minlength=len(label))
 
-    explicit_sum, explicit_n = sums(votes["margin"].to_numpy())
+    explicit_sum, explicit_n = sums(votes.margin[agree])
     strength_sum, strength_n = sums(strength)
     with np.errstate(invalid="ignore", divide="ignore"):
         margin = np.where(
@@ -103,15 +116,15 @@ class PairColumns:
     pair_id: pa.Array
     second_wins: np.ndarray
     numbers: pd.DataFrame  # n_votes .. margin, prejudged: also what the report's means read
-    batch_ids: pa.ListArray
+    batch_ids: BatchLists
     group_id: np.ndarray
     codes: np.ndarray
 
 
-def pair_columns(used: pd.DataFrame, final: Pass, keep: np.ndarray, votes: pd.DataFrame,
+def pair_columns(votes: VoteCodes, used: np.ndarray, final: Pass, keep: np.ndarray,
                  settings: AggregateSettings) -> PairColumns:
-    """`used`: the votes behind the kept pairs (codes pair/batch/label...); `votes`: the oriented vote table."""
-    pair_names = votes["pair_id"].cat.categories
+    """`used`: a mask of the votes behind the kept pairs; `votes`: the coded vote table."""
+    pair_names = votes.pair_names
     codes = np.flatnonzero(keep)
     label = final.label[codes]
     counts = final.counts[codes]
@@ -129,15 +142,15 @@ def pair_columns(used: pd.DataFrame, final: Pass, keep: np.ndarray, votes: pd.Da
         "n_tie": counts[:, 2].astype(np.int64),
         "agreement": n_label / np.maximum(counts.sum(axis=1), 1),
         "soft_label": soft_label.astype(float),
-        "margin": _pair_margins(used, final.label, settings)[codes].astype(float),
+        "margin": _pair_margins(votes, used, final.label, settings)[codes].astype(float),
         "prejudged": final.prejudged[codes],
     })
     return PairColumns(
-        pair_id=pa.array(np.asarray(pair_names[codes], dtype=object), pa.string()),
+        pair_id=pair_names.take(pa.array(codes, pa.int64())).cast(pa.string()),
         second_wins=second_wins,
         numbers=numbers,
-        batch_ids=_batch_lists(used, codes, votes["batch_id"].cat.categories),
-        group_id=_pair_groups(used, votes["group_id"], len(pair_names))[codes],
+        batch_ids=_batch_lists(votes.pair[used], votes.batch[used], codes, votes.batch_names),
+        group_id=_pair_groups(votes.pair[used], votes.group[used], votes.group_names, len(pair_names))[codes],
         codes=codes,
     )
 

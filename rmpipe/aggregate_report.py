@@ -43,13 +43,15 @@ def _round(x: float | None, digits: int = 4) -> float | None:
     return None if x is None or not math.isfinite(x) else round(float(x), digits)
 
 
-def build_report(settings, votes, vote_buckets, pair_buckets, first, final, pairs, annotators, excluded) -> dict[str, Any]:
+def build_report(settings, label, chose_a, vote_buckets, pair_buckets, first, final, pairs, annotators,
+                 excluded) -> dict[str, Any]:
+    """`label`, `chose_a`: per input vote (its canonical label, and whether it picked position A)."""
     labels = final.label[final.eligible]
     n_tie_pairs = int((labels == TIE).sum())
-    choices = votes["label"] >= 0
+    choices = label >= 0
     n_choices = max(int(choices.sum()), 1)
-    n_a = int(votes["chose_a"][choices].sum())
-    n_tie_votes = int((votes["label"][choices] == TIE).sum())
+    n_a = int(chose_a[choices].sum())
+    n_tie_votes = int((label[choices] == TIE).sum())
 
     def mean_of(column: str) -> float | None:
         return _round(pairs[column].mean()) if len(pairs) else None
@@ -58,7 +60,7 @@ def build_report(settings, votes, vote_buckets, pair_buckets, first, final, pair
         "method": settings.method,
         "tie_policy": settings.tie_policy,
         "min_votes": settings.min_votes,
-        "n_votes_in": len(votes),
+        "n_votes_in": len(label),
         "n_pairs_in": sum(pair_buckets.values()),
         "n_votes_used": vote_buckets["used"],
         "n_pairs_out": len(pairs),
