@@ -31,7 +31,7 @@ import pandas as pd
 import pyarrow as pa
 
 from rmpipe import io
-from rmpipe.aggregate_codes import VoteCodes, release_memory
+from rmpipe.aggregate_codes import VoteCodes, pair_key, release_memory
 from rmpipe.aggregate_labels import Counter, Pass, aggregate_pass, annotator_stats, krippendorff_alpha, _pct  # noqa: F401
 from rmpipe.aggregate_orient import PY_WHITESPACE, Votes, canonical_key, orient_votes, read_votes  # noqa: F401
 from rmpipe.aggregate_pairs import PairColumns, pair_chunks, pair_columns
@@ -110,7 +110,7 @@ def _sort_out_unusable(votes: VoteCodes) -> tuple[np.ndarray, np.ndarray]:
     # collect drops repeats already; a second vote by one annotator on one pair would also skew alpha.
     # The first in (batch_id, line) order is kept: np.unique gives each key's first position.
     candidates = votes.in_order(bucket == 0)
-    key = votes.pair[candidates].astype(np.int64) * max(len(votes.annotator_names), 1) + votes.annotator[candidates]
+    key = pair_key(votes.pair[candidates], votes.annotator[candidates], len(votes.annotator_names), len(votes.pair_names))
     repeat = np.ones(len(candidates), bool)
     repeat[np.unique(key, return_index=True)[1]] = False
     del key
@@ -185,6 +185,7 @@ def decide(src: Votes, settings: AggregateSettings, counter: Counter | None = No
     if n_in == 0:
         raise DataError("the vote table is empty: nothing to aggregate (see reports/collect.json for why)")
     bucket, bad_pairs = _sort_out_unusable(votes)
+    release_memory()  # here and below: the last step's temporaries, so the next step's do not stack on them
 
     valid = bucket == 0
     first = aggregate_pass(votes.select(valid, *PASS_COLUMNS), n_pairs, settings, counter)
@@ -197,6 +198,7 @@ def decide(src: Votes, settings: AggregateSettings, counter: Counter | None = No
         used = valid & ~out
         final = aggregate_pass(votes.select(used, *PASS_COLUMNS), n_pairs, settings, counter)
     del valid, out
+    release_memory()
 
     is_tie = final.eligible & (final.label == TIE)
     keep = final.eligible & (~is_tie | (settings.tie_policy == "soft"))

@@ -64,6 +64,13 @@ def codes_of(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, pa.Array]:
     return rank[indices], values.take(pa.array(kept[order]))
 
 
+def pair_key(pair: np.ndarray, other: np.ndarray, n_other: int, n_pairs: int) -> np.ndarray:
+    """One integer per (pair, other code), ordered by pair then other: int32 where it fits (half the memory)."""
+    n_other = max(n_other, 1)
+    dtype = np.int32 if max(n_pairs, 1) * n_other < 2**31 else np.int64
+    return pair.astype(dtype) * dtype(n_other) + other
+
+
 def choice_codes(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """int8 per vote: the index of its choice in schema.CHOICES ("a", "b", "tie"), -1 for anything else."""
     codes, names = codes_of(column)
@@ -136,6 +143,8 @@ def read_codes(read: Callable[[str], pa.ChunkedArray | None], n: int) -> VoteCod
     for column in ID_COLUMNS[:-1]:
         values = read(column)
         codes[column], names[column] = codes_of(values if values is not None else pa.nulls(n, pa.string()))
+        del values
+        release_memory()  # a column's Arrow buffers: the next column's must not stack on them
     choice = choice_codes(read("choice"))
     order = input_order(codes["batch_id"], _filled(read("line"), None, n))
     margin = read("margin")

@@ -8,14 +8,14 @@ PairTexts bucket at a time, so a chunk of output rows is all the text ever held 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from rmpipe.aggregate_codes import VoteCodes
+from rmpipe.aggregate_codes import VoteCodes, pair_key
 from rmpipe.aggregate_labels import Pass
 from rmpipe.aggregate_settings import SECOND, TIE, AggregateSettings
 from rmpipe.aggregate_texts import SCHEMA as TEXT_SCHEMA
@@ -40,7 +40,7 @@ class BatchLists:
 def _batch_lists(pair: np.ndarray, batch: np.ndarray, pair_codes: np.ndarray, batch_names: pd.Index) -> BatchLists:
     """Sorted distinct batch ids per pair, one list per pair code (ascending), all pairs at once."""
     n_batches = max(len(batch_names), 1)
-    combos = np.sort(pair.astype(np.int64) * n_batches + batch)  # by pair, then by batch name
+    combos = np.sort(pair_key(pair, batch, n_batches, int(pair.max()) + 1 if len(pair) else 1))
     combos = combos[np.r_[True, combos[1:] != combos[:-1]]] if len(combos) else combos  # (np.unique: 50x slower)
     combo_pair, combo_batch = np.divmod(combos, n_batches)
     del combos
@@ -64,18 +64,19 @@ def _pair_groups(pair: np.ndarray, group: np.ndarray, group_names: pd.Index, n_p
 
 
 def _pair_margins(votes: VoteCodes, used: np.ndarray, label: np.ndarray, settings: AggregateSettings) -> np.ndarray:
-    """Mean margin over the `used` votes agreeing with the aggregated label; explicit margins win; else 0.0."""
+    """Mean margin over the `used` votes agreeing with the aggregated label; explicit margins win; else 0.0.
+    Sums over bool masks of the votes that have a value, in vote order (the same sums as over every vote)."""
     agree = used & (votes.label == votes.of_pairs(label, used))
-    pair = votes.pair[agree]
     per_category = [settings.strength_margin.get(s, np.nan) for s in votes.strength_names]
-    strength = np.append(np.asarray(per_category, dtype=float), np.nan)[votes.strength[agree]]  # code -1 -> NaN
+    strength_margin = np.append(np.asarray(per_category, dtype=float), np.nan)  # code -1 -> NaN
 
-    def sums(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        use = ~np.isnan(values)
-        return np.bincount(pair[use], weights=values[use], minlength=len(label)), np.bincount(pair[use], minlength=len(label))
+    def sums(rows: np.ndarray, values: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        pair = votes.pair[rows]
+        return np.bincount(pair, weights=values(rows), minlength=len(label)), np.bincount(pair, minlength=len(label))
 
-    explicit_sum, explicit_n = sums(votes.margin[agree])
-    strength_sum, strength_n = sums(strength)
+    explicit_sum, explicit_n = sums(agree & ~np.isnan(votes.margin), lambda rows: votes.margin[rows])
+    has_strength = agree & ~np.isnan(strength_margin)[votes.strength]
+    strength_sum, strength_n = sums(has_strength, lambda rows: strength_margin[votes.strength[rows]])
     with np.errstate(invalid="ignore", divide="ignore"):
         margin = np.where(
             explicit_n > 0, explicit_sum / explicit_n, np.where(strength_n > 0, strength_sum / strength_n, 0.0)
