@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import pytest
 import yaml
 
@@ -236,6 +238,83 @@ def test_splits_given_in_chunks_report_what_the_whole_splits_do(defect_run, tmp_
     chunked = validate_splits(splits, PARAMS, tmp_path, chunk_rows=100, gx_rows=150)
     assert chunked.summary() == whole.summary()
     assert len(whole.failures) == 12
+
+
+def _write_splits(folder: Path, splits: dict[str, pd.DataFrame]) -> dict[str, Path]:
+    folder.mkdir()
+    for name, frame in splits.items():
+        frame.to_parquet(folder / f"{name}.parquet", index=False)
+    return {name: folder / f"{name}.parquet" for name in splits}
+
+
+def test_duplicates_in_other_chunks_and_splits_are_found_from_the_files_at_any_chunk_size(tmp_path):
+    """The stage's path: splits read from their files 100 rows at a time. A pair_id twice in one split (rows 0
+    and 450: five chunks apart), a pair_id in two splits and a prompt_hash shared by val and test (train
+    not involved) read as over whole in-memory splits, with the real ids as examples."""
+    splits = clean_splits()
+    train, val, test = (splits[name].copy() for name in SPLITS)
+    train.loc[450, "pair_id"] = train.loc[0, "pair_id"]
+    val.loc[len(val) - 1, "pair_id"] = test.loc[0, "pair_id"]
+    val.loc[3, "prompt_hash"] = test.loc[2, "prompt_hash"]
+    splits = {"train": train, "val": val, "test": test}
+    whole = validate_splits(splits, PARAMS, tmp_path / "whole")
+    files = _write_splits(tmp_path / "split", splits)
+    chunked = validate_splits(files, PARAMS, tmp_path / "chunked", chunk_rows=100, gx_rows=100)
+    assert chunked.summary() == whole.summary()
+    n = sum(map(len, splits.values()))
+    leaked = test.loc[2, "prompt_hash"]
+    assert chunked.failures == [
+        f"FAIL all splits: pair_id unique across splits — 4 of {n} rows share a pair_id "
+        f"(e.g. {train.loc[0, 'pair_id']}, {test.loc[0, 'pair_id']})",
+        f"FAIL prompts: each prompt_hash in exactly one split — 1 of {len(set(train.prompt_hash) | set(val.prompt_hash) | set(test.prompt_hash))} "
+        f"prompts in several splits (e.g. {leaked[:23]}…)",
+    ]
+
+
+def test_the_chosen_longer_share_is_the_whole_splits_at_any_chunk_size(tmp_path):
+    """Train sorted chosen-longer first: every 100-row chunk's own share is 1.0 or near 0, the split's ~0.5 passes;
+    with most chosen-shorter rows dropped the split's share fails, and the line gives the split's figure."""
+    splits = clean_splits()
+    train = splits["train"]
+    longer = train["chosen"].str.len() > train["rejected"].str.len()
+    sorted_train = pd.concat([train[longer], train[~longer]], ignore_index=True)
+    passing = validate_splits({**splits, "train": sorted_train}, PARAMS, tmp_path / "a", chunk_rows=100, gx_rows=100)
+    assert passing.failures == []
+    biased = pd.concat([train[longer], train[~longer].iloc[: (~longer).sum() // 4]], ignore_index=True)
+    failing = validate_splits({**splits, "train": biased}, PARAMS, tmp_path / "b", chunk_rows=100, gx_rows=100)
+    share = round(longer.sum() / len(biased), 4)
+    assert failing.failures == [f"FAIL train: chosen-longer share in [0.25, 0.75] — observed {share}"]
+    assert validate_splits({**splits, "train": biased}, PARAMS, tmp_path / "c").failures == failing.failures
+
+
+def _docs_page(docs: Path, suite: str) -> str:
+    pages = list((docs / "validations/rmpipe" / suite).rglob("*.html"))
+    assert len(pages) == 1, pages
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", pages[0].read_text())).split())
+
+
+def test_chunked_runs_leave_one_docs_page_per_suite_with_the_whole_splits_figures(tmp_path):
+    """Each suite's merged result is its one page in the data docs: the whole split's counts, the real ids."""
+    splits, planted = defective_splits()
+    validate_splits(splits, PARAMS, tmp_path, chunk_rows=100, gx_rows=150)
+    suites = {p.name for p in (tmp_path / "validations/rmpipe").iterdir()}
+    assert suites == {f"{n}_{s}" for n in SPLITS for s in ("schema", "values")} | {"all_splits", "prompts"}
+    values = _docs_page(tmp_path, "train_values")
+    assert "Status: Failed" in values and f"of {len(splits['train'])} total rows" in values
+    cross = _docs_page(tmp_path, "all_splits")
+    assert planted["shared_pair_id"] in cross and f"of {sum(map(len, splits.values()))} total rows" in cross
+
+
+def test_id_codes_are_equal_exactly_where_the_strings_are():
+    """One dictionary for every split: a code names one string wherever it sits; nulls and a missing column are -1."""
+    from rmpipe.validate_ids import encode
+
+    parts = [pa.array(["a", "b", None, "a"], pa.large_string()), None, pa.array(["c", "b"], pa.large_string())]
+    coded = encode(parts, [4, 2, 2])
+    assert coded.codes.tolist() == [0, 1, -1, 0, -1, -1, 2, 1]
+    assert [coded.decode(c) for c in (0, 2.0, 1)] == ["a", "c", "b"] and coded.decode(None) is None
+    assert coded.strings.to_pylist() == ["a", "b", "c"]
+    assert coded.series().isna().tolist() == [False, False, True, False, True, True, False, False]
 
 
 def test_schema_frame_keeps_names_dtypes_and_nulls_but_no_text():
