@@ -28,12 +28,13 @@ from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from rmpipe.paths import read_chunks
 from rmpipe.schema import PAIR_COLUMNS
 from rmpipe.settings import ValidateSettings
 from rmpipe.validate_frames import INTEGER_COLUMNS, response_keys, schema_frame, values_frame
-from rmpipe.validate_ids import ID_COLUMNS, SplitSource, all_splits_frame, decode_examples, encode, prompts_frame, read_ids
+from rmpipe.validate_ids import ID_COLUMNS, SplitSource, all_splits_frame, decode_examples, encode, prompts_frame
 from rmpipe.validate_runs import EXAMPLES, Runner, exception_message, merge_chunk_results
 
 import great_expectations.expectations as gxe  # noqa: E402  (after validate_runs: GX analytics off)
@@ -243,8 +244,8 @@ class ContractResult:
 
 # --- running the contract -------------------------------------------------------------------
 
-CHUNK_ROWS = 65_536  # rows of a split read at a time: one chunk of real-length text (~160 MB) in memory
-GX_ROWS = 262_144  # rows a GX run of a split's suites (text-free frames, ~500 B a row): GX costs ~0.3 s a run
+CHUNK_ROWS = 16_384  # rows of a split read at a time: one chunk of real-length text (~40 MB) in memory
+GX_ROWS = 131_072  # rows a GX run of a split's suites (text-free frames, ~500 B a row): GX costs ~0.3 s a run
 _VALUE_TYPED = {*TEXT_COLUMNS, *INTEGER_COLUMNS, *FLOAT_COLUMNS}
 
 
@@ -315,7 +316,8 @@ def _cross_split_checks(runner: Runner, splits: dict[str, SplitSource], outcome:
     """pair_id and (prompt, chosen, rejected) unique across splits, each prompt in one split: on codes (validate_ids)."""
     coded = {}
     for column in ID_COLUMNS:  # one column's strings at a time
-        column_codes = encode([read_ids(source, column) for source in splits.values()], rows)
+        column_codes = encode(list(splits.values()), column, rows)
+        pa.default_memory_pool().release_unused()
         if column_codes is not None:
             coded[column] = column_codes
     stacked = all_splits_frame(coded.get("pair_id"), coded.get("prompt_hash"), keys, sum(rows))
@@ -348,6 +350,7 @@ def validate_splits(splits: dict[str, SplitSource], params: ContractParams, docs
         n, k = _validate_split(runner, name, split, params, outcome, chunk_rows, gx_rows)
         rows.append(n)
         keys.append(k)
+        pa.default_memory_pool().release_unused()  # Arrow's allocator keeps freed chunks' pages otherwise
     _cross_split_checks(runner, splits, outcome, rows, keys)
     runner.context.build_data_docs()
     return outcome

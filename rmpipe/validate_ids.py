@@ -32,31 +32,57 @@ def _is_null(value: Any) -> bool:
     return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
 
 
-def read_ids(source: SplitSource, column: str) -> pa.Array | None:
+def _large_strings(ids: pa.Array | pa.ChunkedArray) -> pa.ChunkedArray:
+    ids = pa.chunked_array([ids]) if isinstance(ids, pa.Array) else ids
+    if pa.types.is_large_string(ids.type):
+        return ids
+    if pa.types.is_string(ids.type):
+        return ids.cast(pa.large_string())
+    return pa.chunked_array([pa.array([None if v is None else str(v) for v in ids.to_pylist()], pa.large_string())])
+
+
+def read_ids(source: SplitSource, column: str) -> pa.ChunkedArray | None:
     """One split's `column` as large strings (None where the split lacks it): the file's column alone, or the frame's."""
     if isinstance(source, pd.DataFrame):
         if column not in source.columns:
             return None
         try:
-            ids = pa.array(source[column], from_pandas=True)
+            return _large_strings(pa.array(source[column], from_pandas=True))
         except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed Python objects
-            ids = pa.array([None if _is_null(v) else str(v) for v in source[column]], pa.large_string())
-    else:
-        if column not in pq.read_schema(source).names:
-            return None
-        ids = pq.read_table(source, columns=[column]).column(column).combine_chunks()
-    if not pa.types.is_large_string(ids.type):
-        ids = ids.cast(pa.large_string()) if pa.types.is_string(ids.type) else pa.array(
-            [None if v is None else str(v) for v in ids.to_pylist()], pa.large_string())
-    return ids
+            return _large_strings(pa.array([None if _is_null(v) else str(v) for v in source[column]], pa.large_string()))
+    parquet = pq.ParquetFile(source, pre_buffer=False)
+    if column not in parquet.schema_arrow.names:
+        return None
+    batches = [batch.column(0) for batch in parquet.iter_batches(batch_size=65_536, columns=[column])]
+    return _large_strings(pa.chunked_array(batches, parquet.schema_arrow.field(column).type))
+
+
+def _id_at(source: SplitSource, column: str, row: int) -> Any:
+    """The string at `row` of one split's `column`, reading only the row group that holds it (for an example)."""
+    if isinstance(source, pd.DataFrame):
+        return read_ids(source.iloc[row:row + 1], column)[0].as_py()
+    parquet = pq.ParquetFile(source)
+    start = 0
+    for group in range(parquet.num_row_groups):
+        rows = parquet.metadata.row_group(group).num_rows
+        if row < start + rows:
+            return _large_strings(parquet.read_row_group(group, columns=[column]).column(column))[row - start].as_py()
+        start += rows
+    raise IndexError(f"row {row} is past the end of {source}")
 
 
 @dataclass
 class Coded:
-    """A column of every split as codes (-1: null) into `strings`, the distinct values in order of first appearance."""
+    """A column of every split as int32 codes (-1: null): equal codes exactly where the strings are equal.
 
-    strings: pa.Array
+    `first_row[code]`: the row (counted across the splits in order) where the code's string first appears;
+    `decode` reads the string back from there, so no string is held once the codes are made."""
+
     codes: np.ndarray
+    first_row: np.ndarray
+    sources: Sequence[SplitSource]
+    rows: Sequence[int]
+    column: str
 
     def series(self) -> pd.Series:
         """The codes as GX reads them: int32, or float64 with NaN where the string is null (GX skips nulls)."""
@@ -65,19 +91,54 @@ class Coded:
         return pd.Series(self.codes)
 
     def decode(self, value: Any) -> Any:
-        return value if _is_null(value) else self.strings[int(value)].as_py()
+        if _is_null(value):
+            return value
+        row = int(self.first_row[int(value)])
+        split = int(np.searchsorted(np.cumsum(self.rows), row, side="right"))
+        return _id_at(self.sources[split], self.column, row - int(sum(self.rows[:split])))
 
 
-def encode(parts: Sequence[pa.Array | None], rows: Sequence[int]) -> Coded | None:
-    """The splits' columns (None: the split lacks it, its rows count as nulls) as one coded column."""
+BUCKET_ROWS = 65_536  # rows Arrow's hash table encodes at a time (~250 bytes a distinct string while it works)
+
+
+def _buckets(ids: pa.Array, n_buckets: int) -> np.ndarray:
+    """Each row's bucket (-1: null), from its last two bytes and its length: equal strings share a bucket."""
+    offsets = np.frombuffer(ids.buffers()[1], np.int64)[ids.offset:ids.offset + len(ids) + 1]
+    data = ids.buffers()[2]
+    data = np.frombuffer(data, np.uint8) if data is not None and data.size else np.zeros(1, np.uint8)
+    ends, lengths = offsets[1:], np.diff(offsets)
+    last = np.where(lengths >= 1, data[np.clip(ends - 1, 0, data.size - 1)], 0).astype(np.int64)
+    second = np.where(lengths >= 2, data[np.clip(ends - 2, 0, data.size - 1)], 0)
+    bucket = (((last * 257 + second) * 31 + lengths) % n_buckets).astype(np.int32)
+    if ids.null_count:
+        bucket[ids.is_null().to_numpy(zero_copy_only=False)] = -1
+    return bucket
+
+
+def encode(sources: Sequence[SplitSource], column: str, rows: Sequence[int]) -> Coded | None:
+    """`column` of every split (a split without it: nulls) as codes, Arrow's dictionary encoding run one
+    bucket of rows at a time (bounded working memory; codes of different buckets never meet: distinct)."""
+    parts = [read_ids(source, column) for source in sources]
     if all(part is None for part in parts):
         return None
-    chunks = [pa.nulls(n, pa.large_string()) if part is None else part for part, n in zip(parts, rows)]
-    encoded = pa.chunked_array(chunks, pa.large_string()).dictionary_encode()  # one dictionary for all chunks
-    codes = np.concatenate([c.indices.fill_null(-1).to_numpy(zero_copy_only=False) for c in encoded.chunks]
-                           or [np.empty(0, np.int32)]).astype(np.int32, copy=False)
-    strings = encoded.chunk(encoded.num_chunks - 1).dictionary if encoded.num_chunks else pa.array([], pa.large_string())
-    return Coded(strings, codes)
+    ids = pa.concat_arrays([c for part, n in zip(parts, rows)  # one array: a take from chunks would join them each time
+                            for c in (part.chunks if part is not None else [pa.nulls(n, pa.large_string())])])
+    del parts
+    n_buckets = max(1, len(ids) // BUCKET_ROWS)
+    bucket = _buckets(ids, n_buckets)
+    order = np.argsort(bucket, kind="stable")  # rows grouped by bucket, in row order within one
+    starts = np.concatenate([[0], np.cumsum(np.bincount(bucket + 1, minlength=n_buckets + 1))])
+    del bucket
+    codes, first_rows, next_code = np.full(len(ids), -1, np.int32), [np.empty(0, np.int64)], 0
+    for b in range(1, n_buckets + 1):  # bucket -1 (nulls) keeps code -1
+        at = order[starts[b]:starts[b + 1]]
+        if len(at):
+            encoded = ids.take(at).dictionary_encode()
+            local = encoded.indices.to_numpy()
+            codes[at] = local + next_code
+            first_rows.append(at[np.unique(local, return_index=True)[1]])
+            next_code += len(encoded.dictionary)
+    return Coded(codes, np.concatenate(first_rows), list(sources), list(rows), column)
 
 
 def all_splits_frame(pair_ids: Coded | None, prompts: Coded | None, keys: Sequence[tuple | None],
@@ -95,14 +156,15 @@ def all_splits_frame(pair_ids: Coded | None, prompts: Coded | None, keys: Sequen
 
 
 def prompts_frame(prompts: Coded | None, rows: Sequence[int]) -> pd.DataFrame:
-    """One row per prompt_hash code (in order of first appearance) with the number of splits it appears in."""
+    """One row per prompt_hash code, in order of first appearance, with the number of splits it appears in."""
     if prompts is None:
         return pd.DataFrame({"prompt_hash": pd.Series(dtype="int32"), "n_splits": pd.Series(dtype="int64")})
     split = np.repeat(np.arange(len(rows), dtype=np.int64), rows)
     placed = prompts.codes >= 0
     in_split = np.unique(prompts.codes[placed].astype(np.int64) * len(rows) + split[placed])
-    n_splits = np.bincount(in_split // len(rows), minlength=len(prompts.strings))
-    return pd.DataFrame({"prompt_hash": np.arange(len(prompts.strings), dtype=np.int32), "n_splits": n_splits})
+    n_splits = np.bincount(in_split // len(rows), minlength=len(prompts.first_row))
+    order = np.argsort(prompts.first_row, kind="stable")
+    return pd.DataFrame({"prompt_hash": order.astype(np.int32), "n_splits": n_splits[order]})
 
 
 def unexpected_counts(values: list, limit: int) -> list[dict] | None:

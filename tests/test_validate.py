@@ -305,16 +305,22 @@ def test_chunked_runs_leave_one_docs_page_per_suite_with_the_whole_splits_figure
     assert planted["shared_pair_id"] in cross and f"of {sum(map(len, splits.values()))} total rows" in cross
 
 
-def test_id_codes_are_equal_exactly_where_the_strings_are():
-    """One dictionary for every split: a code names one string wherever it sits; nulls and a missing column are -1."""
-    from rmpipe.validate_ids import encode
+@pytest.mark.parametrize("bucket_rows", [65_536, 1])
+def test_id_codes_are_equal_exactly_where_the_strings_are(monkeypatch, bucket_rows):
+    """Codes across splits (one bucket, or a bucket per row): equal exactly where the strings are; a null or a
+    split without the column is -1; each code reads back as its string."""
+    from rmpipe import validate_ids
 
-    parts = [pa.array(["a", "b", None, "a"], pa.large_string()), None, pa.array(["c", "b"], pa.large_string())]
-    coded = encode(parts, [4, 2, 2])
-    assert coded.codes.tolist() == [0, 1, -1, 0, -1, -1, 2, 1]
-    assert [coded.decode(c) for c in (0, 2.0, 1)] == ["a", "c", "b"] and coded.decode(None) is None
-    assert coded.strings.to_pylist() == ["a", "b", "c"]
-    assert coded.series().isna().tolist() == [False, False, True, False, True, True, False, False]
+    monkeypatch.setattr(validate_ids, "BUCKET_ROWS", bucket_rows)
+    values = ["ab", "b", None, "ab", None, None, "c", "b", "ba"]
+    sources = [pd.DataFrame({"x": values[:4]}), pd.DataFrame({"y": [1, 2]}), pd.DataFrame({"x": values[6:]})]
+    coded = validate_ids.encode(sources, "x", [4, 2, 3])
+    codes = coded.codes.tolist()
+    assert [c < 0 for c in codes] == [v is None for v in values]
+    pairs = [(i, j) for i in range(9) for j in range(9) if values[i] is not None and values[j] is not None]
+    assert all((codes[i] == codes[j]) == (values[i] == values[j]) for i, j in pairs)
+    assert [coded.decode(c) for c in codes if c >= 0] == [v for v in values if v is not None]
+    assert coded.series().isna().tolist() == [v is None for v in values]
 
 
 def test_schema_frame_keeps_names_dtypes_and_nulls_but_no_text():
