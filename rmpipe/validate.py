@@ -295,6 +295,7 @@ def _validate_split(runner: Runner, name: str, split: SplitSource, params: Contr
             longer.append(pending[-1][1]["chosen_longer"].to_numpy(np.uint8))
         rows += len(chunk)
         del chunk
+        pa.default_memory_pool().release_unused()  # Arrow's allocator keeps a freed chunk's pages otherwise
         if sum(len(frames[0]) for frames in pending) >= gx_rows:
             _run_suites(runner, name, pending, params, runs)
     if pending:
@@ -350,7 +351,6 @@ def validate_splits(splits: dict[str, SplitSource], params: ContractParams, docs
         n, k = _validate_split(runner, name, split, params, outcome, chunk_rows, gx_rows)
         rows.append(n)
         keys.append(k)
-        pa.default_memory_pool().release_unused()  # Arrow's allocator keeps freed chunks' pages otherwise
     _cross_split_checks(runner, splits, outcome, rows, keys)
     runner.context.build_data_docs()
     return outcome

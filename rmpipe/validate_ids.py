@@ -115,29 +115,48 @@ def _buckets(ids: pa.Array, n_buckets: int) -> np.ndarray:
     return bucket
 
 
+def _read_all(sources: Sequence[SplitSource], column: str, rows: Sequence[int]) -> list[pa.Array] | None:
+    """`column` of every split as large-string chunks (a split without it: nulls); None if no split has it."""
+    chunks, found = [], False
+    for source, n in zip(sources, rows):
+        part = read_ids(source, column)
+        found |= part is not None
+        chunks += part.chunks if part is not None else [pa.nulls(n, pa.large_string())]
+        pa.default_memory_pool().release_unused()  # the reader's page buffers
+    return chunks if found else None
+
+
+def _take(chunks: list[pa.Array], starts: np.ndarray, rows: np.ndarray) -> pa.Array:
+    """The strings at `rows` (ascending, counted across the chunks) without joining the chunks."""
+    cut = np.searchsorted(rows, starts)
+    return pa.concat_arrays([chunk.take(rows[lo:hi] - start) for chunk, start, lo, hi
+                             in zip(chunks, starts, cut[:-1], cut[1:]) if hi > lo] or [pa.array([], pa.large_string())])
+
+
 def encode(sources: Sequence[SplitSource], column: str, rows: Sequence[int]) -> Coded | None:
     """`column` of every split (a split without it: nulls) as codes, Arrow's dictionary encoding run one
     bucket of rows at a time (bounded working memory; codes of different buckets never meet: distinct)."""
-    parts = [read_ids(source, column) for source in sources]
-    if all(part is None for part in parts):
+    chunks = _read_all(sources, column, rows)
+    if chunks is None:
         return None
-    ids = pa.concat_arrays([c for part, n in zip(parts, rows)  # one array: a take from chunks would join them each time
-                            for c in (part.chunks if part is not None else [pa.nulls(n, pa.large_string())])])
-    del parts
-    n_buckets = max(1, len(ids) // BUCKET_ROWS)
-    bucket = _buckets(ids, n_buckets)
+    total = sum(map(len, chunks))
+    n_buckets = max(1, total // BUCKET_ROWS)
+    bucket = np.concatenate([_buckets(chunk, n_buckets) for chunk in chunks] or [np.empty(0, np.int32)])
     order = np.argsort(bucket, kind="stable")  # rows grouped by bucket, in row order within one
-    starts = np.concatenate([[0], np.cumsum(np.bincount(bucket + 1, minlength=n_buckets + 1))])
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(bucket + 1, minlength=n_buckets + 1))])
     del bucket
-    codes, first_rows, next_code = np.full(len(ids), -1, np.int32), [np.empty(0, np.int64)], 0
+    starts = np.concatenate([[0], np.cumsum([len(c) for c in chunks])])
+    codes, first_rows, next_code = np.full(total, -1, np.int32), [np.empty(0, np.int64)], 0
     for b in range(1, n_buckets + 1):  # bucket -1 (nulls) keeps code -1
-        at = order[starts[b]:starts[b + 1]]
+        at = order[bounds[b]:bounds[b + 1]]
         if len(at):
-            encoded = ids.take(at).dictionary_encode()
+            encoded = _take(chunks, starts, at).dictionary_encode()
             local = encoded.indices.to_numpy()
             codes[at] = local + next_code
             first_rows.append(at[np.unique(local, return_index=True)[1]])
             next_code += len(encoded.dictionary)
+            del encoded
+            pa.default_memory_pool().release_unused()  # else each bucket's hash table stays resident
     return Coded(codes, np.concatenate(first_rows), list(sources), list(rows), column)
 
 

@@ -110,9 +110,17 @@ class Runner:
             self._run_ids[asset_name] = RunIdentifier(run_time=datetime.datetime.now(datetime.timezone.utc))
         run = definition.run(batch_parameters={"dataframe": frame}, result_format=result_format(frame, id_column),
                              run_id=self._run_ids[asset_name])
+        self._drop_batches()
         order = {e.id: i for i, e in enumerate(definition.suite.expectations)}
         run.results = sorted(run.results, key=lambda r: order.get(r.expectation_config.id, len(order)))
         return run
+
+    def _drop_batches(self) -> None:
+        """Forget the frames GX keeps after a run (the last of each asset): each run brings its own, and a
+        kept frame per asset (a whole val or test split's values at 5M votes, the cross-split codes) adds up."""
+        manager = self.source.get_execution_engine().batch_manager
+        manager.reset_batch_cache()
+        manager.batch_data_cache.clear()
 
     def keep(self, asset_name: str, run, results: list) -> None:
         """Store `results` (merged over the chunks, examples decoded) as the asset's one validation result."""
