@@ -305,7 +305,8 @@ def _validate_split(runner: Runner, name: str, split: SplitSource, params: Contr
         results = merge_chunk_results([run.results for run in asset_runs])
         if asset.endswith("_values") and len(asset_runs) > 1:
             results = _whole_share(runner, name, results, longer, params)
-        runner.keep(asset, asset_runs[-1], results)
+        if len(asset_runs) > 1:  # one run: GX stored its result already
+            runner.keep(asset, asset_runs[-1], results)
         outcome.add(name, asset, results, rows)
     if any(k is None for k in keys):
         return rows, None
@@ -323,14 +324,14 @@ def _cross_split_checks(runner: Runner, splits: dict[str, SplitSource], outcome:
             coded[column] = column_codes
     stacked = all_splits_frame(coded.get("pair_id"), coded.get("prompt_hash"), keys, sum(rows))
     run = runner.run("all_splits", stacked, all_splits_expectations(stacked), "pair_id")
-    decode_examples(run.results, coded, EXAMPLES)
-    runner.keep("all_splits", run, run.results)
+    if decode_examples(run.results, coded, EXAMPLES):
+        runner.keep("all_splits", run, run.results)
     outcome.add(ALL_SPLITS, "all_splits", run.results, len(stacked))
     del stacked
     prompts = prompts_frame(coded.get("prompt_hash"), rows)
     run = runner.run("prompts", prompts, prompts_expectations(), "prompt_hash")
-    decode_examples(run.results, coded, EXAMPLES)
-    runner.keep("prompts", run, run.results)
+    if decode_examples(run.results, coded, EXAMPLES):
+        runner.keep("prompts", run, run.results)
     outcome.add(PROMPTS, "prompts", run.results, len(prompts))
 
 

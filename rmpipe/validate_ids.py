@@ -2,13 +2,15 @@
 prompt) on exact int32 codes of the id strings, never on a Python string per row.
 
 After the per-chunk suites, each split's pair_id and prompt_hash are read once more, one narrow
-column at a time (from the split's file when the stage passes one), and Arrow dictionary-encodes each
-column across all splits: every distinct string gets a code, in order of first appearance, and two
-rows get one code exactly when their strings are equal (Arrow's hash table compares the bytes; no hash
-decides equality). GX checks the codes, so its verdicts, counts and the order of its examples are the
-strings' own; the few codes it reports as examples are mapped back to their strings (`decode`) for the
-failure line and the data docs. Held per pair: a 4-byte code per column and the strings once in Arrow
-buffers. An id column of another type (already a schema failure) is compared by its text form.
+column at a time (from the split's file when the stage passes one), and coded across all splits: two
+rows get one code exactly when their strings are equal. Rows are grouped in buckets by their last
+bytes and length (equal strings always share a bucket), and Arrow dictionary-encodes one bucket at a
+time (its hash table compares the bytes; no hash decides equality), so its working memory is a
+bucket's. GX checks the codes, so its verdicts and counts are the strings' own; the prompts frame is
+ordered by each prompt's first row, as the strings' frame was, and the few codes GX reports as examples
+are read back from the row where each first appears (`Coded.decode`) for the failure line and the data
+docs. Held per pair: a 4-byte code per column. An id column of another type (already a schema failure)
+is compared by its text form.
 """
 
 from __future__ import annotations
@@ -196,9 +198,11 @@ def unexpected_counts(values: list, limit: int) -> list[dict] | None:
         return None
 
 
-def decode_examples(results: list, coded: dict[str, Coded], limit: int) -> None:
-    """Put the strings back in place of the codes in each result's examples (what GX reported, in its order)."""
-    for r in results:
+def decode_examples(results: list, coded: dict[str, Coded], limit: int) -> bool:
+    """Put the strings back in place of the codes in each failed result's examples (what GX reported, in its
+    order); True if there were any (a passed result has none)."""
+    failed = [r for r in results if not r.success]
+    for r in failed:
         result = r.result or {}
         kwargs = r.expectation_config.kwargs
         column = kwargs.get("column")
@@ -217,3 +221,4 @@ def decode_examples(results: list, coded: dict[str, Coded], limit: int) -> None:
             result["partial_unexpected_index_list"] = [
                 {k: coded[k].decode(v) if k in coded else v for k, v in row.items()} if isinstance(row, dict) else row
                 for row in result["partial_unexpected_index_list"]]
+    return bool(failed)
