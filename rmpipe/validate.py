@@ -1,6 +1,7 @@
 """The data contract of the splits, checked by Great Expectations before any training.
 
-Eight frames are validated, each with its own expectation suite:
+Eight suites, one data-docs page each (a split's suites run a chunk of rows at a time and their
+results are merged: validate_runs; the cross-split frames hold codes of the ids: validate_ids):
   <split>_schema   (train, val, test) the stored columns: present, typed, never null;
                    the split non-empty;
   <split>_values   value ranges, n_votes >= aggregate.min_votes (vote-built pairs; a pre-judged
