@@ -247,27 +247,35 @@ def _write_splits(folder: Path, splits: dict[str, pd.DataFrame]) -> dict[str, Pa
     return {name: folder / f"{name}.parquet" for name in splits}
 
 
-def test_duplicates_in_other_chunks_and_splits_are_found_from_the_files_at_any_chunk_size(tmp_path):
-    """The stage's path: splits read from their files 100 rows at a time. A pair_id twice in one split (rows 0
-    and 450: five chunks apart), a pair_id in two splits and a prompt_hash shared by val and test (train
-    not involved) read as over whole in-memory splits, with the real ids as examples."""
+@pytest.mark.parametrize("bucket_rows", [65_536, 8])
+def test_duplicates_in_other_chunks_and_splits_are_found_from_the_files_at_any_chunk_size(tmp_path, monkeypatch,
+                                                                                         bucket_rows):
+    """The stage's path: splits read from their files 100 rows at a time, ids coded in one bucket or in ~75. A
+    pair_id twice in one split (rows 0 and 450: five chunks apart), a pair_id in two splits and three prompts
+    shared by val and test (train not involved) read as over whole in-memory splits, with the real ids as
+    examples, the leaked prompts in the order they first appear."""
+    from rmpipe import validate_ids
+
+    monkeypatch.setattr(validate_ids, "BUCKET_ROWS", bucket_rows)
     splits = clean_splits()
     train, val, test = (splits[name].copy() for name in SPLITS)
     train.loc[450, "pair_id"] = train.loc[0, "pair_id"]
     val.loc[len(val) - 1, "pair_id"] = test.loc[0, "pair_id"]
-    val.loc[3, "prompt_hash"] = test.loc[2, "prompt_hash"]
+    leaks = [(3, 2), (10, 8), (20, 5)]  # (val row, test row whose prompt it takes)
+    for v, t in leaks:
+        val.loc[v, "prompt_hash"] = test.loc[t, "prompt_hash"]
     splits = {"train": train, "val": val, "test": test}
     whole = validate_splits(splits, PARAMS, tmp_path / "whole")
     files = _write_splits(tmp_path / "split", splits)
     chunked = validate_splits(files, PARAMS, tmp_path / "chunked", chunk_rows=100, gx_rows=100)
     assert chunked.summary() == whole.summary()
     n = sum(map(len, splits.values()))
-    leaked = test.loc[2, "prompt_hash"]
+    n_prompts = len(set(train.prompt_hash) | set(val.prompt_hash) | set(test.prompt_hash))
+    leaked = ", ".join(f"{test.loc[t, 'prompt_hash'][:23]}…" for _, t in leaks)
     assert chunked.failures == [
         f"FAIL all splits: pair_id unique across splits — 4 of {n} rows share a pair_id "
         f"(e.g. {train.loc[0, 'pair_id']}, {test.loc[0, 'pair_id']})",
-        f"FAIL prompts: each prompt_hash in exactly one split — 1 of {len(set(train.prompt_hash) | set(val.prompt_hash) | set(test.prompt_hash))} "
-        f"prompts in several splits (e.g. {leaked[:23]}…)",
+        f"FAIL prompts: each prompt_hash in exactly one split — 3 of {n_prompts} prompts in several splits (e.g. {leaked})",
     ]
 
 
