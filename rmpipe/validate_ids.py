@@ -105,6 +105,8 @@ BUCKET_ROWS = 65_536  # rows Arrow's hash table encodes at a time (~250 bytes a 
 
 def _buckets(ids: pa.Array, n_buckets: int) -> np.ndarray:
     """Each row's bucket (-1: null), from its last two bytes and its length: equal strings share a bucket."""
+    if len(ids) == 0:
+        return np.empty(0, np.int32)
     offsets = np.frombuffer(ids.buffers()[1], np.int64)[ids.offset:ids.offset + len(ids) + 1]
     data = ids.buffers()[2]
     data = np.frombuffer(data, np.uint8) if data is not None and data.size else np.zeros(1, np.uint8)
