@@ -180,7 +180,7 @@ def _orient(codes: VoteCodes, text_batches: Iterable[pa.RecordBatch], store: Pai
     reps = _representative_rows(codes)
     facts = _Orientation(codes)
     start = 0
-    for batch in text_batches:
+    for k, batch in enumerate(text_batches):
         first_is_a = facts.fill(start, batch)
         lo, hi = np.searchsorted(reps, [start, start + batch.num_rows])
         if hi > lo:
@@ -188,7 +188,8 @@ def _orient(codes: VoteCodes, text_batches: Iterable[pa.RecordBatch], store: Pai
             _keep_texts(store, batch, here - start, first_is_a, codes.pair[here])
         start += batch.num_rows
         del batch, first_is_a
-        release_memory()
+        if k % 2 == 1:  # decoded texts pile up in Arrow's pool; every other batch: half the page faults of each
+            pa.default_memory_pool().release_unused()
     if start != len(codes):
         raise RuntimeError(f"text columns have {start} rows, small columns {len(codes)}")
     store.finish()
