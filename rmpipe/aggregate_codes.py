@@ -5,7 +5,7 @@ array of codes into its sorted distinct values (codes sort like the names; -1 = 
 from Arrow dictionary arrays one column at a time. No Python object per vote or per pair and no
 pandas frame is built: the pair names stay one Arrow string array. `line` is read only to put
 the votes in (batch_id, line) order, kept as a permutation only where the file is not in that
-order already. At 5M votes the whole table is ~30 bytes a vote (README, "Data stages at scale").
+order already. The whole table is ~30 bytes a vote (README, Benchmarks: "Aggregate, nearly flat").
 """
 
 from __future__ import annotations
