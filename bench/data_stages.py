@@ -1,7 +1,7 @@
 """Benchmark: the four data stages (collect -> aggregate -> split -> validate) on N generated votes.
 
 Usage:  .venv/bin/python bench/data_stages.py [--votes 1000000] [--compare [--old REF]] [--keep DIR]
-                                             [--engine local|dask [--workers 2]]
+                                             [--engine local|dask [--workers 2]] [--pair-rows N]
 
 Generates realistic batches (prompts of a few hundred to a few thousand characters, responses of a
 few hundred; exactly 4 votes per pair) into a scratch project, then runs each stage exactly as
@@ -13,8 +13,10 @@ system), the figure to compare on a machine shared with other jobs.
 issue #13's collect, whose collect read each batch whole and normalized it row by row), extracted
 with `git archive` into a scratch folder: old and new alternate stage by stage in one run, on the
 same batches. --engine dask runs collect's batches and aggregate's group-by on a LocalCluster of
---workers processes (data.engine; outputs are the same bytes). Targets (issue #13, 2-core machine): 1M votes through the four stages <= 20 s, peak
-RSS <= 3 GB in every stage at 1M and 5M votes.
+--workers processes (data.engine; outputs are the same bytes). --pair-rows N adds N plain pair
+rows (prompt, chosen, rejected as text, as public pairwise sets come) in one Parquet file.
+Targets (issue #13, 2-core machine): 1M votes through the four stages <= 20 s, peak RSS <= 3 GB
+in every stage at 1M and 5M votes.
 """
 
 from __future__ import annotations
@@ -39,12 +41,13 @@ STAGES = ["collect", "aggregate", "split", "validate"]
 OLD_REF = "dfaf729"  # main just before issue #13's collect landed
 
 
-def make_project(where: Path, n_pairs: int, n_batches: int) -> None:
-    """A scratch project: this repo's params.yaml plus generated batches."""
+def make_project(where: Path, n_pairs: int, n_batches: int, pair_rows: int = 0) -> None:
+    """A scratch project: this repo's params.yaml plus generated batches (and `pair_rows` public-style
+    prompt / chosen / rejected rows in one Parquet file)."""
     from rmpipe.sample_data import write_sample_batches
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["sample_data"].update(n_pairs=n_pairs, n_batches=n_batches, long_texts=True, pair_rows=0,
+    params["sample_data"].update(n_pairs=n_pairs, n_batches=n_batches, long_texts=True, pair_rows=pair_rows,
                                  votes_per_pair={4: 1.0})  # exactly 4 votes per pair: 250k pairs -> 1M rows
     (where / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     write_sample_batches(where / "data" / "incoming", params["sample_data"])
@@ -95,6 +98,8 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, default=None, help="keep the scratch project here (reused if it has batches)")
     parser.add_argument("--engine", choices=["local", "dask"], default="local",
                         help="data.engine of the run (dask: a LocalCluster of --workers processes on this machine)")
+    parser.add_argument("--pair-rows", type=int, default=0,
+                        help="also deliver this many plain pair rows (prompt, chosen, rejected: a public pairwise set)")
     parser.add_argument("--workers", type=int, default=2, help="Dask workers with --engine dask")
     args = parser.parse_args()
     batches = args.batches or max(1, round(args.votes / 125_000))
@@ -107,7 +112,8 @@ def main() -> None:
         if not (where / "data" / "incoming").is_dir():  # a kept project is reused as it is
             # in a process of its own: a child started from this one would report this one's peak RSS
             # as its own (Linux keeps the parent's high-water mark across fork + exec)
-            maker = multiprocessing.get_context("spawn").Process(target=make_project, args=(where, args.votes // 4, batches))
+            maker = multiprocessing.get_context("spawn").Process(target=make_project,
+                                                                  args=(where, args.votes // 4, batches, args.pair_rows))
             maker.start()
             maker.join()
             if maker.exitcode != 0:
@@ -115,7 +121,7 @@ def main() -> None:
         set_engine(where, args.engine, args.workers)
         size_mb = sum(p.stat().st_size for p in (where / "data" / "incoming").iterdir()) / 2**20
         files = len(list((where / "data" / "incoming").iterdir()))
-        print(f"{args.votes:,} votes ({size_mb:,.0f} MB in {files} files) generated or reused "
+        print(f"{args.votes:,} votes + {args.pair_rows:,} pair rows ({size_mb:,.0f} MB in {files} files) generated or reused "
               f"in {time.perf_counter() - start:.1f}s; load average {os.getloadavg()[0]:.2f}", flush=True)
         print(f"{'stage':<10} {'code':<5} {'seconds':>8} {'CPU s':>8} {'peak RSS MB':>12}")
         total = {label: 0.0 for label, _ in codes}
