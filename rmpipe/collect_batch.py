@@ -230,7 +230,7 @@ class _Batch:
         keys = [] if fast_table is None else key_sets.joined_digests(fast_table["annotator_id"], fast_table["pair_id"])
         fast_shape = "pair" if fast_table is not None and fast_table.num_rows and fast_table["prejudged"][0].as_py() else "vote"
         slow = {pos: self._outcome(chunk, pos, norm) for pos in range(len(chunk.lines)) if pos not in fast_at}
-        self._look_up_earlier(keys + [key for outcome, _ in slow.values() for key in _vote_keys(outcome)])
+        self._look_up_earlier(keys + [key for _, _, row_keys in slow.values() for key in row_keys])
         slow_lines: list[int] = []
         slow_votes: list[tuple] = []
         order: list[int] = []  # rows of concat(fast votes, slow votes) to keep, in line order
@@ -245,8 +245,8 @@ class _Batch:
                     continue
                 outcome, raw = _duplicate(fast_table["annotator_id"][i].as_py(), earlier), chunk.record(pos)[1]
             else:
-                outcome, raw = slow[pos]
-                outcome = self._admit(outcome, line, slow_lines, slow_votes, order, len(fast_at))
+                outcome, raw, row_keys = slow[pos]
+                outcome = self._admit(outcome, row_keys, line, slow_lines, slow_votes, order, len(fast_at))
                 if outcome is None:
                     continue
             self.quarantine.append({"batch_id": self.batch_id, "line": line, "code": outcome.code,
@@ -254,20 +254,21 @@ class _Batch:
         self._write(fast_table, [chunk.lines[chunk.table_rows[r]] for r in fast_rows.tolist()],
                     slow_lines, slow_votes, order)
 
-    def _outcome(self, chunk: Chunk, pos: int, norm: Normalizer) -> tuple[Any, Any]:
-        """A row of the per-row path: (its vote(s) or why not, the raw record)."""
+    def _outcome(self, chunk: Chunk, pos: int, norm: Normalizer) -> tuple[Any, Any, list[bytes]]:
+        """A row of the per-row path: (its vote(s) or why not, the raw record, its votes' keys)."""
         rec, raw = chunk.record(pos)
-        return (rec if type(rec) is Bad else norm.normalize(rec, self.batch_id)), raw
+        outcome = rec if type(rec) is Bad else norm.normalize(rec, self.batch_id)
+        return outcome, raw, _vote_keys(outcome)
 
     def _look_up_earlier(self, keys: list[bytes]) -> None:
         """Which of the chunk's vote keys earlier batches hold, in one search (a search per vote costs ~30 us)."""
         self.before = {key: where for key, where in zip(keys, self.earlier.where_each(keys)) if where is not None}
 
-    def _admit(self, outcome: Any, line: int, lines: list[int], votes: list[tuple], order: list[int],
-               offset: int) -> Bad | None:
-        """A per-row outcome into the votes (None) or the reason it goes to quarantine (a Bad)."""
+    def _admit(self, outcome: Any, keys: list[bytes], line: int, lines: list[int], votes: list[tuple],
+               order: list[int], offset: int) -> Bad | None:
+        """A per-row outcome (and its votes' keys) into the votes (None) or the reason it goes to quarantine."""
         if type(outcome) is tuple:
-            key = vote_key(outcome[ANNOTATOR], outcome[PAIR_ID])
+            key = keys[0]
             earlier = self._earlier(key)
             if earlier is not None:
                 return _duplicate(outcome[ANNOTATOR], earlier)
@@ -275,7 +276,6 @@ class _Batch:
             self.shapes["pair" if outcome[PREJUDGED] else "vote"] += 1
             group = [outcome]
         elif type(outcome) is list:  # a ranked/rated group: all its comparisons, or (any repeated) none
-            keys = [vote_key(v[ANNOTATOR], v[PAIR_ID]) for v in outcome]
             repeated = next(((v, self._earlier(k)) for v, k in zip(outcome, keys) if self._earlier(k)), None)
             if repeated is not None:
                 return Bad("duplicate_vote", f"duplicate vote: annotator {repeated[0][ANNOTATOR]} already judged a "
