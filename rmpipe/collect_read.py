@@ -208,20 +208,23 @@ def _arrow_chunks(batches: Iterable[pa.RecordBatch], names: list[str] | None, ch
                         list(range(table.num_rows)))
 
 
-RECORD_BLOCK = 256  # rows made Python records at once: one row at a time costs ~27 us, a block ~3 us a row
+RECORD_BLOCK = 256  # rows made Python records at once when read row after row (~3 us a row; one alone ~27 us)
 
 
 def _table_record(table: pa.Table) -> Callable[[int], tuple[Any, Any]]:
-    """Row i as a dict, for the per-row path: made a block of rows at a time (the rows the fast path left are
-    few in a vote batch, all of them in a batch of another shape), the last block kept."""
+    """Row i as a dict, for the per-row path. Rows asked for one after another (a chunk the fast path left
+    whole: another shape) are made a block at a time; a row asked for alone (the few a vote chunk leaves)
+    is made alone, so a scattered handful never costs whole blocks."""
     block: dict[int, list[dict]] = {}
+    following = [-1]  # the row after the last one asked for
 
     def record(i: int) -> tuple[Any, Any]:
         start = i - i % RECORD_BLOCK
-        if start not in block:
+        if start not in block and i == following[0]:
             block.clear()
             block[start] = table.slice(start, RECORD_BLOCK).to_pylist()
-        rec = block[start][i - start]
+        following[0] = i + 1
+        rec = block[start][i - start] if start in block else table.slice(i, 1).to_pylist()[0]
         return rec, rec
     return record
 
