@@ -100,9 +100,6 @@ class SeenVotes:
         return [None if packed < 0 else f"{self._batches[packed >> 40]} line {packed & mask}"
                 for packed in self._where.find(keys).tolist()]
 
-    def where(self, key: bytes) -> str | None:
-        return self.where_each([key])[0]
-
     def any_of(self, keys: Iterable[bytes]) -> bool:
         return bool((self._where.find(list(keys)) >= 0).any())
 

@@ -134,7 +134,7 @@ def plain_pairs_as_votes(table: pa.Table, batch_id: str) -> pa.Table | None:
 
 
 def fast_votes(table: pa.Table, norm: Normalizer, nulls_may_be_absent: bool,
-               batch_id: str = "") -> tuple[np.ndarray, pa.Table] | None:
+               batch_id: str) -> tuple[np.ndarray, pa.Table] | None:
     """(rows of `table` that pass every check, their votes as columns `VOTE_FIELDS_OUT`); None when no row can.
     Plain pair rows come as votes (prejudged: True)."""
     pairs = plain_pairs_as_votes(table, batch_id)

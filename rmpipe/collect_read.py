@@ -215,16 +215,15 @@ def _table_record(table: pa.Table) -> Callable[[int], tuple[Any, Any]]:
     """Row i as a dict, for the per-row path. Rows asked for one after another (a chunk the fast path left
     whole: another shape) are made a block at a time; a row asked for alone (the few a vote chunk leaves)
     is made alone, so a scattered handful never costs whole blocks."""
-    block: dict[int, list[dict]] = {}
-    following = [-1]  # the row after the last one asked for
+    block_start, block, following = -1, [], -1  # the block of records made; the row after the last asked for
 
     def record(i: int) -> tuple[Any, Any]:
+        nonlocal block_start, block, following
         start = i - i % RECORD_BLOCK
-        if start not in block and i == following[0]:
-            block.clear()
-            block[start] = table.slice(start, RECORD_BLOCK).to_pylist()
-        following[0] = i + 1
-        rec = block[start][i - start] if start in block else table.slice(i, 1).to_pylist()[0]
+        if start != block_start and i == following:
+            block_start, block = start, table.slice(start, RECORD_BLOCK).to_pylist()
+        following = i + 1
+        rec = block[i - start] if start == block_start else table.slice(i, 1).to_pylist()[0]
         return rec, rec
     return record
 

@@ -80,9 +80,6 @@ class DigestSet:
                 j += 1
         return found
 
-    def __contains__(self, key: bytes) -> bool:
-        return bool(self.find([key])[0] >= 0)
-
     def add(self, keys: list[bytes], values: np.ndarray | int = 0) -> None:
         """Add keys not yet members and distinct from each other (the caller ensures both)."""
         if not keys:
