@@ -42,7 +42,7 @@ sample-data: setup
 
 # What records a run in git: dvc.lock (the lineage) and the small cache: false metrics, plots and reports
 # (git-ignored run state inside them, e.g. reports/runs/, stays out). Commit them after each repro.
-RUN_RECORD := dvc.lock metrics plots reports dvclive
+RUN_RECORD := dvc.lock metrics plots reports dvclive audit/history.jsonl
 
 repro: sample-data
 	$(BIN)/dvc repro

@@ -31,13 +31,24 @@ FAST_PARAMS = {
 }
 
 
+def run_record() -> tuple[str, ...]:
+    """What `make repro` stages (and the README says to commit) as a run's record: the Makefile's RUN_RECORD."""
+    for line in (ROOT / "Makefile").read_text().splitlines():
+        if line.startswith("RUN_RECORD :="):
+            return tuple(line.split(":=", 1)[1].split())
+    raise AssertionError("the Makefile defines no RUN_RECORD")
+
+
 def project_files() -> list[str]:
-    """What a clone holds: tracked files plus new, not-ignored ones (work in progress counts)."""
+    """What a clone holds: tracked files plus new, not-ignored ones (work in progress counts), less the record
+    of any run made in this checkout (`make repro` before `make test`): a test project starts unbuilt."""
     out = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
         cwd=ROOT, check=True, capture_output=True, text=True,
-    ).stdout.split()
-    return [f for f in out if (ROOT / f).is_file()]
+    ).stdout.split("\0")
+    record = run_record()
+    return [f for f in filter(None, out)
+            if (ROOT / f).is_file() and not any(f == path or f.startswith(path + "/") for path in record)]
 
 
 def copy_project(dest: Path, overrides: dict = FAST_PARAMS) -> Path:

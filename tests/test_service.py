@@ -17,6 +17,7 @@ import yaml
 
 from pipeline import service
 from pipeline.watch import BatchWatcher, is_batch_name, watch
+from test_dvc_pipeline import project_files
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -151,13 +152,10 @@ FAST = {
 
 def fast_project(dest: Path) -> Path:
     """A copy of this project's (non-ignored) files with tiny training params, DVC without git."""
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
-                           check=True, capture_output=True, text=True).stdout.split("\0")
-    for rel in filter(None, files):
-        src = ROOT / rel
-        if src.is_file() and not rel.startswith(("data/incoming/", "tests/", "bench/")):
+    for rel in project_files():
+        if not rel.startswith(("data/incoming/", "tests/", "bench/")):
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
+            shutil.copy2(ROOT / rel, dest / rel)
     (dest / "data/incoming").mkdir(parents=True, exist_ok=True)
     params = yaml.safe_load((dest / "params.yaml").read_text())
     for keys, value in FAST.items():
