@@ -44,7 +44,7 @@ OLD_REF = "dfaf729"  # main just before issue #13's collect landed
 def make_project(where: Path, n_pairs: int, n_batches: int, pair_rows: int = 0) -> None:
     """A scratch project: this repo's params.yaml plus generated batches (and `pair_rows` public-style
     prompt / chosen / rejected rows in one Parquet file)."""
-    from rmpipe.sample_data import write_sample_batches
+    from rmpipe.data.sample.batches import write_sample_batches
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["sample_data"].update(n_pairs=n_pairs, n_batches=n_batches, long_texts=True, pair_rows=pair_rows,

@@ -5,7 +5,7 @@ Usage:  .venv/bin/python bench/flex_attention.py [--backbone tiny|smollm2] [--gr
                                                  [--layouts groups,shared_prompt]
 
 The batch is `long4` of bench/train_throughput.py (K = 4 long multi-turn prompts, all 6 comparisons each),
-laid out by `rmpipe.packing.make_batch`. SDPA gets the (R, 1, W, W) boolean mask the trainer passes today;
+laid out by `rmpipe.model.packing.make_batch`. SDPA gets the (R, 1, W, W) boolean mask the trainer passes today;
 flex_attention (transformers' implementation, which runs torch's compiled `flex_attention`) gets a
 `BlockMask` whose rule is that same mask (so it allows exactly the same pairs of positions; the 128 x 128
 blocks it never allows are skipped). Both are
@@ -38,10 +38,10 @@ def main(argv=None) -> None:
     import torch
 
     from long_prompts import make_long_groups
-    from rmpipe.backbones import load_backbone
-    from rmpipe.render import tokenize_pairs
-    from rmpipe.packing import make_batch
-    from rmpipe.reward_model import RewardModel, bradley_terry_loss
+    from rmpipe.model.backbones import load_backbone
+    from rmpipe.model.render import tokenize_pairs
+    from rmpipe.model.packing import make_batch
+    from rmpipe.model.reward_model import RewardModel, bradley_terry_loss
     from train_throughput import sample_splits, smollm2_folder, tiny_folder
 
     torch.manual_seed(0)

@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 
 import pandas as pd
 
-from rmpipe.schema import PAIR_COLUMNS, canonical_messages, messages_hash, pair_id, to_messages
+from rmpipe.core.schema import PAIR_COLUMNS, canonical_messages, messages_hash, pair_id, to_messages
 
 PROMPT_TOKENS = (100, 400)  # the rendered prompt (chat template included)
 RESPONSE_TOKENS = (20, 120)  # the response text alone

@@ -3,7 +3,7 @@
 Usage:  .venv/bin/python bench/step_profile.py [--backbone smollm2|tiny] [--batch-pairs 4] [--batches 3]
 
 Takes B pairs of the long-prompt set (bench/long_prompts.py) per batch and times, for each layout of
-`rmpipe.packing` plus "random" (the stacked layout on pairs in arbitrary order, as a trainer without length
+`rmpipe.model.packing` plus "random" (the stacked layout on pairs in arbitrary order, as a trainer without length
 bucketing pads them): forward, backward and an AdamW step (median over batches, after one warm-up), with the
 tokens each layout computes. The layouts run interleaved on the same batches, so their ratios are comparable.
 """
@@ -23,11 +23,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from long_prompts import make_long_pairs  # noqa: E402
-from rmpipe.backbones import SMOLLM2_CACHE, load_backbone, materialize_smollm2  # noqa: E402
-from rmpipe.batching import plan_batches  # noqa: E402
-from rmpipe.render import tokenize_pairs  # noqa: E402
-from rmpipe.packing import make_batch  # noqa: E402
-from rmpipe.reward_model import RewardModel, bradley_terry_loss  # noqa: E402
+from rmpipe.model.backbones import SMOLLM2_CACHE, load_backbone, materialize_smollm2  # noqa: E402
+from rmpipe.model.batching import plan_batches  # noqa: E402
+from rmpipe.model.render import tokenize_pairs  # noqa: E402
+from rmpipe.model.packing import make_batch  # noqa: E402
+from rmpipe.model.reward_model import RewardModel, bradley_terry_loss  # noqa: E402
 
 LAYOUTS = ("random", "none", "padding_free", "shared_prompt")
 

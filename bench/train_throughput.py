@@ -10,7 +10,7 @@ Each data set gets exactly B*N pairs, so one epoch is N optimizer steps of B pai
           split), first B*N pairs of the train split
   long    bench/long_prompts.py: multi-turn prompts of 100-400 tokens, responses of 20-120 tokens
   long4   the same prompts with K = 4 ranked responses each and all 6 comparisons (B*N/6 prompts)
-  sample4 the bundled sample's generator (rmpipe.sample_data), 4 responses per prompt (two good, two
+  sample4 the bundled sample's generator (rmpipe.data.sample.batches), 4 responses per prompt (two good, two
           flawed: what `rmpipe sample-pairs` writes per prompt), all 6 comparisons
           (the K = 4 sets need B to be a multiple of 6: a batch holds whole prompts in rmpipe's `groups`)
 Runs are interleaved (per repeat: trl, rmpipe[mode], ...), each in its own process, and report:
@@ -68,7 +68,7 @@ DEFAULTS = {  # backbone -> (batch pairs, steps, lr)
 GROUPED_BATCH = {"smollm2": 6, "tiny": 24}  # default B when a K = 4 set runs: whole prompts of 6 comparisons
 K4_SETS = ("long4", "sample4")
 BUSY_CORES = 0.2  # CPU used by other processes during a run (cores, on average) above which its timings are flagged
-RMPIPE_LIVE = Path("dvclive/train/plots/metrics/train")  # rmpipe's per-step TSVs (rmpipe.train.fit)
+RMPIPE_LIVE = Path("dvclive/train/plots/metrics/train")  # rmpipe's per-step TSVs (rmpipe.training.loop.fit)
 
 
 @dataclass
@@ -134,7 +134,7 @@ def fail(what: str, log_file: Path) -> None:
 # --- backbones -----------------------------------------------------------------------------------
 def smollm2_folder() -> Path:
     """The project's own de-quantized SmolLM2 cache (built once, about a minute)."""
-    from rmpipe.backbones import SMOLLM2_CACHE, ignore_from_git, materialize_smollm2
+    from rmpipe.model.backbones import SMOLLM2_CACHE, ignore_from_git, materialize_smollm2
 
     ignore_from_git((ROOT / SMOLLM2_CACHE).parent)
     return materialize_smollm2(ROOT / SMOLLM2_CACHE)
@@ -149,8 +149,8 @@ def tiny_folder(sample_train, max_length: int) -> Path:
     import yaml
 
     import long_prompts
-    from rmpipe.backbones import build_tiny_backbone, ignore_from_git, tiny_corpus
-    from rmpipe.settings import ModelSettings
+    from rmpipe.model.backbones import build_tiny_backbone, ignore_from_git, tiny_corpus
+    from rmpipe.core.settings import ModelSettings
 
     model_cfg = {**yaml.safe_load((ROOT / "params.yaml").read_text())["model"], "max_length": max_length}
     texts = list(tiny_corpus(sample_train)) + list(long_prompts.corpus())
@@ -209,8 +209,8 @@ def sample_groups(n_groups: int, seed: int):
     good, good, flawed, flawed; all 6 comparisons, with the split's columns."""
     import pandas as pd
 
-    from rmpipe.sample_data import ranked_groups
-    from rmpipe.schema import PAIR_COLUMNS, canonical_prompt, pair_id, prompt_hash
+    from rmpipe.data.sample.texts import ranked_groups
+    from rmpipe.core.schema import PAIR_COLUMNS, canonical_prompt, pair_id, prompt_hash
 
     rows = []
     for prompt, ranked in ranked_groups(n_groups, seed):
@@ -224,7 +224,7 @@ def sample_groups(n_groups: int, seed: int):
 
 # --- rmpipe --------------------------------------------------------------------------------------
 def rmpipe_has_packing() -> bool:
-    from rmpipe.settings import TrainSettings
+    from rmpipe.core.settings import TrainSettings
 
     return "packing" in TrainSettings.model_fields
 
@@ -252,10 +252,10 @@ def rmpipe_plan(params: dict, tokenizer, train) -> tuple[list[list[int]], list[i
     Recomputed with rmpipe's own planner so tokens/s can count every run the same way (a shared prompt
     is computed once by rmpipe's shared_prompt layout but counts twice here, as in any stacked trainer).
     """
-    from rmpipe import train as rt
-    from rmpipe.batching import plan_batches
-    from rmpipe.render import tokenize_pairs
-    from rmpipe.settings import TrainSettings
+    from rmpipe.training import loop as rt
+    from rmpipe.model.batching import plan_batches
+    from rmpipe.model.render import tokenize_pairs
+    from rmpipe.core.settings import TrainSettings
 
     pairs = tokenize_pairs(tokenizer, train, params["model"]["max_length"])
     settings = TrainSettings.from_section(params["train"])
@@ -326,8 +326,8 @@ def run_rmpipe(run_dir: Path, s: Settings, backbone: Path, mode: str, tokenizer,
 
 # --- TRL -----------------------------------------------------------------------------------------
 def lr_multipliers(s: Settings) -> list[float]:
-    """The lr multiplier of each of rmpipe's N optimizer steps (rmpipe.ds_config.warmup_cosine)."""
-    from rmpipe.ds_config import warmup_cosine, warmup_steps
+    """The lr multiplier of each of rmpipe's N optimizer steps (rmpipe.training.ds_config.warmup_cosine)."""
+    from rmpipe.training.ds_config import warmup_cosine, warmup_steps
 
     warmup = warmup_steps(s.warmup_ratio, s.steps)
     return [warmup_cosine(step, s.steps, warmup) for step in range(s.steps)]
@@ -373,7 +373,7 @@ def trl_main(spec_file: str) -> None:
     import torch
 
     spec = json.loads(Path(spec_file).read_text())
-    # As rmpipe.distributed.make_deterministic does for one process.
+    # As rmpipe.training.distributed.make_deterministic does for one process.
     torch.set_num_threads(spec["threads"])
     torch.use_deterministic_algorithms(True, warn_only=True)
 
@@ -383,9 +383,9 @@ def trl_main(spec_file: str) -> None:
     from trl import RewardConfig, RewardTrainer
     from trl.trainer.reward_trainer import suppress_seqcls_warning
 
-    from rmpipe.render import encode
-    from rmpipe.reward_model import make_head
-    from rmpipe.schema import prompt_messages
+    from rmpipe.model.render import encode
+    from rmpipe.model.reward_model import make_head
+    from rmpipe.core.schema import prompt_messages
 
     folder, B, N = spec["backbone_dir"], spec["batch_pairs"], spec["steps"]
     frame = pd.read_parquet(spec["train"])
@@ -529,7 +529,7 @@ def check(results: list[dict], s: Settings) -> list[str]:
             notes.append(f"{tag}: counted {sum(raw['tokens'])} real tokens, the data set has {r['real_tokens']}")
         if r["run"] == "trl":
             if not raw["ids_match_rmpipe"]:
-                notes.append(f"{tag}: TRL's token ids differ from rmpipe.render.encode")
+                notes.append(f"{tag}: TRL's token ids differ from rmpipe.model.render.encode")
             if raw["pad_token"] != raw["original_pad_token"]:
                 notes.append(f"{tag}: pad token {raw['original_pad_token']!r} ends some sequences; TRL padded with "
                              f"{raw['pad_token']!r} so its pooling reads the last real token")
@@ -584,8 +584,8 @@ def main(argv: list[str] | None = None) -> None:
     s = parse_args(argv)
     import yaml
 
-    from rmpipe.backbones import load_tokenizer
-    from rmpipe.render import encode
+    from rmpipe.model.backbones import load_tokenizer
+    from rmpipe.model.render import encode
 
     work = s.keep or Path(tempfile.mkdtemp(prefix="rmpipe-bench-train-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rmpipe.errors import exits_cleanly
-from rmpipe.progress import setup_logging
+from rmpipe.core.errors import exits_cleanly
+from rmpipe.core.progress import setup_logging
 
 
 def _sample_data(args: argparse.Namespace) -> None:
-    from rmpipe.params import load_params, section
-    from rmpipe.sample_data import write_sample_batches
+    from rmpipe.core.params import load_params, section
+    from rmpipe.data.sample.batches import write_sample_batches
 
     cfg = section(load_params(args.params), "sample_data")
     if args.seed is not None:
@@ -25,7 +25,7 @@ def _sample_data(args: argparse.Namespace) -> None:
 def _import(args: argparse.Namespace) -> None:
     import json
 
-    from rmpipe.hf_batches import import_dataset
+    from rmpipe.data.collect.hf_batches import import_dataset
 
     path, source = import_dataset(args.dataset_id, args.split, args.revision, args.out, args.name)
     print(path)
@@ -33,7 +33,7 @@ def _import(args: argparse.Namespace) -> None:
 
 
 def _lineage(args: argparse.Namespace) -> None:
-    from rmpipe.lineage import describe, read_manifest
+    from rmpipe.audit.lineage import describe, read_manifest
 
     print(describe(read_manifest(args.path)))
 
@@ -41,8 +41,8 @@ def _lineage(args: argparse.Namespace) -> None:
 def _verify(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from rmpipe.errors import ValidationFailed
-    from rmpipe.lineage import verify_export
+    from rmpipe.core.errors import ValidationFailed
+    from rmpipe.audit.lineage import verify_export
 
     # Inside the project (dvc.yaml here), the recorded inputs are re-hashed too.
     root = Path(".") if Path("dvc.yaml").exists() and not args.export_only else None
@@ -57,8 +57,8 @@ def _verify(args: argparse.Namespace) -> None:
 def _score(args: argparse.Namespace) -> None:
     import json
 
-    from rmpipe import io
-    from rmpipe.score import score_file
+    from rmpipe.core import io
+    from rmpipe.export.score import score_file
 
     rows = score_file(args.path, args.input, args.batch_size)
     if args.output:
@@ -109,9 +109,9 @@ def _watch(args: argparse.Namespace) -> None:
 def _sample_pairs(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from rmpipe.params import load_params, section
-    from rmpipe.sampling import sample_pairs_file
-    from rmpipe.settings import ModelSettings, SamplingSettings
+    from rmpipe.core.params import load_params, section
+    from rmpipe.model.sampling import sample_pairs_file
+    from rmpipe.core.settings import ModelSettings, SamplingSettings
 
     params = load_params(args.params)
     overrides = {key: getattr(args, key) for key in ("n_completions", "seed", "max_new_tokens")
@@ -127,8 +127,8 @@ def _sample_pairs(args: argparse.Namespace) -> None:
 def _deps(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from rmpipe.codedeps import drift, write_deps
-    from rmpipe.errors import ConfigError, ValidationFailed
+    from rmpipe.core.codedeps import drift, write_deps
+    from rmpipe.core.errors import ConfigError, ValidationFailed
 
     dvc_yaml = Path(args.dvc_yaml)
     if not dvc_yaml.exists():
@@ -147,7 +147,7 @@ def _deps(args: argparse.Namespace) -> None:
 def _trace(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from rmpipe.trace import render, to_json, trace
+    from rmpipe.audit.trace import render, to_json, trace
 
     result = trace(Path("."), batch=args.batch, annotator=args.annotator)
     print(to_json(result) if args.json else render(result))
@@ -156,7 +156,7 @@ def _trace(args: argparse.Namespace) -> None:
 def _retract(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from rmpipe.errors import UserError
+    from rmpipe.core.errors import UserError
     from pipeline.retract import render, retract_annotator, retract_batch, to_json
 
     if (args.batch is None) == (args.annotator is None):
@@ -174,7 +174,7 @@ def _retract(args: argparse.Namespace) -> None:
 def _report(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from rmpipe.report import write_report
+    from rmpipe.audit.report import write_report
 
     print(write_report(Path("."), Path(args.out)))
 

@@ -26,7 +26,7 @@ from pipeline import dvc_activity  # noqa: E402
 from pipeline.tasks import (  # noqa: E402
     TRANSIENT_RETRIES, StageFailed, TransientFailure, fails_cleanly, retry_transient_only,
 )
-from rmpipe.history import TRIGGER_ENV  # noqa: E402
+from rmpipe.audit.history import TRIGGER_ENV  # noqa: E402
 
 # DVC messages that mean "another DVC run was in the way" (or its lock files were removed under it):
 # worth retrying once it is done.
@@ -59,7 +59,7 @@ def has_git(root: Path) -> bool:
 def dvc_repro(root: Path, args: list[str], trigger: str = "rmpipe rebuild") -> dict[str, list[str]]:
     """Run `dvc <args>` streaming its output into the flow's log; which stages ran and which were up to date.
 
-    `trigger` reaches the export stage, which records it in the run history (rmpipe.history)."""
+    `trigger` reaches the export stage, which records it in the run history (rmpipe.audit.history)."""
     logger = get_run_logger()
     dvc_activity.wait_until_idle(root)  # a manual `dvc repro` finishes first: runs never interleave
     logger.info("$ dvc %s", " ".join(args))

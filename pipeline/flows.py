@@ -54,10 +54,10 @@ from pipeline.registry import (  # noqa: E402
 from pipeline.tasks import (  # noqa: E402
     TRANSIENT_RETRIES, StageFailed, fails_cleanly, retry_transient_only, run_task,
 )
-from rmpipe import io  # noqa: E402
-from rmpipe.errors import UserError  # noqa: E402
-from rmpipe.params import load_params  # noqa: E402
-from rmpipe.settings import CollectSettings  # noqa: E402
+from rmpipe.core import io  # noqa: E402
+from rmpipe.core.errors import UserError  # noqa: E402
+from rmpipe.core.params import load_params  # noqa: E402
+from rmpipe.core.settings import CollectSettings  # noqa: E402
 
 
 class BatchRejected(UserError):
@@ -270,8 +270,8 @@ def _refuse_long_name(batch: Path, finish) -> None:
 if __name__ == "__main__":  # python -m pipeline.flows STAGE: one stage as a Prefect flow, outside DVC
     import argparse
 
-    from rmpipe.errors import exits_cleanly
-    from rmpipe.progress import setup_logging
+    from rmpipe.core.errors import exits_cleanly
+    from rmpipe.core.progress import setup_logging
 
     @exits_cleanly
     def _main(argv: list[str]) -> None:

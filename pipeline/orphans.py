@@ -102,7 +102,7 @@ def _marker(root: Path, run_id: str) -> Path:
 def flow_run_started(root: Path, run_id: str | None) -> None:
     if not run_id:
         return
-    from rmpipe import io
+    from rmpipe.core import io
 
     me = psutil.Process()
     io.write_json(_marker(root, run_id), {"pid": me.pid, "create_time": me.create_time()})

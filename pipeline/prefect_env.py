@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from rmpipe.errors import UserError
+from rmpipe.core.errors import UserError
 
 PROJECT_ENV = "RMPIPE_PROJECT"
 

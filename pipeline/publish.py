@@ -1,6 +1,6 @@
 """What a finished rebuild reports and ships: the metrics, the promotion decision, the push to the DVC remote.
 
-The export stage applies the promotion gate inside `dvc repro` (rmpipe.promotion), so the decision
+The export stage applies the promotion gate inside `dvc repro` (rmpipe.export.promotion), so the decision
 is part of the DVC-tracked run and its lineage manifest; here it is read back for the run records.
 """
 
@@ -19,7 +19,7 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from pipeline.dvc_runner import dvc  # noqa: E402
 from pipeline.tasks import TRANSIENT_RETRIES, TransientFailure, retry_transient_only  # noqa: E402
-from rmpipe.params import load_params  # noqa: E402
+from rmpipe.core.params import load_params  # noqa: E402
 
 
 def read_metrics(root: Path) -> dict[str, Any]:
@@ -48,7 +48,7 @@ def promotion(root: Path) -> dict[str, Any]:
     cfg = load_params(root / "params.yaml").get("export")
     if not isinstance(cfg, dict) or "out_dir" not in cfg:
         return {"export_path": None, "promoted": False, "reason": "this pipeline has no export stage yet"}
-    from rmpipe.lineage import manifest_sha256, read_manifest
+    from rmpipe.audit.lineage import manifest_sha256, read_manifest
 
     export_dir = root / str(cfg["out_dir"])
     manifest = read_manifest(export_dir)

@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from rmpipe import io
+from rmpipe.core import io
 
 log = logging.getLogger("rmpipe.flows")
 

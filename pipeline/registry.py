@@ -27,10 +27,10 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from pipeline import dvc_activity, records  # noqa: E402
 from pipeline.locks import STATE_DIR, queue_lock  # noqa: E402
 from pipeline.tasks import fails_cleanly  # noqa: E402
-from rmpipe import io  # noqa: E402
-from rmpipe.errors import UserError  # noqa: E402
-from rmpipe.params import load_params  # noqa: E402
-from rmpipe.settings import CollectSettings  # noqa: E402
+from rmpipe.core import io  # noqa: E402
+from rmpipe.core.errors import UserError  # noqa: E402
+from rmpipe.core.params import load_params  # noqa: E402
+from rmpipe.core.settings import CollectSettings  # noqa: E402
 
 REJECTED_DIR = Path("data/rejected")  # rejected batches + their reasons; no stage reads it
 QUEUE_DIR = STATE_DIR / "queue"  # accepted batches waiting for the next rebuild
@@ -134,8 +134,8 @@ def reject_batch(batch: Path, rejected_dir: Path, reasons: list[str]) -> Path:
 @fails_cleanly
 def quick_check(batch: Path, root: Path) -> dict[str, Any]:
     """The collect stage's logic on this one file: accepted or rejected, and why."""
-    from rmpipe import retractions
-    from rmpipe.collect import check_batch
+    from rmpipe.data import retractions
+    from rmpipe.data.collect.run import check_batch
 
     cfg = CollectSettings.parse(load_params(root / "params.yaml"))
     report = dict(check_batch(batch, cfg, retractions.load(root)).report)  # a retracted batch is refused

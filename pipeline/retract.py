@@ -3,7 +3,7 @@
 A batch moves from data/incoming/ to data/retracted/ with its retraction beside it; an
 annotator is added to `aggregate.exclude_annotators` in params.yaml (the way
 `exclude_flagged` works), so the rebuilt lineage names the change. Either way the
-retraction goes into the register first (rmpipe.retractions: a re-delivery is refused
+retraction goes into the register first (rmpipe.data.retractions: a re-delivery is refused
 from then on), then the pipeline is rebuilt with `dvc repro` (the rebuild flow: one run
 at a time), and the outcome is written to audit/retractions/<id>.json: what was removed,
 why, by whom, the model before and after with their metrics and promotion decision.
@@ -28,11 +28,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from rmpipe import dvc_cache, history, io, retractions
-from rmpipe.errors import DataError, UserError
-from rmpipe.io import sha256_file
-from rmpipe.params import load_params
-from rmpipe.settings import AggregateSettings, CollectSettings, ExportSettings
+from rmpipe.audit import dvc_cache
+
+from rmpipe.audit import history
+
+from rmpipe.core import io
+
+from rmpipe.data import retractions
+from rmpipe.core.errors import DataError, UserError
+from rmpipe.core.io import sha256_file
+from rmpipe.core.params import load_params
+from rmpipe.core.settings import AggregateSettings, CollectSettings, ExportSettings
 
 
 def _now() -> str:
@@ -55,8 +61,8 @@ def _md5(path: Path) -> str:
 
 def _content_hashes(source: Path) -> dict[str, Any]:
     """sha256 as collect computes it (a dataset folder: one digest over its files), DVC's md5 per file, size."""
-    from rmpipe.hf_batches import folder_files
-    from rmpipe.io import folder_sha256
+    from rmpipe.data.collect.hf_batches import folder_files
+    from rmpipe.core.io import folder_sha256
 
     if source.is_dir():
         files = folder_files(source)
@@ -80,7 +86,7 @@ def _latest(root: Path) -> dict[str, Any] | None:
 
 def _promoted_record(root: Path, promoted_dir: Path) -> dict[str, Any] | None:
     """The history record of the model now in the promoted folder (matched by its manifest digest)."""
-    from rmpipe.lineage import MANIFEST_FILE, manifest_sha256
+    from rmpipe.audit.lineage import MANIFEST_FILE, manifest_sha256
 
     if not (root / promoted_dir / MANIFEST_FILE).exists():
         return None

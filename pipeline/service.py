@@ -35,7 +35,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from pipeline import prefect_env
-from rmpipe.errors import UserError
+from rmpipe.core.errors import UserError
 
 prefect_env.configure()  # before any `import prefect` below: Prefect reads its settings at import
 

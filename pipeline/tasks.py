@@ -18,7 +18,7 @@ prefect_env.configure()  # before `import prefect`: Prefect reads its settings a
 from prefect import get_run_logger  # noqa: E402
 from prefect.states import Failed  # noqa: E402
 
-from rmpipe.errors import UserError  # noqa: E402
+from rmpipe.core.errors import UserError  # noqa: E402
 
 TRANSIENT_RETRIES = 3
 

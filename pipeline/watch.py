@@ -25,7 +25,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Iterable
 
-from rmpipe import io
+from rmpipe.core import io
 
 log = logging.getLogger("rmpipe.watch")
 
@@ -115,7 +115,7 @@ def watch(folder: str | Path, announce: Callable[[Path], None], interval_s: floa
     """
     folder = Path(folder)
     if not folder.is_dir():
-        from rmpipe.errors import UserError
+        from rmpipe.core.errors import UserError
 
         raise UserError(f"{folder} is not a folder: create it or point `rmpipe watch` at the delivery folder")
     with _one_watcher(folder):
@@ -127,7 +127,7 @@ def watch(folder: str | Path, announce: Callable[[Path], None], interval_s: floa
 @contextlib.contextmanager
 def _one_watcher(folder: Path):
     """Hold `<folder>/.rmpipe-watch.lock` for the watcher's life; a second watcher is refused."""
-    from rmpipe.errors import UserError
+    from rmpipe.core.errors import UserError
 
     with (folder / LOCK_NAME).open("a+") as fh:
         try:

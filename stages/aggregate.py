@@ -8,14 +8,14 @@ from __future__ import annotations
 import logging
 import sys
 
-from rmpipe.aggregate import AggregateSettings, aggregate_file, annotator_markdown, check_dropped
-from rmpipe.aggregate_labels import count_pairs
-from rmpipe.engine import pair_counter
-from rmpipe.io import write_json, write_text
-from rmpipe.params import load_params
-from rmpipe.paths import ProjectPaths
-from rmpipe.settings import DataSettings
-from rmpipe.stage import stage_main
+from rmpipe.data.aggregate.run import AggregateSettings, aggregate_file, annotator_markdown, check_dropped
+from rmpipe.data.aggregate.labels import count_pairs
+from rmpipe.data.engine import pair_counter
+from rmpipe.core.io import write_json, write_text
+from rmpipe.core.params import load_params
+from rmpipe.core.paths import ProjectPaths
+from rmpipe.core.settings import DataSettings
+from rmpipe.core.stage import stage_main
 
 log = logging.getLogger("rmpipe.aggregate")
 

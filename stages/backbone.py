@@ -13,13 +13,13 @@ import logging
 import sys
 from pathlib import Path
 
-from rmpipe import io
-from rmpipe.backbones import TINY, prepare_backbone
-from rmpipe.errors import DataError
-from rmpipe.params import load_params
-from rmpipe.paths import ProjectPaths, read_splits
-from rmpipe.settings import ModelSettings
-from rmpipe.stage import stage_main
+from rmpipe.core import io
+from rmpipe.model.backbones import TINY, prepare_backbone
+from rmpipe.core.errors import DataError
+from rmpipe.core.params import load_params
+from rmpipe.core.paths import ProjectPaths, read_splits
+from rmpipe.core.settings import ModelSettings
+from rmpipe.core.stage import stage_main
 
 log = logging.getLogger("rmpipe.backbone")
 

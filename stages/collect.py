@@ -4,7 +4,7 @@
 
 The report and the quarantine are written before a rejected batch stops the run,
 so the error message can point at them. If data/incoming changes while the stage
-reads it, the stage fails (see `rmpipe.collect.raise_if_changed`).
+reads it, the stage fails (see `rmpipe.data.collect.run.raise_if_changed`).
 """
 
 from __future__ import annotations
@@ -13,15 +13,15 @@ import logging
 import sys
 from pathlib import Path
 
-from rmpipe import retractions
-from rmpipe.collect import collect_to, incoming_snapshot, raise_for_rejected, raise_if_changed
-from rmpipe.collect_batch import collect_batch
-from rmpipe.engine import batch_runner
-from rmpipe.io import atomic_path, write_json, write_jsonl
-from rmpipe.params import load_params
-from rmpipe.paths import ProjectPaths
-from rmpipe.settings import CollectSettings, DataSettings
-from rmpipe.stage import stage_main
+from rmpipe.data import retractions
+from rmpipe.data.collect.run import collect_to, incoming_snapshot, raise_for_rejected, raise_if_changed
+from rmpipe.data.collect.batch import collect_batch
+from rmpipe.data.engine import batch_runner
+from rmpipe.core.io import atomic_path, write_json, write_jsonl
+from rmpipe.core.params import load_params
+from rmpipe.core.paths import ProjectPaths
+from rmpipe.core.settings import CollectSettings, DataSettings
+from rmpipe.core.stage import stage_main
 
 log = logging.getLogger("rmpipe.collect")
 

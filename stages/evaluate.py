@@ -13,14 +13,14 @@ import logging
 import sys
 from pathlib import Path
 
-from rmpipe import io
-from rmpipe.errors import DataError
-from rmpipe.evaluate import evaluate_model, load_checkpoint
-from rmpipe.params import load_params
-from rmpipe.paths import ProjectPaths, read_splits
-from rmpipe.pathology import load_battery
-from rmpipe.settings import EvalSettings, ModelSettings
-from rmpipe.stage import stage_main
+from rmpipe.core import io
+from rmpipe.core.errors import DataError
+from rmpipe.evaluation.evaluate import evaluate_model, load_checkpoint
+from rmpipe.core.params import load_params
+from rmpipe.core.paths import ProjectPaths, read_splits
+from rmpipe.evaluation.pathology import load_battery
+from rmpipe.core.settings import EvalSettings, ModelSettings
+from rmpipe.core.stage import stage_main
 
 log = logging.getLogger("rmpipe.evaluate")
 

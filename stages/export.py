@@ -15,15 +15,15 @@ import logging
 import sys
 from pathlib import Path
 
-from rmpipe import history
-from rmpipe.errors import DataError
-from rmpipe.evaluate import load_checkpoint
-from rmpipe.export import write_export
-from rmpipe.params import load_params
-from rmpipe.paths import ProjectPaths, read_splits
-from rmpipe.pathology import load_battery
-from rmpipe.settings import EvalSettings, ExportSettings, ModelSettings
-from rmpipe.stage import stage_main
+from rmpipe.audit import history
+from rmpipe.core.errors import DataError
+from rmpipe.evaluation.evaluate import load_checkpoint
+from rmpipe.export.export import write_export
+from rmpipe.core.params import load_params
+from rmpipe.core.paths import ProjectPaths, read_splits
+from rmpipe.evaluation.pathology import load_battery
+from rmpipe.core.settings import EvalSettings, ExportSettings, ModelSettings
+from rmpipe.core.stage import stage_main
 
 log = logging.getLogger("rmpipe.export")
 

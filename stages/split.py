@@ -13,13 +13,13 @@ import logging
 import sys
 from pathlib import Path
 
-from rmpipe import io
-from rmpipe.params import load_params
-from rmpipe.paths import ProjectPaths, read_chunks
-from rmpipe.schema import SPLITS
-from rmpipe.settings import SplitSettings
-from rmpipe.split import SplitTally, check_not_empty, split_frames, split_pairs
-from rmpipe.stage import stage_main
+from rmpipe.core import io
+from rmpipe.core.params import load_params
+from rmpipe.core.paths import ProjectPaths, read_chunks
+from rmpipe.core.schema import SPLITS
+from rmpipe.core.settings import SplitSettings
+from rmpipe.data.split import SplitTally, check_not_empty, split_frames, split_pairs
+from rmpipe.core.stage import stage_main
 
 log = logging.getLogger("rmpipe.split")
 

@@ -13,13 +13,13 @@ import logging
 import sys
 from pathlib import Path
 
-from rmpipe import tokenized
-from rmpipe.backbones import check_backbone, resolve_backbone
-from rmpipe.params import load_params
-from rmpipe.paths import ProjectPaths, training_splits
-from rmpipe.render import tokenize_splits
-from rmpipe.settings import ModelSettings
-from rmpipe.stage import stage_main
+from rmpipe.model import tokenized
+from rmpipe.model.backbones import check_backbone, resolve_backbone
+from rmpipe.core.params import load_params
+from rmpipe.core.paths import ProjectPaths, training_splits
+from rmpipe.model.render import tokenize_splits
+from rmpipe.core.settings import ModelSettings
+from rmpipe.core.stage import stage_main
 
 log = logging.getLogger("rmpipe.tokenize")
 

@@ -19,17 +19,17 @@ from pathlib import Path
 
 import torch
 
-from rmpipe.backbones import check_backbone, load_backbone, max_positions, resolve_backbone
-from rmpipe.checkpoint import fingerprint
-from rmpipe.distributed import RENDEZVOUS_ENV, free_port, init_distributed, leave_distributed, make_deterministic
-from rmpipe.ds_config import bf16_wanted, build_config, load_config
-from rmpipe.packing import resolve_packing
-from rmpipe.params import load_params
-from rmpipe.paths import ProjectPaths, training_splits
-from rmpipe.reward_model import RewardModel
-from rmpipe.settings import ModelSettings, TrainSettings
-from rmpipe.stage import stage_main
-from rmpipe.train import check_max_length, fit, save_outputs, tokenize
+from rmpipe.model.backbones import check_backbone, load_backbone, max_positions, resolve_backbone
+from rmpipe.training.checkpoint import fingerprint
+from rmpipe.training.distributed import RENDEZVOUS_ENV, free_port, init_distributed, leave_distributed, make_deterministic
+from rmpipe.training.ds_config import bf16_wanted, build_config, load_config
+from rmpipe.model.packing import resolve_packing
+from rmpipe.core.params import load_params
+from rmpipe.core.paths import ProjectPaths, training_splits
+from rmpipe.model.reward_model import RewardModel
+from rmpipe.core.settings import ModelSettings, TrainSettings
+from rmpipe.core.stage import stage_main
+from rmpipe.training.loop import check_max_length, fit, save_outputs, tokenize
 
 log = logging.getLogger("rmpipe.train")
 

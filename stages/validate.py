@@ -12,13 +12,15 @@ import logging
 import sys
 from pathlib import Path
 
-from rmpipe import io, offline
-from rmpipe.errors import ValidationFailed
-from rmpipe.params import load_params
-from rmpipe.paths import ProjectPaths, split_files
-from rmpipe.settings import AggregateSettings, ValidateSettings
-from rmpipe.stage import stage_main
-from rmpipe.validate import ContractResult, contract_params, validate_splits
+from rmpipe.core import io
+
+from rmpipe.audit import offline
+from rmpipe.core.errors import ValidationFailed
+from rmpipe.core.params import load_params
+from rmpipe.core.paths import ProjectPaths, split_files
+from rmpipe.core.settings import AggregateSettings, ValidateSettings
+from rmpipe.core.stage import stage_main
+from rmpipe.data.validate.run import ContractResult, contract_params, validate_splits
 
 log = logging.getLogger("rmpipe.validate")
 

@@ -106,7 +106,7 @@ def reset_distributed() -> None:
     so the next in-process run builds a fresh one-rank group (and subprocesses inherit nothing)."""
     import torch.distributed as dist
 
-    from rmpipe.distributed import leave_distributed
+    from rmpipe.training.distributed import leave_distributed
 
     if not (dist.is_available() and dist.is_initialized()):
         return

@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import unicodedata
 from pathlib import Path
 
 import krippendorff
@@ -18,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rmpipe.aggregate import (
+from rmpipe.data.aggregate.run import (
     OUTPUT_COLUMNS,
     PY_WHITESPACE,
     AggregateSettings,
@@ -30,9 +29,9 @@ from rmpipe.aggregate import (
     aggregate_file,
     read_votes,
 )
-from rmpipe.errors import ConfigError
-from rmpipe.params import load_params, section
-from rmpipe.schema import VOTE_COLUMNS, canonical_prompt, normalize_text, pair_id, prompt_hash
+from rmpipe.core.errors import ConfigError
+from rmpipe.core.params import load_params, section
+from rmpipe.core.schema import VOTE_COLUMNS, canonical_prompt, normalize_text, pair_id, prompt_hash
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -195,7 +194,7 @@ def test_spilling_pair_texts_in_buckets_and_writing_in_chunks_changes_nothing(tm
     bucket at a time) gives the in-memory table and report, whatever the bucket size."""
     import pyarrow.parquet as pq
 
-    from rmpipe import aggregate_orient
+    from rmpipe.data.aggregate import orient as aggregate_orient
 
     rng = np.random.default_rng(5)
     rows = [
@@ -423,7 +422,7 @@ def test_share_ceiling_flags_a_dominant_annotator():
     assert report["annotators"]["heavy"]["flagged"] and report["annotators"]["heavy"]["share"] == 0.5
     assert report["annotators"]["heavy"]["reason"] == "cast 50% of all votes (ceiling 30%)"
     assert report["n_flagged"] == 1
-    from rmpipe.aggregate import _pct
+    from rmpipe.data.aggregate.run import _pct
     assert _pct(0.304, 0.3) == "30.4%" and _pct(0.31, 0.3) == "31%"  # just over the line still reads as over
 
 
@@ -525,7 +524,7 @@ def test_stage_without_votes_exits_with_a_readable_error(tmp_path, project_root)
 def test_majority_labels_from_counts_are_crowd_kits(seed):
     """Majority labels come from the group-by counts (local and data.engine: dask alike); crowd-kit's
     MajorityVote stays the reference: the same label on every pair, ties included."""
-    from rmpipe.aggregate_labels import _crowd_labels, count_pairs, majority_labels
+    from rmpipe.data.aggregate.labels import _crowd_labels, count_pairs, majority_labels
 
     rng = np.random.default_rng(seed)
     n_votes, n_pairs = 3000, 700

@@ -10,11 +10,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rmpipe.aggregate import AggregateSettings, aggregate, orient_votes
-from rmpipe.aggregate_codes import codes_of, input_order
-from rmpipe.aggregate_labels import nominal_alpha
-from rmpipe.aggregate_settings import IDENTICAL, MALFORMED, TIE, VOTE_BUCKETS
-from rmpipe.schema import VOTE_COLUMNS, pair_id
+from rmpipe.data.aggregate.run import AggregateSettings, aggregate, orient_votes
+from rmpipe.data.aggregate.codes import codes_of, input_order
+from rmpipe.data.aggregate.labels import nominal_alpha
+from rmpipe.data.aggregate.vocab import IDENTICAL, MALFORMED, TIE, VOTE_BUCKETS
+from rmpipe.core.schema import VOTE_COLUMNS, pair_id
 
 
 @st.composite

@@ -37,8 +37,8 @@ EXPORT_STAGE = '''
 import json, sys, time
 from pathlib import Path
 import pandas as pd, yaml
-from rmpipe import io
-from rmpipe.lineage import build_manifest
+from rmpipe.core import io
+from rmpipe.audit.lineage import build_manifest
 
 with open("export-runs.jsonl", "a") as fh:  # not a DVC output: a record of every real run
     fh.write(json.dumps({"event": "entered", "t": time.time()}) + "\\n")
@@ -354,8 +354,8 @@ def test_the_service_waits_for_a_manual_dvc_repro_instead_of_interleaving(tmp_pa
 
 def test_verify_and_export_refuse_a_lineage_whose_stages_disagree(tmp_path):
     """What an interleaved run leaves: split recorded from new pairs, train from the old ones."""
-    from rmpipe.errors import DataError
-    from rmpipe.lineage import build_manifest, chain_conflicts, verify_export
+    from rmpipe.core.errors import DataError
+    from rmpipe.audit.lineage import build_manifest, chain_conflicts, verify_export
 
     lock = {"schema": "2.0", "stages": {
         "aggregate": {"cmd": "x", "outs": [{"path": "pairs.parquet", "md5": "new", "size": 1}]},
@@ -543,7 +543,7 @@ def test_deliveries_waiting_together_are_taken_in_by_one_rebuild_and_the_others_
 
 def test_a_second_watcher_on_the_same_folder_is_refused(tmp_path):
     from pipeline.watch import _one_watcher, watch
-    from rmpipe.errors import UserError
+    from rmpipe.core.errors import UserError
 
     with _one_watcher(tmp_path):
         with pytest.raises(UserError, match="another watcher .* is already watching"):

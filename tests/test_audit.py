@@ -73,7 +73,7 @@ def write_vendor_batch(incoming: Path, dest: Path) -> dict:
 
 
 def expected_decided(train: pd.DataFrame, vendor: dict) -> set[str]:
-    from rmpipe.schema import canonical_prompt  # how the splits store a prompt
+    from rmpipe.core.schema import canonical_prompt  # how the splits store a prompt
 
     new_prompts = {canonical_prompt(n["prompt"]) for n in vendor["new"]}
     flip_keys = {(canonical_prompt(f["prompt"]), frozenset((f["winner"], f["loser"]))) for f in vendor["flips"]}
@@ -308,7 +308,7 @@ def report_page(audit, tmp_path_factory):
 def test_the_audit_report_renders_offline_with_its_graph_plots_history_and_retractions(report_page, audit):
     import re
 
-    from rmpipe.offline import external_resources
+    from rmpipe.audit.offline import external_resources
 
     path, dom = report_page
     html_text = path.read_text()
@@ -342,7 +342,7 @@ def test_the_dvc_plots_page_renders_offline(audit, tmp_path):
 
 
 def test_the_data_docs_render_offline_with_filled_validation_tables(audit, tmp_path):
-    from rmpipe.offline import external_resources
+    from rmpipe.audit.offline import external_resources
 
     site = audit["proj"] / "reports/data_docs"
     pages = sorted(site.rglob("*.html"))

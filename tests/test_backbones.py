@@ -11,8 +11,8 @@ import pytest
 import torch
 import yaml
 
-from rmpipe import backbones
-from rmpipe.backbones import (
+from rmpipe.model import backbones
+from rmpipe.model.backbones import (
     PAD,
     build_tiny_backbone,
     chatml,
@@ -20,11 +20,12 @@ from rmpipe.backbones import (
     max_positions,
     resolve_backbone,
 )
-from rmpipe.errors import ConfigError, UserError
-from rmpipe.render import encode, render
-from rmpipe.reward_model import RewardModel, bradley_terry_loss
-from rmpipe.schema import canonical_prompt
-from rmpipe.settings import ModelSettings
+from rmpipe.core.errors import ConfigError, UserError
+from rmpipe.core.io import sha256_file
+from rmpipe.model.render import encode, render
+from rmpipe.model.reward_model import RewardModel, bradley_terry_loss
+from rmpipe.core.schema import canonical_prompt
+from rmpipe.core.settings import ModelSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -243,7 +244,7 @@ def smollm2_dir() -> Path:
 @pytest.mark.slow
 def test_smollm2_materializes_and_loads_with_pad_equal_to_eos(smollm2_dir, tmp_path):
     record = json.loads((smollm2_dir / backbones.SOURCE_RECORD).read_text())
-    assert record["sha256"] == backbones.sha256_file(backbones.smollm2_gguf())
+    assert record["sha256"] == sha256_file(backbones.smollm2_gguf())
     backbone, tokenizer = load_backbone(smollm2_dir)
     assert sum(p.numel() for p in backbone.parameters()) > 100_000_000
     assert tokenizer.pad_token == tokenizer.eos_token == "<|im_end|>"

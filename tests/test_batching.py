@@ -8,12 +8,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rmpipe.backbones import build_tiny_backbone
-from rmpipe.settings import ModelSettings
-from rmpipe.batching import padded_tokens, plan_batches, shard, shard_weight
-from rmpipe.packing import make_batch
-from rmpipe.render import encode, tokenize_pairs, truncate_left
-from rmpipe.schema import canonical_prompt
+from rmpipe.model.backbones import build_tiny_backbone
+from rmpipe.core.settings import ModelSettings
+from rmpipe.model.batching import padded_tokens, plan_batches, shard, shard_weight
+from rmpipe.model.packing import make_batch
+from rmpipe.model.render import encode, tokenize_pairs, truncate_left
+from rmpipe.core.schema import canonical_prompt
 
 lengths_strategy = st.lists(st.integers(min_value=1, max_value=200), min_size=1, max_size=300)
 

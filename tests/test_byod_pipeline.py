@@ -6,14 +6,14 @@ exported reward model whose lineage names every batch."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import datasets
 import pandas as pd
 import pytest
 import yaml
 
-from rmpipe.sample_data import generate_pair_rows, ranked_groups
+from rmpipe.data.sample.batches import generate_pair_rows
+from rmpipe.data.sample.texts import ranked_groups
 from tests.test_dvc_pipeline import BIN, copy_project, ran_stages, run
 
 pytestmark = pytest.mark.slow

@@ -1,5 +1,5 @@
 """Stage code deps have one truth, the stages' imports: dvc.yaml, the trainer's resume fingerprint and the
-tokenized-cache key all take it from rmpipe.codedeps, and `rmpipe deps --check` fails when dvc.yaml drifts.
+tokenized-cache key all take it from rmpipe.core.codedeps, and `rmpipe deps --check` fails when dvc.yaml drifts.
 
 (That editing a module makes real `dvc status` report exactly the stages whose closure holds it is
 checked after a full repro in tests/test_dvc_pipeline.py, to share its run.)
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from rmpipe import codedeps
+from rmpipe.core import codedeps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,8 +46,8 @@ def test_dvc_yaml_code_deps_are_the_stages_import_closures():
     assert codedeps.drift(ROOT / "dvc.yaml") == {}
     # The closures the issue found missing are there (lazy imports included).
     wanted = codedeps.wanted_deps(ROOT / "dvc.yaml")
-    assert {"rmpipe/batching.py", "rmpipe/packing.py", "rmpipe/pathology.py", "rmpipe/reward_model.py"} <= set(wanted["export"])
-    assert "rmpipe/batching.py" in wanted["evaluate"] and "rmpipe/render.py" in wanted["backbone"]
+    assert {"rmpipe/model/batching.py", "rmpipe/model/packing.py", "rmpipe/evaluation/pathology.py", "rmpipe/model/reward_model.py"} <= set(wanted["export"])
+    assert "rmpipe/model/batching.py" in wanted["evaluate"] and "rmpipe/model/render.py" in wanted["backbone"]
     assert not set(codedeps.UNRECORDED) & {d for deps in wanted.values() for d in deps}
 
 
@@ -56,19 +56,19 @@ def test_check_fails_on_a_removed_dep_an_extra_dep_and_a_new_import_and_deps_men
     original = (proj / "dvc.yaml").read_text()
 
     # A code dep dropped from evaluate, a stray one added to aggregate.
-    text = original.replace("      - rmpipe/batching.py\n", "", 1)  # the first stage listing it
-    first = next(s for s, deps in codedeps.wanted_deps(proj / "dvc.yaml").items() if "rmpipe/batching.py" in deps)
-    text = text.replace("      - rmpipe/aggregate.py\n", "      - rmpipe/aggregate.py\n      - rmpipe/sample_data.py\n")
+    text = original.replace("      - rmpipe/model/batching.py\n", "", 1)  # the first stage listing it
+    first = next(s for s, deps in codedeps.wanted_deps(proj / "dvc.yaml").items() if "rmpipe/model/batching.py" in deps)
+    text = text.replace("      - rmpipe/data/aggregate/run.py\n", "      - rmpipe/data/aggregate/run.py\n      - rmpipe/data/sample/batches.py\n")
     (proj / "dvc.yaml").write_text(text)
     # A new lazy import inside a function of split's code.
-    with (proj / "rmpipe" / "split.py").open("a") as fh:
-        fh.write("\n\ndef _later():\n    from rmpipe import sampling  # noqa: F401\n")
+    with (proj / "rmpipe" / "data" / "split.py").open("a") as fh:
+        fh.write("\n\ndef _later():\n    from rmpipe.model import sampling  # noqa: F401\n")
 
     proc = deps_cli(proj, "--check")
     assert proc.returncode == 1
-    assert f"{first}: missing rmpipe/batching.py" in proc.stdout
-    assert "aggregate: extra rmpipe/sample_data.py" in proc.stdout
-    assert "split: missing" in proc.stdout and "rmpipe/sampling.py" in proc.stdout.split("split: missing")[1].splitlines()[0]
+    assert f"{first}: missing rmpipe/model/batching.py" in proc.stdout
+    assert "aggregate: extra rmpipe/data/sample/batches.py" in proc.stdout
+    assert "split: missing" in proc.stdout and "rmpipe/model/sampling.py" in proc.stdout.split("split: missing")[1].splitlines()[0]
     assert "run `rmpipe deps`" in proc.stderr and "Traceback" not in proc.stderr
     assert (proj / "dvc.yaml").read_text() == text  # --check changes nothing
 
@@ -83,8 +83,8 @@ def test_check_fails_on_a_removed_dep_an_extra_dep_and_a_new_import_and_deps_men
         assert {k: v for k, v in before[name].items() if k != "deps"} == {k: v for k, v in after[name].items() if k != "deps"}
         data = [d for d in before[name]["deps"] if not codedeps.is_code_dep(d)]
         assert [d for d in after[name]["deps"] if not codedeps.is_code_dep(d)] == data
-    assert "rmpipe/sampling.py" in after["split"]["deps"]
-    assert "rmpipe/sample_data.py" not in after["aggregate"]["deps"]
+    assert "rmpipe/model/sampling.py" in after["split"]["deps"]
+    assert "rmpipe/data/sample/batches.py" not in after["aggregate"]["deps"]
 
 
 def test_closure_follows_every_import_form_and_skips_only_type_checking_and_the_unrecorded(tmp_path):
@@ -97,10 +97,10 @@ def test_closure_follows_every_import_form_and_skips_only_type_checking_and_the_
         "rmpipe/c.py": "from rmpipe.sub import d\ng = 1\n",                    # from package import module
         "rmpipe/sub/__init__.py": "X = 1\n",
         "rmpipe/sub/d.py": "import importlib\nimportlib.import_module('rmpipe.e')\n",
-        "rmpipe/e.py": ("from typing import TYPE_CHECKING\nfrom rmpipe.errors import E\n"
+        "rmpipe/e.py": ("from typing import TYPE_CHECKING\nfrom rmpipe.core.errors import E\n"
                         "if TYPE_CHECKING:\n    from rmpipe import never\n"),
         "rmpipe/never.py": "",
-        "rmpipe/errors.py": "from rmpipe import g\nclass E(Exception): pass\n",  # unrecorded, imports followed
+        "rmpipe/core/errors.py": "from rmpipe import g\nclass E(Exception): pass\n",  # unrecorded, imports followed
         "rmpipe/g.py": "",
         "rmpipe/unused.py": "",
     }
@@ -115,22 +115,24 @@ def test_closure_follows_every_import_form_and_skips_only_type_checking_and_the_
 def test_training_fingerprint_and_token_cache_key_follow_the_same_closure(tmp_path):
     """backbones.py was in neither hand-kept list; it is in train's and tokenize's closures, so an edit
     to it now stops a checkpoint resume and a cached-tokens reuse, as it makes DVC re-run both stages."""
-    from rmpipe import checkpoint, tokenized
+    from rmpipe.training import checkpoint
+    from rmpipe.model import tokenized
 
     wanted = codedeps.wanted_deps(ROOT / "dvc.yaml")
     assert list(checkpoint.TRAINING_CODE) == wanted["train"]
     assert codedeps.closure(tokenized.CODE_ENTRY) == wanted["tokenize"]
-    assert "rmpipe/backbones.py" in wanted["train"] and "rmpipe/backbones.py" in wanted["tokenize"]
+    assert "rmpipe/model/backbones.py" in wanted["train"] and "rmpipe/model/backbones.py" in wanted["tokenize"]
 
     proj = copy_code(tmp_path / "proj")
     split = tmp_path / "train.parquet"
     split.write_bytes(b"pairs")
-    edited = proj / "rmpipe" / "backbones.py"
+    edited = proj / "rmpipe" / "model" / "backbones.py"
     script = textwrap.dedent(f"""
         from types import SimpleNamespace
         import yaml
-        from rmpipe import checkpoint, tokenized
-        from rmpipe.settings import ModelSettings, TrainSettings
+        from rmpipe.training import checkpoint
+        from rmpipe.model import tokenized
+        from rmpipe.core.settings import ModelSettings, TrainSettings
         paths = SimpleNamespace(train_split={str(split)!r}, val_split={str(split)!r})
         params = yaml.safe_load(open({str(ROOT / "params.yaml")!r}))
         model, train = ModelSettings.parse(params), TrainSettings.parse(params)

@@ -21,9 +21,11 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rmpipe import collect, schema
-from rmpipe.errors import DataError
-from rmpipe.sample_data import generate_votes, write_sample_batches
+from rmpipe.data.collect import run as collect
+
+from rmpipe.core import schema
+from rmpipe.core.errors import DataError
+from rmpipe.data.sample.batches import generate_votes, write_sample_batches
 
 
 def _cfg(incoming: Path, **overrides) -> dict:

@@ -21,8 +21,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rmpipe import collect
-from rmpipe.collect_batch import collect_batch
+from rmpipe.data.collect import run as collect
+from rmpipe.data.collect.batch import collect_batch
 from test_text_columns import TEXT
 from test_reliability import (_csv_text, _hostile_record, _jsonl_bytes, _line_damage, _parquet_table,
                               assert_every_row_accounted_for)

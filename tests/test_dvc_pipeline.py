@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rmpipe import codedeps
+from rmpipe.core import codedeps
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -113,11 +113,11 @@ def test_full_repro_in_a_plain_copy_then_nothing_then_only_downstream(tmp_path):
     assert "using tokenized splits from data/tokenized" in third.stdout + third.stderr
 
     # Editing a module a stage runs makes `dvc status` report exactly the stages whose import closure
-    # holds it (dvc.yaml's code deps are those closures: rmpipe.codedeps). batching.py: the issue's
+    # holds it (dvc.yaml's code deps are those closures: rmpipe.core.codedeps). batching.py: the issue's
     # example, once missing from evaluate and export; io.py: in every stage.
     assert json.loads(run([str(BIN / "dvc"), "status", "--json"], proj).stdout) == {}
     closures = codedeps.wanted_deps(proj / "dvc.yaml")
-    for module in ("rmpipe/batching.py", "rmpipe/io.py"):
+    for module in ("rmpipe/model/batching.py", "rmpipe/core/io.py"):
         original = (proj / module).read_bytes()
         (proj / module).write_bytes(original + b"\n# an edit\n")
         stale = json.loads(run([str(BIN / "dvc"), "status", "--json"], proj).stdout)

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rmpipe.errors import ConfigError
-from rmpipe.sample_data import write_sample_batches
-from rmpipe.settings import DataSettings
+from rmpipe.core.errors import ConfigError
+from rmpipe.data.sample.batches import write_sample_batches
+from rmpipe.core.settings import DataSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = ["data/collected/votes.parquet", "data/collected/quarantine.jsonl", "reports/collect.json",

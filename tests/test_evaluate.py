@@ -13,9 +13,9 @@ import torch
 import yaml
 from transformers import AutoModel
 
-from rmpipe.backbones import build_tiny_backbone
-from rmpipe.errors import ConfigError, DataError
-from rmpipe.evaluate import (
+from rmpipe.model.backbones import build_tiny_backbone
+from rmpipe.core.errors import ConfigError, DataError
+from rmpipe.evaluation.evaluate import (
     batch_scorer,
     evaluate_model,
     load_checkpoint,
@@ -24,11 +24,11 @@ from rmpipe.evaluate import (
     pair_metrics,
     score_pairs,
 )
-from rmpipe.pathology import battery_report, calibration, length_bias, load_battery, padding_canary
-from rmpipe.render import encode_rows
-from rmpipe.reward_model import RewardModel, bradley_terry_loss
-from rmpipe.schema import canonical_prompt
-from rmpipe.settings import EvalSettings, ModelSettings
+from rmpipe.evaluation.pathology import battery_report, calibration, length_bias, load_battery, padding_canary
+from rmpipe.model.render import encode_rows
+from rmpipe.model.reward_model import RewardModel, bradley_terry_loss
+from rmpipe.core.schema import canonical_prompt
+from rmpipe.core.settings import EvalSettings, ModelSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 BATTERY = ROOT / "data" / "battery.jsonl"
@@ -259,7 +259,7 @@ def grouped_pairs(n_prompts: int = 6, seed: int = 3) -> pd.DataFrame:
 
 
 def test_grouped_scoring_equals_the_plain_path(tiny):
-    from rmpipe.evaluate import score_pairs_grouped
+    from rmpipe.evaluation.evaluate import score_pairs_grouped
 
     model, tokenizer = tiny
     pairs = grouped_pairs()

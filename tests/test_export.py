@@ -16,14 +16,14 @@ import transformers
 import yaml
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-import rmpipe.export
+import rmpipe.export.export
 from pipeline.cli import main as cli_main
-from rmpipe.evaluate import load_checkpoint, reward_fn_of, score_token_rows
-from rmpipe.hf_export import EXPORT_PAD, load_golden
-from rmpipe.lineage import describe, read_manifest, verify_export
-from rmpipe.promotion import accuracy_of_export, promotion_decision
-from rmpipe.render import encode_rows
-from rmpipe.settings import ExportSettings
+from rmpipe.evaluation.evaluate import load_checkpoint, reward_fn_of, score_token_rows
+from rmpipe.export.hf import EXPORT_PAD, load_golden
+from rmpipe.audit.lineage import describe, read_manifest, verify_export
+from rmpipe.export.promotion import accuracy_of_export, promotion_decision
+from rmpipe.model.render import encode_rows
+from rmpipe.core.settings import ExportSettings
 from stages import evaluate as evaluate_stage
 from stages import export as export_stage
 from test_evaluate import BATTERY, ROOT, make_pairs, save_reward_model
@@ -182,7 +182,7 @@ def test_crash_mid_export_leaves_previous_export_intact(exported, tmp_path, monk
     def crash(*args, **kwargs):
         raise RuntimeError("injected crash while writing the model card")
 
-    monkeypatch.setattr(rmpipe.export, "model_card", crash)
+    monkeypatch.setattr(rmpipe.export.export, "model_card", crash)
     monkeypatch.chdir(project)
     with pytest.raises(RuntimeError, match="injected crash"):
         export_stage.run()
@@ -242,7 +242,7 @@ def test_promotion_gate(exported, tmp_path):
 
 def test_export_scored_grouped_by_prompt_equals_the_plain_path(exported):
     """The promotion gate re-scores the promoted export grouped by prompt, through its own backbone + head."""
-    from rmpipe.evaluate import packed_reward_model, score_pairs_grouped
+    from rmpipe.evaluation.evaluate import packed_reward_model, score_pairs_grouped
     from test_evaluate import grouped_pairs
 
     export = exported / "models" / "export"

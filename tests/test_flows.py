@@ -18,9 +18,9 @@ import pytest
 import yaml
 
 from pipeline import flows, registry, tasks
-from rmpipe.errors import UserError
-from rmpipe.io import sha256_file
-from rmpipe.schema import canonical_prompt, prompt_hash
+from rmpipe.core.errors import UserError
+from rmpipe.core.io import sha256_file
+from rmpipe.core.schema import canonical_prompt, prompt_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable

@@ -15,10 +15,14 @@ import yaml
 from hypothesis import given, seed, settings
 from hypothesis import strategies as st
 
-from rmpipe import collect, formats, schema
-from rmpipe.aggregate import AggregateSettings, aggregate, check_dropped
-from rmpipe.errors import DataError
-from rmpipe.render import conversation
+from rmpipe.data.collect import run as collect
+
+from rmpipe.data.collect import formats
+
+from rmpipe.core import schema
+from rmpipe.data.aggregate.run import AggregateSettings, aggregate, check_dropped
+from rmpipe.core.errors import DataError
+from rmpipe.model.render import conversation
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = yaml.safe_load((ROOT / "params.yaml").read_text())

@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from pipeline.cli import main as cli
-from rmpipe import collect, schema
+from rmpipe.data.collect import run as collect
+from rmpipe.core import schema
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -136,8 +137,8 @@ def test_import_writes_a_batch_and_its_source_record_that_collect_reports(tmp_pa
 def test_sample_data_is_never_written_beside_a_dataset_folder(tmp_path):
     """`make repro` writes samples only into an empty inbox, and `rmpipe sample-data` itself refuses to
     mix them with a batch, a dataset folder included."""
-    from rmpipe.errors import UserError
-    from rmpipe.sample_data import write_sample_batches
+    from rmpipe.core.errors import UserError
+    from rmpipe.data.sample.batches import write_sample_batches
 
     datasets.Dataset.from_dict(PAIRS).save_to_disk(str(tmp_path / "mine"))
     with pytest.raises(UserError, match=r"already holds other batch files \(mine\)"):

@@ -10,9 +10,12 @@ import threading
 from pathlib import Path
 
 
-from rmpipe import history, retractions
-from rmpipe.aggregate import AggregateSettings, aggregate
-from rmpipe.trace import influence
+from rmpipe.audit import history
+
+
+from rmpipe.data import retractions
+from rmpipe.data.aggregate.run import AggregateSettings, aggregate
+from rmpipe.audit.trace import influence
 from test_aggregate import for_response, frame
 
 

@@ -1,11 +1,11 @@
-"""rmpipe.io's folder hashing: the one helper the trainer's fingerprint, the backbone manifest, the export's
+"""rmpipe.core.io's folder hashing: the one helper the trainer's fingerprint, the backbone manifest, the export's
 lineage and dataset-folder batches all record folders with."""
 
 from __future__ import annotations
 
 import shutil
 
-from rmpipe.io import folder_hashes, folder_sha256
+from rmpipe.core.io import folder_hashes, folder_sha256
 
 
 def test_folder_hashes_cover_every_file_by_relative_path_and_a_rename_or_edit_changes_the_digest(tmp_path):

@@ -1,4 +1,4 @@
-"""rmpipe.key_sets: the sorted-array digest sets collect keeps its vote and pair keys in."""
+"""rmpipe.data.collect.key_sets: the sorted-array digest sets collect keeps its vote and pair keys in."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import random
 
 import pyarrow as pa
 
-from rmpipe.collect_batch import SeenVotes, vote_key
-from rmpipe.key_sets import DigestSet, digests_of, joined_digests
+from rmpipe.data.collect.key_sets import SeenVotes, vote_key
+from rmpipe.data.collect.key_sets import DigestSet, digests_of, joined_digests
 
 
 def _keys(rng: random.Random, n: int, prefixes: list[bytes]) -> list[bytes]:

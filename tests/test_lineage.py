@@ -6,7 +6,7 @@ import subprocess
 import textwrap
 from pathlib import Path
 
-from rmpipe.lineage import describe, git_state
+from rmpipe.audit.lineage import describe, git_state
 
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "-c", "commit.gpgsign=false"]
 

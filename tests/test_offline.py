@@ -5,7 +5,7 @@ from __future__ import annotations
 import configparser
 from pathlib import Path
 
-from rmpipe import offline
+from rmpipe.audit import offline
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,17 +12,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rmpipe.backbones import build_tiny_backbone, load_backbone
-from rmpipe.batching import TokenizedPairs, plan_batches, shard
-from rmpipe.errors import ConfigError
-from rmpipe.packing import (
+from rmpipe.model.backbones import build_tiny_backbone, load_backbone
+from rmpipe.model.batching import TokenizedPairs, plan_batches, shard
+from rmpipe.core.errors import ConfigError
+from rmpipe.model.packing import (
     CHOSEN, PROMPT, REJECTED, block_mask, common_prefix_length, layout_error, make_batch, pack_rows, pair_unit,
     resolve_packing,
 )
-from rmpipe.reward_model import RewardModel, bradley_terry_loss
-from rmpipe.render import tokenize_pairs
-from rmpipe.schema import canonical_prompt
-from rmpipe.settings import ModelSettings
+from rmpipe.model.reward_model import RewardModel, bradley_terry_loss
+from rmpipe.model.render import tokenize_pairs
+from rmpipe.core.schema import canonical_prompt
+from rmpipe.core.settings import ModelSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CFG = {"max_length": 256, "tiny": {"vocab_size": 400, "hidden_size": 32, "intermediate_size": 64,
@@ -174,7 +174,7 @@ def test_inexact_layout_refused_and_auto_falls_back():
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["padding_free", "shared_prompt"])
 def test_packed_rewards_equal_stacked_on_smollm2(mode):
-    from rmpipe import backbones
+    from rmpipe.model import backbones
 
     backbones.ignore_from_git(ROOT / "models/.cache")
     backbone, tokenizer = load_backbone(backbones.materialize_smollm2(ROOT / backbones.SMOLLM2_CACHE))
@@ -205,7 +205,7 @@ def frame_of_groups() -> pd.DataFrame:
 
 
 def test_group_unit_prompt_once_each_response_once():
-    from rmpipe.packing import group_unit, group_tokens, pair_group_unit
+    from rmpipe.model.packing import group_unit, group_tokens, pair_group_unit
 
     p = [7, 8, 9]
     a, b, c = p + [1, 2], p + [1], p + [3, 4, 5]  # b is a prefix of a
@@ -352,7 +352,7 @@ def test_auto_picks_groups_where_prompts_have_several_pairs(tiny):
 
 
 def test_groups_come_from_the_prompt_hash():
-    from rmpipe.render import group_ids
+    from rmpipe.model.render import group_ids
 
     frame = pd.DataFrame({"prompt": ["a", "b", "a", "c"], "prompt_hash": ["x", "y", "x", "x"]})
     assert group_ids(frame).tolist() == [0, 1, 0, 0]  # the hash decides, not the text
@@ -363,7 +363,7 @@ def test_groups_come_from_the_prompt_hash():
 
 @pytest.mark.slow
 def test_groups_rewards_equal_stacked_on_smollm2():
-    from rmpipe import backbones
+    from rmpipe.model import backbones
 
     backbones.ignore_from_git(ROOT / "models/.cache")
     backbone, tokenizer = load_backbone(backbones.materialize_smollm2(ROOT / backbones.SMOLLM2_CACHE))
@@ -375,7 +375,7 @@ def test_groups_rewards_equal_stacked_on_smollm2():
 
 def test_auto_keeps_shared_prompt_where_groups_save_little(tiny):
     """One prompt shared by two pairs among many single pairs: groups would save < 10% of the tokens."""
-    from rmpipe.packing import GROUPS_MIN_SAVING, groups_saving
+    from rmpipe.model.packing import GROUPS_MIN_SAVING, groups_saving
 
     model, tokenizer = tiny
     frame = pd.concat([frame_of_pairs().assign(prompt_hash=[f"p{i}" for i in range(5)])] * 1, ignore_index=True)

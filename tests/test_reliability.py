@@ -28,10 +28,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rmpipe import collect
-from rmpipe.aggregate import VOTE_BUCKETS, AggregateSettings, aggregate
-from rmpipe.errors import DataError
-from rmpipe.schema import CHOICES, VOTE_COLUMNS, canonical_prompt, normalize_text, pair_id
+from rmpipe.data.collect import run as collect
+from rmpipe.data.aggregate.run import VOTE_BUCKETS, AggregateSettings, aggregate
+from rmpipe.core.errors import DataError
+from rmpipe.core.schema import CHOICES, VOTE_COLUMNS, canonical_prompt, normalize_text, pair_id
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -387,9 +387,9 @@ def test_train_killed_with_sigkill_resumes_to_the_weights_of_an_uninterrupted_ru
     import torch
     from test_train import TINY, make_pairs, make_project
 
-    from rmpipe.backbones import build_tiny_backbone
-    from rmpipe.settings import ModelSettings
-    from rmpipe.reward_model import RewardModel
+    from rmpipe.model.backbones import build_tiny_backbone
+    from rmpipe.core.settings import ModelSettings
+    from rmpipe.model.reward_model import RewardModel
 
     texts = pd.concat([make_pairs(64, 0).chosen, make_pairs(64, 0).rejected]).tolist()
     backbone = build_tiny_backbone(texts, ModelSettings.from_section({"max_length": 64, "tiny": TINY}), tmp_path / "backbone")
@@ -418,9 +418,9 @@ def test_train_killed_with_sigkill_resumes_to_the_weights_of_an_uninterrupted_ru
 
 def _kill_inside_write(stage: str, cwd: Path, output: Path, tmp: Path) -> dict | None:
     """Run `stage` until it is inside the write of `output` (new bytes written, not yet published: the
-    RMPIPE_TEST_WRITE_HOOK in rmpipe.io), SIGKILL its process group there; returns the output as it was at
+    RMPIPE_TEST_WRITE_HOOK in rmpipe.core.io), SIGKILL its process group there; returns the output as it was at
     that moment. A writer that skips the atomic path never reaches the hook and fails this helper."""
-    from rmpipe.io import WRITE_HOOK_ENV
+    from rmpipe.core.io import WRITE_HOOK_ENV
 
     signal_file = tmp / f"{stage}-{time.monotonic_ns()}.inside-write"
     env = {**_env(), WRITE_HOOK_ENV: f"pause:{output.name}:{signal_file}"}
@@ -447,7 +447,7 @@ def test_aggregate_and_split_killed_inside_the_write_never_publish_a_partial_out
     `frame.to_parquet(OUT_DIR / ...)` inside its atomic_dir; each turns this red."""
     import yaml
 
-    from rmpipe.sample_data import write_sample_batches
+    from rmpipe.data.sample.batches import write_sample_batches
 
     project = tmp_path / "project"
     (project / "data/collected").mkdir(parents=True)
@@ -478,7 +478,7 @@ def test_export_killed_inside_the_write_leaves_an_export_that_still_verifies(tmp
     from test_evaluate import save_reward_model
     from test_export import make_project
 
-    from rmpipe.lineage import verify_export
+    from rmpipe.audit.lineage import verify_export
 
     project = make_project(tmp_path / "project", save_reward_model(tmp_path / "src"))
     _finish(_stage("evaluate", project))
@@ -507,8 +507,8 @@ def test_a_stage_failing_after_part_of_its_output_reruns_with_downstream_only(tm
 
     from test_dvc_pipeline import copy_project
 
-    from rmpipe.io import WRITE_HOOK_ENV
-    from rmpipe.sample_data import write_sample_batches
+    from rmpipe.core.io import WRITE_HOOK_ENV
+    from rmpipe.data.sample.batches import write_sample_batches
 
     project = copy_project(tmp_path / "project")
     subprocess.run([PY, "-m", "dvc", "config", "--local", "core.no_scm", "true"], cwd=project, check=True)
@@ -550,8 +550,8 @@ def test_a_non_finite_batch_is_skipped_with_a_warning_and_too_many_abort(tmp_pat
 
     from test_train import TINY, make_pairs, make_project, paths_in
 
-    from rmpipe.backbones import build_tiny_backbone
-    from rmpipe.settings import ModelSettings
+    from rmpipe.model.backbones import build_tiny_backbone
+    from rmpipe.core.settings import ModelSettings
     from stages.train import run
 
     texts = pd.concat([make_pairs(64, 0).chosen, make_pairs(64, 0).rejected]).tolist()

@@ -56,7 +56,7 @@ def rmpipe(args: list[str], project: Path) -> subprocess.CompletedProcess:
 
 
 def lock_entries(project: Path) -> dict[str, dict]:
-    """Every dep and out in dvc.lock with its md5, read here independently of rmpipe.lineage."""
+    """Every dep and out in dvc.lock with its md5, read here independently of rmpipe.audit.lineage."""
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     entries = {}
     for stage, entry in lock["stages"].items():
@@ -70,7 +70,7 @@ def test_lineage_lists_every_upstream_input_with_dvc_hashes_and_the_real_commit(
     """The manifest's inputs are dvc.lock's (every stage but export), folders included as `<md5>.dir`, and
     rmpipe's re-hash of each path equals what DVC recorded; the git commit is the checkout's HEAD.
     Mutation tried: `git_state` returning None turns this red."""
-    from rmpipe.lineage import dvc_md5, read_manifest
+    from rmpipe.audit.lineage import dvc_md5, read_manifest
 
     project = built["project"]
     manifest = read_manifest(project / "models/export")
@@ -80,7 +80,7 @@ def test_lineage_lists_every_upstream_input_with_dvc_hashes_and_the_real_commit(
     folders = [path for path, info in manifest["inputs"].items() if info["md5"].endswith(".dir")]
     assert {"data/collected", "data/split", "data/tokenized", "models/backbone", "models/reward_model",
             "data/incoming"} <= set(folders)
-    assert "data/battery.jsonl" in manifest["inputs"] and "rmpipe/train.py" in manifest["inputs"]
+    assert "data/battery.jsonl" in manifest["inputs"] and "rmpipe/training/loop.py" in manifest["inputs"]
     for path, info in manifest["inputs"].items():
         assert dvc_md5(project / path) == info["md5"], path
     assert manifest["git"]["commit"] == built["head"] and len(built["head"]) == 40

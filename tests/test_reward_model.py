@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from rmpipe.reward_model import (
+from rmpipe.model.reward_model import (
     bradley_terry_loss,
     last_real_token_index,
     make_head,
@@ -120,7 +120,7 @@ def test_centering_term_penalises_offset_rewards():
 def tiny_reward_model():
     from transformers import LlamaConfig, LlamaModel
 
-    from rmpipe.reward_model import RewardModel
+    from rmpipe.model.reward_model import RewardModel
 
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -160,7 +160,7 @@ def test_stacked_pair_forward_matches_two_passes(tiny_reward_model):
 
 
 def test_save_and_reload_give_the_same_rewards(tiny_reward_model, tmp_path):
-    from rmpipe.reward_model import RewardModel
+    from rmpipe.model.reward_model import RewardModel
 
     tiny_reward_model.save_pretrained(tmp_path / "rm")
     assert not list((tmp_path / "rm").rglob("*.bin")) and not list((tmp_path / "rm").rglob("*.pt"))

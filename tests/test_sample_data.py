@@ -6,7 +6,6 @@ import csv
 import json
 import re
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -15,10 +14,10 @@ import pytest
 import yaml
 
 from pipeline.cli import main as cli_main
-from rmpipe import sample_data as sd
-from rmpipe import sample_vocab as vocab
-from rmpipe.errors import UserError
-from rmpipe.pathology import load_battery
+from rmpipe.data.sample import batches as sd
+from rmpipe.data.sample import vocab
+from rmpipe.core.errors import UserError
+from rmpipe.evaluation.pathology import load_battery
 
 CFG = {"seed": 20261122, "n_pairs": 3000, "n_batches": 2, "pair_rows": 100}
 

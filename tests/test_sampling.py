@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rmpipe.backbones import build_tiny_backbone, chatml, load_backbone
-from rmpipe.errors import ConfigError, DataError
-from rmpipe.schema import canonical_prompt, normalize_text, pair_id
-from rmpipe.sampling import pair_tasks, read_prompts, sample_tasks
-from rmpipe.settings import ModelSettings, SamplingSettings
+from rmpipe.model.backbones import build_tiny_backbone, chatml, load_backbone
+from rmpipe.core.errors import ConfigError, DataError
+from rmpipe.core.schema import canonical_prompt, normalize_text, pair_id
+from rmpipe.model.sampling import pair_tasks, read_prompts, sample_tasks
+from rmpipe.core.settings import ModelSettings, SamplingSettings
 
 MODEL_CFG = {
     "backbone": "tiny",
@@ -148,7 +148,7 @@ def test_cli_with_an_unbuilt_tiny_backbone_exits_cleanly(tmp_path, monkeypatch, 
 
 
 def test_labelled_tasks_flow_through_collect(sampler, tmp_path):
-    collect = pytest.importorskip("rmpipe.collect")
+    collect = pytest.importorskip("rmpipe.data.collect.run")
     model, tokenizer = sampler
     tasks, _ = sample_tasks(model, tokenizer, PROMPTS, SamplingSettings.from_section(SAMPLING), "tiny")
     labelled = [{**task, "choice": "ab"[i % 2], "annotator_id": f"ann-{i % 3}"} for i, task in enumerate(tasks)]
@@ -169,7 +169,7 @@ def test_labelled_tasks_flow_through_collect(sampler, tmp_path):
 def test_ranking_tasks_labelled_as_ranked_rows_flow_through_collect_as_the_same_pairs(sampler, tmp_path):
     """sample-pairs --groups: K completions per prompt; ranked by an annotator, collect expands each task into
     exactly the comparisons (same pair_ids, same texts) the A/B tasks of those completions would have been."""
-    collect = pytest.importorskip("rmpipe.collect")
+    collect = pytest.importorskip("rmpipe.data.collect.run")
     model, tokenizer = sampler
     settings = SamplingSettings.from_section(SAMPLING)
     groups, report = sample_tasks(model, tokenizer, PROMPTS, settings, "tiny", groups=True)
@@ -204,7 +204,7 @@ def test_the_readmes_smollm2_sampling_example_runs_as_written_on_a_default_proje
     import subprocess
     import sys
 
-    from rmpipe import backbones
+    from rmpipe.model import backbones
 
     root = Path(__file__).resolve().parents[1]
     (line,) = re.findall(r"^rmpipe sample-pairs [^\n#]*--backbone smollm2-135m-instruct[^\n#]*",

@@ -22,9 +22,9 @@ import pytest
 import torch
 import yaml
 
-from rmpipe.backbones import build_tiny_backbone, check_backbone, load_backbone
-from rmpipe.errors import UserError
-from rmpipe.settings import ModelSettings
+from rmpipe.model.backbones import build_tiny_backbone, check_backbone, load_backbone
+from rmpipe.core.errors import UserError
+from rmpipe.core.settings import ModelSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -81,8 +81,8 @@ def test_backbone_weights_in_a_pickle_are_refused(backbone, tmp_path, exploit):
 def test_reward_model_and_export_weights_in_a_pickle_are_refused(backbone, tmp_path):
     from transformers import AutoModel, AutoTokenizer
 
-    from rmpipe.hf_export import load_exported
-    from rmpipe.reward_model import BACKBONE_DIR, RewardModel
+    from rmpipe.export.hf import load_exported
+    from rmpipe.model.reward_model import BACKBONE_DIR, RewardModel
 
     model = RewardModel.from_backbone(AutoModel.from_pretrained(backbone), seed=0)
     saved = tmp_path / "rm"
@@ -376,7 +376,7 @@ def test_no_environment_value_reaches_stage_outputs_lineage_or_logs(tmp_path):
     from test_evaluate import save_reward_model
     from test_export import make_project
 
-    from rmpipe.sample_data import write_sample_batches
+    from rmpipe.data.sample.batches import write_sample_batches
 
     project = make_project(tmp_path / "project", save_reward_model(tmp_path / "src"))
     write_sample_batches(project / "data/incoming", {"seed": 1, "n_pairs": 60, "n_batches": 1, "pair_rows": 5})

@@ -297,7 +297,7 @@ def test_batches_arriving_in_a_burst_are_each_processed_once_one_run_at_a_time_o
     id from the lineage fails it too."""
     import psutil
 
-    from rmpipe import history
+    from rmpipe.audit import history
 
     project = fast_project(tmp_path / "project")
     drop, staging, logs = tmp_path / "drop", tmp_path / "staging", tmp_path / "logs"

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rmpipe import settings as S
-from rmpipe.errors import ConfigError
-from rmpipe.paths import ProjectPaths
+from rmpipe.core import settings as S
+from rmpipe.core.errors import ConfigError
+from rmpipe.core.paths import ProjectPaths
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -88,7 +88,9 @@ def test_the_stage_prints_the_config_error_without_a_traceback(tmp_path):
 
 
 def test_constants_restated_for_a_light_import_match_their_sources():
-    from rmpipe import packing, paths, schema
+    from rmpipe.model import packing
+    from rmpipe.core import paths
+    from rmpipe.core import schema
 
     assert S.PACKING_MODES == packing.MODES
     assert S.SPLITS == paths.SPLITS == schema.SPLITS and S.STRENGTHS == schema.STRENGTHS

@@ -14,9 +14,9 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rmpipe.errors import ConfigError, DataError
-from rmpipe.schema import SPLITS, canonical_prompt, prompt_hash
-from rmpipe.split import assign_splits, check_fractions, split_frames, split_pairs, split_report
+from rmpipe.core.errors import ConfigError, DataError
+from rmpipe.core.schema import SPLITS, canonical_prompt, prompt_hash
+from rmpipe.data.split import assign_splits, check_fractions, split_frames, split_pairs, split_report
 
 ROOT = Path(__file__).resolve().parents[1]
 FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}

@@ -1,6 +1,6 @@
 """The column twin of the per-value text check agrees with it on every value it claims (issue #13).
 
-`rmpipe.text_columns` picks the values it can handle as a column (normal ASCII text) and leaves the
+`rmpipe.data.collect.text_columns` picks the values it can handle as a column (normal ASCII text) and leaves the
 rest to Python; here both are run on texts full of what could tell them apart: quotes and
 backslashes, "[" (chat JSON), whitespace runs and ends, control characters, DEL,
 non-ASCII and NUL.
@@ -12,8 +12,10 @@ import pyarrow as pa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rmpipe import schema, text_columns
-from rmpipe.collect_rows import Bad, Normalizer
+from rmpipe.core import schema
+
+from rmpipe.data.collect import text_columns
+from rmpipe.data.collect.rows import Bad, Normalizer
 
 TRICKY = st.text(alphabet=st.sampled_from(list('ab "\\[]{}:,\t\n\r\x0b\x0c\x1c\x1f\x01\x00\x7fé\u3000Z')), max_size=12)
 PLAIN = st.sampled_from(["Plain text, normal.", 'Say "hi" \\ now', 'a [b] "c"', "back\\slash\\"])

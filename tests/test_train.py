@@ -16,14 +16,14 @@ import pytest
 import torch
 import yaml
 
-from rmpipe.backbones import build_tiny_backbone
-from rmpipe.checkpoint import find_resumable
-from rmpipe.errors import ConfigError, DataError
-from rmpipe.paths import ProjectPaths
-from rmpipe.reward_model import RewardModel
-from rmpipe.schema import canonical_prompt
-from rmpipe.settings import ModelSettings, TrainSettings
-from rmpipe.train import LN2, stuck_at_ln2
+from rmpipe.model.backbones import build_tiny_backbone
+from rmpipe.training.checkpoint import find_resumable
+from rmpipe.core.errors import ConfigError, DataError
+from rmpipe.core.paths import ProjectPaths
+from rmpipe.model.reward_model import RewardModel
+from rmpipe.core.schema import canonical_prompt
+from rmpipe.core.settings import ModelSettings, TrainSettings
+from rmpipe.training.loop import LN2, stuck_at_ln2
 from stages.train import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,7 +149,7 @@ def test_loop_state_saves_and_restores_every_field():
     A field left out of state_dict (or not restored) turns this red."""
     from dataclasses import fields
 
-    from rmpipe.checkpoint import LoopState
+    from rmpipe.training.checkpoint import LoopState
 
     state = LoopState(epoch=1, next_batch=2, step=8, skipped=1, losses=[0.7, 0.5], ln2_history=[(0.69, 0.01)],
                       epoch_loss=3.5, epoch_correct=9.0, epoch_pairs=16.0, epoch_weight=14.0,
@@ -264,7 +264,7 @@ def test_two_ranks_match_one_process(tmp_path, backbone, one_process, zero_stage
 def test_ds_config_from_params(tmp_path):
     from torch import nn
 
-    from rmpipe.ds_config import bf16_wanted, build_config, load_config, param_groups
+    from rmpipe.training.ds_config import bf16_wanted, build_config, load_config, param_groups
 
     cfg = yaml.safe_load((ROOT / "params.yaml").read_text())["train"]
     assert not bf16_wanted("auto", "cpu") and not bf16_wanted(True, "cpu")  # never on CPU
@@ -308,7 +308,7 @@ def test_packing_changes_the_speed_not_the_model(tmp_path, backbone):
 
 def make_ranked_pairs(n_prompts: int, seed: int) -> pd.DataFrame:
     """K = 4 responses per prompt, all 6 comparisons (what a ranked row aggregates to), with prompt hashes."""
-    from rmpipe.schema import prompt_hash
+    from rmpipe.core.schema import prompt_hash
 
     rng = random.Random(seed)
     rows = []
@@ -359,14 +359,14 @@ def test_group_weighting_changes_the_objective_where_groups_differ(tmp_path, bac
 def test_tokenized_cache_used_when_it_matches_and_never_when_stale(tmp_path, backbone, caplog):
     import logging
 
-    from rmpipe.paths import ProjectPaths
+    from rmpipe.core.paths import ProjectPaths
     from stages.tokenize import run as tokenize_stage
 
     fresh = make_project(tmp_path / "fresh", backbone)
     run(str(fresh / "params.yaml"), paths_in(fresh))
     cached = make_project(tmp_path / "cached", backbone)
     assert tokenize_stage(str(cached / "params.yaml"), ProjectPaths.at(cached)) == {"train": 48, "val": 16}
-    with caplog.at_level(logging.INFO, logger="rmpipe.tokenized"):
+    with caplog.at_level(logging.INFO, logger="rmpipe.model.tokenized"):
         run(str(cached / "params.yaml"), paths_in(cached))
     assert "using tokenized splits" in caplog.text
     assert loss_curve(cached) == pytest.approx(loss_curve(fresh), abs=1e-6)  # the same ids either way
@@ -374,14 +374,14 @@ def test_tokenized_cache_used_when_it_matches_and_never_when_stale(tmp_path, bac
     # new split data: the cache no longer describes it, so training tokenizes afresh and says why
     make_pairs(40, 7).to_parquet(cached / "data/split/train.parquet")
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="rmpipe.tokenized"):
+    with caplog.at_level(logging.INFO, logger="rmpipe.model.tokenized"):
         record = run(str(cached / "params.yaml"), paths_in(cached))
     assert "stale (splits changed)" in caplog.text and "using tokenized splits" not in caplog.text
     assert record["train_pairs"] == 40
 
 
 def test_lr_schedule_learns_from_the_first_step_and_ends_at_the_floor():
-    from rmpipe.ds_config import warmup_cosine
+    from rmpipe.training.ds_config import warmup_cosine
 
     lrs = [warmup_cosine(step, total_steps=20, warmup=4) for step in range(20)]
     assert lrs[0] == pytest.approx(1 / 5)  # DeepSpeed's WarmupCosineLR gave the first two steps lr 0
@@ -400,7 +400,7 @@ def test_logged_lr_and_grad_norm_are_the_real_ones(tmp_path, backbone):
 
 
 def test_damaged_tokenized_cache_is_stale_not_a_crash(tmp_path):
-    from rmpipe import tokenized
+    from rmpipe.model import tokenized
 
     (tmp_path / tokenized.MANIFEST).write_text("{ truncated")
     assert "unreadable" in tokenized.stale_reason(tmp_path, {"max_length": 64})
@@ -433,11 +433,11 @@ def test_fingerprint_changes_with_each_input_and_gates_resume(tmp_path, backbone
     """Resume only with the same params, data, backbone, world size and code: each one moves the fingerprint,
     and find_resumable refuses a checkpoint whose recorded fingerprint differs.
     Mutations tried: dropping `world_size` from the fingerprint's blob, and TRAINING_CODE without
-    rmpipe/tokenized.py, each turn this test red."""
+    rmpipe/model/tokenized.py, each turn this test red."""
     import shutil
 
-    from rmpipe import checkpoint
-    from rmpipe.checkpoint import LATEST, NOT_FINGERPRINTED, STATE_FILE, TRAINING_CODE, fingerprint
+    from rmpipe.training import checkpoint
+    from rmpipe.training.checkpoint import LATEST, NOT_FINGERPRINTED, STATE_FILE, TRAINING_CODE, fingerprint
 
     project = make_project(tmp_path / "p", backbone)
     params = yaml.safe_load((project / "params.yaml").read_text())
@@ -491,7 +491,7 @@ def test_fingerprint_changes_with_each_input_and_gates_resume(tmp_path, backbone
         source.write_bytes(original + b"\n# changed\n")
         changed[f"code {rel}"] = fp()
         source.write_bytes(original)
-    assert {"stages/train.py", "rmpipe/tokenized.py"} <= set(TRAINING_CODE)
+    assert {"stages/train.py", "rmpipe/model/tokenized.py"} <= set(TRAINING_CODE)
     assert [what for what, value in changed.items() if value == base] == []
     assert len(set(changed.values())) == len(changed)
 
@@ -506,10 +506,10 @@ def test_fingerprint_changes_with_each_input_and_gates_resume(tmp_path, backbone
 
 def test_fingerprint_code_is_the_train_stage_code_deps():
     """TRAINING_CODE and train's code deps in dvc.yaml name the same modules (both are the train stage's
-    import closure, rmpipe.codedeps): a module DVC re-runs train for is one a checkpoint must not be
+    import closure, rmpipe.core.codedeps): a module DVC re-runs train for is one a checkpoint must not be
     resumed across, and the other way round.
-    Mutation tried: removing rmpipe/tokenized.py from TRAINING_CODE turns this red."""
-    from rmpipe.checkpoint import TRAINING_CODE
+    Mutation tried: removing rmpipe/model/tokenized.py from TRAINING_CODE turns this red."""
+    from rmpipe.training.checkpoint import TRAINING_CODE
 
     deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]["deps"]
     assert sorted(d for d in deps if d.endswith(".py")) == sorted(TRAINING_CODE)
@@ -519,7 +519,7 @@ def test_fingerprint_code_is_the_train_stage_code_deps():
 def test_a_dvclive_summary_cut_by_a_kill_is_rebuilt_from_its_plots_on_resume(tmp_path):
     """A SIGKILL while dvclive rewrote metrics.json (in place) left it empty, and the resumed run died in
     dvclive's JSON read (seen once in CI: test_reliability's SIGKILL test). Without the repair this fails."""
-    from rmpipe.train import _open_live
+    from rmpipe.training.loop import _open_live
 
     live = _open_live(tmp_path, resumed=False)
     for step in range(3):

@@ -11,15 +11,14 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-import pyarrow as pa
 import pytest
 import yaml
 
-from rmpipe.errors import ConfigError, DataError
-from rmpipe.schema import SPLITS, canonical_prompt, pair_id, prompt_hash
-from rmpipe.settings import ValidateSettings
-from rmpipe.split import split_frames, split_pairs
-from rmpipe.validate import ContractParams, contract_params, validate_splits
+from rmpipe.core.errors import ConfigError, DataError
+from rmpipe.core.schema import SPLITS, canonical_prompt, pair_id, prompt_hash
+from rmpipe.core.settings import ValidateSettings
+from rmpipe.data.split import split_frames, split_pairs
+from rmpipe.data.validate.run import ContractParams, contract_params, validate_splits
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ContractParams(min_votes=2, min_response_chars=1, max_response_chars=500, chosen_longer_share=(0.25, 0.75))
@@ -254,7 +253,7 @@ def test_duplicates_in_other_chunks_and_splits_are_found_from_the_files_at_any_c
     pair_id twice in one split (rows 0 and 450: five chunks apart), a pair_id in two splits and three prompts
     shared by val and test (train not involved) read as over whole in-memory splits, with the real ids as
     examples, the leaked prompts in the order they first appear."""
-    from rmpipe import validate_ids
+    from rmpipe.data.validate import ids as validate_ids
 
     monkeypatch.setattr(validate_ids, "BUCKET_ROWS", bucket_rows)
     splits = clean_splits()
@@ -317,7 +316,7 @@ def test_chunked_runs_leave_one_docs_page_per_suite_with_the_whole_splits_figure
 def test_id_codes_are_equal_exactly_where_the_strings_are(monkeypatch, bucket_rows):
     """Codes across splits (one bucket, or a bucket per row): equal exactly where the strings are; a null or a
     split without the column is -1; each code reads back as its string."""
-    from rmpipe import validate_ids
+    from rmpipe.data.validate import ids as validate_ids
 
     monkeypatch.setattr(validate_ids, "BUCKET_ROWS", bucket_rows)
     values = ["ab", "b", None, "ab", None, None, "c", "b", "ba"]
@@ -334,8 +333,8 @@ def test_id_codes_are_equal_exactly_where_the_strings_are(monkeypatch, bucket_ro
 def test_schema_frame_keeps_names_dtypes_and_nulls_but_no_text():
     """The schema suite reads a column's name, dtype and nulls only (an `object` column's type value by
     value): the frame GX fingerprints keeps exactly those, and no text, so hashing it costs nothing."""
-    from rmpipe.validate import _VALUE_TYPED
-    from rmpipe.validate_frames import schema_frame
+    from rmpipe.data.validate.run import _VALUE_TYPED
+    from rmpipe.data.validate.frames import schema_frame
 
     split = clean_splits()["train"]
     split.loc[0, "chosen"] = None

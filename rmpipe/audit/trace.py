@@ -1,0 +1,137 @@
+"""Reverse lineage: from a batch or an annotator to every recorded model it reached.
+
+For each model in the run history that used the batch (or the annotator's votes):
+was it promoted, is it the current export or the promoted model, how many of its
+training pairs the batch/annotator *contributed* to (a vote on the pair) and how many
+it *decided*: pairs that flip their chosen response, or drop out, when those votes are
+removed and the same aggregation (rmpipe.data.aggregate.run, with that model's recorded
+aggregate params) runs again. The votes and splits of past models are read from the
+DVC cache by the md5s the history recorded; a model whose objects are gone (gc, purge)
+is listed without the decided count.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from rmpipe.audit import dvc_cache
+
+from rmpipe.audit import history
+from rmpipe.core.errors import DataError, UserError
+
+VOTES = "data/collected/votes.parquet"
+SPLIT = "data/split"
+
+
+def _cached_inputs(root: Path, record: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """(votes, train split) of a recorded model from the DVC cache, or None when not cached."""
+    lock = record.get("upstream_lock_md5") or {}
+    votes_md5, split_md5 = lock.get(VOTES), lock.get(SPLIT)
+    votes = dvc_cache.file_in_output(root, votes_md5) if votes_md5 else None
+    train = dvc_cache.file_in_output(root, split_md5, "train.parquet") if split_md5 else None
+    if votes is None or train is None:
+        return None
+    return pd.read_parquet(votes), pd.read_parquet(train, columns=["pair_id", "chosen"])
+
+
+def influence(votes: pd.DataFrame, train: pd.DataFrame, removed: pd.Series, aggregate_params: dict) -> dict[str, Any]:
+    """Training pairs the `removed` votes contributed to, and those they decided (see module doc)."""
+    from rmpipe.data.aggregate.run import AggregateSettings, aggregate
+
+    # The params recorded when that model was built: keys a later rmpipe no longer knows are left out.
+    settings = AggregateSettings.from_section({k: v for k, v in aggregate_params.items()
+                                               if k in AggregateSettings.model_fields})
+    train_ids = set(train["pair_id"])
+    contributed = sorted(set(votes.loc[removed, "pair_id"]) & train_ids)
+    try:
+        reduced = aggregate(votes[~removed].reset_index(drop=True), settings).pairs
+        chosen_without = dict(zip(reduced["pair_id"], reduced["chosen"]))
+    except DataError:  # nothing left to aggregate: every pair depended on these votes
+        chosen_without = {}
+    decided = sorted(p for p, chosen in zip(train["pair_id"], train["chosen"]) if chosen_without.get(p) != chosen)
+    flipped = [p for p in decided if p in chosen_without]
+    return {"contributed": len(contributed), "decided": len(decided), "flipped": len(flipped),
+            "dropped_out": len(decided) - len(flipped), "decided_pair_ids": decided}
+
+
+def _current_digests(root: Path) -> dict[str, str]:
+    """{'export'|'promoted': manifest digest} of the models in the workspace now."""
+    from rmpipe.audit.lineage import MANIFEST_FILE, manifest_sha256
+    from rmpipe.core.params import load_params
+
+    found = {}
+    cfg = load_params(root / "params.yaml").get("export") or {}
+    for key, folder in (("export", cfg.get("out_dir")), ("promoted", cfg.get("promoted_dir"))):
+        if folder and (root / folder / MANIFEST_FILE).exists():
+            found[key] = manifest_sha256(root / folder)
+    return found
+
+
+def trace(root: Path, batch: str | None = None, annotator: str | None = None) -> dict[str, Any]:
+    """Every recorded model the batch / annotator reached (see module doc), oldest first."""
+    if (batch is None) == (annotator is None):
+        raise UserError("trace needs exactly one of --batch NAME or --annotator ID")
+    root = Path(root)
+    records = history.read(root)
+    if not records:
+        raise DataError(f"no run history in {history.HISTORY}: run the pipeline (dvc repro) to record one")
+    current = _current_digests(root)
+    models = []
+    for record in records:
+        digest = (record.get("model") or {}).get("manifest_sha256")
+        if batch is not None:
+            used = batch in (record.get("batches") or {})
+        else:
+            info = (record.get("annotators") or {}).get(annotator) or {}
+            used = bool(info.get("votes")) and not info.get("excluded")
+        if not used:
+            continue
+        entry = {
+            "seq": record.get("seq"), "model": history.model_id(record), "time": record.get("time"),
+            "trigger": record.get("trigger"), "export_md5": (record.get("model") or {}).get("md5"),
+            "promoted": bool((record.get("promotion") or {}).get("promoted")),
+            "promotion_reason": (record.get("promotion") or {}).get("reason"),
+            "accuracy": (record.get("metrics") or {}).get("accuracy"),
+            "current_export": digest is not None and digest == current.get("export"),
+            "current_promoted": digest is not None and digest == current.get("promoted"),
+            "n_train_pairs": record.get("n_train_pairs"),
+        }
+        cached = _cached_inputs(root, record)
+        if cached is None:
+            entry.update(contributed=None, decided=None,
+                         note="this model's votes/splits are no longer in the DVC cache (gc or purge)")
+        else:
+            votes, train = cached
+            removed = votes["batch_id"] == batch if batch is not None else votes["annotator_id"] == annotator
+            entry.update(influence(votes, train, removed, record.get("aggregate_params") or {}))
+            entry["votes"] = int(removed.sum())
+        models.append(entry)
+    return {"batch": batch, "annotator": annotator, "n_models": len(models),
+            "n_promoted": sum(m["promoted"] for m in models), "n_recorded_models": len(records), "models": models}
+
+
+def render(result: dict[str, Any]) -> str:
+    """The trace as a person reads it in a terminal."""
+    what = f"batch {result['batch']}" if result["batch"] is not None else f"annotator {result['annotator']}"
+    lines = [f"{what}: reached {result['n_models']} of {result['n_recorded_models']} recorded models, "
+             f"{result['n_promoted']} of them promoted"]
+    for m in result["models"]:
+        now = ", ".join(n for n, on in (("current export", m["current_export"]), ("promoted now", m["current_promoted"]))
+                        if on)
+        share = ("pairs: not in the DVC cache any more" if m.get("decided") is None else
+                 f"{m['votes']} votes; of {m['n_train_pairs']} training pairs {m['contributed']} contributed, "
+                 f"{m['decided']} decided ({m['flipped']} flip, {m['dropped_out']} drop out without them)")
+        acc = f"{m['accuracy']:.3f}" if isinstance(m.get("accuracy"), (int, float)) else "-"
+        lines.append(f"  #{m['seq']:<3} {m['model']}  {m['time']}  {m['trigger']}")
+        lines.append(f"       {'PROMOTED' if m['promoted'] else 'not promoted'}  accuracy {acc}"
+                     + (f"  [{now}]" if now else ""))
+        lines.append(f"       {share}")
+    return "\n".join(lines)
+
+
+def to_json(result: dict[str, Any]) -> str:
+    return json.dumps(result, indent=2, default=str)

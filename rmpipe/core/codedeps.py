@@ -1,0 +1,217 @@
+"""Each stage's code, computed from its imports: the one truth behind dvc.yaml's code deps, the
+trainer's resume fingerprint and the tokenized-cache key.
+
+From `stages/<name>.py`, every import of a project module (rmpipe/, stages/, pipeline/) is followed
+transitively: `import rmpipe.x`, `from rmpipe import x`, `from rmpipe.x import y`, relative imports,
+`importlib.import_module("literal")`, and imports inside functions (a lazy import runs on the stage's
+code path all the same). Only `if TYPE_CHECKING:` blocks are skipped: they never run.
+
+`rmpipe deps` writes the result into dvc.yaml; `rmpipe deps --check` (and tests/test_codedeps.py)
+fails when dvc.yaml and the imports differ.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import re
+from pathlib import Path
+
+import yaml
+
+from rmpipe.core.io import sha256_file
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("rmpipe", "stages", "pipeline")
+
+# The one list of modules left out of every stage's code deps. Each is here because editing it cannot
+# change a stage's outputs, only what is printed; its own imports are still followed. A module that
+# touches any value written to an output (io's writers, params parsing, ...) does not belong here.
+UNRECORDED = {
+    "rmpipe/__init__.py": "a docstring and __version__, which no stage reads",
+    "stages/__init__.py": "a docstring",
+    "pipeline/__init__.py": "a docstring",
+    "rmpipe/core/errors.py": "exception classes and the wrapper that turns them into a message and an exit code",
+    "rmpipe/core/progress.py": "log format and progress reporting; progress() yields its items unchanged",
+}
+
+
+def _package_marker(path: Path) -> bool:
+    """An `__init__.py` holding a docstring only: importing it runs nothing, so it is no code dep
+    (one that gains a statement becomes a dep of every stage that imports through it)."""
+    if path.name != "__init__.py":
+        return False
+    body = ast.parse(path.read_text(encoding="utf-8")).body
+    return all(isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) for node in body)
+
+
+def module_file(name: str, root: Path = ROOT) -> Path | None:
+    """The file of project module `name` ("rmpipe.model.batching"), or None for anything else."""
+    parts = name.split(".")
+    if parts[0] not in PACKAGES:
+        return None
+    base = root.joinpath(*parts)
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def module_name(path: Path, root: Path = ROOT) -> str:
+    rel = path.relative_to(root).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+def _type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _imported_names(tree: ast.AST, package: str) -> set[str]:
+    """Dotted names a module imports (for `from a import b`: both a and a.b, b may be a submodule)."""
+    names: set[str] = set()
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.If) and _type_checking(node):
+            stack.extend(node.orelse)
+            continue
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base_name = ".".join(base + ([node.module] if node.module else []))
+            else:
+                base_name = node.module or ""
+            names.add(base_name)
+            names.update(f"{base_name}.{alias.name}" for alias in node.names)
+        elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+              and isinstance(node.args[0].value, str)
+              and ((isinstance(node.func, ast.Attribute) and node.func.attr == "import_module")
+                   or (isinstance(node.func, ast.Name) and node.func.id in ("import_module", "__import__")))):
+            names.add(node.args[0].value)
+        stack.extend(ast.iter_child_nodes(node))
+    return names
+
+
+def closure(entry: str | Path, root: Path = ROOT) -> list[str]:
+    """Project files the module at `entry` runs, as root-relative paths: `entry` first, then sorted."""
+    root = Path(root)
+    start = root / entry
+    seen: set[Path] = set()
+    todo = [start]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        name = module_name(path, root)
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for imported in _imported_names(tree, package):
+            parts = imported.split(".")
+            # importing a.b.c runs a/__init__, a/b/__init__ and a/b/c
+            for i in range(1, len(parts) + 1):
+                found = module_file(".".join(parts[:i]), root)
+                if found is not None and found not in seen:
+                    todo.append(found)
+    files = {p.relative_to(root).as_posix() for p in seen if not _package_marker(p)} - set(UNRECORDED)
+    first = start.relative_to(root).as_posix()
+    return [first] + sorted(files - {first})
+
+
+def code_digest(entry: str | Path, root: Path = ROOT) -> dict[str, str]:
+    """sha256 of each file in `entry`'s closure: what a fingerprint or cache key records of the code."""
+    return {rel: sha256_file(Path(root) / rel) for rel in closure(entry, root)}
+
+
+def code_hash(entry: str | Path, root: Path = ROOT) -> str:
+    blob = "".join(f"{rel}\x1f{digest}\n" for rel, digest in code_digest(entry, root).items())
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# --- dvc.yaml ---------------------------------------------------------------------------------
+def is_code_dep(dep: str) -> bool:
+    """A dvc.yaml dep that names project code (the ones `rmpipe deps` owns); the rest is data."""
+    return dep.endswith(".py") and dep.split("/", 1)[0] in PACKAGES
+
+
+def stage_entry(stage: dict) -> str | None:
+    """`stages/<name>.py` for a stage whose cmd runs `python -m stages.<name>`."""
+    match = re.search(r"-m\s+(stages\.[\w.]+)", str(stage.get("cmd", "")))
+    return match.group(1).replace(".", "/") + ".py" if match else None
+
+
+def wanted_deps(dvc_yaml: Path) -> dict[str, list[str]]:
+    """Per stage of `dvc_yaml`, the code deps its imports call for."""
+    root = Path(dvc_yaml).parent
+    stages = (yaml.safe_load(Path(dvc_yaml).read_text(encoding="utf-8")) or {}).get("stages", {})
+    return {name: closure(entry, root) for name, stage in stages.items()
+            if (entry := stage_entry(stage)) and (root / entry).is_file()}
+
+
+def drift(dvc_yaml: Path) -> dict[str, tuple[list[str], list[str]]]:
+    """Per stage whose dvc.yaml code deps differ from its imports: (missing, extra)."""
+    stages = yaml.safe_load(Path(dvc_yaml).read_text(encoding="utf-8")).get("stages", {})
+    out = {}
+    for name, wanted in wanted_deps(dvc_yaml).items():
+        listed = {d if isinstance(d, str) else next(iter(d)) for d in stages[name].get("deps", [])}
+        listed = {d for d in listed if is_code_dep(d)}
+        missing, extra = sorted(set(wanted) - listed), sorted(listed - set(wanted))
+        if missing or extra:
+            out[name] = (missing, extra)
+    return out
+
+
+def rewrite(text: str, wanted: dict[str, list[str]]) -> str:
+    """dvc.yaml text with each stage's code deps replaced by `wanted[stage]`, placed first in its deps.
+
+    Works on the lines so data deps, comments and layout stay as they are; a comment after a code
+    dep that is still wanted stays with it.
+    """
+    lines = text.splitlines(keepends=True)
+    comments = {}
+    for line in lines:
+        m = re.match(r"\s*-\s+(\S+?)(\s+#.*)?$", line.rstrip("\n"))
+        if m and is_code_dep(m.group(1)) and m.group(2):
+            comments[m.group(1)] = m.group(2)
+    out: list[str] = []
+    in_stages = False
+    stage_indent = stage = deps_indent = None
+    for i, line in enumerate(lines):
+        body = line.strip()
+        indent = len(line) - len(line.lstrip())
+        if not body or body.startswith("#"):
+            out.append(line)
+            continue
+        if indent == 0:
+            in_stages, stage, deps_indent = body.startswith("stages:"), None, None
+        elif in_stages and (stage_indent is None or indent == stage_indent) and (
+                key := re.match(r"([\w-]+):\s*(#.*)?$", body)):
+            stage_indent, stage, deps_indent = indent, key.group(1), None
+        elif deps_indent is not None and indent > deps_indent:
+            m = re.match(r"-\s+(\S+)", body)
+            if m and is_code_dep(m.group(1)):
+                continue  # replaced by the generated list written under `deps:`
+        elif deps_indent is not None:
+            deps_indent = None
+        out.append(line)
+        if stage in wanted and indent > (stage_indent or 0) and body == "deps:":
+            deps_indent = indent
+            item = next((ln for ln in lines[i + 1:] if ln.strip() and not ln.strip().startswith("#")), "")
+            item_indent = len(item) - len(item.lstrip()) if item.strip().startswith("-") else indent + 2
+            out.extend(f"{' ' * item_indent}- {dep}{comments.get(dep, '')}\n" for dep in wanted[stage])
+    return "".join(out)
+
+
+def write_deps(dvc_yaml: Path) -> dict[str, tuple[list[str], list[str]]]:
+    """Rewrite `dvc_yaml`'s code deps from the imports; returns what changed (as `drift` would have)."""
+    dvc_yaml = Path(dvc_yaml)
+    changed = drift(dvc_yaml)
+    if changed:
+        text = dvc_yaml.read_text(encoding="utf-8")
+        dvc_yaml.write_text(rewrite(text, wanted_deps(dvc_yaml)), encoding="utf-8")
+    return changed

@@ -1,0 +1,126 @@
+"""Where every stage's files live (dvc.yaml's deps and outs, spelled once), and the one split reader.
+
+    paths = ProjectPaths()              # relative to the working folder, as `dvc repro` runs stages
+    paths = ProjectPaths.at(tmp)        # a project copied elsewhere (tests)
+    frames = read_splits(paths, ("train", "val"))
+
+dvc.yaml names the same files; `tests/test_paths.py` checks each path here is one it declares.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rmpipe.core.errors import DataError
+
+SPLITS = ("train", "val", "test")  # = rmpipe.core.schema.SPLITS
+
+
+@dataclass(frozen=True)
+class ProjectPaths:
+    """Each file or folder a stage reads or writes, relative to the project root (`ProjectPaths.at(root)`)."""
+
+    # collect / aggregate
+    votes: Path = Path("data/collected/votes.parquet")
+    quarantine: Path = Path("data/collected/quarantine.jsonl")
+    collect_report: Path = Path("reports/collect.json")
+    pairs: Path = Path("data/aggregated/pairs.parquet")
+    annotators_json: Path = Path("reports/annotators.json")
+    annotators_md: Path = Path("reports/annotators.md")
+    # split / validate
+    split_dir: Path = Path("data/split")
+    split_report: Path = Path("reports/split.json")
+    data_docs: Path = Path("reports/data_docs")
+    validation_report: Path = Path("reports/validation.json")
+    # backbone / tokenize / train
+    backbone: Path = Path("models/backbone")
+    tokenized: Path = Path("data/tokenized")
+    checkpoints: Path = Path("checkpoints/train")  # not a DVC output: a killed run resumes from it
+    model_dir: Path = Path("models/reward_model")
+    train_metrics: Path = Path("metrics/train.json")
+    live_dir: Path = Path("dvclive/train")
+    # evaluate
+    eval_metrics: Path = Path("metrics/eval.json")
+    pathology: Path = Path("reports/pathology.json")
+    eval_summary: Path = Path("reports/eval.md")
+    eval_plots: Path = Path("plots/eval")
+
+    @classmethod
+    def at(cls, root: str | Path) -> "ProjectPaths":
+        """Every path under `root` (a project copied elsewhere, as tests do)."""
+        return cls(**{f.name: Path(root) / f.default for f in fields(cls)})
+
+    def split(self, name: str) -> Path:
+        return self.split_dir / f"{name}.parquet"
+
+    @property
+    def train_split(self) -> Path:
+        return self.split("train")
+
+    @property
+    def val_split(self) -> Path:
+        return self.split("val")
+
+    @property
+    def training_record(self) -> Path:
+        return self.model_dir / "training.json"
+
+
+def _require_splits(paths: ProjectPaths, names: Sequence[str]) -> None:
+    missing = [name for name in names if not paths.split(name).exists()]
+    if missing:
+        raise DataError(f"{paths.split_dir}/ has no {', '.join(missing)} split ({paths.split(missing[0])} not found): "
+                        "run the split stage first (dvc repro split)")
+
+
+def read_splits(paths: ProjectPaths, names: Sequence[str] = SPLITS,
+                columns: Iterable[str] | None = None) -> dict[str, pd.DataFrame]:
+    """The named splits as frames (all columns, or `columns`); a missing one is a DataError saying how to build it."""
+    _require_splits(paths, names)
+    wanted = list(columns) if columns is not None else None
+    return {name: pd.read_parquet(paths.split(name), columns=wanted) for name in names}
+
+
+def split_files(paths: ProjectPaths, names: Sequence[str] = SPLITS) -> dict[str, Path]:
+    """The named splits' parquet files, for a reader that goes a chunk at a time; a missing one is a DataError."""
+    _require_splits(paths, names)
+    return {name: paths.split(name) for name in names}
+
+
+def read_chunks(path: Path, batch_rows: int, made_by: str) -> Iterator[pd.DataFrame]:
+    """A parquet file as DataFrames of at most `batch_rows` rows (one empty frame for an empty file);
+    a missing or unreadable file is a DataError naming stage `made_by`, which writes it."""
+    if not Path(path).exists():
+        raise DataError(f"{path} not found: run the {made_by} stage first (dvc repro {made_by})")
+    try:
+        parquet = pq.ParquetFile(path, pre_buffer=False)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"{path} is not a readable parquet file ({exc}): re-run the {made_by} stage") from None
+    empty = True
+    for batch in parquet.iter_batches(batch_size=batch_rows):
+        empty = False
+        yield pa.Table.from_batches([batch]).to_pandas()
+    if empty:
+        yield parquet.schema_arrow.empty_table().to_pandas()
+
+
+PAIR_FIELDS = ("prompt", "chosen", "rejected", "margin", "soft_label")  # what tokenizing a pair reads
+
+
+def training_splits(paths: ProjectPaths) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, val) for tokenizing and training: each with the pair fields, and train not empty."""
+    frames = read_splits(paths, ("train", "val"))
+    for name, frame in frames.items():
+        missing = [c for c in PAIR_FIELDS if c not in frame.columns]
+        if missing:
+            raise DataError(f"{paths.split(name)} lacks column(s) {missing}: rebuild it with `dvc repro split`")
+    if frames["train"].empty:
+        raise DataError(f"{paths.train_split} holds no pairs: add preference batches to data/incoming/ and run "
+                        "`dvc repro`")
+    return frames["train"], frames["val"]

@@ -1,0 +1,1 @@
+"""Collect: batch files in any supported shape -> one normalized vote table, every bad row quarantined with a reason."""

@@ -1,0 +1,125 @@
+"""Sets of 16-byte digests kept as sorted numpy arrays: 24 bytes per member instead of ~130.
+
+Collect remembers one key per accepted vote (a second vote by one annotator on one pair is a
+duplicate, however many batches later) and one per distinct pair (the report's count). In a
+Python dict or set each costs a bytes object, an int and a hash slot; at millions of votes that
+was most of collect's memory. Here a member is its digest split into two big-endian uint64
+halves (sorted by the first) and an int64 value, found by binary search, a chunk at a time.
+
+Exact: members are compared on all 16 bytes. Digest collisions are the only way two different
+keys could meet, as with any digest-keyed table (blake2b-128: never in practice).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Iterable, Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from rmpipe.data.collect.text_columns import byte_slices
+
+DIGEST_BYTES = 16
+_HALVES = np.dtype(">u8")
+
+
+def digest(data: bytes | memoryview) -> bytes:
+    return hashlib.blake2b(data, digest_size=DIGEST_BYTES).digest()
+
+
+def digests_of(values: pa.Array | pa.ChunkedArray) -> list[bytes]:
+    """The digest of each string's UTF-8 bytes, straight from Arrow's buffers."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    return [digest(view) for view in byte_slices(values)]
+
+
+def joined_digests(first: pa.Array | pa.ChunkedArray, second: pa.Array | pa.ChunkedArray) -> list[bytes]:
+    """digest(f"{a}\\x1f{b}") for each row: what collect_batch.vote_key gives for one pair of strings."""
+    return digests_of(pc.binary_join_element_wise(first, second, "\x1f"))
+
+
+def halves(keys: Iterable[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """16-byte keys as (first 8 bytes, last 8 bytes), each an unsigned 64-bit integer array."""
+    packed = np.frombuffer(b"".join(keys), dtype=_HALVES).reshape(-1, 2)
+    return packed[:, 0].astype(np.uint64), packed[:, 1].astype(np.uint64)
+
+
+class DigestSet:
+    """Distinct 16-byte keys, each with an int64 value."""
+
+    def __init__(self) -> None:
+        self.high = np.zeros(0, np.uint64)  # sorted
+        self.low = np.zeros(0, np.uint64)
+        self.values = np.zeros(0, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.high)
+
+    def find(self, keys: list[bytes]) -> np.ndarray:
+        """The value of each key; -1 where it is not a member."""
+        high, low = halves(keys)
+        found = np.full(len(keys), -1, np.int64)
+        if not len(self) or not len(keys):
+            return found
+        order = np.argsort(high)  # sorted needles: the search walks the table once, cache-friendly
+        start = np.empty_like(order)
+        start[order] = np.searchsorted(self.high, high[order])
+        inside = np.minimum(start, len(self) - 1)
+        hit = np.flatnonzero(self.high[inside] == high)
+        same = self.low[start[hit]] == low[hit]
+        found[hit[same]] = self.values[start[hit[same]]]
+        for i in hit[~same]:  # equal first halves, different keys: look further (never, in practice)
+            j = start[i] + 1
+            while j < len(self) and self.high[j] == high[i]:
+                if self.low[j] == low[i]:
+                    found[i] = self.values[j]
+                    break
+                j += 1
+        return found
+
+    def add(self, keys: list[bytes], values: np.ndarray | int = 0) -> None:
+        """Add keys not yet members and distinct from each other (the caller ensures both)."""
+        if not keys:
+            return
+        high, low = halves(keys)
+        values = np.broadcast_to(np.asarray(values, np.int64), high.shape)
+        order = np.argsort(high, kind="stable")
+        at = np.searchsorted(self.high, high[order])
+        self.high = np.insert(self.high, at, high[order])
+        self.low = np.insert(self.low, at, low[order])
+        self.values = np.insert(self.values, at, values[order])
+
+    def update(self, keys: list[bytes]) -> None:
+        """Add the keys that are not members yet (repeats among them once)."""
+        fresh = [key for key, value in zip(keys, self.find(keys)) if value < 0]
+        self.add(list(dict.fromkeys(fresh)))
+
+
+def vote_key(annotator: str, pair_id: str) -> bytes:
+    """16 bytes standing for (annotator, pair): duplicates are found by key, without holding texts."""
+    return digest(f"{annotator}\x1f{pair_id}".encode("utf-8", "surrogatepass"))
+
+
+class SeenVotes:
+    """Keys of the votes already in the table -> where (batch, line), packed in one int per vote."""
+
+    def __init__(self) -> None:
+        self._where = DigestSet()
+        self._batches: list[str] = []
+
+    def add(self, batch_id: str, keys: Mapping[bytes, int]) -> None:
+        base = len(self._batches) << 40
+        self._batches.append(batch_id)
+        self._where.add(list(keys), base | np.fromiter(keys.values(), np.int64, len(keys)))
+
+    def where_each(self, keys: list[bytes]) -> list[str | None]:
+        """Where each key's vote is ("<batch> line <n>"), None for a key not seen, a chunk at once."""
+        mask = (1 << 40) - 1
+        return [None if packed < 0 else f"{self._batches[packed >> 40]} line {packed & mask}"
+                for packed in self._where.find(keys).tolist()]
+
+    def any_of(self, keys: Iterable[bytes]) -> bool:
+        return bool((self._where.find(list(keys)) >= 0).any())

@@ -1,0 +1,343 @@
+"""Collect: normalize every annotation batch in `collect.incoming_dir` into one vote table.
+
+Every row of every batch ends in exactly one place: the vote table (columns
+`schema.VOTE_COLUMNS`) or the quarantine, with its batch, line and a reason a person
+can act on. Per batch the report counts where the rows went and why, and gives the
+batch's status (accepted, rejected, refused, duplicate_of:<b>; see `collect.batch`).
+
+`on_rejected_batch` decides what a rejected/refused batch does to the run: `fail`
+stops it (`raise_for_rejected`), `skip` drops the batch with a warning. Either way
+its good rows never reach the vote table.
+
+The work is split by job: `collect.read` reads a batch in chunks, `collect.fast` checks and
+normalizes whole columns of a chunk, `collect.rows` is the per-row path (every rule and reason),
+`collect.batch` puts one batch together (`collect.batch.collect_batch`, a function of one file
+that can run in any process), and this module runs the batches of the folder in file-name order
+and appends each accepted batch to data/collected/votes.parquet (`VoteWriter`). Memory is that of a
+batch's votes up to HOLD_MB (beyond, they wait in a part on disk), a 16-byte key per vote and a
+capped cache of text fingerprints; the output does not depend on the chunk size or on the fast path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from rmpipe.data.collect import hf_batches
+
+from rmpipe.data.collect import key_sets
+from rmpipe.data.collect.batch import FORMATS, POLICIES, BatchResult, collect_batch, read_files, votes_frame
+from rmpipe.data.collect.key_sets import SeenVotes
+from rmpipe.data.collect.fast import VOTES_SCHEMA
+from rmpipe.data.collect.fields import RAW_MAX_CHARS, REASONS, Bad
+from rmpipe.data.collect.read import CHUNK_ROWS
+from rmpipe.data.collect.rows import Normalizer
+from rmpipe.data.engine import BatchRunner
+from rmpipe.core.errors import DataError
+from rmpipe.core.io import atomic_path
+from rmpipe.core.settings import CollectSettings
+
+__all__ = ["FORMATS", "POLICIES", "RAW_MAX_CHARS", "REASONS", "BatchResult", "CollectSettings", "as_settings",
+           "check_batch", "collect_dir", "collect_to", "incoming_snapshot", "raise_for_rejected", "raise_if_changed", "write_votes"]
+_Normalizer, _Bad = Normalizer, Bad  # the per-row path, under the names tests have used
+ROWS_PER_GROUP = 50_000  # parquet row group of votes.parquet: ~100 MB of long texts, read a group at a time
+HOLD_MB = 512  # a batch's votes up to this size wait in memory for the merge, not in a part on disk
+
+log = logging.getLogger("rmpipe.collect")
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Collect builds millions of small objects and no reference cycles: without this the cycle
+    collector rescans them all, again and again."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def as_settings(cfg: Mapping[str, Any] | CollectSettings) -> CollectSettings:
+    """The `collect:` section as CollectSettings (parsed here when a caller hands the raw mapping)."""
+    return cfg if isinstance(cfg, CollectSettings) else CollectSettings.from_section(cfg)
+
+
+def check_batch(path: str | Path, cfg: Mapping[str, Any] | CollectSettings,
+                retracted: list[dict] | None = None) -> BatchResult:
+    """Check one batch file on its own (e.g. before registering a new delivery).
+
+    Same rules as the collect stage, minus what needs the other batches (duplicate
+    files, duplicate votes across batches). `retracted`: the project's retraction register.
+    """
+    conf = as_settings(cfg)
+    with _gc_paused():
+        result = collect_batch(Path(path), conf, retracted=retracted or [])
+    _log_batch(result.report)
+    return result
+
+
+
+def _batch_files(incoming_dir: Path) -> tuple[list[Path], list[dict]]:
+    """Candidate batches (files and dataset folders, sorted by name) and the entries skipped with a
+    reason. Dotfiles and `rmpipe import` sidecars (<batch>.source.json) are not batches."""
+    if not incoming_dir.is_dir():
+        raise DataError(f"collect.incoming_dir '{incoming_dir}' is not a folder: create it and put batch files "
+                        "(.jsonl, .csv, .parquet) in it, or run `rmpipe sample-data`")
+    files, skipped = [], []
+    names = sorted(os.listdir(incoming_dir))
+    for name in names:
+        if name.startswith("."):
+            continue
+        path = incoming_dir / name
+        if name.endswith(hf_batches.SOURCE_SUFFIX):
+            if name[: -len(hf_batches.SOURCE_SUFFIX)] not in names:
+                skipped.append({"file": name, "reason": "is the import record of a batch that is not here"})
+        elif path.suffix.lower() in FORMATS:
+            files.append(path)
+        elif path.is_dir():
+            if path.is_symlink() or hf_batches.folder_kind(path):
+                files.append(path)  # a symlinked folder is refused with its reason, like a symlinked file
+            else:
+                skipped.append({"file": name, "reason": "is a folder, but no dataset: neither a save_to_disk folder nor "
+                                                        "data files (.parquet, .jsonl, .json, .csv) inside"})
+        else:
+            skipped.append({"file": name, "reason": f"extension {path.suffix or '(none)'!r} is not one of "
+                                                    f"{', '.join(FORMATS)}"})
+    return files, skipped
+
+
+def _log_batch(entry: dict) -> None:
+    status = entry["status"]
+    if status == "accepted":
+        log.info("%s: %d rows read, %d normalized, %d quarantined -> accepted", entry["batch_id"],
+                 entry["rows_read"], entry["rows_normalized"], entry["rows_quarantined"])
+    elif status.startswith("duplicate_of:"):
+        log.warning("%s", entry["message"])
+    else:
+        log.warning("%s %s: %s", status.upper(), entry["batch_id"], entry["message"])
+
+
+class IncomingChanged(DataError):
+    """The incoming folder changed while collect read it: its outputs must not be recorded against it."""
+
+
+Snapshot = dict[str, tuple[int, int, int]]
+
+
+def incoming_snapshot(incoming_dir: str | Path) -> Snapshot:
+    """{relative path: (size, mtime_ns, inode)} of every file under `incoming_dir`, dotfiles included:
+    everything DVC hashes as the stage's dependency. A replaced, added, removed or rewritten file
+    changes it (the same signals DVC's own hash cache trusts)."""
+    root = Path(incoming_dir)
+    snap: Snapshot = {}
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            path = Path(folder) / name
+            try:
+                st = path.lstat()
+            except FileNotFoundError:
+                continue
+            snap[path.relative_to(root).as_posix()] = (st.st_size, st.st_mtime_ns, st.st_ino)
+    return snap
+
+
+def raise_if_changed(incoming_dir: str | Path, before: Snapshot) -> None:
+    """Fail when `incoming_dir` no longer matches the snapshot taken before reading it.
+
+    DVC releases its repo lock while a stage runs and hashes the stage's dependencies
+    after the command exits: a batch added meanwhile would be recorded in dvc.lock as
+    read when it was not. Failing here keeps dvc.lock unchanged, so the next
+    `dvc repro` runs collect again on what is there.
+    """
+    after = incoming_snapshot(incoming_dir)
+    if after == before:
+        return
+    added = sorted(set(after) - set(before))
+    removed = sorted(set(before) - set(after))
+    changed = sorted(n for n in set(before) & set(after) if before[n] != after[n])
+    parts = [f"{what}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+             for what, names in (("added", added), ("removed", removed), ("rewritten", changed)) if names]
+    raise IncomingChanged(f"{incoming_dir} changed while collect read it ({'; '.join(parts)}); nothing is recorded "
+                          "for this run: run `dvc repro` again to collect what is there now")
+
+
+def collect_to(incoming_dir: str | Path, cfg: Mapping[str, Any] | CollectSettings, votes_path: str | Path,
+               retracted: list[dict] | None = None, *, fast: bool = True, chunk_rows: int = CHUNK_ROWS,
+               hold_mb: float = HOLD_MB, ahead: BatchRunner | None = None) -> tuple[list[dict], dict]:
+    """Collect every batch in `incoming_dir` into the parquet file `votes_path`: (quarantine rows, report).
+
+    Votes of accepted batches only, in file-name then line order. Rejected batches never raise
+    here: call `raise_for_rejected(report, cfg)` after writing the report and quarantine, so the
+    user can read why. `fast`, `chunk_rows` and `hold_mb` as in `collect.batch.collect_batch`. `ahead`
+    (rmpipe.data.engine.batch_runner) collects every batch at once elsewhere; see `_reuse`.
+    """
+    conf = as_settings(cfg)
+    files, skipped = _batch_files(Path(incoming_dir))
+    for item in skipped:
+        log.warning("skipped %s: %s", item["file"], item["reason"])
+    votes_path = Path(votes_path)
+    accepted, seen_files = SeenVotes(), {}
+    quarantine, entries = [], []
+    table = VoteWriter(votes_path)
+    with tempfile.TemporaryDirectory(prefix=".collect-parts-", dir=votes_path.parent) as tmp, _gc_paused():
+        futures = (ahead(files, conf, retracted or [], Path(tmp), fast=fast, chunk_rows=chunk_rows) if ahead
+                   else [None] * len(files))
+        for number, path in enumerate(files):
+            result = _reuse(futures[number], accepted, seen_files) or collect_batch(
+                path, conf, earlier=accepted, seen_files=seen_files, retracted=retracted or [],
+                votes_to=Path(tmp) / f"{number:06d}.parquet", hold_mb=hold_mb, fast=fast, chunk_rows=chunk_rows)
+            if read_files(result.report):
+                seen_files[result.report["sha256"]] = result.batch_id
+            sidecar = path.with_name(path.name + hf_batches.SOURCE_SUFFIX)
+            if sidecar.is_file():  # where `rmpipe import` got it: lineage reads it from the report
+                result.report["source"] = hf_batches.read_source(sidecar)
+            _log_batch(result.report)
+            entries.append(result.report)
+            quarantine.extend(result.quarantine)
+            if result.accepted:
+                accepted.add(result.batch_id, result.keys)
+                table.add(result.part or result.table)
+            elif result.part is not None:
+                result.part.unlink(missing_ok=True)
+            result.table = None  # held votes are freed batch by batch
+        del accepted
+    return quarantine, _report(entries, skipped, table.close(), conf)
+
+
+def _reuse(future: Any, accepted: SeenVotes, seen_files: Mapping[str, str]) -> BatchResult | None:
+    """A batch collected ahead (by the engine, knowing no earlier batch), where that is what collect_batch
+    gives here too: accepted, its bytes not read before, none of its votes already in the table.
+    Otherwise None (its part deleted): the caller collects it again knowing the earlier batches."""
+    if future is None:
+        return None
+    result = future.result()
+    if result.accepted and result.report["sha256"] not in seen_files and not accepted.any_of(result.keys):
+        return result
+    if result.part is not None:
+        result.part.unlink(missing_ok=True)
+    return None
+
+
+class VoteWriter:
+    """votes.parquet, written as accepted batches come (in file-name order), in row groups of
+    `rows_per_group` whatever the batches' sizes, so its bytes depend on the votes only. Counts
+    votes, pairs and annotators on the way."""
+
+    def __init__(self, out: Path, rows_per_group: int = ROWS_PER_GROUP):
+        self.writer = pq.ParquetWriter(out, VOTES_SCHEMA, compression="zstd")
+        self.rows = rows_per_group
+        self.pending: list[pa.Table] = []
+        self.pairs = key_sets.DigestSet()  # millions of pair ids: 24 bytes each, not a str in a set
+        self.annotators: set[str] = set()
+        self.votes = 0
+
+    def add(self, votes: Path | pa.Table) -> None:
+        """A batch's votes: a table held in memory, or a parquet part (deleted once copied)."""
+        batches = (votes.to_batches(max_chunksize=self.rows) if isinstance(votes, pa.Table)
+                   else pq.ParquetFile(votes).iter_batches(batch_size=self.rows))
+        for batch in batches:
+            self.pairs.update(key_sets.digests_of(pc.unique(batch["pair_id"])))
+            self.annotators.update(pc.unique(batch["annotator_id"]).to_pylist())
+            self.votes += batch.num_rows
+            self.pending.append(pa.Table.from_batches([batch], schema=VOTES_SCHEMA))
+            self._flush(final=False)
+        if isinstance(votes, Path):
+            votes.unlink()
+
+    def close(self) -> dict[str, int]:
+        self._flush(final=True)
+        self.writer.close()
+        return {"votes": self.votes, "pairs": len(self.pairs), "annotators": len(self.annotators)}
+
+    def _flush(self, final: bool) -> None:
+        """Write whole row groups from `pending` (all of it when `final`); keep the rest pending."""
+        size = sum(t.num_rows for t in self.pending)
+        if size < self.rows and not (final and size):
+            return
+        table = pa.concat_tables(self.pending)
+        start = 0
+        while table.num_rows - start >= self.rows or (final and start < table.num_rows):
+            self.writer.write_table(table.slice(start, self.rows), row_group_size=self.rows)
+            start += self.rows
+        self.pending = [table.slice(start)] if start < table.num_rows else []
+
+
+def collect_dir(incoming_dir: str | Path, cfg: Mapping[str, Any] | CollectSettings, retracted: list[dict] | None = None,
+                **options: Any) -> tuple[pd.DataFrame, list[dict], dict]:
+    """`collect_to` with the votes returned as a DataFrame: (votes, quarantine rows, report). For tests
+    and small folders; the stage streams to disk with `collect_to`."""
+    with tempfile.TemporaryDirectory(prefix="rmpipe-collect-") as tmp:
+        path = Path(tmp) / "votes.parquet"
+        quarantine, report = collect_to(incoming_dir, cfg, path, retracted, **options)
+        votes = votes_frame(pq.read_table(path))
+    return votes, quarantine, report
+
+
+def _report(entries: list[dict], skipped: list[dict], counts: dict[str, int], conf: CollectSettings) -> dict:
+    def total(key: str) -> int:
+        return int(sum(e[key] for e in entries))
+
+    statuses = Counter(e["status"].split(":")[0] for e in entries)
+    return {
+        "totals": {
+            "batches": len(entries),
+            "accepted": statuses["accepted"],
+            "rejected": statuses["rejected"],
+            "refused": statuses["refused"],
+            "duplicate_files": statuses["duplicate_of"],
+            "skipped_files": len(skipped),
+            "rows_read": total("rows_read"),
+            "rows_normalized": total("rows_normalized"),
+            "rows_quarantined": total("rows_quarantined"),
+            "rows_excluded_with_batch": total("rows_excluded_with_batch"),
+            "votes": counts["votes"],
+            "pairs": counts["pairs"],
+            "annotators": counts["annotators"],
+        },
+        "policy": {"max_bad_share": conf.max_bad_share, "on_rejected_batch": conf.on_rejected_batch},
+        "batches": entries,
+        "skipped_files": skipped,
+    }
+
+
+def raise_for_rejected(report: dict, cfg: Mapping[str, Any] | CollectSettings) -> None:
+    """Stop the run (DataError) when a batch was rejected or refused under `on_rejected_batch: fail`,
+    or when nothing at all was collected. Under `skip`, warn loudly and go on."""
+    conf = as_settings(cfg)
+    bad = [e for e in report["batches"] if e["status"] in ("rejected", "refused")]
+    if bad and conf.on_rejected_batch == "fail":
+        more = f" (and {len(bad) - 1} more batch(es), see reports/collect.json)" if len(bad) > 1 else ""
+        fix = ("Fix the rows listed in data/collected/quarantine.jsonl" if bad[0]["status"] == "rejected" else
+               f"Remove {bad[0]['batch_id']} from {conf.incoming_dir}")
+        raise DataError(f"batch {bad[0]['status']}: {bad[0]['message']}{more}. {fix}, or set "
+                        "collect.on_rejected_batch: skip to go on without it")
+    for entry in bad:
+        log.warning("!!! %s %s and SKIPPED (collect.on_rejected_batch=skip): %d good rows left out with it",
+                    entry["batch_id"], entry["status"].upper(), entry["rows_excluded_with_batch"])
+    if report["totals"]["votes"] == 0:
+        raise DataError("no votes collected: every batch is empty, rejected, refused or a duplicate "
+                        "(see reports/collect.json)" if report["batches"] else
+                        "no batch files (.jsonl, .csv, .parquet) in the incoming folder: add some or run `rmpipe sample-data`")
+
+
+
+def write_votes(path: str | Path, votes: pd.DataFrame, rows_per_group: int = ROWS_PER_GROUP) -> None:
+    """Write a vote table held as a DataFrame to parquet, in the schema collect writes."""
+    with atomic_path(path) as tmp:
+        with pq.ParquetWriter(tmp, VOTES_SCHEMA, compression="zstd") as writer:
+            for start in range(0, max(len(votes), 1), rows_per_group):
+                part = votes.iloc[start:start + rows_per_group]
+                writer.write_table(pa.Table.from_pandas(part, schema=VOTES_SCHEMA, preserve_index=False))

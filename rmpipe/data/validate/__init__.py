@@ -1,0 +1,1 @@
+"""Validate: the splits against Great Expectations suites (per split and across splits) before any training."""

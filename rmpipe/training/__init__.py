@@ -1,0 +1,1 @@
+"""Training: the DeepSpeed loop, its config, checkpoints with a resume fingerprint, and rank collectives."""
