@@ -15,7 +15,7 @@ export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup repro test sample-data bench clean browser web-vendor
+.PHONY: setup repro test test-quick docs sample-data bench clean browser web-vendor
 
 # The venv is rebuilt only when the pinned requirements change.
 $(BIN)/.installed: requirements.lock pyproject.toml
@@ -53,6 +53,14 @@ repro: sample-data
 test: setup browser
 	$(BIN)/python -m pytest
 
+# The quick loop: everything but the real-pipeline builds (marked slow; CI runs them).
+test-quick: setup
+	$(BIN)/python -m pytest -m "not slow"
+
+# The manual (docs/, MkDocs Material) into site/: strict, so a broken link fails; open site/index.html offline.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 # The page tests open the project's HTML in headless Chromium with the network off (Debian's package).
 browser:
 	@test -x /usr/bin/chromium || { (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
@@ -72,4 +80,4 @@ bench-train: setup
 	$(BIN)/python bench/train_throughput.py $(ARGS)
 
 clean:
-	rm -rf data/collected data/aggregated data/split reports .pytest_cache
+	rm -rf data/collected data/aggregated data/split reports site .pytest_cache

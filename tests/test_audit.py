@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pandas as pd
@@ -19,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from browser import page_dom
 from test_dvc_pipeline import BIN, FAST_PARAMS, ROOT, copy_project, ran_stages, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]  # one fixture builds four models
@@ -264,29 +264,6 @@ def test_purge_leaves_no_trace_of_the_batch_in_the_dvc_cache(audit):
 
 
 # --- pages in a real browser, network off -----------------------------------------------------------
-def page_dom(url: str, tmp: Path, screenshot: Path | None = None) -> str:
-    """The DOM after scripts ran, from headless Chromium in a network namespace with no network."""
-    import os
-
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("SKIPPED LOUDLY: no chromium here; `make test` installs Debian's chromium (apt-get install -y chromium) "
-                    "and could not on this machine, so the pages were not checked in a browser")
-    base = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            f"--user-data-dir={tmp / 'chromium-profile'}", "--virtual-time-budget=5000", "--window-size=1200,1600"]
-    # Network off: a fresh network namespace has no interface but loopback. Without the right to make one,
-    # route everything to a closed port instead (same effect for a page: nothing loads from outside).
-    offline = ["unshare", "-n"] if shutil.which("unshare") and os.geteuid() == 0 else []
-    if not offline:
-        base += ["--proxy-server=http://127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND"]
-    if screenshot is not None:
-        subprocess.run([*offline, *base, f"--screenshot={screenshot}", url], capture_output=True, timeout=120)
-    proc = subprocess.run([*offline, *base, "--dump-dom", url], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and "<html" in proc.stdout, proc.stderr[-2000:]
-    return proc.stdout
-
-
 def shot(tmp: Path, name: str) -> Path:
     """Where a screenshot goes: $RMPIPE_SCREENSHOTS (to look at them) or the test's temp folder."""
     import os

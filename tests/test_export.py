@@ -276,10 +276,10 @@ def test_passing_model_is_promoted_then_a_worse_one_is_not(exported, tmp_path, m
 
 
 def test_the_readme_snippet_scores_like_rmpipe_score(exported, tmp_path, capsys):
-    """The README's transformers block, run as written on an export, gives `rmpipe score`'s reward."""
+    """The manual's transformers block (docs/pipeline.md), run as written on an export, gives `rmpipe score`'s reward."""
     import re
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "pipeline.md").read_text()
     (block,) = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "AutoModelForSequenceClassification" in b]
     export = exported / "models" / "export"
     namespace: dict = {}

@@ -208,7 +208,7 @@ def test_the_readmes_smollm2_sampling_example_runs_as_written_on_a_default_proje
 
     root = Path(__file__).resolve().parents[1]
     (line,) = re.findall(r"^rmpipe sample-pairs [^\n#]*--backbone smollm2-135m-instruct[^\n#]*",
-                         (root / "README.md").read_text(), flags=re.M)
+                         (root / "docs" / "configuration.md").read_text(), flags=re.M)
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["sampling"].update(n_completions=2, max_new_tokens=8)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
