@@ -7,6 +7,7 @@ import sys
 
 from rmpipe.core.errors import exits_cleanly
 from rmpipe.core.progress import setup_logging
+from rmpipe.core.params import PARAMS_FILE
 
 
 def _sample_data(args: argparse.Namespace) -> None:
@@ -181,7 +182,7 @@ def _report(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rmpipe", description=__doc__)
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--params", default=PARAMS_FILE, help=f"params file (default: {PARAMS_FILE})")
     sub = parser.add_subparsers(dest="command", required=True)
     _data_commands(sub)
     _model_commands(sub)

@@ -56,8 +56,9 @@ from pipeline.tasks import (  # noqa: E402
 )
 from rmpipe.core import io  # noqa: E402
 from rmpipe.core.errors import UserError  # noqa: E402
-from rmpipe.core.params import load_params  # noqa: E402
+from rmpipe.core.params import PARAMS_FILE, load_params  # noqa: E402
 from rmpipe.core.settings import CollectSettings  # noqa: E402
+from rmpipe.core.paths import DVC_LOCK  # noqa: E402
 
 
 class BatchRejected(UserError):
@@ -155,7 +156,7 @@ def rebuild(targets: list[str] | None = None, set_params: list[str] | None = Non
                 records.mark_failed(root, str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc),
                                     file_names(incoming))
             raise
-        lock = root / "dvc.lock"
+        lock = root / DVC_LOCK
         lock_sha = hashlib.sha256(lock.read_bytes()).hexdigest() if lock.exists() else None
         result = {**stages, "dvc_lock_sha256": lock_sha, "admitted": admitted, "flow_run_id": run_id}
         if incoming is not None and not targets:
@@ -225,7 +226,7 @@ def _deliver(batch: Path, root: Path) -> dict[str, Any]:
     _refuse_long_name(batch, finish)
     if not batch.is_file():
         raise UserError(f"batch file {batch} not found (was it moved after the event fired?)")
-    incoming = root / CollectSettings.parse(load_params(root / "params.yaml")).incoming_dir
+    incoming = root / CollectSettings.parse(load_params(root / PARAMS_FILE)).incoming_dir
     try:
         sha = summary["batch_sha256"] = io.sha256_file(batch)
     except OSError as exc:  # e.g. chmod 000

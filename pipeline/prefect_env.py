@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from rmpipe.core.errors import UserError
+from rmpipe.core.params import PARAMS_FILE
 
 PROJECT_ENV = "RMPIPE_PROJECT"
 
@@ -48,7 +49,7 @@ def find_project_root(start: str | Path | None = None) -> Path:
     """The nearest folder at or above `start` (default: $RMPIPE_PROJECT or the cwd) holding dvc.yaml and params.yaml."""
     here = Path(start or os.environ.get(PROJECT_ENV) or Path.cwd()).resolve()
     for folder in (here, *here.parents):
-        if (folder / "dvc.yaml").is_file() and (folder / "params.yaml").is_file():
+        if (folder / "dvc.yaml").is_file() and (folder / PARAMS_FILE).is_file():
             return folder
     raise NotAProject(f"no dvc.yaml + params.yaml at or above {here}: run from the rmpipe project folder "
                       f"or set {PROJECT_ENV}")

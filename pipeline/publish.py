@@ -19,7 +19,7 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from pipeline.dvc_runner import dvc  # noqa: E402
 from pipeline.tasks import TRANSIENT_RETRIES, TransientFailure, retry_transient_only  # noqa: E402
-from rmpipe.core.params import load_params  # noqa: E402
+from rmpipe.core.params import PARAMS_FILE, load_params  # noqa: E402
 
 
 def read_metrics(root: Path) -> dict[str, Any]:
@@ -45,7 +45,7 @@ def read_metrics(root: Path) -> dict[str, Any]:
 
 def promotion(root: Path) -> dict[str, Any]:
     """The promotion gate's decision for the model this rebuild exported, with the batches it was trained on."""
-    cfg = load_params(root / "params.yaml").get("export")
+    cfg = load_params(root / PARAMS_FILE).get("export")
     if not isinstance(cfg, dict) or "out_dir" not in cfg:
         return {"export_path": None, "promoted": False, "reason": "this pipeline has no export stage yet"}
     from rmpipe.audit.lineage import manifest_sha256, read_manifest

@@ -29,7 +29,7 @@ from pipeline.locks import STATE_DIR, queue_lock  # noqa: E402
 from pipeline.tasks import fails_cleanly  # noqa: E402
 from rmpipe.core import io  # noqa: E402
 from rmpipe.core.errors import UserError  # noqa: E402
-from rmpipe.core.params import load_params  # noqa: E402
+from rmpipe.core.params import PARAMS_FILE, load_params  # noqa: E402
 from rmpipe.core.settings import CollectSettings  # noqa: E402
 
 REJECTED_DIR = Path("data/rejected")  # rejected batches + their reasons; no stage reads it
@@ -38,7 +38,7 @@ QUEUE_DIR = STATE_DIR / "queue"  # accepted batches waiting for the next rebuild
 
 def incoming_dir(root: Path) -> Path | None:
     """collect.incoming_dir, or None for a project without a collect stage (nothing to admit)."""
-    params = load_params(root / "params.yaml")
+    params = load_params(root / PARAMS_FILE)
     if "collect" not in params:
         return None
     return root / CollectSettings.parse(params).incoming_dir
@@ -137,7 +137,7 @@ def quick_check(batch: Path, root: Path) -> dict[str, Any]:
     from rmpipe.data import retractions
     from rmpipe.data.collect.run import check_batch
 
-    cfg = CollectSettings.parse(load_params(root / "params.yaml"))
+    cfg = CollectSettings.parse(load_params(root / PARAMS_FILE))
     report = dict(check_batch(batch, cfg, retractions.load(root)).report)  # a retracted batch is refused
     accepted = report.get("status") == "accepted"
     reasons = [f"{r['reason']} x{r['count']} (e.g. {r['example']})" if isinstance(r, dict) else str(r)

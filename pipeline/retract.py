@@ -37,7 +37,7 @@ from rmpipe.core import io
 from rmpipe.data import retractions
 from rmpipe.core.errors import DataError, UserError
 from rmpipe.core.io import sha256_file
-from rmpipe.core.params import load_params
+from rmpipe.core.params import PARAMS_FILE, load_params
 from rmpipe.core.settings import AggregateSettings, CollectSettings, ExportSettings
 
 
@@ -146,7 +146,7 @@ def retract_batch(root: Path, name: str, reason: str, by: str | None = None, pur
 
     root = Path(root)
     reason = _check_reason(reason)
-    params = load_params(root / "params.yaml")
+    params = load_params(root / PARAMS_FILE)
     incoming = root / CollectSettings.parse(params).incoming_dir
     promoted_dir = ExportSettings.parse(params).promoted_dir
     register_ = retractions.load(root)
@@ -193,7 +193,7 @@ def retract_annotator(root: Path, annotator: str, reason: str, by: str | None = 
 
     root = Path(root)
     reason = _check_reason(reason)
-    params = load_params(root / "params.yaml")
+    params = load_params(root / PARAMS_FILE)
     promoted_dir = ExportSettings.parse(params).promoted_dir
     excluded = list(AggregateSettings.parse(params).exclude_annotators)
     earlier = next((e for e in retractions.load(root) if e.get("kind") == "annotator" and e["target"] == annotator), None)
@@ -212,7 +212,7 @@ def retract_annotator(root: Path, annotator: str, reason: str, by: str | None = 
         entry = retractions.register(root, {
             "time": _now(), "kind": "annotator", "target": annotator, "votes": known[annotator].get("votes"),
             "reason": reason, "by": _who(by), "params": "aggregate.exclude_annotators"})
-        with modify_yaml(root / "params.yaml") as data:  # DVC's round-trip YAML: comments and order stay
+        with modify_yaml(root / PARAMS_FILE) as data:  # DVC's round-trip YAML: comments and order stay
             data["aggregate"]["exclude_annotators"] = [*excluded, annotator]
         demoted = _demote_if_tainted(
             root, promoted_dir,

@@ -26,10 +26,11 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from rmpipe.core import io
+from rmpipe.core.schema import BATCH_FORMATS
 
 log = logging.getLogger("rmpipe.watch")
 
-BATCH_SUFFIXES = (".jsonl", ".csv", ".parquet")  # what the collect stage reads
+BATCH_SUFFIXES = tuple(BATCH_FORMATS)  # what the collect stage reads
 IN_PROGRESS_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload", ".swp", ".lock")
 STATE_NAME = ".rmpipe-watch.json"
 LOCK_NAME = ".rmpipe-watch.lock"  # one watcher per folder holds it

@@ -7,20 +7,26 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
-from rmpipe.data.aggregate.run import AggregateSettings, aggregate_file, annotator_markdown, check_dropped
-from rmpipe.data.aggregate.labels import count_pairs
-from rmpipe.data.engine import pair_counter
 from rmpipe.core.io import write_json, write_text
-from rmpipe.core.params import load_params
+from rmpipe.core.params import PARAMS_FILE, load_params
 from rmpipe.core.paths import ProjectPaths
 from rmpipe.core.settings import DataSettings
 from rmpipe.core.stage import stage_main
+from rmpipe.data.aggregate.labels import count_pairs
+from rmpipe.data.aggregate.run import (
+    AggregateSettings,
+    aggregate_file,
+    annotator_markdown,
+    check_dropped,
+)
+from rmpipe.data.engine import pair_counter
 
 log = logging.getLogger("rmpipe.aggregate")
 
 
-def run(params_file: str = "params.yaml", paths: ProjectPaths = ProjectPaths()) -> dict:
+def run(params_file: str | Path = PARAMS_FILE, paths: ProjectPaths = ProjectPaths()) -> dict:
     params = load_params(params_file)
     settings = AggregateSettings.parse(params)
     engine = DataSettings.parse(params)  # where the group-by runs, not what it gives

@@ -14,18 +14,18 @@ import sys
 from pathlib import Path
 
 from rmpipe.core import io
-from rmpipe.model.backbones import TINY, prepare_backbone
 from rmpipe.core.errors import DataError
-from rmpipe.core.params import load_params
+from rmpipe.core.params import PARAMS_FILE, load_params
 from rmpipe.core.paths import ProjectPaths, read_splits
 from rmpipe.core.settings import ModelSettings
 from rmpipe.core.stage import stage_main
+from rmpipe.model.backbones import TINY, prepare_backbone
 
 log = logging.getLogger("rmpipe.backbone")
 
 
 
-def run(params_file: str | Path = "params.yaml", paths: ProjectPaths = ProjectPaths()) -> dict:
+def run(params_file: str | Path = PARAMS_FILE, paths: ProjectPaths = ProjectPaths()) -> dict:
     settings = ModelSettings.parse(load_params(params_file))
     train_pairs = None
     if settings.backbone == TINY:

@@ -13,20 +13,25 @@ import logging
 import sys
 from pathlib import Path
 
-from rmpipe.data import retractions
-from rmpipe.data.collect.run import collect_to, incoming_snapshot, raise_for_rejected, raise_if_changed
-from rmpipe.data.collect.batch import collect_batch
-from rmpipe.data.engine import batch_runner
 from rmpipe.core.io import atomic_path, write_json, write_jsonl
-from rmpipe.core.params import load_params
+from rmpipe.core.params import PARAMS_FILE, load_params
 from rmpipe.core.paths import ProjectPaths
 from rmpipe.core.settings import CollectSettings, DataSettings
 from rmpipe.core.stage import stage_main
+from rmpipe.data import retractions
+from rmpipe.data.collect.batch import collect_batch
+from rmpipe.data.collect.run import (
+    collect_to,
+    incoming_snapshot,
+    raise_for_rejected,
+    raise_if_changed,
+)
+from rmpipe.data.engine import batch_runner
 
 log = logging.getLogger("rmpipe.collect")
 
 
-def run(params_file: str = "params.yaml", paths: ProjectPaths = ProjectPaths()) -> dict:
+def run(params_file: str | Path = PARAMS_FILE, paths: ProjectPaths = ProjectPaths()) -> dict:
     params = load_params(params_file)
     cfg = CollectSettings.parse(params)
     engine = DataSettings.parse(params)  # where the batches are read; never what comes out

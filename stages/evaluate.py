@@ -15,17 +15,17 @@ from pathlib import Path
 
 from rmpipe.core import io
 from rmpipe.core.errors import DataError
-from rmpipe.evaluation.evaluate import evaluate_model, load_checkpoint
-from rmpipe.core.params import load_params
+from rmpipe.core.params import PARAMS_FILE, load_params
 from rmpipe.core.paths import ProjectPaths, read_splits
-from rmpipe.evaluation.pathology import load_battery
 from rmpipe.core.settings import EvalSettings, ModelSettings
 from rmpipe.core.stage import stage_main
+from rmpipe.evaluation.evaluate import evaluate_model, load_checkpoint
+from rmpipe.evaluation.pathology import load_battery
 
 log = logging.getLogger("rmpipe.evaluate")
 
 
-def run(params_file: str | Path = "params.yaml", paths: ProjectPaths = ProjectPaths()) -> dict:
+def run(params_file: str | Path = PARAMS_FILE, paths: ProjectPaths = ProjectPaths()) -> dict:
     params = load_params(params_file)
     settings, model_settings = EvalSettings.parse(params), ModelSettings.parse(params)
     splits = read_splits(paths, ("test", "val"))

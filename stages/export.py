@@ -19,7 +19,7 @@ from rmpipe.audit import history
 from rmpipe.core.errors import DataError
 from rmpipe.evaluation.evaluate import load_checkpoint
 from rmpipe.export.export import write_export
-from rmpipe.core.params import load_params
+from rmpipe.core.params import PARAMS_FILE, load_params
 from rmpipe.core.paths import ProjectPaths, read_splits
 from rmpipe.evaluation.pathology import load_battery
 from rmpipe.core.settings import EvalSettings, ExportSettings, ModelSettings
@@ -60,7 +60,7 @@ def batch_sources(batch_ids: dict[str, list[str]], collect_report: Path) -> dict
             for e in entries if e["batch_id"] in wanted}
 
 
-def run(params_file: str | Path = "params.yaml", paths: ProjectPaths = ProjectPaths()) -> dict:
+def run(params_file: str | Path = PARAMS_FILE, paths: ProjectPaths = ProjectPaths()) -> dict:
     params = load_params(params_file)
     settings, model_settings = ExportSettings.parse(params), ModelSettings.parse(params)
     evaluation = EvalSettings.parse(params)  # the battery, and the batch size scores are computed in

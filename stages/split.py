@@ -14,19 +14,19 @@ import sys
 from pathlib import Path
 
 from rmpipe.core import io
-from rmpipe.core.params import load_params
+from rmpipe.core.params import PARAMS_FILE, load_params
 from rmpipe.core.paths import ProjectPaths, read_chunks
 from rmpipe.core.schema import SPLITS
 from rmpipe.core.settings import SplitSettings
-from rmpipe.data.split import SplitTally, check_not_empty, split_frames, split_pairs
 from rmpipe.core.stage import stage_main
+from rmpipe.data.split import SplitTally, check_not_empty, split_frames, split_pairs
 
 log = logging.getLogger("rmpipe.split")
 
 BATCH_ROWS = 32_768  # pairs per chunk: ~80 MB of real-length text
 
 
-def run(params_file: str | Path = "params.yaml", paths: ProjectPaths = ProjectPaths()) -> dict:
+def run(params_file: str | Path = PARAMS_FILE, paths: ProjectPaths = ProjectPaths()) -> dict:
     settings = SplitSettings.parse(load_params(params_file))
     salt, fractions = settings.salt, settings.fractions
 

@@ -13,18 +13,18 @@ import logging
 import sys
 from pathlib import Path
 
-from rmpipe.model import tokenized
-from rmpipe.model.backbones import check_backbone, resolve_backbone
-from rmpipe.core.params import load_params
+from rmpipe.core.params import PARAMS_FILE, load_params
 from rmpipe.core.paths import ProjectPaths, training_splits
-from rmpipe.model.render import tokenize_splits
 from rmpipe.core.settings import ModelSettings
 from rmpipe.core.stage import stage_main
+from rmpipe.model import tokenized
+from rmpipe.model.backbones import check_backbone, resolve_backbone
+from rmpipe.model.render import tokenize_splits
 
 log = logging.getLogger("rmpipe.tokenize")
 
 
-def run(params_file: str = "params.yaml", paths: ProjectPaths = ProjectPaths()) -> dict:
+def run(params_file: str | Path = PARAMS_FILE, paths: ProjectPaths = ProjectPaths()) -> dict:
     settings = ModelSettings.parse(load_params(params_file))
     frames = dict(zip(("train", "val"), training_splits(paths)))
     backbone_dir = resolve_backbone(settings, Path.cwd())

@@ -19,16 +19,27 @@ from pathlib import Path
 
 import torch
 
-from rmpipe.model.backbones import check_backbone, load_backbone, max_positions, resolve_backbone
-from rmpipe.training.checkpoint import fingerprint
-from rmpipe.training.distributed import RENDEZVOUS_ENV, free_port, init_distributed, leave_distributed, make_deterministic
-from rmpipe.training.ds_config import bf16_wanted, build_config, load_config
-from rmpipe.model.packing import resolve_packing
-from rmpipe.core.params import load_params
+from rmpipe.core.params import PARAMS_FILE, load_params
 from rmpipe.core.paths import ProjectPaths, training_splits
-from rmpipe.model.reward_model import RewardModel
 from rmpipe.core.settings import ModelSettings, TrainSettings
 from rmpipe.core.stage import stage_main
+from rmpipe.model.backbones import (
+    check_backbone,
+    load_backbone,
+    max_positions,
+    resolve_backbone,
+)
+from rmpipe.model.packing import resolve_packing
+from rmpipe.model.reward_model import RewardModel
+from rmpipe.training.checkpoint import fingerprint
+from rmpipe.training.distributed import (
+    RENDEZVOUS_ENV,
+    free_port,
+    init_distributed,
+    leave_distributed,
+    make_deterministic,
+)
+from rmpipe.training.ds_config import bf16_wanted, build_config, load_config
 from rmpipe.training.loop import check_max_length, fit, save_outputs, tokenize
 
 log = logging.getLogger("rmpipe.train")
@@ -55,7 +66,7 @@ def relaunch(s: TrainSettings, params_file: str) -> int:
         return subprocess.call(cmd, env=env)
 
 
-def run(params_file: str = "params.yaml", paths: ProjectPaths = ProjectPaths()) -> dict | None:
+def run(params_file: str | Path = PARAMS_FILE, paths: ProjectPaths = ProjectPaths()) -> dict | None:
     params = load_params(params_file)
     m, s = ModelSettings.parse(params), TrainSettings.parse(params)
     if (s.num_procs > 1 or s.hostfile) and LAUNCHED not in os.environ:

@@ -12,11 +12,10 @@ import logging
 import sys
 from pathlib import Path
 
-from rmpipe.core import io
-
 from rmpipe.audit import offline
+from rmpipe.core import io
 from rmpipe.core.errors import ValidationFailed
-from rmpipe.core.params import load_params
+from rmpipe.core.params import PARAMS_FILE, load_params
 from rmpipe.core.paths import ProjectPaths, split_files
 from rmpipe.core.settings import AggregateSettings, ValidateSettings
 from rmpipe.core.stage import stage_main
@@ -25,7 +24,7 @@ from rmpipe.data.validate.run import ContractResult, contract_params, validate_s
 log = logging.getLogger("rmpipe.validate")
 
 
-def run(params_file: str | Path = "params.yaml", paths: ProjectPaths = ProjectPaths()) -> ContractResult:
+def run(params_file: str | Path = PARAMS_FILE, paths: ProjectPaths = ProjectPaths()) -> ContractResult:
     params = load_params(params_file)
     contract = contract_params(ValidateSettings.parse(params), AggregateSettings.parse(params).min_votes)
     splits = split_files(paths)  # each split read as GX goes: one chunk of texts in memory at a time

@@ -17,7 +17,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-
 # Test hook (tests/test_reliability.py): "pause:<name>:<signal file>" stops the writer of an output named
 # <name> once its new bytes are written and before they are published, touching <signal file>, so a test can
 # SIGKILL the stage inside the write; "fail:<name>" raises there instead (a stage failing mid-output).

@@ -93,6 +93,10 @@ def split_files(paths: ProjectPaths, names: Sequence[str] = SPLITS) -> dict[str,
     return {name: paths.split(name) for name in names}
 
 
+DVC_LOCK = "dvc.lock"  # the lineage: every stage's inputs, params and outputs, by hash
+CHUNK_ROWS = 16_384  # rows read at a time: one chunk of real-length texts (~40 MB at a few KB a row)
+
+
 def read_chunks(path: Path, batch_rows: int, made_by: str) -> Iterator[pd.DataFrame]:
     """A parquet file as DataFrames of at most `batch_rows` rows (one empty frame for an empty file);
     a missing or unreadable file is a DataError naming stage `made_by`, which writes it."""

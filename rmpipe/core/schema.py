@@ -63,6 +63,14 @@ PAIR_COLUMNS = [
 ]
 SPLITS = ("train", "val", "test")
 
+# A batch is one file of these kinds (or a dataset folder); its name is its batch id.
+BATCH_FORMATS = {".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+
+
+def anonymous_annotator(batch_id: str) -> str:
+    """The annotator of a judgement delivered without one: one anonymous annotator per batch."""
+    return f"anonymous:{batch_id}"
+
 _ASCII_SPACE_NOT_SPACE = bytes([9, 10, 11, 12, 13, 28, 29, 30, 31])  # what str.isspace() adds to " "
 _ASCII_SPACE_TO_SPACE = bytes.maketrans(_ASCII_SPACE_NOT_SPACE, b" " * len(_ASCII_SPACE_NOT_SPACE))
 

@@ -13,7 +13,14 @@ import math
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from rmpipe.core.errors import ConfigError
 from rmpipe.core.params import section

@@ -15,6 +15,7 @@ import argparse
 from typing import Callable
 
 from rmpipe.core.errors import exits_cleanly
+from rmpipe.core.params import PARAMS_FILE
 from rmpipe.core.progress import setup_logging
 
 
@@ -26,7 +27,7 @@ def stage_main(name: str, run: Callable[[str], object], description: str | None,
         setup_logging()
         parser = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=description,
                                          formatter_class=argparse.RawDescriptionHelpFormatter)
-        parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+        parser.add_argument("--params", default=PARAMS_FILE, help=f"params file (default: {PARAMS_FILE})")
         if launched:
             parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
         args = parser.parse_args(argv)

@@ -28,7 +28,12 @@ from rmpipe.core.errors import ConfigError, UserError
 from rmpipe.core.io import folder_hashes
 from rmpipe.core.paths import ProjectPaths
 from rmpipe.core.settings import ModelSettings
-from rmpipe.model.smollm2 import SMOLLM2_CACHE, SOURCE_RECORD, materialize_smollm2, smollm2_gguf  # noqa: F401
+from rmpipe.model.smollm2 import (  # noqa: F401
+    SMOLLM2_CACHE,
+    SOURCE_RECORD,
+    materialize_smollm2,
+    smollm2_gguf,
+)
 
 log = logging.getLogger("rmpipe.backbones")
 

@@ -19,8 +19,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from rmpipe.model.batching import TokenizedPairs
 from rmpipe.core.schema import prompt_messages
+from rmpipe.model.batching import TokenizedPairs
 
 log = logging.getLogger("rmpipe.render")
 

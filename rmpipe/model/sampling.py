@@ -22,11 +22,18 @@ from typing import Any
 
 import torch
 
-from rmpipe.model.backbones import max_positions
 from rmpipe.core.errors import DataError
 from rmpipe.core.progress import progress
-from rmpipe.core.schema import PromptError, canonical_prompt, normalize_text, pair_id, prompt_hash, prompt_messages
+from rmpipe.core.schema import (
+    PromptError,
+    canonical_prompt,
+    normalize_text,
+    pair_id,
+    prompt_hash,
+    prompt_messages,
+)
 from rmpipe.core.settings import ModelSettings, SamplingSettings
+from rmpipe.model.backbones import max_positions
 
 log = logging.getLogger("rmpipe.sampling")
 

@@ -19,11 +19,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rmpipe.core import codedeps
-
-from rmpipe.core import io
-from rmpipe.model.batching import TokenizedPairs
+from rmpipe.core import codedeps, io
 from rmpipe.core.io import sha256_file
+from rmpipe.model.batching import TokenizedPairs
 from rmpipe.model.render import tokenize_splits
 
 log = logging.getLogger("rmpipe.tokenized")

@@ -22,12 +22,10 @@ from pathlib import Path
 
 import torch
 
-from rmpipe.core import codedeps
-
-from rmpipe.core import io
-from rmpipe.training.distributed import barrier
+from rmpipe.core import codedeps, io
 from rmpipe.core.io import sha256_file
 from rmpipe.core.settings import ModelSettings, TrainSettings
+from rmpipe.training.distributed import barrier
 
 log = logging.getLogger("rmpipe.train")
 

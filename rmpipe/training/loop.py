@@ -32,18 +32,23 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from rmpipe.training import checkpoint
-
 from rmpipe.core import io
-from rmpipe.model.batching import TokenizedPairs, Units, plan_batches, shard, shard_weight
-from rmpipe.training.checkpoint import LoopState
-from rmpipe.training.distributed import all_agree, reduce_max, reduce_sum
 from rmpipe.core.errors import ConfigError, DataError, UserError
-from rmpipe.model.packing import make_batch
 from rmpipe.core.paths import ProjectPaths
 from rmpipe.core.progress import progress
-from rmpipe.model.reward_model import RewardModel, bradley_terry_loss
 from rmpipe.core.settings import TrainSettings
+from rmpipe.model.batching import (
+    TokenizedPairs,
+    Units,
+    plan_batches,
+    shard,
+    shard_weight,
+)
+from rmpipe.model.packing import make_batch
+from rmpipe.model.reward_model import RewardModel, bradley_terry_loss
+from rmpipe.training import checkpoint
+from rmpipe.training.checkpoint import LoopState
+from rmpipe.training.distributed import all_agree, reduce_max, reduce_sum
 
 log = logging.getLogger("rmpipe.train")
 

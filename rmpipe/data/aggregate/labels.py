@@ -41,7 +41,10 @@ class Pass:
 
 def _crowd_labels(votes: VoteColumns, settings: AggregateSettings) -> pd.Series:
     """crowd-kit's label per pair code, a shared top score read as a tie (see module doc)."""
-    from crowdkit.aggregation import DawidSkene, MajorityVote  # here: the default (majority) path never needs it
+    from crowdkit.aggregation import (  # here: the default (majority) path never needs it
+        DawidSkene,
+        MajorityVote,
+    )
 
     data = pd.DataFrame({"task": np.asarray(votes["pair"], np.int64), "worker": np.asarray(votes["annotator"], np.int64),
                          "label": np.asarray(votes["label"], np.int64)})

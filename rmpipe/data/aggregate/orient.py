@@ -25,11 +25,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from rmpipe.data.aggregate.codes import ID_COLUMNS, VoteCodes, read_codes, release_memory
-from rmpipe.data.aggregate.vocab import FIRST, IDENTICAL, MALFORMED, SECOND, TIE
-from rmpipe.data.aggregate.texts import PairTexts
 from rmpipe.core.errors import DataError
 from rmpipe.core.schema import CHOICES, VOTE_COLUMNS, VOTE_DEFAULTS
+from rmpipe.data.aggregate.codes import (
+    ID_COLUMNS,
+    VoteCodes,
+    read_codes,
+    release_memory,
+)
+from rmpipe.data.aggregate.texts import PairTexts
+from rmpipe.data.aggregate.vocab import FIRST, IDENTICAL, MALFORMED, SECOND, TIE
 
 log = logging.getLogger("rmpipe.aggregate")
 

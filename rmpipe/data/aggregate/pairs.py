@@ -15,12 +15,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from rmpipe.core.schema import prompt_hash
 from rmpipe.data.aggregate.codes import VoteCodes, pair_key
 from rmpipe.data.aggregate.labels import Pass
-from rmpipe.data.aggregate.vocab import SECOND, TIE, AggregateSettings
 from rmpipe.data.aggregate.texts import SCHEMA as TEXT_SCHEMA
 from rmpipe.data.aggregate.texts import PairTexts
-from rmpipe.core.schema import prompt_hash
+from rmpipe.data.aggregate.vocab import SECOND, TIE, AggregateSettings
 
 
 @dataclass

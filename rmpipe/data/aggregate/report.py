@@ -6,9 +6,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from rmpipe.core.errors import DataError
 from rmpipe.data.aggregate.labels import krippendorff_alpha
 from rmpipe.data.aggregate.vocab import LABELS, TIE, AggregateSettings
-from rmpipe.core.errors import DataError
 
 # Why pairs were dropped, in words, and the param a person changes to keep them.
 _DROP_REASONS = {

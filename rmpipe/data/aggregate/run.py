@@ -31,16 +31,35 @@ import pandas as pd
 import pyarrow as pa
 
 from rmpipe.core import io
-from rmpipe.data.aggregate.codes import VoteCodes, pair_key, release_memory
-from rmpipe.data.aggregate.labels import Counter, Pass, aggregate_pass, annotator_stats, krippendorff_alpha, _pct  # noqa: F401
-from rmpipe.data.aggregate.orient import PY_WHITESPACE, Votes, canonical_key, orient_votes, read_votes  # noqa: F401
-from rmpipe.data.aggregate.pairs import PairColumns, pair_chunks, pair_columns
-from rmpipe.data.aggregate.texts import PairTexts
-from rmpipe.data.aggregate.report import annotator_markdown, build_report, check_dropped  # noqa: F401
-from rmpipe.data.aggregate.vocab import (  # noqa: F401
-    IDENTICAL, LABELS, MALFORMED, OUTPUT_COLUMNS, TIE, VOTE_BUCKETS, AggregateSettings,
-)
 from rmpipe.core.errors import DataError
+from rmpipe.data.aggregate.codes import VoteCodes, pair_key, release_memory
+from rmpipe.data.aggregate.labels import (  # noqa: F401
+    Counter,
+    Pass,
+    _pct,
+    aggregate_pass,
+    annotator_stats,
+    krippendorff_alpha,
+)
+from rmpipe.data.aggregate.orient import (  # noqa: F401
+    PY_WHITESPACE,
+    Votes,
+    canonical_key,
+    orient_votes,
+    read_votes,
+)
+from rmpipe.data.aggregate.pairs import PairColumns, pair_chunks, pair_columns
+from rmpipe.data.aggregate.report import annotator_markdown, build_report, check_dropped  # noqa: F401
+from rmpipe.data.aggregate.texts import PairTexts
+from rmpipe.data.aggregate.vocab import (  # noqa: F401
+    IDENTICAL,
+    LABELS,
+    MALFORMED,
+    OUTPUT_COLUMNS,
+    TIE,
+    VOTE_BUCKETS,
+    AggregateSettings,
+)
 
 log = logging.getLogger("rmpipe.aggregate")
 

@@ -29,17 +29,19 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rmpipe.core import schema
 from rmpipe.core.io import folder_sha256, sha256_file
 from rmpipe.core.settings import CollectSettings
 from rmpipe.data import retractions
 from rmpipe.data.collect import hf_batches, key_sets
 from rmpipe.data.collect.fast import VOTES_SCHEMA, fast_votes, votes_table
-from rmpipe.data.collect.read import CHUNK_ROWS, UNREADABLE, Chunk, chunks, raw_text
 from rmpipe.data.collect.fields import REASONS, Bad
 from rmpipe.data.collect.key_sets import SeenVotes, vote_key
+from rmpipe.core.paths import CHUNK_ROWS
+from rmpipe.data.collect.read import UNREADABLE, Chunk, chunks, raw_text
 from rmpipe.data.collect.rows import ANNOTATOR, PAIR_ID, PREJUDGED, Normalizer
 
-FORMATS = {".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+FORMATS = schema.BATCH_FORMATS
 POLICIES = ("fail", "skip")  # collect.on_rejected_batch (CollectSettings checks it)
 
 

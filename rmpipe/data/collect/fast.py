@@ -25,9 +25,15 @@ import pyarrow.compute as pc
 import xxhash
 
 from rmpipe.core import schema
-
 from rmpipe.data.collect import text_columns
-from rmpipe.data.collect.fields import CHOICE_LABELS, STRENGTH_LABELS, Bad, label, meta_json, prompt_messages
+from rmpipe.data.collect.fields import (
+    CHOICE_LABELS,
+    STRENGTH_LABELS,
+    Bad,
+    label,
+    meta_json,
+    prompt_messages,
+)
 from rmpipe.data.collect.rows import VOTE_FIELDS_OUT, VOTE_KNOWN, Normalizer, Vote
 
 _TYPES = {"line": pa.int64(), "margin": pa.float64(), "prejudged": pa.bool_(), "n_votes": pa.int64()}  # others: text
@@ -131,7 +137,7 @@ def plain_pairs_as_votes(table: pa.Table, batch_id: str) -> pa.Table | None:
     columns = {name: table[name] for name in table.column_names}
     columns["response_a"], columns["response_b"] = columns.pop("chosen"), columns.pop("rejected")
     columns["choice"] = pa.array(np.full(n, "a", dtype=object), pa.string())
-    columns.setdefault("annotator_id", pa.array(np.full(n, f"anonymous:{batch_id}", dtype=object), pa.string()))
+    columns.setdefault("annotator_id", pa.array(np.full(n, schema.anonymous_annotator(batch_id), dtype=object), pa.string()))
     return pa.table(columns)
 
 

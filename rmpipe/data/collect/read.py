@@ -35,7 +35,6 @@ import pyarrow.parquet as pq
 from rmpipe.data.collect import hf_batches
 from rmpipe.data.collect.fields import RAW_MAX_CHARS, Bad, type_name
 
-CHUNK_ROWS = 16_384  # rows per chunk: ~40 MB of texts at a few KB per row
 UNREADABLE = (OSError, pa.ArrowException, ValueError, UnicodeError)  # hf_batches.UnreadableDataset is a ValueError
 # JSONL lines whose prompt is a chat-message list (its column would change type between rows): pyarrow
 # reads them with the prompt as JSON text. Other shapes are left to the fast path's shape check.

@@ -16,8 +16,20 @@ import orjson
 from rmpipe.core import schema
 from rmpipe.data.collect import formats
 from rmpipe.data.collect.fields import (
-    ABSENT, CHOICE_LABELS, STRENGTH_LABELS, Bad, given_pair_id, has_surrogate, label, margin_value,
-    meta_json, n_votes_value, prompt_messages, score_margin, short, type_name,
+    ABSENT,
+    CHOICE_LABELS,
+    STRENGTH_LABELS,
+    Bad,
+    given_pair_id,
+    has_surrogate,
+    label,
+    margin_value,
+    meta_json,
+    n_votes_value,
+    prompt_messages,
+    score_margin,
+    short,
+    type_name,
 )
 
 _VOTE_FIELDS = ("response_a", "response_b", "choice")
@@ -197,7 +209,7 @@ class Normalizer:
             return b
         value = get("annotator_id")
         if value in ABSENT and is_pair:
-            value = f"anonymous:{batch_id}"  # pair rows may come without annotators
+            value = schema.anonymous_annotator(batch_id)  # pair rows may come without annotators
         elif value == "":
             return Bad("empty_text", "annotator_id is empty")
         annotator = (type(value) is str and self._annotators.get(value)) or self.annotator_info(value)
@@ -276,7 +288,7 @@ class Normalizer:
         except formats.ShapeError as exc:
             return Bad(exc.code, exc.reason)
         annotator = rec.get("annotator_id")
-        annotator = f"anonymous:{batch_id}" if annotator in ABSENT else annotator
+        annotator = schema.anonymous_annotator(batch_id) if annotator in ABSENT else annotator
         scores = formats.json_cell(rec.get("scores")) if formats.present(rec, "scores") else None
         extras = {k: rec[k] for k in rec.keys() - _RANKED_KNOWN}
         votes = []

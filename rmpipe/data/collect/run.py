@@ -34,19 +34,24 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from rmpipe.data.collect import hf_batches
-
-from rmpipe.data.collect import key_sets
-from rmpipe.data.collect.batch import FORMATS, POLICIES, BatchResult, collect_batch, read_files, votes_frame
-from rmpipe.data.collect.key_sets import SeenVotes
-from rmpipe.data.collect.fast import VOTES_SCHEMA
-from rmpipe.data.collect.fields import RAW_MAX_CHARS, REASONS, Bad
-from rmpipe.data.collect.read import CHUNK_ROWS
-from rmpipe.data.collect.rows import Normalizer
-from rmpipe.data.engine import BatchRunner
 from rmpipe.core.errors import DataError
 from rmpipe.core.io import atomic_path
 from rmpipe.core.settings import CollectSettings
+from rmpipe.data.collect import hf_batches, key_sets
+from rmpipe.data.collect.batch import (
+    FORMATS,
+    POLICIES,
+    BatchResult,
+    collect_batch,
+    read_files,
+    votes_frame,
+)
+from rmpipe.data.collect.fast import VOTES_SCHEMA
+from rmpipe.data.collect.fields import RAW_MAX_CHARS, REASONS, Bad
+from rmpipe.data.collect.key_sets import SeenVotes
+from rmpipe.core.paths import CHUNK_ROWS
+from rmpipe.data.collect.rows import Normalizer
+from rmpipe.data.engine import BatchRunner
 
 __all__ = ["FORMATS", "POLICIES", "RAW_MAX_CHARS", "REASONS", "BatchResult", "CollectSettings", "as_settings",
            "check_batch", "collect_dir", "collect_to", "incoming_snapshot", "raise_for_rejected", "raise_if_changed", "write_votes"]

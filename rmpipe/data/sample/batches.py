@@ -29,12 +29,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rmpipe.core.errors import ConfigError, UserError
+from rmpipe.core.io import atomic_path
+from rmpipe.core.schema import BATCH_FORMATS
+from rmpipe.core.settings import SampleDataSettings
+from rmpipe.data.collect.hf_batches import folder_kind
 from rmpipe.data.sample import vocab
 from rmpipe.data.sample.texts import generate_pairs, objects
-from rmpipe.core.errors import ConfigError, UserError
-from rmpipe.data.collect.hf_batches import folder_kind
-from rmpipe.core.io import atomic_path
-from rmpipe.core.settings import SampleDataSettings
 
 # --- The annotator crowd ----------------------------------------------------------------------
 
@@ -179,7 +180,7 @@ def generate_pair_rows(cfg: Mapping[str, Any] | SampleDataSettings) -> pd.DataFr
 
 # --- Files ------------------------------------------------------------------------------------
 
-DATA_SUFFIXES = (".jsonl", ".csv", ".parquet")
+DATA_SUFFIXES = tuple(BATCH_FORMATS)
 
 
 def _public(frame: pd.DataFrame) -> pd.DataFrame:

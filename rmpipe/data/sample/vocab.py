@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-
 # Generic answer shapes: the value alone after the question, so the model must connect the
 # value to the *question* (not only to the words around it in the answer) to judge it.
 FACT_ANSWER_SHAPES: tuple[str, ...] = ("The answer is {}.", "That would be {}.", "The correct answer is {}.")

@@ -27,18 +27,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import great_expectations.expectations as gxe  # noqa: E402  (after validate_runs: GX analytics off)
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from rmpipe.core.paths import read_chunks
+from rmpipe.core.paths import CHUNK_ROWS, read_chunks
 from rmpipe.core.schema import PAIR_COLUMNS
 from rmpipe.core.settings import ValidateSettings
-from rmpipe.data.validate.frames import INTEGER_COLUMNS, response_keys, schema_frame, values_frame
-from rmpipe.data.validate.ids import ID_COLUMNS, SplitSource, all_splits_frame, decode_examples, encode, prompts_frame
-from rmpipe.data.validate.runs import EXAMPLES, Runner, exception_message, merge_chunk_results
-
-import great_expectations.expectations as gxe  # noqa: E402  (after validate_runs: GX analytics off)
+from rmpipe.data.validate.frames import (
+    INTEGER_COLUMNS,
+    response_keys,
+    schema_frame,
+    values_frame,
+)
+from rmpipe.data.validate.ids import (
+    ID_COLUMNS,
+    SplitSource,
+    all_splits_frame,
+    decode_examples,
+    encode,
+    prompts_frame,
+)
+from rmpipe.data.validate.runs import (
+    EXAMPLES,
+    Runner,
+    exception_message,
+    merge_chunk_results,
+)
 
 log = logging.getLogger("rmpipe.validate")
 logging.getLogger("great_expectations").setLevel(logging.ERROR)
@@ -245,7 +261,6 @@ class ContractResult:
 
 # --- running the contract -------------------------------------------------------------------
 
-CHUNK_ROWS = 16_384  # rows of a split read at a time: one chunk of real-length text (~40 MB) in memory
 GX_ROWS = 131_072  # rows a GX run of a split's suites (text-free frames, ~500 B a row): GX costs ~0.3 s a run
 _VALUE_TYPED = {*TEXT_COLUMNS, *INTEGER_COLUMNS, *FLOAT_COLUMNS}
 
