@@ -21,6 +21,7 @@ from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parents[2]  # the project checkout this package runs from (editable, or PYTHONPATH)
 VENDOR = PROJECT / "web" / "vendor"
+TEMPLATES = Path(__file__).parent / "templates"
 PLOTS_TEMPLATE = Path("web/dvc_plots.html")
 VEGA_FILES = ("vega/build/vega.min.js", "vega-lite/build/vega-lite.min.js", "vega-embed/build/vega-embed.min.js")
 
@@ -52,14 +53,15 @@ _EXTERNAL = re.compile(r"<(?:script|link|img)\b[^>]*(?:src|href)=[\"'](https?:)?
 
 
 def plots_template(vendor: Path = VENDOR) -> str:
-    """The HTML template for `dvc plots show`: DVC's page with the three Vega libraries inlined."""
-    scripts = "\n".join(f"<script>/* {name.split('/')[0]} (web/vendor, see LICENSES.md) */\n"
-                        + (vendor / name).read_text(encoding="utf-8").replace("</script", "<\\/script") + "\n</script>"
-                        for name in VEGA_FILES)
-    return ("<!DOCTYPE html>\n<html>\n<head>\n    {refresh_tag}\n    <meta charset=\"utf-8\">\n"
-            "    <title>DVC Plot</title>\n" + scripts +
-            "\n    <style>\n        table {\n            border-spacing: 15px;\n        }\n    </style>\n"
-            "</head>\n<body>\n    {plot_divs}\n</body>\n</html>\n")
+    """The HTML template for `dvc plots show`: DVC's page with the three Vega libraries inlined
+    (templates/dvc_plots.html.j2)."""
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), keep_trailing_newline=True, autoescape=False)
+    libraries = [{"name": name.split("/")[0],
+                  "code": (vendor / name).read_text(encoding="utf-8").replace("</script", "<\\/script")}
+                 for name in VEGA_FILES]
+    return env.get_template("dvc_plots.html.j2").render(libraries=libraries)
 
 
 def external_resources(html_text: str) -> list[str]:

@@ -166,45 +166,50 @@ def drift(dvc_yaml: Path) -> dict[str, tuple[list[str], list[str]]]:
     return out
 
 
+def _round_trip_yaml():
+    """ruamel.yaml in round-trip mode, set to dvc.yaml's layout: loading and dumping an unchanged file
+    gives back the same text (comments, quotes, blank lines and order kept)."""
+    from ruamel.yaml import YAML
+
+    rt = YAML()
+    rt.preserve_quotes = True
+    rt.indent(mapping=2, sequence=4, offset=2)
+    rt.width = 4096
+    return rt
+
+
+def _dep_name(dep) -> str:
+    return dep if isinstance(dep, str) else next(iter(dep))
+
+
 def rewrite(text: str, wanted: dict[str, list[str]]) -> str:
     """dvc.yaml text with each stage's code deps replaced by `wanted[stage]`, placed first in its deps.
 
-    Works on the lines so data deps, comments and layout stay as they are; a comment after a code
-    dep that is still wanted stays with it.
+    A round-trip YAML edit: data deps, comments and layout stay as they are; a comment after a code dep
+    that is still wanted stays with it, and what trails the list (blank lines, the next key's comment)
+    stays at its end.
     """
-    lines = text.splitlines(keepends=True)
-    comments = {}
-    for line in lines:
-        m = re.match(r"\s*-\s+(\S+?)(\s+#.*)?$", line.rstrip("\n"))
-        if m and is_code_dep(m.group(1)) and m.group(2):
-            comments[m.group(1)] = m.group(2)
-    out: list[str] = []
-    in_stages = False
-    stage_indent = stage = deps_indent = None
-    for i, line in enumerate(lines):
-        body = line.strip()
-        indent = len(line) - len(line.lstrip())
-        if not body or body.startswith("#"):
-            out.append(line)
+    import io
+
+    rt = _round_trip_yaml()
+    doc = rt.load(text)
+    for name, stage in (doc.get("stages") or {}).items():
+        deps = stage.get("deps") if name in wanted else None
+        if deps is None:
             continue
-        if indent == 0:
-            in_stages, stage, deps_indent = body.startswith("stages:"), None, None
-        elif in_stages and (stage_indent is None or indent == stage_indent) and (
-                key := re.match(r"([\w-]+):\s*(#.*)?$", body)):
-            stage_indent, stage, deps_indent = indent, key.group(1), None
-        elif deps_indent is not None and indent > deps_indent:
-            m = re.match(r"-\s+(\S+)", body)
-            if m and is_code_dep(m.group(1)):
-                continue  # replaced by the generated list written under `deps:`
-        elif deps_indent is not None:
-            deps_indent = None
-        out.append(line)
-        if stage in wanted and indent > (stage_indent or 0) and body == "deps:":
-            deps_indent = indent
-            item = next((ln for ln in lines[i + 1:] if ln.strip() and not ln.strip().startswith("#")), "")
-            item_indent = len(item) - len(item.lstrip()) if item.strip().startswith("-") else indent + 2
-            out.extend(f"{' ' * item_indent}- {dep}{comments.get(dep, '')}\n" for dep in wanted[stage])
-    return "".join(out)
+        comments = {_dep_name(d): deps.ca.items.get(i) for i, d in enumerate(deps)}
+        trailing = deps.ca.items.get(len(deps) - 1)
+        new = list(wanted[name]) + [d for d in deps if not is_code_dep(_dep_name(d))]
+        deps.ca.items.clear()
+        del deps[:]
+        for i, dep in enumerate(new):
+            deps.append(dep)
+            comment = trailing if i == len(new) - 1 else comments.get(_dep_name(dep))
+            if comment is not None and (i == len(new) - 1 or comment is not trailing):
+                deps.ca.items[i] = comment
+    out = io.StringIO()
+    rt.dump(doc, out)
+    return out.getvalue()
 
 
 def write_deps(dvc_yaml: Path) -> dict[str, tuple[list[str], list[str]]]:
