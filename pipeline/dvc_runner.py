@@ -1,6 +1,6 @@
 """`dvc` as the flows run it: a subprocess with this interpreter's `python` on PATH, its output in the flow's log.
 
-    stages = run_task(dvc_repro, root, ["repro"], trigger)    # {"ran": [...], "skipped": [...]}
+    stages = run_task(dvc_repro, root, ["repro"], trigger)    # {"ran": [...], "skipped": [...]}, from dvc.lock
     dvc(root, "remote", "default")                            # a quick one, output captured
 
 A failed `dvc repro` becomes a StageFailed with the lines that say why, or a TransientFailure
@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 from pipeline import prefect_env
 
 prefect_env.configure()  # before `import prefect`: Prefect reads its settings at import
@@ -27,13 +29,12 @@ from pipeline.tasks import (  # noqa: E402
     TRANSIENT_RETRIES, StageFailed, TransientFailure, fails_cleanly, retry_transient_only,
 )
 from rmpipe.audit.history import TRIGGER_ENV  # noqa: E402
+from rmpipe.core.paths import DVC_LOCK  # noqa: E402
 
 # DVC messages that mean "another DVC run was in the way" (or its lock files were removed under it):
 # worth retrying once it is done.
 TRANSIENT_MARKERS = ("Unable to acquire lock", "is busy", "Unlock called on an unlocked lock",
                      "changed while collect read it")
-_RAN = re.compile(r"Running stage '([^']+)'")
-_SKIPPED = re.compile(r"Stage '([^']+)' didn't change, skipping")
 
 
 def subprocess_env() -> dict[str, str]:
@@ -46,6 +47,12 @@ def subprocess_env() -> dict[str, str]:
 def dvc(root: Path, *args: str, capture: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=subprocess_env(),
                           text=True, capture_output=capture)
+
+
+def locked_stages(root: Path) -> dict:
+    """Each stage's record in dvc.lock (deps, params and outs by hash), in pipeline order."""
+    lock = root / DVC_LOCK
+    return (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {}) if lock.exists() else {}
 
 
 def has_git(root: Path) -> bool:
@@ -63,6 +70,7 @@ def dvc_repro(root: Path, args: list[str], trigger: str = "rmpipe rebuild") -> d
     logger = get_run_logger()
     dvc_activity.wait_until_idle(root)  # a manual `dvc repro` finishes first: runs never interleave
     logger.info("$ dvc %s", " ".join(args))
+    before = locked_stages(root)
     env = {**subprocess_env(), TRIGGER_ENV: trigger}
     proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=root, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1)
@@ -74,10 +82,11 @@ def dvc_repro(root: Path, args: list[str], trigger: str = "rmpipe rebuild") -> d
         if line.strip():
             logger.info("%s", line)
     code = proc.wait()
-    ran = [m.group(1) for line in lines if (m := _RAN.search(line))]
-    skipped = [m.group(1) for line in lines if (m := _SKIPPED.search(line))]
+    # What ran is read from DVC's own record, not its console: a stage ran when its dvc.lock entry changed.
+    after = locked_stages(root)
+    ran = [stage for stage, record in after.items() if before.get(stage) != record]
     if code == 0:
-        return {"ran": ran, "skipped": skipped}
+        return {"ran": ran, "skipped": [stage for stage in after if stage not in ran]}
     # The lines that say what went wrong (stage `error:`/`FAIL` lines, DVC's ERROR), else the last few.
     errors = [line for line in lines if re.match(r"\s*(ERROR|error:|FAIL)", line)]
     tail = "\n".join(errors[-10:] or [line for line in lines[-8:] if line.strip()])
