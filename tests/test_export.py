@@ -275,7 +275,7 @@ def test_passing_model_is_promoted_then_a_worse_one_is_not(exported, tmp_path, m
     assert read_manifest(promoted)["created_at"] == first["created_at"]  # the promoted model stayed
 
 
-def test_the_readme_snippet_scores_like_rmpipe_score(exported, tmp_path, capsys):
+def test_the_manuals_snippet_scores_like_rmpipe_score(exported, tmp_path, capsys):
     """The manual's transformers block (docs/pipeline.md), run as written on an export, gives `rmpipe score`'s reward."""
     import re
 

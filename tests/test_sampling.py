@@ -195,7 +195,7 @@ def test_ranking_tasks_labelled_as_ranked_rows_flow_through_collect_as_the_same_
 
 
 @pytest.mark.slow
-def test_the_readmes_smollm2_sampling_example_runs_as_written_on_a_default_project(tmp_path):
+def test_the_manuals_smollm2_sampling_example_runs_as_written_on_a_default_project(tmp_path):
     """`--backbone smollm2-135m-instruct` loads SmolLM2 whatever models/backbone holds (here the tiny model
     `make repro` builds by default), on the project's own params (only fewer, shorter completions)."""
     import os
