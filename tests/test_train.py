@@ -366,7 +366,7 @@ def test_tokenized_cache_used_when_it_matches_and_never_when_stale(tmp_path, bac
     run(str(fresh / "params.yaml"), paths_in(fresh))
     cached = make_project(tmp_path / "cached", backbone)
     assert tokenize_stage(str(cached / "params.yaml"), ProjectPaths.at(cached)) == {"train": 48, "val": 16}
-    with caplog.at_level(logging.INFO, logger="rmpipe.model.tokenized"):
+    with caplog.at_level(logging.INFO, logger="rmpipe.tokenized"):
         run(str(cached / "params.yaml"), paths_in(cached))
     assert "using tokenized splits" in caplog.text
     assert loss_curve(cached) == pytest.approx(loss_curve(fresh), abs=1e-6)  # the same ids either way
@@ -374,7 +374,7 @@ def test_tokenized_cache_used_when_it_matches_and_never_when_stale(tmp_path, bac
     # new split data: the cache no longer describes it, so training tokenizes afresh and says why
     make_pairs(40, 7).to_parquet(cached / "data/split/train.parquet")
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="rmpipe.model.tokenized"):
+    with caplog.at_level(logging.INFO, logger="rmpipe.tokenized"):
         record = run(str(cached / "params.yaml"), paths_in(cached))
     assert "stale (splits changed)" in caplog.text and "using tokenized splits" not in caplog.text
     assert record["train_pairs"] == 40
