@@ -70,7 +70,9 @@ def holder(lock: Path) -> str:
         with contextlib.suppress(OSError):
             command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
     state = "" if alive else ", which no longer runs"
-    return f"PID {pid} ({command or 'command unknown'}, since {note.get('since')}{state})"
+    command = " ".join(str(command or "command unknown").split())  # one line, however the command was written
+    command = command if len(command) <= 160 else command[:157] + "..."
+    return f"PID {pid} ({command}, since {note.get('since')}{state})"
 
 
 @contextlib.contextmanager
@@ -106,8 +108,8 @@ def pipeline_lock(root: Path, lock_file: Path = LOCK_FILE, timeout_s: float | No
             lock.acquire(timeout=wait)
         except filelock.Timeout:
             raise LockTimeout(
-                f"waited {wait:.0f} s for {lock_path} held by {holder(lock_path)}: let it finish, or stop it "
-                f"(kill <PID>); the OS frees the lock when its holder ends. Wait longer with {TIMEOUT_ENV}=SECONDS"
+                f"waited {wait:g} s for {lock_path}, held by {holder(lock_path)}: let it finish, or stop it "
+                f"(kill PID); the OS frees the lock when its holder ends. Wait longer with {TIMEOUT_ENV}=SECONDS"
             ) from None
     with _held_guard:
         _held[path] = 1
