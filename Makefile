@@ -42,7 +42,9 @@ sample-data: setup
 
 # What records a run in git: dvc.lock (the lineage) and the small cache: false metrics, plots and reports
 # (git-ignored run state inside them, e.g. reports/runs/, stays out). Commit them after each repro.
-RUN_RECORD := dvc.lock metrics plots reports dvclive audit/history.jsonl
+# The audit history is no file here: it is the git ref refs/rmpipe/audit (`rmpipe history`), shared with
+# `git push origin refs/rmpipe/audit`.
+RUN_RECORD := dvc.lock metrics plots reports dvclive
 
 repro: sample-data
 	$(BIN)/dvc repro

@@ -172,6 +172,34 @@ def _retract(args: argparse.Namespace) -> None:
     print(to_json(outcome) if args.json else render(outcome))
 
 
+def _history(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    from rmpipe.audit import history
+    from rmpipe.core.errors import ValidationFailed
+
+    if args.share is not None:
+        from rmpipe.audit.chain import share
+
+        for command in share(Path("."), args.share):
+            print(command)
+        return
+    if args.verify:
+        n, problem, where = history.verify(Path("."))
+        if problem:
+            raise ValidationFailed(f"history ({where}): {problem}")
+        print(f"ok: {n} record(s) in {where}, each chained to the one before it")
+        return
+    rows = history.records(Path("."))
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return
+    print(f"# {len(rows)} record(s) in {history.location(Path('.'))}")
+    for row in rows:
+        print(history.describe(row))
+
+
 def _report(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -286,6 +314,15 @@ def _audit_commands(sub) -> None:
                         "on an already retracted batch: purge only")
     p.add_argument("--json", action="store_true", help="print the outcome record as JSON")
     p.set_defaults(func=_retract)
+
+    p = sub.add_parser("history", help="every model built and every retraction, from the hash-chained audit history")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--json", action="store_true", help="print the records as JSON")
+    what.add_argument("--verify", action="store_true",
+                      help="check the chain; non-zero exit naming the first record altered, removed or reordered")
+    what.add_argument("--share", metavar="REMOTE", nargs="?", const="origin", default=None,
+                      help="have `git fetch REMOTE` bring the team's history too; prints the push command")
+    p.set_defaults(func=_history)
 
     p = sub.add_parser("report", help="write the audit report: one self-contained HTML page")
     p.add_argument("--out", default="reports/audit.html", help="HTML file to write (default: reports/audit.html)")

@@ -28,12 +28,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from rmpipe.audit import dvc_cache
-
-from rmpipe.audit import history
-
+from pipeline import own_commit
+from rmpipe.audit import dvc_cache, history
 from rmpipe.core import io
-
 from rmpipe.data import retractions
 from rmpipe.core.errors import DataError, UserError
 from rmpipe.core.io import sha256_file
@@ -103,6 +100,14 @@ def _demote_if_tainted(root: Path, promoted_dir: Path, tainted) -> dict[str, Any
     return {"model": history.model_id(record), "seq": record.get("seq"), "path": str(promoted_dir)}
 
 
+def _record(root: Path, entry: dict[str, Any], own_files: list) -> None:
+    """The retraction into the history chain, and what rmpipe wrote for it into git (before the rebuild:
+    the model built next is then not dirty by rmpipe's own hand)."""
+    history.append(root, {"time": entry["time"], "retraction": entry}, kind=history.RETRACTION)
+    own_commit.commit_own(root, own_files, f"rmpipe retract {entry['id']}: {entry['kind']} {entry['target']}\n\n"
+                                           f"{entry['reason']} (by {entry.get('by')})")
+
+
 def _rebuild(root: Path, trigger: str) -> dict[str, Any]:
     from pipeline.flows import rebuild
 
@@ -118,6 +123,9 @@ def _finish(root: Path, entry: dict[str, Any], before: dict | None, **fields: An
                "after": _model_summary(after), **fields}
     if after is not None:
         outcome["promotion"] = after.get("promotion")
+    history.append(root, {"time": outcome["finished"], "retraction_id": entry["id"],
+                          **{k: v for k, v in outcome.items() if k not in ("retraction", "finished")}},
+                   kind=history.RETRACTION_OUTCOME)
     path = root / retractions.OUTCOMES / f"{entry['id']}.json"
     if path.exists():
         path = path.with_name(f"{entry['id']}.{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}.json")
@@ -171,6 +179,7 @@ def retract_batch(root: Path, name: str, reason: str, by: str | None = None, pur
         entry = retractions.register(root, {
             "time": _now(), "kind": "batch", "target": name, **_content_hashes(source), "reason": reason, "by": _who(by),
             "kept_at": str(dest.relative_to(root))})
+        _record(root, entry, [retractions.REGISTER])
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(source), dest)
         io.write_json(dest.with_name(name + ".retraction.json"), entry)
@@ -209,11 +218,13 @@ def retract_annotator(root: Path, annotator: str, reason: str, by: str | None = 
 
     with pipeline_lock(root):
         before = _latest(root)
+        params_unchanged = own_commit.unchanged(root, "params.yaml")  # else the user's own edits are in it
         entry = retractions.register(root, {
             "time": _now(), "kind": "annotator", "target": annotator, "votes": known[annotator].get("votes"),
             "reason": reason, "by": _who(by), "params": "aggregate.exclude_annotators"})
         with modify_yaml(root / PARAMS_FILE) as data:  # DVC's round-trip YAML: comments and order stay
             data["aggregate"]["exclude_annotators"] = [*excluded, annotator]
+        _record(root, entry, [retractions.REGISTER, *(["params.yaml"] if params_unchanged else [])])
         demoted = _demote_if_tainted(
             root, promoted_dir,
             lambda r: bool(((r.get("annotators") or {}).get(annotator) or {}).get("votes"))

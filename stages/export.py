@@ -84,7 +84,8 @@ def run(params_file: str | Path = PARAMS_FILE, paths: ProjectPaths = ProjectPath
     record = history.append(Path("."), history.model_record(
         Path("."), manifest, settings.out_dir, settings.promoted_dir, history.trigger_from_env(),
         split_dir=paths.split_dir, annotators_report=paths.annotators_json))  # vote counts for the record only
-    log.info("history: model %s recorded as #%d in %s", history.model_id(record), record["seq"], history.HISTORY)
+    log.info("history: model %s recorded as #%d in %s", history.model_id(record), record["seq"],
+             history.location(Path(".")))
     promo = manifest["promotion"]
     log.info("exported to %s (parity max diff %.2e); %s: %s", settings.out_dir, manifest["parity"]["max_abs_diff"],
              "PROMOTED" if promo["promoted"] else "not promoted", promo["reason"])

@@ -81,9 +81,11 @@ def expected_decided(train: pd.DataFrame, vendor: dict) -> set[str]:
     return {pid for prompt, c, r, pid in keys if prompt in new_prompts or (prompt, frozenset((c, r))) in flip_keys}
 
 
-def history_bytes(proj: Path) -> bytes:
-    path = proj / "audit/history.jsonl"
-    return path.read_bytes() if path.exists() else b""
+def chain_records(proj: Path) -> list[dict]:
+    """Every record of the project's history chain (models, retractions, outcomes), oldest first."""
+    from rmpipe.audit import history
+
+    return history.records(proj)
 
 
 def cache_holds(proj: Path, marker: str, folder: str = ".dvc/cache") -> list[str]:
@@ -122,7 +124,7 @@ def audit(tmp_path_factory):
     seen: dict = {"proj": proj, "vendor": vendor, "history": []}
 
     def snap(step: str) -> None:
-        seen["history"].append((step, history_bytes(proj)))
+        seen["history"].append((step, chain_records(proj)))
 
     rm, dvc = str(BIN / "rmpipe"), str(BIN / "dvc")
     # 1. the vendor batch arrives through the on-new-batch flow: the first build
@@ -140,6 +142,7 @@ def audit(tmp_path_factory):
                                             "--by", "audit-team", "--json"], proj).stdout)
     snap("retract batch")
     seen["lineage_after_batch"] = json.loads((proj / "models/export/lineage.json").read_text())
+    seen["head_after_batch"] = run(["git", "log", "-1", "--format=%s"], proj).stdout.strip()
     again = tmp / "again" / "vendor-resent.jsonl"
     again.parent.mkdir()
     shutil.copy(delivery, again)
@@ -152,9 +155,11 @@ def audit(tmp_path_factory):
     # 3. retract an annotator (through params), 4. a plain `dvc repro` after a param change
     params_file = proj / "params.yaml"  # copy_project wrote it without comments: give it one to keep
     params_file.write_text(params_file.read_text().replace("aggregate:\n", "aggregate:  # votes -> pairs\n", 1))
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-qam", "params comment"], proj)
     seen["retract_annotator"] = json.loads(run([rm, "retract", "--annotator", "ann-11", "--reason", "spam votes",
                                                 "--json"], proj).stdout)
     snap("retract annotator")
+    seen["lineage_after_annotator"] = json.loads((proj / "models/export/lineage.json").read_text())
     params = yaml.safe_load((proj / "params.yaml").read_text())
     seen["params_after_annotator"] = params
     seen["params_text_after_annotator"] = (proj / "params.yaml").read_text()
@@ -174,11 +179,12 @@ def audit(tmp_path_factory):
     seen["repro_after_purge"] = run([dvc, "repro"], proj)
     seen["trace_after_purge"] = json.loads(run([rm, "trace", "--batch", VENDOR, "--json"], proj).stdout)
     snap("purge")
+    seen["verify_history"] = run([rm, "history", "--verify"], proj, check=False)
     return seen
 
 
 def records(proj: Path) -> list[dict]:
-    return [json.loads(line) for line in (proj / "audit/history.jsonl").read_text().splitlines()]
+    return [r for r in chain_records(proj) if r["kind"] == "model"]
 
 
 def test_every_kind_of_rebuild_appends_one_record_and_none_is_rewritten(audit):
@@ -191,7 +197,13 @@ def test_every_kind_of_rebuild_appends_one_record_and_none_is_rewritten(audit):
     assert ran_stages(audit["noop"]) == [] and ran_stages(audit["repro_after_purge"]) == []
     steps = audit["history"]
     for (_, before), (step, after) in zip(steps, steps[1:]):
-        assert after.startswith(before), f"{step} rewrote earlier history"
+        assert after[:len(before)] == before, f"{step} rewrote earlier history"
+    # one chain: models, and each retraction before its rebuild with its outcome after; numbers unique
+    kinds = [(r["seq"], r["kind"]) for r in chain_records(audit["proj"])]
+    assert kinds == list(enumerate(["model", "retraction", "model", "retraction-outcome", "retraction", "model",
+                                    "retraction-outcome", "model", "retraction-outcome"], 1))
+    assert audit["verify_history"].returncode == 0, audit["verify_history"].stderr
+    assert "ok: 9 record(s) in git ref refs/rmpipe/audit" in audit["verify_history"].stdout
     first = records(audit["proj"])[0]
     assert first["batches"][VENDOR]["sha256"] == audit["purge"]["purge"]["sha256"]
     assert first["annotators"]["vendor-a"]["votes"] == 20
@@ -219,13 +231,25 @@ def test_retracting_a_batch_rebuilds_without_it_and_records_why(audit):
     assert (proj / "data/retracted" / VENDOR).exists() is False  # purged at the end; the record stays:
     kept = json.loads((proj / "data/retracted" / f"{VENDOR}.retraction.json").read_text())
     assert kept["reason"] == "mislabeled by the vendor" and kept["by"] == "audit-team"
-    assert outcome["before"]["seq"] == 1 and outcome["after"]["seq"] == 2
+    assert outcome["before"]["seq"] == 1 and outcome["after"]["seq"] == 3  # #2 is the retraction itself
     assert VENDOR in outcome["before"]["batches"] and VENDOR not in outcome["after"]["batches"]
     assert "accuracy" in outcome["after"]["metrics"] and "promoted" in outcome["promotion"]
     # the promoted model was trained on the batch: it stops being the yardstick, the rebuilt one is judged alone
     assert outcome["demoted"]["seq"] == 1
     assert outcome["promotion"]["reason"].startswith("passed; no previously promoted model")
     assert json.loads((proj / "audit/retractions/R1.json").read_text())["retraction"]["reason"] == "mislabeled by the vendor"
+
+
+def test_a_model_a_retraction_built_is_not_dirty_by_what_rmpipe_wrote(audit):
+    """rmpipe retract commits the register (and the params it edited) before it rebuilds: the rebuilt
+    models name that commit, clean. Mutation tried: not committing leaves the annotator's model dirty
+    (params.yaml)."""
+    for key in ("lineage_after_batch", "lineage_after_annotator"):
+        git = audit[key]["git"]
+        assert git["dirty"] is False and not git.get("own_changed"), (key, git)
+    assert audit["head_after_batch"].startswith(f"rmpipe retract R1: batch {VENDOR}")
+    committed = run(["git", "show", "--name-only", "--format=", "HEAD"], audit["proj"]).stdout.split()
+    assert committed == ["audit/retractions.jsonl", "params.yaml"]  # the annotator's retraction, last commit
 
 
 def test_a_retracted_batch_is_refused_on_redelivery_and_in_data_incoming(audit):
@@ -243,9 +267,9 @@ def test_retracting_an_annotator_goes_through_params_and_rebuilds(audit):
     assert "aggregate:  # votes -> pairs" in audit["params_text_after_annotator"]  # comments kept (round-trip YAML)
     assert audit["annotators_after"]["excluded_annotators"] == ["ann-11"]
     outcome = audit["retract_annotator"]
-    assert outcome["removed"]["annotator"] == "ann-11" and outcome["after"]["seq"] == 3
+    assert outcome["removed"]["annotator"] == "ann-11" and outcome["after"]["seq"] == 6
     # trace: the models built before the retraction used ann-11's votes; the ones after do not
-    assert [m["seq"] for m in audit["trace_ann"]["models"]] == [1, 2]
+    assert [m["seq"] for m in audit["trace_ann"]["models"]] == [1, 3]
 
 
 def test_purge_leaves_no_trace_of_the_batch_in_the_dvc_cache(audit):
@@ -302,7 +326,7 @@ def test_the_audit_report_renders_offline_with_its_graph_plots_history_and_retra
     assert "mislabeled by the vendor" in retractions and "ann-11" in retractions and "purged" in retractions
     assert "ann-11" in re.search(r'<table class="annotators">.*?</table>', dom, re.S).group(0)
     links = re.findall(r'href="([^"#][^"]*)"', html_text)
-    assert len(links) >= 5
+    assert len(links) >= 4  # model card, lineage, retractions, data docs (the history is a git ref, no file to link)
     for link in links:
         assert (path.parent / link).exists(), f"broken link {link}"
 

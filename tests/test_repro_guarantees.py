@@ -72,11 +72,18 @@ def test_lineage_lists_every_upstream_input_with_dvc_hashes_and_the_real_commit(
     Mutation tried: `git_state` returning None turns this red."""
     from rmpipe.audit.lineage import dvc_md5, read_manifest
 
+    from rmpipe.audit.lineage import uncached_outs
+
     project = built["project"]
     manifest = read_manifest(project / "models/export")
-    expected = {path: info for path, info in lock_entries(project).items() if info["stage"] != "export"}
+    upstream = {path: info for path, info in lock_entries(project).items() if info["stage"] != "export"}
+    uncached = uncached_outs(project)  # `cache: false`: no checkout restores them, so evidence, not inputs
+    assert {"checkpoints/train", "metrics/train.json", "reports/validation.json"} <= uncached
+    assert "reports/data_docs" not in uncached  # cached, so `dvc checkout` restores it
     assert {path: info["md5"] for path, info in manifest["inputs"].items()} == \
-        {path: info["md5"] for path, info in expected.items()}
+        {path: info["md5"] for path, info in upstream.items() if path not in uncached}
+    assert {path: info["md5"] for path, info in manifest["evidence"].items()} == \
+        {path: info["md5"] for path, info in upstream.items() if path in uncached}
     folders = [path for path, info in manifest["inputs"].items() if info["md5"].endswith(".dir")]
     assert {"data/collected", "data/split", "data/tokenized", "models/backbone", "models/reward_model",
             "data/incoming"} <= set(folders)
@@ -114,6 +121,40 @@ def test_verify_fails_naming_the_one_input_whose_byte_changed(built, target):
     finally:
         path.write_bytes(original)
     assert rmpipe(["verify", "models/export"], project).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def came_back(built) -> dict:
+    """The run committed, then `dvc exp run -S train.lr=...` (train, evaluate and export again), then back:
+    `git checkout -- . && dvc checkout`. The project ends as it was, plus the commit and the experiment."""
+    from rmpipe.audit import history
+
+    project, dvc = built["project"], str(BIN / "dvc")
+    run(["git", "add", "-A"], project)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-qm", "run record"], project)
+    before = history.records(project)
+    lr = yaml.safe_load((project / "params.yaml").read_text())["train"]["lr"]
+    run(["git", "config", "user.name", "t"], project)
+    run(["git", "config", "user.email", "t@example.invalid"], project)
+    exp = run([dvc, "exp", "run", "-S", f"train.lr={lr * 2}"], project)
+    during = rmpipe(["verify", "models/export"], project)
+    run(["git", "checkout", "--", "."], project)
+    run([dvc, "checkout"], project)
+    return {"exp": exp, "during": during, "after": rmpipe(["verify", "models/export"], project),
+            "before": before, "history": history.records(project), "status": run(["git", "status", "--porcelain"], project)}
+
+
+def test_after_an_experiment_and_checkout_back_verify_passes_with_no_retrain(came_back):
+    """Mutation tried: recording `cache: false` outputs (checkpoints/train, reports/data_docs) as inputs again
+    turns this red (`input changed since export: checkpoints/train`)."""
+    assert "Running stage 'train'" in came_back["exp"].stdout + came_back["exp"].stderr
+    assert came_back["during"].returncode == 0  # the experiment's own export, verified against its own run
+    after = came_back["after"]
+    assert after.returncode == 0, after.stdout + after.stderr
+    # the history: the experiment's model was appended, nothing went back with the checkout
+    before, now = came_back["before"], came_back["history"]
+    assert now[:len(before)] == before and [r["kind"] for r in now[len(before):]] == ["model"]
+    assert came_back["status"].stdout.strip() == ""  # nothing of rmpipe's history in the work tree
 
 
 def test_verify_export_only_catches_a_changed_export_file(built):

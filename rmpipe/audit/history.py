@@ -1,19 +1,25 @@
-"""The run history: one JSON line per model built, appended, never rewritten (`audit/history.jsonl`).
+"""The run history: one record per model built (and per retraction), appended to a hash chain, never rewritten.
 
-The export stage appends the record right after it sealed a model, so every kind of
+The chain lives outside the work tree (rmpipe.audit.chain): in git, the ref `refs/rmpipe/audit`,
+which no checkout, stash, branch switch or `dvc checkout`/`dvc exp` touches and which the team
+shares by pushing it; without git, `.rmpipe/history.jsonl`. Each record carries the sha256 of
+the one before it, so `rmpipe history --verify` names the first record that was altered, removed
+or reordered. Records are numbered `seq` 1, 2, ... across every kind; two writers at once (the
+service and a manual `dvc repro`) get distinct numbers and lose nothing.
+
+The export stage appends a `model` record right after it sealed a model, so every kind of
 rebuild leaves one: a plain `dvc repro`, `rmpipe rebuild`, `on-new-batch`, `rmpipe retract`.
 The flows say which kind through RMPIPE_TRIGGER (a plain `dvc repro` has none). A run in
-which DVC finds nothing stale builds no model and appends nothing.
+which DVC finds nothing stale builds no model and appends nothing. `rmpipe retract` appends a
+`retraction` record (what, why, by whom) before it rebuilds, and a `retraction-outcome` after.
 
-The file is deliberately no DVC dep or out: a dep would make the pipeline stale after
-every run, and DVC deletes an out before its stage runs. Commit it with git.
-
-A record holds what an auditor asks about later without the workspace of that day:
+A model record holds what an auditor asks about later without the workspace of that day:
 trigger, git commit, the md5 of every upstream input (from dvc.lock, as the lineage
 manifest has them), the export's md5 and manifest digest, the batches with their sha256
-and pair counts, the annotators with their vote counts, the metrics and the promotion.
-When the history is new, `backfill` first adds the models the project already had
-(the on-new-batch run summaries in reports/runs/, the current export and promoted model).
+and pair counts, the annotators with their vote counts, the metrics, the promotion, and
+`version` (the registry's version of the model, None until a registry names one).
+When the history is new, an old `audit/history.jsonl` (the tracked file this replaced) is
+imported once, then `backfill` adds the models the project already had.
 """
 
 from __future__ import annotations
@@ -26,34 +32,85 @@ from typing import Any
 
 import pandas as pd
 
+from rmpipe.audit import chain as chain_
 from rmpipe.audit import dvc_cache
-from rmpipe.core.io import append_jsonl_locked, sha256_file
+from rmpipe.core.errors import DataError
+from rmpipe.core.io import sha256_file
 
-HISTORY = Path("audit/history.jsonl")
+LEGACY = Path("audit/history.jsonl")  # the tracked file of earlier versions: imported once, never written
 TRIGGER_ENV = "RMPIPE_TRIGGER"
-FORMAT = "rmpipe-history/1"
+FORMAT = "rmpipe-history/2"
 RUNS_DIR = Path("reports/runs")
+MODEL, RETRACTION, RETRACTION_OUTCOME = "model", "retraction", "retraction-outcome"
 
 
 def trigger_from_env() -> str:
     return os.environ.get(TRIGGER_ENV) or "dvc repro"
 
 
+def location(root: Path = Path(".")) -> str:
+    """Where the history of the project at `root` lives, in words (`git ref refs/rmpipe/audit`, or the file)."""
+    return chain_.open_chain(Path(root)).where
+
+
+def records(root: Path = Path("."), kinds: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+    """Every record of the chain (of `kinds`, when given), oldest first; unreadable ones are left out
+    (`verify` names them)."""
+    found = [r for r in chain_.open_chain(Path(root)).records() if isinstance(r, dict)]
+    return [r for r in found if kinds is None or r.get("kind", MODEL) in kinds]
+
+
 def read(root: Path = Path(".")) -> list[dict[str, Any]]:
-    path = Path(root) / HISTORY
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            records.append(json.loads(line))
-    return records
+    """The model records, oldest first (`seq` is the record's number in the whole chain)."""
+    return records(root, (MODEL,))
 
 
-def append(root: Path, record: dict[str, Any]) -> dict[str, Any]:
-    """Append one record under an exclusive lock (numbered in order); earlier bytes are never touched."""
-    return append_jsonl_locked(Path(root) / HISTORY,
-                               lambda rows: {"format": FORMAT, "seq": len(rows) + 1, **record}, default=str)
+def append(root: Path, record: dict[str, Any], kind: str = MODEL) -> dict[str, Any]:
+    """Append one record of `kind` (numbered, chained to the previous one) and return it as stored."""
+    chain = chain_.open_chain(Path(root))
+    import_legacy(Path(root), chain)
+    return chain.append(lambda last: chain_.seal({"format": FORMAT, "kind": kind, **record}, last))
+
+
+def verify(root: Path = Path(".")) -> tuple[int, str | None, str]:
+    """(number of records, the first altered/removed/reordered record in one line or None, where it lives)."""
+    chain = chain_.open_chain(Path(root))
+    n, problem = chain_.verify(chain)
+    return n, problem, chain.where
+
+
+def import_legacy(root: Path, chain=None) -> int:
+    """Once, into an empty chain: the records of `audit/history.jsonl` (and, now that git is here, of a
+    `.rmpipe/history.jsonl` kept while there was none), in order; returns how many went in."""
+    import filelock
+
+    chain = chain or chain_.open_chain(Path(root))
+    base = chain.root
+    sources = [LEGACY] + ([chain_.FILE] if isinstance(chain, chain_.GitChain) else [])
+    sources = [s for s in sources if (base / s).is_file() and (base / s).stat().st_size]
+    if not sources or chain.records():
+        return 0
+    (base / chain_.FILE).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with filelock.FileLock(str(base / chain_.FILE) + ".import.lock", timeout=chain_.LOCK_TIMEOUT_S):
+            if chain.records():
+                return 0
+            n = 0
+            for source in sources:
+                for row in chain_.FileChain(base).records() if source == chain_.FILE else _jsonl(base / source):
+                    payload = {k: v for k, v in row.items() if k not in ("seq", "prev", "sha256", "format")}
+                    payload = {"kind": MODEL, **payload, "imported_from": str(source), "imported_seq": row.get("seq")}
+                    chain.append(lambda last, p=payload: chain_.seal({"format": FORMAT, **p}, last))
+                    n += 1
+    except filelock.Timeout:
+        raise DataError(f"another rmpipe has been importing {sources[0]} into the history for "
+                               f"{chain_.LOCK_TIMEOUT_S:.0f} s; if none runs, delete {chain_.FILE}.import.lock") from None
+    return n
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    return [row for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+            and isinstance(row := json.loads(line), dict)]
 
 
 # --- what a record holds ------------------------------------------------------------------------
@@ -117,7 +174,7 @@ def _annotators(report_path: Path) -> dict[str, dict[str, Any]]:
 
 def model_record(root: Path, manifest: dict[str, Any], export_dir: Path, promoted_dir: Path | None,
                  trigger: str, *, split_dir: Path | None = None, annotators_report: Path | None = None,
-                 backfilled_from: str | None = None) -> dict[str, Any]:
+                 backfilled_from: str | None = None, version: str | None = None) -> dict[str, Any]:
     """The record of one exported model, from its lineage manifest plus what the workspace still shows."""
     from rmpipe.audit.lineage import dvc_md5, manifest_sha256
 
@@ -155,6 +212,7 @@ def model_record(root: Path, manifest: dict[str, Any], export_dir: Path, promote
                                                    "battery_failed")},
         "promotion": {k: promo.get(k) for k in ("promoted", "reason", "accuracy", "previous_accuracy")},
         "promoted_model": promoted,
+        "version": version,  # the model registry's version of this model (e.g. reward-model@v1.4.0), if any
     }
 
 
@@ -169,6 +227,7 @@ def backfill(root: Path, export_dir: Path, promoted_dir: Path | None) -> list[di
     from rmpipe.audit.lineage import MANIFEST_FILE, manifest_sha256
 
     root = Path(root)
+    import_legacy(root)
     if read(root):
         return []
     added: list[dict[str, Any]] = []
@@ -214,3 +273,24 @@ def model_id(record: dict[str, Any]) -> str:
     digest = (record.get("model") or {}).get("manifest_sha256") or ""
     return digest[:12] or f"#{record.get('seq')}"
 
+
+
+def describe(record: dict[str, Any]) -> str:
+    """One line per record, as `rmpipe history` prints it."""
+    kind, head = record.get("kind", MODEL), f"#{record.get('seq')}  {record.get('time') or '-':25}"
+    if kind == MODEL:
+        metrics, promo = record.get("metrics") or {}, record.get("promotion") or {}
+        acc = metrics.get("accuracy")
+        return (f"{head} model {model_id(record)}  accuracy {'-' if acc is None else f'{acc:.4f}'}  "
+                f"{'PROMOTED' if promo.get('promoted') else 'not promoted'}"
+                f"{'  ' + record['version'] if record.get('version') else ''}  [{record.get('trigger')}]")
+    if kind == RETRACTION:
+        entry = record.get("retraction") or {}
+        return (f"{head} retraction {entry.get('id')} of {entry.get('kind')} {entry.get('target')} "
+                f"by {entry.get('by')}: {entry.get('reason')}")
+    if kind == RETRACTION_OUTCOME:
+        after = record.get("after") or {}
+        return (f"{head} outcome of {record.get('retraction_id')}: "
+                + (f"model {after.get('model')} (#{after.get('seq')})" if after else "no new model")
+                + ("; purged" if record.get("purge") else ""))
+    return f"{head} {kind}"

@@ -21,6 +21,10 @@ import yaml
 
 from rmpipe.core.errors import DataError
 from rmpipe.core.io import folder_hashes, sha256_file
+from rmpipe.data.retractions import REGISTER
+
+# What rmpipe itself writes into the work tree during a run: never what makes a model "dirty".
+OWN_RECORDS = (REGISTER.as_posix(),)
 
 MANIFEST_FILE = "lineage.json"
 PROMOTION_FILE = "promotion.json"  # added beside a promoted copy after the export was sealed
@@ -30,18 +34,39 @@ PACKAGES = ("rmpipe", "torch", "transformers", "tokenizers", "safetensors", "dee
 
 
 # --- what went in -----------------------------------------------------------------------------
-def dvc_lock_inputs(project_root: Path, exclude: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
-    """{path: {md5, size, stage}} for every dep and out recorded in dvc.lock, except stages in `exclude`."""
+def uncached_outs(project_root: Path) -> set[str]:
+    """Outputs dvc.yaml declares with `cache: false`: `dvc checkout` cannot restore them."""
+    spec_file = Path(project_root) / "dvc.yaml"
+    spec = yaml.safe_load(spec_file.read_text(encoding="utf-8")) if spec_file.exists() else None
+    found = set()
+    for stage in ((spec or {}).get("stages") or {}).values():
+        for key in ("outs", "metrics", "plots"):
+            for out in stage.get(key) or []:
+                if isinstance(out, dict) and any((opts or {}).get("cache") is False for opts in out.values()):
+                    found.add(str(next(iter(out))))
+    return found
+
+
+def dvc_lock_inputs(project_root: Path, exclude: tuple[str, ...] = (), evidence: bool = False
+                    ) -> dict[str, dict[str, Any]]:
+    """{path: {md5, size, stage}} for every dep and out recorded in dvc.lock, except stages in `exclude`.
+
+    Inputs are what `dvc checkout` (cached outputs) or git (source deps) restores. An output with
+    `cache: false` (checkpoints, metrics, data docs) is not an input: nothing restores it after an
+    experiment, so `verify` would fail for no fault of the model. With `evidence=True` those are
+    returned instead: recorded in the manifest as what the run saw, never checked as inputs.
+    """
     lock_file = Path(project_root) / "dvc.lock"
     if not lock_file.exists():
         return {}
     lock = yaml.safe_load(lock_file.read_text(encoding="utf-8")) or {}
+    uncached = uncached_outs(project_root)
     inputs: dict[str, dict[str, Any]] = {}
     for stage, entry in (lock.get("stages") or {}).items():
         if stage in exclude:
             continue
         for item in (entry.get("deps") or []) + (entry.get("outs") or []):
-            if "md5" in item:
+            if "md5" in item and (item["path"] in uncached) == evidence:
                 inputs.setdefault(item["path"], {"md5": item["md5"], "size": item.get("size"), "stage": stage})
     return dict(sorted(inputs.items()))
 
@@ -96,7 +121,9 @@ def git_state(project_root: Path) -> dict[str, Any] | None:
     `dirty`: the work tree holds what made this model beyond `commit`: a change to a tracked file, or an
     untracked input (a stage dep such as new code, params.yaml, dvc.yaml, any .py file). The pipeline's
     own products (dvc.lock and the outputs dvc.yaml declares) are being rewritten by this very run, so
-    they do not count; `dvc_lock` says separately whether dvc.lock is in git yet ("committed" unchanged,
+    they do not count, nor do rmpipe's own records (`OWN_RECORDS`: the retraction register, which `rmpipe
+    retract` writes and commits before it rebuilds; its digest is in dvc.lock as collect's dep, so the
+    lineage pins it either way; listed in `own_changed` when not committed). `dvc_lock` says separately whether dvc.lock is in git yet ("committed" unchanged,
     "modified", "untracked": commit it after the run, it is the lineage; or "missing").
     """
     def git(*args: str) -> str:
@@ -108,7 +135,7 @@ def git_state(project_root: Path) -> dict[str, Any] | None:
     except (OSError, subprocess.SubprocessError):
         return None
     inputs, products = pipeline_files(project_root)
-    changed, dvc_lock = [], "committed" if (Path(project_root) / "dvc.lock").exists() else "missing"
+    changed, own, dvc_lock = [], [], "committed" if (Path(project_root) / "dvc.lock").exists() else "missing"
     entries = iter(status)
     for entry in entries:
         if len(entry) < 4:
@@ -120,9 +147,13 @@ def git_state(project_root: Path) -> dict[str, Any] | None:
             dvc_lock = "untracked" if code == "??" else "modified"
         if _under(path, products):
             continue
+        if path in OWN_RECORDS:
+            own.append(path)
+            continue
         if code != "??" or path.endswith(".py") or _under(path, inputs):
             changed.append(path)
-    return {"commit": commit, "dirty": bool(changed), "changed": sorted(changed)[:20], "dvc_lock": dvc_lock}
+    return {"commit": commit, "dirty": bool(changed), "changed": sorted(changed)[:20], "dvc_lock": dvc_lock,
+            **({"own_changed": own} if own else {})}
 
 
 def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str | None]:
@@ -152,6 +183,7 @@ def build_manifest(
     """
     stages = dvc_lock_stages(project_root, exclude_stages)
     inputs = dvc_lock_inputs(project_root, exclude_stages)
+    evidence = dvc_lock_inputs(project_root, exclude_stages, evidence=True)
     problems = chain_conflicts(stages)
     for rel in read_paths:
         if rel in inputs and (current := dvc_md5(Path(project_root) / rel)) != inputs[rel]["md5"]:
@@ -160,9 +192,10 @@ def build_manifest(
     if problems:
         raise DataError("; ".join(problems))
     return {
-        "format": "rmpipe-lineage/1",
+        "format": "rmpipe-lineage/2",
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "inputs": inputs,
+        "evidence": evidence,  # `cache: false` outputs as this run saw them: not restorable, so not inputs
         "stages": stages,
         "params": params,
         "batch_ids": batch_ids,
@@ -204,7 +237,9 @@ def verify_export(export_dir: Path, project_root: Path | None = None) -> list[st
             problems.append(f"export file changed: {name} (sha256 {present[name][:12]}..., recorded {recorded[name][:12]}...)")
     problems += chain_conflicts(manifest.get("stages") or {})
     if project_root is not None:
-        problems += _verify_inputs(Path(project_root), manifest.get("inputs", {}))
+        uncached = uncached_outs(Path(project_root))  # a lineage/1 manifest still lists some as inputs
+        problems += _verify_inputs(Path(project_root), {path: info for path, info in manifest.get("inputs", {}).items()
+                                                        if path not in uncached})
     return problems
 
 

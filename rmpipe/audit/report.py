@@ -196,7 +196,7 @@ def build_report(root: Path, out: Path) -> str:
     s += _annotators(_json(root / "reports/annotators.json"))
     s += _history(records)
     s += _retractions(root, register_)
-    s.append(f'<p class="note">Written by <code>rmpipe report</code> from {E(str(history.HISTORY))}, '
+    s.append(f'<p class="note">Written by <code>rmpipe report</code> from {E(history.location(root))}, '
              f"{E(str(retractions.REGISTER))} and the current outputs. Self-contained: no network needed.</p>")
     s.append("</body></html>")
     return "\n".join(s)
@@ -223,7 +223,6 @@ def _summary(root: Path, out: Path, export_dir: Path, manifest: dict, promoted: 
         ["backbone", E(str((manifest.get("model") or {}).get("backbone")))],
         ["files", " · ".join([_link(out, export_dir / "README.md", "model card"),
                               _link(out, export_dir / MANIFEST_FILE, "lineage.json"),
-                              _link(out, root / history.HISTORY, "history.jsonl"),
                               _link(out, root / retractions.REGISTER, "retractions.jsonl"),
                               _link(out, root / "reports/data_docs/index.html", "GX data docs"),
                               _link(out, root / "reports/plots/index.html", "DVC plots")])],

@@ -78,7 +78,7 @@ def trace(root: Path, batch: str | None = None, annotator: str | None = None) ->
     root = Path(root)
     records = history.read(root)
     if not records:
-        raise DataError(f"no run history in {history.HISTORY}: run the pipeline (dvc repro) to record one")
+        raise DataError(f"no run history in {history.location(root)}: run the pipeline (dvc repro) to record one")
     current = _current_digests(root)
     models = []
     for record in records:
