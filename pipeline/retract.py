@@ -103,6 +103,24 @@ def _demote_if_tainted(root: Path, promoted_dir: Path, tainted) -> dict[str, Any
     return {"model": history.model_id(record), "seq": record.get("seq"), "path": str(promoted_dir)}
 
 
+def _deprecate_tainted(root: Path, tainted, reason: str) -> list[str] | str:
+    """Deprecate (GTO deregister) every registered version built with what is retracted, before the rebuild,
+    so the gate never measures the rebuilt model against one of them; the registry's note without git."""
+    from rmpipe.audit import registry
+
+    why_not = registry.unavailable_reason(root)
+    if why_not is not None:
+        return why_not
+    by_digest = {(r.get("model") or {}).get("manifest_sha256"): r for r in history.read(root)}
+    done = []
+    for version in registry.versions(root):
+        body = version["body"]
+        record = by_digest.get(body.get("manifest_sha256")) or {"batches": dict.fromkeys(body.get("batches") or [])}
+        if not version["deprecated"] and tainted(record):
+            done.append(registry.deprecate(root, version["version"], reason))
+    return done
+
+
 def _rebuild(root: Path, trigger: str) -> dict[str, Any]:
     from pipeline.flows import rebuild
 
@@ -175,8 +193,10 @@ def retract_batch(root: Path, name: str, reason: str, by: str | None = None, pur
         shutil.move(str(source), dest)
         io.write_json(dest.with_name(name + ".retraction.json"), entry)
         demoted = _demote_if_tainted(root, promoted_dir, lambda r: name in (r.get("batches") or {}))
+        deprecated = _deprecate_tainted(root, lambda r: name in (r.get("batches") or {}),
+                                        f"retraction {entry['id']}: batch {name} ({reason})")
         fields: dict[str, Any] = {"removed": {"batch": name, "sha256": entry["sha256"], "moved_to": entry["kept_at"]},
-                                  "demoted": demoted}
+                                  "demoted": demoted, "deprecated": deprecated}
         if not rebuild:
             return _finish(root, entry, before, rebuild=None, **fields)
         # The purge runs after the rebuild: the objects the rebuilt pipeline uses are then known (kept).
@@ -214,13 +234,15 @@ def retract_annotator(root: Path, annotator: str, reason: str, by: str | None = 
             "reason": reason, "by": _who(by), "params": "aggregate.exclude_annotators"})
         with modify_yaml(root / "params.yaml") as data:  # DVC's round-trip YAML: comments and order stay
             data["aggregate"]["exclude_annotators"] = [*excluded, annotator]
-        demoted = _demote_if_tainted(
-            root, promoted_dir,
-            lambda r: bool(((r.get("annotators") or {}).get(annotator) or {}).get("votes"))
-            and not ((r.get("annotators") or {}).get(annotator) or {}).get("excluded"))
+        def used(r: dict[str, Any]) -> bool:
+            info = (r.get("annotators") or {}).get(annotator) or {}
+            return bool(info.get("votes")) and not info.get("excluded")
+
+        demoted = _demote_if_tainted(root, promoted_dir, used)
+        deprecated = _deprecate_tainted(root, used, f"retraction {entry['id']}: annotator {annotator} ({reason})")
         fields = {"removed": {"annotator": annotator, "votes": entry["votes"],
                               "params": {"aggregate.exclude_annotators": [*excluded, annotator]}},
-                  "demoted": demoted}
+                  "demoted": demoted, "deprecated": deprecated}
         if not rebuild:
             return _finish(root, entry, before, rebuild=None, **fields)
         return _rebuild_and_finish(root, entry, before, f"rmpipe retract annotator {annotator} ({entry['id']})",
@@ -350,6 +372,10 @@ def render(outcome: dict[str, Any]) -> str:
     lines = [retractions.describe(entry)]
     if outcome.get("demoted"):
         lines.append(f"demoted: the promoted model {outcome['demoted']['model']} was built with it")
+    if isinstance(outcome.get("deprecated"), list) and outcome["deprecated"]:
+        lines.append(f"deprecated in the registry: {', '.join(outcome['deprecated'])}")
+    elif isinstance(outcome.get("deprecated"), str):
+        lines.append(outcome["deprecated"])
     for key in ("before", "after"):
         m = outcome.get(key)
         if m is None:
