@@ -41,7 +41,9 @@ def project_copy(dest: Path) -> Path:
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / rel, dest / rel)
     (dest / "data/incoming").mkdir(parents=True, exist_ok=True)
-    run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], dest)
+    if not (dest / ".dvc").is_dir():
+        run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], dest)
+    run([sys.executable, "-m", "dvc", "config", "--local", "core.no_scm", "true"], dest)
     run([sys.executable, "-m", "pipeline.cli", "sample-data"], dest)
     return dest
 
