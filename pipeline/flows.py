@@ -175,10 +175,11 @@ def _register(root: Path, trigger: str) -> dict[str, Any]:
     logger = get_run_logger()
     try:
         found = register_export(root, ExportSettings.parse(load_params(root / "params.yaml")).out_dir, trigger)
-    except UserError as exc:  # e.g. git refused the tag: the model is built and recorded; say so and go on
-        found = {"note": f"registry: {exc}"}
+    except Exception as exc:  # noqa: BLE001 - e.g. git refused the tag: the model is built and recorded; say so
+        found = {"note": f"registry: could not register the model: {str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)}",
+                 "error": True}
     if "note" in found:
-        logger.info("%s", found["note"])
+        (logger.warning if found.get("error") else logger.info)("%s", found["note"])
     else:
         logger.info("registered %s (stage: %s) on commit %s", found["tag"], found["stage"] or "none",
                     found["commit"][:12])

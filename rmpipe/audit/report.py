@@ -78,7 +78,8 @@ def accuracy_chart(rows: list[dict[str, Any]]) -> dict[str, Any]:
     chart["ticks"] = [{"y": y_of(v), "label": f"{v:.2f}"} for v in (lo, 1.0)]
     for i, p in enumerate(points):
         x = pad + 20 + i * (width - pad - 50) / max(len(points) - 1, 1)
-        chart["points"].append({"x": f"{x:.1f}", "y": f"{y_of(p['acc']):.1f}", "seq": p["seq"], "prod": p["prod"],
+        chart["points"].append({"x": f"{x:.1f}", "label_x": f"{x - 6:.1f}", "y": f"{y_of(p['acc']):.1f}",
+                                "seq": p["seq"], "prod": p["prod"],
                                 "acc": f"{p['acc']:.4f}"})
     chart["polyline"] = " ".join(f"{p['x']},{p['y']}" for p in chart["points"])
     return chart
@@ -184,7 +185,7 @@ def _metrics(root: Path) -> dict:
     keys = ("accuracy", "bt_loss", "ece", "length_r2", "accuracy_chosen_shorter", "canary_max_abs_diff",
             "battery_failed", "battery_below_min_margin", "battery_n")
     return {"checks": list((metrics.get("checks") or {}).items()),
-            "values": [(k, _num(metrics.get(k))) for k in keys if k in metrics],
+            "figures": [(k, _num(metrics.get(k))) for k in keys if k in metrics],
             "battery": {"n": battery.get("n", 0), "right": battery.get("n", 0) - battery.get("n_failed", 0),
                         "min_margin": battery.get("min_margin"), "below": len(battery.get("below_min_margin") or []),
                         "results": [{"name": r["name"], "margin": _num(r.get("margin"), 3), "passed": bool(r.get("passed"))}

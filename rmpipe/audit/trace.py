@@ -143,9 +143,10 @@ def trace(root: Path, batch: str | None = None, annotator: str | None = None) ->
 def render(result: dict[str, Any]) -> str:
     """The trace as a person reads it in a terminal."""
     what = f"batch {result['batch']}" if result["batch"] is not None else f"annotator {result['annotator']}"
+    registry = result.get("registry") in (None, "gto")
     lines = [f"{what}: reached {result['n_models']} of {result['n_recorded_models']} recorded models, "
-             f"{result['n_promoted']} of them in prod now"
-             + ("" if result.get("registry") in (None, "gto") else f" ({result['registry']})")]
+             + (f"{result['n_promoted']} of them in prod now" if registry else
+                f"{result['n_promoted']} of them promoted by the gate ({result['registry']})")]
     for m in result["models"]:
         now = ", ".join(n for n, on in (("current export", m["current_export"]), ("promoted now", m["current_promoted"]))
                         if on)

@@ -41,6 +41,7 @@ from rmpipe.core.settings import ExportSettings
 log = logging.getLogger("rmpipe.export")
 
 N_BOOTSTRAP = 20000
+NO_PROD = "no version in prod"
 
 
 @dataclass
@@ -115,7 +116,8 @@ def promotion_decision(metrics: dict, candidate: Scores, prod: Baseline | None, 
         failed = [k for k, ok in metrics.get("checks", {}).items() if not ok]
         return {**decision, "promoted": False, "reason": f"evaluation failed: {', '.join(failed) or 'see metrics'}"}
     if prod is None:
-        return {**decision, "promoted": True, "reason": "passed; no previously promoted model (no version in prod)"}
+        return {**decision, "promoted": True,
+                "reason": "passed; no previously promoted model" + (" (no version in prod)" if note == NO_PROD else "")}
     test = paired_comparison(candidate.correct, prod.scores.correct, s.promotion_tolerance, s.promotion_alpha)
     battery = battery_regressions(candidate.battery, prod.scores.battery)
     who = f"prod {prod.version}" if prod.version else "the promoted model"
@@ -150,7 +152,7 @@ def baseline(root: Path, s: ExportSettings, test: pd.DataFrame, battery: list[di
         return Baseline(export_scores(folder, test, battery, batch_size, trust_remote_code), None, str(s.promoted_dir)), reason
     prod = registry.in_stage(root)
     if prod is None:
-        return None, "no version in prod"
+        return None, NO_PROD
     if prod["body"].get("manifest_sha256") == folder_digest:
         scores = export_scores(folder, test, battery, batch_size, trust_remote_code)
         return Baseline(scores, prod["version"], str(s.promoted_dir)), None
