@@ -92,8 +92,10 @@ def build(folder: Path, backbone_dir: Path, **train) -> Path:
     project = make_project(folder, backbone_dir, n_train=64, **train)
     params = yaml.safe_load((project / "params.yaml").read_text())
     # toy preferences: the chosen answer is always the longer one, so the length check would flag any model;
-    # accuracy is left to the gate (the point here is the comparison, not evaluate's own floor)
-    params["evaluate"].update({"battery_file": "data/battery.jsonl", "max_length_r2": 1.0, "min_accuracy": 0.0})
+    # accuracy and the battery are left to the gate (the point here is the comparison with prod, not evaluate's
+    # own floor, which alone would refuse the lr 1e-12 model before any comparison)
+    params["evaluate"].update({"battery_file": "data/battery.jsonl", "max_length_r2": 1.0, "min_accuracy": 0.0,
+                               "max_battery_failures": len(TOY_BATTERY)})
     params["export"]["golden_pairs"] = 4
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     make_pairs(60, 3).assign(agreement=1.0, batch_ids=[["toy.jsonl"]] * 60).to_parquet(project / "data/split/test.parquet")
@@ -136,15 +138,15 @@ def test_the_first_model_is_promoted_an_equal_one_too_and_a_clearly_worse_one_re
     assert "registry unavailable: not a git repository" in first["baseline_note"]
 
     equal = against_prod(trained, "equal")
+    assert equal["promoted"] and "paired_test" in equal, equal
     t = equal["paired_test"]
-    assert equal["promoted"], equal["reason"]
     assert equal["reason"].startswith("passed; not significantly worse than the promoted model")
     assert t["n"] == 60 and t["candidate_accuracy"] >= 0.9 and t["prod_accuracy"] >= 0.9
     assert t["upper_bound"] >= -0.01 and f"b={t['b']} c={t['c']}" in equal["reason"]
 
     worse = against_prod(trained, "worse")
+    assert not worse["promoted"] and worse["reason"].startswith("significantly worse than the promoted model"), worse
     w = worse["paired_test"]
-    assert not worse["promoted"] and worse["reason"].startswith("significantly worse than the promoted model")
     assert w["n"] == 60 and w["c"] > w["b"] and w["upper_bound"] < -0.01 and w["mcnemar_p"] < 0.05
     assert w["prod_accuracy"] == pytest.approx(t["prod_accuracy"])  # prod re-scored on the same pairs both times
     # the promoted copy is still prod
