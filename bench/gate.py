@@ -78,6 +78,7 @@ def candidate(spec: dict) -> dict:
     from rmpipe.evaluation.evaluate import evaluate_model, load_checkpoint
     from rmpipe.evaluation.pathology import load_battery
     from rmpipe.export.export import gate
+    from rmpipe.export.promotion import baseline, battery_regressions, candidate_scores, paired_comparison
     from rmpipe.model.reward_model import RewardModel, last_real_token_index
 
     class PadPooling(RewardModel):
@@ -119,8 +120,15 @@ def candidate(spec: dict) -> dict:
     result = evaluate_model(model, tokenizer, splits["test"], splits["val"], battery, eval_s, model_s.max_length)
     decision = gate(model, tokenizer, splits["test"], battery, result.metrics, result.pathology, export_s, model_s,
                     eval_s.batch_size, Path("."))
+    # The paired test alone, whatever evaluate said (a candidate failing its own evaluation never reaches it in
+    # the gate): how far below prod it is on the same pairs.
+    prod, _ = baseline(Path("."), export_s, splits["test"], battery, eval_s.batch_size)
+    margins = {r["name"]: r["margin"] for r in result.pathology["battery"]["results"]}
+    scores = candidate_scores(model, tokenizer, splits["test"], margins, model_s.max_length, eval_s.batch_size)
+    alone = paired_comparison(scores.correct, prod.scores.correct, export_s.promotion_tolerance, export_s.promotion_alpha)
     m = result.metrics
-    return {**spec, "train_s": round(train_s, 1), "accuracy": m["accuracy"], "passed": m["passed"],
+    return {**spec, "paired_test_alone": alone,
+            "battery_regressions_alone": battery_regressions(scores.battery, prod.scores.battery)["regressions"], "train_s": round(train_s, 1), "accuracy": m["accuracy"], "passed": m["passed"],
             "failed_checks": [k for k, ok in m["checks"].items() if not ok],
             "battery_below_min_margin": m["battery_below_min_margin"], "promoted": decision["promoted"],
             "reason": decision["reason"], "paired_test": decision.get("paired_test"),
@@ -131,6 +139,7 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=8, help="equal candidates: train.seed 1..N")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--damaged-only", action="store_true", help="only the damaged candidates")
     parser.add_argument("--keep", default=None, help="build the project here and keep it (default: a temp folder)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one candidate (JSON spec)
     args = parser.parse_args(argv)
@@ -148,16 +157,19 @@ def main(argv: list[str]) -> None:
     specs = [{"kind": "equal", "seed": s} for s in range(1, args.seeds + 1)]
     specs += [{"kind": "labels 30% flipped", "seed": 0, "flip": True}, {"kind": "lr 1e-12", "seed": 0, "lr": 1e-12},
               {"kind": "pooling reads the pad", "seed": 0, "pad_pooling": True}]
+    if args.damaged_only:
+        specs = [s for s in specs if s["kind"] != "equal"]
     results = []
     for spec in specs:
         set_params(project, seed=spec["seed"], lr=spec.get("lr", 3.0e-3))
         out = run([sys.executable, str(Path(__file__).resolve()), "--one", json.dumps(spec)], project)
         result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
         results.append(result)
-        t = result.get("paired_test") or {}
+        t = result["paired_test_alone"]
         print(f"{result['kind']:<22} seed {result['seed']}: accuracy {result['accuracy']:.4f} "
-              f"{'PROMOTED' if result['promoted'] else 'refused '} b={t.get('b')} c={t.get('c')} "
-              f"diff={t.get('accuracy_diff')} upper={t.get('upper_bound')} | {result['reason'][:160]}", flush=True)
+              f"{'PROMOTED' if result['promoted'] else 'refused '} | paired test alone: b={t['b']} c={t['c']} "
+              f"diff={t['accuracy_diff']:+.4f} upper={t['upper_bound']:+.4f} p={t['mcnemar_p']:.2g} "
+              f"battery regressions {len(result['battery_regressions_alone'])} | {result['reason']}", flush=True)
     equal = [r for r in results if r["kind"] == "equal"]
     damaged = [r for r in results if r["kind"] != "equal"]
     summary = {"false_refusals": sum(not r["promoted"] for r in equal), "equal_runs": len(equal),
