@@ -48,6 +48,9 @@ RUN_RECORD := dvc.lock metrics plots reports dvclive
 
 repro: sample-data
 	$(BIN)/dvc repro
+	@# a model that passed evaluation becomes a GTO version (tag on the branch rmpipe/models; prod when the gate
+	@# promoted it). Without git: one line, "registry unavailable: ...", and nothing else changes.
+	$(BIN)/rmpipe register --trigger "make repro"
 	@if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
 	  git add -- $$(ls -d $(RUN_RECORD) 2>/dev/null) && \
 	  echo "staged this run's record ($(RUN_RECORD)); commit it: git commit -m 'reward model from ...'"; fi

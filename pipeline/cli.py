@@ -200,6 +200,22 @@ def _history(args: argparse.Namespace) -> None:
         print(history.describe(row))
 
 
+def _register(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from rmpipe.audit.registry import register_export
+    from rmpipe.core.params import load_params
+    from rmpipe.core.settings import ExportSettings
+
+    export = ExportSettings.parse(load_params(Path(PARAMS_FILE)))
+    result = register_export(Path("."), export.out_dir, args.trigger)
+    if "note" in result:
+        print(result["note"])
+    else:
+        print(f"{result['tag']} ({'new' if result['new'] else 'already registered'}) on commit "
+              f"{result['commit'][:12]}; stage: {result['stage'] or 'none'}")
+
+
 def _report(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -323,6 +339,11 @@ def _audit_commands(sub) -> None:
     what.add_argument("--share", metavar="REMOTE", nargs="?", const="origin", default=None,
                       help="have `git fetch REMOTE` bring the team's history too; prints the push command")
     p.set_defaults(func=_history)
+
+    p = sub.add_parser("register", help="register the current export as a reward-model version in GTO (once; "
+                                        "prod when its gate promoted it)")
+    p.add_argument("--trigger", default="dvc repro", help="what built it (recorded in the tag message)")
+    p.set_defaults(func=_register)
 
     p = sub.add_parser("report", help="write the audit report: one self-contained HTML page")
     p.add_argument("--out", default="reports/audit.html", help="HTML file to write (default: reports/audit.html)")

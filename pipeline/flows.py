@@ -156,13 +156,35 @@ def rebuild(targets: list[str] | None = None, set_params: list[str] | None = Non
                 records.mark_failed(root, str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc),
                                     file_names(incoming))
             raise
+        version = _register(root, trigger) if "export" in stages["ran"] else None
         lock = root / DVC_LOCK
         lock_sha = hashlib.sha256(lock.read_bytes()).hexdigest() if lock.exists() else None
-        result = {**stages, "dvc_lock_sha256": lock_sha, "admitted": admitted, "flow_run_id": run_id}
+        result = {**stages, "dvc_lock_sha256": lock_sha, "admitted": admitted, "flow_run_id": run_id,
+                  "version": version}
         if incoming is not None and not targets:
             result["records_completed"] = _settle_records(root, incoming, result)
     logger.info("ran %s; up to date %s", stages["ran"] or "nothing", stages["skipped"] or "nothing")
     return result
+
+
+def _register(root: Path, trigger: str) -> dict[str, Any]:
+    """The model this rebuild exported becomes a GTO version on the branch rmpipe/models (rmpipe.audit.registry):
+    never a commit on the user's branch. Without git: one line saying why, and nothing else changes."""
+    from rmpipe.audit.registry import register_export
+    from rmpipe.core.settings import ExportSettings
+
+    logger = get_run_logger()
+    try:
+        found = register_export(root, ExportSettings.parse(load_params(root / "params.yaml")).out_dir, trigger)
+    except Exception as exc:  # noqa: BLE001 - e.g. git refused the tag: the model is built and recorded; say so
+        found = {"note": f"registry: could not register the model: {str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)}",
+                 "error": True}
+    if "note" in found:
+        (logger.warning if found.get("error") else logger.info)("%s", found["note"])
+    else:
+        logger.info("registered %s (stage: %s) on commit %s", found["tag"], found["stage"] or "none",
+                    found["commit"][:12])
+    return found
 
 
 def _settle_records(root: Path, incoming: Path, built: dict[str, Any]) -> list[str]:
@@ -175,7 +197,8 @@ def _settle_records(root: Path, incoming: Path, built: dict[str, Any]) -> list[s
         return []
     pushed = push_to_remote(root, return_state=True)  # a push that still fails after retries is reported
     push = {"remote": pushed.result()} if pushed.is_completed() else {"error": pushed.message}
-    details = {"rebuild": {k: built[k] for k in ("ran", "skipped", "dvc_lock_sha256", "flow_run_id", "admitted")},
+    details = {"rebuild": {k: built.get(k) for k in ("ran", "skipped", "dvc_lock_sha256", "flow_run_id", "admitted",
+                                                     "version")},
                "metrics": read_metrics(root), "promotion": gate, "export_path": gate.get("export_path"),
                "dvc_push": push}
     return records.reconcile(root, lineage, file_names(incoming), details, built["flow_run_id"])

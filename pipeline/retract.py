@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pipeline import own_commit
+from pipeline import own_commit, tainted
 from rmpipe.audit import dvc_cache, history
 from rmpipe.core import io
 from rmpipe.data import retractions
@@ -79,25 +79,6 @@ def _model_summary(record: dict[str, Any] | None) -> dict[str, Any] | None:
 def _latest(root: Path) -> dict[str, Any] | None:
     records = history.read(root)
     return records[-1] if records else None
-
-
-def _promoted_record(root: Path, promoted_dir: Path) -> dict[str, Any] | None:
-    """The history record of the model now in the promoted folder (matched by its manifest digest)."""
-    from rmpipe.audit.lineage import MANIFEST_FILE, manifest_sha256
-
-    if not (root / promoted_dir / MANIFEST_FILE).exists():
-        return None
-    digest = manifest_sha256(root / promoted_dir)
-    return next((r for r in reversed(history.read(root)) if r["model"].get("manifest_sha256") == digest), None)
-
-
-def _demote_if_tainted(root: Path, promoted_dir: Path, tainted) -> dict[str, Any] | None:
-    """Remove the promoted model when `tainted(record)` says it was built with what is retracted."""
-    record = _promoted_record(root, promoted_dir)
-    if record is None or not tainted(record):
-        return None
-    shutil.rmtree(root / promoted_dir)
-    return {"model": history.model_id(record), "seq": record.get("seq"), "path": str(promoted_dir)}
 
 
 def _record(root: Path, entry: dict[str, Any], own_files: list) -> None:
@@ -183,9 +164,11 @@ def retract_batch(root: Path, name: str, reason: str, by: str | None = None, pur
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(source), dest)
         io.write_json(dest.with_name(name + ".retraction.json"), entry)
-        demoted = _demote_if_tainted(root, promoted_dir, lambda r: name in (r.get("batches") or {}))
+        demoted = tainted.demote_promoted(root, promoted_dir, lambda r: name in (r.get("batches") or {}))
+        deprecated = tainted.deprecate_versions(root, lambda r: name in (r.get("batches") or {}),
+                                        f"retraction {entry['id']}: batch {name} ({reason})")
         fields: dict[str, Any] = {"removed": {"batch": name, "sha256": entry["sha256"], "moved_to": entry["kept_at"]},
-                                  "demoted": demoted}
+                                  "demoted": demoted, "deprecated": deprecated}
         if not rebuild:
             return _finish(root, entry, before, rebuild=None, **fields)
         # The purge runs after the rebuild: the objects the rebuilt pipeline uses are then known (kept).
@@ -224,14 +207,17 @@ def retract_annotator(root: Path, annotator: str, reason: str, by: str | None = 
             "reason": reason, "by": _who(by), "params": "aggregate.exclude_annotators"})
         with modify_yaml(root / PARAMS_FILE) as data:  # DVC's round-trip YAML: comments and order stay
             data["aggregate"]["exclude_annotators"] = [*excluded, annotator]
-        _record(root, entry, [retractions.REGISTER, *(["params.yaml"] if params_unchanged else [])])
-        demoted = _demote_if_tainted(
-            root, promoted_dir,
-            lambda r: bool(((r.get("annotators") or {}).get(annotator) or {}).get("votes"))
-            and not ((r.get("annotators") or {}).get(annotator) or {}).get("excluded"))
+        _record(root, entry, [retractions.REGISTER, *([PARAMS_FILE] if params_unchanged else [])])
+
+        def used(r: dict[str, Any]) -> bool:
+            info = (r.get("annotators") or {}).get(annotator) or {}
+            return bool(info.get("votes")) and not info.get("excluded")
+
+        demoted = tainted.demote_promoted(root, promoted_dir, used)
+        deprecated = tainted.deprecate_versions(root, used, f"retraction {entry['id']}: annotator {annotator} ({reason})")
         fields = {"removed": {"annotator": annotator, "votes": entry["votes"],
                               "params": {"aggregate.exclude_annotators": [*excluded, annotator]}},
-                  "demoted": demoted}
+                  "demoted": demoted, "deprecated": deprecated}
         if not rebuild:
             return _finish(root, entry, before, rebuild=None, **fields)
         return _rebuild_and_finish(root, entry, before, f"rmpipe retract annotator {annotator} ({entry['id']})",
@@ -361,6 +347,10 @@ def render(outcome: dict[str, Any]) -> str:
     lines = [retractions.describe(entry)]
     if outcome.get("demoted"):
         lines.append(f"demoted: the promoted model {outcome['demoted']['model']} was built with it")
+    if isinstance(outcome.get("deprecated"), list) and outcome["deprecated"]:
+        lines.append(f"deprecated in the registry: {', '.join(outcome['deprecated'])}")
+    elif isinstance(outcome.get("deprecated"), str):
+        lines.append(outcome["deprecated"])
     for key in ("before", "after"):
         m = outcome.get(key)
         if m is None:

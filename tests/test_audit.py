@@ -121,7 +121,8 @@ def audit(tmp_path_factory):
     run([str(BIN / "rmpipe"), "sample-data"], proj)
     delivery = tmp / "delivery" / VENDOR
     vendor = write_vendor_batch(proj / "data/incoming", delivery)
-    seen: dict = {"proj": proj, "vendor": vendor, "history": []}
+    seen: dict = {"proj": proj, "vendor": vendor, "history": [], "head": run(["git", "rev-parse", "HEAD"], proj).stdout}
+    from rmpipe.audit import registry
 
     def snap(step: str) -> None:
         seen["history"].append((step, chain_records(proj)))
@@ -130,6 +131,7 @@ def audit(tmp_path_factory):
     # 1. the vendor batch arrives through the on-new-batch flow: the first build
     seen["delivered"] = run([rm, "on-new-batch", str(delivery)], proj)
     snap("on-new-batch")
+    seen["versions_after_delivery"] = registry.versions(proj)
     seen["noop"] = run([dvc, "repro"], proj)
     snap("no-op dvc repro")
     seen["train_with_vendor"] = pd.read_parquet(proj / "data/split/train.parquet")
@@ -141,6 +143,7 @@ def audit(tmp_path_factory):
     seen["retract_batch"] = json.loads(run([rm, "retract", "--batch", VENDOR, "--reason", "mislabeled by the vendor",
                                             "--by", "audit-team", "--json"], proj).stdout)
     snap("retract batch")
+    seen["versions_after_batch"] = registry.versions(proj)
     seen["lineage_after_batch"] = json.loads((proj / "models/export/lineage.json").read_text())
     seen["head_after_batch"] = run(["git", "log", "-1", "--format=%s"], proj).stdout.strip()
     again = tmp / "again" / "vendor-resent.jsonl"
@@ -160,6 +163,7 @@ def audit(tmp_path_factory):
                                                 "--json"], proj).stdout)
     snap("retract annotator")
     seen["lineage_after_annotator"] = json.loads((proj / "models/export/lineage.json").read_text())
+    seen["versions_after_annotator"] = registry.versions(proj)
     params = yaml.safe_load((proj / "params.yaml").read_text())
     seen["params_after_annotator"] = params
     seen["params_text_after_annotator"] = (proj / "params.yaml").read_text()
@@ -180,6 +184,8 @@ def audit(tmp_path_factory):
     seen["trace_after_purge"] = json.loads(run([rm, "trace", "--batch", VENDOR, "--json"], proj).stdout)
     snap("purge")
     seen["verify_history"] = run([rm, "history", "--verify"], proj, check=False)
+    seen["versions_at_end"] = registry.versions(proj)
+    seen["gto_show"] = json.loads(run([str(BIN / "gto"), "show", "reward-model", "--json"], proj).stdout)
     return seen
 
 
@@ -210,6 +216,50 @@ def test_every_kind_of_rebuild_appends_one_record_and_none_is_rewritten(audit):
     assert first["git"]["commit"] and first["model"]["md5"].endswith(".dir")
 
 
+def stages_of(versions: list[dict]) -> list[tuple[str, list[str], bool]]:
+    return [(v["version"], v["stages"], v["deprecated"]) for v in versions]
+
+
+def test_service_built_models_are_versions_with_stages_and_retractions_deprecate_them(audit):
+    """The delivery (on-new-batch) and each retraction's rebuild made a GTO version, prod when the gate promoted
+    it; a retraction deprecated the versions built with what it took out; the user's branch never moved."""
+    proj = audit["proj"]
+    assert stages_of(audit["versions_after_delivery"]) == [("v0.0.1", ["prod"], False)]
+    first = audit["versions_after_delivery"][0]["body"]
+    assert first["trigger"] == f"on-new-batch {VENDOR}" and VENDOR in first["batches"]
+    assert first["gate"]["promoted"] and first["metrics"]["accuracy"] > 0.5
+    assert first["manifest_sha256"] == records(proj)[0]["model"]["manifest_sha256"]
+    # R1 took the vendor batch out: v0.0.1 (built with it) deprecated, the rebuilt model judged alone, in prod
+    assert stages_of(audit["versions_after_batch"]) == [("v0.0.1", [], True), ("v0.0.2", ["prod"], False)]
+    assert audit["retract_batch"]["deprecated"] == ["reward-model@v0.0.1!"]
+    # R2 took ann-11 out: v0.0.2 used their votes
+    assert stages_of(audit["versions_after_annotator"]) == [("v0.0.1", [], True), ("v0.0.2", [], True),
+                                                            ("v0.0.3", ["prod"], False)]
+    assert stages_of(audit["versions_at_end"]) == stages_of(audit["versions_after_annotator"])  # plain repro: none
+    assert [v["version"] for v in audit["gto_show"] if v["stages"]] == ["v0.0.3"]  # what `gto show` says
+    assert run(["git", "rev-parse", "HEAD"], proj).stdout == audit["head"]  # versions live on rmpipe/models
+    assert run(["git", "symbolic-ref", "--short", "HEAD"], proj).stdout.strip() != "rmpipe/models"
+    tips = run(["git", "log", "--format=%s", "rmpipe/models"], proj).stdout
+    assert tips.count("reward-model: model") == 3
+    # a deprecated version never shows as promoted: trace reads the registry
+    assert [(m["version"], m["promoted"], m["deprecated"]) for m in audit["trace_ann"]["models"]] == [
+        ("v0.0.1", False, True), ("v0.0.2", False, True)]
+
+
+def test_the_audit_page_shows_stages_from_the_registry(audit, tmp_path):
+    import re
+
+    from rmpipe.audit.report import build_report
+
+    page = build_report(audit["proj"], tmp_path / "audit.html")
+    rows = re.findall(r"<tr><td>(\d+)</td>.*?</tr>", re.search(r'<table class="history">.*?</table>', page, re.S).group(0))
+    assert rows == ["1", "2", "3", "4"]
+    table = re.search(r'<table class="history">.*?</table>', page, re.S).group(0)
+    assert table.count(">deprecated<") == 2 and table.count(">prod<") == 1
+    assert "v0.0.3 (model" in page  # in prod now
+    assert "reward-model@v0.0.1!" in re.search(r'<table class="retractions">.*?</table>', page, re.S).group(0)
+
+
 def test_trace_finds_the_one_model_a_batch_reached_and_the_pairs_it_decided(audit):
     trace = audit["trace_batch"]
     assert [m["seq"] for m in trace["models"]] == [1]
@@ -220,6 +270,7 @@ def test_trace_finds_the_one_model_a_batch_reached_and_the_pairs_it_decided(audi
     assert model["contributed"] == len(expected)  # it voted on nothing else
     assert model["votes"] == 8 * 4 + 12 * 2
     assert model["current_export"] is True and model["promoted"] is True and trace["n_promoted"] == 1
+    assert model["version"] == "v0.0.1" and model["stages"] == ["prod"] and trace["registry"] == "gto"
     assert "reached 1 of 1 recorded models" in audit["trace_batch_text"]
     # One of its annotators decided the same pairs: without vendor-a a flipped pair ties 3-3, a new pair has 1 vote.
     assert set(audit["trace_vendor_a"]["models"][0]["decided_pair_ids"]) == expected

@@ -97,6 +97,11 @@ def test_full_repro_in_a_plain_copy_then_nothing_then_only_downstream(tmp_path):
     eval_metrics = json.loads((proj / "metrics" / "eval.json").read_text())
     assert eval_metrics["n_pairs"] > 0 and 0.0 <= eval_metrics["accuracy"] <= 1.0
     assert (proj / "models" / "export" / "config.json").exists()
+    # `make repro`'s last step: without git the registry is unavailable, said in one line, and nothing else changes
+    registered = run([str(BIN / "rmpipe"), "register", "--trigger", "make repro"], proj)
+    assert registered.stdout.strip().startswith("registry unavailable: not a git repository")
+    assert len(registered.stdout.strip().splitlines()) == 1 and "Traceback" not in registered.stderr
+    assert json.loads((proj / "models/export/lineage.json").read_text())["promotion"]["promoted"] in (True, False)
     lock = yaml.safe_load((proj / "dvc.lock").read_text())
     assert set(lock["stages"]) == set(stages)
 

@@ -127,10 +127,14 @@ def test_length_bias_flags_reward_that_tracks_length():
     assert not fair["flagged"] and fair["r2"] < 0.1
 
 
-def test_battery_report_names_each_failure():
-    report = battery_report(["refusal", "rude", "waffle"], np.array([2.0, 0.3, -1.0]), min_margin=1.0)
-    assert report["failures"] == ["rude", "waffle"] and report["n_failed"] == 2
-    assert [r["passed"] for r in report["results"]] == [True, False, False]
+def test_battery_report_judges_by_sign_and_reports_the_margin():
+    report = battery_report(["refusal", "rude", "waffle", "tie"], np.array([2.0, 0.3, -1.0, 0.0]), min_margin=1.0)
+    assert report["failures"] == ["waffle", "tie"] and report["n_failed"] == 2  # wrong order; a tie is wrong
+    assert [r["passed"] for r in report["results"]] == [True, True, False, False]
+    assert report["below_min_margin"] == ["rude", "waffle", "tie"]  # reported, not failed
+    # the same model with rewards scaled by 0.01 (a BT model is defined up to scale) passes the same pairs
+    scaled = battery_report(["refusal", "rude", "waffle", "tie"], np.array([2.0, 0.3, -1.0, 0.0]) * 0.01, 1.0)
+    assert scaled["failures"] == report["failures"]
 
 
 def test_shipped_battery_loads(tmp_path):
@@ -200,13 +204,17 @@ def test_evaluate_model_reports_every_check(tiny):
     result = evaluate_model(model, tokenizer, test, val, load_battery(BATTERY), settings(), 128)
     m = result.metrics
     assert m["n_pairs"] == 24 and 0.0 <= m["accuracy"] <= 1.0
-    assert set(m["checks"]) == {"accuracy", "calibration", "length_bias", "battery", "padding_canary"}
+    assert set(m["checks"]) == {"accuracy", "length_bias", "battery", "padding_canary"}  # scale-free only
+    assert m["calibration_flagged"] == (m["ece"] > settings().max_ece)  # reported beside them
     assert m["checks"]["padding_canary"] and m["passed"] == all(m["checks"].values())
     assert sum(b["n"] for b in m["accuracy_by_agreement"].values()) == 24
     assert sum(b["n"] for b in m["accuracy_by_length"].values()) == 24
     assert m["normalization"]["split"] == "val" and m["normalization"]["n_rows"] == 20
-    # An untrained model cannot clear a margin of +1 on the battery: each failure is named.
+    # An untrained model cannot clear a margin of +1 on the battery (reported) and orders some pairs wrong
+    # (failed, each named).
     battery = result.pathology["battery"]
+    assert len(battery["below_min_margin"]) == m["battery_below_min_margin"] > 0
+    assert battery["failures"] == [r["name"] for r in battery["results"] if r["margin"] <= 0]
     assert battery["n_failed"] == len(battery["failures"]) > 0
     assert set(battery["failures"]) <= {r["name"] for r in load_battery(BATTERY)}
     assert "FAIL" in result.summary and battery["failures"][0] in result.summary

@@ -21,7 +21,7 @@ from pipeline.cli import main as cli_main
 from rmpipe.evaluation.evaluate import load_checkpoint, reward_fn_of, score_token_rows
 from rmpipe.export.hf import EXPORT_PAD, load_golden
 from rmpipe.audit.lineage import describe, read_manifest, verify_export
-from rmpipe.export.promotion import accuracy_of_export, promotion_decision
+from rmpipe.export.promotion import promotion_decision
 from rmpipe.model.render import encode_rows
 from rmpipe.core.settings import ExportSettings
 from stages import evaluate as evaluate_stage
@@ -218,26 +218,22 @@ def test_pad_equal_to_eos_gets_a_dedicated_export_pad(tmp_path, monkeypatch):
     assert abs(naive - trained).max() > 1e-3
 
 
-def settings_for(tmp_path: Path, tolerance: float = 0.01) -> ExportSettings:
-    return ExportSettings(out_dir=tmp_path / "export", promoted_dir=tmp_path / "promoted", parity_tolerance=1e-4,
-                          golden_pairs=4, promotion_tolerance=tolerance)
+def test_the_gate_rescores_the_promoted_export_on_the_candidates_pairs(exported, tmp_path):
+    """The prod model is scored the way it was exported (plain transformers), on the candidate's test split
+    and battery; the same model judged against itself is never refused (b = c = 0)."""
+    from rmpipe.export.promotion import Baseline, export_scores
+    from rmpipe.evaluation.pathology import load_battery
 
-
-def test_promotion_gate(exported, tmp_path):
     test = make_pairs(12, seed=2)
-    s = settings_for(tmp_path)
-    passing = {"accuracy": 0.9, "passed": True, "checks": {"accuracy": True}}
-    assert promotion_decision(passing, s.promoted_dir, test, s, 8)["reason"] == "passed; no previously promoted model"
-    failing = {"accuracy": 0.9, "passed": False, "checks": {"accuracy": True, "battery": False}}
-    decision = promotion_decision(failing, s.promoted_dir, test, s, 8)
-    assert not decision["promoted"] and decision["reason"] == "evaluation failed: battery"
-
-    shutil.copytree(exported / "models" / "export", s.promoted_dir)  # a previously promoted model
-    previous = accuracy_of_export(s.promoted_dir, test, 8)
-    worse = promotion_decision({**passing, "accuracy": previous - 0.02}, s.promoted_dir, test, s, 8)
-    assert not worse["promoted"] and worse["previous_accuracy"] == pytest.approx(previous)
-    within = promotion_decision({**passing, "accuracy": previous - 0.005}, s.promoted_dir, test, s, 8)
-    assert within["promoted"] and "vs promoted" in within["reason"]
+    battery = load_battery(BATTERY)
+    prod = export_scores(exported / "models" / "export", test, battery, 8)
+    assert prod.correct.shape == (12,) and set(prod.battery) == {r["name"] for r in battery}
+    s = ExportSettings(out_dir=tmp_path / "export", promoted_dir=tmp_path / "promoted", parity_tolerance=1e-4,
+                       golden_pairs=4, promotion_tolerance=0.0)
+    itself = promotion_decision({"accuracy": float(prod.correct.mean()), "passed": True, "checks": {}}, prod,
+                                Baseline(prod, None, "models/export"), s)
+    assert itself["promoted"] and itself["paired_test"]["b"] == itself["paired_test"]["c"] == 0
+    assert itself["battery"]["regressions"] == []
 
 
 def test_export_scored_grouped_by_prompt_equals_the_plain_path(exported):
@@ -256,7 +252,7 @@ def test_export_scored_grouped_by_prompt_equals_the_plain_path(exported):
     assert np.abs(np.concatenate([r_c, r_r]) - plain).max() < 1e-5
 
 
-def test_passing_model_is_promoted_then_a_worse_one_is_not(exported, tmp_path, monkeypatch):
+def test_passing_model_is_promoted_then_one_that_fails_evaluation_is_not(exported, tmp_path, monkeypatch):
     project = tmp_path / "project"
     shutil.copytree(exported, project)
     monkeypatch.chdir(project)
@@ -267,12 +263,16 @@ def test_passing_model_is_promoted_then_a_worse_one_is_not(exported, tmp_path, m
     promoted = project / "models" / "promoted"
     assert first["promotion"]["promoted"] and (promoted / "model.safetensors").exists()
     assert verify_export(promoted) == []  # the promoted copy carries the same manifest
-    assert json.loads((promoted / "promotion.json").read_text())["reason"] == "passed; no previously promoted model"
+    assert json.loads((promoted / "promotion.json").read_text())["reason"].startswith("passed; no previously promoted model")
 
-    metrics_file.write_text(json.dumps({**metrics, "passed": True, "accuracy": first["promotion"]["accuracy"] - 0.2}))
+    # the same model again: compared with the promoted copy on the same pairs, identical, promoted
+    again = export_stage.run()
+    assert again["promotion"]["promoted"] and again["promotion"]["paired_test"]["c"] == 0
+
+    metrics_file.write_text(json.dumps({**metrics, "passed": False, "checks": {"padding_canary": False}}))
     second = export_stage.run()
-    assert not second["promotion"]["promoted"] and "below the promoted model's" in second["promotion"]["reason"]
-    assert read_manifest(promoted)["created_at"] == first["created_at"]  # the promoted model stayed
+    assert not second["promotion"]["promoted"] and second["promotion"]["reason"] == "evaluation failed: padding_canary"
+    assert read_manifest(promoted)["created_at"] == again["created_at"]  # the promoted model stayed
 
 
 def test_the_manuals_snippet_scores_like_rmpipe_score(exported, tmp_path, capsys):

@@ -67,7 +67,7 @@ def first_break(records: list[Any]) -> str | None:
         seq = record.get("seq")
         if seq != i:
             if isinstance(seq, int) and seq > i and i not in seqs:
-                return f"record #{i} was removed: #{seq} follows #{i - 1}" if i > 1 else f"record #1 was removed"
+                return f"record #{i} was removed: #{seq} follows #{i - 1}" if i > 1 else "record #1 was removed"
             return f"record #{seq} is out of order: found where #{i} belongs (records reordered)"
         body = {k: v for k, v in record.items() if k != "sha256"}
         if record.get("sha256") != digest(body):

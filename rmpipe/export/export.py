@@ -27,7 +27,7 @@ from rmpipe.evaluation.evaluate import reward_fn_of, score_token_rows
 from rmpipe.export.hf import GOLDEN_FILE, golden_rows, parity, to_sequence_classifier
 from rmpipe.audit.lineage import MANIFEST_FILE, PROMOTION_FILE, build_manifest
 from rmpipe.export.card import model_card
-from rmpipe.export.promotion import promote, promotion_decision
+from rmpipe.export.promotion import baseline, candidate_scores, promote, promotion_decision
 from rmpipe.model.render import encode_rows
 from rmpipe.core.settings import ExportSettings, ModelSettings
 
@@ -75,7 +75,8 @@ def write_export(model, tokenizer, test: pd.DataFrame, battery: list[dict], metr
                 + ("; the pad token occurs in rendered text" if check["pad_in_text"] else "")
                 + f". The previous export in {s.out_dir} is left untouched."
             )
-        decision = promotion_decision(metrics, s.promoted_dir, test, s, batch_size, m.trust_remote_code)
+        decision = gate(model, tokenizer, test, battery, metrics, pathology_report, s, m, batch_size,
+                        Path(lineage["project_root"]))
         evaluation = {k: metrics.get(k) for k in ("passed", "accuracy", "n_pairs", "bt_loss", "ece", "length_r2",
                                                   "battery_failed", "canary_max_abs_diff", "checks")}
         extra = {**lineage.get("extra", {}), "evaluation": evaluation, "parity": check, "promotion": decision,
@@ -90,3 +91,16 @@ def write_export(model, tokenizer, test: pd.DataFrame, battery: list[dict], metr
         with io.atomic_dir(s.promoted_dir) as empty:
             io.write_json(empty / PROMOTION_FILE, {"promoted": False, "reason": "no model has been promoted yet"})
     return manifest
+
+
+def gate(model, tokenizer, test: pd.DataFrame, battery: list[dict], metrics: dict, pathology_report: dict,
+         s: ExportSettings, m: ModelSettings, batch_size: int, root: Path) -> dict:
+    """The promotion gate (rmpipe.export.promotion): the candidate against the version in prod, same pairs."""
+    prod, note = None, None
+    if metrics.get("passed", False):  # a candidate that failed its own evaluation is refused before any scoring
+        prod, note = baseline(root, s, test, battery, batch_size, m.trust_remote_code)
+    if note:
+        log.info("promotion gate: %s", note)
+    margins = {r["name"]: r["margin"] for r in (pathology_report.get("battery") or {}).get("results") or []}
+    candidate = candidate_scores(model, tokenizer, test, margins, m.max_length, batch_size) if prod else None
+    return promotion_decision(metrics, candidate, prod, s, note)
