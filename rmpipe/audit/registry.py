@@ -174,14 +174,23 @@ def register(root: Path, body: dict[str, Any], promote: bool) -> dict[str, Any]:
     summary = f"{ARTIFACT}: model {str(body.get('manifest_sha256'))[:12]} ({decision}; {body.get('trigger')})"
     commit = snapshot(root, summary)
     with _identity(root):
-        tag = gto_register(str(root), ARTIFACT, commit, message=tag_message(summary, body))
-        version = tag.version if hasattr(tag, "version") else str(tag)
+        version = _next_version(root)
+        gto_register(str(root), ARTIFACT, commit, version=version, message=tag_message(summary, body))
         if promote:
             reason = (body.get("gate") or {}).get("reason")
             assign(str(root), ARTIFACT, PROD, version=version,
                    message=tag_message(f"{ARTIFACT} {version} -> {PROD}: {reason}", {"gate": body.get("gate")}))
     return {"version": version, "tag": f"{ARTIFACT}@{version}", "commit": commit,
             "stage": PROD if promote else None}
+
+
+def _next_version(root: Path) -> str:
+    """The patch after the highest version ever tagged, deprecated ones included (GTO's own bump skips
+    deregistered versions, and would then try to re-create an existing tag)."""
+    tags = _git(root, "tag", "-l", f"{ARTIFACT}@v*", check=False).split()
+    known = [_semver(t.split("@", 1)[1].rstrip("!")) for t in tags]
+    major, minor, patch = max([k for k in known if len(k) == 3], default=(0, 0, 0))
+    return f"v{major}.{minor}.{patch + 1}"
 
 
 def deprecate(root: Path, version: str, reason: str) -> str:
