@@ -99,6 +99,14 @@ def test_gto_itself_shows_prod_and_a_deprecated_version_leaves_it(repo):
     history = subprocess.run([*gto, "history", "reward-model"], cwd=repo, capture_output=True, text=True,
                              check=True).stdout
     assert "deregistration" in history and "assignment" in history
+    # every version deprecated (a retraction of the first batch): nothing in prod, and the next model is a new
+    # number, never a re-used one (GTO's own bump skips deregistered versions and would hit the existing tag)
+    registry.deprecate(repo, "v0.0.1", "retraction R2")
+    assert registry.in_stage(repo) is None
+    fake_export(repo, 3)
+    assert registry.register_export(repo, Path("models/export"), "t3")["version"] == "v0.0.3"
+    assert [(v["version"], v["stages"]) for v in registry.versions(repo)] == [("v0.0.1", []), ("v0.0.2", []),
+                                                                             ("v0.0.3", ["prod"])]
 
 
 def test_without_git_the_registry_is_unavailable_in_one_line(tmp_path):

@@ -174,14 +174,36 @@ def register(root: Path, body: dict[str, Any], promote: bool) -> dict[str, Any]:
     summary = f"{ARTIFACT}: model {str(body.get('manifest_sha256'))[:12]} ({decision}; {body.get('trigger')})"
     commit = snapshot(root, summary)
     with _identity(root):
-        tag = gto_register(str(root), ARTIFACT, commit, message=tag_message(summary, body))
-        version = tag.version if hasattr(tag, "version") else str(tag)
+        version = _next_version(root)
+        _after_last_tag(root)
+        gto_register(str(root), ARTIFACT, commit, version=version, message=tag_message(summary, body))
         if promote:
+            _after_last_tag(root)
             reason = (body.get("gate") or {}).get("reason")
             assign(str(root), ARTIFACT, PROD, version=version,
                    message=tag_message(f"{ARTIFACT} {version} -> {PROD}: {reason}", {"gate": body.get("gate")}))
     return {"version": version, "tag": f"{ARTIFACT}@{version}", "commit": commit,
             "stage": PROD if promote else None}
+
+
+def _after_last_tag(root: Path) -> None:
+    """Wait, if needed, until the clock is past the second of the newest registry tag: GTO orders events by their
+    tags' timestamps (whole seconds), so two assignments in one second would leave prod ambiguous."""
+    import time
+
+    newest = _git(root, "for-each-ref", "--sort=-creatordate", "--count=1", "--format=%(creatordate:unix)",
+                  f"refs/tags/{ARTIFACT}*", check=False).strip()
+    if newest.isdigit() and time.time() < int(newest) + 1:
+        time.sleep(int(newest) + 1 - time.time() + 0.01)
+
+
+def _next_version(root: Path) -> str:
+    """The patch after the highest version ever tagged, deprecated ones included (GTO's own bump skips
+    deregistered versions, and would then try to re-create an existing tag)."""
+    tags = _git(root, "tag", "-l", f"{ARTIFACT}@v*", check=False).split()
+    known = [_semver(t.split("@", 1)[1].rstrip("!")) for t in tags]
+    major, minor, patch = max([k for k in known if len(k) == 3], default=(0, 0, 0))
+    return f"v{major}.{minor}.{patch + 1}"
 
 
 def deprecate(root: Path, version: str, reason: str) -> str:
@@ -190,6 +212,7 @@ def deprecate(root: Path, version: str, reason: str) -> str:
 
     require(root)
     with _identity(root):
+        _after_last_tag(root)
         deregister(str(root), ARTIFACT, version=version, message=f"{ARTIFACT} {version} deprecated: {reason}")
     return f"{ARTIFACT}@{version}!"
 
