@@ -102,7 +102,7 @@ def pipeline_lock(root: Path, lock_file: Path = LOCK_FILE, timeout_s: float | No
     try:
         lock.acquire(blocking=False)
     except filelock.Timeout:
-        logging.getLogger("rmpipe.flows").info("%s is held by %s; waiting up to %.0f s", lock_path.name,
+        logging.getLogger("rmpipe.flows").info("%s is held by %s; waiting for it (up to %.0f s)", lock_path.name,
                                                holder(lock_path), wait)
         try:
             lock.acquire(timeout=wait)
