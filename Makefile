@@ -55,12 +55,14 @@ repro: sample-data
 	  git add -- $$(ls -d $(RUN_RECORD) 2>/dev/null) && \
 	  echo "staged this run's record ($(RUN_RECORD)); commit it: git commit -m 'reward model from ...'"; fi
 
+# The test files run in parallel, one worker per core (pytest-xdist; --dist loadfile keeps a file on one
+# worker, so its module fixtures are built once).
 test: setup browser
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --dist loadfile
 
 # The quick loop: everything but the real-pipeline builds (marked slow; CI runs them).
 test-quick: setup
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not slow" -n auto --dist loadfile
 
 # The manual (docs/, MkDocs Material) into site/: strict, so a broken link fails; open site/index.html offline.
 docs: setup
