@@ -240,11 +240,12 @@ def test_service_built_models_are_versions_with_stages_and_retractions_deprecate
     # versions live on rmpipe/models: the user's branch moved only by `rmpipe retract`'s commits of its own register
     # (and the params it edited), which keep the retraction's model clean (tests/test_lineage.py)
     head = audit["head"].strip()
-    own = run(["git", "log", "--format=%s", f"{head}..HEAD"], proj).stdout.splitlines()
-    own = [subject for subject in own if subject != "params comment"]  # the scenario's own commit (step 4)
-    assert len(own) >= 2 and all(subject.startswith("rmpipe retract ") for subject in own), own
-    assert set(run(["git", "diff", "--name-only", head, "HEAD"], proj).stdout.split()) <= {
-        "audit/retractions.jsonl", "params.yaml"}
+    log = [line.split("\t", 1) for line in run(["git", "log", "--format=%H%x09%s", f"{head}..HEAD"], proj).stdout.splitlines()]
+    own = [sha for sha, subject in log if subject != "params comment"]  # the scenario's own commit (step 4)
+    assert len(own) >= 2 and all(subject.startswith("rmpipe retract ") for sha, subject in log if sha in own), log
+    for sha in own:
+        assert set(run(["git", "show", "--name-only", "--format=", sha], proj).stdout.split()) <= {
+            "audit/retractions.jsonl", "params.yaml"}
     assert run(["git", "symbolic-ref", "--short", "HEAD"], proj).stdout.strip() != "rmpipe/models"
     tips = run(["git", "log", "--format=%s", "rmpipe/models"], proj).stdout
     assert tips.count("reward-model: model") == 3
