@@ -153,12 +153,17 @@ def wanted_deps(dvc_yaml: Path) -> dict[str, list[str]]:
             if (entry := stage_entry(stage)) and (root / entry).is_file()}
 
 
+def _dep_name(dep) -> str:
+    """A dvc.yaml dep's path (a dep is a path, or a one-key mapping of path -> options)."""
+    return dep if isinstance(dep, str) else next(iter(dep))
+
+
 def drift(dvc_yaml: Path) -> dict[str, tuple[list[str], list[str]]]:
     """Per stage whose dvc.yaml code deps differ from its imports: (missing, extra)."""
     stages = yaml.safe_load(Path(dvc_yaml).read_text(encoding="utf-8")).get("stages", {})
     out = {}
     for name, wanted in wanted_deps(dvc_yaml).items():
-        listed = {d if isinstance(d, str) else next(iter(d)) for d in stages[name].get("deps", [])}
+        listed = {_dep_name(d) for d in stages[name].get("deps", [])}
         listed = {d for d in listed if is_code_dep(d)}
         missing, extra = sorted(set(wanted) - listed), sorted(listed - set(wanted))
         if missing or extra:
@@ -176,10 +181,6 @@ def _round_trip_yaml():
     rt.indent(mapping=2, sequence=4, offset=2)
     rt.width = 4096
     return rt
-
-
-def _dep_name(dep) -> str:
-    return dep if isinstance(dep, str) else next(iter(dep))
 
 
 def rewrite(text: str, wanted: dict[str, list[str]]) -> str:
