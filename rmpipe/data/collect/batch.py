@@ -12,7 +12,7 @@ and batches by key).
 Statuses in the report entry:
 
   accepted          its votes are in the table
-  rejected          too many bad rows (over `max_bad_share`) or the file cannot be read
+  rejected          too many bad rows (over `max_bad_share`), no rows at all, or the file cannot be read
   refused           not read at all: a symlink, a bad name, or over `max_file_mb`
   duplicate_of:<b>  byte-identical to batch <b>, already counted
 """
@@ -42,6 +42,8 @@ from rmpipe.data.collect.read import UNREADABLE, Chunk, chunks, raw_text
 from rmpipe.data.collect.rows import ANNOTATOR, PAIR_ID, PREJUDGED, Normalizer
 
 FORMATS = schema.BATCH_FORMATS
+NO_ROWS = ("holds no rows (an empty file, a header only, or blank lines): nothing to train on; deliver it "
+           "with its rows or remove it")
 POLICIES = ("fail", "skip")  # collect.on_rejected_batch (CollectSettings checks it)
 
 
@@ -346,6 +348,8 @@ def _settle(entry: dict, batch: _Batch, unreadable: str | None, conf: CollectSet
     entry["top_reasons"] = _top_reasons(batch.quarantine)
     if unreadable:
         entry.update(status="rejected", message=unreadable)
+    elif not entry["rows_read"]:  # admission refuses it too: it would be registered yet never reach a model
+        entry.update(status="rejected", message=f"{entry['batch_id']}: {NO_ROWS}")
     elif entry["bad_share"] > conf.max_bad_share:
         entry.update(status="rejected", message=_rejection_message(entry, conf))
     else:

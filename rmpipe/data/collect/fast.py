@@ -28,6 +28,7 @@ from rmpipe.core import schema
 from rmpipe.data.collect import text_columns
 from rmpipe.data.collect.fields import (
     CHOICE_LABELS,
+    META_MAX_DEPTH,
     STRENGTH_LABELS,
     Bad,
     label,
@@ -47,32 +48,57 @@ _JSON_EXTRA_TYPES = (pa.string(), pa.large_string(), pa.int64(), pa.bool_())  # 
 
 
 class _Seen:
-    """What the checks found for texts met before, keyed by a 128-bit fingerprint of the text (xxh3, seeded
-    at random per process, so nobody can aim for a collision) instead of the text itself: a vote's texts
-    usually come back in later chunks and batches (one pair, several annotators), and this keeps their
-    digests at ~200 bytes each. Emptied when it holds `limit` entries; results never depend on it."""
+    """What the checks found for texts met before (a vote's texts come back in later chunks and batches),
+    found by a seeded 128-bit xxh3 fingerprint and checked against the text's sha256: a hit counts only
+    when the sha256 matches, so texts whose fingerprints collide are never confused (responses need the
+    sha256 anyway: for a clean text it is the digest votes carry). ~250 bytes an entry; emptied at `limit`
+    entries; results never depend on it. One per collect.max_field_chars (`seen_for`): threads with
+    different settings (a threaded Dask worker) never see each other's results."""
 
     def __init__(self, limit: int = 1_500_000):
-        self.max_chars = 0  # the checks depend on collect.max_field_chars: the cache holds one setting's results
         self.seed = int.from_bytes(os.urandom(8), "little")
         self.limit = limit
-        # response -> (sha256 of its normalized form, whether normalizing changes it); None: fails a check.
-        # One entry per text, so a concurrent clear() never leaves half of what was found.
-        self.texts: dict[int, tuple[str, bool] | None] = {}
-        self.prompts: dict[int, str | None] = {}  # prompt -> prompt_hash; None: fails a check
+        # fingerprint -> (sha256 of the text, what was found: for a response (sha256 of its normalized form,
+        # whether normalizing changes it), for a prompt its hash; None: fails a check). One entry per text.
+        self.texts: dict[int, tuple[bytes, tuple[str, bool] | None]] = {}
+        self.prompts: dict[int, tuple[bytes, str | None]] = {}
 
     def fingerprints(self, values: pa.Array) -> list[int]:
         """Fingerprint of each string of `values`, hashed straight from Arrow's buffers."""
         digest, seed = xxhash.xxh3_128_intdigest, self.seed
         return [digest(view, seed) for view in text_columns.byte_slices(values)]
 
-    def trim(self, max_chars: int) -> None:
-        if len(self.texts) + len(self.prompts) > self.limit or max_chars != self.max_chars:
-            self.max_chars = max_chars
+    @staticmethod
+    def lookup(entries: dict, fingerprints: list[int], sha256s: list[bytes]) -> list:
+        """What was found for each text, or `False` where it is new (or only its fingerprint was seen)."""
+        found = []
+        for fp, sha in zip(fingerprints, sha256s):
+            entry = entries.get(fp)
+            found.append(entry[1] if entry is not None and entry[0] == sha else False)
+        return found
+
+    def trim(self) -> None:
+        if len(self.texts) + len(self.prompts) > self.limit:
             self.texts.clear(), self.prompts.clear()
 
 
-_SEEN = _Seen()
+_SEEN: dict[int, _Seen] = {}  # collect.max_field_chars -> its cache
+
+
+def seen_for(max_chars: int) -> _Seen:
+    """The cache of one max_field_chars setting (a new setting starts afresh and lets older ones go)."""
+    seen = _SEEN.get(max_chars)
+    if seen is None:
+        seen = _Seen()
+        if len(_SEEN) >= 2:  # settings rarely change within a process: keep the last two, not every one
+            _SEEN.clear()
+        _SEEN[max_chars] = seen
+    return seen
+
+
+def _sha256s(values: pa.Array) -> list[bytes]:
+    sha256 = hashlib.sha256
+    return [sha256(view).digest() for view in text_columns.byte_slices(values)]
 
 
 def _is_text(kind: pa.DataType) -> bool:
@@ -106,8 +132,15 @@ def _usable(table: pa.Table, nulls_may_be_absent: bool) -> bool:
     for name in ("strength", "pair_id"):
         if name in names and not (_is_text(table[name].type) or pa.types.is_null(table[name].type)):
             return False
-    return not nulls_may_be_absent or all(table[name].type in _JSON_EXTRA_TYPES or pa.types.is_null(table[name].type)
-                                          for name in names if name not in VOTE_KNOWN)
+    extras = [table[name].type for name in names if name not in VOTE_KNOWN]
+    if any(_depth(kind) > META_MAX_DEPTH for kind in extras):  # too deep to write as meta JSON: the row path says so
+        return False
+    return not nulls_may_be_absent or all(kind in _JSON_EXTRA_TYPES or pa.types.is_null(kind) for kind in extras)
+
+
+def _depth(kind: pa.DataType) -> int:
+    """How deeply a column's values nest lists and structs (0 for a scalar)."""
+    return 1 + max((_depth(kind.field(i).type) for i in range(kind.num_fields)), default=0) if kind.num_fields else 0
 
 
 def _shape_ok(table: pa.Table, nulls_may_be_absent: bool) -> np.ndarray:
@@ -150,12 +183,14 @@ def fast_votes(table: pa.Table, norm: Normalizer, nulls_may_be_absent: bool,
     if not _usable(table, nulls_may_be_absent):
         return None
     n = table.num_rows
-    _SEEN.trim(norm.max_chars)
+    seen = seen_for(norm.max_chars)
+    seen.trim()
     ok = _shape_ok(table, nulls_may_be_absent)
     responses = pa.concat_arrays([table["response_a"].combine_chunks(), table["response_b"].combine_chunks()])
-    texts_ok, text_index, digests, unclean = _responses(responses.dictionary_encode(), norm)
+    texts_ok, text_index, digests, unclean = _responses(responses.dictionary_encode(), norm, seen)
     ok &= texts_ok[:n] & texts_ok[n:]
-    prompt_ok, prompt_index, canonical, prompt_hashes = _prompts(table["prompt"].combine_chunks().dictionary_encode(), norm)
+    prompt_ok, prompt_index, canonical, prompt_hashes = _prompts(table["prompt"].combine_chunks().dictionary_encode(),
+                                                                 norm, seen)
     annotator_ok, annotator_index, annotators = _distinct(table["annotator_id"], norm.annotator)
     choice_ok, choice_index, choices = _distinct(table["choice"], lambda v: label(v, CHOICE_LABELS) or Bad("", ""))
     ok &= prompt_ok & annotator_ok & choice_ok
@@ -193,51 +228,56 @@ def _indices(encoded: pa.DictionaryArray) -> tuple[np.ndarray, int]:
     return np.asarray(pc.fill_null(encoded.indices, size), dtype=np.int64), size
 
 
-def _responses(encoded: pa.DictionaryArray, norm: Normalizer) -> tuple[np.ndarray, np.ndarray, pa.Array, np.ndarray]:
+def _responses(encoded: pa.DictionaryArray, norm: Normalizer,
+               seen: _Seen) -> tuple[np.ndarray, np.ndarray, pa.Array, np.ndarray]:
     """Per distinct response: (row passes, row -> distinct index, sha256 of its normalized form (null: fails
-    a check), whether normalizing changes it). A text met before is known by its fingerprint; a new one
-    is checked and hashed as a column when it is normal ASCII, else once by `Normalizer.text` (the
-    per-row path's own check)."""
+    a check), whether normalizing changes it). A text met before is known by its fingerprint and sha256; a
+    new one passes as it is when it is normal ASCII (its sha256 is then its digest), else it is checked
+    once by `Normalizer.text` (the per-row path's own check)."""
     index, size = _indices(encoded)
     values = encoded.dictionary
-    fingerprints = _SEEN.fingerprints(values)
-    infos = [_SEEN.texts.get(fp, False) for fp in fingerprints]
+    fingerprints, sha256s = seen.fingerprints(values), _sha256s(values)
+    infos = seen.lookup(seen.texts, fingerprints, sha256s)
     new = np.array([info is False for info in infos], dtype=bool)
     if new.any():
         at = np.flatnonzero(new)
         fresh = values.take(pa.array(at))
         clean = text_columns.normal_ascii(fresh, norm.max_chars)
-        for i, digest in zip(at[clean].tolist(), text_columns.sha256_hex(fresh.filter(clean))):
-            infos[i] = _SEEN.texts[fingerprints[i]] = (digest, False)
+        for i in at[clean].tolist():
+            infos[i] = (sha256s[i].hex(), False)
+            seen.texts[fingerprints[i]] = (sha256s[i], infos[i])
         for i, value in zip(at[~clean].tolist(), fresh.filter(~clean).to_pylist()):
             info = norm.text(value, "response")
-            infos[i] = _SEEN.texts[fingerprints[i]] = None if isinstance(info, Bad) else (info[2], info[1] != value)
+            infos[i] = None if isinstance(info, Bad) else (info[2], info[1] != value)
+            seen.texts[fingerprints[i]] = (sha256s[i], infos[i])
     good = np.array([info is not None for info in infos] + [False], dtype=bool)
     digests = pa.array([info and info[0] for info in infos], pa.string())
     unclean = np.array([info is not None and info[1] for info in infos], dtype=bool)
     return good[index], index, digests, unclean
 
 
-def _prompts(encoded: pa.DictionaryArray, norm: Normalizer) -> tuple[np.ndarray, np.ndarray, pa.Array, pa.Array]:
+def _prompts(encoded: pa.DictionaryArray, norm: Normalizer, seen: _Seen) -> tuple[np.ndarray, np.ndarray, pa.Array, pa.Array]:
     """Per distinct prompt: (row passes, row -> distinct index, canonical JSON, prompt_hash; null: fails a
-    check). The hash is computed at a prompt's first sight and remembered by fingerprint; the canonical
-    form is rebuilt each time (it is what the votes store)."""
+    check). The hash is computed at a prompt's first sight and remembered (found again by fingerprint and
+    sha256); the canonical form is rebuilt each time (it is what the votes store)."""
     index, size = _indices(encoded)
     values = encoded.dictionary
     canonical: list = [None] * size
     hashes: list = [None] * size
-    seen, max_chars = _SEEN.prompts, norm.max_chars
-    for i, (fp, value) in enumerate(zip(_SEEN.fingerprints(values), values.to_pylist())):
-        digest = seen.get(fp, False)
+    fingerprints, sha256s = seen.fingerprints(values), _sha256s(values)
+    found, max_chars = seen.lookup(seen.prompts, fingerprints, sha256s), norm.max_chars
+    for i, (digest, value) in enumerate(zip(found, values.to_pylist())):
         if _one_turn(value):
             if digest is False:  # first sight: the checks prompt_info makes of a one-turn text prompt
-                digest = seen[fp] = _one_turn_hash(value) if _one_turn_passes(value, max_chars) else None
+                digest = _one_turn_hash(value) if _one_turn_passes(value, max_chars) else None
+                seen.prompts[fingerprints[i]] = (sha256s[i], digest)
             if digest is not None:
                 canonical[i], hashes[i] = _one_turn_json(value), digest
             continue
         if digest is False:  # chat JSON, a transcript, or whitespace at an end: the per-row path's own check
             info = norm.prompt_info(value)
-            digest = seen[fp] = None if isinstance(info, Bad) else info[1]
+            digest = None if isinstance(info, Bad) else info[1]
+            seen.prompts[fingerprints[i]] = (sha256s[i], digest)
         if digest is not None:
             canonical[i], hashes[i] = _chat_json(value) or schema.canonical_messages(prompt_messages(value)), digest
     good = np.array([h is not None for h in hashes] + [False], dtype=bool)
@@ -323,18 +363,27 @@ def _meta_column(table: pa.Table, rows: np.ndarray) -> pa.Array:
     cache: dict[tuple, str] = {}
     out = []
     for values in zip(*(table[name].take(rows).to_pylist() for name in extras)):
-        try:
-            meta = cache.get(values)
-        except TypeError:  # unhashable values (lists): no cache
-            meta = None
+        key = _exact(values)
+        meta = cache.get(key) if key is not None else None
         if meta is None:
             meta = meta_json(dict(zip(extras, values)))
-            try:
-                cache[values] = meta
-            except TypeError:
-                pass
+            if key is not None:
+                cache[key] = meta
         out.append(meta)
     return pa.array(out, pa.string())
+
+
+_EQUAL_MEANS_SAME = (str, int, bool, type(None))  # within one column, == on these is identity of the JSON
+
+
+def _exact(values: tuple) -> tuple | None:
+    """A cache key shared only by extras written the same: -0.0 == 0.0 (and Decimal("1.0") == Decimal("1")),
+    so such values are keyed by repr. None for unhashable values (lists)."""
+    if all(type(value) in _EQUAL_MEANS_SAME for value in values):
+        return values
+    if any(isinstance(value, (list, dict)) for value in values):
+        return None
+    return tuple(value if type(value) in _EQUAL_MEANS_SAME else (type(value), repr(value)) for value in values)
 
 
 def _fields_schema() -> pa.Schema:

@@ -13,11 +13,15 @@ from rmpipe.core import schema
 from rmpipe.data.collect import formats
 
 RAW_MAX_CHARS = 4000  # a quarantined row keeps this much of its raw text
+META_MAX_DEPTH = 200  # lists/objects nested in one extra field (orjson writes meta JSON up to ~254 levels)
+BOM = b"\xef\xbb\xbf"  # UTF-8 byte order mark: accepted (and dropped) only as a file's first bytes
 
 # Reason codes, with the label the report counts them under.
 REASONS = {
     "invalid_json": "line is not valid JSON",
     "invalid_utf8": "not valid UTF-8",
+    "stray_bom": "byte order mark (EF BB BF) after the start of the file",
+    "nested_too_deeply": "values nest lists/objects too deeply",
     "not_an_object": "line is not a JSON object",
     "malformed_csv": "malformed CSV record",
     "missing_field": "required field missing",
@@ -98,7 +102,16 @@ def prompt_messages(value: Any) -> list[dict[str, str]]:
 
 
 def meta_json(extras: Mapping[str, Any]) -> str:
+    """Raises TypeError (orjson.JSONEncodeError) for values nested too deeply to write: see `meta_or_bad`."""
     return orjson.dumps(extras, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS, default=str).decode()
+
+
+def meta_or_bad(extras: Mapping[str, Any]) -> str | Bad:
+    try:
+        return meta_json(extras)
+    except TypeError:
+        return Bad("nested_too_deeply", f"field(s) {', '.join(sorted(map(str, extras)))[:200]} nest lists/objects "
+                                        "more than ~250 deep: too deep to keep as metadata")
 
 
 def margin_value(value: Any) -> float | None | Bad:
@@ -125,8 +138,8 @@ def n_votes_value(value: Any) -> int | Bad:
     """A pair row's own vote count: how many judgements its label stands for (1 when not given)."""
     if value is None or value == "" or (isinstance(value, float) and np.isnan(value)):
         return 1
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value.strip())
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit() and len(value.strip()) <= 18:
+        value = int(value.strip())  # (a longer or non-ASCII digit string is no vote count: int() would refuse it)
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, int) and not isinstance(value, bool) and value >= 1:

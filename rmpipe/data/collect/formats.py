@@ -50,7 +50,7 @@ def json_cell(value: Any, messages: bool = False) -> Any:
     if type(value) is str and value[:1] == "[" and value.rstrip()[-1:] == "]":
         try:
             decoded = json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, a number over Python's digit limit, or nested too deeply
             return value
         if not isinstance(decoded, list):
             return value

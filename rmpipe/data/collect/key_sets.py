@@ -37,8 +37,9 @@ def digests_of(values: pa.Array | pa.ChunkedArray) -> list[bytes]:
 
 
 def joined_digests(first: pa.Array | pa.ChunkedArray, second: pa.Array | pa.ChunkedArray) -> list[bytes]:
-    """digest(f"{a}\\x1f{b}") for each row: what collect_batch.vote_key gives for one pair of strings."""
-    return digests_of(pc.binary_join_element_wise(first, second, "\x1f"))
+    """`vote_key(a, b)` for each row, computed on the columns: a's UTF-8 length, ":", a, b."""
+    sizes = pc.cast(pc.binary_length(first), pa.string())
+    return digests_of(pc.binary_join_element_wise(sizes, ":", first, second, ""))
 
 
 def halves(keys: Iterable[bytes]) -> tuple[np.ndarray, np.ndarray]:
@@ -99,8 +100,12 @@ class DigestSet:
 
 
 def vote_key(annotator: str, pair_id: str) -> bytes:
-    """16 bytes standing for (annotator, pair): duplicates are found by key, without holding texts."""
-    return digest(f"{annotator}\x1f{pair_id}".encode("utf-8", "surrogatepass"))
+    """16 bytes standing for (annotator, pair): duplicates are found by key, without holding texts.
+
+    The annotator is length-prefixed, so no id can pose as another pair: with a separator instead, an
+    annotator or pair id holding that separator made two different votes one key (a false duplicate)."""
+    head = annotator.encode("utf-8", "surrogatepass")
+    return digest(b"%d:%s%s" % (len(head), head, pair_id.encode("utf-8", "surrogatepass")))
 
 
 class SeenVotes:

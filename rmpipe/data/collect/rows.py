@@ -24,7 +24,7 @@ from rmpipe.data.collect.fields import (
     has_surrogate,
     label,
     margin_value,
-    meta_json,
+    meta_or_bad,
     n_votes_value,
     prompt_messages,
     score_margin,
@@ -231,8 +231,11 @@ class Normalizer:
             if isinstance(pair_id, Bad):
                 return pair_id
         choice, strength, margin, n_votes = labels
+        meta = self._meta(rec, is_pair)
+        if isinstance(meta, Bad):
+            return meta
         return (pair_id or self.pair_id(prompt, a, b), prompt[0], prompt[1], a[0], b[0], annotator, choice,
-                strength, margin, self._meta(rec, is_pair), is_pair, n_votes, None)
+                strength, margin, meta, is_pair, n_votes, None)
 
     def _labels(self, rec: Mapping[str, Any], is_pair: bool) -> tuple[str, str | None, float | None, int] | Bad:
         """(choice, strength, margin, n_votes) of a vote or pair row."""
@@ -268,13 +271,13 @@ class Normalizer:
                     return margin
         return choice, strength, margin, n_votes
 
-    def _meta(self, rec: Mapping[str, Any], is_pair: bool) -> str:
+    def _meta(self, rec: Mapping[str, Any], is_pair: bool) -> str | Bad:
         """Fields without a column of their own, as sorted JSON (one shared object per distinct JSON)."""
         extra_keys = rec.keys() - (_PAIR_KNOWN if is_pair else VOTE_KNOWN)
         if not extra_keys:
             return "{}"
-        meta = meta_json({k: rec[k] for k in extra_keys})
-        return self._meta_cache.setdefault(meta, meta)
+        meta = meta_or_bad({k: rec[k] for k in extra_keys})
+        return meta if isinstance(meta, Bad) else self._meta_cache.setdefault(meta, meta)
 
     def _group(self, rec: Mapping[str, Any], batch_id: str) -> list[Vote] | Bad:
         """A ranked/rated group -> one vote per comparison (K(K-1)/2), all sharing a group_id.
@@ -305,8 +308,10 @@ class Normalizer:
         out = []
         for (i, j, _), vote in zip(comparisons, votes):
             margin = abs(scores[i] - scores[j]) * 1.0 if scores is not None and self.margin_from_scores else None
-            meta = {**extras, **({"score_a": scores[i], "score_b": scores[j]} if scores is not None else {}),
-                    "group_index": [i, j]}
-            out.append(vote[:8] + (margin, meta_json(meta), True, 1, group_id))
+            meta = meta_or_bad({**extras, **({"score_a": scores[i], "score_b": scores[j]} if scores is not None else {}),
+                                "group_index": [i, j]})
+            if isinstance(meta, Bad):
+                return meta
+            out.append(vote[:8] + (margin, meta, True, 1, group_id))
         return out
 

@@ -325,7 +325,7 @@ def raise_for_rejected(report: dict, cfg: Mapping[str, Any] | CollectSettings) -
     bad = [e for e in report["batches"] if e["status"] in ("rejected", "refused")]
     if bad and conf.on_rejected_batch == "fail":
         more = f" (and {len(bad) - 1} more batch(es), see reports/collect.json)" if len(bad) > 1 else ""
-        fix = ("Fix the rows listed in data/collected/quarantine.jsonl" if bad[0]["status"] == "rejected" else
+        fix = ("Fix the rows listed in data/collected/quarantine.jsonl" if bad[0]["rows_quarantined"] else
                f"Remove {bad[0]['batch_id']} from {conf.incoming_dir}")
         raise DataError(f"batch {bad[0]['status']}: {bad[0]['message']}{more}. {fix}, or set "
                         "collect.on_rejected_batch: skip to go on without it")
