@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rmpipe.data.collect import run as collect
+from rmpipe.data.collect.batch import collect_batch
 
 from rmpipe.core import schema
 from rmpipe.core.errors import DataError
@@ -195,6 +196,12 @@ def test_every_kind_of_bad_row_is_quarantined_with_reason_and_line(tmp_path):
     ]
     path = _jsonl(tmp_path / "in" / "mixed.jsonl", rows)
     result = collect.check_batch(path, _cfg(tmp_path / "in", max_field_chars=200, max_bad_share=1.0))
+    # Each line alone in its chunk too, on both paths: the invalid JSON of line 2 must not be what keeps the
+    # bad bytes of lines 3 and 4 from the column reader (it once made pyarrow drop the whole block).
+    conf = collect.as_settings(_cfg(tmp_path / "in", max_field_chars=200, max_bad_share=1.0))
+    for fast in (True, False):
+        alone = collect_batch(path, conf, fast=fast, chunk_rows=1)
+        assert alone.quarantine == result.quarantine and alone.votes.equals(result.votes), fast
 
     expected = {
         2: ("invalid_json", "line is not valid JSON: Expecting ',' delimiter at column 16"),
@@ -257,15 +264,16 @@ def test_oversized_raw_rows_are_truncated_in_quarantine(tmp_path):
     assert len(raw) < collect.RAW_MAX_CHARS + 100 and raw.endswith("more chars]")
 
 
-def test_empty_file_header_only_csv_and_zero_row_parquet_are_accepted_empty(tmp_path):
+def test_empty_file_header_only_csv_and_zero_row_parquet_are_rejected_as_admission_rejects_them(tmp_path):
     (tmp_path / "a.jsonl").write_bytes(b"")
     (tmp_path / "b.csv").write_text("prompt,response_a,response_b,annotator_id,choice\n")
     pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), tmp_path / "c.parquet")
     _jsonl(tmp_path / "d.jsonl", _good_rows(3))
-    votes, quarantine, report = collect.collect_dir(tmp_path, _cfg(tmp_path))
+    votes, quarantine, report = collect.collect_dir(tmp_path, _cfg(tmp_path, on_rejected_batch="skip"))
     assert [(e["status"], e["rows_read"]) for e in report["batches"]] == [
-        ("accepted", 0), ("accepted", 0), ("accepted", 0), ("accepted", 3)]
-    assert len(votes) == 3
+        ("rejected", 0), ("rejected", 0), ("rejected", 0), ("accepted", 3)]
+    assert all("no usable vote rows" in e["message"] for e in report["batches"][:3])
+    assert len(votes) == 3 and quarantine == []
 
 
 # --------------------------------------------------------------------------------- batches

@@ -208,11 +208,11 @@ def test_a_batch_without_rows_is_rejected_in_collect_as_in_admission(tmp_path):
     _, quarantine, report = every_way(incoming)
     entries = {e["batch_id"]: e for e in report["batches"]}
     for name in ("a.jsonl", "b.jsonl", "c.csv", "d.parquet"):
-        assert entries[name]["status"] == "rejected" and "holds no rows" in entries[name]["message"], name
+        assert entries[name]["status"] == "rejected" and "no usable vote rows" in entries[name]["message"], name
     assert entries["e.jsonl"]["status"] == "accepted" and report["totals"]["rejected"] == 4 and quarantine == []
     checked = collect.check_batch(incoming / "a.jsonl", _cfg(incoming))
     assert checked.report["status"] == "rejected" and checked.report["message"] == entries["a.jsonl"]["message"]
-    with pytest.raises(DataError, match=r"a\.jsonl: holds no rows .*Remove a\.jsonl from"):
+    with pytest.raises(DataError, match=r"a\.jsonl: has no usable vote rows .*Remove a\.jsonl from"):
         collect.raise_for_rejected(report, _cfg(incoming, on_rejected_batch="fail"))
 
 

@@ -184,8 +184,8 @@ def test_hostile_files_in_every_format_never_escape_and_every_row_is_accounted_f
     # nothing silently lost: every non-blank JSONL line and every Parquet row was read
     assert by_name["hostile.jsonl"]["rows_read"] == sum(1 for line in jsonl.split(b"\n") if line.strip(b" \t\r\n\x0b\x0c"))
     assert by_name["hostile.parquet"]["rows_read"] == len(records)
-    for name in ("empty.jsonl", "blank.csv", "zero-rows.parquet"):
-        assert by_name[name]["rows_read"] == 0 and by_name[name]["status"] == "accepted"
+    for name in ("empty.jsonl", "blank.csv", "zero-rows.parquet"):  # no rows: rejected, as admission does
+        assert by_name[name]["rows_read"] == 0 and by_name[name]["status"] == "rejected"
     over = [q for q in quarantine if q["code"] == "field_too_long"]
     assert all("max_field_chars=500000" in q["reason"] for q in over)
     assert all(len(q["raw"] or "") < collect.RAW_MAX_CHARS + 100 for q in quarantine)  # a 1 MB row is cut

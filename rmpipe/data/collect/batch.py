@@ -42,8 +42,8 @@ from rmpipe.data.collect.read import UNREADABLE, Chunk, chunks, raw_text
 from rmpipe.data.collect.rows import ANNOTATOR, PAIR_ID, PREJUDGED, Normalizer
 
 FORMATS = schema.BATCH_FORMATS
-NO_ROWS = ("holds no rows (an empty file, a header only, or blank lines): nothing to train on; deliver it "
-           "with its rows or remove it")
+NO_ROWS = ("has no usable vote rows (it holds no rows at all: an empty file, a header only or blank lines): "
+           "nothing to train on; deliver it with its rows or remove it")  # admission's words for it too
 POLICIES = ("fail", "skip")  # collect.on_rejected_batch (CollectSettings checks it)
 
 
