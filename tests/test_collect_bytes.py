@@ -27,7 +27,7 @@ from rmpipe.data.collect.read import chunks
 from rmpipe.data.collect.rows import Normalizer
 
 BOM = b"\xef\xbb\xbf"
-WAYS = [dict(fast=f, chunk_rows=n) for f in (True, False) for n in (1, 2, 7, CHUNK_ROWS)]
+WAYS = [{"fast": f, "chunk_rows": n} for f in (True, False) for n in (1, 2, 7, CHUNK_ROWS)]
 
 
 def _cfg(incoming: Path, **overrides) -> dict:
@@ -84,7 +84,7 @@ def test_invalid_utf8_anywhere_is_quarantined_on_both_paths_and_admission_says_s
              _line(5)]                                                                     # no invalid JSON beside them
     path = incoming / "b.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
-    votes, quarantine, report = every_way(incoming)
+    votes, quarantine, _ = every_way(incoming)
     assert _codes(quarantine) == {2: "invalid_utf8", 3: "invalid_utf8", 4: "invalid_utf8", 5: "invalid_utf8"}
     assert all("\\x" in q["raw"] for q in quarantine)  # the raw line, bad bytes shown escaped
     assert _voted_lines(votes) == [1, 6]
@@ -125,7 +125,7 @@ def test_a_bom_is_taken_at_the_start_of_a_file_only_whatever_the_chunking(tmp_pa
     two = b"\n".join([_line(2), _line(3)]) + b"\n"
     (incoming / "a.jsonl").write_bytes(BOM + one + BOM + two)  # two BOM'd files joined with `cat`
     (incoming / "b.jsonl").write_bytes(_line(4)[:-1] + b',"x":"' + BOM + b'"}\n' + BOM + b"\n")
-    votes, quarantine, report = every_way(incoming)
+    votes, quarantine, _ = every_way(incoming)
     assert [(q["batch_id"], q["line"], q["code"]) for q in quarantine] == [
         ("a.jsonl", 3, "stray_bom"), ("b.jsonl", 1, "stray_bom"), ("b.jsonl", 2, "stray_bom")]
     assert "byte order mark" in quarantine[0]["reason"] and "at byte 0" in quarantine[0]["reason"]
@@ -319,7 +319,7 @@ def test_mutated_bytes_end_the_same_on_both_paths_at_any_chunk_size(tmp_path, n,
     data = b"".join(line + endings[i % len(endings)] for i, line in enumerate(lines))
     path = incoming / "wild.jsonl"
     path.write_bytes(data)
-    _, quarantine, report = every_way(incoming)  # no exception, every way the same, rows accounted for
+    _, quarantine, _ = every_way(incoming)  # no exception, every way the same, rows accounted for
     for row in quarantine:
         json.dumps(row, ensure_ascii=False).encode("utf-8")  # the quarantine file can always be written
     checked = collect.check_batch(path, _cfg(incoming, max_bad_share=0.3))  # admission: a verdict, never a raise

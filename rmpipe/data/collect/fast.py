@@ -234,7 +234,7 @@ def _responses(encoded: pa.DictionaryArray, norm: Normalizer,
     a check), whether normalizing changes it). A text met before is known by its fingerprint and sha256; a
     new one passes as it is when it is normal ASCII (its sha256 is then its digest), else it is checked
     once by `Normalizer.text` (the per-row path's own check)."""
-    index, size = _indices(encoded)
+    index, _ = _indices(encoded)
     values = encoded.dictionary
     fingerprints, sha256s = seen.fingerprints(values), _sha256s(values)
     infos = seen.lookup(seen.texts, fingerprints, sha256s)
