@@ -64,7 +64,7 @@ def _json_problem(raw: bytes) -> Bad:
     try:
         json.loads(text)
     except json.JSONDecodeError as exc:
-        return Bad("invalid_json", f"line is not valid JSON: {exc.msg} at column {exc.colno}")
+        return Bad("invalid_json", f"line is not valid JSON: {exc.msg.removesuffix(' at')} at column {exc.colno}")  # msg may end in "at"
     except RecursionError:
         return Bad("invalid_json", "line is not valid JSON: nested too deeply")
     return Bad("invalid_json", "line is not valid JSON: it holds an unpaired surrogate escape or an out-of-range number")
