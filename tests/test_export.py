@@ -284,6 +284,9 @@ def test_the_manuals_snippet_scores_like_rmpipe_score(exported, tmp_path, capsys
     export = exported / "models" / "export"
     namespace: dict = {}
     exec(block.replace('"models/export"', repr(str(export))), namespace)
+    printed = capsys.readouterr()
+    assert printed.out == f"reward {namespace['reward']:.4f}\n"  # the snippet says what it computed, nothing else
+    assert "Loading weights" not in printed.err
 
     chat = namespace["chat"]
     rows = tmp_path / "rows.jsonl"
