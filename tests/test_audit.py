@@ -397,10 +397,10 @@ def test_the_audit_report_renders_offline_with_its_graph_plots_history_and_retra
     assert graph.count('class="batch"') == 3 and graph.count('class="batch retracted"') == 1 and VENDOR in graph
     assert graph.count('class="stage"') == 9 and 'class="model"' in graph
     assert re.search(r'<svg id="accuracy-chart".*?</svg>', dom, re.S).group(0).count("<circle") == 4
-    histogram = re.search(r'<svg id="reward-histogram".*?</svg>', dom, re.S).group(0)
+    histogram = re.search(r'<svg id="reward-histogram".*?</svg>', dom, re.DOTALL).group(0)
     assert histogram.count('class="bar"') > 10 and histogram.count('class="legend"') == 2
     assert "chosen responses" in histogram and "reward (bin centre)" in histogram and ">responses<" in histogram
-    validation = re.search(r"<h2 id=.validation.>.*?</p>", dom, re.S).group(0)
+    validation = re.search(r"<h2 id=.validation.>.*?</p>", dom, re.DOTALL).group(0)
     assert re.search(r"rows checked: train [\d,]+ pairs, val [\d,]+ pairs, test [\d,]+ pairs", validation), validation
     history_rows = re.search(r'<table class="history">.*?</table>', dom, re.S).group(0).count("<tr>") - 1
     assert history_rows == 4
