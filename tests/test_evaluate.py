@@ -99,6 +99,10 @@ def test_accuracy_is_strict_and_bt_loss_matches_formula():
     expected = np.mean(np.log1p(np.exp(-(r_c - r_r))))
     assert m["bt_loss"] == pytest.approx(expected, rel=1e-9)
     assert m["margin"]["p50"] == pytest.approx(0.5)
+    # its 95% Wilson interval (2 of 4: 0.150-0.850), sound where the normal one is not: at 100%
+    assert (m["accuracy_ci_low"], m["accuracy_ci_high"]) == (pytest.approx(0.1500, abs=1e-4), pytest.approx(0.8500, abs=1e-4))
+    perfect = pair_metrics(np.ones(30), np.zeros(30))
+    assert perfect["accuracy_ci_high"] == 1.0 and 0.85 < perfect["accuracy_ci_low"] < 0.9
 
 
 def test_empty_test_split_is_a_data_error():

@@ -161,15 +161,18 @@ def score_pairs_grouped(model, tokenizer, pairs: pd.DataFrame, max_length: int, 
 
 # --- metrics ----------------------------------------------------------------------------------
 def pair_metrics(r_chosen: np.ndarray, r_rejected: np.ndarray) -> dict:
-    """Strict accuracy (a tie is wrong, RewardBench convention), mean Bradley-Terry loss, margin quantiles."""
+    """Strict accuracy (a tie is wrong, RewardBench convention) with its 95% interval, mean Bradley-Terry loss,
+    margin quantiles."""
     margin = np.asarray(r_chosen, dtype=np.float64) - np.asarray(r_rejected, dtype=np.float64)
     if margin.size == 0:
         raise DataError("no pairs to evaluate: the test split is empty")
     bt_loss = float(-F.logsigmoid(torch.from_numpy(margin)).mean())
     q = np.quantile(margin, [0.05, 0.25, 0.5, 0.75, 0.95])
+    ci_low, ci_high = wilson_interval(int((margin > 0).sum()), margin.size)
     return {
         "n_pairs": int(margin.size),
         "accuracy": float((margin > 0).mean()),
+        "accuracy_ci_low": ci_low, "accuracy_ci_high": ci_high,  # 95% Wilson interval: the test split is small
         "ties": int((margin == 0).sum()),
         "bt_loss": bt_loss,
         "margin": {
@@ -251,7 +254,6 @@ def evaluate_model(model, tokenizer, test: pd.DataFrame, val: pd.DataFrame, batt
     log.info("scored %d test pairs (%d rows left-truncated to %d tokens)", len(test), truncated, max_length)
     metrics = pair_metrics(r_c, r_r)
     correct = r_c > r_r
-    metrics["accuracy_ci_low"], metrics["accuracy_ci_high"] = wilson_interval(int(correct.sum()), len(correct))
     metrics["truncated_rows"] = truncated
     metrics["accuracy_by_agreement"] = accuracy_by_bucket(correct, agreement_buckets(test["agreement"], s.agreement_edges))
     metrics["accuracy_by_length"] = accuracy_by_bucket(correct, length_buckets(test, s.length_buckets))
