@@ -84,9 +84,12 @@ def outcome_line(record: dict[str, Any]) -> str:
         return f"batch {name} {outcome}: {reasons}"
     if not gate.get("export_path"):
         return f"batch {name} accepted, no model: {gate.get('reason') or 'the rebuild exported none'}"
-    acc, prod = gate.get("accuracy"), gate.get("prod_accuracy")
-    figures = "accuracy -" if not isinstance(acc, (int, float)) else f"accuracy {acc:.3f}, " + (
-        f"{(acc - prod) * 100:+.1f} pts vs prod" if isinstance(prod, (int, float)) else "no model in prod to compare")
+    acc, prod = gate.get("accuracy"), gate.get("prod_accuracy")  # prod's: only where the gate compared them
+    figures = f"accuracy {acc:.3f}" if isinstance(acc, (int, float)) else "accuracy -"
+    if isinstance(acc, (int, float)) and isinstance(prod, (int, float)):
+        figures += f", {(acc - prod) * 100:+.1f} pts vs prod"
+    elif gate.get("promoted"):
+        figures += ", none in prod before"
     model = (gate.get("manifest_sha256") or "?")[:12]  # the id `rmpipe history` and `rmpipe trace` show
     verdict = "promoted" if gate.get("promoted") else f"not promoted: {gate.get('reason')}"
     return f"batch {name}: model {model} ({figures}) {verdict}"

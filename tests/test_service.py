@@ -125,6 +125,24 @@ def test_prefect_yaml_deploys_the_same_flows_with_the_same_trigger():
         assert module == "pipeline/flows.py" and hasattr(getattr(flows, name), "serve")
 
 
+def test_the_last_line_of_a_batch_says_model_accuracy_against_prod_and_the_gate():
+    """`outcome_line` on run records as the flow writes them (the gate's figures from the export's decision)."""
+    from pipeline.publish import outcome_line
+
+    gate = {"export_path": "models/export", "manifest_sha256": "3f2a9c0d41e7" + "0" * 52, "accuracy": 0.981,
+            "prod_accuracy": 0.978, "promoted": True, "reason": "passed; not significantly worse than prod v0.0.3"}
+    accepted = {"batch_id": "b-17.jsonl", "outcome": "accepted", "reasons": [], "promotion": gate}
+    assert outcome_line(accepted) == "batch b-17.jsonl: model 3f2a9c0d41e7 (accuracy 0.981, +0.3 pts vs prod) promoted"
+    refused = {**accepted, "promotion": {**gate, "accuracy": 0.90, "promoted": False,
+                                         "reason": "significantly worse than prod v0.0.3: ..."}}
+    assert outcome_line(refused) == ("batch b-17.jsonl: model 3f2a9c0d41e7 (accuracy 0.900, -7.8 pts vs prod) "
+                                     "not promoted: significantly worse than prod v0.0.3: ...")
+    first = {**accepted, "promotion": {**gate, "prod_accuracy": None}}
+    assert outcome_line(first).endswith("(accuracy 0.981, none in prod before) promoted")
+    rejected = {"batch_id": "b-18.jsonl", "outcome": "rejected", "reasons": ["line is not valid JSON x8"]}
+    assert outcome_line(rejected) == "batch b-18.jsonl rejected: line is not valid JSON x8"
+
+
 def test_watch_needs_a_server(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     out = subprocess.run([PY, "-m", "pipeline.cli", "watch", str(tmp_path)], cwd=ROOT, env=env,
@@ -359,10 +377,9 @@ def test_batches_arriving_in_a_burst_are_each_processed_once_one_run_at_a_time_o
         assert_a_malformed_batch_is_rejected_and_changes_nothing(project, staging, drop, api, procs, BURST)
         # each batch's run ends with one line saying how: the model, its accuracy against prod's, the gate
         log = (logs / "serve.log").read_text()
-        ends = re.findall(r"batch (burst-\d\.jsonl): model [0-9a-f]{12} \(accuracy \d\.\d{3}, (?:[+-]\d+\.\d pts vs "
-                          r"prod|no model in prod to compare)\) (?:promoted|not promoted: \S.*)$", log, re.MULTILINE)
+        ends = re.findall(r"batch (burst-\d\.jsonl): model [0-9a-f]{12} \(accuracy \d\.\d{3}(?:, [+-]\d+\.\d pts vs "
+                          r"prod|, none in prod before)?\) (?:promoted|not promoted: \S.*)$", log, re.MULTILINE)
         assert sorted(ends) == names, ends
-        assert "no model in prod to compare" in log and " pts vs prod) " in log  # the first, and the later ones
         assert len(re.findall(r"batch broken-batch\.jsonl rejected: ", log)) == 1
         assert_no_noise(log)  # stages relayed through the flow's log: no bars, one timestamp a line
         assert "Use `dvc push`" not in log and "docs.prefect.io" not in log  # no remote here, a served flow
