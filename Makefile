@@ -47,7 +47,9 @@ sample-data: setup
 RUN_RECORD := dvc.lock metrics plots reports dvclive
 
 repro: sample-data
-	$(BIN)/dvc repro
+	@# DVC ends with "Use `dvc push` ..." whether or not a remote is set: shown only where one is
+	@set -o pipefail; if [ -n "$$($(BIN)/dvc remote default 2>/dev/null)" ]; then $(BIN)/dvc repro; \
+	  else $(BIN)/dvc repro | sed -u '/^Use `dvc push` to send your updates/d'; fi
 	@# a model that passed evaluation becomes a GTO version (tag on the branch rmpipe/models; prod when the gate
 	@# promoted it). Without git: one line, "registry unavailable: ...", and nothing else changes.
 	$(BIN)/rmpipe register --trigger "make repro"

@@ -35,6 +35,8 @@ from rmpipe.core.paths import DVC_LOCK  # noqa: E402
 # worth retrying once it is done.
 TRANSIENT_MARKERS = ("Unable to acquire lock", "is busy", "Unlock called on an unlocked lock",
                      "changed while collect read it")
+PUSH_HINT = "Use `dvc push` to send your updates to remote storage."  # said by DVC whether or not there is one
+STAGE_TIME = re.compile(r"^\d\d:\d\d:\d\d (?=\S+ \| )")  # a stage's own log time: the flow's line has one
 
 
 def subprocess_env() -> dict[str, str]:
@@ -47,6 +49,19 @@ def subprocess_env() -> dict[str, str]:
 def dvc(root: Path, *args: str, capture: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=subprocess_env(),
                           text=True, capture_output=capture)
+
+
+def default_remote(root: Path) -> str | None:
+    """The project's default DVC remote, or None ("No default remote set": exit 251)."""
+    found = dvc(root, "remote", "default")
+    return found.stdout.strip() or None if found.returncode == 0 else None
+
+
+def relayed(line: str, root: Path) -> str | None:
+    """A line of `dvc repro` as the flow's log shows it: one timestamp (the log's), no push hint without a remote."""
+    if line.strip() == PUSH_HINT and default_remote(root) is None:
+        return None
+    return STAGE_TIME.sub("", line)
 
 
 def locked_stages(root: Path) -> dict:
@@ -79,8 +94,8 @@ def dvc_repro(root: Path, args: list[str], trigger: str = "rmpipe rebuild") -> d
     for line in proc.stdout:
         line = line.rstrip("\n")
         lines.append(line)
-        if line.strip():
-            logger.info("%s", line)
+        if line.strip() and (shown := relayed(line, root)) is not None:
+            logger.info("%s", shown)
     code = proc.wait()
     # What ran is read from DVC's own record, not its console: a stage ran when its dvc.lock entry changed.
     after = locked_stages(root)

@@ -46,7 +46,7 @@ from pipeline import orphans, records  # noqa: E402
 from pipeline.dvc_runner import dvc_repro, has_git  # noqa: E402
 from pipeline.locks import pipeline_lock  # noqa: E402
 from pipeline.prefect_env import find_project_root  # noqa: E402
-from pipeline.publish import promotion, push_to_remote, read_metrics  # noqa: E402
+from pipeline.publish import outcome_line, promotion, push_to_remote, read_metrics  # noqa: E402
 from pipeline.registry import (  # noqa: E402
     ALREADY_QUEUED, REJECTED_DIR, admit_queued, file_names, find_registered, incoming_dir, queue_batch,
     quick_check, reject_batch,
@@ -63,6 +63,10 @@ from rmpipe.core.paths import DVC_LOCK  # noqa: E402
 
 class BatchRejected(UserError):
     """The delivered batch failed the quick check; it was moved to the rejected folder."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(f"batch {name} rejected: {message}")  # the run's last line, the reason spelled once
+        self.state_message = f"batch {name} rejected (the reason: the line above, and {REJECTED_DIR}/{name}.reasons.json)"
 
 
 # --- stages as flows ---------------------------------------------------------------------------
@@ -227,7 +231,9 @@ def on_new_batch(batch_path: str, project: str | None = None) -> dict[str, Any]:
     """
     root = find_project_root(project)
     with _tracked_run(root, str(flow_run.id) if flow_run.id else None):
-        return _deliver(Path(batch_path).expanduser().resolve(), root)
+        summary = _deliver(Path(batch_path).expanduser().resolve(), root)
+    get_run_logger().info("%s", outcome_line(summary))  # how it ended: the last line of the run (a rejection's is its error)
+    return summary
 
 
 def _deliver(batch: Path, root: Path) -> dict[str, Any]:
@@ -244,7 +250,7 @@ def _deliver(batch: Path, root: Path) -> dict[str, Any]:
         moved = reject_batch(batch, root / REJECTED_DIR, reasons)
         finish("rejected", reasons=reasons, rejected_path=str(moved.relative_to(root)) if moved.is_relative_to(root)
                else str(moved), **fields)
-        raise BatchRejected(f"batch {batch.name} rejected ({message})")
+        raise BatchRejected(batch.name, message)
 
     _refuse_long_name(batch, finish)
     if not batch.is_file():
@@ -259,7 +265,8 @@ def _deliver(batch: Path, root: Path) -> dict[str, Any]:
     if (hit := find_registered(batch, incoming, sha)) is not None:
         logger.info("batch %s: duplicate, nothing to do (%s)", batch.name, hit[1])
         return finish("duplicate", reasons=[hit[1]])
-    check = run_task(quick_check, batch, root)
+    with _no_warnings("rmpipe.collect"):  # collect's WARNING of a refused batch: the flow's own line says it
+        check = run_task(quick_check, batch, root)
     if not check["accepted"]:
         reject(check["reasons"], check["message"], check=check["report"])
     own, why_not = queue_batch(batch, root, incoming, sha,
@@ -279,6 +286,20 @@ def _deliver(batch: Path, root: Path) -> dict[str, Any]:
     if own is None:
         return finish("duplicate", reasons=[why_not], rebuild=built)
     return records.read(root, own["summary_path"])
+
+
+@contextlib.contextmanager
+def _no_warnings(name: str) -> Iterator[None]:
+    """The logger `name` without its WARNING records while the block runs (INFO and ERROR still show)."""
+    def not_a_warning(record: logging.LogRecord) -> bool:
+        return record.levelno != logging.WARNING
+
+    logger = logging.getLogger(name)
+    logger.addFilter(not_a_warning)
+    try:
+        yield
+    finally:
+        logger.removeFilter(not_a_warning)
 
 
 def _refuse_long_name(batch: Path, finish) -> None:

@@ -17,7 +17,7 @@ prefect_env.configure()  # before `import prefect`: Prefect reads its settings a
 from prefect import task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-from pipeline.dvc_runner import dvc  # noqa: E402
+from pipeline.dvc_runner import default_remote, dvc  # noqa: E402
 from pipeline.tasks import TRANSIENT_RETRIES, TransientFailure, retry_transient_only  # noqa: E402
 from rmpipe.core.params import PARAMS_FILE, load_params  # noqa: E402
 
@@ -57,6 +57,7 @@ def promotion(root: Path) -> dict[str, Any]:
     promoted_dir = cfg.get("promoted_dir")
     return {"export_path": str(cfg["out_dir"]), "manifest_sha256": manifest_sha256(export_dir),
             "batch_ids": batches, "promoted": bool(decision.get("promoted")), "reason": decision.get("reason"),
+            "accuracy": decision.get("accuracy"), "prod_accuracy": decision.get("previous_accuracy"),
             "promoted_path": str(promoted_dir) if decision.get("promoted") and promoted_dir else None}
 
 
@@ -64,11 +65,31 @@ def promotion(root: Path) -> dict[str, Any]:
       cache_policy=NO_CACHE)
 def push_to_remote(root: Path) -> str | None:
     """`dvc push` when the project has a default DVC remote: the new outputs become recoverable elsewhere."""
-    found = dvc(root, "remote", "default")
-    remote = found.stdout.strip()
-    if found.returncode != 0 or not remote:  # "No default remote set" (exit 251)
+    remote = default_remote(root)
+    if remote is None:
         return None
     proc = dvc(root, "push")
     if proc.returncode != 0:
         raise TransientFailure(f"dvc push to '{remote}' failed: {proc.stderr.strip()[-500:]}")
     return remote
+
+
+def outcome_line(record: dict[str, Any]) -> str:
+    """How a delivered batch ended, in one line: `batch X: model <id> (accuracy 0.981, +0.3 pts vs prod)
+    promoted` / `... not promoted: <reason>` / `batch X rejected: <reason>` / `batch X <outcome>: <reason>`."""
+    name, outcome = record.get("batch_id"), record.get("outcome")
+    reasons = "; ".join(str(r) for r in record.get("reasons") or []) or "-"
+    gate = record.get("promotion") or {}
+    if outcome != "accepted":
+        return f"batch {name} {outcome}: {reasons}"
+    if not gate.get("export_path"):
+        return f"batch {name} accepted, no model: {gate.get('reason') or 'the rebuild exported none'}"
+    acc, prod = gate.get("accuracy"), gate.get("prod_accuracy")  # prod's: only where the gate compared them
+    figures = f"accuracy {acc:.3f}" if isinstance(acc, (int, float)) else "accuracy -"
+    if isinstance(acc, (int, float)) and isinstance(prod, (int, float)):
+        figures += f", {(acc - prod) * 100:+.1f} pts vs prod"
+    elif gate.get("promoted"):
+        figures += ", none in prod before"
+    model = (gate.get("manifest_sha256") or "?")[:12]  # the id `rmpipe history` and `rmpipe trace` show
+    verdict = "promoted" if gate.get("promoted") else f"not promoted: {gate.get('reason')}"
+    return f"batch {name}: model {model} ({figures}) {verdict}"

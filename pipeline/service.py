@@ -94,7 +94,15 @@ def serve(project: str | Path | None = None) -> None:
     # Prefect's SIGTERM handler calls the sync Runner.stop() inside the running event loop, where it only
     # makes a coroutine nobody awaits ("coroutine 'Runner.astop' was never awaited") and exits without
     # pausing the deployments. Treat SIGTERM as Ctrl-C, whose path shuts the runner down cleanly.
-    Runner.handle_sigterm = lambda self, *args, **kwargs: signal.raise_signal(signal.SIGINT)
+    # Prefect then logs "Received KeyboardInterrupt": `_SaySigterm` names the signal that came.
+    received: dict[str, str] = {}
+
+    def sigterm_as_sigint(self, *args, **kwargs) -> None:
+        received["signal"] = "SIGTERM"
+        signal.raise_signal(signal.SIGINT)
+
+    Runner.handle_sigterm = sigterm_as_sigint
+    logging.getLogger("prefect.flows").addFilter(_SaySigterm(received))
 
     def on_sigint(signum, frame):  # Ctrl-C (or SIGTERM, above): a graceful stop, bounded in time
         _exit_hard_after(SHUTDOWN_GRACE_S, 128 + signum)
@@ -109,6 +117,19 @@ def serve(project: str | Path | None = None) -> None:
     # Not paused on the way out: pausing needs the server (it hung when the server was down), and a paused
     # deployment would drop arrivals while the service is stopped; unpaused, they wait as scheduled runs.
     prefect_serve(*deployments, limit=1, pause_on_shutdown=False)
+
+
+class _SaySigterm(logging.Filter):
+    """Prefect's "Received KeyboardInterrupt, shutting down..." reads "Received SIGTERM, ..." after a SIGTERM."""
+
+    def __init__(self, received: dict[str, str]):
+        super().__init__()
+        self.received = received
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "signal" in self.received and isinstance(record.msg, str) and "Received KeyboardInterrupt" in record.msg:
+            record.msg = record.msg.replace("KeyboardInterrupt", self.received["signal"])
+        return True
 
 
 def _exit_hard_after(seconds: float, code: int) -> None:

@@ -42,7 +42,9 @@ def fails_cleanly(fn):
             return fn(*args, **kwargs)
         except UserError as exc:
             get_run_logger().error("%s", exc)
-            return Failed(message=str(exc), data=exc)
+            # the state's message is logged again by Prefect ("Finished in state Failed(...)"): a long reason
+            # that was just logged is not spelled out twice (`state_message` names where it is instead)
+            return Failed(message=getattr(exc, "state_message", None) or str(exc), data=exc)
 
     return wrapper
 
@@ -56,8 +58,21 @@ class _UserErrorTracebacks(logging.Filter):
         return not (record.exc_info and isinstance(record.exc_info[1], UserError))
 
 
+class _NoDocLinks(logging.Filter):
+    """Prefect's "See https://docs.prefect.io/... for more information on running a dedicated Prefect server"
+    after "Starting temporary server": advice for a developer running a flow ad hoc, noise in `rmpipe retract`
+    and the like, which run their one flow on a temporary server on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and "https://docs.prefect.io" in record.msg:
+            record.msg = "\n".join(line for line in record.msg.split("\n") if "https://docs.prefect.io" not in line)
+        return bool(record.msg)
+
+
 for _name in ("prefect.flow_runs", "prefect.task_runs"):
     logging.getLogger(_name).addFilter(_UserErrorTracebacks())
+for _name in ("prefect", "prefect.server"):
+    logging.getLogger(_name).addFilter(_NoDocLinks())
 
 
 def run_task(task_, *args, **kwargs):

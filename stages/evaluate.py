@@ -2,9 +2,9 @@
 
     python -m stages.evaluate [--params params.yaml]
 
-Writes metrics/eval.json (DVC metrics), reports/pathology.json, reports/eval.md and
-plots/eval/*.csv. The verdict (`passed`) is recorded either way; the export stage's
-promotion gate reads it.
+Writes metrics/eval.json (the headline DVC metrics), reports/eval.json (every figure),
+reports/pathology.json, reports/eval.md and plots/eval/*.csv. The verdict (`passed`) is
+recorded either way; the export stage's promotion gate reads it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from rmpipe.core.params import PARAMS_FILE, load_params
 from rmpipe.core.paths import ProjectPaths, read_splits
 from rmpipe.core.settings import EvalSettings, ModelSettings
 from rmpipe.core.stage import stage_main
-from rmpipe.evaluation.evaluate import evaluate_model, load_checkpoint
+from rmpipe.evaluation.evaluate import evaluate_model, headline, load_checkpoint
 from rmpipe.evaluation.pathology import load_battery
 
 log = logging.getLogger("rmpipe.evaluate")
@@ -37,7 +37,8 @@ def run(params_file: str | Path = PARAMS_FILE, paths: ProjectPaths = ProjectPath
 
     result = evaluate_model(model, tokenizer, test, val, battery, settings, model_settings.max_length)
 
-    io.write_json(paths.eval_metrics, result.metrics)
+    io.write_json(paths.eval_report, result.metrics)
+    io.write_json(paths.eval_metrics, headline(result.metrics))
     io.write_json(paths.pathology, result.pathology)
     io.write_text(paths.eval_summary, result.summary)
     for name, table in result.plots.items():
@@ -45,8 +46,8 @@ def run(params_file: str | Path = PARAMS_FILE, paths: ProjectPaths = ProjectPath
             table.to_csv(tmp, index=False)
 
     m = result.metrics
-    log.info("accuracy %.4f on %d test pairs, BT loss %.4f, ECE %.4f, length R^2 %.3f",
-             m["accuracy"], m["n_pairs"], m["bt_loss"], m["ece"], m["length_r2"])
+    log.info("accuracy %.4f (95%% CI %.4f-%.4f) on %d test pairs, BT loss %.4f, ECE %.4f, length R^2 %.3f",
+             m["accuracy"], m["accuracy_ci_low"], m["accuracy_ci_high"], m["n_pairs"], m["bt_loss"], m["ece"], m["length_r2"])
     for name in result.pathology["battery"]["failures"]:
         log.warning("battery pair failed: %s", name)
     failed = [name for name, ok in m["checks"].items() if not ok]

@@ -64,7 +64,7 @@ def run(params_file: str | Path = PARAMS_FILE, paths: ProjectPaths = ProjectPath
     params = load_params(params_file)
     settings, model_settings = ExportSettings.parse(params), ModelSettings.parse(params)
     evaluation = EvalSettings.parse(params)  # the battery, and the batch size scores are computed in
-    metrics, pathology_report = read_json(paths.eval_metrics, "evaluate"), read_json(paths.pathology, "evaluate")
+    metrics, pathology_report = read_json(paths.eval_report, "evaluate"), read_json(paths.pathology, "evaluate")
     battery = load_battery(evaluation.battery_file)
     test = read_splits(paths, ("test",))["test"]
     model, tokenizer = load_checkpoint(paths.model_dir, model_settings.trust_remote_code)

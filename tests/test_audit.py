@@ -136,12 +136,16 @@ def audit(tmp_path_factory):
     snap("no-op dvc repro")
     seen["train_with_vendor"] = pd.read_parquet(proj / "data/split/train.parquet")
     seen["trace_batch"] = json.loads(run([rm, "trace", "--batch", VENDOR, "--json"], proj).stdout)
-    seen["trace_batch_text"] = run([rm, "trace", "--batch", VENDOR], proj).stdout
+    seen["trace_batch_run"] = run([rm, "trace", "--batch", VENDOR], proj)
+    seen["trace_batch_text"] = seen["trace_batch_run"].stdout
+    seen["trace_typos"] = [run([rm, "trace", flag, name], proj, check=False)
+                           for flag, name in (("--batch", VENDOR.replace(".jsonl", ".json")), ("--annotator", "vendor-aa"))]
     seen["trace_vendor_a"] = json.loads(run([rm, "trace", "--annotator", "vendor-a", "--json"], proj).stdout)
 
     # 2. retract it; a re-delivery and a copy put back into data/incoming are refused
-    seen["retract_batch"] = json.loads(run([rm, "retract", "--batch", VENDOR, "--reason", "mislabeled by the vendor",
-                                            "--by", "audit-team", "--json"], proj).stdout)
+    retracted = run([rm, "retract", "--batch", VENDOR, "--reason", "mislabeled by the vendor", "--by", "audit-team",
+                     "--json"], proj)
+    seen["retract_batch"], seen["retract_batch_log"] = json.loads(retracted.stdout), retracted.stderr
     snap("retract batch")
     seen["versions_after_batch"] = registry.versions(proj)
     seen["lineage_after_batch"] = json.loads((proj / "models/export/lineage.json").read_text())
@@ -331,6 +335,20 @@ def test_retracting_an_annotator_goes_through_params_and_rebuilds(audit):
     assert [m["seq"] for m in audit["trace_ann"]["models"]] == [1, 3]
 
 
+def test_trace_of_a_name_no_model_used_fails_naming_the_closest_known_ones(audit):
+    """A typo is not "reached 0 models": non-zero, one line, the closest recorded names in it."""
+    batch_typo, annotator_typo = audit["trace_typos"]
+    for proc, closest in ((batch_typo, VENDOR), (annotator_typo, "vendor-a")):
+        assert proc.returncode != 0 and proc.stdout == "" and "Traceback" not in proc.stderr
+        (line,) = proc.stderr.strip().splitlines()
+        assert line.startswith("error: ") and "no recorded model used it" in line and closest in line, line
+    # the re-aggregation trace runs per model is its own business: none of its log lines reach the user
+    assert "rmpipe.aggregate" not in audit["trace_batch_run"].stderr
+    # a retraction's flow runs on a temporary Prefect server on purpose: no advice on running a dedicated one
+    assert "Starting temporary server" in audit["retract_batch_log"]
+    assert "docs.prefect.io" not in audit["retract_batch_log"]
+
+
 def test_purge_leaves_no_trace_of_the_batch_in_the_dvc_cache(audit):
     assert audit["cache_before_purge"], "the marker should be findable in the cache before the purge"
     assert audit["cache_after_purge"] == []
@@ -359,6 +377,7 @@ def shot(tmp: Path, name: str) -> Path:
 @pytest.fixture(scope="module")
 def report_page(audit, tmp_path_factory):
     proj = audit["proj"]
+    run([str(BIN / "dvc"), "plots", "show"], proj)  # dvc_plots/index.html: the page links to it once it exists
     out = run([str(BIN / "rmpipe"), "report"], proj).stdout.strip()
     tmp = tmp_path_factory.mktemp("report")
     path = Path(out if Path(out).is_absolute() else proj / out)
@@ -378,14 +397,19 @@ def test_the_audit_report_renders_offline_with_its_graph_plots_history_and_retra
     assert graph.count('class="batch"') == 3 and graph.count('class="batch retracted"') == 1 and VENDOR in graph
     assert graph.count('class="stage"') == 9 and 'class="model"' in graph
     assert re.search(r'<svg id="accuracy-chart".*?</svg>', dom, re.S).group(0).count("<circle") == 4
-    assert re.search(r'<svg id="reward-histogram".*?</svg>', dom, re.S).group(0).count('class="bar"') > 10
+    histogram = re.search(r'<svg id="reward-histogram".*?</svg>', dom, re.DOTALL).group(0)
+    assert histogram.count('class="bar"') > 10 and histogram.count('class="legend"') == 2
+    assert "chosen responses" in histogram and "reward (bin centre)" in histogram and ">responses<" in histogram
+    validation = re.search(r"<h2 id=.validation.>.*?</p>", dom, re.DOTALL).group(0)
+    assert re.search(r"rows checked: train [\d,]+ pairs, val [\d,]+ pairs, test [\d,]+ pairs", validation), validation
     history_rows = re.search(r'<table class="history">.*?</table>', dom, re.S).group(0).count("<tr>") - 1
     assert history_rows == 4
     retractions = re.search(r'<table class="retractions">.*?</table>', dom, re.S).group(0)
     assert "mislabeled by the vendor" in retractions and "ann-11" in retractions and "purged" in retractions
     assert "ann-11" in re.search(r'<table class="annotators">.*?</table>', dom, re.S).group(0)
     links = re.findall(r'href="([^"#][^"]*)"', html_text)
-    assert len(links) >= 4  # model card, lineage, retractions, data docs (the history is a git ref, no file to link)
+    assert len(links) >= 5  # model card, lineage, retractions, data docs, DVC plots (the history is a git ref)
+    assert "../dvc_plots/index.html" in links
     for link in links:
         assert (path.parent / link).exists(), f"broken link {link}"
 
@@ -397,7 +421,13 @@ def test_the_dvc_plots_page_renders_offline(audit, tmp_path):
     assert "cdn.jsdelivr" not in page.read_text()
     dom = page_dom(page.as_uri(), tmp_path, shot(tmp_path, "plots.png"))
     n_plots = dom.count('class="vega-embed')
-    assert n_plots >= 5
+    assert n_plots == len(yaml.safe_load((proj / "dvc.yaml").read_text())["plots"])  # each declared plot, no other
+    spec = json.loads(run([str(BIN / "dvc"), "plots", "show", "--json"], proj).stdout)["data"]
+    for plot_id, (entry, *_) in spec.items():  # a title a person reads (not a file path) and both axes named
+        content = entry["content"]
+        assert "/" not in plot_id and content["title"]["text"][0].isupper(), plot_id
+        y_titles = [part.get("encoding", {}).get("y", {}).get("title") for part in [content, *content.get("layer", [])]]
+        assert content["encoding"]["x"]["title"] and any(y_titles), plot_id  # a line chart's y sits in its layers
     assert dom.count('<canvas') == n_plots  # vega-embed drew every plot (a failed load leaves an empty div)
 
 

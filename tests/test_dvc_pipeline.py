@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -71,6 +72,18 @@ def run(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedP
     return proc
 
 
+# What a stage must not print: Hugging Face's progress bars (two log lines each in a service log), a second
+# timestamp on a line that has one (`00:31:07 rmpipe.train | ...` relayed under a log's own time).
+NOISE = ("Loading weights", "Writing model shards", "it/s]")
+TWO_TIMES = re.compile(r"\d\d:\d\d:\d\d\S* .*\b\d\d:\d\d:\d\d \S+ \| ")
+
+
+def assert_no_noise(log: str) -> None:
+    for noise in NOISE:
+        assert noise not in log, noise
+    assert not TWO_TIMES.search(log), TWO_TIMES.search(log).group(0)
+
+
 def ran_stages(proc: subprocess.CompletedProcess) -> list[str]:
     text = proc.stdout + proc.stderr
     return [line.split("'")[1] for line in text.splitlines() if line.startswith("Running stage '")]
@@ -87,6 +100,7 @@ def test_full_repro_in_a_plain_copy_then_nothing_then_only_downstream(tmp_path):
     assert ran_stages(first) == stages  # every stage, in pipeline order
     for noise in ("is empty", "Traceback", "Logging error"):  # a clean run prints nothing that reads as an error
         assert noise not in first.stdout + first.stderr, noise
+    assert_no_noise(first.stderr)
 
     for split in ("train", "val", "test"):
         assert (proj / "data" / "split" / f"{split}.parquet").stat().st_size > 0
@@ -186,6 +200,7 @@ def test_two_experiments_show_their_metrics_and_plots_side_by_side(data_stages_b
     first = run([str(BIN / "dvc"), "exp", "run", "-n", "lr-high", "-S", "train.lr=0.004"], proj)
     run([str(BIN / "dvc"), "exp", "run", "-n", "lr-low", "-S", "train.lr=0.001"], proj)
     assert "is empty" not in first.stderr  # a clean run's (empty) quarantine is no warning
+    assert_no_noise(first.stderr)  # train, evaluate and export load and save models: no bars
 
     shown = json.loads(run([str(BIN / "dvc"), "exp", "show", "--json"], proj).stdout)
     experiments = {rev["name"]: rev["data"] for row in shown for exp in row.get("experiments") or []
@@ -198,10 +213,38 @@ def test_two_experiments_show_their_metrics_and_plots_side_by_side(data_stages_b
         training = data["metrics"]["metrics/train.json"]["data"]
         assert 0.0 <= evaluation["accuracy"] <= 1.0 and evaluation["n_pairs"] > 0
         assert 0.0 <= training["val_accuracy"] <= 1.0
-        assert data["metrics"]["reports/annotators.json"]["data"]["n_votes_in"] > 0
+        assert evaluation["accuracy_ci_low"] <= evaluation["accuracy"] <= evaluation["accuracy_ci_high"]
+        # metrics are what runs are compared by; per-annotator and per-batch figures are reports
+        assert list(data["metrics"]) == ["metrics/eval.json", "metrics/train.json"]
     assert experiments["lr-high"]["metrics"]["metrics/train.json"] != experiments["lr-low"]["metrics"]["metrics/train.json"]
 
+    # The table: the held-out accuracy is the first figure after the experiment's name and date ...
+    header = run([str(BIN / "dvc"), "exp", "show", "--no-pager", "--csv"], proj).stdout.splitlines()[0].split(",")
+    assert header.index("accuracy") < 12, header[:12]
+    n_params = sum(1 for name in header if name.split(".")[0] in yaml.safe_load((proj / "params.yaml").read_text()))
+    n_metrics = header.index(next(name for name in header if "." in name)) - header.index("accuracy")
+    assert n_metrics <= 20, header  # the figures of two metrics files, no per-annotator or per-batch columns
+    assert n_params > 60  # every param and code dep follows them: DVC shows them all, hence metrics first
+    # ... so the first 120 characters of `dvc exp show` (what a terminal's pager shows first) hold both
+    # experiments' accuracy, side by side
+    table = run([str(BIN / "dvc"), "exp", "show"], proj).stdout.splitlines()
+    (head,) = [line[:120] for line in table if "Experiment" in line]
+    assert "accuracy" in head
+    column = slice(head.index("Created"), head.index("accuracy") + len("accuracy"))
+    for name in ("lr-high", "lr-low"):
+        (row,) = [line for line in table if f"[{name}]" in line]
+        value = float(row[column].split()[-1])
+        assert value == pytest.approx(experiments[name]["metrics"]["metrics/eval.json"]["data"]["accuracy"], abs=1e-4)
+
     plots = json.loads(run([str(BIN / "dvc"), "plots", "diff", "lr-high", "lr-low", "--json"], proj).stdout)["data"]
-    for plot in ("plots/eval/calibration.csv", "dvclive/train/plots/metrics/train/loss.tsv"):
+    for plot in ("calibration", "train_loss"):
         (entry,) = plots[plot]
         assert {row["rev"] for row in entry["content"]["data"]["values"]} == {"lr-high", "lr-low"}
+    # calibration: the model's curve beside the y = x line, on bins of at least calibration_min_pairs pairs
+    curve = [row for row in plots["calibration"][0]["content"]["data"]["values"] if row["field"] == "observed"]
+    assert all(float(row["predicted"]) == float(row["perfectly_calibrated"]) for row in curve)
+    min_pairs = yaml.safe_load((proj / "params.yaml").read_text())["evaluate"]["calibration_min_pairs"]
+    assert all(int(row["pairs"]) >= min_pairs for row in curve)
+    run([str(BIN / "dvc"), "plots", "diff", "lr-high", "lr-low"], proj)  # the page the README opens
+    assert (proj / "dvc_plots/index.html").exists()
+    assert "dvc_plots" not in run(["git", "status", "--porcelain"], proj).stdout  # regenerated, git-ignored

@@ -99,6 +99,10 @@ def test_accuracy_is_strict_and_bt_loss_matches_formula():
     expected = np.mean(np.log1p(np.exp(-(r_c - r_r))))
     assert m["bt_loss"] == pytest.approx(expected, rel=1e-9)
     assert m["margin"]["p50"] == pytest.approx(0.5)
+    # its 95% Wilson interval (2 of 4: 0.150-0.850), sound where the normal one is not: at 100%
+    assert (m["accuracy_ci_low"], m["accuracy_ci_high"]) == (pytest.approx(0.1500, abs=1e-4), pytest.approx(0.8500, abs=1e-4))
+    perfect = pair_metrics(np.ones(30), np.zeros(30))
+    assert perfect["accuracy_ci_high"] == 1.0 and 0.85 < perfect["accuracy_ci_low"] < 0.9
 
 
 def test_empty_test_split_is_a_data_error():
@@ -114,7 +118,22 @@ def test_calibration_tells_calibrated_from_overconfident():
     assert calibration(margin, outcome)["ece"] < 0.02
     overconfident = calibration(margin * 5, outcome)
     assert overconfident["ece"] > 0.05
-    assert sum(b["n"] for b in overconfident["curve"]) == 2 * margin.size  # both orientations counted
+    assert sum(b["pairs"] for b in overconfident["curve"]) == 2 * margin.size  # both orientations counted
+
+
+def test_the_calibration_curve_merges_tiny_bins_and_carries_the_diagonal():
+    """Bins of 1 or 3 pairs read as 0 or 1 and make the curve zigzag: under min_pairs they join the next bin.
+    The ECE stays the equal-width bins' (comparable across runs)."""
+    rng = np.random.default_rng(3)
+    margin = np.concatenate([rng.normal(0, 0.3, 200), [3.0, -2.5, 1.6]])  # three pairs out in the sparse bins
+    outcome = (rng.random(margin.size) < 1 / (1 + np.exp(-margin))).astype(float)
+    raw, merged = calibration(margin, outcome, 10), calibration(margin, outcome, 10, min_pairs=20)
+    assert min(b["pairs"] for b in raw["curve"]) < 20 <= min(b["pairs"] for b in merged["curve"])
+    assert sum(b["pairs"] for b in merged["curve"]) == sum(b["pairs"] for b in raw["curve"]) == 2 * margin.size
+    assert merged["ece"] == raw["ece"] and len(merged["curve"]) < len(raw["curve"])
+    assert all(b["perfectly_calibrated"] == b["predicted"] for b in merged["curve"])  # the y = x line
+    lows = [float(b["bin"].split("-")[0]) for b in merged["curve"]]
+    assert lows == sorted(lows) and merged["curve"][0]["bin"].startswith("0.0") and merged["curve"][-1]["bin"].endswith("1.0")
 
 
 def test_length_bias_flags_reward_that_tracks_length():

@@ -81,7 +81,11 @@ def test_export_loads_in_one_line_with_matching_rewards(exported):
 
 def test_stage_outputs_and_manifest(exported):
     metrics = json.loads((exported / "metrics" / "eval.json").read_text())
-    assert {"accuracy", "n_pairs", "passed", "checks"} <= set(metrics) and metrics["n_pairs"] == 12
+    full = json.loads((exported / "reports" / "eval.json").read_text())
+    from rmpipe.evaluation.evaluate import HEADLINE
+
+    assert list(metrics) == list(HEADLINE) and metrics["n_pairs"] == 12  # what runs are compared by, accuracy first
+    assert {"checks", "accuracy_by_agreement", "margin"} <= set(full) and {k: full[k] for k in HEADLINE} == metrics
     for name in ("reward_hist", "calibration", "reward_vs_length"):
         assert (exported / "plots" / "eval" / f"{name}.csv").stat().st_size > 0
     assert (exported / "reports" / "eval.md").read_text().startswith("# Reward-model evaluation")
@@ -256,7 +260,7 @@ def test_passing_model_is_promoted_then_one_that_fails_evaluation_is_not(exporte
     project = tmp_path / "project"
     shutil.copytree(exported, project)
     monkeypatch.chdir(project)
-    metrics_file = project / "metrics" / "eval.json"
+    metrics_file = project / "reports" / "eval.json"  # the whole evaluation: what export reads
     metrics = json.loads(metrics_file.read_text())
     metrics_file.write_text(json.dumps({**metrics, "passed": True}))
     first = export_stage.run()
@@ -284,6 +288,9 @@ def test_the_manuals_snippet_scores_like_rmpipe_score(exported, tmp_path, capsys
     export = exported / "models" / "export"
     namespace: dict = {}
     exec(block.replace('"models/export"', repr(str(export))), namespace)
+    printed = capsys.readouterr()
+    assert printed.out == f"reward {namespace['reward']:.4f}\n"  # the snippet says what it computed, nothing else
+    assert "Loading weights" not in printed.err
 
     chat = namespace["chat"]
     rows = tmp_path / "rows.jsonl"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,7 +18,7 @@ import yaml
 
 from pipeline import service
 from pipeline.watch import BatchWatcher, is_batch_name, watch
-from test_dvc_pipeline import project_files
+from test_dvc_pipeline import assert_no_noise, project_files
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -122,6 +123,24 @@ def test_prefect_yaml_deploys_the_same_flows_with_the_same_trigger():
     for deployment in spec["deployments"]:
         module, name = deployment["entrypoint"].split(":")
         assert module == "pipeline/flows.py" and hasattr(getattr(flows, name), "serve")
+
+
+def test_the_last_line_of_a_batch_says_model_accuracy_against_prod_and_the_gate():
+    """`outcome_line` on run records as the flow writes them (the gate's figures from the export's decision)."""
+    from pipeline.publish import outcome_line
+
+    gate = {"export_path": "models/export", "manifest_sha256": "3f2a9c0d41e7" + "0" * 52, "accuracy": 0.981,
+            "prod_accuracy": 0.978, "promoted": True, "reason": "passed; not significantly worse than prod v0.0.3"}
+    accepted = {"batch_id": "b-17.jsonl", "outcome": "accepted", "reasons": [], "promotion": gate}
+    assert outcome_line(accepted) == "batch b-17.jsonl: model 3f2a9c0d41e7 (accuracy 0.981, +0.3 pts vs prod) promoted"
+    refused = {**accepted, "promotion": {**gate, "accuracy": 0.90, "promoted": False,
+                                         "reason": "significantly worse than prod v0.0.3: ..."}}
+    assert outcome_line(refused) == ("batch b-17.jsonl: model 3f2a9c0d41e7 (accuracy 0.900, -7.8 pts vs prod) "
+                                     "not promoted: significantly worse than prod v0.0.3: ...")
+    first = {**accepted, "promotion": {**gate, "prod_accuracy": None}}
+    assert outcome_line(first).endswith("(accuracy 0.981, none in prod before) promoted")
+    rejected = {"batch_id": "b-18.jsonl", "outcome": "rejected", "reasons": ["line is not valid JSON x8"]}
+    assert outcome_line(rejected) == "batch b-18.jsonl rejected: line is not valid JSON x8"
 
 
 def test_watch_needs_a_server(tmp_path):
@@ -356,6 +375,14 @@ def test_batches_arriving_in_a_burst_are_each_processed_once_one_run_at_a_time_o
         assert peak_rss < 3 * 2**30, peak_rss  # the service, its flow run and its stages
 
         assert_a_malformed_batch_is_rejected_and_changes_nothing(project, staging, drop, api, procs, BURST)
+        # each batch's run ends with one line saying how: the model, its accuracy against prod's, the gate
+        log = (logs / "serve.log").read_text()
+        ends = re.findall(r"batch (burst-\d\.jsonl): model [0-9a-f]{12} \(accuracy \d\.\d{3}(?:, [+-]\d+\.\d pts vs "
+                          r"prod|, none in prod before)?\) (?:promoted|not promoted: \S.*)$", log, re.MULTILINE)
+        assert sorted(ends) == names, ends
+        assert len(re.findall(r"batch broken-batch\.jsonl rejected: ", log)) == 1
+        assert_no_noise(log)  # stages relayed through the flow's log: no bars, one timestamp a line
+        assert "Use `dvc push`" not in log and "docs.prefect.io" not in log  # no remote here, a served flow
     finally:
         for proc in reversed(procs):
             stop(proc)
@@ -395,9 +422,10 @@ def test_a_rejected_batch_and_a_stopped_service_log_one_clear_line_each(tmp_path
         for proc in procs:
             stop(proc)
     log = (tmp_path / "serve.log").read_text()
-    assert "batch b-bad.jsonl rejected" in log and "line is not valid JSON" in log
+    assert "batch b-bad.jsonl rejected: " in log
+    assert len([line for line in log.splitlines() if "not valid JSON" in line]) == 1, log  # the reason, once
     assert "Traceback" not in log and "Engine execution exited" not in log
-    assert "never awaited" not in log and "shutting down" in log
+    assert "never awaited" not in log and "Received SIGTERM, shutting down" in log and "KeyboardInterrupt" not in log
 
 
 def test_the_readmes_server_command_sends_no_telemetry_and_listens_locally():

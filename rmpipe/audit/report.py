@@ -92,7 +92,7 @@ def histogram(csv_path: Path) -> dict[str, Any] | None:
             rows = [(float(r["reward"]), int(float(r["chosen"])), int(float(r["rejected"]))) for r in csv.DictReader(fh)]
     except (OSError, KeyError, ValueError):
         return None
-    width, height, pad = 640, 200, 30
+    width, height, pad = 640, 220, 40
     top = max([max(c, r) for _, c, r in rows] + [1])
     bar = (width - pad - 10) / max(len(rows), 1)
     bars = []
@@ -101,8 +101,9 @@ def histogram(csv_path: Path) -> dict[str, Any] | None:
             h = count / top * (height - pad - 10)
             bars.append({"x": f"{pad + i * bar + j * bar / 2:.1f}", "y": f"{height - pad - h:.1f}", "w": f"{bar / 2:.1f}",
                          "h": f"{h:.1f}", "colour": colour, "reward": f"{reward:.2f}", "kind": kind, "count": count})
-    return {"width": width, "height": height, "pad": pad, "bars": bars,
-            "first": f"{rows[0][0]:.1f}" if rows else None, "last": f"{rows[-1][0]:.1f}" if rows else None}
+    return {"width": width, "height": height, "pad": pad, "bars": bars, "top": top,
+            "first": f"{rows[0][0]:.1f}" if rows else None, "last": f"{rows[-1][0]:.1f}" if rows else None,
+            "legend": [{"colour": "#188038", "text": "chosen responses"}, {"colour": "#c62828", "text": "rejected responses"}]}
 
 
 # --- the page -----------------------------------------------------------------------------------
@@ -162,7 +163,7 @@ def _summary(root: Path, out: Path, export_dir: Path, manifest: dict, rows: list
             "links": [_link(out, export_dir / "README.md", "model card"), _link(out, export_dir / MANIFEST_FILE, "lineage.json"),
                       _link(out, root / retractions.REGISTER, "retractions.jsonl"),
                       _link(out, root / "reports/data_docs/index.html", "GX data docs"),
-                      _link(out, root / "reports/plots/index.html", "DVC plots")]}
+                      _link(out, root / "dvc_plots/index.html", "DVC plots")]}
 
 
 def _lineage(root: Path, manifest: dict, current: dict | None, register_: list[dict]) -> dict:
@@ -179,7 +180,7 @@ def _lineage(root: Path, manifest: dict, current: dict | None, register_: list[d
 
 def _metrics(root: Path) -> dict:
     """Evaluation checks and metrics, the unit battery (by sign), and the reward histogram."""
-    metrics, pathology = _json(root / "metrics/eval.json"), _json(root / "reports/pathology.json")
+    metrics, pathology = _json(root / "reports/eval.json"), _json(root / "reports/pathology.json")
     battery = pathology.get("battery") or {}
     keys = ("accuracy", "bt_loss", "ece", "length_r2", "accuracy_chosen_shorter", "canary_max_abs_diff",
             "battery_failed", "battery_below_min_margin", "battery_n")
@@ -196,8 +197,15 @@ def _validation(validation: dict) -> dict:
     if not validation:
         return {}
     return {"success": bool(validation.get("success")), "n_expectations": validation.get("n_expectations"),
-            "n_failed": validation.get("n_failed"), "rows": json.dumps(validation.get("rows")),
+            "n_failed": validation.get("n_failed"), "rows": _rows_in_words(validation.get("rows")),
             "failures": [json.dumps(f) for f in validation.get("failures") or []]}
+
+
+def _rows_in_words(rows: Any) -> str:
+    """{"train": 2325, "val": 290} -> "train 2,325 pairs, val 290 pairs" (anything else as it is)."""
+    if not isinstance(rows, dict):
+        return "-" if rows is None else str(rows)
+    return ", ".join(f"{split} {n:,} pairs" if isinstance(n, int) else f"{split} {n}" for split, n in rows.items())
 
 
 def _annotators(annotators: dict) -> dict:

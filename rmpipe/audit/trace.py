@@ -12,7 +12,9 @@ is listed without the decided count.
 
 from __future__ import annotations
 
+import difflib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +49,16 @@ def influence(votes: pd.DataFrame, train: pd.DataFrame, removed: pd.Series, aggr
                                                if k in AggregateSettings.model_fields})
     train_ids = set(train["pair_id"])
     contributed = sorted(set(votes.loc[removed, "pair_id"]) & train_ids)
+    quiet = logging.getLogger("rmpipe.aggregate")  # the re-run's own summary line is not the trace's to print
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
     try:
         reduced = aggregate(votes[~removed].reset_index(drop=True), settings).pairs
         chosen_without = dict(zip(reduced["pair_id"], reduced["chosen"]))
     except DataError:  # nothing left to aggregate: every pair depended on these votes
         chosen_without = {}
+    finally:
+        quiet.setLevel(level)
     decided = sorted(p for p, chosen in zip(train["pair_id"], train["chosen"]) if chosen_without.get(p) != chosen)
     flipped = [p for p in decided if p in chosen_without]
     return {"contributed": len(contributed), "decided": len(decided), "flipped": len(flipped),
@@ -94,6 +101,17 @@ def registry_status(record: dict[str, Any], view: dict[str, dict[str, Any]], not
             "deprecated": version["deprecated"], "source": "registry"}
 
 
+def _known_or_fail(records: list[dict[str, Any]], batch: str | None, annotator: str | None) -> None:
+    """A name no recorded model ever saw is a typo until shown otherwise: refuse it, naming the closest known."""
+    field, name, flag = ("batches", batch, "--batch") if batch is not None else ("annotators", annotator, "--annotator")
+    known = sorted({k for r in records for k in (r.get(field) or {})})
+    if name in known:
+        return
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5) or known[:3]
+    raise UserError(f"{flag} {name}: no recorded model used it; closest known: {', '.join(close) or 'none'} "
+                    f"({len(known)} known, `rmpipe history` lists the models)")
+
+
 def trace(root: Path, batch: str | None = None, annotator: str | None = None) -> dict[str, Any]:
     """Every recorded model the batch / annotator reached (see module doc), oldest first."""
     if (batch is None) == (annotator is None):
@@ -102,6 +120,7 @@ def trace(root: Path, batch: str | None = None, annotator: str | None = None) ->
     records = history.read(root)
     if not records:
         raise DataError(f"no run history in {history.location(root)}: run the pipeline (dvc repro) to record one")
+    _known_or_fail(records, batch, annotator)
     current = _current_digests(root)
     view, note = registry_view(root)
     models = []

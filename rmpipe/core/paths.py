@@ -46,7 +46,8 @@ class ProjectPaths:
     train_metrics: Path = Path("metrics/train.json")
     live_dir: Path = Path("dvclive/train")
     # evaluate
-    eval_metrics: Path = Path("metrics/eval.json")
+    eval_metrics: Path = Path("metrics/eval.json")  # the headline figures runs are compared by
+    eval_report: Path = Path("reports/eval.json")  # the whole evaluation record (what export and the audit read)
     pathology: Path = Path("reports/pathology.json")
     eval_summary: Path = Path("reports/eval.md")
     eval_plots: Path = Path("plots/eval")

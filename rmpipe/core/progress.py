@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
@@ -22,7 +24,44 @@ def setup_logging(level: int = logging.INFO) -> None:
     root.addHandler(handler)
     root.setLevel(level)
     root.propagate = False
+    quiet_progress_bars()
     setup_logging._done = True  # type: ignore[attr-defined]
+
+
+def quiet_progress_bars() -> None:
+    """Hugging Face's bars ("Loading weights", "Writing model shards") on every load and save of a local
+    folder: off (in a log each is two lines, on a terminal it says nothing). The environment variable reaches
+    child processes and libraries not imported yet; a hub download on a terminal turns its bar back on
+    (`download_bars`). Set HF_HUB_DISABLE_PROGRESS_BARS=0 to keep them all."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] != "1":
+        return
+    if "transformers" in sys.modules:  # imported already: it read the variable at import
+        import transformers.utils.logging
+
+        transformers.utils.logging.disable_progress_bar()
+    elif "huggingface_hub" in sys.modules:
+        import huggingface_hub.utils
+
+        huggingface_hub.utils.disable_progress_bars()
+
+
+def download_bars(path_or_id: str) -> contextlib.AbstractContextManager:
+    """Around a load of `path_or_id`: a download's bar on a terminal (a hub id, not a local folder), else nothing."""
+    if not on_terminal() or Path(path_or_id).exists() or os.environ.get("HF_HUB_OFFLINE") == "1":
+        return contextlib.nullcontext()
+    return _hub_bars()
+
+
+@contextlib.contextmanager
+def _hub_bars() -> Iterator[None]:
+    import huggingface_hub.utils
+
+    huggingface_hub.utils.enable_progress_bars()
+    try:
+        yield
+    finally:
+        huggingface_hub.utils.disable_progress_bars()
 
 
 def on_terminal() -> bool:

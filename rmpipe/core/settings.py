@@ -359,6 +359,7 @@ class EvalSettings(Settings):
     canary_rows: int = Field(ge=2)
     canary_tolerance: float = Field(ge=0)
     calibration_bins: int = Field(ge=1)
+    calibration_min_pairs: int = Field(default=20, ge=1)  # the curve merges a smaller bin into its neighbour
     agreement_edges: tuple[float, ...]
     length_buckets: int = Field(ge=1)
 

@@ -161,15 +161,18 @@ def score_pairs_grouped(model, tokenizer, pairs: pd.DataFrame, max_length: int, 
 
 # --- metrics ----------------------------------------------------------------------------------
 def pair_metrics(r_chosen: np.ndarray, r_rejected: np.ndarray) -> dict:
-    """Strict accuracy (a tie is wrong, RewardBench convention), mean Bradley-Terry loss, margin quantiles."""
+    """Strict accuracy (a tie is wrong, RewardBench convention) with its 95% interval, mean Bradley-Terry loss,
+    margin quantiles."""
     margin = np.asarray(r_chosen, dtype=np.float64) - np.asarray(r_rejected, dtype=np.float64)
     if margin.size == 0:
         raise DataError("no pairs to evaluate: the test split is empty")
     bt_loss = float(-F.logsigmoid(torch.from_numpy(margin)).mean())
     q = np.quantile(margin, [0.05, 0.25, 0.5, 0.75, 0.95])
+    ci_low, ci_high = wilson_interval(int((margin > 0).sum()), margin.size)
     return {
         "n_pairs": int(margin.size),
         "accuracy": float((margin > 0).mean()),
+        "accuracy_ci_low": ci_low, "accuracy_ci_high": ci_high,  # 95% Wilson interval: the test split is small
         "ties": int((margin == 0).sum()),
         "bt_loss": bt_loss,
         "margin": {
@@ -206,6 +209,26 @@ def length_buckets(pairs: pd.DataFrame, n_buckets: int) -> pd.Series:
     return pd.cut(mean_len, bins=edges, labels=labels, include_lowest=True)
 
 
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of an accuracy of `correct` out of `n` (sound at 0 and 1, unlike the normal one)."""
+    if n == 0:
+        return 0.0, 1.0
+    p, z2 = correct / n, z * z
+    centre, half = (p + z2 / (2 * n)) / (1 + z2 / n), z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+# What runs are compared by (`dvc exp show`, `dvc metrics diff`), in column order: the held-out accuracy first.
+# Per-bucket and per-check detail stays in reports/eval.json.
+HEADLINE = ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "n_pairs", "bt_loss", "ece", "length_r2",
+            "battery_failed", "battery_n", "passed")
+
+
+def headline(metrics: dict) -> dict:
+    """metrics/eval.json: the HEADLINE figures of a full evaluation record, in that order."""
+    return {k: metrics[k] for k in HEADLINE}
+
+
 def reward_stats(rewards: np.ndarray) -> dict:
     """Normalisation stats for downstream PPO: mean/std over every scored response."""
     rewards = np.asarray(rewards, dtype=np.float64)
@@ -215,7 +238,7 @@ def reward_stats(rewards: np.ndarray) -> dict:
 # --- the whole evaluation ---------------------------------------------------------------------
 @dataclass
 class EvalResult:
-    metrics: dict  # -> metrics/eval.json (DVC metrics)
+    metrics: dict  # -> reports/eval.json (every figure; `headline(metrics)` -> metrics/eval.json, the DVC metrics)
     pathology: dict  # -> reports/pathology.json (every check in full)
     plots: dict[str, pd.DataFrame]  # name -> table under plots/eval/
     summary: str  # -> reports/eval.md
@@ -230,13 +253,13 @@ def evaluate_model(model, tokenizer, test: pd.DataFrame, val: pd.DataFrame, batt
     r_c, r_r, truncated = score_pairs_grouped(model, tokenizer, test, max_length, s.batch_size)
     log.info("scored %d test pairs (%d rows left-truncated to %d tokens)", len(test), truncated, max_length)
     metrics = pair_metrics(r_c, r_r)
-    metrics["truncated_rows"] = truncated
     correct = r_c > r_r
+    metrics["truncated_rows"] = truncated
     metrics["accuracy_by_agreement"] = accuracy_by_bucket(correct, agreement_buckets(test["agreement"], s.agreement_edges))
     metrics["accuracy_by_length"] = accuracy_by_bucket(correct, length_buckets(test, s.length_buckets))
 
     observed = test["soft_label"].astype(float).fillna(1.0).to_numpy() if "soft_label" in test else np.ones(len(test))
-    calib = pathology.calibration(r_c - r_r, observed, s.calibration_bins)
+    calib = pathology.calibration(r_c - r_r, observed, s.calibration_bins, s.calibration_min_pairs)
     len_c, len_r = test["chosen"].str.len().to_numpy(), test["rejected"].str.len().to_numpy()
     length = pathology.length_bias(r_c, r_r, len_c, len_r, s.max_length_r2)
 

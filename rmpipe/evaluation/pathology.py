@@ -27,13 +27,15 @@ BATTERY_FIELDS = ("name", "prompt", "chosen", "rejected")
 
 
 # --- calibration ------------------------------------------------------------------------------
-def calibration(margin: np.ndarray, observed: np.ndarray, n_bins: int = 10) -> dict:
+def calibration(margin: np.ndarray, observed: np.ndarray, n_bins: int = 10, min_pairs: int = 1) -> dict:
     """Expected calibration error of p = sigmoid(margin) against the observed preference share.
 
     Each pair is counted in both orientations ((p, y) and (1 - p, 1 - y)): with only the
     chosen-first view every outcome would be "chosen wins" and any over-confident model
     would look calibrated. `observed` is the vote share for chosen (the soft label);
-    use 1.0 when only the majority outcome is known.
+    use 1.0 when only the majority outcome is known. The ECE uses the `n_bins` equal-width
+    bins; the curve merges a bin of fewer than `min_pairs` into the next (a bin of 1 or 3
+    pairs reads as 0 or 1 and makes the curve zigzag).
     """
     margin = np.asarray(margin, dtype=np.float64)
     observed = np.asarray(observed, dtype=np.float64)
@@ -42,15 +44,31 @@ def calibration(margin: np.ndarray, observed: np.ndarray, n_bins: int = 10) -> d
     y = np.concatenate([observed, 1.0 - observed])
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     bins = np.clip(np.digitize(p, edges[1:-1]), 0, n_bins - 1)
-    ece, curve = 0.0, []
+    ece = sum((bins == b).mean() * abs(p[bins == b].mean() - y[bins == b].mean()) for b in range(n_bins) if (bins == b).any())
+    curve = [{"bin": f"{edges[lo]:.1f}-{edges[hi]:.1f}", "predicted": float(p[in_bin].mean()),
+              "observed": float(y[in_bin].mean()), "perfectly_calibrated": float(p[in_bin].mean()),
+              "pairs": int(in_bin.sum())}
+             for lo, hi, in_bin in _merged_bins(bins, n_bins, min_pairs)]
+    return {"ece": float(ece), "n_bins": n_bins, "min_pairs": min_pairs, "curve": curve}
+
+
+def _merged_bins(bins: np.ndarray, n_bins: int, min_pairs: int) -> list[tuple[int, int, np.ndarray]]:
+    """(first edge, last edge, members) of consecutive non-empty bins grown until each holds >= min_pairs;
+    a short remainder joins the last group."""
+    groups: list[tuple[int, int, np.ndarray]] = []
+    start, members = 0, np.zeros(bins.shape, dtype=bool)
     for b in range(n_bins):
-        in_bin = bins == b
-        if not in_bin.any():
-            continue
-        predicted, seen = float(p[in_bin].mean()), float(y[in_bin].mean())
-        ece += in_bin.mean() * abs(predicted - seen)
-        curve.append({"bin": f"{edges[b]:.1f}-{edges[b + 1]:.1f}", "predicted": predicted, "observed": seen, "n": int(in_bin.sum())})
-    return {"ece": float(ece), "n_bins": n_bins, "curve": curve}
+        members = members | (bins == b)
+        if members.sum() >= min_pairs:
+            groups.append((start, b + 1, members))
+            start, members = b + 1, np.zeros(bins.shape, dtype=bool)
+    if members.any():
+        if groups:
+            lo, _, last = groups.pop()
+            groups.append((lo, n_bins, last | members))
+        else:
+            groups.append((0, n_bins, members))
+    return groups
 
 
 # --- length bias ------------------------------------------------------------------------------

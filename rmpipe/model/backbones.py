@@ -27,6 +27,7 @@ import torch
 from rmpipe.core.errors import ConfigError, UserError
 from rmpipe.core.io import folder_hashes
 from rmpipe.core.paths import ProjectPaths
+from rmpipe.core.progress import download_bars
 from rmpipe.core.settings import ModelSettings
 from rmpipe.model.smollm2 import (  # noqa: F401
     SMOLLM2_CACHE,
@@ -186,9 +187,10 @@ def load_backbone(path_or_id: str | Path, dtype: torch.dtype = torch.float32, tr
 
     _, tokenizer = check_backbone(path_or_id, trust_remote_code)
     try:
-        model = (AutoModelForCausalLM if lm_head else AutoModel).from_pretrained(
-            str(path_or_id), dtype=dtype, trust_remote_code=trust_remote_code,
-            use_safetensors=True)  # never unpickle a weights file
+        with download_bars(str(path_or_id)):  # a hub download on a terminal shows its bar; nothing else does
+            model = (AutoModelForCausalLM if lm_head else AutoModel).from_pretrained(
+                str(path_or_id), dtype=dtype, trust_remote_code=trust_remote_code,
+                use_safetensors=True)  # never unpickle a weights file
     except Exception as exc:
         raise UserError(_describe_failure(path_or_id, exc)) from exc
     return model, tokenizer

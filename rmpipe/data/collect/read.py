@@ -71,7 +71,7 @@ def _json_problem(raw: bytes, refused: orjson.JSONDecodeError) -> Bad:
     try:
         json.loads(text, parse_int=str, parse_float=str, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
-        return Bad("invalid_json", f"line is not valid JSON: {exc.msg} at column {exc.colno}")
+        return Bad("invalid_json", f"line is not valid JSON: {exc.msg.removesuffix(' at')} at column {exc.colno}")  # msg may end in "at"
     except RecursionError:
         return Bad("nested_too_deeply", "line nests lists/objects too deeply to read")
     except ValueError as exc:  # NaN / Infinity (see _no_constant)
