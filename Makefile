@@ -47,6 +47,8 @@ sample-data: setup
 RUN_RECORD := dvc.lock metrics plots reports dvclive
 
 repro: sample-data
+	@# dvc.yaml's generated deps (code, the DeepSpeed config file) must match the code first: one line if not
+	$(BIN)/rmpipe deps --check
 	$(BIN)/dvc repro
 	@# a model that passed evaluation becomes a GTO version (tag on the branch rmpipe/models; prod when the gate
 	@# promoted it). Without git: one line, "registry unavailable: ...", and nothing else changes.

@@ -133,6 +133,7 @@ def rebuild(targets: list[str] | None = None, set_params: list[str] | None = Non
     writes the values into params.yaml before running, so the lineage names them.
     """
     root = find_project_root(project)
+    _check_generated_deps(root)
     targets = list(targets or [])
     if set_params:
         if not has_git(root):
@@ -167,6 +168,20 @@ def rebuild(targets: list[str] | None = None, set_params: list[str] | None = Non
             result["records_completed"] = _settle_records(root, incoming, result)
     logger.info("ran %s; up to date %s", stages["ran"] or "nothing", stages["skipped"] or "nothing")
     return result
+
+
+def _check_generated_deps(root: Path) -> None:
+    """`rmpipe deps --check` before every rebuild: a dvc.yaml whose code or param-file deps are stale would let
+    DVC skip a stage whose inputs changed. Stages it cannot follow are named in the log, never skipped in silence."""
+    from rmpipe.core import codedeps
+
+    dvc_yaml = root / "dvc.yaml"
+    if not dvc_yaml.is_file():
+        return  # DVC itself says so
+    if line := codedeps.stale_line(dvc_yaml):
+        raise UserError(line)
+    for stage, why in codedeps.unchecked(dvc_yaml).items():
+        get_run_logger().info("stage %s: code deps not checked (%s)", stage, why)
 
 
 def _register(root: Path, trigger: str) -> dict[str, Any]:
