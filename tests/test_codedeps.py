@@ -250,3 +250,21 @@ def test_every_stage_form_is_checked_or_named(tmp_path):
     assert codedeps.drift(proj / "dvc.yaml") == {}
     check = deps_cli(proj, "--check")
     assert check.returncode == 0 and "templated: not checked" in check.stdout
+
+
+def test_a_rebuild_with_stale_deps_stops_before_dvc_in_one_line_naming_the_stage(tmp_path):
+    """`rmpipe rebuild` (the flow the service runs too) runs the check first: nothing is admitted or run."""
+    proj = copy_code(tmp_path / "proj")
+    text = (proj / "dvc.yaml").read_text()
+    (proj / "dvc.yaml").write_text(text.replace("      - rmpipe/data/split.py\n", "", 1))
+    (proj / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=proj, check=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PYTHONPATH=str(ROOT), PREFECT_HOME=str(tmp_path / "prefect"))
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "rebuild"], cwd=proj, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "stage split: missing rmpipe/data/split.py" in errors[0], proc.stderr
+    assert "run `rmpipe deps`" in errors[0]
+    assert not (proj / "dvc.lock").exists()
