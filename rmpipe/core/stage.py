@@ -15,7 +15,7 @@ import argparse
 from typing import Callable
 
 from rmpipe.core.errors import exits_cleanly
-from rmpipe.core.params import PARAMS_FILE
+from rmpipe.core.params import PARAMS_FILE, naming
 from rmpipe.core.progress import setup_logging
 
 
@@ -31,7 +31,8 @@ def stage_main(name: str, run: Callable[[str], object], description: str | None,
         if launched:
             parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
         args = parser.parse_args(argv)
-        run(args.params)
+        with naming(args.params):  # a message about the params names the file given, not params.yaml
+            run(args.params)
 
     main.__name__ = main.__qualname__ = "main"
     main.__module__ = getattr(run, "__module__", __name__)
