@@ -35,7 +35,7 @@ from typing import Iterator
 
 import psutil
 
-from pipeline import holders
+from rmpipe.core import holders
 from pipeline.locks import PIPELINE_TIMEOUT_S, TIMEOUT_ENV, LockTimeout, lock_timeout
 
 log = logging.getLogger("rmpipe.flows")

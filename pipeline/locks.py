@@ -23,7 +23,7 @@ from typing import Iterator
 
 import filelock
 
-from pipeline import holders
+from rmpipe.core import holders
 from rmpipe.core.errors import UserError
 
 STATE_DIR = Path(".rmpipe")  # rmpipe's own state (git-ignored); not .dvc/tmp, which people clear

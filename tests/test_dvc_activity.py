@@ -168,3 +168,50 @@ def test_the_private_dvc_api_is_pinned_to_the_version_it_was_written_against():
         "update WRITTEN_FOR_DVC")
     assert list(inspect.signature(rwlock._edit_rwlock).parameters) == ["lock_dir", "fs", "hardlink"]
     assert rwlock.RWLOCK_FILE == "rwlock" and set(rwlock.INFO_SCHEMA) == {"pid", "cmd"}
+
+
+# --- a stage started by another DVC run while an rmpipe rebuild runs its own ---------------------------------
+
+def _run_stage(cwd: Path, *wrapper: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*wrapper, PY, "-m", "stages.split"], cwd=cwd, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def _marker(cwd: Path, pid: int, since: float) -> None:
+    from datetime import datetime, timezone
+
+    from rmpipe.core.stage import REBUILD_MARKER
+
+    (cwd / REBUILD_MARKER).parent.mkdir(parents=True, exist_ok=True)
+    (cwd / REBUILD_MARKER).write_text(json.dumps({"pid": pid, "command": "dvc repro", "since": datetime.fromtimestamp(
+        since, timezone.utc).isoformat(timespec="seconds")}))
+
+
+def test_a_stage_of_another_dvc_run_stops_untouched_while_a_rebuild_runs(tmp_path):
+    """The stage refuses in one line before reading params or writing any output (the rebuild's DVC is alive);
+    a note left by a killed rebuild (its PID reused) and the rebuild's own stages are let through."""
+    rebuild = subprocess.Popen(["sleep", "60"])  # stands for the rebuild's `dvc repro`
+    try:
+        time.sleep(1.5)
+        _marker(tmp_path, rebuild.pid, time.time())
+        proc = _run_stage(tmp_path)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and f"an rmpipe rebuild is running DVC in this project (PID {rebuild.pid} (sleep 60" \
+            in errors[0] and "stage split stops before reading or writing anything" in errors[0], proc.stderr
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".rmpipe"]  # nothing written
+
+        _marker(tmp_path, rebuild.pid, time.time() - 120)  # written before that process started: a reused PID
+        proc = _run_stage(tmp_path)
+        assert "rmpipe rebuild is running" not in proc.stderr and "params.yaml not found" in proc.stderr, proc.stderr
+    finally:
+        rebuild.kill()
+        rebuild.wait()
+    # the rebuild's own stage: the marked process is its ancestor (here: the shell that runs it)
+    script = f"import json,os,subprocess,sys,time; time.sleep(1.5); from datetime import datetime,timezone; " \
+             f"open('.rmpipe/rebuild-dvc.json','w').write(json.dumps({{'pid': os.getpid(), 'command': 'dvc repro', " \
+             f"'since': datetime.now(timezone.utc).isoformat(timespec='seconds')}})); " \
+             f"sys.exit(subprocess.run([sys.executable, '-m', 'stages.split']).returncode)"
+    proc = subprocess.run([PY, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert "rmpipe rebuild is running" not in proc.stderr and "params.yaml not found" in proc.stderr, proc.stderr
