@@ -35,8 +35,8 @@ from typing import Iterator
 
 import psutil
 
-from rmpipe.core import holders
 from pipeline.locks import PIPELINE_TIMEOUT_S, TIMEOUT_ENV, LockTimeout, lock_timeout
+from rmpipe.core import holders
 
 log = logging.getLogger("rmpipe.flows")
 

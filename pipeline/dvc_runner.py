@@ -15,7 +15,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
@@ -70,7 +70,7 @@ def _named_as_the_rebuild(root: Path, pid: int, args: list[str]) -> Iterator[Non
     """REBUILD_MARKER names our `dvc repro` while it runs (stages of any other DVC run refuse to start)."""
     marker = root / REBUILD_MARKER
     io.write_json(marker, {"pid": pid, "command": f"dvc {' '.join(args)}", "by": os.getpid(),
-                           "since": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+                           "since": datetime.now(UTC).isoformat(timespec="seconds")})
     try:
         yield
     finally:

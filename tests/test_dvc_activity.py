@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+from datetime import UTC
 from pathlib import Path
 
 import dvc
@@ -178,13 +179,13 @@ def _run_stage(cwd: Path, *wrapper: str) -> subprocess.CompletedProcess:
 
 
 def _marker(cwd: Path, pid: int, since: float) -> None:
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from rmpipe.core.stage import REBUILD_MARKER
 
     (cwd / REBUILD_MARKER).parent.mkdir(parents=True, exist_ok=True)
     (cwd / REBUILD_MARKER).write_text(json.dumps({"pid": pid, "command": "dvc repro", "since": datetime.fromtimestamp(
-        since, timezone.utc).isoformat(timespec="seconds")}))
+        since, UTC).isoformat(timespec="seconds")}))
 
 
 def test_a_stage_of_another_dvc_run_stops_untouched_while_a_rebuild_runs(tmp_path):
@@ -208,10 +209,10 @@ def test_a_stage_of_another_dvc_run_stops_untouched_while_a_rebuild_runs(tmp_pat
         rebuild.kill()
         rebuild.wait()
     # the rebuild's own stage: the marked process is its ancestor (here: the shell that runs it)
-    script = f"import json,os,subprocess,sys,time; time.sleep(1.5); from datetime import datetime,timezone; " \
-             f"open('.rmpipe/rebuild-dvc.json','w').write(json.dumps({{'pid': os.getpid(), 'command': 'dvc repro', " \
-             f"'since': datetime.now(timezone.utc).isoformat(timespec='seconds')}})); " \
-             f"sys.exit(subprocess.run([sys.executable, '-m', 'stages.split']).returncode)"
+    script = "import json,os,subprocess,sys,time; time.sleep(1.5); from datetime import datetime,timezone; " \
+             "open('.rmpipe/rebuild-dvc.json','w').write(json.dumps({'pid': os.getpid(), 'command': 'dvc repro', " \
+             "'since': datetime.now(timezone.utc).isoformat(timespec='seconds')})); " \
+             "sys.exit(subprocess.run([sys.executable, '-m', 'stages.split']).returncode)"
     proc = subprocess.run([PY, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert "rmpipe rebuild is running" not in proc.stderr and "params.yaml not found" in proc.stderr, proc.stderr

@@ -29,7 +29,6 @@ from rmpipe.core.errors import UserError, exits_cleanly
 from rmpipe.core.params import PARAMS_FILE, naming
 from rmpipe.core.progress import setup_logging
 
-
 REBUILD_MARKER = Path(".rmpipe") / "rebuild-dvc.json"  # {pid, command, since} of rmpipe's running `dvc repro`
 
 
