@@ -122,9 +122,10 @@ def _stale_entry(root: Path, pid: int, mode: str = "read") -> None:
     os.utime(rwlock, (past, past))
 
 
-@pytest.mark.parametrize("mode", ["read", "write"])
-def test_a_lock_entry_whose_pid_was_reused_is_no_holder_and_is_removed(tmp_path, mode):
-    root = _project(tmp_path / "p")
+@pytest.mark.parametrize(("mode", "hardlink"), [("read", False), ("write", False), ("read", True)],
+                         ids=["read", "write", "read-hardlink_lock"])
+def test_a_lock_entry_whose_pid_was_reused_is_no_holder_and_is_removed(tmp_path, mode, hardlink):
+    root = _project(tmp_path / "p", hardlink)  # with core.hardlink_lock DVC's guard is a flufl hard-link lock
     reused = subprocess.Popen(["sleep", "60"])  # alive, but born after the entry was written
     try:
         _stale_entry(root, reused.pid, mode)
