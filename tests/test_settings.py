@@ -153,3 +153,17 @@ def test_errors_about_a_params_file_given_with_dash_dash_params_name_that_file(t
 
     with pytest.raises(ConfigError, match=r"^.*other\.yaml: 'split\.salt'"):
         SplitSettings.parse(load_params(tmp_path / "other.yaml"))
+
+
+def test_a_section_the_projects_own_stages_read_is_no_unknown_section(tmp_path):
+    """DVC params serve a project's own stages too: a section a dvc.yaml stage names in `params:` is kept."""
+    from rmpipe.core.params import load_params
+
+    (tmp_path / "params.yaml").write_text("toy:\n  value: 1\nmine: 2\n")
+    (tmp_path / "dvc.yaml").write_text("stages:\n  a:\n    cmd: x\n    params: [toy.value]\n"
+                                       "  b:\n    foreach: [1]\n    do:\n      cmd: y\n      params:\n"
+                                       "        - params.yaml: [mine]\n")
+    assert load_params(tmp_path / "params.yaml") == {"toy": {"value": 1}, "mine": 2}
+    (tmp_path / "params.yaml").write_text("toy:\n  value: 1\nmien: 2\n")
+    with pytest.raises(ConfigError, match="unknown section 'mien:'"):
+        load_params(tmp_path / "params.yaml")

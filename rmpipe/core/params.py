@@ -48,10 +48,35 @@ def naming(source: str | Path) -> Iterator[None]:
         raise type(exc)(source + message[len(PARAMS_FILE):]) from None
 
 
+def dvc_yaml_sections(params_file: Path) -> set[str]:
+    """Top-level sections the stages of the dvc.yaml beside `params_file` name in their `params:` (a project's
+    own stages read params.yaml too)."""
+    dvc_yaml = params_file.parent / "dvc.yaml"
+    try:
+        stages = (yaml.safe_load(dvc_yaml.read_text(encoding="utf-8")) or {}).get("stages") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return set()
+    names: set[str] = set()
+    for stage in stages.values():
+        body = stage.get("do", stage) if isinstance(stage, dict) else {}
+        for entry in (body.get("params") or []) if isinstance(body, dict) else []:
+            if isinstance(entry, str):
+                names.add(entry.split(".")[0])
+            elif isinstance(entry, dict) and params_file.name in entry:  # `- params.yaml: [keys]`
+                keys = entry[params_file.name]
+                if keys is None:  # the whole file is the stage's: every section is read
+                    return {"*"}
+                names.update(str(key).split(".")[0] for key in keys)
+    return names
+
+
 def unknown_sections(params: dict[str, Any], path: str | Path) -> None:
-    """Refuse a top-level section no stage reads (a typo such as `trian:` would be ignored, silently)."""
-    for name in params:
-        if name not in SECTIONS:
+    """Refuse a top-level section nothing reads (a typo such as `trian:` would be ignored, silently): neither
+    rmpipe (SECTIONS) nor a stage of the project's dvc.yaml (its `params:`)."""
+    unknown = [name for name in params if name not in SECTIONS]
+    known_here = dvc_yaml_sections(Path(path)) if unknown else set()
+    for name in unknown:
+        if name not in known_here and "*" not in known_here:
             close = difflib.get_close_matches(str(name), SECTIONS, n=1)
             hint = f"did you mean '{close[0]}:'?" if close else f"the sections are {', '.join(SECTIONS)}"
             raise ConfigError(f"{path}: unknown section '{name}:' ({hint}); rename or remove it")
