@@ -47,6 +47,8 @@ sample-data: setup
 RUN_RECORD := dvc.lock metrics plots reports dvclive
 
 repro: sample-data
+	@# dvc.yaml's generated deps (code, the DeepSpeed config file) must match the code first: one line if not
+	$(BIN)/rmpipe deps --check
 	@# DVC ends with "Use `dvc push` ..." whether or not a remote is set: shown only where one is
 	@set -o pipefail; if [ -n "$$($(BIN)/dvc remote default 2>/dev/null)" ]; then $(BIN)/dvc repro; \
 	  else $(BIN)/dvc repro | sed -u '/^Use `dvc push` to send your updates/d'; fi

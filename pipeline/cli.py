@@ -128,13 +128,15 @@ def _sample_pairs(args: argparse.Namespace) -> None:
 def _deps(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from rmpipe.core.codedeps import drift, write_deps
+    from rmpipe.core.codedeps import drift, unchecked, write_deps
     from rmpipe.core.errors import ConfigError, ValidationFailed
 
     dvc_yaml = Path(args.dvc_yaml)
     if not dvc_yaml.exists():
         raise ConfigError(f"{dvc_yaml} not found: run from the project root (where dvc.yaml is)")
     changed = drift(dvc_yaml) if args.check else write_deps(dvc_yaml)
+    for stage, why in unchecked(dvc_yaml).items():  # never skipped in silence: list its code deps by hand
+        print(f"{stage}: not checked ({why}): list the code it runs as deps by hand")
     for stage, (missing, extra) in changed.items():
         print(f"{stage}: " + "; ".join(f"{word} {', '.join(paths)}"
                                         for word, paths in (("missing", missing), ("extra", extra)) if paths))

@@ -9,10 +9,13 @@ A failed `dvc repro` becomes a StageFailed with the lines that say why, or a Tra
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
@@ -29,7 +32,9 @@ from pipeline.tasks import (  # noqa: E402
     TRANSIENT_RETRIES, StageFailed, TransientFailure, fails_cleanly, retry_transient_only,
 )
 from rmpipe.audit.history import TRIGGER_ENV  # noqa: E402
+from rmpipe.core import io  # noqa: E402
 from rmpipe.core.paths import DVC_LOCK  # noqa: E402
+from rmpipe.core.stage import REBUILD_MARKER  # noqa: E402
 
 # DVC messages that mean "another DVC run was in the way" (or its lock files were removed under it):
 # worth retrying once it is done.
@@ -75,6 +80,18 @@ def has_git(root: Path) -> bool:
                           capture_output=True).returncode == 0
 
 
+@contextlib.contextmanager
+def _named_as_the_rebuild(root: Path, pid: int, args: list[str]) -> Iterator[None]:
+    """REBUILD_MARKER names our `dvc repro` while it runs (stages of any other DVC run refuse to start)."""
+    marker = root / REBUILD_MARKER
+    io.write_json(marker, {"pid": pid, "command": f"dvc {' '.join(args)}", "by": os.getpid(),
+                           "since": datetime.now(UTC).isoformat(timespec="seconds")})
+    try:
+        yield
+    finally:
+        marker.unlink(missing_ok=True)
+
+
 @task(retries=TRANSIENT_RETRIES, retry_delay_seconds=10, retry_condition_fn=retry_transient_only,
       cache_policy=NO_CACHE, task_run_name="dvc {args}")
 @fails_cleanly
@@ -91,12 +108,13 @@ def dvc_repro(root: Path, args: list[str], trigger: str = "rmpipe rebuild") -> d
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1)
     lines: list[str] = []
     assert proc.stdout is not None
-    for line in proc.stdout:
-        line = line.rstrip("\n")
-        lines.append(line)
-        if line.strip() and (shown := relayed(line, root)) is not None:
-            logger.info("%s", shown)
-    code = proc.wait()
+    with _named_as_the_rebuild(root, proc.pid, args):  # a manual `dvc repro` meanwhile: its stages stop at once
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            lines.append(line)
+            if line.strip() and (shown := relayed(line, root)) is not None:
+                logger.info("%s", shown)
+        code = proc.wait()
     # What ran is read from DVC's own record, not its console: a stage ran when its dvc.lock entry changed.
     after = locked_stages(root)
     ran = [stage for stage, record in after.items() if before.get(stage) != record]

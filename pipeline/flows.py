@@ -27,9 +27,11 @@ subprocess, its failures sorted), `registry` (registered, queued and rejected ba
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import importlib
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Iterator
@@ -44,12 +46,12 @@ from prefect.runtime import flow_run  # noqa: E402
 
 from pipeline import orphans, records  # noqa: E402
 from pipeline.dvc_runner import dvc_repro, has_git  # noqa: E402
-from pipeline.locks import pipeline_lock  # noqa: E402
+from pipeline.locks import STATE_DIR, pipeline_lock  # noqa: E402
 from pipeline.prefect_env import find_project_root  # noqa: E402
 from pipeline.publish import outcome_line, promotion, push_to_remote, read_metrics  # noqa: E402
 from pipeline.registry import (  # noqa: E402
     ALREADY_QUEUED, REJECTED_DIR, admit_queued, file_names, find_registered, incoming_dir, queue_batch,
-    quick_check, reject_batch,
+    quick_check, reject_batch, staged_copy,
 )
 from pipeline.tasks import (  # noqa: E402
     TRANSIENT_RETRIES, StageFailed, fails_cleanly, retry_transient_only, run_task,
@@ -135,6 +137,7 @@ def rebuild(targets: list[str] | None = None, set_params: list[str] | None = Non
     writes the values into params.yaml before running, so the lineage names them.
     """
     root = find_project_root(project)
+    _check_generated_deps(root)
     targets = list(targets or [])
     if set_params:
         if not has_git(root):
@@ -169,6 +172,20 @@ def rebuild(targets: list[str] | None = None, set_params: list[str] | None = Non
             result["records_completed"] = _settle_records(root, incoming, result)
     logger.info("ran %s; up to date %s", stages["ran"] or "nothing", stages["skipped"] or "nothing")
     return result
+
+
+def _check_generated_deps(root: Path) -> None:
+    """`rmpipe deps --check` before every rebuild: a dvc.yaml whose code or param-file deps are stale would let
+    DVC skip a stage whose inputs changed. Stages it cannot follow are named in the log, never skipped in silence."""
+    from rmpipe.core import codedeps
+
+    dvc_yaml = root / "dvc.yaml"
+    if not dvc_yaml.is_file():
+        return  # DVC itself says so
+    if line := codedeps.stale_line(dvc_yaml):
+        raise UserError(line)
+    for stage, why in codedeps.unchecked(dvc_yaml).items():
+        get_run_logger().info("stage %s: code deps not checked (%s)", stage, why)
 
 
 def _register(root: Path, trigger: str) -> dict[str, Any]:
@@ -224,14 +241,16 @@ def on_new_batch(batch_path: str, project: str | None = None) -> dict[str, Any]:
     """Check, queue and train on one delivered batch; returns its run record (`records`).
 
     Outcomes: `duplicate` (already registered or queued: nothing new), `rejected` (moved to
-    data/rejected/ with reasons; the flow fails with them), `refused` (the name is too long:
-    left in place), `accepted` (admitted and rebuilt, in the exported model's lineage; the
+    data/rejected/ with reasons; the flow fails with them), `refused` (the name is too long, or
+    it is a symlink: left in place), `accepted` (admitted and rebuilt, in the exported model's lineage; the
     record holds metrics, export path and the promotion decision), `failed` / `not_in_model`
     (completed by a later rebuild).
     """
     root = find_project_root(project)
     with _tracked_run(root, str(flow_run.id) if flow_run.id else None):
-        summary = _deliver(Path(batch_path).expanduser().resolve(), root)
+        # the folder resolved, not the file: a symlink is refused, never registered under its target's name
+        given = Path(batch_path).expanduser()
+        summary = _deliver(given.parent.resolve() / given.name, root)
     get_run_logger().info("%s", outcome_line(summary))  # how it ended: the last line of the run (a rejection's is its error)
     return summary
 
@@ -253,24 +272,29 @@ def _deliver(batch: Path, root: Path) -> dict[str, Any]:
         raise BatchRejected(batch.name, message)
 
     _refuse_long_name(batch, finish)
+    _refuse_symlink(batch, finish)
     if not batch.is_file():
         raise UserError(f"batch file {batch} not found (was it moved after the event fired?)")
     incoming = root / CollectSettings.parse(load_params(root / PARAMS_FILE)).incoming_dir
-    try:
-        sha = summary["batch_sha256"] = io.sha256_file(batch)
-    except OSError as exc:  # e.g. chmod 000
-        reason = f"cannot read the file ({exc.strerror or exc}): fix its permissions and deliver it again"
-        reject([reason], reason)
-
-    if (hit := find_registered(batch, incoming, sha)) is not None:
-        logger.info("batch %s: duplicate, nothing to do (%s)", batch.name, hit[1])
-        return finish("duplicate", reasons=[hit[1]])
-    with _no_warnings("rmpipe.collect"):  # collect's WARNING of a refused batch: the flow's own line says it
-        check = run_task(quick_check, batch, root)
-    if not check["accepted"]:
-        reject(check["reasons"], check["message"], check=check["report"])
-    own, why_not = queue_batch(batch, root, incoming, sha,
-                               {**summary, "outcome": "queued", "reasons": [], "check": check["report"]})
+    with contextlib.ExitStack() as stack:
+        try:  # one read of the delivery: the copy is what is hashed, checked and queued
+            staged = stack.enter_context(staged_copy(batch, root))
+            sha = summary["batch_sha256"] = io.sha256_file(staged)
+        except OSError as exc:  # e.g. chmod 000
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # our side: the batch itself is fine, leave it
+                raise UserError(f"no space left to copy batch {batch.name} into {root / STATE_DIR} ({exc.strerror}): "
+                                "free space there and deliver it again; the batch is left where it is") from None
+            reason = f"cannot read the file ({exc.strerror or exc}): fix its permissions and deliver it again"
+            reject([reason], reason)
+        if (hit := find_registered(staged, incoming, sha)) is not None:
+            logger.info("batch %s: duplicate, nothing to do (%s)", batch.name, hit[1])
+            return finish("duplicate", reasons=[hit[1]])
+        with _no_warnings("rmpipe.collect"):  # collect's WARNING of a refused batch: the flow's own line says it
+            check = run_task(quick_check, staged, root)
+        if not check["accepted"]:
+            reject(check["reasons"], check["message"], check=check["report"])
+        own, why_not = queue_batch(staged, root, incoming, sha,
+                                   {**summary, "outcome": "queued", "reasons": [], "check": check["report"]})
     if why_not is not None and why_not != ALREADY_QUEUED:
         logger.info("batch %s: duplicate, nothing to do (%s)", batch.name, why_not)
         return finish("duplicate", reasons=[why_not])
@@ -300,6 +324,16 @@ def _no_warnings(name: str) -> Iterator[None]:
         yield
     finally:
         logger.removeFilter(not_a_warning)
+
+
+def _refuse_symlink(batch: Path, finish) -> None:
+    """A symlink is refused, as collect refuses one in data/incoming: the batch id would be the link's name and
+    its bytes whatever the link points at later. Left in place."""
+    if batch.is_symlink():
+        reason = (f"it is a symbolic link (to {os.readlink(batch)}): deliver the file itself (copy it into the "
+                  "delivery folder); the link is left where it is")
+        finish("refused", reasons=[reason])
+        raise BatchRefused(f"batch {records.safe_name(batch.name, 60)} refused: {reason}")
 
 
 def _refuse_long_name(batch: Path, finish) -> None:

@@ -23,6 +23,7 @@ from typing import Iterator
 
 import filelock
 
+from rmpipe.core import holders
 from rmpipe.core.errors import UserError
 
 STATE_DIR = Path(".rmpipe")  # rmpipe's own state (git-ignored); not .dvc/tmp, which people clear
@@ -40,7 +41,8 @@ class LockTimeout(UserError):
     """A lock stayed held longer than the wait allowed."""
 
 
-def _timeout(default: float) -> float:
+def lock_timeout(default: float) -> float:
+    """Seconds a wait may last: RMPIPE_LOCK_TIMEOUT_S, else `default`."""
     try:
         return float(os.environ.get(TIMEOUT_ENV) or default)
     except ValueError:
@@ -63,16 +65,17 @@ def holder(lock: Path) -> str:
         note = json.loads(_holder_file(lock).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return "an unknown process (it left no note)"
-    pid = note.get("pid")
-    alive = isinstance(pid, int) and Path(f"/proc/{pid}").exists()
-    command = note.get("command")
+    pid, command = note.get("pid"), note.get("command")
+    try:
+        since = datetime.fromisoformat(str(note.get("since"))).timestamp()
+    except ValueError:
+        since = None
+    # a PID that runs a process born after the note was written is another process: the note is stale
+    alive = isinstance(pid, int) and holders.is_holder(pid, since)
     if alive:
-        with contextlib.suppress(OSError):
-            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        command = holders.command_line(pid) or command
     state = "" if alive else ", which no longer runs"
-    command = " ".join(str(command or "command unknown").split())  # one line, however the command was written
-    command = command if len(command) <= 160 else command[:157] + "..."
-    return f"PID {pid} ({command}, since {note.get('since')}{state})"
+    return f"PID {pid} ({holders.one_line(command or 'command unknown')}, since {note.get('since')}{state})"
 
 
 @contextlib.contextmanager
@@ -97,7 +100,7 @@ def pipeline_lock(root: Path, lock_file: Path = LOCK_FILE, timeout_s: float | No
         return
     lock_path = path[0]
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    wait = _timeout(PIPELINE_TIMEOUT_S if lock_file == LOCK_FILE else QUEUE_TIMEOUT_S) if timeout_s is None else timeout_s
+    wait = lock_timeout(PIPELINE_TIMEOUT_S if lock_file == LOCK_FILE else QUEUE_TIMEOUT_S) if timeout_s is None else timeout_s
     lock = filelock.FileLock(str(lock_path), thread_local=False)
     try:
         lock.acquire(blocking=False)

@@ -5,14 +5,21 @@
     .rmpipe/queue/         accepted batches waiting for the next rebuild (`admit_queued` moves them in)
     data/rejected/         rejected batches, each with its reasons beside it (no stage reads it)
 
-A delivery is checked by collect's own logic (`quick_check`), compared with what is registered or
-queued (`find_registered`), queued, and admitted by the next rebuild under DVC's rwlock guard.
+A delivery is first copied into rmpipe's state folder (`staged_copy`); that copy is what is hashed,
+checked by collect's own logic (`quick_check`), compared with what is registered or queued
+(`find_registered`) and moved into the queue: the bytes checked are the bytes queued, whatever happens
+to the delivered file meanwhile. The next rebuild admits the queue under DVC's rwlock guard; where
+data/ is on another filesystem, a batch is copied to a temp name inside data/incoming and renamed there.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import shutil
+import tempfile
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -34,6 +41,7 @@ from rmpipe.core.settings import CollectSettings  # noqa: E402
 
 REJECTED_DIR = Path("data/rejected")  # rejected batches + their reasons; no stage reads it
 QUEUE_DIR = STATE_DIR / "queue"  # accepted batches waiting for the next rebuild
+STAGING_DIR = STATE_DIR / "staging"  # a delivery's private copy while it is hashed and checked
 
 
 def incoming_dir(root: Path) -> Path | None:
@@ -79,6 +87,43 @@ def register_batch(batch: Path, incoming: Path) -> Path:
     return dest
 
 
+@contextlib.contextmanager
+def staged_copy(batch: Path, root: Path) -> Iterator[Path]:
+    """A private copy of `batch`, under its own name (its batch id), in rmpipe's state folder; removed on exit
+    unless `queue_batch` moved it into the queue. One read of the delivered file; all later reads are of this copy."""
+    (root / STAGING_DIR).mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="delivery-", dir=root / STAGING_DIR))
+    try:
+        copy = folder / batch.name
+        shutil.copyfile(batch, copy)
+        yield copy
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def move_into(source: Path, dest: Path) -> None:
+    """Move `source` to `dest` atomically: a rename, or across filesystems (EXDEV) a copy to a temp name inside
+    `dest`'s folder renamed there, then `source` removed. `dest` never exists half-written."""
+    try:
+        os.replace(source, dest)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    with io.atomic_path(dest) as tmp:  # temp name beside dest: same filesystem, so the rename is atomic
+        shutil.copyfile(source, tmp)
+    source.unlink()
+
+
+def _cannot_admit(exc: OSError) -> str:
+    """What to do about a queued batch that could not be moved, by cause."""
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "fix the folder's permissions"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free space on its filesystem"
+    return "fix the cause"
+
+
 class AdmissionFailed(UserError):
     """A queued batch could not be moved into data/incoming (e.g. permissions); it stays queued."""
 
@@ -101,13 +146,13 @@ def admit_queued(root: Path, incoming: Path, run_id: str | None = None) -> list[
             incoming.mkdir(parents=True, exist_ok=True)
             with dvc_activity.inputs_guard(root, incoming):
                 for name in names:
-                    os.replace(queue / name, incoming / name)  # same filesystem: atomic
+                    move_into(queue / name, incoming / name)  # a rename; across filesystems copy + rename
                     moved.append(name)
         except OSError as exc:
             left = [n for n in names if n not in moved]
             raise AdmissionFailed(
                 f"cannot move queued batch {left[0]} into {incoming.relative_to(root)} ({exc.strerror or exc}); "
-                f"{len(left)} batch(es) stay queued in {QUEUE_DIR}: fix the folder's permissions, then run "
+                f"{len(left)} batch(es) stay queued in {QUEUE_DIR}: {_cannot_admit(exc)}, then run "
                 "`rmpipe rebuild` (or deliver any batch) to take them in") from None
         finally:
             if moved:
@@ -154,7 +199,8 @@ ALREADY_QUEUED = "already queued by an earlier delivery and not yet admitted: th
 
 
 def queue_batch(batch: Path, root: Path, incoming: Path, sha: str, record: dict[str, Any]) -> tuple[dict | None, str | None]:
-    """Queue `batch` for the next rebuild unless it is already here: (its record, None) or (None, why not).
+    """Move `batch` (the delivery's checked `staged_copy`) into the queue for the next rebuild unless it is
+    already here: (its record, None) or (None, why not).
 
     Why not is `ALREADY_QUEUED` when this very file waits in the queue (the caller's rebuild takes it in), or
     a duplicate's reason. The record is written before the file is queued: a kill in between leaves a
@@ -168,5 +214,6 @@ def queue_batch(batch: Path, root: Path, incoming: Path, sha: str, record: dict[
         if hit is not None:
             return None, hit[1]
         own = records.write_new(root, record)
-        register_batch(batch, root / QUEUE_DIR)
+        (root / QUEUE_DIR).mkdir(parents=True, exist_ok=True)
+        move_into(batch, root / QUEUE_DIR / batch.name)  # the very bytes that were hashed and checked
         return own, None

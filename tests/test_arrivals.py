@@ -463,6 +463,12 @@ def test_over_long_names_are_refused_up_front_and_empty_batches_rejected(tmp_pat
         assert long.exists()  # left where it is
     refused = [r for r in run_records(project) if r["outcome"] == "refused"]
     assert len(refused) == 2 and all(len(Path(r["summary_path"]).name) < 255 for r in refused)
+    link = drop / "link.jsonl"  # a symlink is refused in one line, as collect refuses one; left in place
+    link.symlink_to(batch(tmp_path / "elsewhere", "target.jsonl"))
+    state = deliver(project, link)
+    assert state.is_failed() and "batch link.jsonl refused: it is a symbolic link (to " in state.message
+    assert "\n" not in state.message and link.is_symlink()
+    assert not (project / "data/incoming/target.jsonl").exists() and not (project / "data/incoming/link.jsonl").exists()
     empty = drop / "empty.jsonl"
     empty.write_text("")
     state = deliver(project, empty)

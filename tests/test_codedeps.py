@@ -8,6 +8,7 @@ checked after a full repro in tests/test_dvc_pipeline.py, to share its run.)
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -150,3 +151,120 @@ def test_training_fingerprint_and_token_cache_key_follow_the_same_closure(tmp_pa
     first, again, after = out[0:2], out[2:4], out[4:6]
     assert first == again  # deterministic
     assert after[0] != first[0] and after[1] != first[1]
+
+
+# --- files named by params, every stage form, the check before a rebuild --------------------------------
+
+def _with_deepspeed_config(proj: Path, value) -> None:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["train"]["deepspeed_config"] = value
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def test_the_deepspeed_config_file_is_a_generated_dep_and_editing_it_makes_dvc_status_name_train(tmp_path):
+    """A real DVC repo: `rmpipe deps` adds the JSON train.deepspeed_config names to train's deps (marked as its
+    own), `dvc status` then names train when the file's contents change, and setting the param back to null
+    makes the dep stale (--check names it) until `rmpipe deps` removes it."""
+    proj = copy_code(tmp_path / "proj")
+    (proj / "ds.json").write_text('{"optimizer": {"type": "AdamW", "params": {"lr": 0.001}}}\n')
+    _with_deepspeed_config(proj, "ds.json")
+    check = deps_cli(proj, "--check")
+    assert check.returncode != 0 and "train: missing ds.json" in check.stdout, check.stdout + check.stderr
+    assert codedeps.stale_line(proj / "dvc.yaml").count("\n") == 0
+    assert "stage train: missing ds.json" in codedeps.stale_line(proj / "dvc.yaml")
+    assert deps_cli(proj).returncode == 0
+    text = (proj / "dvc.yaml").read_text()
+    marked = re.search(rf"\n *- ds.json +# {codedeps.PARAM_DEP_MARK}\n", text)
+    assert marked, text
+    assert deps_cli(proj, "--check").returncode == 0
+
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=proj, check=True)
+    train = yaml.safe_load(text)["stages"]["train"]
+    assert "ds.json" in train["deps"]
+    for dep in ("data/split", "data/tokenized", "models/backbone", "models/reward_model", "checkpoints/train",
+                "dvclive/train/plots/metrics"):
+        (proj / dep).mkdir(parents=True, exist_ok=True)
+        (proj / dep / "f").write_text(dep)
+    for path in ("reports/validation.json", "metrics/train.json"):
+        (proj / path).parent.mkdir(parents=True, exist_ok=True)
+        (proj / path).write_text("{}")
+    dvc = [sys.executable, "-m", "dvc"]
+    subprocess.run([*dvc, "commit", "-f", "-q", "train"], cwd=proj, check=True, capture_output=True)
+    clean = subprocess.run([*dvc, "status", "train"], cwd=proj, capture_output=True, text=True, check=True)
+    assert "up to date" in clean.stdout, clean.stdout
+    (proj / "ds.json").write_text('{"optimizer": {"type": "AdamW", "params": {"lr": 0.01}}}\n')
+    stale = subprocess.run([*dvc, "status", "train"], cwd=proj, capture_output=True, text=True, check=True)
+    assert "train:" in stale.stdout and "modified:" in stale.stdout and "ds.json" in stale.stdout, stale.stdout
+
+    _with_deepspeed_config(proj, None)
+    check = deps_cli(proj, "--check")
+    assert check.returncode != 0 and "train: extra ds.json" in check.stdout
+    assert deps_cli(proj).returncode == 0 and "ds.json" not in (proj / "dvc.yaml").read_text()
+    assert (proj / "dvc.yaml").read_text() == text.replace(marked.group(0), "\n")  # nothing else moved
+
+
+def test_every_stage_form_is_checked_or_named(tmp_path):
+    """A cmd list, foreach and matrix stages are followed; a command the generator cannot follow is named."""
+    proj = copy_code(tmp_path / "proj")
+    closure = codedeps.closure("stages/split.py", proj)
+    (proj / "dvc.yaml").write_text(textwrap.dedent("""\
+        stages:
+          listed:
+            cmd:
+              - python -m stages.split
+              - python -m stages.aggregate --params params.yaml
+            deps: [data/x]
+          each:
+            foreach: [a, b]
+            do:
+              cmd: python -m stages.split --params ${item}.yaml
+              deps: ["data/${item}"]
+          grid:
+            matrix:
+              p: [1, 2]
+            cmd: python -m stages.split
+            deps: [data/grid]
+          script:
+            cmd: python tools/make.py
+            deps: [tools/make.py]
+          mixed:
+            cmd: python -m stages.split && python hold.py
+            deps: [data/m]
+          templated:
+            foreach: [split]
+            do:
+              cmd: python -m stages.${item}
+        """))
+    assert set(codedeps.drift(proj / "dvc.yaml")) == {"listed", "each", "grid", "mixed"}
+    skipped = codedeps.unchecked(proj / "dvc.yaml")
+    assert set(skipped) == {"script", "mixed", "templated"}
+    assert "`python tools/make.py` is not `python -m stages.<name>`" in skipped["script"]
+    assert "also runs a script" in skipped["mixed"] and "templated" in skipped["templated"]
+    proc = deps_cli(proj)
+    assert proc.returncode == 0 and "script: not checked" in proc.stdout
+    doc = yaml.safe_load((proj / "dvc.yaml").read_text())["stages"]
+    both = closure + sorted(set(codedeps.closure("stages/aggregate.py", proj)) - set(closure))
+    assert doc["listed"]["deps"] == [*both, "data/x"]
+    assert doc["each"]["do"]["deps"] == [*closure, "data/${item}"] and doc["grid"]["deps"] == [*closure, "data/grid"]
+    assert doc["script"]["deps"] == ["tools/make.py"]
+    assert codedeps.drift(proj / "dvc.yaml") == {}
+    check = deps_cli(proj, "--check")
+    assert check.returncode == 0 and "templated: not checked" in check.stdout
+
+
+def test_a_rebuild_with_stale_deps_stops_before_dvc_in_one_line_naming_the_stage(tmp_path):
+    """`rmpipe rebuild` (the flow the service runs too) runs the check first: nothing is admitted or run."""
+    proj = copy_code(tmp_path / "proj")
+    text = (proj / "dvc.yaml").read_text()
+    (proj / "dvc.yaml").write_text(text.replace("      - rmpipe/data/split.py\n", "", 1))
+    (proj / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=proj, check=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PYTHONPATH=str(ROOT), PREFECT_HOME=str(tmp_path / "prefect"))
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "rebuild"], cwd=proj, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "stage split: missing rmpipe/data/split.py" in errors[0], proc.stderr
+    assert "run `rmpipe deps`" in errors[0]
+    assert not (proj / "dvc.lock").exists()

@@ -41,3 +41,22 @@ def test_the_timeout_comes_from_the_environment_and_a_bad_value_is_one_clear_err
     with pytest.raises(UserError, match="RMPIPE_LOCK_TIMEOUT_S='soon' is not a number"):
         with pipeline_lock(tmp_path):
             pass
+
+
+def test_a_holder_note_whose_pid_was_reused_is_not_named_as_a_live_holder(tmp_path):
+    """A note left by a dead holder whose PID now runs a process born after the note: 'no longer runs'."""
+    import json
+
+    from pipeline.locks import LOCK_FILE, holder
+
+    lock = (tmp_path / LOCK_FILE)
+    lock.parent.mkdir(parents=True)
+    reused = subprocess.Popen(["sleep", "60"])
+    try:
+        note = {"pid": reused.pid, "command": "rmpipe rebuild", "since": "2020-01-01T00:00:00+00:00"}
+        lock.with_name(lock.name + ".holder.json").write_text(json.dumps(note), encoding="utf-8")
+        said = holder(lock)
+        assert said == f"PID {reused.pid} (rmpipe rebuild, since 2020-01-01T00:00:00+00:00, which no longer runs)"
+    finally:
+        reused.kill()
+        reused.wait()

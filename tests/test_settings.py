@@ -107,3 +107,63 @@ def test_every_project_path_is_one_dvc_yaml_declares():
     for name, path in vars(ProjectPaths()).items():
         assert any(path == d or d in path.parents or path in d.parents for d in declared), f"{name}: {path}"
     assert ProjectPaths.at(tmp := Path("/x")).train_split == tmp / "data/split/train.parquet"
+
+
+# --- the top-level sections and the file the messages name ---------------------------------------------
+
+def test_a_misspelled_section_is_refused_naming_the_closest_one(tmp_path):
+    from rmpipe.core.params import load_params
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["trian"] = params.pop("train")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ConfigError) as caught:
+        load_params(tmp_path / "params.yaml")
+    assert str(caught.value) == (f"{tmp_path / 'params.yaml'}: unknown section 'trian:' (did you mean 'train:'?); "
+                                 "rename or remove it")
+    params["zzz"] = params.pop("trian")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ConfigError, match="unknown section 'zzz:' \\(the sections are sample_data, data, "):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_the_known_sections_are_the_settings_sections_and_params_yamls():
+    import inspect
+
+    from rmpipe.core import settings
+    from rmpipe.core.params import SECTIONS
+
+    classes = [c for _, c in inspect.getmembers(settings, inspect.isclass)
+               if issubclass(c, settings.Settings) and c is not settings.Settings]
+    assert {c.SECTION.split(".")[0] for c in classes} == set(SECTIONS)
+    assert set(yaml.safe_load((ROOT / "params.yaml").read_text())) == set(SECTIONS)
+
+
+def test_errors_about_a_params_file_given_with_dash_dash_params_name_that_file(tmp_path):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["split"]["salt"] = 7
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "stages.split", "--params", "other.yaml"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "error: other.yaml: 'split.salt'" in proc.stderr and "params.yaml" not in proc.stderr, proc.stderr
+    from rmpipe.core.params import load_params
+    from rmpipe.core.settings import SplitSettings
+
+    with pytest.raises(ConfigError, match=r"^.*other\.yaml: 'split\.salt'"):
+        SplitSettings.parse(load_params(tmp_path / "other.yaml"))
+
+
+def test_a_section_the_projects_own_stages_read_is_no_unknown_section(tmp_path):
+    """DVC params serve a project's own stages too: a section a dvc.yaml stage names in `params:` is kept."""
+    from rmpipe.core.params import load_params
+
+    (tmp_path / "params.yaml").write_text("toy:\n  value: 1\nmine: 2\n")
+    (tmp_path / "dvc.yaml").write_text("stages:\n  a:\n    cmd: x\n    params: [toy.value]\n"
+                                       "  b:\n    foreach: [1]\n    do:\n      cmd: y\n      params:\n"
+                                       "        - params.yaml: [mine]\n")
+    assert load_params(tmp_path / "params.yaml") == {"toy": {"value": 1}, "mine": 2}
+    (tmp_path / "params.yaml").write_text("toy:\n  value: 1\nmien: 2\n")
+    with pytest.raises(ConfigError, match="unknown section 'mien:'"):
+        load_params(tmp_path / "params.yaml")

@@ -531,3 +531,39 @@ def test_a_dvclive_summary_cut_by_a_kill_is_rebuilt_from_its_plots_on_resume(tmp
     with (tmp_path / "plots" / "metrics" / "train" / "loss.tsv").open("a") as plot:
         plot.write("3\t0.2")  # and a plot line cut short
     assert _open_live(tmp_path, resumed=True).step == expected == 3
+
+
+def test_the_deepspeed_config_files_contents_are_in_the_resume_fingerprint(tmp_path, monkeypatch):
+    """Not only the path in train.deepspeed_config: an edit of the JSON itself stops a resume (issue 29, item 6).
+    Mutation tried: fingerprinting the path string only turns this red."""
+    from rmpipe.training.checkpoint import fingerprint
+
+    monkeypatch.chdir(tmp_path)  # the stage runs in the project root; the param is relative to it
+    split = tmp_path / "train.parquet"
+    split.write_bytes(b"pairs")
+    (tmp_path / "ds.json").write_text('{"optimizer": {"type": "AdamW", "params": {"lr": 0.001}}}')
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["train"]["deepspeed_config"] = "ds.json"
+    model, train = ModelSettings.parse(params), TrainSettings.parse(params)
+    before = fingerprint(model, train, split, "hub/model", 1)
+    assert fingerprint(model, train, split, "hub/model", 1) == before
+    (tmp_path / "ds.json").write_text('{"optimizer": {"type": "AdamW", "params": {"lr": 0.01}}}')
+    assert fingerprint(model, train, split, "hub/model", 1) != before
+
+
+def test_the_token_cache_key_holds_the_tokenizing_libraries_versions(tmp_path):
+    """Tokens cached under another tokenizers/transformers version are re-made, the reason named."""
+    from importlib.metadata import version
+    from types import SimpleNamespace
+
+    from rmpipe.model import tokenized
+
+    split = tmp_path / "s.parquet"
+    split.write_bytes(b"pairs")
+    key = tokenized.cache_key("hub/model", SimpleNamespace(train_split=split, val_split=split), 64)
+    assert key["libraries"] == {"tokenizers": version("tokenizers"), "transformers": version("transformers")}
+    (tmp_path / tokenized.MANIFEST).write_text(json.dumps(
+        {"key": {**key, "libraries": {**key["libraries"], "tokenizers": "0.0.1"}}}))
+    assert tokenized.stale_reason(tmp_path, key) == f"tokenized cache at {tmp_path} is stale (libraries changed)"
+    (tmp_path / tokenized.MANIFEST).write_text(json.dumps({"key": key}))
+    assert tokenized.stale_reason(tmp_path, key) is None

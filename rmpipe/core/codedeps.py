@@ -6,8 +6,14 @@ transitively: `import rmpipe.x`, `from rmpipe import x`, `from rmpipe.x import y
 `importlib.import_module("literal")`, and imports inside functions (a lazy import runs on the stage's
 code path all the same). Only `if TYPE_CHECKING:` blocks are skipped: they never run.
 
+A stage's deps also include the files its params name (`PARAM_FILE_DEPS`: the JSON in
+`train.deepspeed_config`), marked in dvc.yaml with the comment `PARAM_DEP_MARK` so the generator knows
+them as its own when the param changes.
+
 `rmpipe deps` writes the result into dvc.yaml; `rmpipe deps --check` (and tests/test_codedeps.py)
-fails when dvc.yaml and the imports differ.
+fails when dvc.yaml and the imports differ; every rebuild runs the same check first (`stale_line`).
+Every stage form dvc.yaml allows is read: a `cmd` list, `foreach`/`do` and `matrix` stages. A command
+that is not `python -m stages.<name>` runs code the generator cannot follow: `unchecked` names it.
 """
 
 from __future__ import annotations
@@ -134,23 +140,89 @@ def code_hash(entry: str | Path, root: Path = ROOT) -> str:
 
 
 # --- dvc.yaml ---------------------------------------------------------------------------------
+# Params that name a file whose contents change a stage's outputs, per stage entry module: the file is a dep.
+PARAM_FILE_DEPS = {"stages/train.py": ("train.deepspeed_config",)}
+PARAM_DEP_MARK = "from params by rmpipe deps"  # the comment on such a dep in dvc.yaml: the generator's own
+STAGE_MODULE = re.compile(r"-m\s+(stages\.[\w.${}]+)")
+
+
 def is_code_dep(dep: str) -> bool:
     """A dvc.yaml dep that names project code (the ones `rmpipe deps` owns); the rest is data."""
     return dep.endswith(".py") and dep.split("/", 1)[0] in PACKAGES
 
 
-def stage_entry(stage: dict) -> str | None:
-    """`stages/<name>.py` for a stage whose cmd runs `python -m stages.<name>`."""
-    match = re.search(r"-m\s+(stages\.[\w.]+)", str(stage.get("cmd", "")))
-    return match.group(1).replace(".", "/") + ".py" if match else None
+def stage_body(stage: dict) -> dict:
+    """Where a stage's cmd and deps are: in `do` for a foreach stage, else in the stage itself (matrix too)."""
+    body = stage.get("do") if "foreach" in stage else stage
+    return body if isinstance(body, dict) else {}
 
 
-def wanted_deps(dvc_yaml: Path) -> dict[str, list[str]]:
-    """Per stage of `dvc_yaml`, the code deps its imports call for."""
+def _commands(stage: dict) -> list[str]:
+    cmd = stage_body(stage).get("cmd", "")
+    return [str(c) for c in cmd] if isinstance(cmd, list) else [str(cmd)]
+
+
+def stage_entries(stage: dict, root: Path) -> tuple[list[str], list[str]]:
+    """(`stages/<name>.py` of every `python -m stages.<name>` the stage runs, why any part cannot be followed)."""
+    entries, unfollowed = [], []
+    for command in _commands(stage):
+        modules = STAGE_MODULE.findall(command)
+        if not modules:
+            unfollowed.append(f"its command `{command}` is not `python -m stages.<name>`")
+        rest = STAGE_MODULE.sub("", command)
+        if modules and re.search(r"(^|[\s;&|(])(python3?[\d.]*|sh|bash|\./)\s*\S*\.(py|sh)\b", rest):
+            unfollowed.append(f"its command `{command}` also runs a script the generator cannot follow")
+        for module in modules:
+            entry = module.replace(".", "/") + ".py"
+            if "$" in module:
+                unfollowed.append(f"its module `{module}` is templated")
+            elif not (root / entry).is_file():
+                unfollowed.append(f"it runs `{module}`, which is not a file under {root}")
+            else:
+                entries.append(entry)
+    return entries, unfollowed
+
+
+def _stages(dvc_yaml: Path) -> dict:
+    return (yaml.safe_load(Path(dvc_yaml).read_text(encoding="utf-8")) or {}).get("stages") or {}
+
+
+def param_file_deps(stage: dict, root: Path, entries: list[str]) -> list[str]:
+    """The files the stage's params name (PARAM_FILE_DEPS), read from the params.yaml beside dvc.yaml."""
+    keys = [key for entry in entries for key in PARAM_FILE_DEPS.get(entry, ())]
+    if not keys:
+        return []
+    params = root / "params.yaml"
+    values = (yaml.safe_load(params.read_text(encoding="utf-8")) or {}) if params.is_file() else {}
+    found = []
+    for key in keys:
+        value = values
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if isinstance(value, str) and value and value not in found:
+            found.append(value)
+    return found
+
+
+def wanted_deps(dvc_yaml: Path, with_params: bool = False) -> dict[str, list[str]]:
+    """Per stage of `dvc_yaml` that runs a stage module: the code deps its imports call for (`with_params`: then
+    the files its params name)."""
     root = Path(dvc_yaml).parent
-    stages = (yaml.safe_load(Path(dvc_yaml).read_text(encoding="utf-8")) or {}).get("stages", {})
-    return {name: closure(entry, root) for name, stage in stages.items()
-            if (entry := stage_entry(stage)) and (root / entry).is_file()}
+    wanted = {}
+    for name, stage in _stages(dvc_yaml).items():
+        entries = stage_entries(stage, root)[0]
+        if entries:
+            code = closure(entries[0], root)
+            code += sorted({rel for entry in entries[1:] for rel in closure(entry, root)} - set(code))
+            wanted[name] = code + (param_file_deps(stage, root, entries) if with_params else [])
+    return wanted
+
+
+def unchecked(dvc_yaml: Path) -> dict[str, str]:
+    """Per stage whose code `rmpipe deps` cannot (fully) follow: why. Its code deps are the user's to list."""
+    root = Path(dvc_yaml).parent
+    return {name: "; ".join(why) for name, stage in _stages(dvc_yaml).items()
+            if (why := stage_entries(stage, root)[1])}
 
 
 def _dep_name(dep) -> str:
@@ -158,17 +230,42 @@ def _dep_name(dep) -> str:
     return dep if isinstance(dep, str) else next(iter(dep))
 
 
+def _comment_text(token) -> str:
+    """The text of a ruamel comment entry (a token, or nested lists of tokens)."""
+    if isinstance(token, list):
+        return " ".join(_comment_text(t) for t in token if t is not None)
+    return str(getattr(token, "value", "") or "")
+
+
+def _owned(deps) -> list[str]:
+    """The deps of a round-trip-loaded list that `rmpipe deps` writes: code deps and marked param-file deps."""
+    items = getattr(getattr(deps, "ca", None), "items", {})
+    return [_dep_name(d) for i, d in enumerate(deps or [])
+            if is_code_dep(_dep_name(d)) or PARAM_DEP_MARK in _comment_text(items.get(i))]
+
+
 def drift(dvc_yaml: Path) -> dict[str, tuple[list[str], list[str]]]:
-    """Per stage whose dvc.yaml code deps differ from its imports: (missing, extra)."""
-    stages = yaml.safe_load(Path(dvc_yaml).read_text(encoding="utf-8")).get("stages", {})
+    """Per stage whose generated dvc.yaml deps differ from its imports and param files: (missing, extra)."""
+    doc = _round_trip_yaml().load(Path(dvc_yaml).read_text(encoding="utf-8")) or {}
+    stages = doc.get("stages") or {}
     out = {}
-    for name, wanted in wanted_deps(dvc_yaml).items():
-        listed = {_dep_name(d) for d in stages[name].get("deps", [])}
-        listed = {d for d in listed if is_code_dep(d)}
-        missing, extra = sorted(set(wanted) - listed), sorted(listed - set(wanted))
+    for name, wanted in wanted_deps(dvc_yaml, with_params=True).items():
+        listed = set(_owned(stage_body(stages[name]).get("deps")))
+        missing, extra = sorted(set(wanted) - listed, key=wanted.index), sorted(listed - set(wanted))
         if missing or extra:
             out[name] = (missing, extra)
     return out
+
+
+def stale_line(dvc_yaml: Path) -> str | None:
+    """One line naming each stage whose dvc.yaml deps are stale and what to run, or None when none is."""
+    changed = drift(dvc_yaml)
+    if not changed:
+        return None
+    what = "; ".join(f"stage {name}: " + ", ".join(f"{word} {' '.join(paths)}" for word, paths in
+                                                    (("missing", missing), ("extra", extra)) if paths)
+                     for name, (missing, extra) in changed.items())
+    return f"{dvc_yaml} is stale ({what}): run `rmpipe deps` to rewrite it, then rebuild"
 
 
 def _round_trip_yaml():
@@ -184,23 +281,24 @@ def _round_trip_yaml():
 
 
 def rewrite(text: str, wanted: dict[str, list[str]]) -> str:
-    """dvc.yaml text with each stage's code deps replaced by `wanted[stage]`, placed first in its deps.
+    """dvc.yaml text with each stage's generated deps replaced by `wanted[stage]`, placed first in its deps.
 
     A round-trip YAML edit: data deps, comments and layout stay as they are; a comment after a code dep
     that is still wanted stays with it, and what trails the list (blank lines, the next key's comment)
-    stays at its end.
+    stays at its end. A param-file dep (not project code) is written with the PARAM_DEP_MARK comment.
     """
     import io
 
     rt = _round_trip_yaml()
     doc = rt.load(text)
     for name, stage in (doc.get("stages") or {}).items():
-        deps = stage.get("deps") if name in wanted else None
+        deps = stage_body(stage).get("deps") if name in wanted else None
         if deps is None:
             continue
+        owned = set(_owned(deps))
         comments = {_dep_name(d): deps.ca.items.get(i) for i, d in enumerate(deps)}
         trailing = deps.ca.items.get(len(deps) - 1)
-        new = list(wanted[name]) + [d for d in deps if not is_code_dep(_dep_name(d))]
+        new = list(wanted[name]) + [d for d in deps if _dep_name(d) not in owned]
         deps.ca.items.clear()
         del deps[:]
         for i, dep in enumerate(new):
@@ -208,6 +306,8 @@ def rewrite(text: str, wanted: dict[str, list[str]]) -> str:
             comment = trailing if i == len(new) - 1 else comments.get(_dep_name(dep))
             if comment is not None and (i == len(new) - 1 or comment is not trailing):
                 deps.ca.items[i] = comment
+            elif not is_code_dep(_dep_name(dep)) and dep in wanted[name]:
+                deps.yaml_add_eol_comment(f"# {PARAM_DEP_MARK}", i, column=0)
     out = io.StringIO()
     rt.dump(doc, out)
     return out.getvalue()
@@ -219,5 +319,5 @@ def write_deps(dvc_yaml: Path) -> dict[str, tuple[list[str], list[str]]]:
     changed = drift(dvc_yaml)
     if changed:
         text = dvc_yaml.read_text(encoding="utf-8")
-        dvc_yaml.write_text(rewrite(text, wanted_deps(dvc_yaml)), encoding="utf-8")
+        dvc_yaml.write_text(rewrite(text, wanted_deps(dvc_yaml, with_params=True)), encoding="utf-8")
     return changed

@@ -23,7 +23,7 @@ from pydantic import (
 )
 
 from rmpipe.core.errors import ConfigError
-from rmpipe.core.params import section
+from rmpipe.core.params import naming, section, source_of
 
 SPLITS = ("train", "val", "test")  # = rmpipe.core.schema.SPLITS (kept here so settings import nothing heavy)
 STRENGTHS = ("slight", "moderate", "strong", "very_strong")  # = rmpipe.core.schema.STRENGTHS
@@ -96,7 +96,8 @@ class Settings(BaseModel):
     @classmethod
     def parse(cls, params: Mapping[str, Any]):
         """This class's section of the whole params mapping (as `rmpipe.core.params.load_params` returns it)."""
-        return cls.from_section(section(dict(params), cls.SECTION))
+        with naming(source_of(params)):
+            return cls.from_section(section(params, cls.SECTION))
 
 
 # --- model: the backbone under the reward head ------------------------------------------------
@@ -151,7 +152,8 @@ class DataSettings(Settings):
 
     @classmethod
     def parse(cls, params: Mapping[str, Any]):
-        return cls.from_section(params.get("data") or {})  # an optional section
+        with naming(source_of(params)):
+            return cls.from_section(params.get("data") or {})  # an optional section
 
 
 class SampleDataSettings(Settings):

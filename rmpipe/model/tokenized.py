@@ -3,7 +3,8 @@
     data/tokenized/train.parquet, val.parquet   chosen_ids, rejected_ids (int32 lists), prefix, group, targets
     data/tokenized/manifest.json                what the tokens were made from (the cache key)
 
-The key is the tokenizer's files, the split files, max_length and the tokenize stage's code. Training
+The key is the tokenizer's files, the split files, max_length, the tokenize stage's code and the
+tokenizers/transformers versions. Training
 uses the cache only when the key matches what it is about to train on; anything else (a changed
 chat template, a new split) is tokenized afresh, with the reason logged. A stale cache is never used.
 """
@@ -32,6 +33,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
 # The code is the tokenize stage's import closure, the same list dvc.yaml's tokenize deps are written from.
 CODE_ENTRY = "stages/tokenize.py"
+TOKENIZING_LIBRARIES = ("tokenizers", "transformers")
 
 
 def cache_key(backbone: Path | str, paths, max_length: int) -> dict:
@@ -44,7 +46,21 @@ def cache_key(backbone: Path | str, paths, max_length: int) -> dict:
         tokenizer = {"hub_id": str(backbone)}
     code = codedeps.code_hash(CODE_ENTRY)
     return {"tokenizer": tokenizer, "splits": {name: sha256_file(path) for name, path in splits.items()},
-            "max_length": max_length, "code": code}
+            "max_length": max_length, "code": code, "libraries": library_versions()}
+
+
+def library_versions() -> dict[str, str | None]:
+    """The versions of the libraries that turn text into ids: a new tokenizers or transformers may split or
+    template the same text differently, so cached tokens of another version are not reused."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found: dict[str, str | None] = {}
+    for name in TOKENIZING_LIBRARIES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
 
 
 def write(folder: Path, pairs: dict[str, TokenizedPairs], key: dict) -> None:

@@ -7,8 +7,8 @@
 
 A checkpoint is DeepSpeed's own (`engine.save_checkpoint`: weights, optimizer, scheduler) plus the
 loop's `LoopState` and the torch RNG in its client state, in `step<N>/`; `latest` names the one
-complete checkpoint. A run resumes only from a checkpoint whose fingerprint (params, data, backbone,
-world size, code) is the current run's, so a persisted folder never carries one run into another.
+complete checkpoint. A run resumes only from a checkpoint whose fingerprint (params, the DeepSpeed config
+file's contents, data, backbone, world size, code) is the current run's, so a persisted folder never carries one run into another.
 """
 
 from __future__ import annotations
@@ -42,13 +42,23 @@ CODE_ROOT = codedeps.ROOT
 TRAINING_CODE = tuple(codedeps.closure("stages/train.py"))
 
 
+def _deepspeed_config_digest(path: str | None) -> str | None:
+    """sha256 of the JSON `train.deepspeed_config` names: its contents, not only its path, decide the run."""
+    if not path:
+        return None
+    file = Path(path)
+    return sha256_file(file) if file.is_file() else f"missing: {path}"
+
+
 def fingerprint(model: ModelSettings, train: TrainSettings, train_split: Path, backbone_dir: Path | str,
                 world_size: int) -> str:
-    """Every field of both settings (bar NOT_FINGERPRINTED), the train split, backbone, world size and code."""
+    """Every field of both settings (bar NOT_FINGERPRINTED), the DeepSpeed config file's contents, the train
+    split, backbone, world size and code."""
     relevant = train.model_dump(exclude=set(NOT_FINGERPRINTED))
     backbone = io.folder_sha256(backbone_dir) if Path(backbone_dir).is_dir() else str(backbone_dir)
     code = {name: sha256_file(CODE_ROOT / name) for name in TRAINING_CODE}
     blob = json.dumps({"model": model.model_dump(), "train": relevant, "train_split": sha256_file(train_split),
+                       "deepspeed_config_file": _deepspeed_config_digest(train.deepspeed_config),
                        "backbone": backbone, "world_size": world_size, "code": code}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
