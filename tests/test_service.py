@@ -349,6 +349,7 @@ def test_the_readmes_server_command_sends_no_telemetry_and_listens_locally():
     assert "PREFECT_SERVER_ANALYTICS_ENABLED=false" in line and "--host 127.0.0.1" in line
 
 
+@pytest.mark.slow  # a real server and `rmpipe serve`, started and stopped twice: ~45 s
 def test_serve_stops_promptly_on_ctrl_c_and_sigterm_even_when_the_server_is_gone(tmp_path):
     """After a server outage, stopping `rmpipe serve` used to hang (`Pausing all deployments`) until kill -9."""
     import psutil
