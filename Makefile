@@ -60,13 +60,13 @@ repro: sample-data
 	  echo "staged this run's record ($(RUN_RECORD)); commit it: git commit -m 'reward model from ...'"; fi
 
 # The test files run in parallel, one worker per core (pytest-xdist; --dist loadfile keeps a file on one
-# worker, so its module fixtures are built once).
+# worker, so its module fixtures are built once), longest files first (tests/conftest.py LONGEST_FIRST).
 test: setup browser
-	$(BIN)/python -m pytest -n auto --dist loadfile
+	$(BIN)/python -m pytest -n auto --dist loadfile --no-loadscope-reorder
 
 # The quick loop: everything but the real-pipeline builds (marked slow; CI runs them).
 test-quick: setup
-	$(BIN)/python -m pytest -m "not slow" -n auto --dist loadfile
+	$(BIN)/python -m pytest -m "not slow" -n auto --dist loadfile --no-loadscope-reorder
 
 # The manual (docs/, MkDocs Material) into site/: strict, so a broken link fails; open site/index.html offline.
 docs: setup

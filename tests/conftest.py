@@ -80,7 +80,25 @@ def pytest_addoption(parser):
                           "module fixtures are built once)")
 
 
+# The files that take longest (worker seconds in a full `make test`, tests/durations with --durations=60), most
+# first. `make test` hands whole files to its workers in collection order (--dist loadfile, no reorder): the
+# long ones start first and the short ones fill in beside them, so no worker is left alone with a long file
+# at the end (longest-first scheduling). Order only: every test still runs.
+LONGEST_FIRST = ("test_service.py", "test_audit.py", "test_security.py", "test_arrivals.py", "test_train.py",
+                 "test_dvc_pipeline.py", "test_packing.py", "test_repro_guarantees.py", "test_reliability.py",
+                 "test_byod_pipeline.py", "test_validate.py", "test_flows.py", "test_sampling.py")
+
+
+def _longest_first(items: list) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    position = {}
+    for item in items:
+        position.setdefault(item.path.name, len(position))
+    items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), position[item.path.name]))  # stable
+
+
 def pytest_collection_modifyitems(config, items):
+    _longest_first(items)
     seed = config.getoption("--shuffle-seed")
     if seed is not None:
         rng = random.Random(seed)
@@ -160,3 +178,23 @@ def _restore_process_state():
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _shared_prefect_server(request):
+    """A module marked `prefect_server` runs its flow subprocesses (`rmpipe on-new-batch`, `retract`, ...)
+    against the session's one Prefect server (tests/prefect_server.py) instead of an ephemeral server each:
+    PREFECT_API_URL is set for the module (module fixtures included) and removed after it. In-process flows
+    keep the ephemeral server Prefect chose at import."""
+    if request.node.get_closest_marker("prefect_server") is None:
+        yield
+        return
+    from prefect_server import shared_api_url
+
+    before = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = shared_api_url()
+    yield
+    if before is None:
+        os.environ.pop("PREFECT_API_URL", None)
+    else:
+        os.environ["PREFECT_API_URL"] = before
