@@ -21,13 +21,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from rmpipe.core import io
+from rmpipe.core import io, schema
 
 log = logging.getLogger("rmpipe.flows")
 
 RUNS_DIR = Path("reports/runs")
 PENDING = ("queued", "admitted", "failed", "not_in_model")  # completed by a later rebuild
-MAX_NAME_BYTES = 200  # a batch name longer than this is refused: derived names (temp, record) must fit 255
+MAX_NAME_BYTES = schema.MAX_BATCH_NAME_BYTES  # longer names are refused: derived names (temp, record) must fit 255
 
 
 def now() -> str:

@@ -206,9 +206,8 @@ def collect_to(incoming_dir: str | Path, cfg: Mapping[str, Any] | CollectSetting
                 votes_to=Path(tmp) / f"{number:06d}.parquet", hold_mb=hold_mb, fast=fast, chunk_rows=chunk_rows)
             if read_files(result.report):
                 seen_files[result.report["sha256"]] = result.batch_id
-            sidecar = path.with_name(path.name + hf_batches.SOURCE_SUFFIX)
-            if sidecar.is_file():  # where `rmpipe import` got it: lineage reads it from the report
-                result.report["source"] = hf_batches.read_source(sidecar)
+            if (source := hf_batches.sidecar_source(path)) is not None:  # lineage reads `rmpipe import`'s record
+                result.report["source"] = source
             _log_batch(result.report)
             entries.append(result.report)
             quarantine.extend(result.quarantine)
