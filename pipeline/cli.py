@@ -148,10 +148,11 @@ def _deps(args: argparse.Namespace) -> None:
 def _trace(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from rmpipe.audit.trace import render, to_json, trace
+    from rmpipe.audit.trace import raise_if_damaged, render, to_json, trace
 
     result = trace(Path("."), batch=args.batch, annotator=args.annotator)
-    print(to_json(result) if args.json else render(result))
+    print(to_json(result) if args.json else render(result), flush=True)
+    raise_if_damaged(result)
 
 
 def _retract(args: argparse.Namespace) -> None:

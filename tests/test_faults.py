@@ -105,3 +105,90 @@ def test_collect_on_a_full_disk_ends_in_one_line_naming_the_folder_and_the_space
     assert "no space left on the disk" in line and "data/collected" in line
     assert "MB free of" in line and "needs up to about" in line and "free space there" in line
     assert not (project / "data/collected/votes.parquet").exists()
+
+
+# ------------------------------------------------------------------------------- a damaged DVC cache
+
+
+def _cache_object(project: Path, data: bytes) -> str:
+    import hashlib
+
+    md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
+    path = project / ".dvc/cache/files/md5" / md5[:2] / md5[2:]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return md5
+
+
+def _model_inputs(project: Path, tag: str) -> dict[str, str]:
+    """A model's votes.parquet and split folder (train.parquet) as DVC 3 caches them: {path: md5}."""
+    import io
+
+    import pandas as pd
+
+    def parquet(frame: pd.DataFrame) -> bytes:
+        buffer = io.BytesIO()
+        frame.to_parquet(buffer, compression="zstd")
+        return buffer.getvalue()
+
+    from rmpipe.data.aggregate.run import AggregateSettings, aggregate
+    from rmpipe.data.collect.run import collect_dir
+
+    incoming = project / f"incoming-{tag}"
+    incoming.mkdir()
+    (incoming / "b1.jsonl").write_bytes(b"\n".join(
+        orjson.dumps({**GOOD, "prompt": f"{tag} prompt {i} " * 20, "annotator_id": f"a{k}"})
+        for i in range(20) for k in range(2)) + b"\n")
+    votes, _, _ = collect_dir(incoming, {**_params()["collect"], "incoming_dir": str(incoming)})
+    train = aggregate(votes, AggregateSettings.from_section(_params()["aggregate"])).pairs[["pair_id", "chosen"]]
+    train_md5 = _cache_object(project, parquet(train))
+    listing = json.dumps([{"md5": train_md5, "relpath": "train.parquet"}]).encode()
+    return {"data/collected/votes.parquet": _cache_object(project, parquet(votes)),
+            "data/split": _dir_object(project, listing)}
+
+
+def _params() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def _dir_object(project: Path, listing: bytes) -> str:
+    import hashlib
+
+    md5 = hashlib.md5(listing, usedforsecurity=False).hexdigest() + ".dir"
+    path = project / ".dvc/cache/files/md5" / md5[:2] / md5[2:]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(listing)
+    return md5
+
+
+def test_trace_names_the_model_whose_cached_data_is_damaged_and_traces_the_rest(tmp_path):
+    from rmpipe.audit import history
+    from rmpipe.audit.trace import trace
+
+    project = tmp_path
+    (project / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    inputs = [_model_inputs(project, tag) for tag in ("old", "new")]
+    for seq, lock in enumerate(inputs, 1):
+        history.append(project, {"time": f"2026-12-0{seq}", "trigger": "test", "upstream_lock_md5": lock,
+                                 "model": {"md5": f"m{seq}", "manifest_sha256": f"{seq:064d}"},
+                                 "batches": {"b1.jsonl": {"sha256": "0" * 64}}, "n_train_pairs": 20,
+                                 "aggregate_params": _params()["aggregate"]})
+    # a bit flipped in the middle of the PAST model's votes (a parquet page: zstd fails to decompress it)
+    damaged = project / ".dvc/cache/files/md5" / inputs[0]["data/collected/votes.parquet"][:2] / \
+        inputs[0]["data/collected/votes.parquet"][2:]
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+
+    result = trace(project, batch="b1.jsonl")
+    old, new = result["models"]
+    assert old["damaged"] and str(damaged) in old["damaged"] and old["decided"] is None
+    assert new.get("damaged") is None and new["contributed"] == 20 and new["votes"] == 40
+    assert result["damaged"] == [f"#{old['seq']} {old['model']}"]
+
+    done = subprocess.run([PY, "-m", "pipeline.cli", "trace", "--batch", "b1.jsonl"], cwd=project, env=_env(),
+                          capture_output=True, text=True, timeout=120, check=False)
+    line = _one_error_line(done)
+    assert done.returncode == 2
+    assert f"#{old['seq']} {old['model']}" in line and "dvc fetch" in line
+    assert "20 contributed" in done.stdout and "DAMAGED in the DVC cache" in done.stdout  # the rest is traced
