@@ -192,3 +192,30 @@ def test_trace_names_the_model_whose_cached_data_is_damaged_and_traces_the_rest(
     assert done.returncode == 2
     assert f"#{old['seq']} {old['model']}" in line and "dvc fetch" in line
     assert "20 contributed" in done.stdout and "DAMAGED in the DVC cache" in done.stdout  # the rest is traced
+
+
+# ------------------------------------------------------------------------------- a full disk in training
+
+
+@pytest.mark.slow
+def test_a_checkpoint_save_on_a_full_disk_says_why_and_removes_the_partial_step(tmp_path, small_disk):
+    import pandas as pd
+    from test_train import TINY, make_pairs, make_project
+
+    from rmpipe.core.settings import ModelSettings
+    from rmpipe.model.backbones import build_tiny_backbone
+
+    texts = pd.concat([make_pairs(16, 0).chosen, make_pairs(16, 0).rejected]).tolist()
+    backbone = build_tiny_backbone(texts, ModelSettings.from_section({"max_length": 64, "tiny": TINY}),
+                                   tmp_path / "backbone")
+    project = make_project(tmp_path / "proj", backbone, n_train=16, n_val=8, epochs=1, checkpoint_every=1)
+    small_disk(project / "checkpoints/train", 96)  # a DeepSpeed checkpoint of the tiny model does not fit
+
+    done = subprocess.run([PY, "-m", "stages.train"], cwd=project, env=_env(), capture_output=True, text=True,
+                          timeout=300, check=False)
+    line = _one_error_line(done)
+    assert done.returncode == 2
+    assert "checkpoint save to" in line and "checkpoints/train/step1 failed" in line
+    assert "no space left on the disk" in line and "MB free of" in line and "partial step1 folder was removed" in line
+    assert not (project / "checkpoints/train/step1").exists() and not (project / "checkpoints/train/latest").exists()
+    assert not (project / "models/reward_model").exists()
