@@ -219,3 +219,33 @@ def test_a_checkpoint_save_on_a_full_disk_says_why_and_removes_the_partial_step(
     assert "no space left on the disk" in line and "MB free of" in line and "partial step1 folder was removed" in line
     assert not (project / "checkpoints/train/step1").exists() and not (project / "checkpoints/train/latest").exists()
     assert not (project / "models/reward_model").exists()
+
+
+# ------------------------------------------------------------------------------- a full disk under Prefect
+
+
+@pytest.mark.parametrize("full", [".prefect", "."])
+def test_on_new_batch_with_prefects_database_on_a_full_disk_ends_in_one_line(tmp_path, small_disk, full):
+    project = tmp_path / "proj"
+    project.mkdir()
+    if full == ".":
+        small_disk(project, 2048)
+    for name in ("dvc.yaml", "params.yaml"):
+        (project / name).write_text((ROOT / name).read_text())
+    batch = tmp_path / "nb.jsonl"
+    batch.write_bytes(orjson.dumps(GOOD) + b"\n")
+    env = {k: v for k, v in _env().items() if k not in ("PREFECT_HOME", "PREFECT_API_URL")}
+    if full == ".prefect":  # the project's own database folder (the default) on a full disk
+        home = small_disk(project / ".prefect", 2048)
+    else:  # the database elsewhere, the project's disk full
+        home = tmp_path / "prefect-home"
+        home.mkdir()
+        env["PREFECT_HOME"] = str(home)
+
+    done = subprocess.run([PY, "-m", "pipeline.cli", "on-new-batch", str(batch)], cwd=project, env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    line = _one_error_line(done)
+    assert done.returncode == 3 and "sqlite3" not in done.stderr
+    what = "Prefect's database folder" if full == ".prefect" else "the project folder"
+    assert f"no space left on the disk for {what}" in line and "MB free" in line and "PREFECT_HOME" in line
+    assert not any(home.iterdir())  # nothing started: no half-migrated database left behind
