@@ -94,14 +94,12 @@ def _mixed_batches(incoming: Path) -> Path:
     def text(n: int) -> str:
         return " ".join(rng.choice(words) for _ in range(n))
 
-    with open(incoming / "batch-0009-long.jsonl", "w", encoding="utf-8") as out:
-        for i in range(5000):
-            out.write(json.dumps({"prompt": f"{i} " + text(rng.randint(50, 600)), "response_a": text(80),
-                                  "response_b": text(90), "annotator_id": f"L{i % 9}", "choice": rng.choice("ab")}) + "\n")
-    with open(incoming / "batch-0010-pairs.jsonl", "w", encoding="utf-8") as out:
-        for i in range(2500):
-            out.write(json.dumps({"prompt": f"p{i} " + text(rng.randint(20, 400)), "chosen": text(70),
-                                  "rejected": text(60)}) + "\n")
+    votes = [{"prompt": f"{i} " + text(rng.randint(50, 600)), "response_a": text(80), "response_b": text(90),
+              "annotator_id": f"L{i % 9}", "choice": rng.choice("ab")} for i in range(5000)]
+    pairs = [{"prompt": f"p{i} " + text(rng.randint(20, 400)), "chosen": text(70), "rejected": text(60)}
+             for i in range(2500)]
+    for name, rows in (("batch-0009-long.jsonl", votes), ("batch-0010-pairs.jsonl", pairs)):
+        (incoming / name).write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return incoming
 
 
@@ -149,7 +147,7 @@ def test_a_worker_with_other_code_or_libraries_is_refused_in_one_line(tmp_path, 
     batch = tmp_path / "b.jsonl"
     batch.write_text('{"prompt": "p", "response_a": "a", "response_b": "b", "annotator_id": "x", "choice": "a"}\n')
     conf = CollectSettings.from_section({**yaml.safe_load((ROOT / "params.yaml").read_text())["collect"]})
-    expected = stack_fingerprint(collect_batch)
+    expected = stack_fingerprint()
     assert set(expected) >= {"code", "python", "pyarrow", "numpy", "pandas"} and len(expected["code"]) == 64
     for key, value in (("pyarrow", "0.0.1"), ("code", "0" * 64)):  # the stage's view differs from the worker's
         future = two_workers.submit(collect_on_worker, collect_batch, {**expected, key: value}, batch, conf,
@@ -170,7 +168,7 @@ def test_the_stage_checks_each_workers_sha256_and_attempts_write_their_own_parts
     batch = tmp_path / "b.jsonl"
     batch.write_text("".join(rows))
     conf = CollectSettings.from_section({**yaml.safe_load((ROOT / "params.yaml").read_text())["collect"]})
-    expected = stack_fingerprint(collect_batch)
+    expected = stack_fingerprint()
     parts = tmp_path / "parts"
     parts.mkdir()
 

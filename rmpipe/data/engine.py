@@ -11,7 +11,7 @@ a rejected batch, whose counts would include those duplicates) is collected agai
 exactly as the local path does.
 
 Nothing a worker says is taken on its word: each task first checks that the worker runs the stage's code
-(the task module's import closure, by content) and library versions, and refuses in one line otherwise; the
+(the rmpipe package, by content) and library versions, and refuses in one line otherwise; the
 stage compares the sha256 a worker read with its own hash of the file; each attempt writes its own part
 (`ahead-N.<attempt>.parquet`) and the one whose result the stage takes is renamed to `ahead-N.parquet`.
 
@@ -24,18 +24,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import importlib.metadata
 import logging
 import os
 import platform
-import sys
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from rmpipe.core import codedeps
 from rmpipe.core.errors import ConfigError, DataError
 from rmpipe.core.io import folder_sha256, sha256_file
 from rmpipe.core.settings import DataSettings
@@ -71,8 +70,8 @@ def _announce(client: Any) -> None:
 
 
 BatchRunner = Callable[..., list]
-# What a worker must run exactly as the stage does for its result to be the stage's: the code (the import
-# closure of the task's module, by content) and the libraries that read, hash and write the data.
+# What a worker must run exactly as the stage does for its result to be the stage's: the code (the rmpipe
+# package, by content) and the libraries that read, hash and write the data.
 LIBRARIES = ("pyarrow", "numpy", "pandas", "orjson", "xxhash", "datasets")
 
 
@@ -80,22 +79,27 @@ class WorkerMismatch(DataError):
     """A Dask worker runs other code or library versions than the stage, or saw other bytes of a batch."""
 
 
-@functools.lru_cache(maxsize=8)
-def _stack(module: str) -> tuple[tuple[str, str], ...]:
+PACKAGE = Path(__file__).resolve().parents[1]  # rmpipe/: the code a worker runs for any task
+
+
+@functools.lru_cache(maxsize=1)
+def _stack() -> tuple[tuple[str, str], ...]:
     def version(name: str) -> str:
         try:
             return importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             return "absent"
 
-    entry = Path(sys.modules[module].__file__).resolve().relative_to(codedeps.ROOT)
-    return (("code", codedeps.code_hash(entry)), ("python", platform.python_version()),
+    code = hashlib.sha256()
+    for path in sorted(PACKAGE.rglob("*.py")):  # the whole package by content: one code version, as documented
+        code.update(f"{path.relative_to(PACKAGE).as_posix()}\x1f{sha256_file(path)}\n".encode())
+    return (("code", code.hexdigest()), ("python", platform.python_version()),
             *((name, version(name)) for name in LIBRARIES))
 
 
-def stack_fingerprint(task: Callable) -> dict[str, str]:
-    """{'code': sha256 of the import closure of `task`'s module, 'python': ..., library: version} here."""
-    return dict(_stack(task.__module__))
+def stack_fingerprint() -> dict[str, str]:
+    """{'code': sha256 of every module of the rmpipe package, 'python': ..., library: version} in this process."""
+    return dict(_stack())
 
 
 def collect_on_worker(collect_batch: Callable, expected: dict[str, str], path: Path, conf: Any, parts: Path,
@@ -103,7 +107,7 @@ def collect_on_worker(collect_batch: Callable, expected: dict[str, str], path: P
     """The Dask task of one batch: refuse (one line) on a worker whose code or libraries are not the stage's,
     else collect it into a part named for this attempt alone (`ahead-N.<attempt>.parquet`), so a retried
     task never writes over a first attempt that is still running."""
-    here = stack_fingerprint(collect_batch)
+    here = stack_fingerprint()
     if here != expected:
         differ = [f"{key} {here.get(key)} (stage: {value})" for key, value in expected.items() if here.get(key) != value]
         raise WorkerMismatch(f"Dask worker on {platform.node()} (pid {os.getpid()}) runs other code or libraries than "
@@ -144,7 +148,7 @@ def batch_runner(settings: DataSettings, collect_batch: Callable) -> Iterator[Ba
         return
     with dask_client(settings) as client:
 
-        expected = stack_fingerprint(collect_batch)
+        expected = stack_fingerprint()
 
         def submit(files: list[Path], conf: Any, retracted: list[dict], parts: Path, **options: Any) -> list:
             # absolute paths: a worker's working folder is not the stage's (the data sits on shared storage)
