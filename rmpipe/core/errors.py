@@ -110,17 +110,17 @@ def exits_cleanly(main: F) -> F:
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(exc.exit_code)
-        except Exception as exc:  # a full disk, a read-only folder: the environment's fault, not a bug
-            fault = environment_fault(exc)
-            if fault is None:
-                raise
-            print(f"error: {fault}", file=sys.stderr)
-            sys.exit(fault.exit_code)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             sys.exit(130)
         except BrokenPipeError:  # `rmpipe lineage ... | head`: the reader left; nothing to report
             sys.stderr.close()
             sys.exit(0)
+        except Exception as exc:  # a full disk, a read-only folder: the environment's fault, not a bug
+            fault = environment_fault(exc)
+            if fault is None:
+                raise
+            print(f"error: {fault}", file=sys.stderr)
+            sys.exit(fault.exit_code)
 
     return wrapper  # type: ignore[return-value]
