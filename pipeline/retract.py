@@ -258,7 +258,7 @@ def retract_annotator(root: Path, annotator: str, reason: str, by: str | None = 
     promoted_dir = ExportSettings.parse(params).promoted_dir
     excluded = list(AggregateSettings.parse(params).exclude_annotators)
     earlier = next((e for e in retractions.load(root) if e.get("kind") == "annotator" and e["target"] == annotator), None)
-    if earlier is not None and annotator in excluded and _unfinished(root, earlier):
+    if earlier is not None and _unfinished(root, earlier):  # killed before its outcome: finish it
         return _resume(root, earlier, False)
     if annotator in excluded or annotator in retractions.retracted_annotators(retractions.load(root)):
         raise UserError(f"annotator {annotator} is already retracted (aggregate.exclude_annotators in params.yaml)")
@@ -304,13 +304,27 @@ def _resume(root: Path, entry: dict[str, Any], purge: bool) -> dict[str, Any]:
             fields = _take_batch_out(root, entry, root / CollectSettings.parse(params).incoming_dir,
                                      ExportSettings.parse(params).promoted_dir)
         else:
-            if not _recorded(root, entry):
-                _record(root, entry, [retractions.REGISTER, PARAMS_FILE])
-            fields = {"removed": {"annotator": entry["target"], "votes": entry.get("votes")}}
+            fields = _exclude_annotator(root, entry)
         fields["resumed"] = True
         return _rebuild_and_finish(root, entry, _trained_with(root, entry), f"rmpipe retract {entry['kind']} "
                                    f"{entry['target']} ({entry['id']}, resumed)", fields,
                                    (lambda: {"purge": purge_batch(root, entry)}) if purge else None)
+
+
+def _exclude_annotator(root: Path, entry: dict[str, Any]) -> dict[str, Any]:
+    """An annotator's retraction killed after its register entry: the params edit and the history record,
+    each if not done yet. Returns the outcome's fields."""
+    from dvc.utils.serialize import modify_yaml
+
+    excluded = list(AggregateSettings.parse(load_params(root / PARAMS_FILE)).exclude_annotators)
+    if entry["target"] not in excluded:
+        excluded.append(entry["target"])
+        with modify_yaml(root / PARAMS_FILE) as data:
+            data["aggregate"]["exclude_annotators"] = excluded
+    if not _recorded(root, entry):
+        _record(root, entry, [retractions.REGISTER, PARAMS_FILE])
+    return {"removed": {"annotator": entry["target"], "votes": entry.get("votes"),
+                        "params": {"aggregate.exclude_annotators": excluded}}}
 
 
 def _check_reason(reason: str | None) -> str:
