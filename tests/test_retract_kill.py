@@ -18,7 +18,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from test_audit import PARAMS
 from test_dvc_pipeline import BIN, ROOT, copy_project, run
 
