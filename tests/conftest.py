@@ -160,3 +160,23 @@ def _restore_process_state():
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _shared_prefect_server(request):
+    """A module marked `prefect_server` runs its flow subprocesses (`rmpipe on-new-batch`, `retract`, ...)
+    against the session's one Prefect server (tests/prefect_server.py) instead of an ephemeral server each:
+    PREFECT_API_URL is set for the module (module fixtures included) and removed after it. In-process flows
+    keep the ephemeral server Prefect chose at import."""
+    if request.node.get_closest_marker("prefect_server") is None:
+        yield
+        return
+    from prefect_server import shared_api_url
+
+    before = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = shared_api_url()
+    yield
+    if before is None:
+        os.environ.pop("PREFECT_API_URL", None)
+    else:
+        os.environ["PREFECT_API_URL"] = before

@@ -1,8 +1,8 @@
 """Arrivals are never lost: the queue, admission beside a manual `dvc repro`, run records, orphans.
 
-Real processes throughout: real DVC, the real collect stage, real Prefect (ephemeral), real
-`kill -9`, real permission checks as a non-root user. The pipeline after collect is one
-stand-in stage that writes an export folder with a real lineage manifest (`build_manifest`),
+Real processes throughout: real DVC, the real collect stage, real Prefect (the CLI's flows on the
+session's one server, in-process flows ephemeral), real `kill -9`, real permission checks as a
+non-root user. The pipeline after collect is one stand-in stage that writes an export folder with a real lineage manifest (`build_manifest`),
 so `rmpipe verify` checks it for real and a scenario takes seconds, not minutes. Every
 scenario ends with `assert_invariants`: every accepted batch is in data/incoming and in
 the latest export's lineage with exactly one record, nothing is left pending or queued,
@@ -31,7 +31,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 BIN = Path(PY).parent
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.prefect_server]  # CLI flows talk to the session's server
 
 EXPORT_STAGE = '''
 import json, sys, time
@@ -60,7 +60,7 @@ with open("export-runs.jsonl", "a") as fh:
 
 
 def env_for(project: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") or k == "PREFECT_API_URL"}
     env.update(PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1",
                PREFECT_HOME=str(project / ".prefect"))
     return env

@@ -1,4 +1,4 @@
-"""The audit trail end to end under real DVC, real Prefect (ephemeral) and real stages.
+"""The audit trail end to end under real DVC, a real Prefect server and real stages.
 
 One project is built once (module fixture) and taken through what an auditor does:
 a vendor batch arrives through on-new-batch, `trace` finds the model it reached and the
@@ -21,7 +21,8 @@ import yaml
 from browser import page_dom
 from test_dvc_pipeline import BIN, FAST_PARAMS, ROOT, copy_project, ran_stages, run
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]  # one fixture builds four models
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600),  # one fixture builds four models
+              pytest.mark.prefect_server]  # its five flow commands talk to one server, not five ephemeral ones
 
 VENDOR = "vendor-2026-11-03.jsonl"
 MARKER = "Zyxquollian"  # appears only in the vendor batch: its trace in the DVC cache is searchable

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from prefect_server import start, start_server, stop, wait_for
+from test_dvc_pipeline import project_files
 
 from pipeline import service
 from pipeline.watch import BatchWatcher, is_batch_name, watch
-from test_dvc_pipeline import project_files
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -171,55 +172,6 @@ def fast_project(dest: Path) -> Path:
     return dest
 
 
-def wait_for(what: str, check, timeout_s: float, procs=(), every_s: float = 1.0):
-    """Poll `check()` until it returns something truthy; fail with `what` after `timeout_s` or if a process died."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        for proc in procs:
-            if proc.poll() is not None:
-                pytest.fail(f"{proc.args} exited with {proc.returncode} while waiting for {what}")
-        time.sleep(every_s)
-    pytest.fail(f"timed out after {timeout_s:.0f}s waiting for {what}")
-
-
-def start(cmd: list[str], cwd: Path, env: dict, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)  # own process group: killed whole in `stop`
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def start_server(tmp: Path, log: Path, **extra: str) -> tuple[subprocess.Popen, dict[str, str]]:
-    """`prefect server start` on 127.0.0.1 port 0: the kernel picks a free port as the server binds it, read
-    back from /proc/net/tcp (no port picked here and bound later, which another process could take between).
-    Returns the server and the environment its clients use (PREFECT_API_URL with the port it got)."""
-    from pipeline.prefect_env import api_url, server_env
-    from procnet import listening
-
-    env = {**server_env(tmp / "prefect-home", 0), **extra}
-    server_own = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}  # the server needs no client URL
-    proc = start([PY, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", "0"], tmp, server_own, log)
-    try:
-        ((_, port),) = wait_for("the Prefect server to listen", lambda: listening(proc.pid), 150, [proc], every_s=0.2)
-        env.update(PREFECT_SERVER_API_PORT=str(port), PREFECT_API_URL=api_url(port))
-        wait_for("the Prefect server", lambda: healthy(env["PREFECT_API_URL"]), 150, [proc])
-    except BaseException:
-        stop(proc)
-        raise
-    return proc, env
-
-
 def flow_runs(api: str, flow_name: str) -> list[dict]:
     import httpx
 
@@ -229,15 +181,6 @@ def flow_runs(api: str, flow_name: str) -> list[dict]:
     except httpx.HTTPError:
         return []
     return resp.json()
-
-
-def healthy(api: str) -> bool:
-    import httpx
-
-    try:
-        return httpx.get(f"{api}/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 BURST = 4  # batches landing at once: each is one full rebuild of the real pipeline, one after another
