@@ -126,6 +126,10 @@ def _recorded(root: Path, entry: dict[str, Any]) -> bool:
                for r in history.records(root, (history.RETRACTION,)))
 
 
+def _outcome_recorded(root: Path, entry: dict[str, Any]) -> bool:
+    return any(r.get("retraction_id") == entry["id"] for r in history.records(root, (history.RETRACTION_OUTCOME,)))
+
+
 def _record(root: Path, entry: dict[str, Any], own_files: list) -> None:
     """The retraction into the history chain, and what rmpipe wrote for it into git (before the rebuild:
     the model built next is then not dirty by rmpipe's own hand)."""
@@ -148,9 +152,10 @@ def _finish(root: Path, entry: dict[str, Any], before: dict | None, **fields: An
                "after": _model_summary(after), **fields}
     if after is not None:
         outcome["promotion"] = after.get("promotion")
-    history.append(root, {"time": outcome["finished"], "retraction_id": entry["id"],
-                          **{k: v for k, v in outcome.items() if k not in ("retraction", "finished")}},
-                   kind=history.RETRACTION_OUTCOME)
+    if not (fields.get("resumed") and _outcome_recorded(root, entry)):  # killed after it: one history record
+        history.append(root, {"time": outcome["finished"], "retraction_id": entry["id"],
+                              **{k: v for k, v in outcome.items() if k not in ("retraction", "finished")}},
+                       kind=history.RETRACTION_OUTCOME)
     _reached("outcome")
     path = root / retractions.OUTCOMES / f"{entry['id']}.json"
     if path.exists():
@@ -236,13 +241,11 @@ def _take_batch_out(root: Path, entry: dict[str, Any], incoming: Path, promoted_
             shutil.move(str(source), dest)
     _reached("moved")
     io.write_json(dest.with_name(name + ".retraction.json"), entry)
-    used = _uses(entry)
-    demoted = tainted.demote_promoted(root, promoted_dir, used)
-    deprecated = tainted.deprecate_versions(root, used, f"retraction {entry['id']}: batch {name} ({entry['reason']})")
+    out = tainted.take_out_of_service(root, promoted_dir, _uses(entry), f"retraction {entry['id']}: batch {name} "
+                                      f"({entry['reason']})", entry["id"])
     delivery.mark_retracted(root, name, entry)
     _reached("taken-out")
-    return {"removed": {"batch": name, "sha256": entry["sha256"], "moved_to": entry["kept_at"]},
-            "demoted": demoted, "deprecated": deprecated}
+    return {"removed": {"batch": name, "sha256": entry["sha256"], "moved_to": entry["kept_at"]}, **out}
 
 
 # --- an annotator -------------------------------------------------------------------------------
@@ -278,11 +281,10 @@ def retract_annotator(root: Path, annotator: str, reason: str, by: str | None = 
         _record(root, entry, [retractions.REGISTER, *([PARAMS_FILE] if params_unchanged else [])])
         used = _uses(entry)
         before = _trained_with(root, entry)
-        demoted = tainted.demote_promoted(root, promoted_dir, used)
-        deprecated = tainted.deprecate_versions(root, used, f"retraction {entry['id']}: annotator {annotator} ({reason})")
         fields = {"removed": {"annotator": annotator, "votes": entry["votes"],
                               "params": {"aggregate.exclude_annotators": [*excluded, annotator]}},
-                  "demoted": demoted, "deprecated": deprecated}
+                  **tainted.take_out_of_service(root, promoted_dir, used, f"retraction {entry['id']}: annotator "
+                                                f"{annotator} ({reason})", entry["id"])}
         if not rebuild:
             return _finish(root, entry, before, rebuild=None, **fields)
         return _rebuild_and_finish(root, entry, before, f"rmpipe retract annotator {annotator} ({entry['id']})",
@@ -305,6 +307,9 @@ def _resume(root: Path, entry: dict[str, Any], purge: bool) -> dict[str, Any]:
                                      ExportSettings.parse(params).promoted_dir)
         else:
             fields = _exclude_annotator(root, entry)
+            fields.update(tainted.take_out_of_service(  # noted before each removal: what the first run did
+                root, ExportSettings.parse(load_params(root / PARAMS_FILE)).promoted_dir, _uses(entry),
+                f"retraction {entry['id']}: annotator {entry['target']} ({entry['reason']})", entry["id"]))
         fields["resumed"] = True
         return _rebuild_and_finish(root, entry, _trained_with(root, entry), f"rmpipe retract {entry['kind']} "
                                    f"{entry['target']} ({entry['id']}, resumed)", fields,
