@@ -151,6 +151,8 @@ def test_a_retraction_killed_at_every_later_step_in_turn_then_run_again_names_th
     proj = tmp_path / "proj"
     shutil.copytree(built, proj, symlinks=True)
     trained_on_nb2, taken = _models(proj)[-1], _taken_out_of_service(proj)
+    assert taken["demoted"] == trained_on_nb2["seq"] and taken["deprecated"], \
+        "the nb2 model is promoted and registered (else the re-run's report of them is not tested)"
     for step in CHAIN:
         killed = _retract(proj, step)
         assert killed.returncode == -signal.SIGKILL, f"{step}: {killed.stderr[-3000:]}"
