@@ -69,12 +69,21 @@ def _score(args: argparse.Namespace) -> None:
             print(json.dumps(row, ensure_ascii=False))
 
 
+def _require_space_for_prefect() -> None:
+    """A full disk under Prefect's database stops here, in one line (see prefect_env.require_space)."""
+    from pipeline import prefect_env
+
+    prefect_env.configure()
+    prefect_env.require_space()
+
+
 def _rebuild(args: argparse.Namespace) -> None:
     import json
 
     from pipeline.orphans import tie_descendants_to_this_process
 
     tie_descendants_to_this_process()  # first: Prefect's temporary server must not outlive a killed command
+    _require_space_for_prefect()
     from pipeline.flows import rebuild
 
     result = rebuild(targets=args.targets, set_params=args.set, force=args.force)
@@ -87,6 +96,7 @@ def _on_new_batch(args: argparse.Namespace) -> None:
     from pipeline.orphans import tie_descendants_to_this_process
 
     tie_descendants_to_this_process()  # first: Prefect's temporary server must not outlive a killed command
+    _require_space_for_prefect()
     from pipeline.flows import on_new_batch
 
     summary = on_new_batch(batch_path=args.path)
@@ -150,10 +160,11 @@ def _deps(args: argparse.Namespace) -> None:
 def _trace(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from rmpipe.audit.trace import render, to_json, trace
+    from rmpipe.audit.trace import raise_if_damaged, render, to_json, trace
 
     result = trace(Path("."), batch=args.batch, annotator=args.annotator)
-    print(to_json(result) if args.json else render(result))
+    print(to_json(result) if args.json else render(result), flush=True)
+    raise_if_damaged(result)
 
 
 def _retract(args: argparse.Namespace) -> None:

@@ -10,9 +10,10 @@ user's `~/.prefect` profile.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
-from rmpipe.core.errors import UserError
+from rmpipe.core.errors import EnvironmentFault, UserError
 from rmpipe.core.params import PARAMS_FILE
 
 PROJECT_ENV = "RMPIPE_PROJECT"
@@ -77,6 +78,25 @@ def configure(project: str | Path | None = None) -> dict[str, str]:
     changed.update({k: v for k, v in _DEFAULTS.items() if k not in os.environ})
     os.environ.update(changed)
     return changed
+
+
+MIN_FREE_MB = 50  # Prefect's SQLite database, its migrations and a run's logs; below this it fails in ~45 tracebacks
+
+
+def require_space(project: str | Path | None = None, min_free_mb: float = MIN_FREE_MB) -> None:
+    """Before a flow starts Prefect's temporary server: its database folder (PREFECT_HOME, ephemeral mode only)
+    and the project must have `min_free_mb` free, else one line (`EnvironmentFault`) naming the folder and the
+    space. SQLite on a full disk fails deep inside Prefect's server, in dozens of tracebacks, then a timeout."""
+    folders = [("the project folder", Path(find_project_root(project)))]
+    if not os.environ.get("PREFECT_API_URL") and os.environ.get("PREFECT_HOME"):
+        folders.insert(0, ("Prefect's database folder", Path(os.environ["PREFECT_HOME"])))
+    for what, folder in folders:
+        existing = next(p for p in (folder, *folder.parents) if p.exists())
+        free_mb = shutil.disk_usage(existing).free / 2**20
+        if free_mb < min_free_mb:
+            raise EnvironmentFault(f"no space left on the disk for {what} {folder}: {free_mb:.1f} MB free, Prefect's "
+                                   f"temporary server needs at least {min_free_mb:g} MB: free space there, or point "
+                                   "PREFECT_HOME (or PREFECT_API_URL) at another disk, and run again")
 
 
 def server_env(home: str | Path, port: int) -> dict[str, str]:

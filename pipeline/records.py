@@ -10,6 +10,7 @@ all records that are not final, so a batch whose run was killed, or failed and w
 trained later, still ends with exactly one `accepted` record; a batch that reached the
 model without one (copied into data/incoming by hand) gets one marked `reconciled`.
 Duplicates, rejections and refusals get a record of their own and never say `accepted`.
+`rmpipe retract` turns a batch's records into `retracted` (with the retraction's id and reason).
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from rmpipe.core import io
+from rmpipe.core import io, schema
 
 log = logging.getLogger("rmpipe.flows")
 
 RUNS_DIR = Path("reports/runs")
 PENDING = ("queued", "admitted", "failed", "not_in_model")  # completed by a later rebuild
-MAX_NAME_BYTES = 200  # a batch name longer than this is refused: derived names (temp, record) must fit 255
+MAX_NAME_BYTES = schema.MAX_BATCH_NAME_BYTES  # longer names are refused: derived names (temp, record) must fit 255
 
 
 def now() -> str:
@@ -89,6 +90,17 @@ def mark_admitted(root: Path, names: list[str], run_id: str | None) -> None:
         else:  # queued by a run killed before it wrote its record
             write_new(root, {"batch_id": name, "source": None, "started": now(), **fields,
                              "reconciled": "no record from its delivery (its run was killed); written at admission"})
+
+
+def mark_retracted(root: Path, name: str, retraction: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every delivery record of batch `name` that is not closed otherwise (accepted or still pending) now says
+    `retracted`, with the retraction's id, time, reason and who; what it said before stays in `was`."""
+    changed = []
+    for record in all_records(root):
+        if record["batch_id"] == name and record.get("outcome") in ("accepted", *PENDING):
+            changed.append(update(root, record, outcome="retracted", was=record.get("outcome"), retracted={
+                key: retraction.get(key) for key in ("id", "time", "reason", "by")}))
+    return changed
 
 
 def mark_failed(root: Path, reason: str, incoming_names: set[str]) -> None:

@@ -12,7 +12,7 @@ A promoted model trained on what is retracted stops being the promoted model (it
 folder is removed before the rebuild), so the promotion gate does not measure the
 rebuilt model against it.
 
-`--purge` (batches only, now or later) deletes the quarantined file and every DVC cache
+`--purge` (batches only, now or later; `pipeline.purge`) deletes the quarantined file and every DVC cache
 object the batch flowed into: the outputs of every recorded model built with it and of
 every cached stage run downstream of it (the run cache), except objects the current
 pipeline or a model built without the batch still uses. Their md5s are recorded.
@@ -23,16 +23,19 @@ from __future__ import annotations
 import getpass
 import hashlib
 import json
+import os
 import shutil
+import signal
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from pipeline import own_commit, tainted
-from rmpipe.audit import dvc_cache, history
+from pipeline.purge import purge_batch
+from rmpipe.audit import history
 from rmpipe.core import io
 from rmpipe.data import retractions
-from rmpipe.core.errors import DataError, UserError
+from rmpipe.core.errors import UserError
 from rmpipe.core.io import sha256_file
 from rmpipe.core.params import PARAMS_FILE, load_params
 from rmpipe.core.settings import AggregateSettings, CollectSettings, ExportSettings
@@ -81,6 +84,52 @@ def _latest(root: Path) -> dict[str, Any] | None:
     return records[-1] if records else None
 
 
+KILL_AT = "RMPIPE_TEST_KILL_AT"  # tests only: SIGKILL this process at the named step (a real kill -9)
+
+
+def _reached(step: str) -> None:
+    """A step of a retraction is done; tests kill the process here to prove a re-run finishes it right."""
+    if os.environ.get(KILL_AT) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _uses(entry: dict[str, Any]):
+    """`used(record)`: was this model built with what `entry` retracts (the batch, the annotator's votes)?"""
+    if entry["kind"] == "batch":
+        return lambda r: entry["target"] in (r.get("batches") or {})
+
+    def used(r: dict[str, Any]) -> bool:
+        info = (r.get("annotators") or {}).get(entry["target"]) or {}
+        return bool(info.get("votes")) and not info.get("excluded")
+    return used
+
+
+def _trained_with(root: Path, entry: dict[str, Any]) -> dict[str, Any] | None:
+    """The model 'before' a retraction: the latest recorded model built with what it retracts (None: none was),
+    whatever was built since (a retraction re-run after a kill, another batch delivered meanwhile)."""
+    used = _uses(entry)
+    return next((r for r in reversed(history.read(root)) if used(r)), None)
+
+
+def _built_without(root: Path, entry: dict[str, Any]) -> dict[str, Any] | None:
+    """The model 'after' a retraction: the latest model recorded after the retraction and built without what it
+    retracts (a rebuild that found nothing stale leaves the one an interleaved rebuild made), or None."""
+    mark = next((r.get("seq") for r in history.records(root, (history.RETRACTION,))
+                 if (r.get("retraction") or {}).get("id") == entry["id"]), None)
+    used = _uses(entry)
+    return next((r for r in reversed(history.read(root))
+                 if mark is not None and (r.get("seq") or 0) > mark and not used(r)), None)
+
+
+def _recorded(root: Path, entry: dict[str, Any]) -> bool:
+    return any((r.get("retraction") or {}).get("id") == entry["id"]
+               for r in history.records(root, (history.RETRACTION,)))
+
+
+def _outcome_recorded(root: Path, entry: dict[str, Any]) -> bool:
+    return any(r.get("retraction_id") == entry["id"] for r in history.records(root, (history.RETRACTION_OUTCOME,)))
+
+
 def _record(root: Path, entry: dict[str, Any], own_files: list) -> None:
     """The retraction into the history chain, and what rmpipe wrote for it into git (before the rebuild:
     the model built next is then not dirty by rmpipe's own hand)."""
@@ -96,17 +145,18 @@ def _rebuild(root: Path, trigger: str) -> dict[str, Any]:
 
 
 def _finish(root: Path, entry: dict[str, Any], before: dict | None, **fields: Any) -> dict[str, Any]:
-    """Write the retraction's outcome record (once; never rewritten) and return it."""
-    after = _latest(root)
-    if after is not None and before is not None and after.get("seq") == before.get("seq"):
-        after = None  # no new model was built
+    """Write the retraction's outcome record (once; never rewritten) and return it. `after`: the model built
+    without what was retracted (`_built_without`); None only when no rebuild made one."""
+    after = _built_without(root, entry)
     outcome = {"retraction": entry, "finished": _now(), "before": _model_summary(before),
                "after": _model_summary(after), **fields}
     if after is not None:
         outcome["promotion"] = after.get("promotion")
-    history.append(root, {"time": outcome["finished"], "retraction_id": entry["id"],
-                          **{k: v for k, v in outcome.items() if k not in ("retraction", "finished")}},
-                   kind=history.RETRACTION_OUTCOME)
+    if not (fields.get("resumed") and _outcome_recorded(root, entry)):  # killed after it: one history record
+        history.append(root, {"time": outcome["finished"], "retraction_id": entry["id"],
+                              **{k: v for k, v in outcome.items() if k not in ("retraction", "finished")}},
+                       kind=history.RETRACTION_OUTCOME)
+    _reached("outcome")
     path = root / retractions.OUTCOMES / f"{entry['id']}.json"
     if path.exists():
         path = path.with_name(f"{entry['id']}.{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}.json")
@@ -118,11 +168,13 @@ def _finish(root: Path, entry: dict[str, Any], before: dict | None, **fields: An
 def _rebuild_and_finish(root: Path, entry: dict[str, Any], before: dict | None, trigger: str, fields: dict,
                         after_rebuild=None) -> dict[str, Any]:
     """Rebuild; the outcome is recorded whether the rebuild succeeds or fails."""
+    _reached("rebuild")
     try:
         built = _rebuild(root, trigger)
     except Exception as exc:
         _finish(root, entry, before, rebuild={"error": str(exc)}, **fields)
         raise
+    _reached("rebuilt")
     if after_rebuild is not None:
         fields = {**fields, **after_rebuild()}
     return _finish(root, entry, before, rebuild=built, **fields)
@@ -147,7 +199,7 @@ def retract_batch(root: Path, name: str, reason: str, by: str | None = None, pur
             raise UserError(f"batch {name} is already retracted ({retractions.describe(earlier)}); "
                             "add --purge to delete its file and cache objects")
         with pipeline_lock(root):
-            return _finish(root, earlier, _latest(root), purge=purge_batch(root, earlier))
+            return _finish(root, earlier, _trained_with(root, earlier), purge=purge_batch(root, earlier))
     source = incoming / name
     if "/" in name or name.startswith(".") or not source.exists():
         known = sorted(p.name for p in incoming.iterdir() if not p.name.startswith(".")) if incoming.is_dir() else []
@@ -155,25 +207,45 @@ def retract_batch(root: Path, name: str, reason: str, by: str | None = None, pur
                         f"{', '.join(known) or 'none'}")
 
     with pipeline_lock(root):  # no rebuild or admission runs while the batch moves
-        before = _latest(root)
         dest = root / retractions.RETRACTED_DIR / name
         entry = retractions.register(root, {
             "time": _now(), "kind": "batch", "target": name, **_content_hashes(source), "reason": reason, "by": _who(by),
             "kept_at": str(dest.relative_to(root))})
-        _record(root, entry, [retractions.REGISTER])
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(source), dest)
-        io.write_json(dest.with_name(name + ".retraction.json"), entry)
-        demoted = tainted.demote_promoted(root, promoted_dir, lambda r: name in (r.get("batches") or {}))
-        deprecated = tainted.deprecate_versions(root, lambda r: name in (r.get("batches") or {}),
-                                        f"retraction {entry['id']}: batch {name} ({reason})")
-        fields: dict[str, Any] = {"removed": {"batch": name, "sha256": entry["sha256"], "moved_to": entry["kept_at"]},
-                                  "demoted": demoted, "deprecated": deprecated}
+        _reached("registered")
+        fields = _take_batch_out(root, entry, incoming, promoted_dir)
+        before = _trained_with(root, entry)
         if not rebuild:
             return _finish(root, entry, before, rebuild=None, **fields)
         # The purge runs after the rebuild: the objects the rebuilt pipeline uses are then known (kept).
         return _rebuild_and_finish(root, entry, before, f"rmpipe retract batch {name} ({entry['id']})", fields,
                                    (lambda: {"purge": purge_batch(root, entry)}) if purge else None)
+
+
+def _take_batch_out(root: Path, entry: dict[str, Any], incoming: Path, promoted_dir: Path) -> dict[str, Any]:
+    """Every step between the register and the rebuild, each done only if not done yet, so a retraction killed
+    anywhere is finished by running it again: the history record (and rmpipe's commit), the file moved out of
+    data/incoming, its .retraction.json, the tainted promoted model and versions out of service, and the batch's
+    delivery records marked retracted. Returns the outcome's fields."""
+    from pipeline import records as delivery
+
+    name = entry["target"]
+    if not _recorded(root, entry):
+        _record(root, entry, [retractions.REGISTER])
+    _reached("recorded")
+    source, dest = incoming / name, root / entry["kept_at"]
+    if source.exists() or source.is_symlink():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.exists() and not source.is_dir() and _content_hashes(source)["sha256"] == entry["sha256"]:
+            source.unlink()  # a move that copied, then was killed before removing the source
+        else:
+            shutil.move(str(source), dest)
+    _reached("moved")
+    io.write_json(dest.with_name(name + ".retraction.json"), entry)
+    out = tainted.take_out_of_service(root, promoted_dir, _uses(entry), f"retraction {entry['id']}: batch {name} "
+                                      f"({entry['reason']})", entry["id"])
+    delivery.mark_retracted(root, name, entry)
+    _reached("taken-out")
+    return {"removed": {"batch": name, "sha256": entry["sha256"], "moved_to": entry["kept_at"]}, **out}
 
 
 # --- an annotator -------------------------------------------------------------------------------
@@ -189,7 +261,7 @@ def retract_annotator(root: Path, annotator: str, reason: str, by: str | None = 
     promoted_dir = ExportSettings.parse(params).promoted_dir
     excluded = list(AggregateSettings.parse(params).exclude_annotators)
     earlier = next((e for e in retractions.load(root) if e.get("kind") == "annotator" and e["target"] == annotator), None)
-    if earlier is not None and annotator in excluded and _unfinished(root, earlier):
+    if earlier is not None and _unfinished(root, earlier):  # killed before its outcome: finish it
         return _resume(root, earlier, False)
     if annotator in excluded or annotator in retractions.retracted_annotators(retractions.load(root)):
         raise UserError(f"annotator {annotator} is already retracted (aggregate.exclude_annotators in params.yaml)")
@@ -200,7 +272,6 @@ def retract_annotator(root: Path, annotator: str, reason: str, by: str | None = 
                         f"{', '.join(sorted(known)) or 'none (no run history yet: run dvc repro first)'}")
 
     with pipeline_lock(root):
-        before = _latest(root)
         params_unchanged = own_commit.unchanged(root, "params.yaml")  # else the user's own edits are in it
         entry = retractions.register(root, {
             "time": _now(), "kind": "annotator", "target": annotator, "votes": known[annotator].get("votes"),
@@ -208,16 +279,12 @@ def retract_annotator(root: Path, annotator: str, reason: str, by: str | None = 
         with modify_yaml(root / PARAMS_FILE) as data:  # DVC's round-trip YAML: comments and order stay
             data["aggregate"]["exclude_annotators"] = [*excluded, annotator]
         _record(root, entry, [retractions.REGISTER, *([PARAMS_FILE] if params_unchanged else [])])
-
-        def used(r: dict[str, Any]) -> bool:
-            info = (r.get("annotators") or {}).get(annotator) or {}
-            return bool(info.get("votes")) and not info.get("excluded")
-
-        demoted = tainted.demote_promoted(root, promoted_dir, used)
-        deprecated = tainted.deprecate_versions(root, used, f"retraction {entry['id']}: annotator {annotator} ({reason})")
+        used = _uses(entry)
+        before = _trained_with(root, entry)
         fields = {"removed": {"annotator": annotator, "votes": entry["votes"],
                               "params": {"aggregate.exclude_annotators": [*excluded, annotator]}},
-                  "demoted": demoted, "deprecated": deprecated}
+                  **tainted.take_out_of_service(root, promoted_dir, used, f"retraction {entry['id']}: annotator "
+                                                f"{annotator} ({reason})", entry["id"])}
         if not rebuild:
             return _finish(root, entry, before, rebuild=None, **fields)
         return _rebuild_and_finish(root, entry, before, f"rmpipe retract annotator {annotator} ({entry['id']})",
@@ -229,116 +296,46 @@ def _unfinished(root: Path, entry: dict[str, Any]) -> bool:
 
 
 def _resume(root: Path, entry: dict[str, Any], purge: bool) -> dict[str, Any]:
-    """Finish a retraction whose rebuild was interrupted: rebuild now and write its outcome."""
+    """Finish a retraction that was interrupted (killed anywhere after its register entry): redo each step not
+    done yet, rebuild and write its outcome, naming the model built with what it retracts and the one without."""
     from pipeline.locks import pipeline_lock
 
     with pipeline_lock(root):
-        fields = {"removed": {entry["kind"]: entry["target"]}, "resumed": True}
-        return _rebuild_and_finish(root, entry, _latest(root), f"rmpipe retract {entry['kind']} {entry['target']} "
-                                   f"({entry['id']}, resumed)", fields,
+        if entry["kind"] == "batch":
+            params = load_params(root / PARAMS_FILE)
+            fields = _take_batch_out(root, entry, root / CollectSettings.parse(params).incoming_dir,
+                                     ExportSettings.parse(params).promoted_dir)
+        else:
+            fields = _exclude_annotator(root, entry)
+            fields.update(tainted.take_out_of_service(  # noted before each removal: what the first run did
+                root, ExportSettings.parse(load_params(root / PARAMS_FILE)).promoted_dir, _uses(entry),
+                f"retraction {entry['id']}: annotator {entry['target']} ({entry['reason']})", entry["id"]))
+        fields["resumed"] = True
+        return _rebuild_and_finish(root, entry, _trained_with(root, entry), f"rmpipe retract {entry['kind']} "
+                                   f"{entry['target']} ({entry['id']}, resumed)", fields,
                                    (lambda: {"purge": purge_batch(root, entry)}) if purge else None)
+
+
+def _exclude_annotator(root: Path, entry: dict[str, Any]) -> dict[str, Any]:
+    """An annotator's retraction killed after its register entry: the params edit and the history record,
+    each if not done yet. Returns the outcome's fields."""
+    from dvc.utils.serialize import modify_yaml
+
+    excluded = list(AggregateSettings.parse(load_params(root / PARAMS_FILE)).exclude_annotators)
+    if entry["target"] not in excluded:
+        excluded.append(entry["target"])
+        with modify_yaml(root / PARAMS_FILE) as data:
+            data["aggregate"]["exclude_annotators"] = excluded
+    if not _recorded(root, entry):
+        _record(root, entry, [retractions.REGISTER, PARAMS_FILE])
+    return {"removed": {"annotator": entry["target"], "votes": entry.get("votes"),
+                        "params": {"aggregate.exclude_annotators": excluded}}}
 
 
 def _check_reason(reason: str | None) -> str:
     if not reason or not reason.strip():
         raise UserError("a retraction needs a reason: --reason \"...\" (it is recorded and shown on re-delivery)")
     return reason.strip()
-
-
-# --- purge --------------------------------------------------------------------------------------
-def purge_batch(root: Path, entry: dict[str, Any]) -> dict[str, Any]:
-    """Delete the quarantined copy and every DVC cache object derived from the batch (see module doc)."""
-    root = Path(root)
-    name = entry["target"]
-    batch_objects = {m for m in [entry.get("md5"), *(entry.get("file_md5s") or {}).values()] if m}
-    records = history.read(root)
-    tainted_records = [r for r in records if name in (r.get("batches") or {})]
-    # What the batch reached: its objects, the data/incoming snapshots that held it, every output of a model
-    # built with it, and (transitively, through the run cache) every stage run downstream of any of them.
-    tainted, siblings = _incoming_snapshots(root, batch_objects)
-    for record in tainted_records:
-        tainted |= _record_md5s(record)
-    runs = list(dvc_cache.run_cache_entries(root))
-    tainted_runs = _downstream_runs(runs, tainted)
-    # What must stay: the workspace's outputs (dvc.lock) and the outputs of every model built without it.
-    keep = dvc_cache.lock_md5s(root)
-    for record in records:
-        if name not in (record.get("batches") or {}):
-            keep |= _record_md5s(record)
-    keep_objects = {o for m in keep for o in dvc_cache.objects_of(root, m)}
-    delete = ({o for m in tainted for o in dvc_cache.objects_of(root, m)} - keep_objects - siblings) | batch_objects
-    removed = []
-    for md5 in sorted(m for m in delete if m):
-        path = dvc_cache.object_path(root, md5)
-        if path.exists():
-            path.unlink()
-            removed.append(md5)
-    for path, deps, outs in runs:  # a run record pointing at deleted objects would restore nothing
-        if path in tainted_runs or (deps | outs) & delete:
-            path.unlink(missing_ok=True)
-    quarantined = root / retractions.RETRACTED_DIR / name
-    file_removed = quarantined.exists()
-    copies = _remove_files(root, quarantined, entry.get("sha256"))
-    left = [m for m in batch_objects if dvc_cache.object_path(root, m).exists()]
-    if left:
-        raise DataError(f"purge of {name}: its cache objects {left} are still there")
-    result = {"time": _now(), "file": str(quarantined.relative_to(root)), "file_removed": file_removed,
-              "sha256": entry.get("sha256"), "md5": entry.get("md5"), "cache_objects_removed": removed,
-              "copies_removed": [str(p.relative_to(root)) for p in copies],
-              "run_cache_entries_removed": len(tainted_runs),
-              "models_affected": [history.model_id(r) for r in tainted_records]}
-    io.write_json(quarantined.with_name(name + ".purge.json"), result)
-    return result
-
-
-def _record_md5s(record: dict[str, Any]) -> set[str]:
-    """The DVC objects a history record names: its data outputs (code deps aside) and its models."""
-    found = {v for k, v in (record.get("upstream_lock_md5") or {}).items() if v and not k.endswith(".py")}
-    found |= {m for m in ((record.get("model") or {}).get("md5"),
-                          ((record.get("promoted_model") or {}) or {}).get("md5")) if m}
-    return found
-
-
-def _incoming_snapshots(root: Path, batch_objects: set[str]) -> tuple[set[str], set[str]]:
-    """(the batch's objects plus each data/incoming folder object that lists them, the other batches' files
-    in those folders): the folders go, the other batches' files stay."""
-    cache = dvc_cache.cache_root(root) / "files" / "md5"
-    incoming_dirs = {f"{p.parent.name}{p.name}" for p in cache.glob("*/*.dir")
-                     if batch_objects & set(dvc_cache.dir_listing(root, f"{p.parent.name}{p.name}").values())} \
-        if cache.is_dir() else set()
-    siblings = {m for d in incoming_dirs for m in dvc_cache.dir_listing(root, d).values()} - batch_objects
-    return batch_objects | incoming_dirs, siblings
-
-
-def _downstream_runs(runs: list, tainted: set[str]) -> set[Path]:
-    """Run-cache entries downstream of anything in `tainted` (which grows by their outputs), including runs
-    that never reached an export."""
-    tainted_runs: set[Path] = set()
-    grew = True
-    while grew:
-        grew = False
-        for path, deps, outs in runs:
-            if path not in tainted_runs and deps & tainted:
-                tainted_runs.add(path)
-                grew = grew or not outs <= tainted
-                tainted |= outs
-    return tainted_runs
-
-
-def _remove_files(root: Path, quarantined: Path, sha256: str | None) -> list[Path]:
-    """Remove the quarantined batch and every refused re-delivery of the same bytes (moved to the rejected
-    folder); returns the copies removed."""
-    from pipeline.registry import REJECTED_DIR
-
-    if quarantined.is_dir():
-        shutil.rmtree(quarantined)
-    quarantined.unlink(missing_ok=True)
-    rejected = root / REJECTED_DIR
-    copies = [p for p in rejected.glob("*") if p.is_file() and not p.name.endswith(".reasons.json")
-              and sha256 and sha256_file(p) == sha256] if rejected.is_dir() else []
-    for copy in copies:
-        copy.unlink()
-    return copies
 
 
 def render(outcome: dict[str, Any]) -> str:

@@ -13,6 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
+from rmpipe.core.errors import environment_fault
 from rmpipe.core.io import atomic_path, write_json, write_jsonl
 from rmpipe.core.params import PARAMS_FILE, load_params
 from rmpipe.core.paths import ProjectPaths
@@ -39,11 +40,18 @@ def run(params_file: str | Path = PARAMS_FILE, paths: ProjectPaths = ProjectPath
     # folder first and fail at the end if it changed (DVC then records nothing for the stage).
     before = incoming_snapshot(cfg.incoming_dir)
     # The votes stream into a temp file, published only if no rejected batch stops the run.
-    with batch_runner(engine, collect_batch) as ahead, atomic_path(paths.votes) as votes:
-        quarantine, report = collect_to(cfg.incoming_dir, cfg, votes, retractions.load(Path(".")), ahead=ahead)
-        write_jsonl(paths.quarantine, quarantine)
-        write_json(paths.collect_report, report)
-        raise_for_rejected(report, cfg)
+    try:
+        with batch_runner(engine, collect_batch) as ahead, atomic_path(paths.votes) as votes:
+            quarantine, report = collect_to(cfg.incoming_dir, cfg, votes, retractions.load(Path(".")), ahead=ahead)
+            write_jsonl(paths.quarantine, quarantine)
+            write_json(paths.collect_report, report)
+            raise_for_rejected(report, cfg)
+    except OSError as exc:  # a full disk: which folder, how much is free and about how much collect needs
+        size = sum(st[0] for st in before.values()) / 2**20
+        fault = environment_fault(exc, paths.votes.parent, f"up to about {size:.1f} MB (the batches' size)")
+        if fault is None:
+            raise
+        raise fault from None
     raise_if_changed(cfg.incoming_dir, before)
     totals = report["totals"]
     log.info("wrote %s: %d votes on %d pairs from %d annotators; %d rows quarantined (%s)", paths.votes,

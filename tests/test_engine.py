@@ -75,3 +75,113 @@ def test_bad_engine_params_are_a_config_error(data, words):
     with pytest.raises(ConfigError, match=words):
         DataSettings.parse({"data": data})
     assert DataSettings.parse({}).engine == "local"
+
+
+# --- the Dask path checks what workers say, and chunking changes no byte (issue #29, item 9) ----------------
+
+
+def _mixed_batches(incoming: Path) -> Path:
+    """Sample vote files (.jsonl, .csv) and pair rows (.parquet), plus long-text vote and pair batches: enough
+    text in the prompt column for its dictionary to overflow into plain pages, across many read chunks."""
+    import json
+    import random
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    write_sample_batches(incoming, {**params["sample_data"], "n_pairs": 1500, "n_batches": 2, "pair_rows": 300})
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "ember", "quartz", "lumen", "übung", "海"]
+
+    def text(n: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(n))
+
+    votes = [{"prompt": f"{i} " + text(rng.randint(50, 600)), "response_a": text(80), "response_b": text(90),
+              "annotator_id": f"L{i % 9}", "choice": rng.choice("ab")} for i in range(5000)]
+    pairs = [{"prompt": f"p{i} " + text(rng.randint(20, 400)), "chosen": text(70), "rejected": text(60)}
+             for i in range(2500)]
+    for name, rows in (("batch-0009-long.jsonl", votes), ("batch-0010-pairs.jsonl", pairs)):
+        (incoming / name).write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return incoming
+
+
+@pytest.fixture(scope="module")
+def two_workers():
+    from rmpipe.data.engine import dask_client
+
+    with dask_client(DataSettings.parse({"data": {"engine": "dask", "scheduler": "", "workers": 2}})) as client:
+        yield client
+
+
+def _sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_local_and_dask_write_the_same_votes_bytes_at_any_chunk_size_on_long_mixed_texts(tmp_path):
+    """The issue's case: same rows and row groups, other pages in the prompt column. Mutation tried: writing
+    each row group as it comes (no fixed 1024-row windows) makes the Dask file and the 1000-row chunks differ."""
+    from rmpipe.core.settings import CollectSettings
+    from rmpipe.data.collect.batch import collect_batch
+    from rmpipe.data.collect.run import collect_to
+    from rmpipe.data.engine import batch_runner
+
+    incoming = _mixed_batches(tmp_path / "incoming")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    conf = CollectSettings.from_section({**params["collect"], "incoming_dir": str(incoming), "on_rejected_batch": "skip"})
+    written = {}
+    for engine, chunk_rows in (("local", 16_384), ("local", 1000), ("dask", 1000), ("dask", 16_384)):
+        settings = DataSettings.parse({"data": {"engine": engine, "scheduler": "", "workers": 2}})
+        out = tmp_path / f"{engine}-{chunk_rows}.parquet"
+        with batch_runner(settings, collect_batch) as ahead:
+            _, report = collect_to(incoming, conf, out, [], ahead=ahead, chunk_rows=chunk_rows)
+        written[(engine, chunk_rows)] = _sha(out)
+    assert report["totals"]["votes"] > 12_000 and report["totals"]["accepted"] == 5
+    assert len(set(written.values())) == 1, written
+
+
+def test_a_worker_with_other_code_or_libraries_is_refused_in_one_line(tmp_path, two_workers):
+    from rmpipe.core.settings import CollectSettings
+    from rmpipe.data.collect.batch import collect_batch
+    from rmpipe.data.engine import WorkerMismatch, collect_on_worker, stack_fingerprint
+
+    batch = tmp_path / "b.jsonl"
+    batch.write_text('{"prompt": "p", "response_a": "a", "response_b": "b", "annotator_id": "x", "choice": "a"}\n')
+    conf = CollectSettings.from_section({**yaml.safe_load((ROOT / "params.yaml").read_text())["collect"]})
+    expected = stack_fingerprint()
+    assert set(expected) >= {"code", "python", "pyarrow", "numpy", "pandas"} and len(expected["code"]) == 64
+    for key, value in (("pyarrow", "0.0.1"), ("code", "0" * 64)):  # the stage's view differs from the worker's
+        future = two_workers.submit(collect_on_worker, collect_batch, {**expected, key: value}, batch, conf,
+                                    tmp_path, 0, pure=False)
+        with pytest.raises(WorkerMismatch, match=f"runs other code or libraries than the collect stage: {key} ") as err:
+            future.result()
+        assert "\n" not in str(err.value) and "requirements.lock" in str(err.value)
+    assert not list(tmp_path.glob("ahead-*"))  # refused before reading: nothing written
+
+
+def test_the_stage_checks_each_workers_sha256_and_attempts_write_their_own_parts(tmp_path, two_workers):
+    from rmpipe.core.settings import CollectSettings
+    from rmpipe.data.collect.batch import collect_batch
+    from rmpipe.data.engine import Checked, WorkerMismatch, collect_on_worker, stack_fingerprint
+
+    rows = [f'{{"prompt": "p{i}", "response_a": "a", "response_b": "b", "annotator_id": "x", "choice": "a"}}\n'
+            for i in range(3)]
+    batch = tmp_path / "b.jsonl"
+    batch.write_text("".join(rows))
+    conf = CollectSettings.from_section({**yaml.safe_load((ROOT / "params.yaml").read_text())["collect"]})
+    expected = stack_fingerprint()
+    parts = tmp_path / "parts"
+    parts.mkdir()
+
+    attempts = [two_workers.submit(collect_on_worker, collect_batch, expected, batch, conf, parts, 0, pure=False)
+                for _ in range(2)]  # a task and its re-run, at once: each its own part
+    names = sorted(f.result().part.name for f in attempts)
+    assert len(set(names)) == 2 and all(n.startswith("ahead-000000.") and n.endswith(".parquet") for n in names)
+    taken = Checked(attempts[0], batch, parts / "ahead-000000.parquet").result()
+    assert taken.part == parts / "ahead-000000.parquet" and taken.part.exists() and taken.accepted
+
+    late = Checked(two_workers.submit(collect_on_worker, collect_batch, expected, batch, conf, parts, 1, pure=False),
+                   batch, parts / "ahead-000001.parquet")
+    late.future.result()  # the worker has read and hashed the file ...
+    batch.write_text("".join(rows[:2]))  # ... which then changes under it (or the worker saw other storage)
+    with pytest.raises(WorkerMismatch, match="the Dask worker read sha256 .* this process reads"):
+        late.result()

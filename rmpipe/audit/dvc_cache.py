@@ -9,6 +9,7 @@ an export.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Iterator
@@ -57,6 +58,29 @@ def file_in_output(root: Path, md5: str, relpath: str | None = None) -> Path | N
             return None
     path = object_path(root, md5)
     return path if path.exists() else None
+
+
+class DamagedObject(Exception):
+    """A cache object whose bytes do not hash to its name (a flipped bit, a truncated copy)."""
+
+    def __init__(self, path: Path, md5: str, actual: str):
+        super().__init__(f"{path} should hash to md5 {md5} but hashes to {actual}")
+        self.path, self.md5, self.actual = path, md5, actual
+
+
+def verified(path: Path, md5: str) -> Path:
+    """`path` (the object named `md5`) once its bytes are checked against its name; `DamagedObject` if not.
+    A file object's name is the md5 of its bytes (DVC 3; a binary file is hashed the same by the legacy
+    md5-dos2unix). A folder's `.dir` listing is checked by the objects it lists, each verified when read."""
+    if md5.endswith(".dir"):
+        return path
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != md5:
+        raise DamagedObject(path, md5, digest.hexdigest())
+    return path
 
 
 def run_cache_entries(root: Path) -> Iterator[tuple[Path, set[str], set[str]]]:

@@ -214,6 +214,10 @@ def deprecate(root: Path, version: str, reason: str) -> str:
     with _identity(root):
         _after_last_tag(root)
         deregister(str(root), ARTIFACT, version=version, message=f"{ARTIFACT} {version} deprecated: {reason}")
+    return tag_of_deprecated(version)
+
+
+def tag_of_deprecated(version: str) -> str:
     return f"{ARTIFACT}@{version}!"
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 
 from rmpipe.audit import dvc_cache
 
@@ -29,15 +30,29 @@ VOTES = "data/collected/votes.parquet"
 SPLIT = "data/split"
 
 
+class DamagedCache(Exception):
+    """A past model's votes or splits are in the DVC cache, but their bytes are not what was recorded."""
+
+
 def _cached_inputs(root: Path, record: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame] | None:
-    """(votes, train split) of a recorded model from the DVC cache, or None when not cached."""
+    """(votes, train split) of a recorded model from the DVC cache, or None when not cached. Each object is
+    checked against its md5 before it is read; a damaged one raises `DamagedCache` naming it."""
     lock = record.get("upstream_lock_md5") or {}
     votes_md5, split_md5 = lock.get(VOTES), lock.get(SPLIT)
-    votes = dvc_cache.file_in_output(root, votes_md5) if votes_md5 else None
-    train = dvc_cache.file_in_output(root, split_md5, "train.parquet") if split_md5 else None
-    if votes is None or train is None:
-        return None
-    return pd.read_parquet(votes), pd.read_parquet(train, columns=["pair_id", "chosen"])
+    try:
+        votes = dvc_cache.file_in_output(root, votes_md5) if votes_md5 else None
+        listing = dvc_cache.dir_listing(root, split_md5) if split_md5 else {}
+        train = dvc_cache.file_in_output(root, split_md5, "train.parquet") if split_md5 else None
+        if votes is None or train is None:
+            return None
+        dvc_cache.verified(votes, votes_md5)
+        dvc_cache.verified(train, listing["train.parquet"])
+        return pd.read_parquet(votes), pd.read_parquet(train, columns=["pair_id", "chosen"])
+    except dvc_cache.DamagedObject as exc:
+        raise DamagedCache(str(exc)) from None
+    except (OSError, ValueError, KeyError, pa.ArrowException) as exc:  # an unreadable listing or parquet
+        raise DamagedCache(f"{VOTES} ({votes_md5}) or {SPLIT} ({split_md5}) cannot be read: "
+                           f"{type(exc).__name__}: {exc}"[:500]) from None
 
 
 def influence(votes: pd.DataFrame, train: pd.DataFrame, removed: pd.Series, aggregate_params: dict) -> dict[str, Any]:
@@ -144,7 +159,13 @@ def trace(root: Path, batch: str | None = None, annotator: str | None = None) ->
             "current_promoted": digest is not None and digest == current.get("promoted"),
             "n_train_pairs": record.get("n_train_pairs"),
         }
-        cached = _cached_inputs(root, record)
+        try:
+            cached = _cached_inputs(root, record)
+        except DamagedCache as exc:  # this model's data only: the others are still traced
+            entry.update(contributed=None, decided=None, damaged=str(exc),
+                         note="this model's votes/splits in the DVC cache are damaged")
+            models.append(entry)
+            continue
         if cached is None:
             entry.update(contributed=None, decided=None,
                          note="this model's votes/splits are no longer in the DVC cache (gc or purge)")
@@ -156,6 +177,7 @@ def trace(root: Path, batch: str | None = None, annotator: str | None = None) ->
         models.append(entry)
     return {"batch": batch, "annotator": annotator, "n_models": len(models),
             "n_promoted": sum(m["promoted"] for m in models), "n_recorded_models": len(records),
+            "damaged": [f"#{m['seq']} {m['model']}" for m in models if m.get("damaged")],
             "registry": note or "gto", "models": models}
 
 
@@ -169,7 +191,8 @@ def render(result: dict[str, Any]) -> str:
     for m in result["models"]:
         now = ", ".join(n for n, on in (("current export", m["current_export"]), ("promoted now", m["current_promoted"]))
                         if on)
-        share = ("pairs: not in the DVC cache any more" if m.get("decided") is None else
+        share = (f"pairs: DAMAGED in the DVC cache: {m['damaged']}" if m.get("damaged") else
+                 "pairs: not in the DVC cache any more" if m.get("decided") is None else
                  f"{m['votes']} votes; of {m['n_train_pairs']} training pairs {m['contributed']} contributed, "
                  f"{m['decided']} decided ({m['flipped']} flip, {m['dropped_out']} drop out without them)")
         acc = f"{m['accuracy']:.3f}" if isinstance(m.get("accuracy"), (int, float)) else "-"
@@ -180,6 +203,15 @@ def render(result: dict[str, Any]) -> str:
                      f"{'promoted' if m['gate_promoted'] else 'refused'})  accuracy {acc}" + (f"  [{now}]" if now else ""))
         lines.append(f"       {share}")
     return "\n".join(lines)
+
+
+def raise_if_damaged(result: dict[str, Any]) -> None:
+    """After the trace is printed: a `DataError` (one line) naming the models whose cached data is damaged."""
+    damaged = result.get("damaged") or []
+    if damaged:
+        raise DataError(f"the DVC cache holds damaged data of {len(damaged)} recorded model(s) ({', '.join(damaged)}): "
+                        "their decided pairs are unknown, the other models are traced above; delete the damaged "
+                        "object(s) named there and run `dvc fetch --all-commits` to restore them from the DVC remote")
 
 
 def to_json(result: dict[str, Any]) -> str:

@@ -65,6 +65,9 @@ SPLITS = ("train", "val", "test")
 
 # A batch is one file of these kinds (or a dataset folder); its name is its batch id.
 BATCH_FORMATS = {".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+# A batch id (its file name) longer than this is refused by admission and collect alike: the names derived
+# from it (<name>.source.json, temp files, records) must fit the file system's 255 bytes.
+MAX_BATCH_NAME_BYTES = 200
 
 
 def anonymous_annotator(batch_id: str) -> str:

@@ -6,7 +6,9 @@
 
 `main` sets up logging, parses `--params` and calls `run(params_file)`; a `UserError` becomes one
 `error: ...` line and its exit code (`exits_cleanly`). Prefect flows call `main.__wrapped__`, the
-same body without the clean exit, so the error becomes the flow's failure.
+same body without the clean exit, so the error becomes the flow's failure. A fault of the machine (a full
+disk, a read-only folder, a name too long: `errors.environment_fault`) is raised as a `UserError` here, so it
+ends every stage, from the command line or a flow, in one line naming the path, the cause and the fix.
 
 While an rmpipe rebuild (the service, `rmpipe rebuild`) runs its `dvc repro`, it names that process in
 `REBUILD_MARKER`. A stage started by any other DVC run (a manual `dvc repro`) stops before it reads or
@@ -25,7 +27,7 @@ from typing import Callable
 import psutil
 
 from rmpipe.core import holders
-from rmpipe.core.errors import UserError, exits_cleanly
+from rmpipe.core.errors import UserError, environment_fault, exits_cleanly
 from rmpipe.core.params import PARAMS_FILE, naming
 from rmpipe.core.progress import setup_logging
 
@@ -71,7 +73,15 @@ def stage_main(name: str, run: Callable[[str], object], description: str | None,
         args = parser.parse_args(argv)
         _refuse_beside_a_rebuild(name)
         with naming(args.params):  # a message about the params names the file given, not params.yaml
-            run(args.params)
+            try:
+                run(args.params)
+            except UserError:
+                raise
+            except Exception as exc:  # a full disk, a too-long name: one line, here and in a Prefect flow alike
+                fault = environment_fault(exc)
+                if fault is None:
+                    raise
+                raise fault from None
 
     main.__name__ = main.__qualname__ = "main"
     main.__module__ = getattr(run, "__module__", __name__)

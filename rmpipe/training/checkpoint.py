@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from rmpipe.core import codedeps, io
+from rmpipe.core.errors import UserError, environment_fault
 from rmpipe.core.io import sha256_file
 from rmpipe.core.settings import ModelSettings, TrainSettings
 from rmpipe.training.distributed import barrier
@@ -117,8 +118,14 @@ def save(engine, folder: Path, state: LoopState, fp: str, rank: int) -> None:
     """
     tag = f"step{state.step}"
     saved = {"fingerprint": fp, **state.state_dict()}
-    engine.save_checkpoint(str(folder), tag=tag, client_state={"rmpipe": {**saved, "rng": torch.get_rng_state()}},
-                           save_latest=False)
+    try:
+        engine.save_checkpoint(str(folder), tag=tag, client_state={"rmpipe": {**saved, "rng": torch.get_rng_state()}},
+                               save_latest=False)
+    except Exception as exc:  # torch.save says "file write failed", not why: CheckpointSaveFailed finds out
+        failed = CheckpointSaveFailed.after(exc, folder, tag, rank)
+        if failed is None:  # not the machine's fault: a bug, with its traceback
+            raise
+        raise failed from None
     barrier()
     if rank == 0:
         io.write_json(folder / tag / STATE_FILE, saved)
@@ -127,6 +134,40 @@ def save(engine, folder: Path, state: LoopState, fp: str, rank: int) -> None:
             if old.is_dir() and old.name != tag:
                 shutil.rmtree(old, ignore_errors=True)
     barrier()
+
+
+class CheckpointSaveFailed(UserError):
+    """A checkpoint could not be written (a full disk, a quota): the partial step folder is removed."""
+
+    @classmethod
+    def after(cls, exc: BaseException, folder: Path, tag: str, rank: int) -> UserError | None:
+        """The one-line error for a failed `save_checkpoint` into `folder/tag` (why, where, what was kept),
+        or None when the machine is not the cause. The partial folder is removed either way."""
+        partial = folder / tag
+        fault = environment_fault(exc, partial) or _write_probe(folder)  # probed while the partial fills the disk
+        if rank == 0:  # never resumed from (`latest` names complete tags only); removed so it frees its space
+            shutil.rmtree(partial, ignore_errors=True)
+        latest = folder / LATEST
+        kept = latest.read_text(encoding="utf-8").strip() if latest.exists() else None
+        if fault is None:
+            return None
+        resume = f"`latest` still names {kept}, which the next run resumes from" if kept else "no earlier checkpoint"
+        return cls(f"training checkpoint save to {partial} failed: {fault} (the partial {tag} folder was removed; "
+                   f"{resume})")
+
+
+def _write_probe(folder: Path, size: int = 1 << 20) -> UserError | None:
+    """Whether `folder` takes a 1 MB write now: the `environment_fault` that stops it (ENOSPC...), else None."""
+    probe = folder / ".rmpipe-space-probe"
+    try:
+        with open(probe, "wb") as stream:
+            stream.write(b"\0" * size)
+            stream.flush()
+    except OSError as exc:
+        return environment_fault(exc, folder)
+    finally:
+        probe.unlink(missing_ok=True)
+    return None
 
 
 def find_resumable(folder: Path, fp: str) -> str | None:

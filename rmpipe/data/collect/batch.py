@@ -94,6 +94,9 @@ def _file_problem(path: Path, conf: CollectSettings) -> str | None:
     name = path.name
     if "/" in name or "\\" in name or ".." in name:
         return f"file name {name!r} holds a path separator or '..': rename it"
+    if (size := len(name.encode("utf-8", "surrogateescape"))) > schema.MAX_BATCH_NAME_BYTES:
+        return (f"file name is {size} bytes long, over {schema.MAX_BATCH_NAME_BYTES}: too long for its "
+                f"{hf_batches.SOURCE_SUFFIX} sidecar and the names derived from it; rename it shorter")
     if path.is_symlink():
         return ("is a symbolic link; batches must be regular files inside the incoming folder "
                 "(copy the file in; with DVC use `dvc config cache.type copy`)")

@@ -144,6 +144,17 @@ def _resolved_revision(dataset_id: str, revision: str | None) -> str | None:
         return None
 
 
+def sidecar_source(batch: Path) -> dict[str, Any] | None:
+    """What `rmpipe import` recorded for `batch` (its <name>.source.json), or None when there is none.
+    A name too long for a sidecar has none (the batch itself is refused for its name, see `collect.batch`)."""
+    sidecar = batch.with_name(batch.name + SOURCE_SUFFIX)
+    try:
+        present = sidecar.is_file()
+    except OSError:  # ENAMETOOLONG: the sidecar's name cannot exist on this file system
+        return None
+    return read_source(sidecar) if present else None
+
+
 def read_source(path: Path) -> dict[str, Any]:
     """A sidecar's content; {'error': ...} when it is not readable JSON (recorded, never fatal)."""
     try:

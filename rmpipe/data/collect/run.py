@@ -57,6 +57,7 @@ __all__ = ["FORMATS", "POLICIES", "RAW_MAX_CHARS", "REASONS", "BatchResult", "Co
            "check_batch", "collect_dir", "collect_to", "incoming_snapshot", "raise_for_rejected", "raise_if_changed", "write_votes"]
 _Normalizer, _Bad = Normalizer, Bad  # the per-row path, under the names tests have used
 ROWS_PER_GROUP = 50_000  # parquet row group of votes.parquet: ~100 MB of long texts, read a group at a time
+WRITE_BATCH_ROWS = 1024  # rows the parquet writer takes at a time; votes.parquet's arrays are cut at its multiples
 HOLD_MB = 512  # a batch's votes up to this size wait in memory for the merge, not in a part on disk
 
 log = logging.getLogger("rmpipe.collect")
@@ -206,9 +207,8 @@ def collect_to(incoming_dir: str | Path, cfg: Mapping[str, Any] | CollectSetting
                 votes_to=Path(tmp) / f"{number:06d}.parquet", hold_mb=hold_mb, fast=fast, chunk_rows=chunk_rows)
             if read_files(result.report):
                 seen_files[result.report["sha256"]] = result.batch_id
-            sidecar = path.with_name(path.name + hf_batches.SOURCE_SUFFIX)
-            if sidecar.is_file():  # where `rmpipe import` got it: lineage reads it from the report
-                result.report["source"] = hf_batches.read_source(sidecar)
+            if (source := hf_batches.sidecar_source(path)) is not None:  # lineage reads `rmpipe import`'s record
+                result.report["source"] = source
             _log_batch(result.report)
             entries.append(result.report)
             quarantine.extend(result.quarantine)
@@ -242,7 +242,7 @@ class VoteWriter:
     votes, pairs and annotators on the way."""
 
     def __init__(self, out: Path, rows_per_group: int = ROWS_PER_GROUP):
-        self.writer = pq.ParquetWriter(out, VOTES_SCHEMA, compression="zstd")
+        self.writer = pq.ParquetWriter(out, VOTES_SCHEMA, compression="zstd", write_batch_size=WRITE_BATCH_ROWS)
         self.rows = rows_per_group
         self.pending: list[pa.Table] = []
         self.pairs = key_sets.DigestSet()  # millions of pair ids: 24 bytes each, not a str in a set
@@ -275,9 +275,22 @@ class VoteWriter:
         table = pa.concat_tables(self.pending)
         start = 0
         while table.num_rows - start >= self.rows or (final and start < table.num_rows):
-            self.writer.write_table(table.slice(start, self.rows), row_group_size=self.rows)
+            self.writer.write_table(_rechunked(table.slice(start, self.rows)), row_group_size=self.rows)
             start += self.rows
         self.pending = [table.slice(start)] if start < table.num_rows else []
+
+
+def _rechunked(table: pa.Table) -> pa.Table:
+    """`table` in chunks of exactly WRITE_BATCH_ROWS rows (the last one shorter), whatever chunks it came in.
+
+    The parquet writer takes a column chunk by chunk, WRITE_BATCH_ROWS rows at a time from each chunk's
+    start, and decides page breaks and the dictionary fallback at those steps: the same rows in other chunks
+    (a batch held in memory, one read back from a Dask worker's part, other read chunk sizes) gave other pages
+    and other bytes. Cut at fixed row offsets, the bytes depend on the rows only (and each window of text
+    stays far below Arrow's 2 GB per-array limit)."""
+    windows = [table.slice(start, WRITE_BATCH_ROWS).combine_chunks()
+               for start in range(0, table.num_rows, WRITE_BATCH_ROWS)]
+    return pa.Table.from_batches([batch for window in windows for batch in window.to_batches()], schema=table.schema)
 
 
 def collect_dir(incoming_dir: str | Path, cfg: Mapping[str, Any] | CollectSettings, retracted: list[dict] | None = None,
