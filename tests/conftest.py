@@ -84,9 +84,10 @@ def pytest_addoption(parser):
 # first. `make test` hands whole files to its workers in collection order (--dist loadfile, no reorder): the
 # long ones start first and the short ones fill in beside them, so no worker is left alone with a long file
 # at the end (longest-first scheduling). Order only: every test still runs.
-LONGEST_FIRST = ("test_service.py", "test_audit.py", "test_retract_kill.py", "test_security.py", "test_arrivals.py", "test_train.py",
-                 "test_dvc_pipeline.py", "test_packing.py", "test_repro_guarantees.py", "test_reliability.py",
-                 "test_byod_pipeline.py", "test_validate.py", "test_flows.py", "test_sampling.py")
+LONGEST_FIRST = ("test_service.py", "test_audit.py", "test_retract_kill.py", "test_security.py",
+                 "test_arrivals.py", "test_train.py", "test_dvc_pipeline.py", "test_packing.py",
+                 "test_repro_guarantees.py", "test_reliability.py", "test_byod_pipeline.py", "test_validate.py",
+                 "test_flows.py", "test_sampling.py")
 
 
 def _longest_first(items: list) -> None:
