@@ -68,6 +68,8 @@ def pytest_sessionfinish(session, exitstatus):
                 server.stop()
         finally:
             prefect_log.setLevel(level)
+    if "prefect_server" in sys.modules:  # the session's shared server (tests/prefect_server.py), if one started
+        sys.modules["prefect_server"].stop_shared()
     shutil.rmtree(PREFECT_HOME, ignore_errors=True)
 
 
@@ -80,7 +82,7 @@ def pytest_addoption(parser):
                           "module fixtures are built once)")
 
 
-# The files that take longest (worker seconds in a full `make test`, tests/durations with --durations=60), most
+# The files that take longest (worker seconds in a full `make test`, read from `pytest --durations=60`), most
 # first. `make test` hands whole files to its workers in collection order (--dist loadfile, no reorder): the
 # long ones start first and the short ones fill in beside them, so no worker is left alone with a long file
 # at the end (longest-first scheduling). Order only: every test still runs.

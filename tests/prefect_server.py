@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -83,14 +84,22 @@ def start_server(tmp: Path, log: Path, **extra: str) -> tuple[subprocess.Popen, 
     return proc, env
 
 
-_shared: dict[str, str] = {}
+_shared: dict = {}
 
 
 def shared_api_url() -> str:
-    """The session's one server (started on first use, stopped at exit): its PREFECT_API_URL."""
+    """The session's one server (started on first use, stopped by `stop_shared`): its PREFECT_API_URL."""
     if "url" not in _shared:
         home = Path(tempfile.mkdtemp(prefix="rmpipe-test-prefect-server-"))
         proc, env = start_server(home, home / "server.log")
-        atexit.register(stop, proc)
-        _shared["url"] = env["PREFECT_API_URL"]
+        atexit.register(stop, proc)  # a session that ends without pytest_sessionfinish
+        _shared.update(url=env["PREFECT_API_URL"], proc=proc, home=home)
     return _shared["url"]
+
+
+def stop_shared() -> None:
+    """Stop the session's server and remove its home (pytest_sessionfinish: before pytest reports leftovers)."""
+    if "proc" in _shared:
+        stop(_shared.pop("proc"))
+        shutil.rmtree(_shared.pop("home"), ignore_errors=True)
+        _shared.clear()
