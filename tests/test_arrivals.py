@@ -440,7 +440,7 @@ def test_a_batch_stuck_by_permissions_is_taken_in_by_the_next_rebuild_and_unread
         bad = subprocess.run([*as_user, PY, "-m", "pipeline.cli", "on-new-batch", str(drop / "z.jsonl")],
                              cwd=project, env=env, capture_output=True, text=True, timeout=400)
         assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
-        assert "z.jsonl rejected (cannot read the file (Permission denied)" in bad.stderr
+        assert "z.jsonl rejected: cannot read the file (Permission denied)" in bad.stderr
         assert (project / "data/rejected/z.jsonl").exists() and not (drop / "z.jsonl").exists()
         assert "cannot read" in (project / "data/rejected/z.jsonl.reasons.json").read_text()
         assert record_of(project, "z.jsonl")["outcome"] == "rejected"
@@ -472,8 +472,9 @@ def test_over_long_names_are_refused_up_front_and_empty_batches_rejected(tmp_pat
     empty = drop / "empty.jsonl"
     empty.write_text("")
     state = deliver(project, empty)
-    assert state.is_failed() and "no usable vote rows" in state.message
+    assert state.is_failed() and "batch empty.jsonl rejected" in state.message  # the reason: its own log line
     assert (project / "data/rejected/empty.jsonl").exists()
+    assert "no usable vote rows" in (project / "data/rejected/empty.jsonl.reasons.json").read_text()
     ok = deliver(project, batch(drop, "c.jsonl"))  # and later runs are unaffected
     assert ok.is_completed(), ok.message
     assert_invariants(project, {"a.jsonl", "c.jsonl"})

@@ -191,6 +191,13 @@ def test_no_planted_secret_in_any_output_log_or_flow_run(built):
     assert SECRET not in built["log"]
 
 
+def test_a_cli_flow_on_a_temporary_server_gives_no_advice_to_run_a_dedicated_one(built):
+    """`rmpipe rebuild` runs its flow on Prefect's temporary server on purpose: Prefect's link to the docs on
+    running a dedicated server is noise there (the filter in pipeline/tasks.py)."""
+    assert "Starting temporary server" in built["log"]  # the ephemeral server really started in this run
+    assert "docs.prefect.io" not in built["log"]
+
+
 def _independent_rows(path: Path) -> int:
     """Rows in a batch file, counted by a reader that is not rmpipe's."""
     if path.suffix == ".csv":
