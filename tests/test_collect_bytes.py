@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_collect_paths import agreeing_collects
 
 from rmpipe.core.errors import DataError
 from rmpipe.core.paths import CHUNK_ROWS
@@ -47,19 +48,10 @@ def _line(i: int, **extra) -> bytes:
 def every_way(incoming: Path, **cfg) -> tuple[bytes, list[dict], dict]:
     """Collect `incoming` on both paths at chunk sizes 1, 2, 7 and the default; assert the votes (bytes of
     votes.parquet), the quarantine and the report agree; return them."""
-    results = []
-    for way in WAYS:
-        out = incoming.parent / f"votes-{time.monotonic_ns()}.parquet"
-        quarantine, report = collect.collect_to(incoming, _cfg(incoming, **cfg), out, **way)
-        results.append((out.read_bytes(), quarantine, report))
-        out.unlink()
-    for way, result in zip(WAYS[1:], results[1:]):
-        assert result[2] == results[0][2], way
-        assert result[1] == results[0][1], way
-        assert result[0] == results[0][0], way
-    for entry in results[0][2]["batches"]:
+    result = agreeing_collects(incoming, _cfg(incoming, **cfg), WAYS)
+    for entry in result[2]["batches"]:
         assert entry["rows_read"] == entry["rows_normalized"] + entry["rows_quarantined"]
-    return results[0]
+    return result
 
 
 def _codes(quarantine: list[dict]) -> dict[int, str]:

@@ -20,12 +20,18 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_reliability import (
+    _csv_text,
+    _hostile_record,
+    _jsonl_bytes,
+    _line_damage,
+    _parquet_table,
+    assert_every_row_accounted_for,
+)
+from test_text_columns import TEXT
 
 from rmpipe.data.collect import run as collect
 from rmpipe.data.collect.batch import collect_batch
-from test_text_columns import TEXT
-from test_reliability import (_csv_text, _hostile_record, _jsonl_bytes, _line_damage, _parquet_table,
-                              assert_every_row_accounted_for)
 
 PATHS = settings(max_examples=25, deadline=None, derandomize=True,
                  suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
@@ -45,12 +51,13 @@ def _vote(i: int, annotator: str = "ann-1", **extra) -> dict:
             "annotator_id": annotator, "choice": "ab"[i % 2], "strength": ["slight", "", "Strong"][i % 3], **extra}
 
 
-def collect_every_way(incoming: Path, ways: list[dict] = WAYS, **cfg) -> tuple:
-    """Collect `incoming` each way; assert all agree (votes, quarantine, report, parquet bytes); return one."""
+def agreeing_collects(incoming: Path, cfg: dict, ways: list[dict]) -> tuple[bytes, list[dict], dict]:
+    """Collect `incoming` with `cfg` each way; assert all agree (report, quarantine, votes.parquet bytes);
+    return the first way's (parquet bytes, quarantine, report)."""
     results = []
     for way in ways:
         out = incoming.parent / f"votes-{time.monotonic_ns()}.parquet"
-        quarantine, report = collect.collect_to(incoming, _cfg(incoming, **cfg), out, **way)
+        quarantine, report = collect.collect_to(incoming, cfg, out, **way)
         results.append((out.read_bytes(), quarantine, report))
         out.unlink()
     first = results[0]
@@ -58,6 +65,12 @@ def collect_every_way(incoming: Path, ways: list[dict] = WAYS, **cfg) -> tuple:
         assert result[2] == first[2], way
         assert result[1] == first[1], way
         assert result[0] == first[0], way
+    return first
+
+
+def collect_every_way(incoming: Path, ways: list[dict] = WAYS, **cfg) -> tuple:
+    """Collect `incoming` each way; assert all agree (votes, quarantine, report, parquet bytes); return one."""
+    agreeing_collects(incoming, _cfg(incoming, **cfg), ways)
     votes, quarantine, report = collect.collect_dir(incoming, _cfg(incoming, **cfg), fast=True, chunk_rows=2)
     assert_every_row_accounted_for(votes, quarantine, report)
     return votes, quarantine, report
