@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from rmpipe.core.errors import EnvironmentFault, UserError
+from rmpipe.core.errors import EnvironmentFault, UserError, nearest_existing
 from rmpipe.core.params import PARAMS_FILE
 
 PROJECT_ENV = "RMPIPE_PROJECT"
@@ -91,8 +91,7 @@ def require_space(project: str | Path | None = None, min_free_mb: float = MIN_FR
     if not os.environ.get("PREFECT_API_URL") and os.environ.get("PREFECT_HOME"):
         folders.insert(0, ("Prefect's database folder", Path(os.environ["PREFECT_HOME"])))
     for what, folder in folders:
-        existing = next(p for p in (folder, *folder.parents) if p.exists())
-        free_mb = shutil.disk_usage(existing).free / 2**20
+        free_mb = shutil.disk_usage(nearest_existing(folder)).free / 2**20
         if free_mb < min_free_mb:
             raise EnvironmentFault(f"no space left on the disk for {what} {folder}: {free_mb:.1f} MB free, Prefect's "
                                    f"temporary server needs at least {min_free_mb:g} MB: free space there, or point "

@@ -87,13 +87,18 @@ def environment_fault(exc: BaseException, path: str | os.PathLike | None = None,
     return None
 
 
-def _free_space(path: str) -> str:
-    """'N MB free of M MB on <mount>' for the file system holding `path` (its nearest existing parent)."""
+def nearest_existing(path: str | os.PathLike) -> str:
+    """`path`, or its nearest parent that exists: where a path that is not made yet takes its disk space."""
     folder = os.path.abspath(path)
     while folder != os.path.dirname(folder) and not os.path.exists(folder):
         folder = os.path.dirname(folder)
+    return folder
+
+
+def _free_space(path: str) -> str:
+    """'N MB free of M MB there' for the file system holding `path`."""
     try:
-        usage = shutil.disk_usage(folder)
+        usage = shutil.disk_usage(nearest_existing(path))
     except OSError:
         return "free space unknown"
     return f"{usage.free / 2**20:.1f} MB free of {usage.total / 2**20:.1f} MB there"
