@@ -49,8 +49,9 @@ RUN_RECORD := dvc.lock metrics plots reports dvclive
 repro: sample-data
 	@# dvc.yaml's generated deps (code, the DeepSpeed config file) must match the code first: one line if not
 	$(BIN)/rmpipe deps --check
-	@# DVC ends with "Use `dvc push` ..." whether or not a remote is set: shown only where one is
-	@set -o pipefail; if [ -n "$$($(BIN)/dvc remote default 2>/dev/null)" ]; then $(BIN)/dvc repro; \
+	@# DVC ends with "Use `dvc push` ..." whether or not a remote is set: shown only where one is (`dvc remote
+	@# default` exits 1 without one, printing "No default remote set" on stdout: its status decides, not its text)
+	@set -o pipefail; if $(BIN)/dvc remote default >/dev/null 2>&1; then $(BIN)/dvc repro; \
 	  else $(BIN)/dvc repro | sed -u '/^Use `dvc push` to send your updates/d'; fi
 	@# a model that passed evaluation becomes a GTO version (tag on the branch rmpipe/models; prod when the gate
 	@# promoted it). Without git: one line, "registry unavailable: ...", and nothing else changes.
