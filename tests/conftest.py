@@ -31,6 +31,14 @@ for key, value in {
 }.items():
     os.environ.setdefault(key, value)
 
+# One xdist worker per core: each worker's torch (in process and in the stages it starts) gets its share of
+# the cores, not all of them. Two workers each running two OpenMP threads on two cores spin at every barrier
+# for a descheduled partner: an evaluate stage took 24.5 s (median of 4) with two threads beside other jobs
+# and 15.0 s with one. Serial runs (no xdist) keep torch's default.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+
 # Tests never write into the project's own Prefect database (`.prefect/`, what the user's server shows):
 # one throwaway Prefect home for the session, set before anything imports prefect, and no server the
 # developer's shell may point at. pipeline.prefect_env keeps a PREFECT_HOME that is already set, so

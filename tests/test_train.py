@@ -567,3 +567,19 @@ def test_the_token_cache_key_holds_the_tokenizing_libraries_versions(tmp_path):
     assert tokenized.stale_reason(tmp_path, key) == f"tokenized cache at {tmp_path} is stale (libraries changed)"
     (tmp_path / tokenized.MANIFEST).write_text(json.dumps({"key": key}))
     assert tokenized.stale_reason(tmp_path, key) is None
+
+
+def test_cpu_threads_per_rank_follow_omp_num_threads_where_set_else_split_the_cores(monkeypatch):
+    from rmpipe.training.distributed import cpu_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_SIZE", raising=False)
+    cores = os.cpu_count() or 1
+    assert cpu_threads(1) == cores
+    assert cpu_threads(cores * 2) == 1  # never zero
+    monkeypatch.setenv("LOCAL_SIZE", "2")
+    assert cpu_threads(4) == max(1, cores // 2)  # the ranks on this node share its cores
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert cpu_threads(1) == 3  # the user's budget wins (a machine shared with other jobs)
+    monkeypatch.setenv("OMP_NUM_THREADS", "0")
+    assert cpu_threads(1) == max(1, cores // 2)  # not a budget: ignored

@@ -95,8 +95,17 @@ def make_deterministic(seed: int, world_size: int) -> None:
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
     if not torch.cuda.is_available():
-        # Ranks share the cores; oversubscription makes every rank slow.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_SIZE", world_size)))))
+        torch.set_num_threads(cpu_threads(world_size))
+
+
+def cpu_threads(world_size: int) -> int:
+    """Threads per rank on CPU: OMP_NUM_THREADS where the user set it (a machine shared with other jobs),
+    else the cores split between the ranks on this node. Oversubscribed cores make every rank slow: an
+    OpenMP thread spins at each barrier waiting for one that is descheduled."""
+    explicit = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if explicit.isdigit() and int(explicit) > 0:
+        return int(explicit)
+    return max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_SIZE", world_size))))
 
 
 # --- collectives ------------------------------------------------------------------------------
