@@ -15,7 +15,7 @@ export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup repro test test-quick docs sample-data bench clean browser web-vendor
+.PHONY: setup repro test test-quick docs sample-data bench clean browser web-vendor label-studio-env
 
 # The venv is rebuilt only when the pinned requirements change.
 $(BIN)/.installed: requirements.lock pyproject.toml
@@ -62,12 +62,29 @@ repro: sample-data
 
 # The test files run in parallel, one worker per core (pytest-xdist; --dist loadfile keeps a file on one
 # worker, so its module fixtures are built once), longest files first (tests/conftest.py LONGEST_FIRST).
-test: setup browser
+test: setup browser label-studio-env
 	$(BIN)/python -m pytest -n auto --dist loadfile --no-loadscope-reorder
 
 # The quick loop: everything but the real-pipeline builds (marked slow; CI runs them).
 test-quick: setup
 	$(BIN)/python -m pytest -m "not slow" -n auto --dist loadfile --no-loadscope-reorder
+
+# Label Studio (`rmpipe annotate`) in its own venv: it pins Django and ~150 packages of its own, never mixed
+# with the project's lock (~3 min once). The tests start it from a copy of a data folder initialised here with
+# two annotators (database migrations take ~90 s; a copy starts in ~7 s).
+LS_VENV ?= .venv-ls
+LS_USERS := --user admin@rmpipe.local:rmpipe-admin:rmpipe-test-token-admin \
+	--user annotator2@rmpipe.local:rmpipe-annotator2:rmpipe-test-token-annotator2
+$(LS_VENV)/.installed: annotation/requirements-label-studio.txt
+	@test -x $(LS_VENV)/bin/python || $(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LS_VENV)/bin/python -m pip install --quiet -r annotation/requirements-label-studio.txt
+	@touch $@
+
+$(LS_VENV)/test-data/label_studio.sqlite3: $(LS_VENV)/.installed
+	$(BIN)/python -m pipeline.label_studio init $(LS_VENV)/test-data $(LS_USERS)
+
+label-studio-env: setup $(LS_VENV)/test-data/label_studio.sqlite3
 
 # The manual (docs/, MkDocs Material) into site/: strict, so a broken link fails; open site/index.html offline.
 docs: setup

@@ -245,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_commands(sub)
     _flow_commands(sub)
     _audit_commands(sub)
+    from pipeline.annotate import add_commands
+
+    add_commands(sub)  # rmpipe annotate server|push|pull|run|serve (Label Studio)
     return parser
 
 
