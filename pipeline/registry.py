@@ -39,6 +39,7 @@ from rmpipe.core.errors import UserError  # noqa: E402
 from rmpipe.core.params import PARAMS_FILE, load_params  # noqa: E402
 from rmpipe.core.settings import CollectSettings  # noqa: E402
 
+SOURCE_SUFFIX = ".source.json"  # a batch's source record (`rmpipe import`, `rmpipe annotate pull`) travels with it
 REJECTED_DIR = Path("data/rejected")  # rejected batches + their reasons; no stage reads it
 QUEUE_DIR = STATE_DIR / "queue"  # accepted batches waiting for the next rebuild
 STAGING_DIR = STATE_DIR / "staging"  # a delivery's private copy while it is hashed and checked
@@ -96,6 +97,8 @@ def staged_copy(batch: Path, root: Path) -> Iterator[Path]:
     try:
         copy = folder / batch.name
         shutil.copyfile(batch, copy)
+        if (source := batch.with_name(batch.name + SOURCE_SUFFIX)).is_file():  # the lineage's record of its origin
+            shutil.copyfile(source, folder / source.name)
         yield copy
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -138,8 +141,8 @@ def admit_queued(root: Path, incoming: Path, run_id: str | None = None) -> list[
     queue = root / QUEUE_DIR
     moved: list[str] = []
     with queue_lock(root):
-        names = sorted(p.name for p in queue.iterdir() if p.is_file() and not p.name.startswith(".")) \
-            if queue.is_dir() else []
+        names = sorted((p.name for p in queue.iterdir() if p.is_file() and not p.name.startswith(".")),
+                       key=lambda name: (not name.endswith(SOURCE_SUFFIX), name)) if queue.is_dir() else []
         if not names:
             return []
         try:
@@ -155,6 +158,7 @@ def admit_queued(root: Path, incoming: Path, run_id: str | None = None) -> list[
                 f"{len(left)} batch(es) stay queued in {QUEUE_DIR}: {_cannot_admit(exc)}, then run "
                 "`rmpipe rebuild` (or deliver any batch) to take them in") from None
         finally:
+            moved = [name for name in moved if not name.endswith(SOURCE_SUFFIX)]  # records are of batches
             if moved:
                 records.mark_admitted(root, moved, run_id)
     return moved
@@ -215,5 +219,7 @@ def queue_batch(batch: Path, root: Path, incoming: Path, sha: str, record: dict[
             return None, hit[1]
         own = records.write_new(root, record)
         (root / QUEUE_DIR).mkdir(parents=True, exist_ok=True)
+        if (source := batch.with_name(batch.name + SOURCE_SUFFIX)).is_file():  # first: never a batch without it
+            move_into(source, root / QUEUE_DIR / source.name)
         move_into(batch, root / QUEUE_DIR / batch.name)  # the very bytes that were hashed and checked
         return own, None

@@ -170,3 +170,38 @@ def test_label_studio_down_is_one_line_and_writes_nothing(tmp_path):
     assert out.returncode != 0 and len(lines) == 1, out.stderr
     assert "unreachable" in lines[0] and "rmpipe annotate server" in lines[0]
     assert not (tmp_path / "incoming").exists() and not (tmp_path / ".rmpipe").exists()
+
+
+@pytest.mark.slow  # a Prefect flow (temporary server) and a DVC rebuild
+def test_the_pull_flow_hands_each_new_batch_to_on_new_batch_once(server, tmp_path, monkeypatch):
+    from test_flows import batch_project
+
+    from pipeline.annotation_flow import annotation_pull
+
+    monkeypatch.setenv("LABEL_STUDIO_URL", server)
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", TOKENS[ADMIN])
+    project = batch_project(tmp_path)  # a DVC project whose one stage lists data/incoming
+    pushed = push(_pair_tasks_file(tmp_path / "sky.tasks.jsonl"), "sky flow", _client(server), ROOT)
+    first = next(iter(_ls_tasks(server, pushed["project_id"]).values()))
+    _annotate(server, ANN2, first, _choice("b", "moderate"))
+
+    ran = annotation_pull(label_studio_project="sky flow", project=str(project))
+    (name, outcome), = ran["handed_over"].items()
+    assert outcome == "accepted" and ran["rows"] == 1
+    incoming = sorted(p.name for p in (project / "data/incoming").iterdir())
+    assert incoming == [name, name + ".source.json"]  # the source record travelled with the batch
+    assert (project / "inventory.txt").read_text() == " ".join(incoming)  # DVC rebuilt on it
+
+    idle = annotation_pull(label_studio_project="sky flow", project=str(project))
+    assert idle["batch"] is None and idle["handed_over"] == {}  # nothing new: nothing starts
+    assert len(list((project / "reports" / "runs").glob("*.json"))) == 1  # one run record: one on-new-batch
+
+
+def test_the_lineage_names_the_label_studio_project_and_export():
+    from rmpipe.audit.lineage import _data_lines
+
+    source = {"tool": "label-studio", "label_studio_version": "1.23.2", "url": "http://127.0.0.1:8080",
+              "project_title": "sky pairs", "project_id": 3, "export_id": 7}
+    (line,) = _data_lines({"batches": {"label-studio-sky-pairs-e7.jsonl": {"format": "jsonl", "sha256": "ab" * 32,
+                                                                            "source": source}}})
+    assert "Label Studio 1.23.2 at http://127.0.0.1:8080 project 'sky pairs' (id 3) export 7" in line

@@ -283,6 +283,9 @@ def _data_lines(data: dict[str, Any]) -> list[str]:
         source = info.get("source") or {}
         where = (f" <- {source.get('dataset_id')} split {source.get('split')} revision "
                  f"{source.get('resolved_revision') or source.get('revision') or 'default'}") if source else ""
+        if source.get("tool") == "label-studio":  # `rmpipe annotate pull`: which tool, project and export
+            where = (f" <- Label Studio {source.get('label_studio_version')} at {source.get('url')} project "
+                     f"{source.get('project_title')!r} (id {source.get('project_id')}) export {source.get('export_id')}")
         lines.append(f"  batch      {batch} [{info.get('format')}] sha256 {str(info.get('sha256'))[:16]}{where}")
     return lines
 
