@@ -120,9 +120,11 @@ def serve(data_dir: Path = DATA_DIR, port: int = 8080) -> None:
         init(data_dir, [(ADMIN, password, token)])
         (data_dir / "admin-password.txt").write_text(password + "\n")
         (data_dir / "admin-password.txt").chmod(0o600)
-    connection = json.loads((data_dir / CONNECTION).read_text()) if (data_dir / CONNECTION).exists() else {}
-    token = connection.get("token") or token
-    write_connection(data_dir, url, token)
+        write_connection(data_dir, url, token)
+    if not (data_dir / CONNECTION).is_file():
+        raise UserError(f"{data_dir}/{CONNECTION} is missing (it holds the API token made at set-up): restore it, "
+                        f"or move {data_dir}/ away to start afresh")
+    write_connection(data_dir, url, json.loads((data_dir / CONNECTION).read_text())["token"])  # this port
     proc = start(data_dir, port, data_dir / "server.log")
     try:
         wait_up(url, proc)
