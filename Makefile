@@ -82,7 +82,7 @@ $(LS_VENV)/.installed: annotation/requirements-label-studio.txt
 	@touch $@
 
 $(LS_VENV)/test-data/label_studio.sqlite3: $(LS_VENV)/.installed
-	$(BIN)/python -m pipeline.label_studio init $(LS_VENV)/test-data $(LS_USERS)
+	RMPIPE_LABEL_STUDIO_VENV=$(LS_VENV) $(BIN)/python -m pipeline.label_studio init $(LS_VENV)/test-data $(LS_USERS)
 
 label-studio-env: setup $(LS_VENV)/test-data/label_studio.sqlite3
 
