@@ -205,3 +205,19 @@ def test_the_lineage_names_the_label_studio_project_and_export():
     (line,) = _data_lines({"batches": {"label-studio-sky-pairs-e7.jsonl": {"format": "jsonl", "sha256": "ab" * 32,
                                                                             "source": source}}})
     assert "Label Studio 1.23.2 at http://127.0.0.1:8080 project 'sky pairs' (id 3) export 7" in line
+
+
+def test_a_pushed_pair_renders_its_two_responses_in_label_studios_ui(server, tmp_path):
+    from ls_browser import screenshot_when_shown, session_cookie
+
+    tasks, _ = pair_tasks(canonical_prompt("Name a colour of the sky."), ["Blue, mostly.", "Grey on a rainy day."], {})
+    tasks_file = tmp_path / "ui.tasks.jsonl"
+    tasks_file.write_text(json.dumps(tasks[0]) + "\n")
+    pushed = push(tasks_file, "sky ui", _client(server), ROOT)
+    task = next(iter(_ls_tasks(server, pushed["project_id"]).values()))
+    wanted = ["Which response is better?", "Response A", "Blue, mostly.", "Response B", "Grey on a rainy day.", "Tie"]
+    png = tmp_path / "label-studio-task.png"
+    text = screenshot_when_shown(server, f"/projects/{pushed['project_id']}/data?task={task}",
+                                 session_cookie(server, ADMIN, "rmpipe-admin"), wanted, tmp_path, png)
+    assert all(w in text for w in wanted), text[:2000]  # the labeling interface from annotation/pairwise.xml
+    assert png.stat().st_size > 10_000
