@@ -47,7 +47,8 @@ def _pull(args: argparse.Namespace) -> None:
 
     result = pull(_client(), args.project, Path(args.out))
     left = ", ".join(f"{n} {code}" for code, n in sorted(result["left_out"].items()))
-    print(result["batch"] or f"nothing new in Label Studio project {args.project!r} (export {result['export_id']})")
+    print(result["batch"] or f"nothing new in Label Studio project {args.project!r} "
+                                  f"(export {result['export_id']} checked, not kept)")
     if left:
         print(f"left out with a reason ({left}): see the sidecar / .rmpipe/annotate cursor")
 

@@ -49,7 +49,11 @@ def server(tmp_path_factory):
         ls.wait_up(url, proc, timeout_s=120)
         yield url
     finally:
-        ls.stop(proc)
+        import os
+        import signal
+
+        os.killpg(proc.pid, signal.SIGKILL)  # a throwaway copy: no need for Label Studio's graceful stop
+        proc.wait()
 
 
 def _client(url: str, who: str = ADMIN) -> Client:
@@ -116,6 +120,8 @@ def test_push_pull_collect_round_trip(server, tmp_path):
 
     again = pull(_client(server), "sky pairs", incoming, tmp_path)
     assert again["batch"] is None and again["rows"] == 0 and again["left_out"] == {}
+    kept = {e["id"] for e in _client(server).call("GET", f"/api/projects/{first['project_id']}/exports/")}
+    assert result["export_id"] in kept and again["export_id"] not in kept  # an export with nothing new is not kept
 
     _annotate(server, ANN2, ids[1], _choice("a", "slight"))  # came back to the skipped task
     _annotate(server, ADMIN, ids[0], _choice("b"))  # changes their mind: a second, different judgement

@@ -82,7 +82,7 @@ class Client:
                                        f"{response.status_code}): check LABEL_STUDIO_API_KEY or {CONNECTION_FILE}")
             if not response.ok:
                 raise LabelStudioError(f"Label Studio {method} {path}: HTTP {response.status_code}: "
-                                       f"{response.text[:300]}")
+                                       f"{' '.join(response.text.split())[:300]}")  # one line, even for a page
             return response.json() if response.content else None
         raise LabelStudioUnavailable(f"Label Studio at {self.conn.url} is unreachable ({last} after "
                                      f"{self.retries + 1} tries): start it (`rmpipe annotate server`) and run "

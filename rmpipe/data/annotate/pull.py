@@ -9,7 +9,7 @@ turns every annotation no earlier pull took into a row (`judgements`) and writes
 The sidecar is written first, then the batch, then the cursor (`.rmpipe/annotate/<project>.json`,
 rmpipe's git-ignored state). A pull killed before the cursor moved is caught up by the next one:
 it reads back the sidecars already in <out>, so no judgement is ever in two batches. One pull per
-project at a time (a file lock). Nothing new: no file, `None`.
+project at a time (a file lock). Nothing new: no file, `None`, and the snapshot is deleted again.
 """
 
 from __future__ import annotations
@@ -117,6 +117,10 @@ def pull(client: Client, project_title: str, out_dir: Path, root: Path = Path(".
             batch = out_dir / f"label-studio-{name}-e{export['id']}.jsonl"
             source["batch_file"] = batch.name
             _write_batch(batch, rows, source)
+        if not rows and not left:  # nothing new: the snapshot is not kept (a scheduled pull would pile them up)
+            client.call("DELETE", f"/api/projects/{project['id']}/exports/{export['id']}")
+            return {"project": project_title, "project_id": project["id"], "export_id": export["id"],
+                    "batch": None, "rows": 0, "left_out": {}}
         _advance(cursor, source)
         io.write_json(cursor_path, cursor)  # last: a batch in place before the cursor says it was taken
     return {"project": project_title, "project_id": project["id"], "export_id": export["id"],
