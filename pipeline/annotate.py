@@ -3,7 +3,7 @@
     rmpipe annotate server                       # Label Studio on 127.0.0.1:8080 (pipeline.label_studio)
     rmpipe annotate push data/tasks/x.tasks.jsonl [--project NAME]
     rmpipe annotate pull [--project NAME]        # -> data/incoming/label-studio-<project>-e<export>.jsonl
-    rmpipe annotate serve [--project NAME] [--every 60]   # the scheduled `annotation-pull` deployment
+    rmpipe annotate serve [--project NAME] [--every 60]   # the `annotation-pull` flow every 60 s
 
 The `annotation-pull` flow pulls into its own delivery folder (`.rmpipe/annotate/outbox/`) and hands
 each new batch to `on-new-batch` (check, queue, rebuild: the same path a watched delivery takes). A
@@ -54,23 +54,36 @@ def _pull(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
+    """Run the `annotation-pull` flow every `--every` seconds until Ctrl-C, each run a flow run on the server.
+
+    The schedule is kept here, not by the server: Prefect 3.8.8's scheduler fails to insert interval runs
+    with the pinned SQLAlchemy 2.1 ("Can't evaluate bulk DML statement"), so a served interval deployment
+    would never fire. A failed run (Label Studio down) has logged its one line; the next tick tries again.
+    """
+    import logging
+    import time
+
     from pipeline.orphans import tie_descendants_to_this_process
     from pipeline.service import require_server
+    from rmpipe.core.errors import UserError
 
     require_server()
     tie_descendants_to_this_process()
-    from datetime import timedelta
-
-    from prefect import serve as prefect_serve
-
     from pipeline.annotation_flow import annotation_pull
     from pipeline.prefect_env import find_project_root
 
-    root = find_project_root(None)
-    deployment = annotation_pull.to_deployment(name="annotation-pull", interval=timedelta(seconds=args.every),
-                                               parameters={"label_studio_project": args.project,
-                                                           "project": str(root)})
-    prefect_serve(deployment, limit=1, pause_on_shutdown=False)
+    root, log = find_project_root(None), logging.getLogger("rmpipe.annotate")
+    log.info("pulling Label Studio project %r every %.0fs into on-new-batch (Ctrl-C stops)", args.project, args.every)
+    try:
+        while True:
+            started = time.monotonic()
+            try:
+                annotation_pull(label_studio_project=args.project, project=str(root))
+            except UserError:
+                pass  # the flow run logged its one line and ended Failed; the next tick tries again
+            time.sleep(max(0.0, args.every - (time.monotonic() - started)))
+    except KeyboardInterrupt:
+        log.info("stopped")
 
 
 def _run_flow(args: argparse.Namespace) -> None:
@@ -103,7 +116,7 @@ def add_commands(sub) -> None:
             p.add_argument("--out", default="data/incoming", help="folder for the batch (default: data/incoming)")
         p.set_defaults(func=func)
 
-    p = cmds.add_parser("serve", help="serve the scheduled annotation-pull deployment (needs PREFECT_API_URL)")
+    p = cmds.add_parser("serve", help="run the annotation-pull flow every --every seconds (needs PREFECT_API_URL)")
     p.add_argument("--project", default=DEFAULT_PROJECTS["pairs"], help="project title")
     p.add_argument("--every", type=float, default=60.0, help="seconds between pulls (default 60)")
     p.set_defaults(func=_serve)
