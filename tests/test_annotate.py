@@ -36,6 +36,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class _Server(str):
+    """The server's URL, plus what it takes to stop it and start it again (same data folder and port)."""
+
+    def stop(self) -> None:
+        _kill(self.proc)
+
+    def start(self) -> None:
+        self.proc = ls.start(self.data, self.port, self.data.parent / "server.log", venv=ROOT / ls.VENV)
+        ls.wait_up(str(self), self.proc, timeout_s=120)
+
+
+def _kill(proc) -> None:
+    import os
+    import signal
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)  # a throwaway copy: no need for Label Studio's graceful stop
+    proc.wait()
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     if not (TEMPLATE / "label_studio.sqlite3").is_file():
@@ -43,17 +63,13 @@ def server(tmp_path_factory):
     data = tmp_path_factory.mktemp("ls") / "data"
     shutil.copytree(TEMPLATE, data)
     port = _free_port()
-    proc = ls.start(data, port, data.parent / "server.log", venv=ROOT / ls.VENV)
-    url = f"http://127.0.0.1:{port}"
+    url = _Server(f"http://127.0.0.1:{port}")
+    url.data, url.port = data, port
     try:
-        ls.wait_up(url, proc, timeout_s=120)
+        url.start()
         yield url
     finally:
-        import os
-        import signal
-
-        os.killpg(proc.pid, signal.SIGKILL)  # a throwaway copy: no need for Label Studio's graceful stop
-        proc.wait()
+        _kill(url.proc)
 
 
 def _client(url: str, who: str = ADMIN) -> Client:
@@ -227,3 +243,28 @@ def test_a_pushed_pair_renders_its_two_responses_in_label_studios_ui(server, tmp
                                  session_cookie(server, ADMIN, "rmpipe-admin"), wanted, tmp_path, png)
     assert all(w in text for w in wanted), text[:2000]  # the labeling interface from annotation/pairwise.xml
     assert png.stat().st_size > 10_000
+
+
+def test_the_server_stopping_mid_pull_is_one_line_and_loses_nothing(server, tmp_path):
+    from rmpipe.data.annotate.client import LabelStudioUnavailable
+
+    pushed = push(_pair_tasks_file(tmp_path / "sky.tasks.jsonl"), "sky outage", _client(server), ROOT)
+    task = next(iter(_ls_tasks(server, pushed["project_id"]).values()))
+    _annotate(server, ANN2, task, _choice("a"))
+
+    class StopsBeforeTheDownload(Client):  # the real server, stopped between the export and its download
+        def _download(self, path):
+            server.stop()
+            return super()._download(path)
+
+    incoming = tmp_path / "incoming"
+    client = StopsBeforeTheDownload(Connection(server, TOKENS[ADMIN]), backoff_s=0.05)
+    try:
+        with pytest.raises(LabelStudioUnavailable) as failed:
+            pull(client, "sky outage", incoming, tmp_path)
+    finally:
+        server.start()
+    assert "stopped answering during the export download" in str(failed.value) and "\n" not in str(failed.value)
+    assert not incoming.exists() and not (tmp_path / ".rmpipe/annotate/sky-outage.json").exists()  # nothing moved
+    after = pull(_client(server), "sky outage", incoming, tmp_path)
+    assert after["rows"] == 1  # the judgement was not lost
