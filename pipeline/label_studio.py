@@ -125,6 +125,12 @@ def serve(data_dir: Path = DATA_DIR, port: int = 8080) -> None:
         raise UserError(f"{data_dir}/{CONNECTION} is missing (it holds the API token made at set-up): restore it, "
                         f"or move {data_dir}/ away to start afresh")
     write_connection(data_dir, url, json.loads((data_dir / CONNECTION).read_text())["token"])  # this port
+    import signal
+
+    from pipeline.orphans import tie_descendants_to_this_process
+
+    tie_descendants_to_this_process()  # the server dies with this command, even by kill -9
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops it as Ctrl-C does
     proc = start(data_dir, port, data_dir / "server.log")
     try:
         wait_up(url, proc)
