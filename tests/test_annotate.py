@@ -268,3 +268,18 @@ def test_the_server_stopping_mid_pull_is_one_line_and_loses_nothing(server, tmp_
     assert not incoming.exists() and not (tmp_path / ".rmpipe/annotate/sky-outage.json").exists()  # nothing moved
     after = pull(_client(server), "sky outage", incoming, tmp_path)
     assert after["rows"] == 1  # the judgement was not lost
+
+
+def test_a_bad_tasks_file_is_one_line_naming_the_line_and_the_fix(tmp_path):
+    from rmpipe.core.errors import DataError
+    from rmpipe.data.annotate.push import read_tasks
+
+    mixed = tmp_path / "mixed.tasks.jsonl"
+    mixed.write_text(json.dumps({"task_id": "1", "prompt": "p", "response_a": "a", "response_b": "b"}) + "\n"
+                     + json.dumps({"task_id": "2", "prompt": "p", "responses": ["a", "b"]}) + "\n")
+    broken = tmp_path / "broken.tasks.jsonl"
+    broken.write_text(json.dumps({"task_id": "1", "prompt": "p", "response_a": "a", "response_b": "b"}) + "\n{oops\n")
+    for path, words in ((mixed, "both A/B and ranking tasks"), (broken, "broken.tasks.jsonl:2: not valid JSON"),
+                        (tmp_path / "none.jsonl", "rmpipe sample-pairs")):
+        with pytest.raises(DataError, match=words):
+            read_tasks(path)
