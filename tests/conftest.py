@@ -96,8 +96,8 @@ def pytest_addoption(parser):
 # at the end (longest-first scheduling). Order only: every test still runs.
 LONGEST_FIRST = ("test_service.py", "test_audit.py", "test_retract_kill.py", "test_security.py",
                  "test_arrivals.py", "test_train.py", "test_dvc_pipeline.py", "test_packing.py",
-                 "test_repro_guarantees.py", "test_reliability.py", "test_byod_pipeline.py", "test_validate.py",
-                 "test_flows.py", "test_sampling.py")
+                 "test_repro_guarantees.py", "test_reliability.py", "test_byod_pipeline.py", "test_annotate.py",
+                 "test_validate.py", "test_flows.py", "test_sampling.py")
 
 
 def _longest_first(items: list) -> None:
