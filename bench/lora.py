@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--held-out", type=int, default=200)
     parser.add_argument("--ranks", default="8,16")
+    parser.add_argument("--no-full", action="store_true", help="LoRA runs only (e.g. another --lr-lora)")
     parser.add_argument("--lr-full", type=float, default=1e-5)
     parser.add_argument("--lr-lora", type=float, default=1e-4)
     parser.add_argument("--max-length", type=int, default=256)
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"the sample has {len(train)} train / {len(test)} test pairs: fewer than {n} / {args.held_out}")
     backbone = smollm2_folder() if args.backbone == "smollm2" else tiny_folder(train, args.max_length)
     train, held_out = train.head(n).reset_index(drop=True), test.head(args.held_out).reset_index(drop=True)
-    configs = [("full", 0)] + [(f"lora r={r}", int(r)) for r in args.ranks.split(",")]
+    configs = [("full", 0)] * (not args.no_full) + [(f"lora r={r}", int(r)) for r in args.ranks.split(",")]
     rows = [run_config(name, rank, backbone, train, held_out, args, where) for name, rank in configs]
     log(f"\n{args.backbone}, {n} pairs ({args.steps} steps x {args.batch_pairs}), max_length {args.max_length}, "
         f"lr full {args.lr_full} / LoRA {args.lr_lora}\n" + table(rows))

@@ -92,7 +92,7 @@ def run(params_file: str | Path = PARAMS_FILE, paths: ProjectPaths = ProjectPath
     data = tokenize(tokenizer, backbone_dir, paths, train_frame, val_frame, max_length)
     packing, packing_errors = resolve_packing(s.packing, model, data.train, data.pad_id)
     if rank == 0:
-        log.info("trainable parameters: %d of %d (%s)", trainable, total,
+        log.info("trainable parameters: %s of %s (%s)", f"{trainable:,}", f"{total:,}",
                  f"LoRA r={s.lora.r} on {', '.join(s.lora.target_modules)}" if s.lora.r else "full fine-tuning")
         log.info("packing: %s%s", packing, "".join(f" | {k} max |dr| {e:.1e}" for k, e in packing_errors.items()))
 

@@ -128,6 +128,20 @@ def test_two_rank_zero2_lora_run_completes(tmp_path, backbone):
     assert (project / "models/reward_model/adapter/adapter_model.safetensors").exists()
 
 
+@pytest.mark.slow
+def test_lora_on_smollm2_lowers_the_loss(tmp_path):
+    """The real SFT backbone (its pad is its EOS, 30 layers of grouped-query attention), r = 4 on q and v."""
+    from rmpipe.model import backbones
+
+    backbones.ignore_from_git(ROOT / "models/.cache")
+    smollm2 = backbones.materialize_smollm2(ROOT / backbones.SMOLLM2_CACHE)
+    project = make_project(tmp_path, smollm2, n_train=16, n_val=8, epochs=3, lr=2e-3, lora=LORA)
+    record = run(str(project / "params.yaml"), paths_in(project))
+    losses = loss_curve(project)
+    assert len(losses) == 6 and sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.05, losses
+    assert record["trainable_parameters"] < record["total_parameters"] / 100
+
+
 # --- export -----------------------------------------------------------------------------------
 def adapted_reward_model(folder: Path) -> tuple[Path, Path, RewardModel]:
     """A tiny reward model with LoRA adapters that change its rewards (B != 0), saved like the train stage saves
