@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--layouts", default="none,padding_free,shared_prompt,groups")
     parser.add_argument("--peak-tflops", type=float)
+    parser.add_argument("--backbone", choices=("smollm2", "tiny"), default="smollm2")
     parser.add_argument("--keep", type=Path)
     parser.add_argument("--plumbing-on-cpu", action="store_true",
                         help="run anyway on CPU in fp32 (checks the script itself; the figures mean nothing)")
@@ -105,12 +106,12 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_check: no CUDA device on this machine (torch.cuda.is_available() is False): "
               "run it where `nvidia-smi` lists a GPU and torch is a CUDA build", file=sys.stderr)
         return 2
-    from train_throughput import sample_splits, smollm2_folder
+    from train_throughput import sample_splits, smollm2_folder, tiny_folder
 
     where = args.keep or Path(tempfile.mkdtemp(prefix="rmpipe-gpu-check-"))
     train, val = sample_splits(where / "sample")
     train, val = train.head(args.batch_pairs * args.steps), val.head(4 * args.batch_pairs)
-    backbone = smollm2_folder()
+    backbone = smollm2_folder() if args.backbone == "smollm2" else tiny_folder(train, args.max_length)
     peak, device = peak_tflops(args.peak_tflops)
     lora = {"r": args.lora_r, "alpha": 2.0 * args.lora_r, "dropout": 0.0,
             "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     runs += [(f"{layout}+lora{args.lora_r}", {"packing": layout, "lora": lora}) for layout in args.layouts.split(",")]
     if torch.cuda.device_count() >= 2:
         runs.append(("zero3-2rank", {"packing": "shared_prompt", "num_procs": 2, "zero_stage": 3}))
-    print(f"{device}: {torch.cuda.device_count()} device(s), bf16 peak {peak} TFLOP/s; SmolLM2-135M, "
+    print(f"{device}: {torch.cuda.device_count()} device(s), bf16 peak {peak} TFLOP/s; {args.backbone}, "
           f"{len(train)} pairs ({args.steps} steps x {args.batch_pairs}), max_length {args.max_length}", flush=True)
     failed = 0
     for name, settings in runs:
