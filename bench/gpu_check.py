@@ -6,7 +6,8 @@ Usage:  .venv/bin/python bench/gpu_check.py [--steps 20] [--batch-pairs 16] [--m
 Needs a CUDA device; on a machine without one it prints one line and exits 2. Each run is
 `python -m stages.train` (bf16: true, DeepSpeed ZeRO-0) in its own process and project folder, on the
 same B x N pairs of the bundled sample (made by the project's own stages); a run prints
-  tokens/s      real (non-pad) tokens per second over all steps but the first (the trainer's own log)
+  tokens/s      real (non-pad) tokens per second of training steps, all steps (the trainer's own figure:
+                the first step's warm-up included, so use --steps 20 or more)
   peak memory   torch.cuda.max_memory_allocated of the training process
   MFU           6 x parameters x tokens/s over the device's dense bf16 peak (attention FLOPs left out,
                 so a lower bound; LoRA counts the same 6 N: the frozen weights still run forward and backward)
@@ -54,9 +55,7 @@ def peak_tflops(override: float | None) -> tuple[float, str]:
 
 
 def run_layout(where: Path, name: str, backbone: Path, train, val, args, **train_params) -> dict:
-    import pandas as pd
     import yaml
-    from lora import RMPIPE_LIVE
     from train_throughput import BIG_BUDGET, run_child
 
     folder = where / name
@@ -75,10 +74,9 @@ def run_layout(where: Path, name: str, backbone: Path, train, val, args, **train
     if done.code != 0:
         return {"run": name, "error": (folder / "train.log").read_text(errors="replace")[-1500:]}
     record = json.loads((folder / "models/reward_model/training.json").read_text())
-    rates = pd.read_csv(folder / RMPIPE_LIVE / "tokens_per_s.tsv", sep="\t")["tokens_per_s"].tolist()[1:]
     memory = folder / MEMORY_FILE
     peak = json.loads(memory.read_text())["peak_bytes"] / 2**30 if memory.exists() else float("nan")
-    return {"run": name, "packing": record["packing"], "tokens_per_s": len(rates) / sum(1 / r for r in rates),
+    return {"run": name, "packing": record["packing"], "tokens_per_s": record["tokens_per_s"],
             "peak_gib": peak, "params": record["total_parameters"], "trainable": record["trainable_parameters"],
             "val_accuracy": record["val"].get("accuracy"), "world_size": record["world_size"]}
 
