@@ -19,6 +19,7 @@ from rmpipe.audit import history
 from rmpipe.core.errors import DataError
 from rmpipe.evaluation.evaluate import load_checkpoint
 from rmpipe.export.export import write_export
+from rmpipe.model.backbones import resolve_backbone
 from rmpipe.core.params import PARAMS_FILE, load_params
 from rmpipe.core.paths import ProjectPaths, read_splits
 from rmpipe.evaluation.pathology import load_battery
@@ -74,7 +75,9 @@ def run(params_file: str | Path = PARAMS_FILE, paths: ProjectPaths = ProjectPath
         extra["training"] = json.loads(paths.training_record.read_text(encoding="utf-8"))
     batch_ids = split_batch_ids(paths)
     extra["data"] = {"splits": split_composition(paths), "batches": batch_sources(batch_ids, paths.collect_report)}
+    backbone = resolve_backbone(model_settings, Path(".")) if settings.save_adapter else None  # the adapter's base
     lineage = {"project_root": Path("."), "params": params, "batch_ids": batch_ids,
+               "model_dir": paths.model_dir, "backbone": backbone,
                "exclude_stages": ("export",), "extra": extra,
                "read_paths": (str(paths.split_dir), str(paths.model_dir))}  # the batch ids and the model come from these
 

@@ -29,6 +29,7 @@ from rmpipe.model.backbones import (
     max_positions,
     resolve_backbone,
 )
+from rmpipe.model.lora import trainable_parameters, with_adapters
 from rmpipe.model.packing import resolve_packing
 from rmpipe.model.reward_model import RewardModel
 from rmpipe.training.checkpoint import fingerprint
@@ -86,10 +87,13 @@ def run(params_file: str | Path = PARAMS_FILE, paths: ProjectPaths = ProjectPath
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bf16 = bf16_wanted(s.bf16, device)
     backbone, tokenizer = load_backbone(backbone_dir, torch.float32, m.trust_remote_code)
-    model = RewardModel.from_backbone(backbone, m.head_init, seed=s.seed)
+    model = with_adapters(RewardModel.from_backbone(backbone, m.head_init, seed=s.seed), s.lora)  # r 0: as is
+    trainable, total = trainable_parameters(model)
     data = tokenize(tokenizer, backbone_dir, paths, train_frame, val_frame, max_length)
     packing, packing_errors = resolve_packing(s.packing, model, data.train, data.pad_id)
     if rank == 0:
+        log.info("trainable parameters: %s of %s (%s)", f"{trainable:,}", f"{total:,}",
+                 f"LoRA r={s.lora.r} on {', '.join(s.lora.target_modules)}" if s.lora.r else "full fine-tuning")
         log.info("packing: %s%s", packing, "".join(f" | {k} max |dr| {e:.1e}" for k, e in packing_errors.items()))
 
     ds_config = load_config(s.deepspeed_config, world) if s.deepspeed_config else build_config(s, world, bf16)
@@ -101,7 +105,8 @@ def run(params_file: str | Path = PARAMS_FILE, paths: ProjectPaths = ProjectPath
     record = {"params": {"model": m.model_dump(), "train": s.model_dump()}, "fingerprint": fp,
               "backbone": str(backbone_dir), "world_size": world, "packing": packing, "packing_errors": packing_errors,
               "truncated_pairs": data.train.n_truncated + data.val.n_truncated,
-              "train_pairs": len(data.train), "val_pairs": len(data.val), "deepspeed_config": ds_config}
+              "train_pairs": len(data.train), "val_pairs": len(data.val), "deepspeed_config": ds_config,
+              "trainable_parameters": trainable, "total_parameters": total}
     save_outputs(result, model, tokenizer, paths, record, rank, int(ds_config.get("zero_optimization", {}).get("stage", 0)))
     if rank == 0:
         log.info("wrote %s: val accuracy %.3f, %d steps, %.0f pairs/s, %.1f s", paths.model_dir,

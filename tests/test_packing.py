@@ -3,6 +3,7 @@ where a backbone's attention would make them inexact."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +20,11 @@ from rmpipe.model.packing import (
     CHOSEN, PROMPT, REJECTED, block_mask, common_prefix_length, layout_error, make_batch, pack_rows, pair_unit,
     resolve_packing,
 )
+from rmpipe.model.lora import linear_names, with_adapters
 from rmpipe.model.reward_model import RewardModel, bradley_terry_loss
 from rmpipe.model.render import tokenize_pairs
 from rmpipe.core.schema import canonical_prompt
-from rmpipe.core.settings import ModelSettings
+from rmpipe.core.settings import LoraSettings, ModelSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CFG = {"max_length": 256, "tiny": {"vocab_size": 400, "hidden_size": 32, "intermediate_size": 64,
@@ -105,6 +107,25 @@ def tiny(tmp_path_factory):
     return RewardModel.from_backbone(backbone, seed=0), tokenizer
 
 
+@pytest.fixture(scope="module")
+def tiny_lora(tiny):
+    """The tiny reward model with LoRA (r=4) on every linear layer of a copy of its backbone, B != 0 so the
+    adapters change the rewards: the packed layouts' masks and positions must pass through them unchanged."""
+    model, tokenizer = tiny
+    copied = RewardModel(copy.deepcopy(model.backbone), copy.deepcopy(model.head))
+    adapted = with_adapters(copied, LoraSettings(r=4, alpha=8.0, target_modules=tuple(linear_names(model.backbone))))
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(len(name)))
+    return adapted, tokenizer
+
+
+def reward_model(request, lora: bool):
+    """(model, tokenizer): the plain tiny reward model, or the LoRA one."""
+    return request.getfixturevalue("tiny_lora" if lora else "tiny")
+
+
 def frame_of_pairs() -> pd.DataFrame:
     history = [{"role": "user", "content": "tell me about owls " * 8},
                {"role": "assistant", "content": "owls hunt at night " * 5},
@@ -118,10 +139,11 @@ def frame_of_pairs() -> pd.DataFrame:
     })
 
 
+@pytest.mark.parametrize("lora", [False, True])
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("mode", ["padding_free", "shared_prompt"])
-def test_packed_rewards_equal_stacked_on_tiny_backbone(tiny, mode, attention):
-    model, tokenizer = tiny
+def test_packed_rewards_equal_stacked_on_tiny_backbone(request, mode, attention, lora):
+    model, tokenizer = reward_model(request, lora)
     model.backbone.config._attn_implementation = attention
     pairs = tokenize_pairs(tokenizer, frame_of_pairs(), max_length=120)  # one pair left-truncated: prefix may be 0
     assert pairs.n_truncated >= 1
@@ -131,17 +153,18 @@ def test_packed_rewards_equal_stacked_on_tiny_backbone(tiny, mode, attention):
         model.backbone.config._attn_implementation = "sdpa"
 
 
+@pytest.mark.parametrize("lora", [False, True])
 @pytest.mark.parametrize("mode", ["padding_free", "shared_prompt"])
-def test_packed_gradients_equal_stacked(tiny, mode):
+def test_packed_gradients_equal_stacked(request, mode, lora):
     """Exact rewards are not enough for training: the loss must push the weights the same way."""
-    model, tokenizer = tiny
+    model, tokenizer = reward_model(request, lora)
     pairs = tokenize_pairs(tokenizer, frame_of_pairs(), max_length=256)
     grads = {}
     for layout in ("none", mode):
         model.zero_grad()
         r_c, r_r = model(**make_batch(pairs, list(range(len(pairs))), layout, tokenizer.pad_token_id).inputs).chunk(2)
         bradley_terry_loss(r_c, r_r).backward()
-        grads[layout] = torch.cat([p.grad.flatten() for p in model.parameters()])
+        grads[layout] = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
     assert torch.allclose(grads["none"], grads[mode], atol=1e-5)
 
 
@@ -227,9 +250,10 @@ def test_block_mask_group_responses_see_prompt_and_themselves_only():
     assert allowed[5].tolist() == [True, True, False, False, False, True]
 
 
+@pytest.mark.parametrize("lora", [False, True])
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_groups_rewards_equal_stacked_on_tiny_backbone(tiny, attention):
-    model, tokenizer = tiny
+def test_groups_rewards_equal_stacked_on_tiny_backbone(request, attention, lora):
+    model, tokenizer = reward_model(request, lora)
     model.backbone.config._attn_implementation = attention
     pairs = tokenize_pairs(tokenizer, frame_of_groups(), max_length=256)
     assert pairs.has_groups() and len(np.unique(pairs.group)) == 4
@@ -250,9 +274,10 @@ def test_groups_cost_the_prompt_once_and_each_response_once(tiny):
     assert shared.real_tokens > 6 * prompt + 2 * responses  # 6 prompts, each response 3 times (and a longer prefix)
 
 
+@pytest.mark.parametrize("lora", [False, True])
 @pytest.mark.parametrize("weighting", ["pair", "group"])
-def test_groups_gradients_equal_stacked(tiny, weighting):
-    model, tokenizer = tiny
+def test_groups_gradients_equal_stacked(request, weighting, lora):
+    model, tokenizer = reward_model(request, lora)
     pairs = tokenize_pairs(tokenizer, frame_of_groups(), max_length=256)
     rows = list(range(len(pairs)))
     weight = torch.from_numpy(pairs.pair_weights(weighting))
@@ -262,7 +287,7 @@ def test_groups_gradients_equal_stacked(tiny, weighting):
         batch = make_batch(pairs, rows, layout, tokenizer.pad_token_id)
         r_c, r_r = model(**batch.inputs).chunk(2)
         bradley_terry_loss(r_c, r_r, margin=batch.margin, soft_label=batch.soft_label, weight=weight).backward()
-        grads[layout] = torch.cat([p.grad.flatten() for p in model.parameters()])
+        grads[layout] = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
     assert grads["none"].abs().max() > 1e-4  # a real gradient, not two zeros
     assert torch.allclose(grads["none"], grads["groups"], atol=1e-5)
 

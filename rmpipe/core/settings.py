@@ -297,6 +297,22 @@ class SamplingSettings(Settings):
 
 
 # --- training and after ------------------------------------------------------------------------
+class LoraSettings(Settings):
+    """`train.lora:` LoRA adapters W + (alpha / r) B A on the backbone (PEFT); r 0 trains every weight."""
+
+    SECTION: ClassVar[str] = "train.lora"
+    r: int = Field(0, ge=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")  # names are checked on the backbone
+
+    @model_validator(mode="after")
+    def _targets(self) -> "LoraSettings":
+        if self.r and not self.target_modules:
+            raise ValueError("'train.lora.target_modules' is empty: name the backbone's linear layers to adapt")
+        return self
+
+
 class TrainSettings(Settings):
     """`train:` (DeepSpeed reward-model training)."""
 
@@ -325,6 +341,7 @@ class TrainSettings(Settings):
     packing: Literal["auto", "none", "padding_free", "shared_prompt", "groups"]  # auto: resolved before training
     loss_weighting: Literal["pair", "group"] = "pair"  # pair: every comparison counts once; group: every prompt
     stop_after_steps: int | None = None  # debug hook: stop as if killed after this many steps
+    lora: LoraSettings = LoraSettings()  # r 0: full fine-tuning
 
     @field_validator("bf16", mode="before")
     @classmethod
@@ -384,6 +401,7 @@ class ExportSettings(Settings):
     promotion_tolerance: float = Field(ge=0)  # the gate's margin: refused only when significantly worse by more
     promotion_alpha: float = Field(default=0.05, gt=0, lt=1)  # one-sided level of the gate's paired test
     max_battery_regressions: int = Field(default=0, ge=0)  # battery pairs prod orders right and the candidate wrong
+    save_adapter: bool = False  # a LoRA run: also the adapter folder (PeftModel.from_pretrained on the backbone)
 
     @field_validator("out_dir", "promoted_dir", mode="before")
     @classmethod

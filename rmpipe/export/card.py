@@ -49,6 +49,7 @@ Or run `rmpipe score PATH --input rows.jsonl`.
 
 ## Training
 - backbone `{{ backbone }}`, max length {{ max_length }} tokens (longer inputs are left-truncated)
+- fine-tuning: {{ fine_tuning }}
 - train params: `{{ train_params }}`
 
 ## Metrics (held-out test split)
@@ -81,6 +82,22 @@ def _by_bucket(table: dict) -> str:
     return "; ".join(f"{k}: {v['accuracy']:.3f} (n={v['n']})" for k, v in table.items())
 
 
+def fine_tuning(record: dict, params: dict) -> str:
+    """Full fine-tuning, or LoRA with its rank and targets (as training recorded them) and where the adapter is."""
+    training = record.get("training") or {}
+    lora = (training.get("params") or params).get("train", {}).get("lora") or {}
+    if not lora.get("r"):
+        return "full (every weight trained)"
+    counted = (f" ({training['trainable_parameters']:,} of {training['total_parameters']:,} parameters trained)"
+               if training.get("trainable_parameters") else "")
+    adapter = (record.get("parity") or {}).get("adapter")
+    return (f"LoRA r={lora['r']}, alpha {lora.get('alpha')}, dropout {lora.get('dropout')} on "
+            f"{', '.join(lora.get('target_modules', []))}{counted}, the reward head in full; the adapters are merged "
+            "into these weights, so plain transformers loads the model"
+            + (f"; the adapter alone is in `{adapter['folder']}/` (PEFT on `{adapter['base_model']}`, parity "
+               f"{adapter['max_abs_diff']:.2e})" if adapter else ""))
+
+
 def model_card(record: dict, params: dict, metrics: dict, pathology_report: dict, batch_ids: dict) -> str:
     """README.md of the export: what it is, how to load it, data, params, metrics, pathology, intended use, limits."""
     ev, promo, par = record["evaluation"], record["promotion"], record["parity"]
@@ -103,7 +120,7 @@ def model_card(record: dict, params: dict, metrics: dict, pathology_report: dict
         parity_diff=f"{par['max_abs_diff']:.2e}", parity_rows=par["n_rows"],
         batches=sorted({b for ids in batch_ids.values() for b in ids}),
         backbone=model_cfg.get("backbone"), max_length=model_cfg.get("max_length"),
-        train_params=json.dumps(params.get("train", {}), sort_keys=True),
+        train_params=json.dumps(params.get("train", {}), sort_keys=True), fine_tuning=fine_tuning(record, params),
         accuracy=f"{metrics['accuracy']:.4f}", n_pairs=metrics["n_pairs"], bt_loss=f"{metrics['bt_loss']:.4f}",
         median_margin=f"{metrics['margin']['p50']:.3f}", ece=f"{metrics['ece']:.4f}",
         by_agreement=_by_bucket(metrics["accuracy_by_agreement"]), by_length=_by_bucket(metrics["accuracy_by_length"]),

@@ -24,6 +24,7 @@ import pandas as pd
 from rmpipe.core import io
 from rmpipe.core.errors import DataError, ValidationFailed
 from rmpipe.evaluation.evaluate import reward_fn_of, score_token_rows
+from rmpipe.export.adapter import ADAPTER_EXPORT, load_adapter, write_adapter
 from rmpipe.export.hf import GOLDEN_FILE, golden_rows, parity, to_sequence_classifier
 from rmpipe.audit.lineage import MANIFEST_FILE, PROMOTION_FILE, build_manifest
 from rmpipe.export.card import model_card
@@ -68,13 +69,9 @@ def write_export(model, tokenizer, test: pd.DataFrame, battery: list[dict], metr
         io.write_jsonl(tmp / GOLDEN_FILE, golden)
         check = parity(tmp, golden, m.max_length, batch_size, m.trust_remote_code)
         log.info("parity: max |reward diff| %.2e over %d golden rows (right and left padded)", check["max_abs_diff"], check["n_rows"])
-        if check["pad_in_text"] or not check["max_abs_diff"] <= s.parity_tolerance:
-            raise ValidationFailed(
-                f"export parity check failed: exported rewards differ from the trained model's by up to "
-                f"{check['max_abs_diff']:.3g} (tolerance {s.parity_tolerance})"
-                + ("; the pad token occurs in rendered text" if check["pad_in_text"] else "")
-                + f". The previous export in {s.out_dir} is left untouched."
-            )
+        check_parity(check, s, "exported")
+        if s.save_adapter:
+            check["adapter"] = export_adapter(tmp, model, hf_tokenizer, golden, s, m, batch_size, lineage)
         decision = gate(model, tokenizer, test, battery, metrics, pathology_report, s, m, batch_size,
                         Path(lineage["project_root"]))
         evaluation = {k: metrics.get(k) for k in ("passed", "accuracy", "n_pairs", "bt_loss", "ece", "length_r2",
@@ -91,6 +88,31 @@ def write_export(model, tokenizer, test: pd.DataFrame, battery: list[dict], metr
         with io.atomic_dir(s.promoted_dir) as empty:
             io.write_json(empty / PROMOTION_FILE, {"promoted": False, "reason": "no model has been promoted yet"})
     return manifest
+
+
+def check_parity(check: dict, s: ExportSettings, what: str) -> None:
+    """Refuse the export (the previous one stays) when re-scored rewards moved more than export.parity_tolerance."""
+    if check["pad_in_text"] or not check["max_abs_diff"] <= s.parity_tolerance:
+        raise ValidationFailed(
+            f"export parity check failed: {what} rewards differ from the trained model's by up to "
+            f"{check['max_abs_diff']:.3g} (tolerance {s.parity_tolerance})"
+            + ("; the pad token occurs in rendered text" if check["pad_in_text"] else "")
+            + f". The previous export in {s.out_dir} is left untouched."
+        )
+
+
+def export_adapter(folder: Path, model, hf_tokenizer, golden: list[dict], s: ExportSettings, m: ModelSettings,
+                   batch_size: int, lineage: dict) -> dict:
+    """`export.save_adapter`: folder/adapter/ (PEFT, on the plain backbone), re-loaded with PEFT and re-scored."""
+    adapter_dir = folder / ADAPTER_EXPORT
+    backbone = lineage["backbone"]
+    write_adapter(adapter_dir, Path(lineage["model_dir"]), backbone, model.head.weight, hf_tokenizer,
+                  m.trust_remote_code)
+    check = parity(adapter_dir, golden, m.max_length, batch_size,
+                   loaded=load_adapter(adapter_dir, backbone, m.trust_remote_code))
+    log.info("adapter parity (PEFT on %s): max |reward diff| %.2e", backbone, check["max_abs_diff"])
+    check_parity(check, s, "the adapter's")
+    return {**check, "folder": ADAPTER_EXPORT, "base_model": str(backbone)}
 
 
 def gate(model, tokenizer, test: pd.DataFrame, battery: list[dict], metrics: dict, pathology_report: dict,

@@ -109,9 +109,10 @@ def golden_rows(test: pd.DataFrame, battery: list[dict], n_pairs: int, eos_token
 
 
 def parity(export_dir: Path, golden: list[dict], max_length: int, batch_size: int,
-           trust_remote_code: bool = False) -> dict:
-    """Re-load the export with plain transformers and re-score `golden`, right- and left-padded."""
-    hf, tokenizer, _ = load_exported(export_dir, trust_remote_code)
+           trust_remote_code: bool = False, loaded: tuple | None = None) -> dict:
+    """Re-load the export with plain transformers (or take `loaded`: (model, tokenizer, ...) loaded another way,
+    e.g. an adapter with PEFT) and re-score `golden`, right- and left-padded."""
+    hf, tokenizer, *_ = loaded or load_exported(export_dir, trust_remote_code)
     rows, _ = encode_rows(tokenizer, [g["prompt"] for g in golden], [g["response"] for g in golden], max_length)
     expected = np.array([g["reward"] for g in golden])
     diffs = {}

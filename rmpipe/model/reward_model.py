@@ -147,11 +147,14 @@ class RewardModel(nn.Module):
 
     # --- persistence: safetensors only ------------------------------------------------------
     def save_pretrained(self, path: str | Path) -> None:
+        """backbone/ (LoRA adapters merged in: a plain transformers model; the adapter in adapter/), head, config."""
         from safetensors.torch import save_file
+
+        from rmpipe.model.lora import save_backbone
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.backbone.save_pretrained(path / BACKBONE_DIR, safe_serialization=True)
+        save_backbone(self.backbone, path, BACKBONE_DIR)
         save_file({"weight": self.head.weight.detach().contiguous().cpu()}, str(path / HEAD_FILE))
         config = RewardModelConfig(hidden_size=self.head.in_features)
         (path / CONFIG_FILE).write_text(json.dumps(asdict(config), indent=2) + "\n", encoding="utf-8")

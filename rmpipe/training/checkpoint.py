@@ -120,7 +120,7 @@ def save(engine, folder: Path, state: LoopState, fp: str, rank: int) -> None:
     saved = {"fingerprint": fp, **state.state_dict()}
     try:
         engine.save_checkpoint(str(folder), tag=tag, client_state={"rmpipe": {**saved, "rng": torch.get_rng_state()}},
-                               save_latest=False)
+                               save_latest=False, exclude_frozen_parameters=has_frozen(engine.module))
     except Exception as exc:  # torch.save says "file write failed", not why: CheckpointSaveFailed finds out
         failed = CheckpointSaveFailed.after(exc, folder, tag, rank)
         if failed is None:  # not the machine's fault: a bug, with its traceback
@@ -170,6 +170,11 @@ def _write_probe(folder: Path, size: int = 1 << 20) -> UserError | None:
     return None
 
 
+def has_frozen(module: torch.nn.Module) -> bool:
+    """Whether some weights do not train (LoRA): the checkpoint then leaves them out."""
+    return any(not p.requires_grad for p in module.parameters())
+
+
 def find_resumable(folder: Path, fp: str) -> str | None:
     """The tag to resume from, or None (with the reason logged) to start fresh."""
     latest = folder / LATEST
@@ -194,7 +199,8 @@ def resume(engine, folder: Path, fp: str) -> LoopState | None:
     tag = find_resumable(folder, fp)
     if tag is None:
         return None
-    _, client = engine.load_checkpoint(str(folder), tag=tag)
+    # a LoRA run saves what trains (adapters, head); the frozen backbone comes from the fingerprinted backbone
+    _, client = engine.load_checkpoint(str(folder), tag=tag, load_module_strict=not has_frozen(engine.module))
     saved = client["rmpipe"]
     state = LoopState()
     state.load_state_dict(saved)

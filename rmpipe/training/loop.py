@@ -227,6 +227,8 @@ def _engine(model: RewardModel, s: TrainSettings, ds_config: dict, total_steps: 
 
     if s.gradient_checkpointing:
         model.backbone.gradient_checkpointing_enable()
+        if s.lora.r:  # frozen embeddings: without this, checkpointed blocks pass no gradient to the adapters
+            model.backbone.enable_input_require_grads()
     groups = param_groups(model, s.lr, s.weight_decay, s.head_lr_mult)
     schedule = None if "scheduler" in ds_config else lr_scheduler(s.warmup_ratio, total_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config,
