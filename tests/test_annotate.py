@@ -219,6 +219,39 @@ def test_the_pull_flow_hands_each_new_batch_to_on_new_batch_once(server, tmp_pat
     assert len(list((project / "reports" / "runs").glob("*.json"))) == 1  # one run record: one on-new-batch
 
 
+@pytest.mark.slow  # one real build of a tiny project (~NN s): the only build in this module
+def test_judgements_made_in_label_studio_become_a_model_whose_lineage_names_the_project(server, tmp_path,
+                                                                                        monkeypatch):
+    """The loop end to end: tasks pushed, judged by two annotators in Label Studio, pulled by the
+    `annotation-pull` flow and handed to `on-new-batch`, which rebuilds the real pipeline (`dvc repro`, tiny
+    backbone); `rmpipe lineage` of the exported model then names the Label Studio project and export."""
+    from test_dvc_pipeline import BIN, run
+    from test_service import fast_project
+
+    from pipeline.annotation_flow import annotation_pull
+
+    project = fast_project(tmp_path / "project")
+    run([str(BIN / "rmpipe"), "sample-data", "--out", "data/incoming", "--n-pairs", "80"], project)  # earlier votes
+    pushed = push(_pair_tasks_file(tmp_path / "sky.tasks.jsonl"), "sky model", _client(server), ROOT)
+    for who in (ADMIN, ANN2):  # two votes a pair: each pair survives aggregation's min_votes
+        for task in _ls_tasks(server, pushed["project_id"]).values():
+            _annotate(server, who, task, _choice("a", "moderate"))
+    monkeypatch.setenv("LABEL_STUDIO_URL", server)
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", TOKENS[ADMIN])
+
+    ran = annotation_pull(label_studio_project="sky model", project=str(project))
+    (name, outcome), = ran["handed_over"].items()
+    assert outcome == "accepted" and ran["rows"] == 6 and ran["left_out"] == {}
+    manifest = json.loads((project / "models/export/lineage.json").read_text())
+    assert name in {b for ids in manifest["batch_ids"].values() for b in ids}  # its pairs reached the model
+    source = manifest["data"]["batches"][name]["source"]
+    assert (source["tool"], source["project_title"], source["project_id"], source["export_id"]) == (
+        "label-studio", "sky model", pushed["project_id"], ran["export_id"])
+    described = run([str(BIN / "rmpipe"), "lineage", "models/export"], project).stdout
+    assert (f"{name} [jsonl]" in described and f"Label Studio 1.23.2 at {server} project 'sky model' "
+            f"(id {pushed['project_id']}) export {ran['export_id']}" in described), described
+
+
 def test_the_lineage_names_the_label_studio_project_and_export():
     from rmpipe.audit.lineage import _data_lines
 
