@@ -2,7 +2,8 @@
 
 One server per module, on 127.0.0.1, from a copy of the data folder `make` initialised (two annotators,
 each with an API token): tasks are pushed, annotated through Label Studio's API as each annotator,
-pulled, and the batch is read by rmpipe's collect.
+pulled, and the batch is read by rmpipe's collect; one test takes a batch through `on-new-batch` into a real
+(tiny) model and reads its lineage.
 """
 
 from __future__ import annotations
@@ -194,29 +195,45 @@ def test_label_studio_down_is_one_line_and_writes_nothing(tmp_path):
     assert not (tmp_path / "incoming").exists() and not (tmp_path / ".rmpipe").exists()
 
 
-@pytest.mark.slow  # a Prefect flow (temporary server) and a DVC rebuild
-def test_the_pull_flow_hands_each_new_batch_to_on_new_batch_once(server, tmp_path, monkeypatch):
-    from test_flows import batch_project
+@pytest.mark.slow  # the module's one build: a tiny project, ~80 s of `dvc repro` (~90 s in all)
+def test_judgements_made_in_label_studio_become_a_model_whose_lineage_names_the_project(server, tmp_path,
+                                                                                        monkeypatch):
+    """The loop end to end: tasks pushed, judged by two annotators in Label Studio, pulled by the
+    `annotation-pull` flow and handed to `on-new-batch`, which rebuilds the real pipeline (`dvc repro`, tiny
+    backbone); `rmpipe lineage` of the exported model then names the Label Studio project and export. A second
+    run of the flow with nothing new hands nothing over: one export, one on-new-batch run."""
+    from test_dvc_pipeline import BIN, run
+    from test_service import fast_project
 
     from pipeline.annotation_flow import annotation_pull
 
+    project = fast_project(tmp_path / "project")
+    run([str(BIN / "rmpipe"), "sample-data", "--out", "data/incoming", "--n-pairs", "80"], project)  # earlier votes
+    pushed = push(_pair_tasks_file(tmp_path / "sky.tasks.jsonl"), "sky model", _client(server), ROOT)
+    for who in (ADMIN, ANN2):  # two votes a pair: each pair survives aggregation's min_votes
+        for task in _ls_tasks(server, pushed["project_id"]).values():
+            _annotate(server, who, task, _choice("a", "moderate"))
     monkeypatch.setenv("LABEL_STUDIO_URL", server)
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", TOKENS[ADMIN])
-    project = batch_project(tmp_path)  # a DVC project whose one stage lists data/incoming
-    pushed = push(_pair_tasks_file(tmp_path / "sky.tasks.jsonl"), "sky flow", _client(server), ROOT)
-    first = next(iter(_ls_tasks(server, pushed["project_id"]).values()))
-    _annotate(server, ANN2, first, _choice("b", "moderate"))
 
-    ran = annotation_pull(label_studio_project="sky flow", project=str(project))
+    ran = annotation_pull(label_studio_project="sky model", project=str(project))
     (name, outcome), = ran["handed_over"].items()
-    assert outcome == "accepted" and ran["rows"] == 1
-    incoming = sorted(p.name for p in (project / "data/incoming").iterdir())
-    assert incoming == [name, name + ".source.json"]  # the source record travelled with the batch
-    assert (project / "inventory.txt").read_text() == " ".join(incoming)  # DVC rebuilt on it
+    assert outcome == "accepted" and ran["rows"] == 6 and ran["left_out"] == {}
+    manifest = json.loads((project / "models/export/lineage.json").read_text())
+    assert name in {b for ids in manifest["batch_ids"].values() for b in ids}  # its pairs reached the model
+    source = manifest["data"]["batches"][name]["source"]
+    assert (source["tool"], source["project_title"], source["project_id"], source["export_id"]) == (
+        "label-studio", "sky model", pushed["project_id"], ran["export_id"])
+    described = run([str(BIN / "rmpipe"), "lineage", "models/export"], project).stdout
+    assert (f"{name} [jsonl]" in described and f"Label Studio 1.23.2 at {server} project 'sky model' "
+            f"(id {pushed['project_id']}) export {ran['export_id']}" in described), described
+    assert {name, name + ".source.json"} <= {p.name for p in (project / "data/incoming").iterdir()}  # it travelled
 
-    idle = annotation_pull(label_studio_project="sky flow", project=str(project))
+    records = sorted((project / "reports/runs").glob("*.json"))
+    idle = annotation_pull(label_studio_project="sky model", project=str(project))
     assert idle["batch"] is None and idle["handed_over"] == {}  # nothing new: nothing starts
-    assert len(list((project / "reports" / "runs").glob("*.json"))) == 1  # one run record: one on-new-batch
+    assert sorted((project / "reports/runs").glob("*.json")) == records
+    assert len([r for r in records if r.name.endswith(f"-{name}.json")]) == 1  # one on-new-batch run for it
 
 
 def test_the_lineage_names_the_label_studio_project_and_export():
