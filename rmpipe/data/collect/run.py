@@ -44,11 +44,13 @@ from rmpipe.data.collect.batch import (
     BatchResult,
     collect_batch,
     read_files,
+    screen,
     votes_frame,
 )
 from rmpipe.data.collect.fast import VOTES_SCHEMA
 from rmpipe.data.collect.fields import RAW_MAX_CHARS, REASONS, Bad
 from rmpipe.data.collect.key_sets import SeenVotes
+from rmpipe.data.collect.memo import CollectMemo
 from rmpipe.core.paths import CHUNK_ROWS
 from rmpipe.data.collect.rows import Normalizer
 from rmpipe.data.engine import BatchRunner
@@ -182,13 +184,15 @@ def raise_if_changed(incoming_dir: str | Path, before: Snapshot) -> None:
 
 def collect_to(incoming_dir: str | Path, cfg: Mapping[str, Any] | CollectSettings, votes_path: str | Path,
                retracted: list[dict] | None = None, *, fast: bool = True, chunk_rows: int = CHUNK_ROWS,
-               hold_mb: float = HOLD_MB, ahead: BatchRunner | None = None) -> tuple[list[dict], dict]:
+               hold_mb: float = HOLD_MB, ahead: BatchRunner | None = None,
+               memo: CollectMemo | None = None) -> tuple[list[dict], dict]:
     """Collect every batch in `incoming_dir` into the parquet file `votes_path`: (quarantine rows, report).
 
     Votes of accepted batches only, in file-name then line order. Rejected batches never raise
     here: call `raise_for_rejected(report, cfg)` after writing the report and quarantine, so the
     user can read why. `fast`, `chunk_rows` and `hold_mb` as in `collect.batch.collect_batch`. `ahead`
-    (rmpipe.data.engine.batch_runner) collects every batch at once elsewhere; see `_reuse`.
+    (rmpipe.data.engine.batch_runner) collects every batch at once elsewhere; see `_reuse`. `memo`
+    (collect.memo, local engine only) reads a batch once across runs: same outputs, less time.
     """
     conf = as_settings(cfg)
     files, skipped = _batch_files(Path(incoming_dir))
@@ -202,9 +206,14 @@ def collect_to(incoming_dir: str | Path, cfg: Mapping[str, Any] | CollectSetting
         futures = (ahead(files, conf, retracted or [], Path(tmp), fast=fast, chunk_rows=chunk_rows) if ahead
                    else [None] * len(files))
         for number, path in enumerate(files):
-            result = _reuse(futures[number], accepted, seen_files) or collect_batch(
-                path, conf, earlier=accepted, seen_files=seen_files, retracted=retracted or [],
-                votes_to=Path(tmp) / f"{number:06d}.parquet", hold_mb=hold_mb, fast=fast, chunk_rows=chunk_rows)
+            options = {"retracted": retracted or [], "votes_to": Path(tmp) / f"{number:06d}.parquet",
+                       "hold_mb": hold_mb, "fast": fast, "chunk_rows": chunk_rows}
+            kept = None
+            if memo is not None and ahead is None:
+                result, kept = _memoized(path, conf, memo, accepted, seen_files, options)
+            else:
+                result = _reuse(futures[number], accepted, seen_files) or collect_batch(
+                    path, conf, earlier=accepted, seen_files=seen_files, **options)
             if read_files(result.report):
                 seen_files[result.report["sha256"]] = result.batch_id
             if (source := hf_batches.sidecar_source(path)) is not None:  # lineage reads `rmpipe import`'s record
@@ -214,12 +223,36 @@ def collect_to(incoming_dir: str | Path, cfg: Mapping[str, Any] | CollectSetting
             quarantine.extend(result.quarantine)
             if result.accepted:
                 accepted.add(result.batch_id, result.keys)
-                table.add(result.part or result.table)
+                table.add(kept or result.part or result.table, keep=kept is not None)
             elif result.part is not None:
                 result.part.unlink(missing_ok=True)
             result.table = None  # held votes are freed batch by batch
         del accepted
     return quarantine, _report(entries, skipped, table.close(), conf)
+
+
+def _memoized(path: Path, conf: CollectSettings, memo: CollectMemo, accepted: SeenVotes,
+              seen_files: Mapping[str, str], options: dict) -> tuple[BatchResult, Path | None]:
+    """A batch's result through the memo: (result, the memo's votes part when its votes are the memo's).
+
+    Screened first (refusals and duplicate files need no rows). Then the memo's outcome, where no vote of
+    it is already in the table; else the batch read knowing no earlier batch (what the memo keeps) and
+    taken if earlier batches could not have changed it; else read again knowing them, as without a memo."""
+    entry, settled = screen(path, conf, seen_files, options["retracted"], memo.sha_of)
+    if settled:
+        return BatchResult(path.name, entry), None
+    stored = memo.load(path.name, entry["sha256"])
+    if stored is not None and memo.reusable(stored[0], accepted):
+        return stored
+    if stored is None:
+        alone = collect_batch(path, conf, sha_of=memo.sha_of, **options)
+        if alone.accepted:
+            memo.store(alone)
+        if not seen_files or memo.reusable(alone, accepted):  # nothing read before it, or nothing it repeats
+            return alone, None
+        if alone.part is not None:
+            alone.part.unlink(missing_ok=True)
+    return collect_batch(path, conf, earlier=accepted, seen_files=seen_files, sha_of=memo.sha_of, **options), None
 
 
 def _reuse(future: Any, accepted: SeenVotes, seen_files: Mapping[str, str]) -> BatchResult | None:
@@ -249,8 +282,8 @@ class VoteWriter:
         self.annotators: set[str] = set()
         self.votes = 0
 
-    def add(self, votes: Path | pa.Table) -> None:
-        """A batch's votes: a table held in memory, or a parquet part (deleted once copied)."""
+    def add(self, votes: Path | pa.Table, keep: bool = False) -> None:
+        """A batch's votes: a table held in memory, or a parquet part (deleted once copied unless `keep`)."""
         batches = (votes.to_batches(max_chunksize=self.rows) if isinstance(votes, pa.Table)
                    else pq.ParquetFile(votes).iter_batches(batch_size=self.rows))
         for batch in batches:
@@ -259,7 +292,7 @@ class VoteWriter:
             self.votes += batch.num_rows
             self.pending.append(pa.Table.from_batches([batch], schema=VOTES_SCHEMA))
             self._flush(final=False)
-        if isinstance(votes, Path):
+        if isinstance(votes, Path) and not keep:
             votes.unlink()
 
     def close(self) -> dict[str, int]:

@@ -1,0 +1,165 @@
+"""Collect reads each batch once: a content-addressed memo of a batch's outcome, under `.rmpipe/memo/collect/`.
+
+What a batch becomes (its votes, quarantine, report entry and vote keys) is a function of its name, its
+bytes, the collect settings and the collect stage's code, plus two things it takes from earlier batches:
+whether its bytes were already read (a duplicate file) and whether any of its votes is already in the
+table (a duplicate vote). The memo holds the outcome computed knowing *no* earlier batch, keyed by
+
+    sha256(name, content sha256, every collect setting but the folder, code_hash of stages/collect.py)
+
+(the code hash is the same import closure `rmpipe deps` writes into dvc.yaml). It is taken as the
+outcome here only where the earlier batches could not have changed it, the rule the Dask engine already
+relies on: the batch was accepted, its bytes were not read before (checked before the memo is asked),
+and none of its vote keys is among the accepted votes (a search over the keys, no text read). Anything
+else is collected again in order, as without a memo.
+
+An entry is a folder written whole and renamed into place; `seal.json`, written last, holds the sha256
+of its files, which are checked on every use: a damaged or half-written entry is deleted and the batch
+read again. Deleting the memo changes nothing but time. Entries no batch of a run used are pruned after it.
+
+Batch file hashes are remembered by (size, mtime_ns, ctime_ns, inode), the signals DVC's own hash cache
+trusts (ctime cannot be set back by a user), so an unchanged 280 MB batch is not hashed again each run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rmpipe.core.codedeps import code_hash
+from rmpipe.core.io import sha256_file
+from rmpipe.core.settings import CollectSettings
+from rmpipe.data.collect.batch import BatchResult
+from rmpipe.data.collect.fast import VOTES_SCHEMA
+from rmpipe.data.collect.key_sets import DIGEST_BYTES, SeenVotes
+
+MEMO_DIR = Path(".rmpipe/memo/collect")
+FORMAT = "rmpipe-collect-memo/1"
+FILES = ("votes.parquet", "keys.bin", "lines.npy", "result.json")
+STAGE_ENTRY = "stages/collect.py"
+
+log = logging.getLogger("rmpipe.collect")
+
+
+def settings_key(conf: CollectSettings) -> dict[str, Any]:
+    """Every collect setting that can change a batch's outcome: all of them but where the folder is."""
+    return {name: str(value) for name, value in sorted(conf.model_dump().items()) if name != "incoming_dir"}
+
+
+class CollectMemo:
+    """The memo of one collect run: its settings and code fixed, entries looked up by batch name and content."""
+
+    def __init__(self, root: Path, conf: CollectSettings, code: str | None = None):
+        self.root = Path(root)
+        self.context = {"format": FORMAT, "settings": settings_key(conf), "code": code or code_hash(STAGE_ENTRY)}
+        self.used: set[str] = set()
+        self.hits = self.misses = 0
+        self._hashes_file = self.root / "file-hashes.json"
+        self._hashes = self._load_hashes()
+
+    # --- batch content hashes --------------------------------------------------------------------
+    def _load_hashes(self) -> dict[str, list]:
+        try:
+            hashes = json.loads(self._hashes_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return hashes if isinstance(hashes, dict) else {}
+
+    def sha_of(self, path: Path) -> str:
+        """A regular file's content sha256, hashed again only when its stat signature changed."""
+        st = path.stat()
+        signature = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        name = str(path.absolute())
+        known = self._hashes.get(name)
+        if isinstance(known, list) and known[:4] == signature:
+            return known[4]
+        sha = sha256_file(path)
+        self._hashes[name] = [*signature, sha]
+        return sha
+
+    # --- entries -----------------------------------------------------------------------------------
+    def key(self, batch_id: str, sha256: str) -> str:
+        blob = json.dumps({**self.context, "batch": batch_id, "sha256": sha256}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def _folder(self, key: str) -> Path:
+        return self.root / "entries" / key
+
+    def load(self, batch_id: str, sha256: str) -> tuple[BatchResult, Path] | None:
+        """The outcome stored for this batch (knowing no earlier batch) and its votes part, verified; or None."""
+        key = self.key(batch_id, sha256)
+        folder = self._folder(key)
+        if not folder.is_dir():
+            self.misses += 1
+            return None
+        try:
+            seal = json.loads((folder / "seal.json").read_text(encoding="utf-8"))
+            bad = [name for name in FILES if sha256_file(folder / name) != seal.get(name)]
+        except (OSError, ValueError, AttributeError) as exc:
+            bad = [f"seal.json ({exc})"]
+        if bad:
+            log.warning("collect memo entry for %s is damaged (%s): deleted, the batch is read again",
+                        batch_id, ", ".join(bad))
+            shutil.rmtree(folder, ignore_errors=True)
+            self.misses += 1
+            return None
+        stored = json.loads((folder / "result.json").read_text(encoding="utf-8"))
+        keys = (folder / "keys.bin").read_bytes()
+        lines = np.load(folder / "lines.npy")
+        keyed = {keys[i * DIGEST_BYTES:(i + 1) * DIGEST_BYTES]: int(line) for i, line in enumerate(lines.tolist())}
+        self.used.add(key)
+        self.hits += 1
+        return BatchResult(batch_id, stored["report"], stored["quarantine"], keys=keyed), folder / "votes.parquet"
+
+    def store(self, result: BatchResult) -> None:
+        """Keep an accepted batch's outcome computed knowing no earlier batch (its votes part is written here)."""
+        key = self.key(result.batch_id, result.report["sha256"])
+        final = self._folder(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))
+        try:
+            table = result.table if result.part is None else pq.read_table(result.part, schema=VOTES_SCHEMA)
+            pq.write_table(table if table is not None else VOTES_SCHEMA.empty_table(), tmp / "votes.parquet",
+                           compression="zstd")
+            (tmp / "keys.bin").write_bytes(b"".join(result.keys))
+            np.save(tmp / "lines.npy", np.fromiter(result.keys.values(), np.int64, len(result.keys)))
+            (tmp / "result.json").write_text(json.dumps({"report": result.report, "quarantine": result.quarantine},
+                                                        ensure_ascii=False, default=str), encoding="utf-8")
+            seal = {name: sha256_file(tmp / name) for name in FILES}
+            (tmp / "seal.json").write_text(json.dumps(seal), encoding="utf-8")
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.used.add(key)
+
+    def reusable(self, result: BatchResult, accepted: SeenVotes) -> bool:
+        """Whether a no-earlier-batch outcome is this batch's outcome here: accepted, no vote already in the table."""
+        return result.accepted and not accepted.any_of(result.keys)
+
+    def finish(self) -> None:
+        """After a run: drop entries no batch used (settings, code or batches changed) and save the file hashes."""
+        entries = self.root / "entries"
+        if entries.is_dir():
+            for folder in entries.iterdir():
+                if folder.name not in self.used:
+                    shutil.rmtree(folder, ignore_errors=True)
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self._hashes_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self._hashes), encoding="utf-8")
+        os.replace(tmp, self._hashes_file)
+        log.info("collect memo: %d batch(es) reused, %d read (%s)", self.hits, self.misses, self.root)
+
+
+def read_part(part: Path) -> pa.Table:
+    return pq.read_table(part, schema=VOTES_SCHEMA)
