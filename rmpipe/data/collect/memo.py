@@ -29,23 +29,26 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rmpipe.core.codedeps import code_hash
 from rmpipe.core.io import sha256_file
 from rmpipe.core.settings import CollectSettings
+from rmpipe.data.collect import key_sets
 from rmpipe.data.collect.batch import BatchResult
 from rmpipe.data.collect.fast import VOTES_SCHEMA
 from rmpipe.data.collect.key_sets import DIGEST_BYTES, SeenVotes
 
 MEMO_DIR = Path(".rmpipe/memo/collect")
 FORMAT = "rmpipe-collect-memo/1"
-FILES = ("votes.parquet", "keys.bin", "lines.npy", "result.json")
+FILES = ("votes.arrow", "keys.bin", "lines.npy", "pairs.bin", "result.json")
 STAGE_ENTRY = "stages/collect.py"
 
 log = logging.getLogger("rmpipe.collect")
@@ -95,12 +98,11 @@ class CollectMemo:
     def _folder(self, key: str) -> Path:
         return self.root / "entries" / key
 
-    def load(self, batch_id: str, sha256: str) -> tuple[BatchResult, Path] | None:
-        """The outcome stored for this batch (knowing no earlier batch) and its votes part, verified; or None."""
+    def load(self, batch_id: str, sha256: str) -> tuple[BatchResult, Counted] | None:
+        """The outcome stored for this batch (knowing no earlier batch) and its votes, verified; or None."""
         key = self.key(batch_id, sha256)
         folder = self._folder(key)
         if not folder.is_dir():
-            self.misses += 1
             return None
         try:
             seal = json.loads((folder / "seal.json").read_text(encoding="utf-8"))
@@ -111,15 +113,14 @@ class CollectMemo:
             log.warning("collect memo entry for %s is damaged (%s): deleted, the batch is read again",
                         batch_id, ", ".join(bad))
             shutil.rmtree(folder, ignore_errors=True)
-            self.misses += 1
             return None
         stored = json.loads((folder / "result.json").read_text(encoding="utf-8"))
-        keys = (folder / "keys.bin").read_bytes()
-        lines = np.load(folder / "lines.npy")
-        keyed = {keys[i * DIGEST_BYTES:(i + 1) * DIGEST_BYTES]: int(line) for i, line in enumerate(lines.tolist())}
+        keyed = dict(zip(_digests(folder / "keys.bin"), np.load(folder / "lines.npy").tolist()))
+        with pa.ipc.open_file(pa.memory_map(str(folder / "votes.arrow"))) as reader:
+            table = reader.read_all()
         self.used.add(key)
-        self.hits += 1
-        return BatchResult(batch_id, stored["report"], stored["quarantine"], keys=keyed), folder / "votes.parquet"
+        counted = Counted(table, _digests(folder / "pairs.bin"), stored["annotators"])
+        return BatchResult(batch_id, stored["report"], stored["quarantine"], keys=keyed), counted
 
     def store(self, result: BatchResult) -> None:
         """Keep an accepted batch's outcome computed knowing no earlier batch (its votes part is written here)."""
@@ -129,12 +130,18 @@ class CollectMemo:
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))
         try:
             table = result.table if result.part is None else pq.read_table(result.part, schema=VOTES_SCHEMA)
-            pq.write_table(table if table is not None else VOTES_SCHEMA.empty_table(), tmp / "votes.parquet",
-                           compression="zstd")
+            table = table if table is not None else VOTES_SCHEMA.empty_table()
+            # Arrow IPC, lz4: read back at memory speed (a parquet part cost more to decode than to re-read the batch)
+            with pa.ipc.new_file(str(tmp / "votes.arrow"), VOTES_SCHEMA,
+                                 options=pa.ipc.IpcWriteOptions(compression="lz4")) as writer:
+                writer.write_table(table, max_chunksize=1 << 16)
             (tmp / "keys.bin").write_bytes(b"".join(result.keys))
             np.save(tmp / "lines.npy", np.fromiter(result.keys.values(), np.int64, len(result.keys)))
-            (tmp / "result.json").write_text(json.dumps({"report": result.report, "quarantine": result.quarantine},
-                                                        ensure_ascii=False, default=str), encoding="utf-8")
+            (tmp / "pairs.bin").write_bytes(b"".join(key_sets.digests_of(pc.unique(table["pair_id"]))))
+            annotators = sorted(pc.unique(table["annotator_id"]).to_pylist())
+            (tmp / "result.json").write_text(json.dumps({"report": result.report, "quarantine": result.quarantine,
+                                                         "annotators": annotators}, ensure_ascii=False, default=str),
+                                             encoding="utf-8")
             seal = {name: sha256_file(tmp / name) for name in FILES}
             (tmp / "seal.json").write_text(json.dumps(seal), encoding="utf-8")
             shutil.rmtree(final, ignore_errors=True)
@@ -161,5 +168,16 @@ class CollectMemo:
         log.info("collect memo: %d batch(es) reused, %d read (%s)", self.hits, self.misses, self.root)
 
 
-def read_part(part: Path) -> pa.Table:
-    return pq.read_table(part, schema=VOTES_SCHEMA)
+@dataclass
+class Counted:
+    """A memoized batch's votes with what the vote table's counts need of them (distinct pair digests,
+    annotators), so the counts take no pass over its texts."""
+
+    table: pa.Table
+    pairs: list[bytes]
+    annotators: list[str]
+
+
+def _digests(path: Path) -> list[bytes]:
+    data = path.read_bytes()
+    return [data[start:start + DIGEST_BYTES] for start in range(0, len(data), DIGEST_BYTES)]

@@ -50,7 +50,7 @@ from rmpipe.data.collect.batch import (
 from rmpipe.data.collect.fast import VOTES_SCHEMA
 from rmpipe.data.collect.fields import RAW_MAX_CHARS, REASONS, Bad
 from rmpipe.data.collect.key_sets import SeenVotes
-from rmpipe.data.collect.memo import CollectMemo
+from rmpipe.data.collect.memo import CollectMemo, Counted
 from rmpipe.core.paths import CHUNK_ROWS
 from rmpipe.data.collect.rows import Normalizer
 from rmpipe.data.engine import BatchRunner
@@ -223,7 +223,7 @@ def collect_to(incoming_dir: str | Path, cfg: Mapping[str, Any] | CollectSetting
             quarantine.extend(result.quarantine)
             if result.accepted:
                 accepted.add(result.batch_id, result.keys)
-                table.add(kept or result.part or result.table, keep=kept is not None)
+                table.add(result.part or result.table) if kept is None else table.add_counted(kept)
             elif result.part is not None:
                 result.part.unlink(missing_ok=True)
             result.table = None  # held votes are freed batch by batch
@@ -232,8 +232,8 @@ def collect_to(incoming_dir: str | Path, cfg: Mapping[str, Any] | CollectSetting
 
 
 def _memoized(path: Path, conf: CollectSettings, memo: CollectMemo, accepted: SeenVotes,
-              seen_files: Mapping[str, str], options: dict) -> tuple[BatchResult, Path | None]:
-    """A batch's result through the memo: (result, the memo's votes part when its votes are the memo's).
+              seen_files: Mapping[str, str], options: dict) -> tuple[BatchResult, Counted | None]:
+    """A batch's result through the memo: (result, the memo's votes when they are the memo's)
 
     Screened first (refusals and duplicate files need no rows). Then the memo's outcome, where no vote of
     it is already in the table; else the batch read knowing no earlier batch (what the memo keeps) and
@@ -243,7 +243,9 @@ def _memoized(path: Path, conf: CollectSettings, memo: CollectMemo, accepted: Se
         return BatchResult(path.name, entry), None
     stored = memo.load(path.name, entry["sha256"])
     if stored is not None and memo.reusable(stored[0], accepted):
+        memo.hits += 1
         return stored
+    memo.misses += 1
     if stored is None:
         alone = collect_batch(path, conf, sha_of=memo.sha_of, **options)
         if alone.accepted:
@@ -282,17 +284,24 @@ class VoteWriter:
         self.annotators: set[str] = set()
         self.votes = 0
 
-    def add(self, votes: Path | pa.Table, keep: bool = False) -> None:
-        """A batch's votes: a table held in memory, or a parquet part (deleted once copied unless `keep`)."""
+    def add_counted(self, votes: Counted) -> None:
+        """A memoized batch's votes, its pair digests and annotators already known."""
+        self.pairs.update(votes.pairs)
+        self.annotators.update(votes.annotators)
+        self.add(votes.table, counted=True)
+
+    def add(self, votes: Path | pa.Table, counted: bool = False) -> None:
+        """A batch's votes: a table held in memory, or a parquet part (deleted once copied)."""
         batches = (votes.to_batches(max_chunksize=self.rows) if isinstance(votes, pa.Table)
                    else pq.ParquetFile(votes).iter_batches(batch_size=self.rows))
         for batch in batches:
-            self.pairs.update(key_sets.digests_of(pc.unique(batch["pair_id"])))
-            self.annotators.update(pc.unique(batch["annotator_id"]).to_pylist())
+            if not counted:
+                self.pairs.update(key_sets.digests_of(pc.unique(batch["pair_id"])))
+                self.annotators.update(pc.unique(batch["annotator_id"]).to_pylist())
             self.votes += batch.num_rows
             self.pending.append(pa.Table.from_batches([batch], schema=VOTES_SCHEMA))
             self._flush(final=False)
-        if isinstance(votes, Path) and not keep:
+        if isinstance(votes, Path):
             votes.unlink()
 
     def close(self) -> dict[str, int]:
