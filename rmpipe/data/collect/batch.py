@@ -128,18 +128,9 @@ def _new_entry(path: Path) -> dict[str, Any]:
     return {
         "batch_id": path.name,
         "format": hf_batches.folder_kind(path) if path.is_dir() and not path.is_symlink() else FORMATS.get(path.suffix.lower()),
-        "bytes": None,
-        "sha256": None,
-        "status": None,
-        "rows_read": 0,
-        "rows_normalized": 0,
-        "rows_quarantined": 0,
-        "rows_excluded_with_batch": 0,
-        "votes": 0,
-        "shapes": {},
-        "bad_share": 0.0,
-        "top_reasons": [],
-        "message": None,
+        "bytes": None, "sha256": None, "status": None,
+        "rows_read": 0, "rows_normalized": 0, "rows_quarantined": 0, "rows_excluded_with_batch": 0, "votes": 0,
+        "shapes": {}, "bad_share": 0.0, "top_reasons": [], "message": None,
     }
 
 

@@ -29,6 +29,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ from rmpipe.core.codedeps import code_hash
 from rmpipe.core.io import sha256_file
 from rmpipe.core.settings import CollectSettings
 from rmpipe.data.collect import key_sets
-from rmpipe.data.collect.batch import BatchResult
+from rmpipe.data.collect.batch import BatchResult, collect_batch, screen
 from rmpipe.data.collect.fast import VOTES_SCHEMA
 from rmpipe.data.collect.key_sets import DIGEST_BYTES, SeenVotes
 
@@ -166,6 +167,32 @@ class CollectMemo:
         tmp.write_text(json.dumps(self._hashes), encoding="utf-8")
         os.replace(tmp, self._hashes_file)
         log.info("collect memo: %d batch(es) reused, %d read (%s)", self.hits, self.misses, self.root)
+
+
+def memoized(path: Path, conf: CollectSettings, memo: CollectMemo, accepted: SeenVotes,
+              seen_files: Mapping[str, str], options: dict) -> tuple[BatchResult, Counted | None]:
+    """A batch's result through the memo: (result, the memo's votes when they are the memo's)
+
+    Screened first (refusals and duplicate files need no rows). Then the memo's outcome, where no vote of
+    it is already in the table; else the batch read knowing no earlier batch (what the memo keeps) and
+    taken if earlier batches could not have changed it; else read again knowing them, as without a memo."""
+    entry, settled = screen(path, conf, seen_files, options["retracted"], memo.sha_of)
+    if settled:
+        return BatchResult(path.name, entry), None
+    stored = memo.load(path.name, entry["sha256"])
+    if stored is not None and memo.reusable(stored[0], accepted):
+        memo.hits += 1
+        return stored
+    memo.misses += 1
+    if stored is None:
+        alone = collect_batch(path, conf, sha_of=memo.sha_of, **options)
+        if alone.accepted:
+            memo.store(alone)
+        if not seen_files or memo.reusable(alone, accepted):  # nothing read before it, or nothing it repeats
+            return alone, None
+        if alone.part is not None:
+            alone.part.unlink(missing_ok=True)
+    return collect_batch(path, conf, earlier=accepted, seen_files=seen_files, sha_of=memo.sha_of, **options), None
 
 
 @dataclass

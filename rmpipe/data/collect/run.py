@@ -44,13 +44,12 @@ from rmpipe.data.collect.batch import (
     BatchResult,
     collect_batch,
     read_files,
-    screen,
     votes_frame,
 )
 from rmpipe.data.collect.fast import VOTES_SCHEMA
 from rmpipe.data.collect.fields import RAW_MAX_CHARS, REASONS, Bad
 from rmpipe.data.collect.key_sets import SeenVotes
-from rmpipe.data.collect.memo import CollectMemo, Counted
+from rmpipe.data.collect.memo import CollectMemo, Counted, memoized
 from rmpipe.core.paths import CHUNK_ROWS
 from rmpipe.data.collect.rows import Normalizer
 from rmpipe.data.engine import BatchRunner
@@ -210,7 +209,7 @@ def collect_to(incoming_dir: str | Path, cfg: Mapping[str, Any] | CollectSetting
                        "hold_mb": hold_mb, "fast": fast, "chunk_rows": chunk_rows}
             kept = None
             if memo is not None and ahead is None:
-                result, kept = _memoized(path, conf, memo, accepted, seen_files, options)
+                result, kept = memoized(path, conf, memo, accepted, seen_files, options)
             else:
                 result = _reuse(futures[number], accepted, seen_files) or collect_batch(
                     path, conf, earlier=accepted, seen_files=seen_files, **options)
@@ -229,32 +228,6 @@ def collect_to(incoming_dir: str | Path, cfg: Mapping[str, Any] | CollectSetting
             result.table = None  # held votes are freed batch by batch
         del accepted
     return quarantine, _report(entries, skipped, table.close(), conf)
-
-
-def _memoized(path: Path, conf: CollectSettings, memo: CollectMemo, accepted: SeenVotes,
-              seen_files: Mapping[str, str], options: dict) -> tuple[BatchResult, Counted | None]:
-    """A batch's result through the memo: (result, the memo's votes when they are the memo's)
-
-    Screened first (refusals and duplicate files need no rows). Then the memo's outcome, where no vote of
-    it is already in the table; else the batch read knowing no earlier batch (what the memo keeps) and
-    taken if earlier batches could not have changed it; else read again knowing them, as without a memo."""
-    entry, settled = screen(path, conf, seen_files, options["retracted"], memo.sha_of)
-    if settled:
-        return BatchResult(path.name, entry), None
-    stored = memo.load(path.name, entry["sha256"])
-    if stored is not None and memo.reusable(stored[0], accepted):
-        memo.hits += 1
-        return stored
-    memo.misses += 1
-    if stored is None:
-        alone = collect_batch(path, conf, sha_of=memo.sha_of, **options)
-        if alone.accepted:
-            memo.store(alone)
-        if not seen_files or memo.reusable(alone, accepted):  # nothing read before it, or nothing it repeats
-            return alone, None
-        if alone.part is not None:
-            alone.part.unlink(missing_ok=True)
-    return collect_batch(path, conf, earlier=accepted, seen_files=seen_files, sha_of=memo.sha_of, **options), None
 
 
 def _reuse(future: Any, accepted: SeenVotes, seen_files: Mapping[str, str]) -> BatchResult | None:
