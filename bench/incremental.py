@@ -83,11 +83,12 @@ def retract(project: Path, batch: Path) -> None:
 
 def run(project: Path, new_votes: int, run_stage) -> int:
     """The five runs above; prints the table and the byte checks; exit status 1 if a check fails."""
+    from rmpipe.data import retractions
+
     incoming = project / "data" / "incoming"
-    (project / NEW_NAME).unlink(missing_ok=True)
-    stray = incoming / NEW_NAME
-    if stray.exists():  # a kept project from an interrupted run
-        stray.unlink()
+    (incoming / NEW_NAME).unlink(missing_ok=True)  # a kept project from an earlier run: its new batch and
+    (project / retractions.REGISTER).unlink(missing_ok=True)  # that batch's retraction go
+    shutil.rmtree(project / retractions.RETRACTED_DIR, ignore_errors=True)
     alone = Path(tempfile.mkdtemp(prefix="rmpipe-bench-alone-"))
     rows: list = []
     try:

@@ -134,3 +134,34 @@ def test_the_memo_key_follows_the_stage_code_closure():
     for module in ("rmpipe/data/collect/memo.py", "rmpipe/data/collect/batch.py", "rmpipe/data/collect/fast.py",
                    "rmpipe/data/collect/rows.py", "rmpipe/data/collect/run.py", "rmpipe/core/settings.py"):
         assert module in files
+
+
+def test_the_stage_keeps_its_memo_in_the_project_and_a_damaged_entry_is_read_again(tmp_path, project_root,
+                                                                                    monkeypatch, caplog):
+    """The collect stage itself, in a project: a second run serves every batch from .rmpipe/memo/collect and
+    writes the same bytes; a damaged entry is deleted with a warning, its batch read again, same bytes."""
+    import yaml
+
+    from rmpipe.data.sample.batches import write_sample_batches
+    from stages import collect as stage
+
+    params = yaml.safe_load((project_root / "params.yaml").read_text())
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    write_sample_batches(tmp_path / params["collect"]["incoming_dir"], {**params["sample_data"], "n_pairs": 60})
+    monkeypatch.chdir(tmp_path)
+    outputs = ("data/collected/votes.parquet", "data/collected/quarantine.jsonl", "reports/collect.json")
+
+    def run() -> dict[str, str]:
+        stage.run("params.yaml")
+        return {name: hashlib.sha256(Path(name).read_bytes()).hexdigest() for name in outputs}
+
+    first = run()
+    entries = sorted(Path(".rmpipe/memo/collect/entries").iterdir())
+    assert len(entries) == 3  # two vote-row batches and the pair-row batch, all accepted
+    caplog.clear()
+    assert run() == first
+    assert "3 batch(es) reused, 0 read" in caplog.text
+    (entries[0] / "votes.arrow").write_bytes(b"damaged")
+    caplog.clear()
+    assert run() == first
+    assert "is damaged" in caplog.text and "2 batch(es) reused, 1 read" in caplog.text
