@@ -137,7 +137,7 @@ def test_the_memo_key_follows_the_stage_code_closure():
 
 
 def test_the_stage_keeps_its_memo_in_the_project_and_a_damaged_entry_is_read_again(tmp_path, project_root,
-                                                                                    monkeypatch, caplog):
+                                                                                    monkeypatch):
     """The collect stage itself, in a project: a second run serves every batch from .rmpipe/memo/collect and
     writes the same bytes; a damaged entry is deleted with a warning, its batch read again, same bytes."""
     import yaml
@@ -158,10 +158,11 @@ def test_the_stage_keeps_its_memo_in_the_project_and_a_damaged_entry_is_read_aga
     first = run()
     entries = sorted(Path(".rmpipe/memo/collect/entries").iterdir())
     assert len(entries) == 3  # two vote-row batches and the pair-row batch, all accepted
-    caplog.clear()
+    stamps = {entry.name: (entry / "seal.json").stat().st_mtime_ns for entry in entries}
     assert run() == first
-    assert "3 batch(es) reused, 0 read" in caplog.text
+    assert {entry.name: (entry / "seal.json").stat().st_mtime_ns for entry in entries} == stamps  # reused, not rewritten
     (entries[0] / "votes.arrow").write_bytes(b"damaged")
-    caplog.clear()
     assert run() == first
-    assert "is damaged" in caplog.text and "2 batch(es) reused, 1 read" in caplog.text
+    assert (entries[0] / "votes.arrow").read_bytes() != b"damaged"  # deleted, the batch read again, stored anew
+    assert (entries[0] / "seal.json").stat().st_mtime_ns != stamps[entries[0].name]
+    assert all((e / "seal.json").stat().st_mtime_ns == stamps[e.name] for e in entries[1:])

@@ -123,23 +123,18 @@ class CollectMemo:
         counted = Counted(table, _digests(folder / "pairs.bin"), stored["annotators"])
         return BatchResult(batch_id, stored["report"], stored["quarantine"], keys=keyed), counted
 
-    def store(self, result: BatchResult) -> None:
-        """Keep an accepted batch's outcome computed knowing no earlier batch (its votes part is written here)."""
+    def store(self, result: BatchResult) -> Counted | None:
+        """Keep an accepted batch's outcome computed knowing no earlier batch; its votes are copied here a
+        record batch at a time. Returns them counted when they are held in memory (the run then takes them so)."""
         key = self.key(result.batch_id, result.report["sha256"])
         final = self._folder(key)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))
         try:
-            table = result.table if result.part is None else pq.read_table(result.part, schema=VOTES_SCHEMA)
-            table = table if table is not None else VOTES_SCHEMA.empty_table()
-            # Arrow IPC, lz4: read back at memory speed (a parquet part cost more to decode than to re-read the batch)
-            with pa.ipc.new_file(str(tmp / "votes.arrow"), VOTES_SCHEMA,
-                                 options=pa.ipc.IpcWriteOptions(compression="lz4")) as writer:
-                writer.write_table(table, max_chunksize=1 << 16)
+            pairs, annotators = self._write_votes(result, tmp / "votes.arrow")
             (tmp / "keys.bin").write_bytes(b"".join(result.keys))
             np.save(tmp / "lines.npy", np.fromiter(result.keys.values(), np.int64, len(result.keys)))
-            (tmp / "pairs.bin").write_bytes(b"".join(key_sets.digests_of(pc.unique(table["pair_id"]))))
-            annotators = sorted(pc.unique(table["annotator_id"]).to_pylist())
+            (tmp / "pairs.bin").write_bytes(b"".join(pairs))
             (tmp / "result.json").write_text(json.dumps({"report": result.report, "quarantine": result.quarantine,
                                                          "annotators": annotators}, ensure_ascii=False, default=str),
                                              encoding="utf-8")
@@ -150,6 +145,25 @@ class CollectMemo:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         self.used.add(key)
+        return Counted(result.table, pairs, annotators) if result.part is None and result.table is not None else None
+
+    @staticmethod
+    def _write_votes(result: BatchResult, out: Path) -> tuple[list[bytes], list[str]]:
+        """The votes as Arrow IPC (lz4: read back at memory speed; a parquet part cost more to decode than the
+        batch cost to read), and their distinct pair digests and annotators."""
+        if result.part is not None:
+            source = (pa.Table.from_batches([b]) for b in pq.ParquetFile(result.part).iter_batches(batch_size=1 << 16))
+        else:
+            source = iter([result.table if result.table is not None else VOTES_SCHEMA.empty_table()])
+        pairs, annotators = key_sets.DigestSet(), set()
+        options = pa.ipc.IpcWriteOptions(compression="lz4")
+        with pa.ipc.new_file(str(out), VOTES_SCHEMA, options=options) as writer:
+            for table in source:
+                writer.write_table(table.cast(VOTES_SCHEMA), max_chunksize=1 << 16)
+                pairs.update(key_sets.digests_of(pc.unique(table["pair_id"])))
+                annotators.update(pc.unique(table["annotator_id"]).to_pylist())
+        packed = np.stack([pairs.high, pairs.low], axis=1).astype(">u8").tobytes()
+        return _split_digests(packed), sorted(annotators)
 
     def reusable(self, result: BatchResult, accepted: SeenVotes) -> bool:
         """Whether a no-earlier-batch outcome is this batch's outcome here: accepted, no vote already in the table."""
@@ -186,10 +200,9 @@ def memoized(path: Path, conf: CollectSettings, memo: CollectMemo, accepted: See
     memo.misses += 1
     if stored is None:
         alone = collect_batch(path, conf, sha_of=memo.sha_of, **options)
-        if alone.accepted:
-            memo.store(alone)
+        counted = memo.store(alone) if alone.accepted else None
         if not seen_files or memo.reusable(alone, accepted):  # nothing read before it, or nothing it repeats
-            return alone, None
+            return alone, counted
         if alone.part is not None:
             alone.part.unlink(missing_ok=True)
     return collect_batch(path, conf, earlier=accepted, seen_files=seen_files, sha_of=memo.sha_of, **options), None
@@ -205,6 +218,9 @@ class Counted:
     annotators: list[str]
 
 
-def _digests(path: Path) -> list[bytes]:
-    data = path.read_bytes()
+def _split_digests(data: bytes) -> list[bytes]:
     return [data[start:start + DIGEST_BYTES] for start in range(0, len(data), DIGEST_BYTES)]
+
+
+def _digests(path: Path) -> list[bytes]:
+    return _split_digests(path.read_bytes())
