@@ -67,6 +67,7 @@ class CollectMemo:
         self.root = Path(root)
         self.context = {"format": FORMAT, "settings": settings_key(conf), "code": code or code_hash(STAGE_ENTRY)}
         self.used: set[str] = set()
+        self.hashed: set[str] = set()  # the batch files of this run: the only hashes kept after it
         self.hits = self.misses = 0
         self._hashes_file = self.root / "file-hashes.json"
         self._hashes = self._load_hashes()
@@ -84,6 +85,7 @@ class CollectMemo:
         st = path.stat()
         signature = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
         name = str(path.absolute())
+        self.hashed.add(name)
         known = self._hashes.get(name)
         if isinstance(known, list) and known[:4] == signature:
             return known[4]
@@ -178,7 +180,8 @@ class CollectMemo:
                     shutil.rmtree(folder, ignore_errors=True)
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self._hashes_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self._hashes), encoding="utf-8")
+        tmp.write_text(json.dumps({name: self._hashes[name] for name in sorted(self.hashed & set(self._hashes))}),
+                       encoding="utf-8")
         os.replace(tmp, self._hashes_file)
         log.info("collect memo: %d batch(es) reused, %d read (%s)", self.hits, self.misses, self.root)
 
