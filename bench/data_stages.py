@@ -2,6 +2,7 @@
 
 Usage:  .venv/bin/python bench/data_stages.py [--votes 1000000] [--compare [--old REF]] [--keep DIR]
                                              [--engine local|dask [--workers 2]] [--pair-rows N]
+                                             [--incremental [--new-votes 10000]]
 
 Generates realistic batches (prompts of a few hundred to a few thousand characters, responses of a
 few hundred; exactly 4 votes per pair) into a scratch project, then runs each stage exactly as
@@ -101,6 +102,9 @@ def main() -> None:
     parser.add_argument("--pair-rows", type=int, default=0,
                         help="also deliver this many plain pair rows (prompt, chosen, rejected: a public pairwise set)")
     parser.add_argument("--workers", type=int, default=2, help="Dask workers with --engine dask")
+    parser.add_argument("--incremental", action="store_true",
+                        help="issue #28: batch alone, full run, 1%% more, from scratch, retraction (bench/incremental.py)")
+    parser.add_argument("--new-votes", type=int, default=10_000, help="votes in the new batch with --incremental")
     args = parser.parse_args()
     batches = args.batches or max(1, round(args.votes / 125_000))
 
@@ -123,6 +127,11 @@ def main() -> None:
         files = len(list((where / "data" / "incoming").iterdir()))
         print(f"{args.votes:,} votes + {args.pair_rows:,} pair rows ({size_mb:,.0f} MB in {files} files) generated or reused "
               f"in {time.perf_counter() - start:.1f}s; load average {os.getloadavg()[0]:.2f}", flush=True)
+        if args.incremental:
+            sys.path.insert(0, str(ROOT / "bench"))
+            import incremental
+
+            sys.exit(incremental.run(where, args.new_votes, run_stage))
         print(f"{'stage':<10} {'code':<5} {'seconds':>8} {'CPU s':>8} {'peak RSS MB':>12}")
         total = {label: 0.0 for label, _ in codes}
         cpu_total = {label: 0.0 for label, _ in codes}

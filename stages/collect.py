@@ -21,6 +21,7 @@ from rmpipe.core.settings import CollectSettings, DataSettings
 from rmpipe.core.stage import stage_main
 from rmpipe.data import retractions
 from rmpipe.data.collect.batch import collect_batch
+from rmpipe.data.collect.memo import MEMO_DIR, CollectMemo
 from rmpipe.data.collect.run import (
     collect_to,
     incoming_snapshot,
@@ -42,7 +43,9 @@ def run(params_file: str | Path = PARAMS_FILE, paths: ProjectPaths = ProjectPath
     # The votes stream into a temp file, published only if no rejected batch stops the run.
     try:
         with batch_runner(engine, collect_batch) as ahead, atomic_path(paths.votes) as votes:
-            quarantine, report = collect_to(cfg.incoming_dir, cfg, votes, retractions.load(Path(".")), ahead=ahead)
+            memo = CollectMemo(MEMO_DIR, cfg)  # a cache of each batch's outcome: deleting it changes only time
+            quarantine, report = collect_to(cfg.incoming_dir, cfg, votes, retractions.load(Path(".")), ahead=ahead,
+                                            memo=memo)
             write_jsonl(paths.quarantine, quarantine)
             write_json(paths.collect_report, report)
             raise_for_rejected(report, cfg)
@@ -53,6 +56,7 @@ def run(params_file: str | Path = PARAMS_FILE, paths: ProjectPaths = ProjectPath
             raise
         raise fault from None
     raise_if_changed(cfg.incoming_dir, before)
+    memo.finish()
     totals = report["totals"]
     log.info("wrote %s: %d votes on %d pairs from %d annotators; %d rows quarantined (%s)", paths.votes,
              totals["votes"], totals["pairs"], totals["annotators"], totals["rows_quarantined"], paths.quarantine)

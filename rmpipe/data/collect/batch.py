@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -128,22 +128,14 @@ def _new_entry(path: Path) -> dict[str, Any]:
     return {
         "batch_id": path.name,
         "format": hf_batches.folder_kind(path) if path.is_dir() and not path.is_symlink() else FORMATS.get(path.suffix.lower()),
-        "bytes": None,
-        "sha256": None,
-        "status": None,
-        "rows_read": 0,
-        "rows_normalized": 0,
-        "rows_quarantined": 0,
-        "rows_excluded_with_batch": 0,
-        "votes": 0,
-        "shapes": {},
-        "bad_share": 0.0,
-        "top_reasons": [],
-        "message": None,
+        "bytes": None, "sha256": None, "status": None,
+        "rows_read": 0, "rows_normalized": 0, "rows_quarantined": 0, "rows_excluded_with_batch": 0, "votes": 0,
+        "shapes": {}, "bad_share": 0.0, "top_reasons": [], "message": None,
     }
 
 
-def _screen(path: Path, conf: CollectSettings, entry: dict, seen_files: Mapping[str, str], retracted: list[dict]) -> bool:
+def _screen(path: Path, conf: CollectSettings, entry: dict, seen_files: Mapping[str, str], retracted: list[dict],
+            sha_of: Callable[[Path], str] = sha256_file) -> bool:
     """Settle a batch that is not to be read (refused, unreadable, retracted, a duplicate file): True if so."""
     batch_id = path.name
     problem = _file_problem(path, conf)
@@ -156,7 +148,7 @@ def _screen(path: Path, conf: CollectSettings, entry: dict, seen_files: Mapping[
             entry["sha256"] = folder_sha256(path)
         else:
             entry["bytes"] = path.stat().st_size
-            entry["sha256"] = sha256_file(path)
+            entry["sha256"] = sha_of(path)
     except OSError as exc:  # e.g. chmod 000: the batch cannot be read at all
         entry.update(status="rejected", message=f"{batch_id}: cannot read the file ({exc.strerror or exc}): "
                                                 "fix its permissions (chmod a+r) or remove it")
@@ -170,6 +162,13 @@ def _screen(path: Path, conf: CollectSettings, entry: dict, seen_files: Mapping[
                      message=f"{batch_id} has the same bytes as {original}: counted once, under {original}")
         return True
     return False
+
+
+def screen(path: Path, conf: CollectSettings, seen_files: Mapping[str, str], retracted: list[dict],
+           sha_of: Callable[[Path], str] = sha256_file) -> tuple[dict, bool]:
+    """(report entry, settled): settled without reading its rows (refused, retracted, a duplicate file...)."""
+    entry = _new_entry(path)
+    return entry, _screen(path, conf, entry, seen_files, retracted, sha_of)
 
 
 def read_files(entry: dict) -> bool:
@@ -364,7 +363,7 @@ def _settle(entry: dict, batch: _Batch, unreadable: str | None, conf: CollectSet
 def collect_batch(path: str | Path, conf: CollectSettings, *, earlier: SeenVotes | None = None,
                   seen_files: Mapping[str, str] | None = None, retracted: list[dict] | None = None,
                   votes_to: Path | None = None, hold_mb: float = 0, fast: bool = True,
-                  chunk_rows: int = CHUNK_ROWS) -> BatchResult:
+                  chunk_rows: int = CHUNK_ROWS, sha_of: Callable[[Path], str] = sha256_file) -> BatchResult:
     """Check and normalize one batch file (or dataset folder).
 
     earlier     votes of batches already accepted (a repeat is a duplicate vote); default none
@@ -375,10 +374,11 @@ def collect_batch(path: str | Path, conf: CollectSettings, *, earlier: SeenVotes
                 never goes to disk (BatchResult.table, no part)
     fast        the column-wise fast path (False: every row through the per-row path, same result)
     chunk_rows  rows per chunk (memory is that of a chunk; the result does not depend on it)
+    sha_of      a regular file's content sha256 (the collect memo's remembers unchanged files')
     """
     path = Path(path)
     entry = _new_entry(path)
-    if _screen(path, conf, entry, seen_files or {}, retracted or []):
+    if _screen(path, conf, entry, seen_files or {}, retracted or [], sha_of):
         return BatchResult(path.name, entry)
     batch = _Batch(path.name, earlier or SeenVotes(), votes_to, hold_mb * 2**20)
     norm = Normalizer(conf.max_field_chars, conf.margin_from_scores)

@@ -49,6 +49,7 @@ from rmpipe.data.collect.batch import (
 from rmpipe.data.collect.fast import VOTES_SCHEMA
 from rmpipe.data.collect.fields import RAW_MAX_CHARS, REASONS, Bad
 from rmpipe.data.collect.key_sets import SeenVotes
+from rmpipe.data.collect.memo import CollectMemo, Counted, memoized
 from rmpipe.core.paths import CHUNK_ROWS
 from rmpipe.data.collect.rows import Normalizer
 from rmpipe.data.engine import BatchRunner
@@ -182,13 +183,15 @@ def raise_if_changed(incoming_dir: str | Path, before: Snapshot) -> None:
 
 def collect_to(incoming_dir: str | Path, cfg: Mapping[str, Any] | CollectSettings, votes_path: str | Path,
                retracted: list[dict] | None = None, *, fast: bool = True, chunk_rows: int = CHUNK_ROWS,
-               hold_mb: float = HOLD_MB, ahead: BatchRunner | None = None) -> tuple[list[dict], dict]:
+               hold_mb: float = HOLD_MB, ahead: BatchRunner | None = None,
+               memo: CollectMemo | None = None) -> tuple[list[dict], dict]:
     """Collect every batch in `incoming_dir` into the parquet file `votes_path`: (quarantine rows, report).
 
     Votes of accepted batches only, in file-name then line order. Rejected batches never raise
     here: call `raise_for_rejected(report, cfg)` after writing the report and quarantine, so the
     user can read why. `fast`, `chunk_rows` and `hold_mb` as in `collect.batch.collect_batch`. `ahead`
-    (rmpipe.data.engine.batch_runner) collects every batch at once elsewhere; see `_reuse`.
+    (rmpipe.data.engine.batch_runner) collects every batch at once elsewhere; see `_reuse`. `memo`
+    (collect.memo, local engine only) reads a batch once across runs: same outputs, less time.
     """
     conf = as_settings(cfg)
     files, skipped = _batch_files(Path(incoming_dir))
@@ -202,9 +205,14 @@ def collect_to(incoming_dir: str | Path, cfg: Mapping[str, Any] | CollectSetting
         futures = (ahead(files, conf, retracted or [], Path(tmp), fast=fast, chunk_rows=chunk_rows) if ahead
                    else [None] * len(files))
         for number, path in enumerate(files):
-            result = _reuse(futures[number], accepted, seen_files) or collect_batch(
-                path, conf, earlier=accepted, seen_files=seen_files, retracted=retracted or [],
-                votes_to=Path(tmp) / f"{number:06d}.parquet", hold_mb=hold_mb, fast=fast, chunk_rows=chunk_rows)
+            options = {"retracted": retracted or [], "votes_to": Path(tmp) / f"{number:06d}.parquet",
+                       "hold_mb": hold_mb, "fast": fast, "chunk_rows": chunk_rows}
+            kept = None
+            if memo is not None and ahead is None:
+                result, kept = memoized(path, conf, memo, accepted, seen_files, options)
+            else:
+                result = _reuse(futures[number], accepted, seen_files) or collect_batch(
+                    path, conf, earlier=accepted, seen_files=seen_files, **options)
             if read_files(result.report):
                 seen_files[result.report["sha256"]] = result.batch_id
             if (source := hf_batches.sidecar_source(path)) is not None:  # lineage reads `rmpipe import`'s record
@@ -214,7 +222,7 @@ def collect_to(incoming_dir: str | Path, cfg: Mapping[str, Any] | CollectSetting
             quarantine.extend(result.quarantine)
             if result.accepted:
                 accepted.add(result.batch_id, result.keys)
-                table.add(result.part or result.table)
+                table.add(result.part or result.table) if kept is None else table.add_counted(kept)
             elif result.part is not None:
                 result.part.unlink(missing_ok=True)
             result.table = None  # held votes are freed batch by batch
@@ -249,13 +257,20 @@ class VoteWriter:
         self.annotators: set[str] = set()
         self.votes = 0
 
-    def add(self, votes: Path | pa.Table) -> None:
+    def add_counted(self, votes: Counted) -> None:
+        """A memoized batch's votes, its pair digests and annotators already known."""
+        self.pairs.update(votes.pairs)
+        self.annotators.update(votes.annotators)
+        self.add(votes.table, counted=True)
+
+    def add(self, votes: Path | pa.Table, counted: bool = False) -> None:
         """A batch's votes: a table held in memory, or a parquet part (deleted once copied)."""
         batches = (votes.to_batches(max_chunksize=self.rows) if isinstance(votes, pa.Table)
                    else pq.ParquetFile(votes).iter_batches(batch_size=self.rows))
         for batch in batches:
-            self.pairs.update(key_sets.digests_of(pc.unique(batch["pair_id"])))
-            self.annotators.update(pc.unique(batch["annotator_id"]).to_pylist())
+            if not counted:
+                self.pairs.update(key_sets.digests_of(pc.unique(batch["pair_id"])))
+                self.annotators.update(pc.unique(batch["annotator_id"]).to_pylist())
             self.votes += batch.num_rows
             self.pending.append(pa.Table.from_batches([batch], schema=VOTES_SCHEMA))
             self._flush(final=False)

@@ -1,0 +1,229 @@
+"""Collect reads each batch once: a content-addressed memo of a batch's outcome, under `.rmpipe/memo/collect/`.
+
+What a batch becomes (its votes, quarantine, report entry and vote keys) is a function of its name, its
+bytes, the collect settings and the collect stage's code, plus two things it takes from earlier batches:
+whether its bytes were already read (a duplicate file) and whether any of its votes is already in the
+table (a duplicate vote). The memo holds the outcome computed knowing *no* earlier batch, keyed by
+
+    sha256(name, content sha256, every collect setting but the folder, code_hash of stages/collect.py)
+
+(the code hash is the same import closure `rmpipe deps` writes into dvc.yaml). It is taken as the
+outcome here only where the earlier batches could not have changed it, the rule the Dask engine already
+relies on: the batch was accepted, its bytes were not read before (checked before the memo is asked),
+and none of its vote keys is among the accepted votes (a search over the keys, no text read). Anything
+else is collected again in order, as without a memo.
+
+An entry is a folder written whole and renamed into place; `seal.json`, written last, holds the sha256
+of its files, which are checked on every use: a damaged or half-written entry is deleted and the batch
+read again. Deleting the memo changes nothing but time. Entries no batch of a run used are pruned after it.
+
+Batch file hashes are remembered by (size, mtime_ns, ctime_ns, inode), the signals DVC's own hash cache
+trusts (ctime cannot be set back by a user), so an unchanged 280 MB batch is not hashed again each run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from rmpipe.core.codedeps import code_hash
+from rmpipe.core.io import sha256_file
+from rmpipe.core.settings import CollectSettings
+from rmpipe.data.collect import key_sets
+from rmpipe.data.collect.batch import BatchResult, collect_batch, screen
+from rmpipe.data.collect.fast import VOTES_SCHEMA
+from rmpipe.data.collect.key_sets import DIGEST_BYTES, SeenVotes
+
+MEMO_DIR = Path(".rmpipe/memo/collect")
+FORMAT = "rmpipe-collect-memo/1"
+FILES = ("votes.arrow", "keys.bin", "lines.npy", "pairs.bin", "result.json")
+STAGE_ENTRY = "stages/collect.py"
+
+log = logging.getLogger("rmpipe.collect")
+
+
+def settings_key(conf: CollectSettings) -> dict[str, Any]:
+    """Every collect setting that can change a batch's outcome: all of them but where the folder is."""
+    return {name: str(value) for name, value in sorted(conf.model_dump().items()) if name != "incoming_dir"}
+
+
+class CollectMemo:
+    """The memo of one collect run: its settings and code fixed, entries looked up by batch name and content."""
+
+    def __init__(self, root: Path, conf: CollectSettings, code: str | None = None):
+        self.root = Path(root)
+        self.context = {"format": FORMAT, "settings": settings_key(conf), "code": code or code_hash(STAGE_ENTRY)}
+        self.used: set[str] = set()
+        self.hashed: set[str] = set()  # the batch files of this run: the only hashes kept after it
+        self.hits = self.misses = 0
+        self._hashes_file = self.root / "file-hashes.json"
+        self._hashes = self._load_hashes()
+
+    # --- batch content hashes --------------------------------------------------------------------
+    def _load_hashes(self) -> dict[str, list]:
+        try:
+            hashes = json.loads(self._hashes_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return hashes if isinstance(hashes, dict) else {}
+
+    def sha_of(self, path: Path) -> str:
+        """A regular file's content sha256, hashed again only when its stat signature changed."""
+        st = path.stat()
+        signature = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        name = str(path.absolute())
+        self.hashed.add(name)
+        known = self._hashes.get(name)
+        if isinstance(known, list) and known[:4] == signature:
+            return known[4]
+        sha = sha256_file(path)
+        self._hashes[name] = [*signature, sha]
+        return sha
+
+    # --- entries -----------------------------------------------------------------------------------
+    def key(self, batch_id: str, sha256: str) -> str:
+        blob = json.dumps({**self.context, "batch": batch_id, "sha256": sha256}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def _folder(self, key: str) -> Path:
+        return self.root / "entries" / key
+
+    def load(self, batch_id: str, sha256: str) -> tuple[BatchResult, Counted] | None:
+        """The outcome stored for this batch (knowing no earlier batch) and its votes, verified; or None."""
+        key = self.key(batch_id, sha256)
+        folder = self._folder(key)
+        if not folder.is_dir():
+            return None
+        try:
+            seal = json.loads((folder / "seal.json").read_text(encoding="utf-8"))
+            bad = [name for name in FILES if sha256_file(folder / name) != seal.get(name)]
+        except (OSError, ValueError, AttributeError) as exc:
+            bad = [f"seal.json ({exc})"]
+        if bad:
+            log.warning("collect memo entry for %s is damaged (%s): deleted, the batch is read again",
+                        batch_id, ", ".join(bad))
+            shutil.rmtree(folder, ignore_errors=True)
+            return None
+        stored = json.loads((folder / "result.json").read_text(encoding="utf-8"))
+        keyed = dict(zip(_digests(folder / "keys.bin"), np.load(folder / "lines.npy").tolist()))
+        with pa.ipc.open_file(pa.memory_map(str(folder / "votes.arrow"))) as reader:
+            table = reader.read_all()
+        self.used.add(key)
+        counted = Counted(table, _digests(folder / "pairs.bin"), stored["annotators"])
+        return BatchResult(batch_id, stored["report"], stored["quarantine"], keys=keyed), counted
+
+    def store(self, result: BatchResult) -> Counted | None:
+        """Keep an accepted batch's outcome computed knowing no earlier batch; its votes are copied here a
+        record batch at a time. Returns them counted when they are held in memory (the run then takes them so)."""
+        key = self.key(result.batch_id, result.report["sha256"])
+        final = self._folder(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))
+        try:
+            pairs, annotators = self._write_votes(result, tmp / "votes.arrow")
+            (tmp / "keys.bin").write_bytes(b"".join(result.keys))
+            np.save(tmp / "lines.npy", np.fromiter(result.keys.values(), np.int64, len(result.keys)))
+            (tmp / "pairs.bin").write_bytes(b"".join(pairs))
+            (tmp / "result.json").write_text(json.dumps({"report": result.report, "quarantine": result.quarantine,
+                                                         "annotators": annotators}, ensure_ascii=False, default=str),
+                                             encoding="utf-8")
+            seal = {name: sha256_file(tmp / name) for name in FILES}
+            (tmp / "seal.json").write_text(json.dumps(seal), encoding="utf-8")
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.used.add(key)
+        return Counted(result.table, pairs, annotators) if result.part is None and result.table is not None else None
+
+    @staticmethod
+    def _write_votes(result: BatchResult, out: Path) -> tuple[list[bytes], list[str]]:
+        """The votes as Arrow IPC (lz4: read back at memory speed; a parquet part cost more to decode than the
+        batch cost to read), and their distinct pair digests and annotators."""
+        if result.part is not None:
+            source = (pa.Table.from_batches([b]) for b in pq.ParquetFile(result.part).iter_batches(batch_size=1 << 16))
+        else:
+            source = iter([result.table if result.table is not None else VOTES_SCHEMA.empty_table()])
+        pairs, annotators = key_sets.DigestSet(), set()
+        options = pa.ipc.IpcWriteOptions(compression="lz4")
+        with pa.ipc.new_file(str(out), VOTES_SCHEMA, options=options) as writer:
+            for table in source:
+                writer.write_table(table.cast(VOTES_SCHEMA), max_chunksize=1 << 16)
+                pairs.update(key_sets.digests_of(pc.unique(table["pair_id"])))
+                annotators.update(pc.unique(table["annotator_id"]).to_pylist())
+        packed = np.stack([pairs.high, pairs.low], axis=1).astype(">u8").tobytes()
+        return _split_digests(packed), sorted(annotators)
+
+    def reusable(self, result: BatchResult, accepted: SeenVotes) -> bool:
+        """Whether a no-earlier-batch outcome is this batch's outcome here: accepted, no vote already in the table."""
+        return result.accepted and not accepted.any_of(result.keys)
+
+    def finish(self) -> None:
+        """After a run: drop entries no batch used (settings, code or batches changed) and save the file hashes."""
+        entries = self.root / "entries"
+        if entries.is_dir():
+            for folder in entries.iterdir():
+                if folder.name not in self.used:
+                    shutil.rmtree(folder, ignore_errors=True)
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self._hashes_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({name: self._hashes[name] for name in sorted(self.hashed & set(self._hashes))}),
+                       encoding="utf-8")
+        os.replace(tmp, self._hashes_file)
+        log.info("collect memo: %d batch(es) reused, %d read (%s)", self.hits, self.misses, self.root)
+
+
+def memoized(path: Path, conf: CollectSettings, memo: CollectMemo, accepted: SeenVotes,
+              seen_files: Mapping[str, str], options: dict) -> tuple[BatchResult, Counted | None]:
+    """A batch's result through the memo: (result, the memo's votes when they are the memo's)
+
+    Screened first (refusals and duplicate files need no rows). Then the memo's outcome, where no vote of
+    it is already in the table; else the batch read knowing no earlier batch (what the memo keeps) and
+    taken if earlier batches could not have changed it; else read again knowing them, as without a memo."""
+    entry, settled = screen(path, conf, seen_files, options["retracted"], memo.sha_of)
+    if settled:
+        return BatchResult(path.name, entry), None
+    stored = memo.load(path.name, entry["sha256"])
+    if stored is not None and memo.reusable(stored[0], accepted):
+        memo.hits += 1
+        return stored
+    memo.misses += 1
+    if stored is None:
+        alone = collect_batch(path, conf, sha_of=memo.sha_of, **options)
+        counted = memo.store(alone) if alone.accepted else None
+        if not seen_files or memo.reusable(alone, accepted):  # nothing read before it, or nothing it repeats
+            return alone, counted
+        if alone.part is not None:
+            alone.part.unlink(missing_ok=True)
+    return collect_batch(path, conf, earlier=accepted, seen_files=seen_files, sha_of=memo.sha_of, **options), None
+
+
+@dataclass
+class Counted:
+    """A memoized batch's votes with what the vote table's counts need of them (distinct pair digests,
+    annotators), so the counts take no pass over its texts."""
+
+    table: pa.Table
+    pairs: list[bytes]
+    annotators: list[str]
+
+
+def _split_digests(data: bytes) -> list[bytes]:
+    return [data[start:start + DIGEST_BYTES] for start in range(0, len(data), DIGEST_BYTES)]
+
+
+def _digests(path: Path) -> list[bytes]:
+    return _split_digests(path.read_bytes())
