@@ -132,7 +132,7 @@ def test_the_memo_key_follows_the_stage_code_closure():
     modules that make a batch's rows are in it, so changing any of them invalidates every entry."""
     files = closure(STAGE_ENTRY)
     for module in ("rmpipe/data/collect/memo.py", "rmpipe/data/collect/batch.py", "rmpipe/data/collect/fast.py",
-                   "rmpipe/data/collect/rows.py", "rmpipe/data/collect/run.py", "rmpipe/core/settings.py"):
+                   "rmpipe/data/collect/rows.py", "rmpipe/data/collect/run.py", "rmpipe/core/settings/data.py"):
         assert module in files
 
 

@@ -230,3 +230,15 @@ def test_save_adapter_without_lora_is_a_clear_error(tmp_path, monkeypatch):
         export_stage.run()
     assert not (project / "models/export").exists() or not (project / "models/export/adapter").exists()
     shutil.rmtree(project, ignore_errors=True)
+
+
+def test_an_adapter_folder_without_safetensors_weights_is_refused_before_peft_reads_it(tmp_path):
+    """PEFT falls back to a pickled adapter_model.bin; rmpipe loads adapters from safetensors only."""
+    from rmpipe.core.errors import DataError
+    from rmpipe.export.adapter import safetensors_adapter
+
+    (tmp_path / "adapter_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(DataError, match="safetensors only"):
+        safetensors_adapter(tmp_path)
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    assert safetensors_adapter(tmp_path) == str(tmp_path)

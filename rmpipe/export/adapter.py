@@ -74,4 +74,16 @@ def load_adapter(adapter_dir: Path, backbone: str | Path, trust_remote_code: boo
 
     tokenizer, max_length = exported_tokenizer(Path(adapter_dir), trust_remote_code)
     base = sequence_classifier_base(backbone, tokenizer, trust_remote_code)
-    return PeftModel.from_pretrained(base, str(adapter_dir)).eval(), tokenizer, max_length
+    return PeftModel.from_pretrained(base, safetensors_adapter(adapter_dir)).eval(), tokenizer, max_length
+
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def safetensors_adapter(adapter_dir: Path) -> str:
+    """The adapter folder, once it holds safetensors weights. PEFT's from_pretrained has no use_safetensors:
+    it reads adapter_model.safetensors when present and falls back to a pickled adapter_model.bin."""
+    if not (Path(adapter_dir) / ADAPTER_WEIGHTS).is_file():
+        raise DataError(f"{adapter_dir} holds no {ADAPTER_WEIGHTS}: rmpipe loads adapters from safetensors only "
+                        "(a pickled adapter_model.bin can run code)")
+    return str(adapter_dir)
