@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.orphans import stop_process_group
 from rmpipe.core.errors import UserError
 
 VENV = Path(os.environ.get("RMPIPE_LABEL_STUDIO_VENV", ".venv-ls"))
@@ -68,7 +69,7 @@ def init(data_dir: Path, users: list[tuple[str, str, str]], venv: Path = VENV) -
 
 
 def start(data_dir: Path, port: int, log_path: Path | None = None, venv: Path = VENV) -> subprocess.Popen:
-    """The server on 127.0.0.1:`port`, in its own process group (stopped whole by `stop`)."""
+    """The server on 127.0.0.1:`port`, in its own process group (stopped whole by `orphans.stop_process_group`)."""
     out = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115 (the server's, for its life)
     return subprocess.Popen([str(executable(venv)), "start", "--data-dir", str(Path(data_dir).resolve()),
                              "--internal-host", "127.0.0.1", "--port", str(port), "--no-browser"],
@@ -91,16 +92,6 @@ def wait_up(url: str, proc: subprocess.Popen | None = None, timeout_s: float = 1
     raise UserError(f"Label Studio did not answer on {url} within {timeout_s:.0f}s")
 
 
-def stop(proc: subprocess.Popen) -> None:
-    import signal
-
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def write_connection(data_dir: Path, url: str, token: str) -> Path:
@@ -140,7 +131,7 @@ def serve(data_dir: Path = DATA_DIR, port: int = 8080) -> None:
     except KeyboardInterrupt:
         pass
     finally:
-        stop(proc)
+        stop_process_group(proc)
 
 
 def _main(argv: list[str]) -> None:

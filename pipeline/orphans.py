@@ -155,3 +155,17 @@ def crash_stale_runs(root: Path) -> list[str]:
                 log.info("could not mark flow run %s crashed (%s)", run_id, exc)
             marker.unlink(missing_ok=True)
     return done
+
+
+def stop_process_group(proc: subprocess.Popen, grace_s: float = 20) -> None:
+    """Stop a server started in its own process group (`start_new_session=True`) with everything it started:
+    SIGTERM to the group, SIGKILL after `grace_s`."""
+    import signal
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

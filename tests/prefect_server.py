@@ -11,9 +11,7 @@ parameter).
 from __future__ import annotations
 
 import atexit
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -21,6 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from pipeline.orphans import stop_process_group
 
 PY = sys.executable
 
@@ -44,14 +44,7 @@ def start(cmd: list[str], cwd: Path, env: dict, log: Path) -> subprocess.Popen:
                             start_new_session=True)  # own process group: killed whole in `stop`
 
 
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+stop = stop_process_group  # the server and what it started, whole
 
 
 def healthy(api: str) -> bool:
