@@ -19,6 +19,7 @@ that is not `python -m stages.<name>` runs code the generator cannot follow: `un
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import re
 from pathlib import Path
@@ -47,8 +48,29 @@ def _package_marker(path: Path) -> bool:
     (one that gains a statement becomes a dep of every stage that imports through it)."""
     if path.name != "__init__.py":
         return False
-    body = ast.parse(path.read_text(encoding="utf-8")).body
+    body = _parsed(path).body
     return all(isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) for node in body)
+
+
+def _version(path: Path) -> tuple[Path, int, int]:
+    """A file version's key for the caches below: the nine stages' closures share most files, and
+    `rmpipe deps --check` (run before every rebuild) parsed each of them ~9 times."""
+    stat = path.stat()
+    return path, stat.st_mtime_ns, stat.st_size
+
+
+def _parsed(path: Path) -> ast.Module:
+    return _parse(*_version(path))
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse(path: Path, mtime_ns: int, size: int) -> ast.Module:
+    return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+
+
+@functools.lru_cache(maxsize=1024)
+def _imports_of(path: Path, mtime_ns: int, size: int, package: str) -> frozenset[str]:
+    return frozenset(_imported_names(_parse(path, mtime_ns, size), package))
 
 
 def module_file(name: str, root: Path = ROOT) -> Path | None:
@@ -116,8 +138,7 @@ def closure(entry: str | Path, root: Path = ROOT) -> list[str]:
         seen.add(path)
         name = module_name(path, root)
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-        for imported in _imported_names(tree, package):
+        for imported in _imports_of(*_version(path), package):
             parts = imported.split(".")
             # importing a.b.c runs a/__init__, a/b/__init__ and a/b/c
             for i in range(1, len(parts) + 1):
