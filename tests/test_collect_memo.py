@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rmpipe.core.codedeps import closure
+from rmpipe.core.io import folder_hashes
 from rmpipe.core.settings import CollectSettings
 from rmpipe.data import retractions
 from rmpipe.data.collect.memo import STAGE_ENTRY, CollectMemo
@@ -37,11 +38,11 @@ def write_batch(path: Path, rows: list[tuple[int, int, int]]) -> None:
 
 def collected(incoming: Path, conf: CollectSettings, out: Path, memo: CollectMemo | None, root: Path) -> dict:
     """sha256 of the votes, and the quarantine and report as JSON text: what the stage writes."""
-    out.mkdir(parents=True, exist_ok=True)
-    quarantine, report = collect_to(incoming, conf, out / "votes.parquet", retractions.load(root), memo=memo)
+    shutil.rmtree(out, ignore_errors=True)  # as DVC deletes a stage's outputs before it runs it
+    quarantine, report = collect_to(incoming, conf, out / "votes", retractions.load(root), memo=memo)
     if memo is not None:
         memo.finish()
-    return {"votes": hashlib.sha256((out / "votes.parquet").read_bytes()).hexdigest(),
+    return {"votes": folder_hashes(out / "votes"),
             "quarantine": json.dumps(quarantine, default=str), "report": json.dumps(report, default=str)}
 
 
@@ -66,7 +67,7 @@ def apply(step: tuple, root: Path, incoming: Path, state: dict) -> None:
     elif kind == "settings":
         state["share"] = arg
     elif kind == "damage":  # a memo entry's votes rewritten: must be noticed, deleted, the batch read again
-        entries = sorted((root / "memo" / "entries").glob("*/votes.arrow"))
+        entries = sorted((root / "memo" / "entries").glob("*/votes.parquet"))
         if entries:
             entries[arg % len(entries)].write_bytes(b"not the stored votes")
     elif names:
@@ -149,11 +150,12 @@ def test_the_stage_keeps_its_memo_in_the_project_and_a_damaged_entry_is_read_aga
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     write_sample_batches(tmp_path / params["collect"]["incoming_dir"], {**params["sample_data"], "n_pairs": 60})
     monkeypatch.chdir(tmp_path)
-    outputs = ("data/collected/votes.parquet", "data/collected/quarantine.jsonl", "reports/collect.json")
+    outputs = ("data/collected/quarantine.jsonl", "reports/collect.json")
 
     def run() -> dict[str, str]:
         stage.run("params.yaml")
-        return {name: hashlib.sha256(Path(name).read_bytes()).hexdigest() for name in outputs}
+        return {**{name: hashlib.sha256(Path(name).read_bytes()).hexdigest() for name in outputs},
+                **folder_hashes("data/collected/votes")}
 
     first = run()
     entries = sorted(Path(".rmpipe/memo/collect/entries").iterdir())
@@ -161,8 +163,9 @@ def test_the_stage_keeps_its_memo_in_the_project_and_a_damaged_entry_is_read_aga
     stamps = {entry.name: (entry / "seal.json").stat().st_mtime_ns for entry in entries}
     assert run() == first
     assert {entry.name: (entry / "seal.json").stat().st_mtime_ns for entry in entries} == stamps  # reused, not rewritten
-    (entries[0] / "votes.arrow").write_bytes(b"damaged")
+    (entries[0] / "votes.parquet").unlink()  # not written in place: the part in the votes folder is a link to it
+    (entries[0] / "votes.parquet").write_bytes(b"damaged")
     assert run() == first
-    assert (entries[0] / "votes.arrow").read_bytes() != b"damaged"  # deleted, the batch read again, stored anew
+    assert (entries[0] / "votes.parquet").read_bytes() != b"damaged"  # deleted, the batch read again, stored anew
     assert (entries[0] / "seal.json").stat().st_mtime_ns != stamps[entries[0].name]
     assert all((e / "seal.json").stat().st_mtime_ns == stamps[e.name] for e in entries[1:])
