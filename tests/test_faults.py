@@ -147,10 +147,12 @@ def _model_inputs(project: Path, tag: str, parts: bool) -> dict[str, str]:
     split = {"data/split": _dir_object(project, listing)}
     if not parts:
         return {"data/collected/votes.parquet": _cache_object(project, parquet(votes)), **split}
-    half = len(votes) // 2  # two parts, listed in the other order than the batches': the trace orders them
-    votes_listing = json.dumps([{"md5": _cache_object(project, parquet(votes.iloc[half:])), "relpath": "b2.jsonl.parquet"},
-                                {"md5": _cache_object(project, parquet(votes.iloc[:half])), "relpath": "b1.jsonl.parquet"}])
-    return {"data/collected/votes": _dir_object(project, votes_listing.encode()), **split}
+    half = len(votes) // 2  # two parts: b10 before b2 in batch (name) order
+    collected = json.dumps([  # collect's output folder: the votes parts (listed out of batch order) and the quarantine
+        {"md5": _cache_object(project, b""), "relpath": "quarantine.jsonl"},
+        {"md5": _cache_object(project, parquet(votes.iloc[half:])), "relpath": "votes/b2.jsonl.parquet"},
+        {"md5": _cache_object(project, parquet(votes.iloc[:half])), "relpath": "votes/b10.jsonl.parquet"}])
+    return {"data/collected": _dir_object(project, collected.encode()), **split}
 
 
 def _params() -> dict:
