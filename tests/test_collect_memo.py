@@ -20,7 +20,11 @@ from rmpipe.core.settings import CollectSettings
 from rmpipe.data import retractions
 from rmpipe.data.aggregate.memo import STAGE_ENTRY as AGGREGATE_ENTRY
 from rmpipe.data.aggregate.memo import AggregateMemo
-from rmpipe.data.aggregate.run import AggregateSettings, aggregate_file, annotator_markdown
+from rmpipe.data.aggregate.run import (
+    AggregateSettings,
+    aggregate_file,
+    annotator_markdown,
+)
 from rmpipe.data.collect.memo import STAGE_ENTRY, CollectMemo
 from rmpipe.data.collect.run import collect_to
 
