@@ -22,9 +22,10 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -49,6 +50,9 @@ from rmpipe.data.aggregate.orient import (  # noqa: F401
     canonical_key,
     orient_votes,
     read_votes,
+)
+from rmpipe.data.aggregate.orient import (
+    _representative_rows as representative_rows,
 )
 from rmpipe.data.aggregate.pairs import PairColumns, pair_chunks, pair_columns
 from rmpipe.data.aggregate.parts import orient_parts, part_hashes, write_pair_parts
@@ -111,12 +115,13 @@ def aggregate_file(votes_path: str | Path, pairs_dir: str | Path, settings: Aggr
     codes = source.codes()
     release_memory()
     hashes = part_hashes(source) if memo is not None else []
-    orient_parts(codes, source, memo, hashes, batch_rows)
-    decision = decide(Votes(codes=codes, texts=PairTexts()), settings, counter)
-    release_memory()  # decide's temporaries: only per-pair columns and the per-vote codes remain
-    with tempfile.TemporaryDirectory(prefix=f".aggregate-{os.getpid()}-", dir=pairs_dir.parent) as spill, \
-            io.atomic_dir(pairs_dir) as out:
-        write_pair_parts(decision.columns, codes, source, out, memo, hashes, Path(spill), batch_rows)
+    reps = representative_rows(codes)
+    with tempfile.TemporaryDirectory(prefix=f".aggregate-{os.getpid()}-", dir=pairs_dir.parent) as spill:
+        texts = orient_parts(codes, source, memo, hashes, reps, Path(spill), batch_rows)
+        decision = decide(Votes(codes=codes, texts=PairTexts()), settings, counter)
+        release_memory()  # decide's temporaries: only per-pair columns and the per-vote codes remain
+        with io.atomic_dir(pairs_dir) as out:
+            write_pair_parts(decision.columns, codes, source, out, memo, hashes, reps, texts, Path(spill), batch_rows)
     return decision
 
 
