@@ -6,6 +6,8 @@ The steps, each in its own module:
   aggregate_labels   crowd-kit labels per pair, ties, Krippendorff's alpha, annotator stats
   aggregate_pairs    the output rows, chunk by chunk
   aggregate_report   reports/annotators.{json,md} and the "too much dropped" check
+  aggregate_parts    the stage's path: votes parts in, pairs parts out, text work only where parts changed
+  aggregate_memo     what aggregate_parts keeps between runs (.rmpipe/memo/aggregate/)
 This module sorts every vote into one bucket, runs the passes and puts the pieces together.
 
 Scale. All aggregation works on integer codes and numpy: memory grows with the number of
