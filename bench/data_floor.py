@@ -4,7 +4,7 @@ Usage:  .venv/bin/python bench/data_floor.py DIR
         (DIR: a project kept by `bench/data_stages.py --keep DIR`, collected at least once)
 
 Times, each alone: pyarrow's own JSON/CSV readers on the batches, sha256 of the batch files (collect's
-duplicate-file check), reading votes.parquet, writing it again with zstd (collect's output), one
+duplicate-file check), reading the votes parts, writing them again with zstd (collect's output), one
 sha256 per distinct response (what pair ids are made of), and importing the stages' heavy libraries.
 Their sum is a lower bound for collect -> validate as four processes under today's data contract.
 """
@@ -23,6 +23,8 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
+
+from rmpipe.core.paths import parts_in
 
 
 def timed(label: str, work, total: list[float]):
@@ -53,7 +55,8 @@ def main() -> None:
     total: list[float] = []
     timed(f"parse the {len(files)} batches (pyarrow JSON/CSV readers)", lambda: parse(files), total)
     timed("sha256 of the batch files", lambda: [hashlib.file_digest(p.open("rb"), "sha256") for p in files], total)
-    votes = timed("read votes.parquet", lambda: pq.read_table(root / "data" / "collected" / "votes.parquet"), total)
+    parts = parts_in(root / "data" / "collected" / "votes")
+    votes = timed(f"read the {len(parts)} votes parts", lambda: pa.concat_tables([pq.read_table(p) for p in parts]), total)
     with tempfile.TemporaryDirectory() as tmp:
         timed("write it again (zstd, 50k-row groups)",
               lambda: pq.write_table(votes, Path(tmp) / "v.parquet", compression="zstd", row_group_size=50_000), total)

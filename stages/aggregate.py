@@ -1,4 +1,4 @@
-"""DVC stage `aggregate`: data/collected/votes.parquet -> data/aggregated/pairs.parquet + annotator report.
+"""DVC stage `aggregate`: data/collected/votes/ -> data/aggregated/pairs/ (parts) + annotator report.
 
     python -m stages.aggregate [--params params.yaml]
 """
@@ -15,6 +15,7 @@ from rmpipe.core.paths import ProjectPaths
 from rmpipe.core.settings import DataSettings
 from rmpipe.core.stage import stage_main
 from rmpipe.data.aggregate.labels import count_pairs
+from rmpipe.data.aggregate.memo import MEMO_DIR, AggregateMemo
 from rmpipe.data.aggregate.run import (
     AggregateSettings,
     aggregate_file,
@@ -30,8 +31,10 @@ def run(params_file: str | Path = PARAMS_FILE, paths: ProjectPaths = ProjectPath
     params = load_params(params_file)
     settings = AggregateSettings.parse(params)
     engine = DataSettings.parse(params)  # where the group-by runs, not what it gives
-    with pair_counter(engine, count_pairs) as counter:
-        report = aggregate_file(paths.votes, paths.pairs, settings, counter).report  # streams: texts never all in memory
+    memo = AggregateMemo(MEMO_DIR, settings)  # the text work of unchanged parts: deleting it changes only time
+    with pair_counter(engine, count_pairs) as counter:  # streams: texts never all in memory
+        report = aggregate_file(paths.votes, paths.pairs, settings, counter, memo).report
+    memo.finish()
     write_json(paths.annotators_json, report)
     write_text(paths.annotators_md, annotator_markdown(report))
     check_dropped(report, settings)  # after the reports, so the message can point at them

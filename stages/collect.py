@@ -1,4 +1,4 @@
-"""DVC stage `collect`: data/incoming/* batches -> data/collected/votes.parquet + quarantine + reports/collect.json.
+"""DVC stage `collect`: data/incoming/* batches -> data/collected/votes/ (a part per batch) + quarantine + reports/collect.json.
 
     python -m stages.collect [--params params.yaml]
 
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from rmpipe.core.errors import environment_fault
-from rmpipe.core.io import atomic_path, write_json, write_jsonl
+from rmpipe.core.io import atomic_dir, write_json, write_jsonl
 from rmpipe.core.params import PARAMS_FILE, load_params
 from rmpipe.core.paths import ProjectPaths
 from rmpipe.core.settings import CollectSettings, DataSettings
@@ -40,9 +40,9 @@ def run(params_file: str | Path = PARAMS_FILE, paths: ProjectPaths = ProjectPath
     # What DVC will hash as this stage's input must be exactly what was read: snapshot the
     # folder first and fail at the end if it changed (DVC then records nothing for the stage).
     before = incoming_snapshot(cfg.incoming_dir)
-    # The votes stream into a temp file, published only if no rejected batch stops the run.
+    # The votes go to a temp folder, published only if no rejected batch stops the run.
     try:
-        with batch_runner(engine, collect_batch) as ahead, atomic_path(paths.votes) as votes:
+        with batch_runner(engine, collect_batch) as ahead, atomic_dir(paths.votes) as votes:
             memo = CollectMemo(MEMO_DIR, cfg)  # a cache of each batch's outcome: deleting it changes only time
             quarantine, report = collect_to(cfg.incoming_dir, cfg, votes, retractions.load(Path(".")), ahead=ahead,
                                             memo=memo)

@@ -47,7 +47,7 @@ while Path("hold-export").exists():  # tests hold the stage here to race it
 if Path("fail-export").exists():
     sys.exit("error: export refused (fail-export is present)")
 started = time.time()
-ids = sorted(set(pd.read_parquet("data/collected/votes.parquet", columns=["batch_id"])["batch_id"]))
+ids = sorted(set(pd.read_parquet("data/collected/votes", columns=["batch_id"])["batch_id"]))
 with io.atomic_dir("models/export") as tmp:
     (tmp / "model.txt").write_text("\\n".join(ids))
     manifest = build_manifest(tmp, Path("."), yaml.safe_load(open("params.yaml")), {"train": ids}, ("export",),

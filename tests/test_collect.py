@@ -370,8 +370,8 @@ def test_missing_folder_and_bad_params_are_user_errors(tmp_path):
 def test_written_votes_read_back_as_the_vote_table(tmp_path):
     _jsonl(tmp_path / "in" / "a.jsonl", _good_rows(5) + [_vote(prompt="Q?", strength="slight")])
     votes, _, _ = collect.collect_dir(tmp_path / "in", _cfg(tmp_path / "in"))
-    collect.write_votes(tmp_path / "votes.parquet", votes, rows_per_group=4)
-    back = pd.read_parquet(tmp_path / "votes.parquet")
+    collect.write_votes(tmp_path / "votes", votes, rows_per_group=4)
+    back = collect.read_votes_table(tmp_path / "votes").to_pandas()
     assert list(back.columns) == schema.VOTE_COLUMNS
     assert back.astype(object).where(back.notna(), None).values.tolist() == \
         votes.astype(object).where(votes.notna(), None).values.tolist()
@@ -393,7 +393,9 @@ def test_stage_runs_on_good_data_and_fails_cleanly_on_a_rejected_batch(tmp_path,
 
     done = _stage(tmp_path, project_root)
     assert done.returncode == 0, done.stderr
-    assert pq.read_metadata(tmp_path / "data/collected/votes.parquet").num_rows > 600
+    parts = sorted((tmp_path / "data/collected/votes").iterdir())
+    assert [p.name for p in parts] == ["batch-0001.jsonl.parquet", "batch-0002.csv.parquet", "batch-0003-pairs.parquet.parquet"]
+    assert sum(pq.read_metadata(part).num_rows for part in parts) > 600
     report = json.loads((tmp_path / "reports/collect.json").read_text())
     assert report["totals"]["rows_quarantined"] == 0 and _invariant_holds(report)
     assert "batch-0001.jsonl" in done.stderr and "rows read" in done.stderr  # a progress line per file

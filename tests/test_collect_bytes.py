@@ -45,9 +45,9 @@ def _line(i: int, **extra) -> bytes:
     return orjson.dumps(_vote(i, **extra))
 
 
-def every_way(incoming: Path, **cfg) -> tuple[bytes, list[dict], dict]:
-    """Collect `incoming` on both paths at chunk sizes 1, 2, 7 and the default; assert the votes (bytes of
-    votes.parquet), the quarantine and the report agree; return them."""
+def every_way(incoming: Path, **cfg) -> tuple[dict[str, bytes], list[dict], dict]:
+    """Collect `incoming` on both paths at chunk sizes 1, 2, 7 and the default; assert the votes (the bytes of
+    every votes part), the quarantine and the report agree; return them."""
     result = agreeing_collects(incoming, _cfg(incoming, **cfg), WAYS)
     for entry in result[2]["batches"]:
         assert entry["rows_read"] == entry["rows_normalized"] + entry["rows_quarantined"]
@@ -58,8 +58,13 @@ def _codes(quarantine: list[dict]) -> dict[int, str]:
     return {q["line"]: q["code"] for q in quarantine}
 
 
-def _voted_lines(votes: bytes) -> list[int]:
-    return pq.read_table(pa.BufferReader(votes))["line"].to_pylist()
+def _table(votes: dict[str, bytes]) -> pa.Table:
+    """The vote table of {part: bytes}, parts in order."""
+    return pa.concat_tables([pq.read_table(pa.BufferReader(data)) for data in votes.values()])
+
+
+def _voted_lines(votes: dict[str, bytes]) -> list[int]:
+    return _table(votes)["line"].to_pylist()
 
 
 # --------------------------------------------------------------------------------- one rule each
@@ -121,7 +126,7 @@ def test_a_bom_is_taken_at_the_start_of_a_file_only_whatever_the_chunking(tmp_pa
     assert [(q["batch_id"], q["line"], q["code"]) for q in quarantine] == [
         ("a.jsonl", 3, "stray_bom"), ("b.jsonl", 1, "stray_bom"), ("b.jsonl", 2, "stray_bom")]
     assert "byte order mark" in quarantine[0]["reason"] and "at byte 0" in quarantine[0]["reason"]
-    assert pq.read_table(pa.BufferReader(votes))["line"].to_pylist() == [1, 2, 4]
+    assert _table(votes)["line"].to_pylist() == [1, 2, 4]
 
 
 def test_a_bom_in_a_csv_is_taken_at_its_start_only_on_either_csv_reader(tmp_path):
@@ -134,7 +139,7 @@ def test_a_bom_in_a_csv_is_taken_at_its_start_only_on_either_csv_reader(tmp_path
         votes, quarantine, _ = every_way(incoming)
         bom = [q for q in quarantine if q["code"] == "stray_bom"]
         assert len(bom) == 1 and "field 'response_a'" in bom[0]["reason"]
-        assert pq.read_table(pa.BufferReader(votes)).num_rows == 1
+        assert _table(votes).num_rows == 1
 
 
 def test_line_endings_nuls_control_characters_and_lines_pyarrow_reads_otherwise(tmp_path):
@@ -171,7 +176,7 @@ def test_negative_zero_and_equal_looking_extras_keep_their_own_json_on_both_path
     table = pa.Table.from_pylist([_vote(i, score=s) for i, s in enumerate([0.0, -0.0, 0.0, -0.0])])
     pq.write_table(table, incoming / "b.parquet")
     votes, _, _ = every_way(incoming)
-    assert pq.read_table(pa.BufferReader(votes))["meta"].to_pylist() == [
+    assert _table(votes)["meta"].to_pylist() == [
         '{"score":0.0}', '{"score":-0.0}', '{"score":0.0}', '{"score":-0.0}']
 
 

@@ -11,6 +11,7 @@ import csv
 import io as stdio
 import json
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from test_reliability import (
 )
 from test_text_columns import TEXT
 
+from rmpipe.core.paths import parts_in
 from rmpipe.data.collect import run as collect
 from rmpipe.data.collect.batch import collect_batch
 
@@ -51,15 +53,20 @@ def _vote(i: int, annotator: str = "ann-1", **extra) -> dict:
             "annotator_id": annotator, "choice": "ab"[i % 2], "strength": ["slight", "", "Strong"][i % 3], **extra}
 
 
-def agreeing_collects(incoming: Path, cfg: dict, ways: list[dict]) -> tuple[bytes, list[dict], dict]:
-    """Collect `incoming` with `cfg` each way; assert all agree (report, quarantine, votes.parquet bytes);
-    return the first way's (parquet bytes, quarantine, report)."""
+def part_bytes(folder: Path) -> dict[str, bytes]:
+    """A votes folder as {part name: bytes}, in batch order."""
+    return {part.name: part.read_bytes() for part in parts_in(folder)}
+
+
+def agreeing_collects(incoming: Path, cfg: dict, ways: list[dict]) -> tuple[dict[str, bytes], list[dict], dict]:
+    """Collect `incoming` with `cfg` each way; assert all agree (report, quarantine, the bytes of every votes
+    part); return the first way's ({part: bytes}, quarantine, report)."""
     results = []
     for way in ways:
-        out = incoming.parent / f"votes-{time.monotonic_ns()}.parquet"
+        out = incoming.parent / f"votes-{time.monotonic_ns()}"
         quarantine, report = collect.collect_to(incoming, cfg, out, **way)
-        results.append((out.read_bytes(), quarantine, report))
-        out.unlink()
+        results.append((part_bytes(out), quarantine, report))
+        shutil.rmtree(out)
     first = results[0]
     for way, result in zip(ways[1:], results[1:]):
         assert result[2] == first[2], way

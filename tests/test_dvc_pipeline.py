@@ -176,7 +176,7 @@ def test_data_stages_in_a_git_checkout_and_a_failed_validation_stops_training(da
     assert "is empty" not in ok.stdout + ok.stderr  # a clean run's (empty) quarantine is no warning
     # DVC wrote .gitignore entries for its outputs, so git sees no stray data.
     status = data_stages_built["git_status"]
-    assert "data/split" not in status and "votes.parquet" not in status
+    assert "data/split" not in status and "data/collected" not in status
 
     # A contract the data cannot meet: validation fails, and DVC stops before the backbone/train stages.
     proj = working_copy(data_stages_built["project"], tmp_path)

@@ -104,7 +104,7 @@ def test_collect_on_a_full_disk_ends_in_one_line_naming_the_folder_and_the_space
     assert done.returncode == 3
     assert "no space left on the disk" in line and "data/collected" in line
     assert "MB free of" in line and "needs up to about" in line and "free space there" in line
-    assert not (project / "data/collected/votes.parquet").exists()
+    assert not (project / "data/collected/votes").exists()
 
 
 # ------------------------------------------------------------------------------- a damaged DVC cache
@@ -120,8 +120,9 @@ def _cache_object(project: Path, data: bytes) -> str:
     return md5
 
 
-def _model_inputs(project: Path, tag: str) -> dict[str, str]:
-    """A model's votes.parquet and split folder (train.parquet) as DVC 3 caches them: {path: md5}."""
+def _model_inputs(project: Path, tag: str, parts: bool) -> dict[str, str]:
+    """A model's votes (a folder of parts, or `not parts`: one votes.parquet, as models recorded before the
+    parts) and split folder (train.parquet) as DVC 3 caches them: {path: md5}."""
     import io
 
     import pandas as pd
@@ -143,8 +144,15 @@ def _model_inputs(project: Path, tag: str) -> dict[str, str]:
     train = aggregate(votes, AggregateSettings.from_section(_params()["aggregate"])).pairs[["pair_id", "chosen"]]
     train_md5 = _cache_object(project, parquet(train))
     listing = json.dumps([{"md5": train_md5, "relpath": "train.parquet"}]).encode()
-    return {"data/collected/votes.parquet": _cache_object(project, parquet(votes)),
-            "data/split": _dir_object(project, listing)}
+    split = {"data/split": _dir_object(project, listing)}
+    if not parts:
+        return {"data/collected/votes.parquet": _cache_object(project, parquet(votes)), **split}
+    half = len(votes) // 2  # two parts: b10 before b2 in batch (name) order
+    collected = json.dumps([  # collect's output folder: the votes parts (listed out of batch order) and the quarantine
+        {"md5": _cache_object(project, b""), "relpath": "quarantine.jsonl"},
+        {"md5": _cache_object(project, parquet(votes.iloc[half:])), "relpath": "votes/b2.jsonl.parquet"},
+        {"md5": _cache_object(project, parquet(votes.iloc[:half])), "relpath": "votes/b10.jsonl.parquet"}])
+    return {"data/collected": _dir_object(project, collected.encode()), **split}
 
 
 def _params() -> dict:
@@ -167,7 +175,7 @@ def test_trace_names_the_model_whose_cached_data_is_damaged_and_traces_the_rest(
 
     project = tmp_path
     (project / "params.yaml").write_text((ROOT / "params.yaml").read_text())
-    inputs = [_model_inputs(project, tag) for tag in ("old", "new")]
+    inputs = [_model_inputs(project, tag, parts) for tag, parts in (("old", False), ("new", True))]
     for seq, lock in enumerate(inputs, 1):
         history.append(project, {"time": f"2026-12-0{seq}", "trigger": "test", "upstream_lock_md5": lock,
                                  "model": {"md5": f"m{seq}", "manifest_sha256": f"{seq:064d}"},

@@ -21,12 +21,13 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from rmpipe.audit import dvc_cache
-
-from rmpipe.audit import history
+from rmpipe.audit import dvc_cache, history
 from rmpipe.core.errors import DataError, UserError
+from rmpipe.core.paths import part_order
 
-VOTES = "data/collected/votes.parquet"
+COLLECTED = "data/collected"  # collect's output folder: its cached listing names every votes part
+VOTES = "votes/"  # the votes: a part per batch inside it (rmpipe.core.paths.vote_parts)
+VOTES_FILE = "data/collected/votes.parquet"  # what models recorded before the votes were parts
 SPLIT = "data/split"
 
 
@@ -34,24 +35,42 @@ class DamagedCache(Exception):
     """A past model's votes or splits are in the DVC cache, but their bytes are not what was recorded."""
 
 
+def _cached_votes(root: Path, lock: dict[str, str]) -> list[Path] | None:
+    """A recorded model's votes files in the DVC cache, verified, in batch order: the parts listed in collect's
+    output folder (DVC caches the listing of an output, not of a folder inside it), or the one votes.parquet
+    of a model recorded before the parts. None when anything is not cached."""
+    if lock.get(VOTES_FILE):
+        votes = dvc_cache.file_in_output(root, lock[VOTES_FILE])
+        return None if votes is None else [dvc_cache.verified(votes, lock[VOTES_FILE])]
+    listing = dvc_cache.dir_listing(root, lock.get(COLLECTED) or "")
+    parts = {rel[len(VOTES):]: md5 for rel, md5 in listing.items() if rel.startswith(VOTES)}
+    files = []
+    for name in sorted(parts, key=lambda rel: part_order(Path(rel))):
+        cached = dvc_cache.file_in_output(root, parts[name])
+        if cached is None:
+            return None
+        files.append(dvc_cache.verified(cached, parts[name]))
+    return files or None
+
+
 def _cached_inputs(root: Path, record: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame] | None:
     """(votes, train split) of a recorded model from the DVC cache, or None when not cached. Each object is
     checked against its md5 before it is read; a damaged one raises `DamagedCache` naming it."""
     lock = record.get("upstream_lock_md5") or {}
-    votes_md5, split_md5 = lock.get(VOTES), lock.get(SPLIT)
+    votes_md5, split_md5 = lock.get(VOTES_FILE) or lock.get(COLLECTED), lock.get(SPLIT)
     try:
-        votes = dvc_cache.file_in_output(root, votes_md5) if votes_md5 else None
         listing = dvc_cache.dir_listing(root, split_md5) if split_md5 else {}
         train = dvc_cache.file_in_output(root, split_md5, "train.parquet") if split_md5 else None
+        votes = _cached_votes(root, lock) if votes_md5 and train is not None else None
         if votes is None or train is None:
             return None
-        dvc_cache.verified(votes, votes_md5)
         dvc_cache.verified(train, listing["train.parquet"])
-        return pd.read_parquet(votes), pd.read_parquet(train, columns=["pair_id", "chosen"])
+        frames = [pd.read_parquet(part) for part in votes]
+        return pd.concat(frames, ignore_index=True), pd.read_parquet(train, columns=["pair_id", "chosen"])
     except dvc_cache.DamagedObject as exc:
         raise DamagedCache(str(exc)) from None
     except (OSError, ValueError, KeyError, pa.ArrowException) as exc:  # an unreadable listing or parquet
-        raise DamagedCache(f"{VOTES} ({votes_md5}) or {SPLIT} ({split_md5}) cannot be read: "
+        raise DamagedCache(f"the votes ({votes_md5}) or {SPLIT} ({split_md5}) cannot be read: "
                            f"{type(exc).__name__}: {exc}"[:500]) from None
 
 

@@ -4,14 +4,21 @@
     paths = ProjectPaths.at(tmp)        # a project copied elsewhere (tests)
     frames = read_splits(paths, ("train", "val"))
 
+The votes (`data/collected/votes/`) and the aggregated pairs (`data/aggregated/pairs/`) are folders of
+parquet parts, one per accepted batch, named for it (`part_name`): a new batch adds a part and leaves the
+others' bytes alone. Their order is the batches' (file-name) order, read back from the part names
+(`vote_parts`, `pair_parts`), not the part files' own sort. A single parquet file is taken where one is given.
+
 dvc.yaml names the same files; `tests/test_paths.py` checks each path here is one it declares.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
+from urllib.parse import quote, unquote
 
 import pandas as pd
 import pyarrow as pa
@@ -27,10 +34,10 @@ class ProjectPaths:
     """Each file or folder a stage reads or writes, relative to the project root (`ProjectPaths.at(root)`)."""
 
     # collect / aggregate
-    votes: Path = Path("data/collected/votes.parquet")
+    votes: Path = Path("data/collected/votes")  # one parquet part per accepted batch (`part_name`)
     quarantine: Path = Path("data/collected/quarantine.jsonl")
     collect_report: Path = Path("reports/collect.json")
-    pairs: Path = Path("data/aggregated/pairs.parquet")
+    pairs: Path = Path("data/aggregated/pairs")  # parts named as the votes part a pair is first seen in
     annotators_json: Path = Path("reports/annotators.json")
     annotators_md: Path = Path("reports/annotators.md")
     # split / validate
@@ -73,6 +80,52 @@ class ProjectPaths:
         return self.model_dir / "training.json"
 
 
+PART_SUFFIX = ".parquet"
+_LONG_NAME = 200  # bytes of an encoded batch name kept whole in a part name (file names end at 255)
+
+
+def part_name(batch_id: str) -> str:
+    """The votes part of batch `batch_id` (a file name in data/incoming/): the name, %-escaped but for
+    letters, digits and "-._", plus ".parquet". A name too long to keep whole is cut and given a hash,
+    after "~" (never produced by the escaping). Stable whatever other batches come or go."""
+    stem = quote(batch_id, safe="-._")
+    if len(stem) > _LONG_NAME:
+        stem = f"{stem[:_LONG_NAME - 40].rstrip('%0123456789ABCDEF')}~{hashlib.sha256(batch_id.encode()).hexdigest()[:32]}"
+    return stem + PART_SUFFIX
+
+
+def part_order(part: Path) -> tuple[str, str]:
+    """Where a part stands: its batch name (the order collect reads batches in), decoded from its name; a cut
+    long name by its kept head, then its hash."""
+    stem = part.name[: -len(PART_SUFFIX)]
+    head, _, digest = stem.partition("~")
+    return unquote(head), digest
+
+
+def parts_in(location: Path) -> list[Path]:
+    """The parquet parts of a parts folder in batch order (`part_order`); a single parquet file as itself,
+    also where the folder is absent and `<folder>.parquet` is there (a table made by hand, or an older
+    project); [] where there is nothing."""
+    location = Path(location)
+    if location.is_file():
+        return [location]
+    if not location.is_dir():
+        single = location.with_name(location.name + PART_SUFFIX)
+        return [single] if location.suffix != PART_SUFFIX and single.is_file() else []
+    return sorted((p for p in location.iterdir() if p.name.endswith(PART_SUFFIX) and p.is_file()
+                   and not p.name.startswith(".")), key=part_order)
+
+
+def vote_parts(paths: ProjectPaths) -> list[Path]:
+    """The collected votes' parts in batch order: the vote table is their rows in that order."""
+    return parts_in(paths.votes)
+
+
+def pair_parts(paths: ProjectPaths) -> list[Path]:
+    """The aggregated pairs' parts in batch order (the pairs table is their rows in that order)."""
+    return parts_in(paths.pairs)
+
+
 def _require_splits(paths: ProjectPaths, names: Sequence[str]) -> None:
     missing = [name for name in names if not paths.split(name).exists()]
     if missing:
@@ -99,20 +152,24 @@ CHUNK_ROWS = 16_384  # rows read at a time: one chunk of real-length texts (~40 
 
 
 def read_chunks(path: Path, batch_rows: int, made_by: str) -> Iterator[pd.DataFrame]:
-    """A parquet file as DataFrames of at most `batch_rows` rows (one empty frame for an empty file);
-    a missing or unreadable file is a DataError naming stage `made_by`, which writes it."""
-    if not Path(path).exists():
+    """A parquet file, or a folder of parts (`parts_in`, in order), as DataFrames of at most `batch_rows` rows
+    (one empty frame when there is no row); a missing or unreadable one is a DataError naming stage `made_by`."""
+    parts = parts_in(path)
+    if not parts:
         raise DataError(f"{path} not found: run the {made_by} stage first (dvc repro {made_by})")
-    try:
-        parquet = pq.ParquetFile(path, pre_buffer=False)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise DataError(f"{path} is not a readable parquet file ({exc}): re-run the {made_by} stage") from None
-    empty = True
-    for batch in parquet.iter_batches(batch_size=batch_rows):
-        empty = False
-        yield pa.Table.from_batches([batch]).to_pandas()
-    if empty:
-        yield parquet.schema_arrow.empty_table().to_pandas()
+    empty = None
+    for part in parts:
+        try:
+            parquet = pq.ParquetFile(part, pre_buffer=False)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise DataError(f"{part} is not a readable parquet file ({exc}): re-run the {made_by} stage") from None
+        for batch in parquet.iter_batches(batch_size=batch_rows):
+            empty = False
+            yield pa.Table.from_batches([batch]).to_pandas()
+        if empty is None:
+            empty = parquet.schema_arrow
+    if empty is not False:
+        yield empty.empty_table().to_pandas()
 
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected", "margin", "soft_label")  # what tokenizing a pair reads

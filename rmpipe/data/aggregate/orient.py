@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rmpipe.core.errors import DataError
+from rmpipe.core.paths import parts_in
 from rmpipe.core.schema import CHOICES, VOTE_COLUMNS, VOTE_DEFAULTS
 from rmpipe.data.aggregate.codes import (
     ID_COLUMNS,
@@ -215,41 +216,74 @@ def orient_votes(votes: pd.DataFrame) -> Votes:
     return _orient(read_codes(read, len(votes)), texts.to_batches(), PairTexts())
 
 
-def _text_bytes_per_row(parquet: pq.ParquetFile, columns: list[str]) -> float:
-    """Uncompressed bytes of the text columns per vote row, from the file's footer."""
-    meta = parquet.metadata
-    total = sum(
-        rg.column(i).total_uncompressed_size
-        for rg in (meta.row_group(k) for k in range(meta.num_row_groups))
-        for i in range(rg.num_columns)
-        if rg.column(i).path_in_schema in columns
-    )
-    return total / max(meta.num_rows, 1)
+class VoteParts:
+    """The collect stage's votes folder (or one parquet file) read as one table, part after part in batch order
+    (`rmpipe.core.paths.parts_in`): a column across all parts, or the text columns a record batch at a time."""
+
+    def __init__(self, location: str | Path):
+        self.parts = parts_in(Path(location))
+        if not self.parts:
+            raise DataError(f"{location} not found: run the collect stage first (`dvc repro collect`)")
+        try:
+            names = pq.read_schema(self.parts[0]).names
+            self.files = [pq.ParquetFile(part, pre_buffer=False, read_dictionary=[c for c in ID_COLUMNS if c in names])
+                          for part in self.parts]  # pre_buffer=False: one column chunk at a time, not the whole file
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise DataError(f"{location} holds a part that is not a readable parquet file ({exc}): re-run the "
+                            "collect stage") from None
+        self.names = names
+        for part, file in zip(self.parts, self.files):
+            require_columns(file.schema_arrow.names, str(part))
+            if file.schema_arrow.names != names:
+                raise DataError(f"{part} has other columns than {self.parts[0]}: re-run the collect stage")
+        rows = [file.metadata.num_rows for file in self.files]
+        self.starts = np.cumsum([0, *rows])  # part i holds rows starts[i] .. starts[i + 1]
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.starts[-1])
+
+    def column(self, name: str) -> pa.ChunkedArray | None:
+        if name not in self.names:
+            return None
+        chunks = [chunk for file in self.files for chunk in file.read(columns=[name]).column(0).chunks]
+        return pa.chunked_array(chunks, None if chunks else self.files[0].schema_arrow.field(name).type)
+
+    def batches(self, part: int, columns: list[str], batch_rows: int) -> Iterable[pa.RecordBatch]:
+        """The named columns of one part, a record batch at a time (texts decoded from the file as they come)."""
+        return pq.ParquetFile(self.parts[part], pre_buffer=False).iter_batches(batch_size=batch_rows, columns=columns)
+
+    def text_bytes_per_row(self, parts: Iterable[int], columns: list[str]) -> float:
+        """Uncompressed bytes of the text columns per vote row in the given parts, from their footers."""
+        total = rows = 0
+        for k in parts:
+            meta = self.files[k].metadata
+            rows += meta.num_rows
+            total += sum(rg.column(i).total_uncompressed_size
+                         for rg in (meta.row_group(g) for g in range(meta.num_row_groups))
+                         for i in range(rg.num_columns) if rg.column(i).path_in_schema in columns)
+        return total / max(rows, 1)
+
+    def codes(self) -> VoteCodes:
+        """The small columns of every part as one coded vote table (aggregate_codes)."""
+        return read_codes(self.column, self.num_rows)
 
 
 def read_votes(path: str | Path, spill_dir: Path | None = None, batch_rows: int = 32_768) -> Votes:
-    """Orient the collect stage's votes.parquet, streaming its text columns; pair texts spill to `spill_dir`."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path} not found: run the collect stage first (`dvc repro collect`)")
-    try:
-        # pre_buffer=False: decode one column chunk at a time instead of buffering the whole file (half the RSS and CPU)
-        schema = pq.read_schema(path)
-        parquet = pq.ParquetFile(path, pre_buffer=False, read_dictionary=[c for c in ID_COLUMNS if c in schema.names])
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise DataError(f"{path} is not a readable parquet file ({exc}): re-run the collect stage") from None
-    require_columns(parquet.schema_arrow.names, str(path))
-    names = parquet.schema_arrow.names
-    codes = read_codes(lambda c: parquet.read(columns=[c]).column(0) if c in names else None, parquet.metadata.num_rows)
+    """Orient the collect stage's votes (a folder of parts, or one parquet file), streaming their text columns;
+    pair texts spill to `spill_dir`."""
+    source = VoteParts(path)
+    codes = source.codes()
     release_memory()
-    text_columns = [c for c in TEXT_COLUMNS if c in names]
+    text_columns = [c for c in TEXT_COLUMNS if c in source.names]
     if "prompt_hash" not in text_columns:
         log.warning("%s has no prompt_hash column (written by an older collect): computing it here; "
                     "re-run the collect stage to skip this", path)
     n_pairs = len(codes.pair_names)
-    buckets = math.ceil(n_pairs * _text_bytes_per_row(parquet, text_columns) / BUCKET_BYTES) or 1
+    every = range(len(source.parts))
+    buckets = math.ceil(n_pairs * source.text_bytes_per_row(every, text_columns) / BUCKET_BYTES) or 1
     store = PairTexts(folder=spill_dir, bucket_codes=math.ceil(max(n_pairs, 1) / buckets))
-    batches = pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=batch_rows, columns=text_columns)
+    batches = (batch for k in every for batch in source.batches(k, text_columns, batch_rows))
     votes = _orient(codes, batches, store)
     release_memory()  # the decoded batches' memory
     return votes

@@ -7,6 +7,7 @@ PairTexts bucket at a time, so a chunk of output rows is all the text ever held 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -22,6 +23,14 @@ from rmpipe.data.aggregate.texts import SCHEMA as TEXT_SCHEMA
 from rmpipe.data.aggregate.texts import PairTexts
 from rmpipe.data.aggregate.vocab import SECOND, TIE, AggregateSettings
 
+SCHEMA = pa.schema([  # one output row (= vocab.OUTPUT_COLUMNS): every part has these types, whatever its values
+    ("pair_id", pa.string()), ("prompt", pa.string()), ("chosen", pa.string()), ("rejected", pa.string()),
+    ("n_votes", pa.int64()), ("n_chosen", pa.int64()), ("n_rejected", pa.int64()), ("n_tie", pa.int64()),
+    ("agreement", pa.float64()), ("soft_label", pa.float64()), ("margin", pa.float64()),
+    ("prompt_hash", pa.string()), ("batch_ids", pa.list_(pa.string())), ("prejudged", pa.bool_()),
+    ("group_id", pa.string()),
+])
+
 
 @dataclass
 class BatchLists:
@@ -30,6 +39,13 @@ class BatchLists:
     offsets: np.ndarray  # int64, one more than pairs: pair k's batches are batch[offsets[k]:offsets[k + 1]]
     batch: np.ndarray  # codes into names, sorted within each pair
     names: np.ndarray  # object: the batch ids
+
+    def take(self, rows: np.ndarray) -> BatchLists:
+        """The lists of the pairs at positions `rows` (ascending)."""
+        lengths = np.diff(self.offsets)[rows]
+        offsets = np.append(0, np.cumsum(lengths)).astype(np.int64)
+        picked = np.concatenate([self.batch[self.offsets[k]:self.offsets[k + 1]] for k in rows] or [self.batch[:0]])
+        return BatchLists(offsets=offsets, batch=picked, names=self.names)
 
     def slice(self, start: int, n: int) -> pa.ListArray:
         offsets = self.offsets[start:start + n + 1]
@@ -121,6 +137,26 @@ class PairColumns:
     group_id: np.ndarray
     codes: np.ndarray
 
+    def take(self, rows: np.ndarray) -> PairColumns:
+        """The kept pairs at positions `rows` (ascending: still in pair_id order)."""
+        return PairColumns(pair_id=self.pair_id.take(pa.array(rows, pa.int64())), second_wins=self.second_wins[rows],
+                           numbers=self.numbers.iloc[rows].reset_index(drop=True), batch_ids=self.batch_ids.take(rows),
+                           group_id=self.group_id[rows], codes=self.codes[rows])
+
+    def digest(self) -> str:
+        """sha256 of everything an output row takes from here (the pair codes aside: they number the pairs of
+        this run, not what a row says): with the texts' source, what decides a pairs part's bytes."""
+        n = len(self.codes)
+        table = pa.table({
+            "pair_id": self.pair_id, "second_wins": pa.array(self.second_wins, pa.bool_()),
+            **{name: pa.array(self.numbers[name].to_numpy()) for name in self.numbers.columns},
+            "batch_ids": self.batch_ids.slice(0, n), "group_id": pa.array(self.group_id, pa.string()),
+        })
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table.combine_chunks())
+        return hashlib.sha256(sink.getvalue()).hexdigest()
+
 
 def pair_columns(votes: VoteCodes, used: np.ndarray, final: Pass, keep: np.ndarray,
                  settings: AggregateSettings) -> PairColumns:
@@ -156,7 +192,7 @@ def pair_columns(votes: VoteCodes, used: np.ndarray, final: Pass, keep: np.ndarr
     )
 
 
-def _chunk(columns: PairColumns, start: int, texts: pa.Table) -> pd.DataFrame:
+def _chunk(columns: PairColumns, start: int, texts: pa.Table) -> pa.Table:
     """Output rows start .. start + len(texts); `texts` holds their PairTexts rows, in the same order."""
     n = texts.num_rows
     if not np.array_equal(texts.column("code").to_numpy(), columns.codes[start:start + n]):
@@ -176,12 +212,11 @@ def _chunk(columns: PairColumns, start: int, texts: pa.Table) -> pd.DataFrame:
         "prejudged": part["prejudged"].to_numpy(),
         "group_id": pa.array(columns.group_id[start:start + n], pa.string()),
     })
-    # batch_ids as plain object lists: an ArrowDtype column leaves pandas metadata that read_parquet cannot parse.
-    return table.to_pandas()
+    return table.cast(SCHEMA)
 
 
-def pair_chunks(columns: PairColumns, texts: PairTexts) -> Iterator[pd.DataFrame]:
-    """The output rows in pair_id order, one frame per PairTexts bucket (at least one frame)."""
+def pair_tables(columns: PairColumns, texts: PairTexts) -> Iterator[pa.Table]:
+    """The output rows (SCHEMA) in pair_id order, one table per PairTexts bucket (at least one table)."""
     start = 0
     for rows in texts.sorted_rows(columns.codes):
         if rows.num_rows:
@@ -191,3 +226,9 @@ def pair_chunks(columns: PairColumns, texts: PairTexts) -> Iterator[pd.DataFrame
         raise RuntimeError(f"aggregate: {len(columns.codes) - start} kept pairs have no texts")
     if start == 0:
         yield _chunk(columns, 0, TEXT_SCHEMA.empty_table())
+
+
+def pair_chunks(columns: PairColumns, texts: PairTexts) -> Iterator[pd.DataFrame]:
+    """`pair_tables` as DataFrames (batch_ids as plain object lists, as read_parquet gives them back)."""
+    for table in pair_tables(columns, texts):
+        yield table.to_pandas()

@@ -6,6 +6,8 @@ The steps, each in its own module:
   aggregate_labels   crowd-kit labels per pair, ties, Krippendorff's alpha, annotator stats
   aggregate_pairs    the output rows, chunk by chunk
   aggregate_report   reports/annotators.{json,md} and the "too much dropped" check
+  aggregate_parts    the stage's path: votes parts in, pairs parts out, text work only where parts changed
+  aggregate_memo     what aggregate_parts keeps between runs (.rmpipe/memo/aggregate/)
 This module sorts every vote into one bucket, runs the passes and puts the pieces together.
 
 Scale. All aggregation works on integer codes and numpy: memory grows with the number of
@@ -22,9 +24,10 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -41,14 +44,20 @@ from rmpipe.data.aggregate.labels import (  # noqa: F401
     annotator_stats,
     krippendorff_alpha,
 )
+from rmpipe.data.aggregate.memo import AggregateMemo
 from rmpipe.data.aggregate.orient import (  # noqa: F401
     PY_WHITESPACE,
+    VoteParts,
     Votes,
     canonical_key,
     orient_votes,
     read_votes,
 )
+from rmpipe.data.aggregate.orient import (
+    _representative_rows as representative_rows,
+)
 from rmpipe.data.aggregate.pairs import PairColumns, pair_chunks, pair_columns
+from rmpipe.data.aggregate.parts import orient_parts, part_hashes, write_pair_parts
 from rmpipe.data.aggregate.report import annotator_markdown, build_report, check_dropped  # noqa: F401
 from rmpipe.data.aggregate.texts import PairTexts
 from rmpipe.data.aggregate.vocab import (  # noqa: F401
@@ -93,17 +102,28 @@ def aggregate(source: Votes | pd.DataFrame, settings: AggregateSettings) -> Aggr
     return Aggregation(pairs=pairs, report=decision.report, annotators=decision.annotators)
 
 
-def aggregate_file(votes_path: str | Path, pairs_path: str | Path, settings: AggregateSettings,
-                   counter: Counter | None = None) -> Decision:
-    """votes.parquet -> pairs.parquet, streaming: texts spill beside the output and are written chunk by chunk.
-    `counter`: the group-by on the pair code run by an engine (rmpipe.data.engine.pair_counter)."""
-    pairs_path = Path(pairs_path)
-    pairs_path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_spills(pairs_path.parent)
-    with tempfile.TemporaryDirectory(prefix=f".aggregate-{os.getpid()}-", dir=pairs_path.parent) as spill:
-        decision = decide(read_votes(votes_path, spill_dir=Path(spill)), settings, counter)
-        release_memory()  # the per-vote codes, gone with decide's frame: only per-pair columns remain
-        io.write_parquet_chunks(pairs_path, decision.chunks())
+def aggregate_file(votes_path: str | Path, pairs_dir: str | Path, settings: AggregateSettings,
+                   counter: Counter | None = None, memo: AggregateMemo | None = None,
+                   batch_rows: int = 32_768) -> Decision:
+    """The votes (a folder of parts, or one parquet file) -> the pairs folder `pairs_dir`, one part per votes
+    part holding representative votes (aggregate.parts), written whole (replacing the folder). Streaming:
+    texts are read a record batch at a time and spill beside the output. `counter`: the group-by on the pair
+    code run by an engine (rmpipe.data.engine.pair_counter). `memo` (aggregate.memo): the text work of
+    unchanged parts is not done again; the same bytes."""
+    pairs_dir = Path(pairs_dir)
+    pairs_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_spills(pairs_dir.parent)
+    source = VoteParts(votes_path)
+    codes = source.codes()
+    release_memory()
+    hashes = part_hashes(source) if memo is not None else []
+    reps = representative_rows(codes)
+    with tempfile.TemporaryDirectory(prefix=f".aggregate-{os.getpid()}-", dir=pairs_dir.parent) as spill:
+        texts = orient_parts(codes, source, memo, hashes, reps, Path(spill), batch_rows)
+        decision = decide(Votes(codes=codes, texts=PairTexts()), settings, counter)
+        release_memory()  # decide's temporaries: only per-pair columns and the per-vote codes remain
+        with io.atomic_dir(pairs_dir) as out:
+            write_pair_parts(decision.columns, codes, source, out, memo, hashes, reps, texts, Path(spill), batch_rows)
     return decision
 
 

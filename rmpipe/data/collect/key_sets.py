@@ -93,6 +93,11 @@ class DigestSet:
         self.low = np.insert(self.low, at, low[order])
         self.values = np.insert(self.values, at, values[order])
 
+    def digests(self) -> list[bytes]:
+        """The members, sorted."""
+        packed = np.stack([self.high, self.low], axis=1).astype(_HALVES).tobytes()
+        return [packed[start:start + DIGEST_BYTES] for start in range(0, len(packed), DIGEST_BYTES)]
+
     def update(self, keys: list[bytes]) -> None:
         """Add the keys that are not members yet (repeats among them once)."""
         fresh = [key for key, value in zip(keys, self.find(keys)) if value < 0]

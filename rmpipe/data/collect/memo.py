@@ -13,6 +13,10 @@ relies on: the batch was accepted, its bytes were not read before (checked befor
 and none of its vote keys is among the accepted votes (a search over the keys, no text read). Anything
 else is collected again in order, as without a memo.
 
+An entry's votes are the batch's votes part itself (`collect.parts`: its bytes depend on the batch's votes
+only), so a reused batch is hard-linked into data/collected/votes/ without being decoded or written again
+(DVC deletes a stage's outputs before it runs it: this puts them back at the cost of a link).
+
 An entry is a folder written whole and renamed into place; `seal.json`, written last, holds the sha256
 of its files, which are checked on every use: a damaged or half-written entry is deleted and the batch
 read again. Deleting the memo changes nothing but time. Entries no batch of a run used are pruned after it.
@@ -35,21 +39,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from rmpipe.core.codedeps import code_hash
 from rmpipe.core.io import sha256_file
 from rmpipe.core.settings import CollectSettings
-from rmpipe.data.collect import key_sets
 from rmpipe.data.collect.batch import BatchResult, collect_batch, screen
 from rmpipe.data.collect.fast import VOTES_SCHEMA
 from rmpipe.data.collect.key_sets import DIGEST_BYTES, SeenVotes
+from rmpipe.data.collect.parts import PartCounts, write_part
 
 MEMO_DIR = Path(".rmpipe/memo/collect")
-FORMAT = "rmpipe-collect-memo/1"
-FILES = ("votes.arrow", "keys.bin", "lines.npy", "pairs.bin", "result.json")
+FORMAT = "rmpipe-collect-memo/2"
+PART = "votes.parquet"  # the batch's votes part, byte for byte what data/collected/votes/ holds
+FILES = (PART, "keys.bin", "lines.npy", "pairs.bin", "result.json")
 STAGE_ENTRY = "stages/collect.py"
 
 log = logging.getLogger("rmpipe.collect")
@@ -101,8 +103,9 @@ class CollectMemo:
     def _folder(self, key: str) -> Path:
         return self.root / "entries" / key
 
-    def load(self, batch_id: str, sha256: str) -> tuple[BatchResult, Counted] | None:
-        """The outcome stored for this batch (knowing no earlier batch) and its votes, verified; or None."""
+    def load(self, batch_id: str, sha256: str) -> tuple[BatchResult, Sealed] | None:
+        """The outcome stored for this batch (knowing no earlier batch) and its sealed votes part, verified;
+        or None."""
         key = self.key(batch_id, sha256)
         folder = self._folder(key)
         if not folder.is_dir():
@@ -119,27 +122,26 @@ class CollectMemo:
             return None
         stored = json.loads((folder / "result.json").read_text(encoding="utf-8"))
         keyed = dict(zip(_digests(folder / "keys.bin"), np.load(folder / "lines.npy").tolist()))
-        with pa.ipc.open_file(pa.memory_map(str(folder / "votes.arrow"))) as reader:
-            table = reader.read_all()
         self.used.add(key)
-        counted = Counted(table, _digests(folder / "pairs.bin"), stored["annotators"])
-        return BatchResult(batch_id, stored["report"], stored["quarantine"], keys=keyed), counted
+        counts = PartCounts(stored["votes"], _digests(folder / "pairs.bin"), stored["annotators"])
+        return BatchResult(batch_id, stored["report"], stored["quarantine"], keys=keyed), Sealed(folder / PART, counts)
 
-    def store(self, result: BatchResult) -> Counted | None:
-        """Keep an accepted batch's outcome computed knowing no earlier batch; its votes are copied here a
-        record batch at a time. Returns them counted when they are held in memory (the run then takes them so)."""
+    def store(self, result: BatchResult) -> Sealed:
+        """Keep an accepted batch's outcome computed knowing no earlier batch, its votes as the very part the
+        votes folder holds for it (`collect.parts.write_part`), so a later run links it in unread."""
         key = self.key(result.batch_id, result.report["sha256"])
         final = self._folder(key)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))
         try:
-            pairs, annotators = self._write_votes(result, tmp / "votes.arrow")
+            votes = result.part if result.part is not None else result.table
+            counts = write_part(tmp / PART, votes if votes is not None else VOTES_SCHEMA.empty_table())
             (tmp / "keys.bin").write_bytes(b"".join(result.keys))
             np.save(tmp / "lines.npy", np.fromiter(result.keys.values(), np.int64, len(result.keys)))
-            (tmp / "pairs.bin").write_bytes(b"".join(pairs))
+            (tmp / "pairs.bin").write_bytes(b"".join(counts.pairs))
             (tmp / "result.json").write_text(json.dumps({"report": result.report, "quarantine": result.quarantine,
-                                                         "annotators": annotators}, ensure_ascii=False, default=str),
-                                             encoding="utf-8")
+                                                         "votes": counts.votes, "annotators": counts.annotators},
+                                                        ensure_ascii=False, default=str), encoding="utf-8")
             seal = {name: sha256_file(tmp / name) for name in FILES}
             (tmp / "seal.json").write_text(json.dumps(seal), encoding="utf-8")
             shutil.rmtree(final, ignore_errors=True)
@@ -147,25 +149,7 @@ class CollectMemo:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         self.used.add(key)
-        return Counted(result.table, pairs, annotators) if result.part is None and result.table is not None else None
-
-    @staticmethod
-    def _write_votes(result: BatchResult, out: Path) -> tuple[list[bytes], list[str]]:
-        """The votes as Arrow IPC (lz4: read back at memory speed; a parquet part cost more to decode than the
-        batch cost to read), and their distinct pair digests and annotators."""
-        if result.part is not None:
-            source = (pa.Table.from_batches([b]) for b in pq.ParquetFile(result.part).iter_batches(batch_size=1 << 16))
-        else:
-            source = iter([result.table if result.table is not None else VOTES_SCHEMA.empty_table()])
-        pairs, annotators = key_sets.DigestSet(), set()
-        options = pa.ipc.IpcWriteOptions(compression="lz4")
-        with pa.ipc.new_file(str(out), VOTES_SCHEMA, options=options) as writer:
-            for table in source:
-                writer.write_table(table.cast(VOTES_SCHEMA), max_chunksize=1 << 16)
-                pairs.update(key_sets.digests_of(pc.unique(table["pair_id"])))
-                annotators.update(pc.unique(table["annotator_id"]).to_pylist())
-        packed = np.stack([pairs.high, pairs.low], axis=1).astype(">u8").tobytes()
-        return _split_digests(packed), sorted(annotators)
+        return Sealed(final / PART, counts)
 
     def reusable(self, result: BatchResult, accepted: SeenVotes) -> bool:
         """Whether a no-earlier-batch outcome is this batch's outcome here: accepted, no vote already in the table."""
@@ -187,8 +171,8 @@ class CollectMemo:
 
 
 def memoized(path: Path, conf: CollectSettings, memo: CollectMemo, accepted: SeenVotes,
-              seen_files: Mapping[str, str], options: dict) -> tuple[BatchResult, Counted | None]:
-    """A batch's result through the memo: (result, the memo's votes when they are the memo's)
+              seen_files: Mapping[str, str], options: dict) -> tuple[BatchResult, Sealed | None]:
+    """A batch's result through the memo: (result, the memo's sealed part when its votes are the memo's)
 
     Screened first (refusals and duplicate files need no rows). Then the memo's outcome, where no vote of
     it is already in the table; else the batch read knowing no earlier batch (what the memo keeps) and
@@ -203,22 +187,22 @@ def memoized(path: Path, conf: CollectSettings, memo: CollectMemo, accepted: See
     memo.misses += 1
     if stored is None:
         alone = collect_batch(path, conf, sha_of=memo.sha_of, **options)
-        counted = memo.store(alone) if alone.accepted else None
-        if not seen_files or memo.reusable(alone, accepted):  # nothing read before it, or nothing it repeats
-            return alone, counted
+        sealed = memo.store(alone) if alone.accepted else None
         if alone.part is not None:
             alone.part.unlink(missing_ok=True)
+            alone.part = None
+        alone.table = None  # the votes are in the sealed part now (or were not accepted)
+        if not seen_files or memo.reusable(alone, accepted):  # nothing read before it, or nothing it repeats
+            return alone, sealed
     return collect_batch(path, conf, earlier=accepted, seen_files=seen_files, sha_of=memo.sha_of, **options), None
 
 
 @dataclass
-class Counted:
-    """A memoized batch's votes with what the vote table's counts need of them (distinct pair digests,
-    annotators), so the counts take no pass over its texts."""
+class Sealed:
+    """A memoized batch's votes part (inside its sealed memo entry) and its counts, known without reading it."""
 
-    table: pa.Table
-    pairs: list[bytes]
-    annotators: list[str]
+    part: Path
+    counts: PartCounts
 
 
 def _split_digests(data: bytes) -> list[bytes]:

@@ -13,7 +13,7 @@ The work is split by job: `collect.read` reads a batch in chunks, `collect.fast`
 normalizes whole columns of a chunk, `collect.rows` is the per-row path (every rule and reason),
 `collect.batch` puts one batch together (`collect.batch.collect_batch`, a function of one file
 that can run in any process), and this module runs the batches of the folder in file-name order
-and appends each accepted batch to data/collected/votes.parquet (`VoteWriter`). Memory is that of a
+and writes each accepted batch as its part of data/collected/votes/ (`collect.parts`). Memory is that of a
 batch's votes up to HOLD_MB (beyond, they wait in a part on disk), a 16-byte key per vote and a
 capped cache of text fingerprints; the output does not depend on the chunk size or on the fast path.
 """
@@ -31,13 +31,13 @@ from typing import Any, Iterator, Mapping
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rmpipe.core.errors import DataError
-from rmpipe.core.io import atomic_path
+from rmpipe.core.io import atomic_dir
+from rmpipe.core.paths import CHUNK_ROWS, part_name, parts_in
 from rmpipe.core.settings import CollectSettings
-from rmpipe.data.collect import hf_batches, key_sets
+from rmpipe.data.collect import hf_batches
 from rmpipe.data.collect.batch import (
     FORMATS,
     POLICIES,
@@ -49,16 +49,14 @@ from rmpipe.data.collect.batch import (
 from rmpipe.data.collect.fast import VOTES_SCHEMA
 from rmpipe.data.collect.fields import RAW_MAX_CHARS, REASONS, Bad
 from rmpipe.data.collect.key_sets import SeenVotes
-from rmpipe.data.collect.memo import CollectMemo, Counted, memoized
-from rmpipe.core.paths import CHUNK_ROWS
+from rmpipe.data.collect.memo import CollectMemo, memoized
+from rmpipe.data.collect.parts import ROWS_PER_GROUP, PartsFolder
 from rmpipe.data.collect.rows import Normalizer
 from rmpipe.data.engine import BatchRunner
 
 __all__ = ["FORMATS", "POLICIES", "RAW_MAX_CHARS", "REASONS", "BatchResult", "CollectSettings", "as_settings",
            "check_batch", "collect_dir", "collect_to", "incoming_snapshot", "raise_for_rejected", "raise_if_changed", "write_votes"]
 _Normalizer, _Bad = Normalizer, Bad  # the per-row path, under the names tests have used
-ROWS_PER_GROUP = 50_000  # parquet row group of votes.parquet: ~100 MB of long texts, read a group at a time
-WRITE_BATCH_ROWS = 1024  # rows the parquet writer takes at a time; votes.parquet's arrays are cut at its multiples
 HOLD_MB = 512  # a batch's votes up to this size wait in memory for the merge, not in a part on disk
 
 log = logging.getLogger("rmpipe.collect")
@@ -181,11 +179,12 @@ def raise_if_changed(incoming_dir: str | Path, before: Snapshot) -> None:
                           "for this run: run `dvc repro` again to collect what is there now")
 
 
-def collect_to(incoming_dir: str | Path, cfg: Mapping[str, Any] | CollectSettings, votes_path: str | Path,
+def collect_to(incoming_dir: str | Path, cfg: Mapping[str, Any] | CollectSettings, votes_dir: str | Path,
                retracted: list[dict] | None = None, *, fast: bool = True, chunk_rows: int = CHUNK_ROWS,
                hold_mb: float = HOLD_MB, ahead: BatchRunner | None = None,
                memo: CollectMemo | None = None) -> tuple[list[dict], dict]:
-    """Collect every batch in `incoming_dir` into the parquet file `votes_path`: (quarantine rows, report).
+    """Collect every batch in `incoming_dir` into the folder `votes_dir`, one parquet part per accepted batch
+    (`collect.parts`): (quarantine rows, report).
 
     Votes of accepted batches only, in file-name then line order. Rejected batches never raise
     here: call `raise_for_rejected(report, cfg)` after writing the report and quarantine, so the
@@ -197,11 +196,10 @@ def collect_to(incoming_dir: str | Path, cfg: Mapping[str, Any] | CollectSetting
     files, skipped = _batch_files(Path(incoming_dir))
     for item in skipped:
         log.warning("skipped %s: %s", item["file"], item["reason"])
-    votes_path = Path(votes_path)
     accepted, seen_files = SeenVotes(), {}
     quarantine, entries = [], []
-    table = VoteWriter(votes_path)
-    with tempfile.TemporaryDirectory(prefix=".collect-parts-", dir=votes_path.parent) as tmp, _gc_paused():
+    table = PartsFolder(Path(votes_dir))
+    with tempfile.TemporaryDirectory(prefix=".collect-parts-", dir=table.folder.parent) as tmp, _gc_paused():
         futures = (ahead(files, conf, retracted or [], Path(tmp), fast=fast, chunk_rows=chunk_rows) if ahead
                    else [None] * len(files))
         for number, path in enumerate(files):
@@ -222,7 +220,10 @@ def collect_to(incoming_dir: str | Path, cfg: Mapping[str, Any] | CollectSetting
             quarantine.extend(result.quarantine)
             if result.accepted:
                 accepted.add(result.batch_id, result.keys)
-                table.add(result.part or result.table) if kept is None else table.add_counted(kept)
+                if kept is None:
+                    table.add(result.batch_id, result.part or result.table)
+                else:
+                    table.add_sealed(result.batch_id, kept.part, kept.counts)
             elif result.part is not None:
                 result.part.unlink(missing_ok=True)
             result.table = None  # held votes are freed batch by batch
@@ -244,79 +245,23 @@ def _reuse(future: Any, accepted: SeenVotes, seen_files: Mapping[str, str]) -> B
     return None
 
 
-class VoteWriter:
-    """votes.parquet, written as accepted batches come (in file-name order), in row groups of
-    `rows_per_group` whatever the batches' sizes, so its bytes depend on the votes only. Counts
-    votes, pairs and annotators on the way."""
-
-    def __init__(self, out: Path, rows_per_group: int = ROWS_PER_GROUP):
-        self.writer = pq.ParquetWriter(out, VOTES_SCHEMA, compression="zstd", write_batch_size=WRITE_BATCH_ROWS)
-        self.rows = rows_per_group
-        self.pending: list[pa.Table] = []
-        self.pairs = key_sets.DigestSet()  # millions of pair ids: 24 bytes each, not a str in a set
-        self.annotators: set[str] = set()
-        self.votes = 0
-
-    def add_counted(self, votes: Counted) -> None:
-        """A memoized batch's votes, its pair digests and annotators already known."""
-        self.pairs.update(votes.pairs)
-        self.annotators.update(votes.annotators)
-        self.add(votes.table, counted=True)
-
-    def add(self, votes: Path | pa.Table, counted: bool = False) -> None:
-        """A batch's votes: a table held in memory, or a parquet part (deleted once copied)."""
-        batches = (votes.to_batches(max_chunksize=self.rows) if isinstance(votes, pa.Table)
-                   else pq.ParquetFile(votes).iter_batches(batch_size=self.rows))
-        for batch in batches:
-            if not counted:
-                self.pairs.update(key_sets.digests_of(pc.unique(batch["pair_id"])))
-                self.annotators.update(pc.unique(batch["annotator_id"]).to_pylist())
-            self.votes += batch.num_rows
-            self.pending.append(pa.Table.from_batches([batch], schema=VOTES_SCHEMA))
-            self._flush(final=False)
-        if isinstance(votes, Path):
-            votes.unlink()
-
-    def close(self) -> dict[str, int]:
-        self._flush(final=True)
-        self.writer.close()
-        return {"votes": self.votes, "pairs": len(self.pairs), "annotators": len(self.annotators)}
-
-    def _flush(self, final: bool) -> None:
-        """Write whole row groups from `pending` (all of it when `final`); keep the rest pending."""
-        size = sum(t.num_rows for t in self.pending)
-        if size < self.rows and not (final and size):
-            return
-        table = pa.concat_tables(self.pending)
-        start = 0
-        while table.num_rows - start >= self.rows or (final and start < table.num_rows):
-            self.writer.write_table(_rechunked(table.slice(start, self.rows)), row_group_size=self.rows)
-            start += self.rows
-        self.pending = [table.slice(start)] if start < table.num_rows else []
-
-
-def _rechunked(table: pa.Table) -> pa.Table:
-    """`table` in chunks of exactly WRITE_BATCH_ROWS rows (the last one shorter), whatever chunks it came in.
-
-    The parquet writer takes a column chunk by chunk, WRITE_BATCH_ROWS rows at a time from each chunk's
-    start, and decides page breaks and the dictionary fallback at those steps: the same rows in other chunks
-    (a batch held in memory, one read back from a Dask worker's part, other read chunk sizes) gave other pages
-    and other bytes. Cut at fixed row offsets, the bytes depend on the rows only (and each window of text
-    stays far below Arrow's 2 GB per-array limit)."""
-    windows = [table.slice(start, WRITE_BATCH_ROWS).combine_chunks()
-               for start in range(0, table.num_rows, WRITE_BATCH_ROWS)]
-    return pa.Table.from_batches([batch for window in windows for batch in window.to_batches()], schema=table.schema)
-
-
 def collect_dir(incoming_dir: str | Path, cfg: Mapping[str, Any] | CollectSettings, retracted: list[dict] | None = None,
                 **options: Any) -> tuple[pd.DataFrame, list[dict], dict]:
     """`collect_to` with the votes returned as a DataFrame: (votes, quarantine rows, report). For tests
     and small folders; the stage streams to disk with `collect_to`."""
     with tempfile.TemporaryDirectory(prefix="rmpipe-collect-") as tmp:
-        path = Path(tmp) / "votes.parquet"
-        quarantine, report = collect_to(incoming_dir, cfg, path, retracted, **options)
-        votes = votes_frame(pq.read_table(path))
+        folder = Path(tmp) / "votes"
+        quarantine, report = collect_to(incoming_dir, cfg, folder, retracted, **options)
+        votes = votes_frame(read_votes_table(folder))
     return votes, quarantine, report
+
+
+def read_votes_table(location: str | Path) -> pa.Table:
+    """A votes folder's parts (or one parquet file) as one Arrow table, in batch order."""
+    parts = parts_in(Path(location))
+    if not parts:
+        return VOTES_SCHEMA.empty_table()
+    return pa.concat_tables([pq.read_table(part) for part in parts])
 
 
 def _report(entries: list[dict], skipped: list[dict], counts: dict[str, int], conf: CollectSettings) -> dict:
@@ -367,10 +312,14 @@ def raise_for_rejected(report: dict, cfg: Mapping[str, Any] | CollectSettings) -
 
 
 
-def write_votes(path: str | Path, votes: pd.DataFrame, rows_per_group: int = ROWS_PER_GROUP) -> None:
-    """Write a vote table held as a DataFrame to parquet, in the schema collect writes."""
-    with atomic_path(path) as tmp:
-        with pq.ParquetWriter(tmp, VOTES_SCHEMA, compression="zstd") as writer:
-            for start in range(0, max(len(votes), 1), rows_per_group):
-                part = votes.iloc[start:start + rows_per_group]
-                writer.write_table(pa.Table.from_pandas(part, schema=VOTES_SCHEMA, preserve_index=False))
+def write_votes(folder: str | Path, votes: pd.DataFrame, rows_per_group: int = ROWS_PER_GROUP) -> None:
+    """Write a vote table held as a DataFrame as a votes folder, as collect writes it: one part per batch_id
+    (batch order), each holding that batch's rows in the frame's order. Replaces the folder whole."""
+    from rmpipe.data.collect.parts import write_part
+
+    with atomic_dir(folder) as tmp:
+        table = pa.Table.from_pandas(votes.reset_index(drop=True), schema=VOTES_SCHEMA, preserve_index=False)
+        ids = table["batch_id"].to_numpy(zero_copy_only=False)
+        for batch_id in sorted(set(ids), key=str):
+            rows = table.filter(pa.array(ids == batch_id))
+            write_part(tmp / part_name(str(batch_id)), rows, rows_per_group)

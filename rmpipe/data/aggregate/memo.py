@@ -1,0 +1,133 @@
+"""Aggregate does the text work of what changed only: a content-addressed memo under `.rmpipe/memo/aggregate/`.
+
+Two things cost aggregate its time, and both are functions of one votes part (one batch) and little else:
+  - orienting its votes (normalizing both responses of every vote to find the canonical order and the
+    text lengths): a function of the part's bytes, kept as three small per-vote arrays (~9 bytes a vote);
+  - writing a pairs part: its rows' texts come from the part holding each pair's representative vote, and
+    everything else from the pair's computed columns (`PairColumns.digest`), kept as the part file itself.
+The integer work over all votes (codes, counts, labels, annotator figures, alpha, the report) is redone
+whole every run: it is cheap, and with Dawid-Skene or exclude_flagged every label may depend on every vote.
+An entry is used only when its key matches:
+
+    facts:  sha256(format, code, votes part sha256)
+    pairs:  sha256(format, code, aggregate settings, votes part sha256, sha256 of the part's pair columns)
+
+where code is the code_hash of stages/aggregate.py's import closure (what `rmpipe deps` writes in dvc.yaml).
+An entry is a folder written whole and renamed into place, with `seal.json` (the sha256 of its files) last;
+every use checks the seal, and a damaged entry is deleted and rebuilt. Entries a run did not use are pruned
+after it; deleting the memo changes nothing but time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rmpipe.core.codedeps import code_hash
+from rmpipe.core.io import sha256_file
+
+MEMO_DIR = Path(".rmpipe/memo/aggregate")
+FORMAT = "rmpipe-aggregate-memo/1"
+STAGE_ENTRY = "stages/aggregate.py"
+FACTS = ("label.npy", "len_first.npy", "len_second.npy")
+PART = "pairs.parquet"
+
+log = logging.getLogger("rmpipe.aggregate")
+
+
+class AggregateMemo:
+    """The memo of one aggregate run: settings and code fixed; entries keyed as the module says."""
+
+    def __init__(self, root: Path, settings: Any, code: str | None = None):
+        self.root = Path(root)
+        self.code = code or code_hash(STAGE_ENTRY)
+        self.settings = {k: str(v) for k, v in sorted(settings.model_dump().items())}
+        self.used: set[str] = set()
+        self.hits = {"facts": 0, "pairs": 0}
+        self.misses = {"facts": 0, "pairs": 0}
+
+    def _key(self, **what: Any) -> str:
+        blob = json.dumps({"format": FORMAT, "code": self.code, **what}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def facts_key(self, part_sha: str) -> str:
+        return self._key(kind="facts", part=part_sha)
+
+    def pairs_key(self, part_sha: str, columns_sha: str) -> str:
+        return self._key(kind="pairs", settings=self.settings, part=part_sha, columns=columns_sha)
+
+    # --- sealed entries ------------------------------------------------------------------------------
+    def _open(self, key: str, files: tuple[str, ...], what: str) -> Path | None:
+        """The entry's folder once its seal holds, else None (a damaged entry deleted, with a warning)."""
+        folder = self.root / "entries" / key
+        kind = "facts" if files == FACTS else "pairs"
+        if not folder.is_dir():
+            self.misses[kind] += 1
+            return None
+        try:
+            seal = json.loads((folder / "seal.json").read_text(encoding="utf-8"))
+            bad = [name for name in files if sha256_file(folder / name) != seal.get(name)]
+        except (OSError, ValueError, AttributeError) as exc:
+            bad = [f"seal.json ({exc})"]
+        if bad:
+            log.warning("aggregate memo entry for %s is damaged (%s): deleted, made again", what, ", ".join(bad))
+            shutil.rmtree(folder, ignore_errors=True)
+            self.misses[kind] += 1
+            return None
+        self.used.add(key)
+        self.hits[kind] += 1
+        return folder
+
+    def _seal(self, key: str, write: Any, files: tuple[str, ...]) -> Path:
+        """Make an entry: `write(folder)` fills a temp folder with `files`; sealed, then renamed into place."""
+        final = self.root / "entries" / key
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))
+        try:
+            write(tmp)
+            seal = {name: sha256_file(tmp / name) for name in files}
+            (tmp / "seal.json").write_text(json.dumps(seal), encoding="utf-8")
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.used.add(key)
+        return final
+
+    # --- the two kinds ---------------------------------------------------------------------------------
+    def load_facts(self, part_sha: str, what: str) -> tuple[np.ndarray, ...] | None:
+        folder = self._open(self.facts_key(part_sha), FACTS, what)
+        return None if folder is None else tuple(np.load(folder / name) for name in FACTS)
+
+    def store_facts(self, part_sha: str, arrays: tuple[np.ndarray, ...]) -> None:
+        def write(folder: Path) -> None:
+            for name, values in zip(FACTS, arrays):
+                np.save(folder / name, values)
+
+        self._seal(self.facts_key(part_sha), write, FACTS)
+
+    def load_part(self, key: str, what: str) -> Path | None:
+        folder = self._open(key, (PART,), what)
+        return None if folder is None else folder / PART
+
+    def store_part(self, key: str, write: Any) -> Path:
+        """`write(path)` writes the pairs part; kept sealed, its path returned (to be linked into the output)."""
+        return self._seal(key, lambda folder: write(folder / PART), (PART,)) / PART
+
+    def finish(self) -> None:
+        """After a run: drop the entries it did not use (other batches, settings or code)."""
+        entries = self.root / "entries"
+        if entries.is_dir():
+            for folder in entries.iterdir():
+                if folder.name not in self.used:
+                    shutil.rmtree(folder, ignore_errors=True)
+        log.info("aggregate memo: orientation of %d part(s) reused, %d computed; %d pairs part(s) reused, %d written",
+                 self.hits["facts"], self.misses["facts"], self.hits["pairs"], self.misses["pairs"])
