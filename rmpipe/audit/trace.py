@@ -25,6 +25,7 @@ from rmpipe.audit import dvc_cache
 
 from rmpipe.audit import history
 from rmpipe.core.errors import DataError, UserError
+from rmpipe.core.paths import read_parts
 
 VOTES = "data/collected/votes.parquet"
 SPLIT = "data/split"
@@ -42,12 +43,16 @@ def _cached_inputs(root: Path, record: dict[str, Any]) -> tuple[pd.DataFrame, pd
     try:
         votes = dvc_cache.file_in_output(root, votes_md5) if votes_md5 else None
         listing = dvc_cache.dir_listing(root, split_md5) if split_md5 else {}
-        train = dvc_cache.file_in_output(root, split_md5, "train.parquet") if split_md5 else None
-        if votes is None or train is None:
+        # the train split's parts in name order (data/split/train/<part>.parquet), or one file of an older layout
+        names = sorted(n for n in listing if n.startswith("train/") and n.endswith(".parquet")) or \
+            [n for n in ("train.parquet",) if n in listing]
+        train = [dvc_cache.file_in_output(root, split_md5, name) for name in names]
+        if votes is None or not train or any(part is None for part in train):
             return None
         dvc_cache.verified(votes, votes_md5)
-        dvc_cache.verified(train, listing["train.parquet"])
-        return pd.read_parquet(votes), pd.read_parquet(train, columns=["pair_id", "chosen"])
+        for name, part in zip(names, train):
+            dvc_cache.verified(part, listing[name])
+        return pd.read_parquet(votes), read_parts(train, columns=["pair_id", "chosen"])
     except dvc_cache.DamagedObject as exc:
         raise DamagedCache(str(exc)) from None
     except (OSError, ValueError, KeyError, pa.ArrowException) as exc:  # an unreadable listing or parquet

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rmpipe.core.errors import DataError
-from rmpipe.core.io import folder_sha256, sha256_file
+from rmpipe.core.io import path_sha256
 
 SPLITS = ("train", "val", "test")  # = rmpipe.core.schema.SPLITS
 
@@ -134,8 +134,7 @@ def split_files(paths: ProjectPaths, names: Sequence[str] = SPLITS) -> dict[str,
 
 def split_sha256(paths: ProjectPaths, name: str) -> str:
     """One digest of a split's content (its parts' names and bytes), for caches keyed by what they were built from."""
-    location = paths.split(name)
-    return sha256_file(location) if location.is_file() else folder_sha256(location)
+    return path_sha256(paths.split(name))
 
 
 DVC_LOCK = "dvc.lock"  # the lineage: every stage's inputs, params and outputs, by hash
