@@ -56,7 +56,7 @@ def run(params_file: str | Path = PARAMS_FILE, paths: ProjectPaths = ProjectPath
     if not parts:
         raise DataError(f"{paths.pairs} not found: run the aggregate stage first (dvc repro aggregate)")
     memo = PartMemo(memo_dir, {"format": FORMAT, "salt": salt, "fractions": dict(fractions),
-                               "code": code_hash("stages/split.py")})
+                               "batch_rows": BATCH_ROWS, "code": code_hash("stages/split.py")})  # rows: row groups
     tally = SplitTally()
     with io.atomic_dir(paths.split_dir) as tmp:
         for part in parts:
