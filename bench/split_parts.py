@@ -28,7 +28,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data_stages import make_project, run_stage  # noqa: E402
+from data_stages import make_project, run_stage
 
 PAIRS = Path("data/aggregated/pairs.parquet")
 
@@ -73,7 +73,7 @@ def project(where: Path, source: Path, parts: list[Path]) -> Path:
 def stages(where: Path, label: str, rows: list) -> None:
     cpus = []
     for name in ("split", "validate"):
-        _, cpu, rss, status = run_stage(name, where)
+        _, cpu, _rss, status = run_stage(name, where)
         cpus.append(cpu)
         if status != 0:
             print(f"  {label}: {name} exited {status}", flush=True)

@@ -17,7 +17,13 @@ from hypothesis import strategies as st
 from rmpipe.core.errors import ConfigError, DataError
 from rmpipe.core.paths import ProjectPaths, read_splits
 from rmpipe.core.schema import SPLITS, canonical_prompt, prompt_hash
-from rmpipe.data.split import assign_splits, check_fractions, split_frames, split_pairs, split_report
+from rmpipe.data.split import (
+    assign_splits,
+    check_fractions,
+    split_frames,
+    split_pairs,
+    split_report,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}

@@ -185,7 +185,7 @@ def test_a_damaged_entry_is_deleted_and_worked_again(tmp_path, stage, caplog):
         make_part(n + 1, "defect").to_parquet(folder / f"part-{n}.parquet", index=False)
     write_params(tmp_path, {"salt": SALTS[0], "share": SHARES[0]})
     first = run_stages(tmp_path, tmp_path / "memo")
-    damaged = sorted(p for p in (tmp_path / "memo" / stage).glob("entries/*/*") if p.name != "seal.json")[0]
+    damaged = min(p for p in (tmp_path / "memo" / stage).glob("entries/*/*") if p.name != "seal.json")
     damaged.write_bytes(b"damaged")
     assert run_stages(tmp_path, tmp_path / "memo") == first
     assert "is damaged" in caplog.text and damaged.read_bytes() != b"damaged"
