@@ -116,8 +116,19 @@ def apply(step: tuple, folder: Path, memo: Path, state: dict) -> None:
 
 @pytest.mark.slow  # ~10 s an example: each step runs both stages twice, GX and its data docs included
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(first=st.lists(PARTS, min_size=1, max_size=3), steps=STEPS)
-def test_memo_runs_write_what_runs_from_scratch_write(tmp_path_factory, first, steps):
+@given(first=st.lists(PARTS, min_size=1, max_size=3), steps=STEPS, gx_rows=st.sampled_from([7, 30, 131_072]))
+def test_memo_runs_write_what_runs_from_scratch_write(tmp_path_factory, first, steps, gx_rows):
+    """`gx_rows`: GX runs cut inside parts (7), groups of a few parts (30), every part in one group."""
+    from rmpipe.data.validate import contract
+
+    default, contract.GX_ROWS = contract.GX_ROWS, gx_rows
+    try:
+        _steps_match_scratch(tmp_path_factory, first, steps)
+    finally:
+        contract.GX_ROWS = default
+
+
+def _steps_match_scratch(tmp_path_factory, first, steps):
     root = tmp_path_factory.mktemp("incremental")
     folder = ProjectPaths.at(root).pairs
     folder.mkdir(parents=True)
@@ -146,13 +157,16 @@ def test_unchanged_parts_are_reused_and_a_change_of_settings_or_code_is_not_serv
     memo = tmp_path / "memo"
     first = run_stages(tmp_path, memo)
     split_entries, validate_entries = entries(memo / "split"), entries(memo / "validate")
-    assert len(split_entries) == 3 and 3 <= len(validate_entries) <= 9  # one per non-empty split part
+    assert len(split_entries) == 3  # one per pairs part
+    assert len(validate_entries) == 3  # one group of parts per split: small parts share GX runs
     assert run_stages(tmp_path, memo) == first
     assert entries(memo / "split") == split_entries and entries(memo / "validate") == validate_entries
     make_part(9, "clean").to_parquet(folder / "part-3.parquet", index=False)
     run_stages(tmp_path, memo)
     grown = entries(memo / "split")
     assert len(grown) == 4 and {k: grown[k] for k in split_entries} == split_entries
+    checked = entries(memo / "validate")  # the old groups reused as they are, the new part's group added
+    assert len(checked) == 3 + 3 and {k: checked[k] for k in validate_entries} == validate_entries
     state["salt"] = SALTS[1]
     write_params(tmp_path, state)
     run_stages(tmp_path, memo)

@@ -73,6 +73,10 @@ class PartMemo:
     def _folder(self, key: str) -> Path:
         return self.root / "entries" / key
 
+    def has(self, key: str) -> bool:
+        """Whether an entry is there (not yet whether it is sound: `load` checks that)."""
+        return self._folder(key).is_dir()
+
     def load(self, key: str, what: str) -> Path | None:
         """The entry's folder, every file checked against its seal; None where there is none or it was damaged
         (then deleted, so the part is worked again). `what` names the part in the warning."""
@@ -124,7 +128,7 @@ class PartMemo:
         kept = {name: self._hashes[name] for name in sorted(self._hashed & set(self._hashes))}
         tmp.write_text(json.dumps(kept), encoding="utf-8")
         os.replace(tmp, self._hashes_file)
-        log.info("%s memo: %d part(s) reused, %d worked (%s)", stage, self.hits, self.misses, self.root)
+        log.info("%s memo: %d entries reused, %d made (%s)", stage, self.hits, self.misses, self.root)
 
 
 def place(source: Path, target: Path) -> None:

@@ -1,18 +1,25 @@
 """Running the contract (rmpipe.data.validate.run's suites) over the splits, a part at a time.
 
 A split is a list of parts (the split stage's files, in name order; a DataFrame counts as one part).
-Each part's schema and values suites run on its chunks, `gx_rows` rows or more a GX run, and their
-results are merged over the chunks into the part's record (validate_parts.PartCheck); the records of a
-split's parts are merged the same way into its verdict (counts summed, first examples kept), the
-chosen-longer share is put back as GX's verdict on the whole split's column, and the cross-split checks
-run on codes of every part's ids (validate_ids). A part's record is a function of its bytes and the
-contract, so with a memo (rmpipe.data.part_memo) an unchanged part's record is read back instead of
-checked again: the verdicts, and reports/validation.json, are those of a run without it.
+Consecutive parts are checked in groups: their chunks' schema and values suites run `gx_rows` rows or
+more a GX run (a GX run has a fixed cost of ~0.25 s a suite, so small parts share runs), and a group ends
+at the first part boundary past `gx_rows` rows. A group's results, merged over its runs, are its record
+(validate_parts.PartCheck); the records of a split are merged the same way into its verdict (counts
+summed, first examples kept, in part order), the chosen-longer share is put back as GX's verdict on the
+whole split's column, and the cross-split checks run on codes of every part's ids (validate_ids).
+
+A group's record is a function of its parts' bytes and the contract, so with a memo
+(rmpipe.data.part_memo) a group of unchanged parts is read back instead of checked again, keyed by the
+split and its parts' sha256 in order (the longest stored group at each place is taken); the parts around
+them are checked as new groups. Merging is associative and the split's parts share one schema (checked),
+so however the parts fall into groups the verdicts, and reports/validation.json, are those of a run
+without the memo. A new part costs its own group's runs; a changed or removed part, its group's.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -89,36 +96,61 @@ def _run_suites(runner: Runner, name: str, pending: list, params: ContractParams
     runs["values"].append(runner.run(f"{name}_values", values, values_expectations(name, values, params), "pair_id"))
 
 
-def check_part(runner: Runner, name: str, part: Part, params: ContractParams, chunk_rows: int,
-               gx_rows: int) -> PartCheck:
-    """One part of split `name`: its suites on its chunks (`gx_rows` rows or more a GX run), merged."""
-    runs: dict[str, list] = {kind: [] for kind in KINDS}
-    pending, keys, longer, rows = [], [], [], 0
-    for chunk in _chunks(part, chunk_rows):
-        pending.append((schema_frame(chunk, _VALUE_TYPED), values_frame(chunk)))
-        keys.append(response_keys(chunk))
-        if "chosen_longer" in pending[-1][1].columns:
-            longer.append(pending[-1][1]["chosen_longer"].to_numpy(np.uint8))
-        rows += len(chunk)
-        del chunk
-        pa.default_memory_pool().release_unused()  # Arrow's allocator keeps a freed chunk's pages otherwise
-        if sum(len(frames[0]) for frames in pending) >= gx_rows:
-            _run_suites(runner, name, pending, params, runs)
-    if pending:
-        _run_suites(runner, name, pending, params, runs)
-    suites = {}
-    for kind, kind_runs in runs.items():
-        last = copy.copy(kind_runs[-1])
-        last.results = merge_chunk_results([run.results for run in kind_runs])
-        suites[kind] = as_json(last)
-    part_keys = None if any(k is None for k in keys) else (np.concatenate([k[0] for k in keys]),
-                                                            np.concatenate([k[1] for k in keys]))
-    return PartCheck(rows, suites, len(runs["values"]), part_keys, np.concatenate(longer) if longer else None)
+class _Group:
+    """Consecutive parts of one split being checked together: their chunks' frames and what they leave."""
+
+    def __init__(self) -> None:
+        self.runs: dict[str, list] = {kind: [] for kind in KINDS}
+        self.pending, self.keys, self.longer, self.rows, self.parts = [], [], [], 0, []
+
+    def add(self, chunk: pd.DataFrame) -> None:
+        self.pending.append((schema_frame(chunk, _VALUE_TYPED), values_frame(chunk)))
+        self.keys.append(response_keys(chunk))
+        if "chosen_longer" in self.pending[-1][1].columns:
+            self.longer.append(self.pending[-1][1]["chosen_longer"].to_numpy(np.uint8))
+        self.rows += len(chunk)
+
+    def pending_rows(self) -> int:
+        return sum(len(frames[0]) for frames in self.pending)
+
+    def record(self) -> PartCheck:
+        """The group's suites merged over its GX runs, as the memo keeps them."""
+        suites = {}
+        for kind, kind_runs in self.runs.items():
+            last = copy.copy(kind_runs[-1])
+            last.results = merge_chunk_results([run.results for run in kind_runs])
+            suites[kind] = as_json(last)
+        keys = None if any(k is None for k in self.keys) else (np.concatenate([k[0] for k in self.keys]),
+                                                                 np.concatenate([k[1] for k in self.keys]))
+        return PartCheck(self.rows, suites, len(self.runs["values"]), keys,
+                         np.concatenate(self.longer) if self.longer else None)
+
+
+def check_parts(runner: Runner, name: str, parts: list[Part], params: ContractParams, chunk_rows: int,
+                gx_rows: int) -> Iterator[tuple[list[int], PartCheck]]:
+    """Consecutive parts of split `name`, checked on their chunks `gx_rows` rows or more a GX run, in groups
+    that end at the first part boundary past `gx_rows` rows: (the group's part indices, its record) each.
+    A part is one GX run's worth of fixed cost (~0.25 s a suite) only when it is that big: small parts share runs."""
+    group = _Group()
+    for index, part in enumerate(parts):
+        for chunk in _chunks(part, chunk_rows):
+            group.add(chunk)
+            del chunk
+            pa.default_memory_pool().release_unused()  # Arrow's allocator keeps a freed chunk's pages otherwise
+            if group.pending_rows() >= gx_rows:
+                _run_suites(runner, name, group.pending, params, group.runs)
+        group.parts.append(index)
+        if group.rows >= gx_rows or index == len(parts) - 1:
+            if group.pending:
+                _run_suites(runner, name, group.pending, params, group.runs)
+            yield group.parts, group.record()
+            group = _Group()
 
 
 def _whole_share(runner: Runner, name: str, results: list, longer: list, params: ContractParams) -> list:
     """`results` with the chosen-longer share's result replaced by GX's on the whole split's column
-    (one byte a pair), run aside: the docs keep it as an entry of the values suite."""
+    (one byte a pair), run aside: the docs keep it as an entry of the values suite. Always, whatever the
+    number of runs: so the verdict is one computation, however the parts were grouped."""
     at = next((i for i, r in enumerate(results) if r.expectation_config.type == "expect_column_mean_to_be_between"), None)
     if at is None:
         return results
@@ -130,25 +162,71 @@ def _whole_share(runner: Runner, name: str, results: list, longer: list, params:
 
 
 class PartChecks:
-    """Each part's record: from the memo where it holds one for the part's bytes, else checked (and kept)."""
+    """A split's records, in part order: groups of consecutive parts the memo holds for these very bytes
+    (the longest at each place), and the other parts checked (in groups, stored)."""
 
     def __init__(self, runner: Runner, params: ContractParams, memo: PartMemo | None, chunk_rows: int, gx_rows: int):
         self.runner, self.params, self.memo = runner, params, memo
         self.chunk_rows, self.gx_rows = chunk_rows, gx_rows
 
-    def __call__(self, name: str, part: Part) -> PartCheck:
-        if self.memo is None or isinstance(part, pd.DataFrame):
-            return check_part(self.runner, name, part, self.params, self.chunk_rows, self.gx_rows)
-        key = self.memo.key(f"{name}:{self.memo.sha_of(Path(part))}")  # the split's name is in its suites
-        entry = self.memo.load(key, str(part))
-        if entry is not None:
+    def _key(self, name: str, shas: list[str | None]) -> str | None:
+        if self.memo is None or any(sha is None for sha in shas):
+            return None  # a frame has no bytes to be known by
+        return self.memo.key(json.dumps([name, shas]))  # the split's name is in its suites
+
+    def _stored(self, name: str, parts: list[Part], shas: list, at: int) -> tuple[int, PartCheck] | None:
+        """The longest group starting at `at` the memo holds (verified), as (its length, its record)."""
+        for end in range(len(parts), at, -1):
+            key = self._key(name, shas[at:end])
+            if key is None or not self.memo.has(key):
+                continue
+            entry = self.memo.load(key, f"{name}: {Path(parts[at]).name} and {end - at - 1} more part(s)")
+            if entry is None:
+                continue  # damaged: deleted, checked again
             try:
-                return PartCheck.read(entry)
+                return end - at, PartCheck.read(entry)
             except (OSError, ValueError, KeyError) as exc:  # sealed but unreadable: a format this code does not know
                 raise DataError(f"validate memo entry {entry} cannot be read ({exc}): delete {self.memo.root}") from None
-        check = check_part(self.runner, name, part, self.params, self.chunk_rows, self.gx_rows)
-        self.memo.store(key, check.write)
-        return check
+        return None
+
+    def _fresh(self, name: str, parts: list[Part], shas: list, indices: list[int]) -> list[PartCheck]:
+        records = []
+        for members, record in check_parts(self.runner, name, [parts[i] for i in indices], self.params,
+                                           self.chunk_rows, self.gx_rows):
+            key = self._key(name, [shas[indices[m]] for m in members])
+            if key is not None:
+                self.memo.store(key, record.write)
+            records.append(record)
+        return records
+
+    def __call__(self, name: str, parts: list[Part]) -> list[PartCheck]:
+        shas = [self.memo.sha_of(Path(p)) if self.memo is not None and not isinstance(p, pd.DataFrame) else None
+                for p in parts]
+        records, fresh, at = [], [], 0
+        while at < len(parts):
+            stored = self._stored(name, parts, shas, at) if self.memo is not None else None
+            if stored is None:
+                fresh.append(at)
+                at += 1
+                continue
+            if fresh:
+                records += self._fresh(name, parts, shas, fresh)
+                fresh = []
+            records.append(stored[1])
+            at += stored[0]
+        if fresh:
+            records += self._fresh(name, parts, shas, fresh)
+        return records
+
+
+def _same_columns(name: str, parts: list[Part]) -> None:
+    """A split's parts share one schema (the split stage writes them so): checked together or apart, their
+    chunks then give the same verdicts."""
+    schemas = {str(pq.read_schema(p).remove_metadata()) for p in parts if not isinstance(p, pd.DataFrame)}
+    frames = {tuple(map(str, p.dtypes.items())) for p in parts if isinstance(p, pd.DataFrame)}
+    if len(schemas) > 1 or len(frames) > 1:
+        raise DataError(f"the parts of the {name} split disagree on their columns or types: rebuild them "
+                        "(dvc repro split)")
 
 
 def _validate_split(checks: PartChecks, name: str, parts: list[Part], outcome: ContractResult
@@ -156,7 +234,8 @@ def _validate_split(checks: PartChecks, name: str, parts: list[Part], outcome: C
     """One split's verdict from its parts' records (empty parts add nothing unless all are empty: then the
     first stands for the split); returns its rows and its response keys."""
     used = [p for p in parts if part_rows(p) > 0] or parts[:1]
-    records = [checks(name, part) for part in used]
+    _same_columns(name, used)
+    records = checks(name, used)
     for kind in KINDS:
         if len({tuple(expectation_shapes(r, kind)) for r in records}) > 1:
             raise DataError(f"the parts of the {name} split disagree on their columns: rebuild them (dvc repro split)")
@@ -164,7 +243,7 @@ def _validate_split(checks: PartChecks, name: str, parts: list[Part], outcome: C
     outcome.rows[name] = rows
     for kind in KINDS:
         results = merge_chunk_results([r.results(kind) for r in records])
-        if kind == "values" and sum(r.value_runs for r in records) > 1 and all(r.longer is not None for r in records):
+        if kind == "values" and all(r.longer is not None for r in records):
             results = _whole_share(checks.runner, name, results, [r.longer for r in records], checks.params)
         checks.runner.publish(f"{name}_{kind}", suite_result(records[-1].suites[kind]), results)
         outcome.add(name, f"{name}_{kind}", results, rows)
@@ -196,7 +275,7 @@ def _cross_split_checks(runner: Runner, splits: dict[str, list[Part]], outcome: 
 
 
 def validate_splits(splits: dict[str, SplitParts], params: ContractParams, docs_dir: str | Path,
-                    chunk_rows: int = CHUNK_ROWS, gx_rows: int = GX_ROWS, memo: PartMemo | None = None
+                    chunk_rows: int = CHUNK_ROWS, gx_rows: int | None = None, memo: PartMemo | None = None
                     ) -> ContractResult:
     """Run the contract over the splits, build the HTML data docs in `docs_dir`, return the outcome.
 
@@ -206,7 +285,7 @@ def validate_splits(splits: dict[str, SplitParts], params: ContractParams, docs_
     `docs_dir` should be a fresh folder (the stage passes an atomic temp folder).
     """
     runner = Runner(Path(docs_dir).resolve())
-    checks = PartChecks(runner, params, memo, chunk_rows, gx_rows)
+    checks = PartChecks(runner, params, memo, chunk_rows, gx_rows or GX_ROWS)
     outcome = ContractResult(rows={})
     parts = {name: as_parts(split) for name, split in splits.items()}
     rows, keys = [], []

@@ -1,15 +1,15 @@
-"""What one split part contributes to the contract, as a record the validate memo can keep.
+"""What a group of consecutive split parts contributes to the contract, as a record the validate memo can keep.
 
-A split is checked a part at a time (data/split/<split>/<part>.parquet): each part's schema and values
-suites run on its chunks and their results are merged over them (validate_runs), then the parts' records
-are merged the same way into the split's verdict. A record holds a suite's validation result as GX's own
+A split is checked a group of parts at a time (data/split/<split>/<part>.parquet; validate_contract):
+the group's schema and values suites run on its chunks and their results are merged over them
+(validate_runs), then the groups' records are merged the same way into the split's verdict. A record holds a suite's validation result as GX's own
 JSON (the form it is kept in, so a record fresh from GX and one read back from the memo are the same
 objects to everything after), the part's rows and GX runs, and what the whole-split checks need of its
 rows: the response keys (16 bytes a pair) and the chosen-longer flags (1 byte a pair).
 
-The memo (rmpipe.data.part_memo, `.rmpipe/memo/validate/`) keys a record by the part's content sha256,
-the contract's thresholds and the validate stage's code closure; the cross-split checks never come from
-it: they run over every part each run.
+The memo (rmpipe.data.part_memo, `.rmpipe/memo/validate/`) keys a record by the split, its parts' content
+sha256 in order, the contract's thresholds and the validate stage's code closure; the cross-split checks
+never come from it: they run over every part each run.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ KINDS = ("schema", "values")
 
 @dataclass
 class PartCheck:
-    """One part's suites (merged over its chunks), rows, GX runs of the values suite, keys and flags."""
+    """A group's suites (merged over its GX runs), rows, GX runs of the values suite, keys and flags."""
 
     rows: int
     suites: dict[str, dict[str, Any]]  # kind -> the suite's validation result as GX writes it (to_json_dict)
