@@ -149,8 +149,9 @@ def check_parts(runner: Runner, name: str, parts: list[Part], params: ContractPa
 
 def _whole_share(runner: Runner, name: str, results: list, longer: list, params: ContractParams) -> list:
     """`results` with the chosen-longer share's result replaced by GX's on the whole split's column
-    (one byte a pair), run aside: the docs keep it as an entry of the values suite. Always, whatever the
-    number of runs: so the verdict is one computation, however the parts were grouped."""
+    (one byte a pair), run aside: the docs keep it as an entry of the values suite. Done wherever the split
+    took more than one GX run; with one, that run's share is the whole split's (a mean of 0/1 flags is their
+    exact count over the rows, so both ways give the same figure, however the parts were grouped)."""
     at = next((i for i, r in enumerate(results) if r.expectation_config.type == "expect_column_mean_to_be_between"), None)
     if at is None:
         return results
@@ -243,7 +244,7 @@ def _validate_split(checks: PartChecks, name: str, parts: list[Part], outcome: C
     outcome.rows[name] = rows
     for kind in KINDS:
         results = merge_chunk_results([r.results(kind) for r in records])
-        if kind == "values" and all(r.longer is not None for r in records):
+        if kind == "values" and sum(r.value_runs for r in records) > 1 and all(r.longer is not None for r in records):
             results = _whole_share(checks.runner, name, results, [r.longer for r in records], checks.params)
         checks.runner.publish(f"{name}_{kind}", suite_result(records[-1].suites[kind]), results)
         outcome.add(name, f"{name}_{kind}", results, rows)
