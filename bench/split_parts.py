@@ -4,8 +4,8 @@ Usage:  .venv/bin/python bench/split_parts.py [--pairs 100000] [--parts 8] [--ne
 
 Makes real aggregated pairs once (generated batches of `--pairs + --new-pairs` pairs, 4 votes a pair,
 through `python -m stages.collect` and `stages.aggregate`), then cuts the pairs table into `--parts` parts of
-the history and one new part of the last `--new-pairs` rows, in `data/aggregated/pairs.parquet/` (the
-folder layout split reads through `rmpipe.core.paths.pair_parts`). Then, each stage as `dvc repro` runs it
+the history and one new part of the last `--new-pairs` rows, in the pairs folder (`ProjectPaths().pairs`,
+the layout split reads through `rmpipe.core.paths.pair_parts`). Then, each stage as `dvc repro` runs it
 (`python -m stages.<name>` in the project):
 
   part alone    split + validate on a project holding only the new part (the per-run cost)
@@ -30,7 +30,9 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data_stages import make_project, run_stage
 
-PAIRS = Path("data/aggregated/pairs.parquet")
+from rmpipe.core.paths import ProjectPaths
+
+PAIRS = ProjectPaths().pairs  # where the pairs parts go (a folder: rmpipe.core.paths.pair_parts)
 
 
 def output_hashes(project: Path) -> dict[str, str]:
@@ -49,7 +51,7 @@ def make_parts(source: Path, n_pairs: int, n_parts: int, new_pairs: int) -> Path
         print(f"  made pairs: {name} {cpu:.1f} CPU s", flush=True)
         if status != 0:
             raise SystemExit(f"{name} failed")
-    table = pq.read_table(source / PAIRS)
+    table = pq.read_table(source / "data/aggregated/pairs.parquet")  # one file: what aggregate writes here
     rows, cuts = table.num_rows - new_pairs, []
     for k in range(n_parts + 1):
         cuts.append(rows * k // n_parts)
