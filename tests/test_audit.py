@@ -17,9 +17,10 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
 from browser import page_dom
 from test_dvc_pipeline import BIN, FAST_PARAMS, ROOT, copy_project, ran_stages, run
+
+from rmpipe.core.paths import ProjectPaths, read_splits
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600),  # one fixture builds four models
               pytest.mark.prefect_server]  # its five flow commands talk to one server, not five ephemeral ones
@@ -135,7 +136,7 @@ def audit(tmp_path_factory):
     seen["versions_after_delivery"] = registry.versions(proj)
     seen["noop"] = run([dvc, "repro"], proj)
     snap("no-op dvc repro")
-    seen["train_with_vendor"] = pd.read_parquet(proj / "data/split/train.parquet")
+    seen["train_with_vendor"] = read_splits(ProjectPaths.at(proj), ("train",))["train"]  # the split's parts
     seen["trace_batch"] = json.loads(run([rm, "trace", "--batch", VENDOR, "--json"], proj).stdout)
     seen["trace_batch_run"] = run([rm, "trace", "--batch", VENDOR], proj)
     seen["trace_batch_text"] = seen["trace_batch_run"].stdout

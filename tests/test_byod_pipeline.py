@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from rmpipe.core.paths import ProjectPaths, read_splits
 from rmpipe.data.sample.batches import generate_pair_rows
 from rmpipe.data.sample.texts import ranked_groups
 from tests.test_dvc_pipeline import BIN, copy_project, ran_stages, run
@@ -99,7 +100,7 @@ def test_ranked_groups_through_dvc_repro_train_with_the_groups_layout(tmp_path):
     collected = json.loads((proj / "reports" / "collect.json").read_text())
     assert [(e["batch_id"], e["rows_read"], e["rows_normalized"]) for e in collected["batches"]] == [
         ("ranked.jsonl", 120, 120)]
-    train = pd.read_parquet(proj / "data" / "split" / "train.parquet")
+    train = read_splits(ProjectPaths.at(proj), ("train",))["train"]  # the split's parts, in order
     per_prompt = train.groupby("prompt_hash").size()
     assert len(train) > 0 and (per_prompt == 6).all()  # all C(4, 2) comparisons of a prompt, in one split
     record = json.loads((proj / "models" / "reward_model" / "training.json").read_text())

@@ -102,8 +102,9 @@ def test_full_repro_in_a_plain_copy_then_nothing_then_only_downstream(tmp_path):
         assert noise not in first.stdout + first.stderr, noise
     assert_no_noise(first.stderr)
 
-    for split in ("train", "val", "test"):
-        assert (proj / "data" / "split" / f"{split}.parquet").stat().st_size > 0
+    for split in ("train", "val", "test"):  # a folder of parts, one per part of the aggregated pairs
+        parts = sorted((proj / "data" / "split" / split).glob("*.parquet"))
+        assert parts and all(part.stat().st_size > 0 for part in parts)
     assert (proj / "data" / "collected" / "quarantine.jsonl").exists()
     assert (proj / "reports" / "annotators.md").exists()
     assert (proj / "reports" / "data_docs" / "index.html").exists()

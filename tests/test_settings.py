@@ -106,7 +106,7 @@ def test_every_project_path_is_one_dvc_yaml_declares():
                 declared.add(Path(next(iter(entry)) if isinstance(entry, dict) else entry))
     for name, path in vars(ProjectPaths()).items():
         assert any(path == d or d in path.parents or path in d.parents for d in declared), f"{name}: {path}"
-    assert ProjectPaths.at(tmp := Path("/x")).train_split == tmp / "data/split/train.parquet"
+    assert ProjectPaths.at(tmp := Path("/x")).train_split == tmp / "data/split/train"  # a folder of parts
 
 
 # --- the top-level sections and the file the messages name ---------------------------------------------

@@ -15,8 +15,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rmpipe.core.errors import ConfigError, DataError
+from rmpipe.core.paths import ProjectPaths, read_splits
 from rmpipe.core.schema import SPLITS, canonical_prompt, prompt_hash
-from rmpipe.data.split import assign_splits, check_fractions, split_frames, split_pairs, split_report
+from rmpipe.data.split import (
+    assign_splits,
+    check_fractions,
+    split_frames,
+    split_pairs,
+    split_report,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
@@ -150,9 +157,9 @@ def test_stage_writes_three_splits_and_report(tmp_path):
     run = subprocess.run([sys.executable, "-m", "stages.split"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
-    written = {p.name for p in (tmp_path / "data/split").iterdir()}
-    assert written == {"train.parquet", "val.parquet", "test.parquet"}
-    parts = [pd.read_parquet(tmp_path / f"data/split/{s}.parquet") for s in SPLITS]
+    written = {p.relative_to(tmp_path / "data/split").as_posix() for p in (tmp_path / "data/split").rglob("*")}
+    assert written == {"train", "val", "test", "train/pairs.parquet", "val/pairs.parquet", "test/pairs.parquet"}
+    parts = list(read_splits(ProjectPaths.at(tmp_path)).values())  # one part each: the pairs are one file
     assert sum(map(len, parts)) == len(table)
     assert set.intersection(*(set(p["prompt_hash"]) for p in parts)) == set()
     assert list(parts[0]["batch_ids"].iloc[0]) == ["b1"]
@@ -193,7 +200,7 @@ def test_stage_streams_in_chunks_with_the_whole_table_result(tmp_path, monkeypat
         report = stage.run(tmp_path / "params.yaml")
         assert report == split_report(whole, FRACTIONS)
         for name in SPLITS:
-            written = tmp_path / f"data/split/{name}.parquet"
+            written = tmp_path / f"data/split/{name}/pairs.parquet"
             pd.testing.assert_frame_equal(pd.read_parquet(written), expected[name])
             if rows == 10**6:
                 assert written.read_bytes() == (tmp_path / f"expected-{name}.parquet").read_bytes()

@@ -18,7 +18,8 @@ from rmpipe.core.errors import ConfigError, DataError
 from rmpipe.core.schema import SPLITS, canonical_prompt, pair_id, prompt_hash
 from rmpipe.core.settings import ValidateSettings
 from rmpipe.data.split import split_frames, split_pairs
-from rmpipe.data.validate.run import ContractParams, contract_params, validate_splits
+from rmpipe.data.validate.contract import validate_splits
+from rmpipe.data.validate.run import ContractParams, contract_params
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ContractParams(min_votes=2, min_response_chars=1, max_response_chars=500, chosen_longer_share=(0.25, 0.75))
@@ -202,7 +203,8 @@ def test_stage_exits_nonzero_with_failure_lines_and_no_traceback(tmp_path):
     assert (tmp_path / "reports/data_docs/index.html").is_file()
     # GX left nothing in the home folder, and no project folder or temp dirs beside the outputs
     assert list(home.iterdir()) == []
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "home", "params.yaml", "reports"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".rmpipe", "data", "home", "params.yaml", "reports"]
+    assert [p.name for p in (tmp_path / ".rmpipe/memo").iterdir()] == ["validate"]  # the parts' memo (run state)
     assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == ["data_docs", "validation.json"]
 
 
@@ -333,7 +335,7 @@ def test_id_codes_are_equal_exactly_where_the_strings_are(monkeypatch, bucket_ro
 def test_schema_frame_keeps_names_dtypes_and_nulls_but_no_text():
     """The schema suite reads a column's name, dtype and nulls only (an `object` column's type value by
     value): the frame GX fingerprints keeps exactly those, and no text, so hashing it costs nothing."""
-    from rmpipe.data.validate.run import _VALUE_TYPED
+    from rmpipe.data.validate.contract import _VALUE_TYPED
     from rmpipe.data.validate.frames import schema_frame
 
     split = clean_splits()["train"]

@@ -36,6 +36,7 @@ from rmpipe.audit import chain as chain_
 from rmpipe.audit import dvc_cache
 from rmpipe.core.errors import DataError
 from rmpipe.core.io import sha256_file
+from rmpipe.core.paths import parts_in, read_parts
 
 LEGACY = Path("audit/history.jsonl")  # the tracked file of earlier versions: imported once, never written
 TRIGGER_ENV = "RMPIPE_TRIGGER"
@@ -152,10 +153,10 @@ def _pair_counts(split_dir: Path) -> tuple[dict[str, dict[str, int]], int]:
     counts: dict[str, dict[str, int]] = {}
     n_train = 0
     for split in ("train", "val", "test"):
-        path = split_dir / f"{split}.parquet"
-        if not path.exists():
+        parts = parts_in(split_dir / split) or parts_in(split_dir / f"{split}.parquet")  # its parts, or one file
+        if not parts:
             continue
-        column = pd.read_parquet(path, columns=["batch_ids"])["batch_ids"]
+        column = read_parts(parts, columns=["batch_ids"])["batch_ids"]
         if split == "train":
             n_train = len(column)
         for ids in column:

@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from rmpipe.audit import dvc_cache, history
 from rmpipe.core.errors import DataError, UserError
-from rmpipe.core.paths import part_order
+from rmpipe.core.paths import part_order, read_parts
 
 COLLECTED = "data/collected"  # collect's output folder: its cached listing names every votes part
 VOTES = "votes/"  # the votes: a part per batch inside it (rmpipe.core.paths.vote_parts)
@@ -60,13 +60,19 @@ def _cached_inputs(root: Path, record: dict[str, Any]) -> tuple[pd.DataFrame, pd
     votes_md5, split_md5 = lock.get(VOTES_FILE) or lock.get(COLLECTED), lock.get(SPLIT)
     try:
         listing = dvc_cache.dir_listing(root, split_md5) if split_md5 else {}
-        train = dvc_cache.file_in_output(root, split_md5, "train.parquet") if split_md5 else None
-        votes = _cached_votes(root, lock) if votes_md5 and train is not None else None
-        if votes is None or train is None:
+        # the train split's parts in batch order (data/split/train/<part>.parquet), or one file of an older layout
+        names = sorted((n for n in listing if n.startswith("train/") and n.endswith(".parquet")),
+                       key=lambda n: part_order(Path(n))) or [n for n in ("train.parquet",) if n in listing]
+        train = [dvc_cache.file_in_output(root, split_md5, name) for name in names]
+        if not train or any(part is None for part in train):
             return None
-        dvc_cache.verified(train, listing["train.parquet"])
+        votes = _cached_votes(root, lock) if votes_md5 else None
+        if votes is None:
+            return None
+        for name, part in zip(names, train):
+            dvc_cache.verified(part, listing[name])
         frames = [pd.read_parquet(part) for part in votes]
-        return pd.concat(frames, ignore_index=True), pd.read_parquet(train, columns=["pair_id", "chosen"])
+        return pd.concat(frames, ignore_index=True), read_parts(train, columns=["pair_id", "chosen"])
     except dvc_cache.DamagedObject as exc:
         raise DamagedCache(str(exc)) from None
     except (OSError, ValueError, KeyError, pa.ArrowException) as exc:  # an unreadable listing or parquet

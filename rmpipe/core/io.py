@@ -99,6 +99,11 @@ def folder_sha256(folder: str | Path, exclude: tuple[str, ...] = ()) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def path_sha256(path: str | Path) -> str:
+    """A file's sha256, or a folder's digest over its files (folder_sha256): one name for either layout."""
+    return folder_sha256(path) if Path(path).is_dir() else sha256_file(path)
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")

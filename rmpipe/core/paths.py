@@ -9,6 +9,11 @@ parquet parts, one per accepted batch, named for it (`part_name`): a new batch a
 others' bytes alone. Their order is the batches' (file-name) order, read back from the part names
 (`vote_parts`, `pair_parts`), not the part files' own sort. A single parquet file is taken where one is given.
 
+A split is a folder of parquet parts, `data/split/<split>/<pairs part>.parquet`, one per part of the
+aggregated pairs (so a new batch adds parts and leaves the others' bytes alone); its rows are the parts'
+rows in batch order (`parts_in`). A project made by hand may hold a split as one file, `data/split/<split>.parquet`:
+every reader here takes either.
+
 dvc.yaml names the same files; `tests/test_paths.py` checks each path here is one it declares.
 """
 
@@ -25,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rmpipe.core.errors import DataError
+from rmpipe.core.io import path_sha256
 
 SPLITS = ("train", "val", "test")  # = rmpipe.core.schema.SPLITS
 
@@ -65,7 +71,10 @@ class ProjectPaths:
         return cls(**{f.name: Path(root) / f.default for f in fields(cls)})
 
     def split(self, name: str) -> Path:
-        return self.split_dir / f"{name}.parquet"
+        """The split's folder of parts; a split written by hand as one file, where that is what exists."""
+        folder = self.split_dir / name
+        single = self.split_dir / f"{name}.parquet"
+        return single if not folder.is_dir() and single.is_file() else folder
 
     @property
     def train_split(self) -> Path:
@@ -127,24 +136,41 @@ def pair_parts(paths: ProjectPaths) -> list[Path]:
 
 
 def _require_splits(paths: ProjectPaths, names: Sequence[str]) -> None:
-    missing = [name for name in names if not paths.split(name).exists()]
+    missing = [name for name in names if not parts_in(paths.split(name))]
     if missing:
         raise DataError(f"{paths.split_dir}/ has no {', '.join(missing)} split ({paths.split(missing[0])} not found): "
                         "run the split stage first (dvc repro split)")
+
+
+def read_parts(parts: Sequence[Path], columns: Iterable[str] | None = None) -> pd.DataFrame:
+    """The rows of parquet `parts`, in order, as one frame (all columns, or `columns`)."""
+    wanted = list(columns) if columns is not None else None
+    tables = [pq.read_table(part, columns=wanted) for part in parts]
+    try:
+        table = tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="default")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise DataError(f"the parts of {Path(parts[0]).parent} disagree on their columns ({exc}): "
+                        "rebuild them with `dvc repro split`") from None
+    return table.to_pandas()
 
 
 def read_splits(paths: ProjectPaths, names: Sequence[str] = SPLITS,
                 columns: Iterable[str] | None = None) -> dict[str, pd.DataFrame]:
     """The named splits as frames (all columns, or `columns`); a missing one is a DataError saying how to build it."""
     _require_splits(paths, names)
-    wanted = list(columns) if columns is not None else None
-    return {name: pd.read_parquet(paths.split(name), columns=wanted) for name in names}
+    return {name: read_parts(parts_in(paths.split(name)), columns) for name in names}
 
 
-def split_files(paths: ProjectPaths, names: Sequence[str] = SPLITS) -> dict[str, Path]:
-    """The named splits' parquet files, for a reader that goes a chunk at a time; a missing one is a DataError."""
+def split_files(paths: ProjectPaths, names: Sequence[str] = SPLITS) -> dict[str, list[Path]]:
+    """The named splits' parquet parts, for a reader that goes a part and a chunk at a time; a missing split
+    is a DataError."""
     _require_splits(paths, names)
-    return {name: paths.split(name) for name in names}
+    return {name: parts_in(paths.split(name)) for name in names}
+
+
+def split_sha256(paths: ProjectPaths, name: str) -> str:
+    """One digest of a split's content (its parts' names and bytes), for caches keyed by what they were built from."""
+    return path_sha256(paths.split(name))
 
 
 DVC_LOCK = "dvc.lock"  # the lineage: every stage's inputs, params and outputs, by hash

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rmpipe.core import codedeps, io
-from rmpipe.core.io import sha256_file
+from rmpipe.core.io import path_sha256, sha256_file
 from rmpipe.model.batching import TokenizedPairs
 from rmpipe.model.render import tokenize_splits
 
@@ -45,7 +45,7 @@ def cache_key(backbone: Path | str, paths, max_length: int) -> dict:
     else:
         tokenizer = {"hub_id": str(backbone)}
     code = codedeps.code_hash(CODE_ENTRY)
-    return {"tokenizer": tokenizer, "splits": {name: sha256_file(path) for name, path in splits.items()},
+    return {"tokenizer": tokenizer, "splits": {name: path_sha256(path) for name, path in splits.items()},
             "max_length": max_length, "code": code, "libraries": library_versions()}
 
 

@@ -58,7 +58,7 @@ def fingerprint(model: ModelSettings, train: TrainSettings, train_split: Path, b
     relevant = train.model_dump(exclude=set(NOT_FINGERPRINTED))
     backbone = io.folder_sha256(backbone_dir) if Path(backbone_dir).is_dir() else str(backbone_dir)
     code = {name: sha256_file(CODE_ROOT / name) for name in TRAINING_CODE}
-    blob = json.dumps({"model": model.model_dump(), "train": relevant, "train_split": sha256_file(train_split),
+    blob = json.dumps({"model": model.model_dump(), "train": relevant, "train_split": io.path_sha256(train_split),
                        "deepspeed_config_file": _deepspeed_config_digest(train.deepspeed_config),
                        "backbone": backbone, "world_size": world_size, "code": code}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 ID_COLUMNS = ("pair_id", "prompt_hash")
-SplitSource = pd.DataFrame | Path
+SplitSource = pd.DataFrame | Path | Sequence  # a split's frame, its file, or its parts (frames or files) in order
 
 
 def _is_null(value: Any) -> bool:
@@ -43,8 +43,20 @@ def _large_strings(ids: pa.Array | pa.ChunkedArray) -> pa.ChunkedArray:
     return pa.chunked_array([pa.array([None if v is None else str(v) for v in ids.to_pylist()], pa.large_string())])
 
 
+def _rows(source: pd.DataFrame | Path) -> int:
+    return len(source) if isinstance(source, pd.DataFrame) else pq.ParquetFile(source).metadata.num_rows
+
+
 def read_ids(source: SplitSource, column: str) -> pa.ChunkedArray | None:
-    """One split's `column` as large strings (None where the split lacks it): the file's column alone, or the frame's."""
+    """One split's `column` as large strings (None where the split lacks it): the file's column alone, or the
+    frame's; of a list of parts, theirs in order (a part without it: nulls)."""
+    if isinstance(source, (list, tuple)):
+        pieces = [read_ids(part, column) for part in source]
+        if all(piece is None for piece in pieces):
+            return None
+        return pa.chunked_array([chunk for part, piece in zip(source, pieces) for chunk in
+                                 (piece.chunks if piece is not None else [pa.nulls(_rows(part), pa.large_string())])],
+                                pa.large_string())
     if isinstance(source, pd.DataFrame):
         if column not in source.columns:
             return None
@@ -61,6 +73,12 @@ def read_ids(source: SplitSource, column: str) -> pa.ChunkedArray | None:
 
 def _id_at(source: SplitSource, column: str, row: int) -> Any:
     """The string at `row` of one split's `column`, reading only the row group that holds it (for an example)."""
+    if isinstance(source, (list, tuple)):
+        for part in source:
+            if row < _rows(part):
+                return _id_at(part, column, row)
+            row -= _rows(part)
+        raise IndexError(f"row {row} is past the end of the split's parts")
     if isinstance(source, pd.DataFrame):
         return read_ids(source.iloc[row:row + 1], column)[0].as_py()
     parquet = pq.ParquetFile(source)

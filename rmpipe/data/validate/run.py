@@ -1,7 +1,8 @@
 """The data contract of the splits, checked by Great Expectations before any training.
 
-Eight suites, one data-docs page each (a split's suites run a chunk of rows at a time and their
-results are merged: validate_runs; the cross-split frames hold codes of the ids: validate_ids):
+Eight suites, one data-docs page each (a split's suites run a part and a chunk of rows at a time
+and their results are merged: validate_runs, validate_contract; the cross-split frames hold codes of
+the ids: validate_ids):
   <split>_schema   (train, val, test) the stored columns: present, typed, never null;
                    the split non-empty;
   <split>_values   value ranges, n_votes >= aggregate.min_votes (vote-built pairs; a pre-judged
@@ -20,41 +21,18 @@ to the folder the caller names. Nothing goes to the home folder or the network.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-import great_expectations.expectations as gxe  # noqa: E402  (after validate_runs: GX analytics off)
-import numpy as np
+import great_expectations.expectations as gxe
 import pandas as pd
-import pyarrow as pa
 
-from rmpipe.core.paths import CHUNK_ROWS, read_chunks
 from rmpipe.core.schema import PAIR_COLUMNS
 from rmpipe.core.settings import ValidateSettings
-from rmpipe.data.validate.frames import (
-    INTEGER_COLUMNS,
-    response_keys,
-    schema_frame,
-    values_frame,
-)
-from rmpipe.data.validate.ids import (
-    ID_COLUMNS,
-    SplitSource,
-    all_splits_frame,
-    decode_examples,
-    encode,
-    prompts_frame,
-)
-from rmpipe.data.validate.runs import (
-    EXAMPLES,
-    Runner,
-    exception_message,
-    merge_chunk_results,
-)
+from rmpipe.data.validate.frames import INTEGER_COLUMNS
+from rmpipe.data.validate.runs import EXAMPLES, exception_message
 
 log = logging.getLogger("rmpipe.validate")
 logging.getLogger("great_expectations").setLevel(logging.ERROR)
@@ -255,119 +233,3 @@ class ContractResult:
         self.failures += [failure_line(frame_name, r) for r in results if not r.success]
         log.info("%-12s %7d rows  %2d expectations  %d failed", asset_name, rows, len(results),
                  sum(not r.success for r in results))
-
-
-
-
-# --- running the contract -------------------------------------------------------------------
-
-GX_ROWS = 131_072  # rows a GX run of a split's suites (text-free frames, ~500 B a row): GX costs ~0.3 s a run
-_VALUE_TYPED = {*TEXT_COLUMNS, *INTEGER_COLUMNS, *FLOAT_COLUMNS}
-
-
-def _chunks(split: SplitSource, rows: int) -> Iterator[pd.DataFrame]:
-    """A split's consecutive chunks of at most `rows` rows; an empty split is one empty chunk."""
-    if not isinstance(split, pd.DataFrame):
-        yield from read_chunks(split, rows, "split")
-    elif len(split) == 0:
-        yield split
-    else:
-        for start in range(0, len(split), rows):
-            yield split.iloc[start:start + rows].reset_index(drop=True)
-
-
-def _whole_share(runner: Runner, name: str, results: list, longer: list, params: ContractParams) -> list:
-    """`results` with the chosen-longer share's result replaced by GX's on the whole split's column
-    (one byte a pair), run aside: the docs keep it as an entry of the values suite."""
-    at = next((i for i, r in enumerate(results) if r.expectation_config.type == "expect_column_mean_to_be_between"), None)
-    if at is None:
-        return results
-    frame = pd.DataFrame({"chosen_longer": np.concatenate(longer)})
-    share = runner.aside().run(f"{name}_share", frame, [share_expectation(params)], None).results[0]
-    whole = copy.copy(results[at])
-    whole.result, whole.success, whole.exception_info = share.result, share.success, share.exception_info
-    return [*results[:at], whole, *results[at + 1:]]
-
-
-def _run_suites(runner: Runner, name: str, pending: list, params: ContractParams, runs: dict[str, list]) -> None:
-    """The split's schema and values suites on the pending chunks' frames (stacked), the chunks then dropped."""
-    schema, values = (frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True) for frames in zip(*pending))
-    pending.clear()
-    runs[f"{name}_schema"].append(runner.run(f"{name}_schema", schema, schema_expectations(schema), None))
-    runs[f"{name}_values"].append(runner.run(f"{name}_values", values, values_expectations(name, values, params),
-                                             "pair_id"))
-
-
-def _validate_split(runner: Runner, name: str, split: SplitSource, params: ContractParams, outcome: ContractResult,
-                    chunk_rows: int, gx_rows: int) -> tuple[int, tuple | None]:
-    """One split's schema and values suites, run on `gx_rows` rows or more at a time from chunks of at most
-    `chunk_rows` rows (the only frames holding texts); returns its rows and its response keys."""
-    runs: dict[str, list] = {f"{name}_schema": [], f"{name}_values": []}
-    pending, keys, longer, rows = [], [], [], 0
-    for chunk in _chunks(split, chunk_rows):
-        pending.append((schema_frame(chunk, _VALUE_TYPED), values_frame(chunk)))
-        keys.append(response_keys(chunk))
-        if "chosen_longer" in pending[-1][1].columns:
-            longer.append(pending[-1][1]["chosen_longer"].to_numpy(np.uint8))
-        rows += len(chunk)
-        del chunk
-        pa.default_memory_pool().release_unused()  # Arrow's allocator keeps a freed chunk's pages otherwise
-        if sum(len(frames[0]) for frames in pending) >= gx_rows:
-            _run_suites(runner, name, pending, params, runs)
-    if pending:
-        _run_suites(runner, name, pending, params, runs)
-    outcome.rows[name] = rows
-    for asset, asset_runs in runs.items():
-        results = merge_chunk_results([run.results for run in asset_runs])
-        if asset.endswith("_values") and len(asset_runs) > 1:
-            results = _whole_share(runner, name, results, longer, params)
-        if len(asset_runs) > 1:  # one run: GX stored its result already
-            runner.keep(asset, asset_runs[-1], results)
-        outcome.add(name, asset, results, rows)
-    if any(k is None for k in keys):
-        return rows, None
-    return rows, (np.concatenate([k[0] for k in keys]), np.concatenate([k[1] for k in keys]))
-
-
-def _cross_split_checks(runner: Runner, splits: dict[str, SplitSource], outcome: ContractResult, rows: list[int],
-                        keys: list) -> None:
-    """pair_id and (prompt, chosen, rejected) unique across splits, each prompt in one split: on codes (validate_ids)."""
-    coded = {}
-    for column in ID_COLUMNS:  # one column's strings at a time
-        column_codes = encode(list(splits.values()), column, rows)
-        pa.default_memory_pool().release_unused()
-        if column_codes is not None:
-            coded[column] = column_codes
-    stacked = all_splits_frame(coded.get("pair_id"), coded.get("prompt_hash"), keys, sum(rows))
-    run = runner.run("all_splits", stacked, all_splits_expectations(stacked), "pair_id")
-    if decode_examples(run.results, coded, EXAMPLES):
-        runner.keep("all_splits", run, run.results)
-    outcome.add(ALL_SPLITS, "all_splits", run.results, len(stacked))
-    del stacked
-    prompts = prompts_frame(coded.get("prompt_hash"), rows)
-    run = runner.run("prompts", prompts, prompts_expectations(), "prompt_hash")
-    if decode_examples(run.results, coded, EXAMPLES):
-        runner.keep("prompts", run, run.results)
-    outcome.add(PROMPTS, "prompts", run.results, len(prompts))
-
-
-def validate_splits(splits: dict[str, SplitSource], params: ContractParams, docs_dir: str | Path,
-                    chunk_rows: int = CHUNK_ROWS, gx_rows: int = GX_ROWS) -> ContractResult:
-    """Run the contract over the splits, build the HTML data docs in `docs_dir`, return the outcome.
-
-    A split is a DataFrame or its parquet file, read `chunk_rows` rows at a time. Its schema and values
-    suites run on the chunks' text-free frames, `gx_rows` rows or more a run, their results merged into
-    one per suite (validate_runs); the cross-split checks run on codes of the ids (validate_ids). Held
-    from one run to the next: ~17 bytes a pair (response keys, chosen-longer flags).
-    `docs_dir` should be a fresh folder (the stage passes an atomic temp folder).
-    """
-    runner = Runner(Path(docs_dir).resolve())
-    outcome = ContractResult(rows={})
-    rows, keys = [], []
-    for name, split in splits.items():
-        n, k = _validate_split(runner, name, split, params, outcome, chunk_rows, gx_rows)
-        rows.append(n)
-        keys.append(k)
-    _cross_split_checks(runner, splits, outcome, rows, keys)
-    runner.context.build_data_docs()
-    return outcome

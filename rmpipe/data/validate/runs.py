@@ -29,6 +29,10 @@ from great_expectations.data_context.types.base import (  # noqa: E402
     InMemoryStoreBackendDefaults,
     ProgressBarsConfig,
 )
+from great_expectations.data_context.types.resource_identifiers import (  # noqa: E402
+    ExpectationSuiteIdentifier,
+    ValidationResultIdentifier,
+)
 
 EXAMPLES = 3
 
@@ -136,6 +140,20 @@ class Runner:
                           "success_percent": successful / len(results) * 100 if results else None}
         for key in keys:
             store.set(key, run)
+
+    def publish(self, asset_name: str, run, results: list) -> None:
+        """`results` as the asset's one validation result, `run` (a fresh one, or one read back from the
+        validate memo) standing for its meta; an asset no GX run of this runner made gets its suite and key
+        here, so the docs show one page per suite whichever parts were checked this time."""
+        name = f"rmpipe.{asset_name}"
+        store = self.context.validation_results_store
+        if not any(k.expectation_suite_identifier.name == name for k in store.list_keys()):
+            configs = [r.expectation_config for r in results]
+            self.context.suites.add(gx.ExpectationSuite(name=name, expectations=configs))
+            run_id = RunIdentifier(run_time=datetime.datetime.now(datetime.timezone.utc))
+            batch = run.batch_id or f"{self.source.name}-{asset_name}"  # the id GX gives the asset's batches
+            store.set(ValidationResultIdentifier(ExpectationSuiteIdentifier(name), run_id, batch), run)
+        self.keep(asset_name, run, results)
 
 
 def _merge_counts(result: dict, parts: list[dict]) -> None:
