@@ -23,16 +23,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from rmpipe.core.codedeps import code_hash
-from rmpipe.core.io import sha256_file
+from rmpipe.data.part_memo import prune_entries, seal_problems, write_sealed
 
 MEMO_DIR = Path(".rmpipe/memo/aggregate")
 FORMAT = "rmpipe-aggregate-memo/1"
@@ -72,11 +70,7 @@ class AggregateMemo:
         if not folder.is_dir():
             self.misses[kind] += 1
             return None
-        try:
-            seal = json.loads((folder / "seal.json").read_text(encoding="utf-8"))
-            bad = [name for name in files if sha256_file(folder / name) != seal.get(name)]
-        except (OSError, ValueError, AttributeError) as exc:
-            bad = [f"seal.json ({exc})"]
+        bad = seal_problems(folder, files)
         if bad:
             log.warning("aggregate memo entry for %s is damaged (%s): deleted, made again", what, ", ".join(bad))
             shutil.rmtree(folder, ignore_errors=True)
@@ -88,17 +82,7 @@ class AggregateMemo:
 
     def _seal(self, key: str, write: Any, files: tuple[str, ...]) -> Path:
         """Make an entry: `write(folder)` fills a temp folder with `files`; sealed, then renamed into place."""
-        final = self.root / "entries" / key
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))
-        try:
-            write(tmp)
-            seal = {name: sha256_file(tmp / name) for name in files}
-            (tmp / "seal.json").write_text(json.dumps(seal), encoding="utf-8")
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        final = write_sealed(self.root / "entries" / key, write, files)
         self.used.add(key)
         return final
 
@@ -124,10 +108,6 @@ class AggregateMemo:
 
     def finish(self) -> None:
         """After a run: drop the entries it did not use (other batches, settings or code)."""
-        entries = self.root / "entries"
-        if entries.is_dir():
-            for folder in entries.iterdir():
-                if folder.name not in self.used:
-                    shutil.rmtree(folder, ignore_errors=True)
+        prune_entries(self.root / "entries", self.used)
         log.info("aggregate memo: orientation of %d part(s) reused, %d computed; %d pairs part(s) reused, %d written",
                  self.hits["facts"], self.misses["facts"], self.hits["pairs"], self.misses["pairs"])

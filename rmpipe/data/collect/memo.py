@@ -30,9 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,12 +39,12 @@ from typing import Any
 import numpy as np
 
 from rmpipe.core.codedeps import code_hash
-from rmpipe.core.io import sha256_file
 from rmpipe.core.settings import CollectSettings
 from rmpipe.data.collect.batch import BatchResult, collect_batch, screen
 from rmpipe.data.collect.fast import VOTES_SCHEMA
 from rmpipe.data.collect.key_sets import DIGEST_BYTES, SeenVotes
 from rmpipe.data.collect.parts import PartCounts, write_part
+from rmpipe.data.part_memo import FileHashes, prune_entries, seal_problems, write_sealed
 
 MEMO_DIR = Path(".rmpipe/memo/collect")
 FORMAT = "rmpipe-collect-memo/2"
@@ -69,31 +67,12 @@ class CollectMemo:
         self.root = Path(root)
         self.context = {"format": FORMAT, "settings": settings_key(conf), "code": code or code_hash(STAGE_ENTRY)}
         self.used: set[str] = set()
-        self.hashed: set[str] = set()  # the batch files of this run: the only hashes kept after it
         self.hits = self.misses = 0
-        self._hashes_file = self.root / "file-hashes.json"
-        self._hashes = self._load_hashes()
-
-    # --- batch content hashes --------------------------------------------------------------------
-    def _load_hashes(self) -> dict[str, list]:
-        try:
-            hashes = json.loads(self._hashes_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
-        return hashes if isinstance(hashes, dict) else {}
+        self._hashes = FileHashes(self.root)  # the batch files of this run: the only hashes kept after it
 
     def sha_of(self, path: Path) -> str:
         """A regular file's content sha256, hashed again only when its stat signature changed."""
-        st = path.stat()
-        signature = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-        name = str(path.absolute())
-        self.hashed.add(name)
-        known = self._hashes.get(name)
-        if isinstance(known, list) and known[:4] == signature:
-            return known[4]
-        sha = sha256_file(path)
-        self._hashes[name] = [*signature, sha]
-        return sha
+        return self._hashes.sha_of(path)
 
     # --- entries -----------------------------------------------------------------------------------
     def key(self, batch_id: str, sha256: str) -> str:
@@ -110,11 +89,7 @@ class CollectMemo:
         folder = self._folder(key)
         if not folder.is_dir():
             return None
-        try:
-            seal = json.loads((folder / "seal.json").read_text(encoding="utf-8"))
-            bad = [name for name in FILES if sha256_file(folder / name) != seal.get(name)]
-        except (OSError, ValueError, AttributeError) as exc:
-            bad = [f"seal.json ({exc})"]
+        bad = seal_problems(folder, FILES)
         if bad:
             log.warning("collect memo entry for %s is damaged (%s): deleted, the batch is read again",
                         batch_id, ", ".join(bad))
@@ -130,10 +105,9 @@ class CollectMemo:
         """Keep an accepted batch's outcome computed knowing no earlier batch, its votes as the very part the
         votes folder holds for it (`collect.parts.write_part`), so a later run links it in unread."""
         key = self.key(result.batch_id, result.report["sha256"])
-        final = self._folder(key)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))
-        try:
+        written: list[PartCounts] = []
+
+        def write(tmp: Path) -> None:
             votes = result.part if result.part is not None else result.table
             counts = write_part(tmp / PART, votes if votes is not None else VOTES_SCHEMA.empty_table())
             (tmp / "keys.bin").write_bytes(b"".join(result.keys))
@@ -142,14 +116,11 @@ class CollectMemo:
             (tmp / "result.json").write_text(json.dumps({"report": result.report, "quarantine": result.quarantine,
                                                          "votes": counts.votes, "annotators": counts.annotators},
                                                         ensure_ascii=False, default=str), encoding="utf-8")
-            seal = {name: sha256_file(tmp / name) for name in FILES}
-            (tmp / "seal.json").write_text(json.dumps(seal), encoding="utf-8")
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            written.append(counts)
+
+        final = write_sealed(self._folder(key), write, FILES)
         self.used.add(key)
-        return Sealed(final / PART, counts)
+        return Sealed(final / PART, written[0])
 
     def reusable(self, result: BatchResult, accepted: SeenVotes) -> bool:
         """Whether a no-earlier-batch outcome is this batch's outcome here: accepted, no vote already in the table."""
@@ -157,16 +128,8 @@ class CollectMemo:
 
     def finish(self) -> None:
         """After a run: drop entries no batch used (settings, code or batches changed) and save the file hashes."""
-        entries = self.root / "entries"
-        if entries.is_dir():
-            for folder in entries.iterdir():
-                if folder.name not in self.used:
-                    shutil.rmtree(folder, ignore_errors=True)
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self._hashes_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({name: self._hashes[name] for name in sorted(self.hashed & set(self._hashes))}),
-                       encoding="utf-8")
-        os.replace(tmp, self._hashes_file)
+        prune_entries(self.root / "entries", self.used)
+        self._hashes.save()
         log.info("collect memo: %d batch(es) reused, %d read (%s)", self.hits, self.misses, self.root)
 
 
