@@ -153,7 +153,7 @@ def _pair_counts(split_dir: Path) -> tuple[dict[str, dict[str, int]], int]:
     counts: dict[str, dict[str, int]] = {}
     n_train = 0
     for split in ("train", "val", "test"):
-        parts = parts_in(split_dir / split) or parts_in(split_dir / f"{split}.parquet")  # its parts, or one file
+        parts = parts_in(split_dir / split)  # its parts, or the one file data/split/<split>.parquet
         if not parts:
             continue
         column = read_parts(parts, columns=["batch_ids"])["batch_ids"]
