@@ -56,6 +56,7 @@ def run(params_file: str | Path = PARAMS_FILE, paths: ProjectPaths = ProjectPath
             raise
         raise fault from None
     raise_if_changed(cfg.incoming_dir, before)
+    memo.moved(votes, paths.votes)
     memo.finish()
     totals = report["totals"]
     log.info("wrote %s: %d votes on %d pairs from %d annotators; %d rows quarantined (%s)", paths.votes,

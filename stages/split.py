@@ -22,14 +22,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from rmpipe.core import io
-from rmpipe.core.codedeps import code_hash
 from rmpipe.core.errors import DataError
 from rmpipe.core.params import PARAMS_FILE, load_params
 from rmpipe.core.paths import ProjectPaths, pair_parts, read_chunks
 from rmpipe.core.schema import SPLITS
 from rmpipe.core.settings import SplitSettings
 from rmpipe.core.stage import stage_main
-from rmpipe.data.part_memo import PartMemo, place
+from rmpipe.data.part_memo import PartMemo, stage_code
 from rmpipe.data.split import SplitTally, check_not_empty, split_frames, split_pairs
 
 log = logging.getLogger("rmpipe.split")
@@ -56,15 +55,16 @@ def run(params_file: str | Path = PARAMS_FILE, paths: ProjectPaths = ProjectPath
     if not parts:
         raise DataError(f"{paths.pairs} not found: run the aggregate stage first (dvc repro aggregate)")
     memo = PartMemo(memo_dir, {"format": FORMAT, "salt": salt, "fractions": dict(fractions),
-                               "batch_rows": BATCH_ROWS, "code": code_hash("stages/split.py")})  # rows: row groups
+                               "batch_rows": BATCH_ROWS, "code": stage_code("stages/split.py", memo_dir)})  # rows: row groups
     tally = SplitTally()
     with io.atomic_dir(paths.split_dir) as tmp:
         for part in parts:
             key = memo.key(memo.sha_of(part))
             entry = memo.load(key, str(part)) or memo.store(key, partial(split_part, part, salt=salt, fractions=fractions))
             for name in SPLITS:
-                place(entry / f"{name}.parquet", tmp / name / part.name)
+                memo.place(entry, f"{name}.parquet", tmp / name / part.name)
                 tally.add(pq.read_table(entry / f"{name}.parquet", columns=["split", "prompt_hash"]).to_pandas())
+    memo.moved(tmp, paths.split_dir)
     memo.finish("split")
     report = tally.report(fractions)
     io.write_json(paths.split_report, report)

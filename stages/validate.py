@@ -19,13 +19,12 @@ from pathlib import Path
 
 from rmpipe.audit import offline
 from rmpipe.core import io
-from rmpipe.core.codedeps import code_hash
 from rmpipe.core.errors import ValidationFailed
 from rmpipe.core.params import PARAMS_FILE, load_params
 from rmpipe.core.paths import ProjectPaths, split_files
 from rmpipe.core.settings import AggregateSettings, ValidateSettings
 from rmpipe.core.stage import stage_main
-from rmpipe.data.part_memo import PartMemo
+from rmpipe.data.part_memo import PartMemo, stage_code
 from rmpipe.data.validate.contract import validate_splits
 from rmpipe.data.validate.run import ContractResult, contract_params
 
@@ -40,7 +39,7 @@ def run(params_file: str | Path = PARAMS_FILE, paths: ProjectPaths = ProjectPath
     params = load_params(params_file)
     contract = contract_params(ValidateSettings.parse(params), AggregateSettings.parse(params).min_votes)
     splits = split_files(paths)  # each split read as GX goes: one part and one chunk of texts at a time
-    memo = PartMemo(memo_dir, {"format": FORMAT, "contract": repr(contract), "code": code_hash("stages/validate.py")})
+    memo = PartMemo(memo_dir, {"format": FORMAT, "contract": repr(contract), "code": stage_code("stages/validate.py", memo_dir)})
     with io.atomic_dir(paths.data_docs) as docs:
         outcome = validate_splits(splits, contract, docs, memo=memo)
         # GX links Bootstrap, bootstrap-table, jQuery... from CDNs: point the pages at local copies (offline clusters)

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pyarrow as pa
 
-from rmpipe.data.collect.key_sets import SeenVotes, vote_key
-from rmpipe.data.collect.key_sets import DigestSet, digests_of, joined_digests
+from rmpipe.data.collect.key_sets import (
+    DigestSet,
+    KeyLines,
+    Packed,
+    SeenVotes,
+    digests_of,
+    joined_digests,
+    vote_key,
+)
 
 
 def _keys(rng: random.Random, n: int, prefixes: list[bytes]) -> list[bytes]:
@@ -52,3 +60,27 @@ def test_seen_votes_say_where_each_earlier_vote_is():
     assert seen.where_each(asked) == ["b1.jsonl line 4", None, "b2.csv line 7"]
     assert seen.any_of([vote_key("a", "p3"), vote_key("a", "p2")])
     assert not seen.any_of([vote_key("a", "p3")])
+
+
+def test_packed_keys_answer_as_their_bytes_do():
+    """Collect's memo hands keys back packed (no bytes object per vote): same members, same answers, and an
+    update counts repeats within one packed set once."""
+    rng = random.Random(29)
+    prefixes = [rng.randbytes(8) for _ in range(2)]
+    keys = list(dict.fromkeys(_keys(rng, 400, prefixes)))
+    packed = Packed.from_bytes(b"".join(keys))
+    assert Packed.from_bytes(packed.to_bytes()).to_bytes() == b"".join(keys) and len(packed) == len(keys)
+    as_bytes, as_packed = DigestSet(), DigestSet()
+    as_bytes.update(keys[:300] + keys[:50])
+    as_packed.update(Packed.from_bytes(b"".join(keys[:300] + keys[:50])))
+    assert len(as_packed) == len(as_bytes) == 300
+    assert as_packed.digests() == as_bytes.digests() == sorted(keys[:300])
+    probes = keys[250:] + _keys(rng, 50, prefixes)
+    assert as_packed.find(Packed.from_bytes(b"".join(probes))).tolist() == as_bytes.find(probes).tolist()
+
+    seen = SeenVotes()
+    lines = KeyLines(Packed.from_bytes(b"".join(keys[:10])), np.arange(10) + 5)
+    seen.add("memo.jsonl", lines)
+    assert seen.where_each([keys[3], keys[11]]) == ["memo.jsonl line 8", None]
+    assert seen.any_of(KeyLines(Packed.from_bytes(keys[9] + keys[12]), lines.lines[:2]))
+    assert not seen.any_of(KeyLines(Packed.from_bytes(keys[12]), lines.lines[:1]))

@@ -177,7 +177,7 @@ def test_unchanged_parts_are_reused_and_a_change_of_settings_or_code_is_not_serv
     run_stages(tmp_path, memo)
     assert not set(entries(memo / "validate")) & set(before)
     # other code (what an edit of any module in the stage's import closure gives): nothing served
-    monkeypatch.setattr(validate_stage, "code_hash", lambda entry: "edited-code")
+    monkeypatch.setattr(validate_stage, "stage_code", lambda entry, memo_root: "edited-code")
     before = entries(memo / "validate")
     run_stages(tmp_path, memo)
     assert not set(entries(memo / "validate")) & set(before)

@@ -129,6 +129,16 @@ def closure(entry: str | Path, root: Path = ROOT) -> list[str]:
     """Project files the module at `entry` runs, as root-relative paths: `entry` first, then sorted."""
     root = Path(root)
     start = root / entry
+    seen = walk(entry, root)
+    files = {p.relative_to(root).as_posix() for p in seen if not _package_marker(p)} - set(UNRECORDED)
+    first = start.relative_to(root).as_posix()
+    return [first] + sorted(files - {first})
+
+
+def walk(entry: str | Path, root: Path = ROOT) -> set[Path]:
+    """Every project file the import walk from `entry` reads (package markers and UNRECORDED files included)."""
+    root = Path(root)
+    start = root / entry
     seen: set[Path] = set()
     todo = [start]
     while todo:
@@ -145,9 +155,7 @@ def closure(entry: str | Path, root: Path = ROOT) -> list[str]:
                 found = module_file(".".join(parts[:i]), root)
                 if found is not None and found not in seen:
                     todo.append(found)
-    files = {p.relative_to(root).as_posix() for p in seen if not _package_marker(p)} - set(UNRECORDED)
-    first = start.relative_to(root).as_posix()
-    return [first] + sorted(files - {first})
+    return seen
 
 
 def code_digest(entry: str | Path, root: Path = ROOT) -> dict[str, str]:

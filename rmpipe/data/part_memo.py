@@ -14,8 +14,8 @@ memo changes nothing but time.
 The sealed entries (`seal_problems`, `write_sealed`, `prune_entries`) and the file-hash cache (`FileHashes`)
 are also what collect's and aggregate's memos are made of.
 
-Part hashes are remembered by (size, mtime_ns, ctime_ns, inode), the signals DVC's own hash cache trusts,
-so an unchanged part is not read again just to be named.
+Part hashes come from the file-hash ledger the stages share (`FileHashes`): a part is hashed once, by
+the stage that writes it or the first that meets it, not again by every stage after it just to be named.
 """
 
 from __future__ import annotations
@@ -26,10 +26,12 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from rmpipe.core import codedeps
 from rmpipe.core.io import sha256_file
 
 SEAL = "seal.json"
@@ -37,16 +39,18 @@ SEAL = "seal.json"
 log = logging.getLogger("rmpipe.memo")
 
 
-def seal_problems(folder: Path, files: Sequence[str] | None = None) -> list[str]:
+def seal_problems(folder: Path, files: Sequence[str] | None = None,
+                  sha_of: Callable[[Path], str] = sha256_file) -> list[str]:
     """What is wrong with the sealed entry `folder`: the files (of `files`, or every file, and then the seal
-    must name exactly the folder's files) whose sha256 is not the seal's; [] where it is sound."""
+    must name exactly the folder's files) whose sha256 (`sha_of`: a memo passes its ledger's) is not the
+    seal's; [] where it is sound."""
     try:
         seal = json.loads((folder / SEAL).read_text(encoding="utf-8"))
         if files is not None:
-            return [name for name in files if sha256_file(folder / name) != seal.get(name)]
+            return [name for name in files if sha_of(folder / name) != seal.get(name)]
         present = sorted(p.name for p in folder.iterdir() if p.name != SEAL)
         bad = [name for name in sorted(set(present) | set(seal)) if name not in seal or name not in present
-               or sha256_file(folder / name) != seal[name]]
+               or sha_of(folder / name) != seal[name]]
         return bad or ([] if seal else ["empty"])
     except (OSError, ValueError, AttributeError, TypeError) as exc:
         return [f"{SEAL} ({exc})"]
@@ -69,6 +73,11 @@ def write_sealed(final: Path, write: Callable[[Path], None], files: Sequence[str
     return final
 
 
+def sealed_sha(folder: Path, name: str) -> str:
+    """The sha256 the seal of entry `folder` holds for its file `name` (checked when the entry was opened)."""
+    return json.loads((folder / SEAL).read_text(encoding="utf-8"))[name]
+
+
 def prune_entries(entries: Path, used: set[str]) -> None:
     """Drop the entries a run did not use (their settings, code or inputs changed)."""
     if entries.is_dir():
@@ -77,38 +86,139 @@ def prune_entries(entries: Path, used: set[str]) -> None:
                 shutil.rmtree(folder, ignore_errors=True)
 
 
-class FileHashes:
-    """Files' content sha256, kept in `<root>/file-hashes.json` by (size, mtime_ns, ctime_ns, inode) and read
-    again only when that signature changed; `save` keeps the files this run asked about, no others."""
+LEDGER = "file-hashes.json"  # beside the stages' memo folders: one ledger they all share
+RACY_NS = 2_000_000_000  # a hash taken this soon after the file's mtime is not trusted (coarse-clock file systems)
 
-    def __init__(self, root: Path):
-        self.root = Path(root)
-        self._file = self.root / "file-hashes.json"
-        self._asked: set[str] = set()
-        try:
-            hashes = json.loads(self._file.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            hashes = {}
-        self._hashes: dict[str, list] = hashes if isinstance(hashes, dict) else {}
+
+class FileHashes:
+    """Files' content sha256, remembered in one ledger the stages share (`.rmpipe/memo/file-hashes.json`), so a
+    part is hashed once, by whoever meets it first, and not again by every stage that reads it after.
+
+    A record holds the file's (size, mtime_ns, inode), the signature DVC's own hash cache trusts, and is
+    used while the file still shows it. A stage that writes or places a file records its hash there
+    (`record`): collect's votes parts and aggregate's pairs parts are hard links to memo files, the same
+    inode, and split's parts are copies given their memo file's mtime, so the next stage finds them known
+    even though DVC deleted and the stage re-made them. A record taken less than RACY_NS after the file's
+    mtime is not trusted (git's "racy clean" rule): a write within the same clock tick as the one hashed
+    would leave the signature unchanged. `save` merges this run's records into the ledger and drops those
+    of files gone or changed."""
+
+    def __init__(self, ledger: Path):
+        self.ledger = Path(ledger)
+        self._mine: dict[str, list] = {}
+        self._known = _read_ledger(self.ledger)
+        self._placed: list[tuple[Path, str]] = []
 
     def sha_of(self, path: Path) -> str:
-        st = Path(path).stat()
-        signature = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-        name = str(Path(path).absolute())
-        self._asked.add(name)
-        known = self._hashes.get(name)
-        if isinstance(known, list) and known[:4] == signature:
-            return known[4]
+        """The file's content sha256: from the ledger while its signature holds, else read and recorded."""
+        name, signature = _signature(path)
+        for records in (self._mine, self._known):
+            known = records.get(name)
+            if _trusted(known, signature):
+                return known[4]
         sha = sha256_file(path)
-        self._hashes[name] = [*signature, sha]
+        self._mine[name] = [*signature, time.time_ns(), sha]
         return sha
 
+    def record(self, path: Path, sha: str) -> None:
+        """`path` was placed holding bytes whose sha256 is `sha` (signed when saved, where it is then)."""
+        self._placed.append((Path(path), sha))
+
+    def moved(self, old: Path, new: Path) -> None:
+        """The folder `old`, where files were recorded, is now `new` (an output published by renaming)."""
+        self._placed = [(new / path.relative_to(old) if path.is_relative_to(old) else path, sha)
+                        for path, sha in self._placed]
+
     def save(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self._file.with_suffix(".tmp")
-        kept = {name: self._hashes[name] for name in sorted(self._asked & set(self._hashes))}
-        tmp.write_text(json.dumps(kept), encoding="utf-8")
-        os.replace(tmp, self._file)
+        """This run's records merged into the ledger (read again: another stage may have saved since); records
+        of files that are gone or no longer show their signature are dropped."""
+        now = time.time_ns()
+        for path, sha in self._placed:
+            try:
+                name, signature = _signature(path)
+            except OSError:
+                continue
+            self._mine[name] = [*signature, now, sha]
+        merged = {**_read_ledger(self.ledger), **self._mine}
+        kept = {}
+        for name, record in sorted(merged.items()):
+            try:
+                if _signature(Path(name))[1] == record[:3]:
+                    kept[name] = record
+            except (OSError, TypeError):
+                continue
+        self.ledger.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkstemp(prefix=f".{self.ledger.name}.", dir=self.ledger.parent)[1])
+        try:
+            tmp.write_text(json.dumps(kept), encoding="utf-8")
+            os.replace(tmp, self.ledger)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def _signature(path: Path) -> tuple[str, list[int]]:
+    st = Path(path).stat()
+    return str(Path(path).absolute()), [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def _trusted(record: Any, signature: list[int]) -> bool:
+    return (isinstance(record, list) and len(record) == 5 and record[:3] == signature
+            and isinstance(record[3], int) and record[3] - signature[1] >= RACY_NS)
+
+
+def _read_ledger(ledger: Path) -> dict[str, list]:
+    try:
+        records = json.loads(ledger.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return records if isinstance(records, dict) else {}
+
+
+CODE_HASHES = "code-hashes.json"  # beside the ledger: each stage's code hash and what it was computed from
+
+
+def stage_code(entry: str, memo_root: Path, root: Path = codedeps.ROOT) -> str:
+    """`codedeps.code_hash(entry)`, the code term of a memo's keys, without walking the imports each run: kept
+    beside the memos with the signature of every file the walk read and of every package folder (a module
+    added to one can join the closure with no walked file changed), and used while all still show it."""
+    store = Path(memo_root).parent / CODE_HASHES
+    try:
+        records = json.loads(store.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        records = {}
+    records = records if isinstance(records, dict) else {}
+    name = f"{Path(root).absolute()}::{entry}"
+    known = records.get(name)
+    if isinstance(known, dict) and isinstance(known.get("signature"), dict):
+        try:
+            if _code_signature(known["signature"], root) == known["signature"] and known.get("trusted"):
+                return str(known["hash"])
+        except OSError:
+            pass
+    walked = sorted(p.relative_to(root).as_posix() for p in codedeps.walk(entry, root))
+    folders = sorted(str(Path(d).relative_to(root)) + "/" for package in codedeps.PACKAGES
+                     for d, _, _ in os.walk(Path(root) / package) if "__pycache__" not in Path(d).parts)
+    signature = _code_signature(dict.fromkeys(walked + folders), root)
+    digest = codedeps.code_hash(entry, root)
+    newest = max((mtime for _size, mtime, _ino in signature.values()), default=0)
+    records[name] = {"hash": digest, "signature": signature, "trusted": time.time_ns() - newest >= RACY_NS}
+    store.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkstemp(prefix=f".{store.name}.", dir=store.parent)[1])
+    try:
+        tmp.write_text(json.dumps(records), encoding="utf-8")
+        os.replace(tmp, store)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return digest
+
+
+def _code_signature(names: dict, root: Path) -> dict[str, list[int]]:
+    """(size, mtime_ns, inode) of each root-relative file or folder (a folder: size 0)."""
+    out = {}
+    for name in names:
+        st = (Path(root) / name).stat()
+        out[name] = [0 if name.endswith("/") else st.st_size, st.st_mtime_ns, st.st_ino]
+    return out
 
 
 class PartMemo:
@@ -119,10 +229,10 @@ class PartMemo:
         self.context = context
         self.used: set[str] = set()
         self.hits = self.misses = 0
-        self._hashes = FileHashes(self.root)
+        self._hashes = FileHashes(self.root.parent / LEDGER)
 
     def sha_of(self, path: Path) -> str:
-        """A file's content sha256, read again only when its stat signature changed."""
+        """A file's content sha256, read only where the ledger does not know it (`FileHashes`)."""
         return self._hashes.sha_of(path)
 
     def key(self, sha256: str) -> str:
@@ -142,7 +252,7 @@ class PartMemo:
         folder = self._folder(key)
         if not folder.is_dir():
             return None
-        bad = seal_problems(folder)
+        bad = seal_problems(folder, sha_of=self.sha_of)
         if bad:
             log.warning("memo entry for %s is damaged (%s): deleted, the part is worked again", what, ", ".join(bad))
             shutil.rmtree(folder, ignore_errors=True)
@@ -158,8 +268,17 @@ class PartMemo:
         self.misses += 1
         return final
 
+    def place(self, entry: Path, name: str, target: Path) -> None:
+        """The entry's file `name` copied to `target` (`place`), its hash recorded for the next stage to find."""
+        place(entry / name, target)
+        self._hashes.record(target, sealed_sha(entry, name))
+
+    def moved(self, old: Path, new: Path) -> None:
+        """Files placed under `old` are now under `new` (the output folder published by renaming)."""
+        self._hashes.moved(old, new)
+
     def finish(self, stage: str) -> None:
-        """After a run: drop entries it did not use (settings, code or parts changed); save the part hashes."""
+        """After a run: drop entries it did not use (settings, code or parts changed); save the file hashes."""
         prune_entries(self.root / "entries", self.used)
         self._hashes.save()
         log.info("%s memo: %d entries reused, %d made (%s)", stage, self.hits, self.misses, self.root)
@@ -168,6 +287,9 @@ class PartMemo:
 def place(source: Path, target: Path) -> None:
     """`source` (a sealed memo file) copied to `target` (in the kernel where it can). Not a hard link: the
     output and the DVC cache object made from it would share the memo's bytes, and a damaged memo file
-    would damage them too."""
+    would damage them too. The copy keeps the memo file's mtime: its ledger record stays trusted (`RACY_NS`),
+    and any later write to the output still changes its signature."""
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, target)
+    st = source.stat()
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))

@@ -14,7 +14,8 @@ An entry is used only when its key matches:
 
 where code is the code_hash of stages/aggregate.py's import closure (what `rmpipe deps` writes in dvc.yaml).
 An entry is a folder written whole and renamed into place, with `seal.json` (the sha256 of its files) last;
-every use checks the seal, and a damaged entry is deleted and rebuilt. Entries a run did not use are pruned
+every use checks the seal (file hashes from the ledger the stages share, `part_memo.FileHashes`), and a
+damaged entry is deleted and rebuilt. Entries a run did not use are pruned
 after it; deleting the memo changes nothing but time.
 """
 
@@ -29,8 +30,15 @@ from typing import Any
 
 import numpy as np
 
-from rmpipe.core.codedeps import code_hash
-from rmpipe.data.part_memo import prune_entries, seal_problems, write_sealed
+from rmpipe.data.part_memo import (
+    LEDGER,
+    FileHashes,
+    prune_entries,
+    seal_problems,
+    sealed_sha,
+    stage_code,
+    write_sealed,
+)
 
 MEMO_DIR = Path(".rmpipe/memo/aggregate")
 FORMAT = "rmpipe-aggregate-memo/1"
@@ -46,11 +54,24 @@ class AggregateMemo:
 
     def __init__(self, root: Path, settings: Any, code: str | None = None):
         self.root = Path(root)
-        self.code = code or code_hash(STAGE_ENTRY)
+        self.code = code or stage_code(STAGE_ENTRY, self.root)
         self.settings = {k: str(v) for k, v in sorted(settings.model_dump().items())}
         self.used: set[str] = set()
         self.hits = {"facts": 0, "pairs": 0}
         self.misses = {"facts": 0, "pairs": 0}
+        self._hashes = FileHashes(self.root.parent / LEDGER)
+
+    def sha_of(self, path: Path) -> str:
+        """A file's content sha256 (a votes part: collect recorded it), read only where the ledger does not know it."""
+        return self._hashes.sha_of(path)
+
+    def linked(self, sealed: Path, target: Path) -> None:
+        """`target` now holds the sealed pairs part `sealed`: its hash recorded for split to find."""
+        self._hashes.record(target, sealed_sha(sealed.parent, sealed.name))
+
+    def moved(self, old: Path, new: Path) -> None:
+        """The pairs folder written as `old` was published as `new`."""
+        self._hashes.moved(old, new)
 
     def _key(self, **what: Any) -> str:
         blob = json.dumps({"format": FORMAT, "code": self.code, **what}, sort_keys=True, default=str)
@@ -70,7 +91,7 @@ class AggregateMemo:
         if not folder.is_dir():
             self.misses[kind] += 1
             return None
-        bad = seal_problems(folder, files)
+        bad = seal_problems(folder, files, self.sha_of)
         if bad:
             log.warning("aggregate memo entry for %s is damaged (%s): deleted, made again", what, ", ".join(bad))
             shutil.rmtree(folder, ignore_errors=True)
@@ -109,5 +130,6 @@ class AggregateMemo:
     def finish(self) -> None:
         """After a run: drop the entries it did not use (other batches, settings or code)."""
         prune_entries(self.root / "entries", self.used)
+        self._hashes.save()
         log.info("aggregate memo: orientation of %d part(s) reused, %d computed; %d pairs part(s) reused, %d written",
                  self.hits["facts"], self.misses["facts"], self.hits["pairs"], self.misses["pairs"])

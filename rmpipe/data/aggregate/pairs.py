@@ -44,8 +44,9 @@ class BatchLists:
         """The lists of the pairs at positions `rows` (ascending)."""
         lengths = np.diff(self.offsets)[rows]
         offsets = np.append(0, np.cumsum(lengths)).astype(np.int64)
-        picked = np.concatenate([self.batch[self.offsets[k]:self.offsets[k + 1]] for k in rows] or [self.batch[:0]])
-        return BatchLists(offsets=offsets, batch=picked, names=self.names)
+        # each picked list's positions: its old start, counted up along the list (no Python loop over pairs)
+        positions = np.repeat(self.offsets[rows] - offsets[:-1], lengths) + np.arange(offsets[-1])
+        return BatchLists(offsets=offsets, batch=self.batch[positions], names=self.names)
 
     def slice(self, start: int, n: int) -> pa.ListArray:
         offsets = self.offsets[start:start + n + 1]

@@ -17,7 +17,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from rmpipe.core.io import sha256_file
 from rmpipe.core.parts import FixedGroups, link_or_copy
 from rmpipe.data.aggregate.codes import VoteCodes, release_memory
 from rmpipe.data.aggregate.memo import AggregateMemo
@@ -35,9 +34,9 @@ from rmpipe.data.aggregate.texts import PairTexts
 ROWS_PER_GROUP = 16_384  # rows per row group of a pairs part
 
 
-def part_hashes(source: VoteParts) -> list[str]:
-    """sha256 of each votes part: what the memo's entries are keyed by."""
-    return [sha256_file(part) for part in source.parts]
+def part_hashes(source: VoteParts, memo: AggregateMemo) -> list[str]:
+    """sha256 of each votes part (from the ledger where collect recorded it): what the memo's entries are keyed by."""
+    return [memo.sha_of(part) for part in source.parts]
 
 
 def orient_parts(codes: VoteCodes, source: VoteParts, memo: AggregateMemo | None, hashes: list[str],
@@ -107,6 +106,7 @@ def write_pair_parts(columns: PairColumns, codes: VoteCodes, source: VoteParts, 
                 continue
             sealed = memo.store_part(key, write)
         link_or_copy(sealed, target)
+        memo.linked(sealed, target)
     return len(np.unique(part_of))
 
 

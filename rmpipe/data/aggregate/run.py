@@ -116,7 +116,7 @@ def aggregate_file(votes_path: str | Path, pairs_dir: str | Path, settings: Aggr
     source = VoteParts(votes_path)
     codes = source.codes()
     release_memory()
-    hashes = part_hashes(source) if memo is not None else []
+    hashes = part_hashes(source, memo) if memo is not None else []
     reps = representative_rows(codes)
     with tempfile.TemporaryDirectory(prefix=f".aggregate-{os.getpid()}-", dir=pairs_dir.parent) as spill:
         texts = orient_parts(codes, source, memo, hashes, reps, Path(spill), batch_rows)
@@ -124,6 +124,8 @@ def aggregate_file(votes_path: str | Path, pairs_dir: str | Path, settings: Aggr
         release_memory()  # decide's temporaries: only per-pair columns and the per-vote codes remain
         with io.atomic_dir(pairs_dir) as out:
             write_pair_parts(decision.columns, codes, source, out, memo, hashes, reps, texts, Path(spill), batch_rows)
+    if memo is not None:
+        memo.moved(out, pairs_dir)
     return decision
 
 

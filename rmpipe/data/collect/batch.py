@@ -61,7 +61,7 @@ class BatchResult:
     quarantine: list[dict] = field(default_factory=list)
     table: pa.Table | None = None
     part: Path | None = None
-    keys: dict[bytes, int] = field(default_factory=dict)
+    keys: dict[bytes, int] | key_sets.KeyLines = field(default_factory=dict)  # KeyLines: from collect's memo
 
     @property
     def accepted(self) -> bool:

@@ -13,7 +13,8 @@ keys could meet, as with any digest-keyed table (blake2b-128: never in practice)
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Union
 
 import numpy as np
 import pyarrow as pa
@@ -44,8 +45,35 @@ def joined_digests(first: pa.Array | pa.ChunkedArray, second: pa.Array | pa.Chun
 
 def halves(keys: Iterable[bytes]) -> tuple[np.ndarray, np.ndarray]:
     """16-byte keys as (first 8 bytes, last 8 bytes), each an unsigned 64-bit integer array."""
-    packed = np.frombuffer(b"".join(keys), dtype=_HALVES).reshape(-1, 2)
-    return packed[:, 0].astype(np.uint64), packed[:, 1].astype(np.uint64)
+    packed = Packed.from_bytes(b"".join(keys))
+    return packed.high, packed.low
+
+
+@dataclass(frozen=True)
+class Packed:
+    """16-byte keys as two uint64 arrays (the big-endian halves: they sort as the bytes do), no object per key.
+    What collect's memo keeps on disk as the keys' bytes, read back without a bytes object per key."""
+
+    high: np.ndarray
+    low: np.ndarray
+
+    @staticmethod
+    def of(keys: Keys) -> Packed:
+        return keys if isinstance(keys, Packed) else Packed.from_bytes(b"".join(keys))
+
+    @staticmethod
+    def from_bytes(data: bytes) -> Packed:
+        packed = np.frombuffer(data, dtype=_HALVES).reshape(-1, 2)
+        return Packed(packed[:, 0].astype(np.uint64), packed[:, 1].astype(np.uint64))
+
+    def to_bytes(self) -> bytes:
+        return np.stack([self.high, self.low], axis=1).astype(_HALVES).tobytes()
+
+    def __len__(self) -> int:
+        return len(self.high)
+
+
+Keys = Union[list[bytes], Packed]  # digests as bytes objects, or packed
 
 
 class DigestSet:
@@ -59,10 +87,11 @@ class DigestSet:
     def __len__(self) -> int:
         return len(self.high)
 
-    def find(self, keys: list[bytes]) -> np.ndarray:
+    def find(self, keys: Keys) -> np.ndarray:
         """The value of each key; -1 where it is not a member."""
-        high, low = halves(keys)
-        found = np.full(len(keys), -1, np.int64)
+        packed = Packed.of(keys)
+        high, low = packed.high, packed.low
+        found = np.full(len(high), -1, np.int64)
         if not len(self) or not len(keys):
             return found
         order = np.argsort(high)  # sorted needles: the search walks the table once, cache-friendly
@@ -81,11 +110,12 @@ class DigestSet:
                 j += 1
         return found
 
-    def add(self, keys: list[bytes], values: np.ndarray | int = 0) -> None:
+    def add(self, keys: Keys, values: np.ndarray | int = 0) -> None:
         """Add keys not yet members and distinct from each other (the caller ensures both)."""
-        if not keys:
+        if not len(keys):
             return
-        high, low = halves(keys)
+        packed = Packed.of(keys)
+        high, low = packed.high, packed.low
         values = np.broadcast_to(np.asarray(values, np.int64), high.shape)
         order = np.argsort(high, kind="stable")
         at = np.searchsorted(self.high, high[order])
@@ -95,13 +125,22 @@ class DigestSet:
 
     def digests(self) -> list[bytes]:
         """The members, sorted."""
-        packed = np.stack([self.high, self.low], axis=1).astype(_HALVES).tobytes()
+        packed = self.packed().to_bytes()
         return [packed[start:start + DIGEST_BYTES] for start in range(0, len(packed), DIGEST_BYTES)]
 
-    def update(self, keys: list[bytes]) -> None:
+    def packed(self) -> Packed:
+        """The members, sorted, packed."""
+        return Packed(self.high, self.low)
+
+    def update(self, keys: Keys) -> None:
         """Add the keys that are not members yet (repeats among them once)."""
-        fresh = [key for key, value in zip(keys, self.find(keys)) if value < 0]
-        self.add(list(dict.fromkeys(fresh)))
+        packed = Packed.of(keys)
+        fresh = np.flatnonzero(self.find(packed) < 0)
+        high, low = packed.high[fresh], packed.low[fresh]
+        order = np.lexsort((low, high))
+        first = np.ones(len(order), bool)
+        first[1:] = (high[order][1:] != high[order][:-1]) | (low[order][1:] != low[order][:-1])
+        self.add(Packed(high[order][first], low[order][first]))
 
 
 def vote_key(annotator: str, pair_id: str) -> bytes:
@@ -113,6 +152,17 @@ def vote_key(annotator: str, pair_id: str) -> bytes:
     return digest(b"%d:%s%s" % (len(head), head, pair_id.encode("utf-8", "surrogatepass")))
 
 
+@dataclass(frozen=True)
+class KeyLines:
+    """A batch's vote keys (packed) and the line of each: what collect's memo hands back, no object per vote."""
+
+    keys: Packed
+    lines: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
 class SeenVotes:
     """Keys of the votes already in the table -> where (batch, line), packed in one int per vote."""
 
@@ -120,10 +170,13 @@ class SeenVotes:
         self._where = DigestSet()
         self._batches: list[str] = []
 
-    def add(self, batch_id: str, keys: Mapping[bytes, int]) -> None:
+    def add(self, batch_id: str, keys: Mapping[bytes, int] | KeyLines) -> None:
         base = len(self._batches) << 40
         self._batches.append(batch_id)
-        self._where.add(list(keys), base | np.fromiter(keys.values(), np.int64, len(keys)))
+        if isinstance(keys, KeyLines):
+            self._where.add(keys.keys, base | keys.lines.astype(np.int64))
+        else:
+            self._where.add(list(keys), base | np.fromiter(keys.values(), np.int64, len(keys)))
 
     def where_each(self, keys: list[bytes]) -> list[str | None]:
         """Where each key's vote is ("<batch> line <n>"), None for a key not seen, a chunk at once."""
@@ -131,5 +184,5 @@ class SeenVotes:
         return [None if packed < 0 else f"{self._batches[packed >> 40]} line {packed & mask}"
                 for packed in self._where.find(keys).tolist()]
 
-    def any_of(self, keys: Iterable[bytes]) -> bool:
-        return bool((self._where.find(list(keys)) >= 0).any())
+    def any_of(self, keys: Iterable[bytes] | KeyLines) -> bool:
+        return bool((self._where.find(keys.keys if isinstance(keys, KeyLines) else list(keys)) >= 0).any())

@@ -21,8 +21,10 @@ An entry is a folder written whole and renamed into place; `seal.json`, written 
 of its files, which are checked on every use: a damaged or half-written entry is deleted and the batch
 read again. Deleting the memo changes nothing but time. Entries no batch of a run used are pruned after it.
 
-Batch file hashes are remembered by (size, mtime_ns, ctime_ns, inode), the signals DVC's own hash cache
-trusts (ctime cannot be set back by a user), so an unchanged 280 MB batch is not hashed again each run.
+File hashes come from the ledger the stages share (`part_memo.FileHashes`, by size, mtime and inode, the
+signature DVC's own hash cache trusts): an unchanged 280 MB batch is not hashed again each run, nor an
+entry's votes part to check its seal, and the part linked into the votes folder is recorded there, so
+aggregate finds its hash too.
 """
 
 from __future__ import annotations
@@ -38,13 +40,20 @@ from typing import Any
 
 import numpy as np
 
-from rmpipe.core.codedeps import code_hash
 from rmpipe.core.settings import CollectSettings
 from rmpipe.data.collect.batch import BatchResult, collect_batch, screen
 from rmpipe.data.collect.fast import VOTES_SCHEMA
-from rmpipe.data.collect.key_sets import DIGEST_BYTES, SeenVotes
+from rmpipe.data.collect.key_sets import KeyLines, Packed, SeenVotes
 from rmpipe.data.collect.parts import PartCounts, write_part
-from rmpipe.data.part_memo import FileHashes, prune_entries, seal_problems, write_sealed
+from rmpipe.data.part_memo import (
+    LEDGER,
+    FileHashes,
+    prune_entries,
+    seal_problems,
+    sealed_sha,
+    stage_code,
+    write_sealed,
+)
 
 MEMO_DIR = Path(".rmpipe/memo/collect")
 FORMAT = "rmpipe-collect-memo/2"
@@ -65,14 +74,22 @@ class CollectMemo:
 
     def __init__(self, root: Path, conf: CollectSettings, code: str | None = None):
         self.root = Path(root)
-        self.context = {"format": FORMAT, "settings": settings_key(conf), "code": code or code_hash(STAGE_ENTRY)}
+        self.context = {"format": FORMAT, "settings": settings_key(conf), "code": code or stage_code(STAGE_ENTRY, self.root)}
         self.used: set[str] = set()
         self.hits = self.misses = 0
-        self._hashes = FileHashes(self.root)  # the batch files of this run: the only hashes kept after it
+        self._hashes = FileHashes(self.root.parent / LEDGER)
 
     def sha_of(self, path: Path) -> str:
-        """A regular file's content sha256, hashed again only when its stat signature changed."""
+        """A regular file's content sha256, read only where the ledger does not know it."""
         return self._hashes.sha_of(path)
+
+    def record(self, path: Path, sha256: str) -> None:
+        """`path` now holds bytes of this sha256 (a sealed part linked into the votes folder)."""
+        self._hashes.record(path, sha256)
+
+    def moved(self, old: Path, new: Path) -> None:
+        """The votes folder written as `old` was published as `new`."""
+        self._hashes.moved(old, new)
 
     # --- entries -----------------------------------------------------------------------------------
     def key(self, batch_id: str, sha256: str) -> str:
@@ -89,17 +106,18 @@ class CollectMemo:
         folder = self._folder(key)
         if not folder.is_dir():
             return None
-        bad = seal_problems(folder, FILES)
+        bad = seal_problems(folder, FILES, self.sha_of)
         if bad:
             log.warning("collect memo entry for %s is damaged (%s): deleted, the batch is read again",
                         batch_id, ", ".join(bad))
             shutil.rmtree(folder, ignore_errors=True)
             return None
         stored = json.loads((folder / "result.json").read_text(encoding="utf-8"))
-        keyed = dict(zip(_digests(folder / "keys.bin"), np.load(folder / "lines.npy").tolist()))
+        keyed = KeyLines(Packed.from_bytes((folder / "keys.bin").read_bytes()), np.load(folder / "lines.npy"))
         self.used.add(key)
-        counts = PartCounts(stored["votes"], _digests(folder / "pairs.bin"), stored["annotators"])
-        return BatchResult(batch_id, stored["report"], stored["quarantine"], keys=keyed), Sealed(folder / PART, counts)
+        counts = PartCounts(stored["votes"], Packed.from_bytes((folder / "pairs.bin").read_bytes()), stored["annotators"])
+        return (BatchResult(batch_id, stored["report"], stored["quarantine"], keys=keyed),
+                Sealed(folder / PART, counts, sealed_sha(folder, PART)))
 
     def store(self, result: BatchResult) -> Sealed:
         """Keep an accepted batch's outcome computed knowing no earlier batch, its votes as the very part the
@@ -112,7 +130,7 @@ class CollectMemo:
             counts = write_part(tmp / PART, votes if votes is not None else VOTES_SCHEMA.empty_table())
             (tmp / "keys.bin").write_bytes(b"".join(result.keys))
             np.save(tmp / "lines.npy", np.fromiter(result.keys.values(), np.int64, len(result.keys)))
-            (tmp / "pairs.bin").write_bytes(b"".join(counts.pairs))
+            (tmp / "pairs.bin").write_bytes(counts.pairs.to_bytes())
             (tmp / "result.json").write_text(json.dumps({"report": result.report, "quarantine": result.quarantine,
                                                          "votes": counts.votes, "annotators": counts.annotators},
                                                         ensure_ascii=False, default=str), encoding="utf-8")
@@ -120,7 +138,7 @@ class CollectMemo:
 
         final = write_sealed(self._folder(key), write, FILES)
         self.used.add(key)
-        return Sealed(final / PART, written[0])
+        return Sealed(final / PART, written[0], sealed_sha(final, PART))
 
     def reusable(self, result: BatchResult, accepted: SeenVotes) -> bool:
         """Whether a no-earlier-batch outcome is this batch's outcome here: accepted, no vote already in the table."""
@@ -162,15 +180,9 @@ def memoized(path: Path, conf: CollectSettings, memo: CollectMemo, accepted: See
 
 @dataclass
 class Sealed:
-    """A memoized batch's votes part (inside its sealed memo entry) and its counts, known without reading it."""
+    """A memoized batch's votes part (inside its sealed memo entry), its counts and sha256, known without reading it."""
 
     part: Path
     counts: PartCounts
+    sha256: str
 
-
-def _split_digests(data: bytes) -> list[bytes]:
-    return [data[start:start + DIGEST_BYTES] for start in range(0, len(data), DIGEST_BYTES)]
-
-
-def _digests(path: Path) -> list[bytes]:
-    return _split_digests(path.read_bytes())

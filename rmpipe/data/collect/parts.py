@@ -29,7 +29,7 @@ class PartCounts:
     """What the vote table's totals need of one part: its votes, distinct pair digests and annotators."""
 
     votes: int
-    pairs: list[bytes]
+    pairs: key_sets.Packed
     annotators: list[str]
 
 
@@ -45,7 +45,7 @@ def write_part(out: Path, votes: pa.Table | Path, rows_per_group: int = ROWS_PER
             annotators.update(pc.unique(batch["annotator_id"]).to_pylist())
             n += batch.num_rows
             writer.write(pa.Table.from_batches([batch], schema=VOTES_SCHEMA))
-    return PartCounts(n, pairs.digests(), sorted(annotators))
+    return PartCounts(n, pairs.packed(), sorted(annotators))
 
 
 class PartsFolder:

@@ -224,6 +224,7 @@ def collect_to(incoming_dir: str | Path, cfg: Mapping[str, Any] | CollectSetting
                     table.add(result.batch_id, result.part or result.table)
                 else:
                     table.add_sealed(result.batch_id, kept.part, kept.counts)
+                    memo.record(table.path_of(result.batch_id), kept.sha256)
             elif result.part is not None:
                 result.part.unlink(missing_ok=True)
             result.table = None  # held votes are freed batch by batch
