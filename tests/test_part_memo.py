@@ -10,6 +10,7 @@ import json
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -147,3 +148,28 @@ def test_the_code_hash_is_remembered_and_walked_again_when_any_file_or_package_f
     assert edited == real_hash("stages/s.py", code) not in (first, added)
     assert stage_code("stages/s.py", memo, code) == edited and len(walks) == 4
 
+
+
+def test_a_stage_hashes_its_racy_records_again_when_they_are_old_enough_and_only_then(tmp_path, reads, monkeypatch):
+    """What a stage wrote was hashed right after the write (racy). At its end, `save` hashes again what is old
+    enough by then, once per inode (a memo file and its hard link in the output), so the next run trusts it;
+    what is still too young is left for the next run to read."""
+    ledger = tmp_path / part_memo.LEDGER
+    memo_file, young = tmp_path / "memo.parquet", tmp_path / "young.parquet"
+    memo_file.write_bytes(b"part bytes")
+    linked = tmp_path / "out" / "part.parquet"
+    linked.parent.mkdir()
+    os.link(memo_file, linked)
+    hashes = FileHashes(ledger)
+    hashes.record(memo_file, sha(b"part bytes"))  # just written: racy
+    hashes.record(linked, sha(b"part bytes"))
+    later = time.time_ns() + 60 * 10**9  # the stage ran on for a minute
+    monkeypatch.setattr(part_memo, "time", SimpleNamespace(time_ns=lambda: later))
+    young.write_bytes(b"just written")
+    os.utime(young, ns=(later, later))
+    hashes.record(young, sha(b"just written"))
+    hashes.save()
+    assert reads in ([memo_file], [linked])  # one inode, hashed once
+    again = FileHashes(ledger)
+    assert again.sha_of(linked) == again.sha_of(memo_file) == sha(b"part bytes") and len(reads) == 1
+    assert again.sha_of(young) == sha(b"just written") and reads[-1] == young

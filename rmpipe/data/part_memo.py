@@ -56,20 +56,26 @@ def seal_problems(folder: Path, files: Sequence[str] | None = None,
         return [f"{SEAL} ({exc})"]
 
 
-def write_sealed(final: Path, write: Callable[[Path], None], files: Sequence[str] | None = None) -> Path:
+def write_sealed(final: Path, write: Callable[[Path], None], files: Sequence[str] | None = None,
+                 hashes: FileHashes | None = None) -> Path:
     """`write(folder)` fills a fresh folder; the sha256 of `files` (or of every file it wrote) go into its
-    seal, written last, and the folder is renamed into place as `final`: an entry is whole or absent."""
+    seal, written last, and the folder is renamed into place as `final`: an entry is whole or absent. The
+    hashes are recorded in `hashes` (the ledger) too."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
         write(tmp)
         names = files if files is not None else sorted(p.name for p in tmp.iterdir())
+        hashed_at = time.time_ns()
         seal = {name: sha256_file(tmp / name) for name in names}
         (tmp / SEAL).write_text(json.dumps(seal), encoding="utf-8")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if hashes is not None:
+        for name, sha in seal.items():
+            hashes.record(final / name, sha, hashed_at)
     return final
 
 
@@ -94,20 +100,23 @@ class FileHashes:
     """Files' content sha256, remembered in one ledger the stages share (`.rmpipe/memo/file-hashes.json`), so a
     part is hashed once, by whoever meets it first, and not again by every stage that reads it after.
 
-    A record holds the file's (size, mtime_ns, inode), the signature DVC's own hash cache trusts, and is
-    used while the file still shows it. A stage that writes or places a file records its hash there
-    (`record`): collect's votes parts and aggregate's pairs parts are hard links to memo files, the same
-    inode, and split's parts are copies given their memo file's mtime, so the next stage finds them known
-    even though DVC deleted and the stage re-made them. A record taken less than RACY_NS after the file's
-    mtime is not trusted (git's "racy clean" rule): a write within the same clock tick as the one hashed
-    would leave the signature unchanged. `save` merges this run's records into the ledger and drops those
-    of files gone or changed."""
+    A record holds the file's (size, mtime_ns, inode), the signature DVC's own hash cache trusts, the time
+    its bytes were known to have that sha256, and the sha256; it is used while the file still shows the
+    signature. A stage that writes or places a file records its hash (`record`): collect's votes parts and
+    aggregate's pairs parts are hard links to memo files, and split's parts are copies given their memo
+    file's mtime, so the next stage finds them known although DVC deleted them and the stage made them again.
+
+    A record whose hash was taken less than RACY_NS after the file's mtime is not trusted (git's "racy clean"
+    rule): a later write within the same clock tick would leave the signature as it was. So `save`, at the
+    end of the stage that wrote the files, hashes its racy records again once they are old enough: the next
+    run trusts them instead of reading every part a full run wrote. `save` merges this run's records into the
+    ledger and drops those of files gone or changed."""
 
     def __init__(self, ledger: Path):
         self.ledger = Path(ledger)
         self._mine: dict[str, list] = {}
         self._known = _read_ledger(self.ledger)
-        self._placed: list[tuple[Path, str]] = []
+        self._placed: list[tuple[Path, str, int]] = []
 
     def sha_of(self, path: Path) -> str:
         """The file's content sha256: from the ledger while its signature holds, else read and recorded."""
@@ -116,29 +125,32 @@ class FileHashes:
             known = records.get(name)
             if _trusted(known, signature):
                 return known[4]
+        hashed_at = time.time_ns()
         sha = sha256_file(path)
-        self._mine[name] = [*signature, time.time_ns(), sha]
+        self._mine[name] = [*signature, hashed_at, sha]
         return sha
 
-    def record(self, path: Path, sha: str) -> None:
-        """`path` was placed holding bytes whose sha256 is `sha` (signed when saved, where it is then)."""
-        self._placed.append((Path(path), sha))
+    def record(self, path: Path, sha: str, hashed_at: int | None = None) -> None:
+        """`path` holds bytes whose sha256 is `sha`, known since `hashed_at` (default: now). Signed when saved,
+        where the file is then (`moved`): a write in between shows as a newer mtime, never trusted."""
+        self._placed.append((Path(path), sha, hashed_at or time.time_ns()))
 
     def moved(self, old: Path, new: Path) -> None:
         """The folder `old`, where files were recorded, is now `new` (an output published by renaming)."""
-        self._placed = [(new / path.relative_to(old) if path.is_relative_to(old) else path, sha)
-                        for path, sha in self._placed]
+        self._placed = [(new / path.relative_to(old) if path.is_relative_to(old) else path, sha, at)
+                        for path, sha, at in self._placed]
 
     def save(self) -> None:
-        """This run's records merged into the ledger (read again: another stage may have saved since); records
-        of files that are gone or no longer show their signature are dropped."""
-        now = time.time_ns()
-        for path, sha in self._placed:
+        """This run's records (racy ones hashed again where they are old enough now) merged into the ledger, read
+        again first (another stage may have saved since); records of files gone or changed are dropped."""
+        for path, sha, hashed_at in self._placed:
             try:
                 name, signature = _signature(path)
             except OSError:
                 continue
-            self._mine[name] = [*signature, now, sha]
+            self._mine[name] = [*signature, hashed_at, sha]
+        self._placed = []
+        self._settle()
         merged = {**_read_ledger(self.ledger), **self._mine}
         kept = {}
         for name, record in sorted(merged.items()):
@@ -154,6 +166,25 @@ class FileHashes:
             os.replace(tmp, self.ledger)
         finally:
             tmp.unlink(missing_ok=True)
+
+    def _settle(self) -> None:
+        """Hash again this run's racy records whose files are now older than RACY_NS (a hard link and its memo
+        file, one inode, once), so they are trusted from now on."""
+        done: dict[tuple, tuple[int, str]] = {}
+        for name, record in self._mine.items():
+            if record[3] - record[1] >= RACY_NS:
+                continue
+            try:
+                st = os.stat(name)
+            except OSError:
+                continue
+            if time.time_ns() - st.st_mtime_ns < RACY_NS:
+                continue  # too young still: the next run hashes it
+            inode = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            if inode not in done:
+                hashed_at = time.time_ns()
+                done[inode] = (hashed_at, sha256_file(name))
+            self._mine[name] = [st.st_size, st.st_mtime_ns, st.st_ino, *done[inode]]
 
 
 def _signature(path: Path) -> tuple[str, list[int]]:
@@ -263,7 +294,7 @@ class PartMemo:
 
     def store(self, key: str, write: Callable[[Path], None]) -> Path:
         """`write(folder)` fills a fresh folder, which is sealed and renamed into place as the entry."""
-        final = write_sealed(self._folder(key), write)
+        final = write_sealed(self._folder(key), write, hashes=self._hashes)
         self.used.add(key)
         self.misses += 1
         return final

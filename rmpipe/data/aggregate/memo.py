@@ -103,7 +103,7 @@ class AggregateMemo:
 
     def _seal(self, key: str, write: Any, files: tuple[str, ...]) -> Path:
         """Make an entry: `write(folder)` fills a temp folder with `files`; sealed, then renamed into place."""
-        final = write_sealed(self.root / "entries" / key, write, files)
+        final = write_sealed(self.root / "entries" / key, write, files, self._hashes)
         self.used.add(key)
         return final
 

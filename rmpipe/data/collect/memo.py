@@ -136,7 +136,7 @@ class CollectMemo:
                                                         ensure_ascii=False, default=str), encoding="utf-8")
             written.append(counts)
 
-        final = write_sealed(self._folder(key), write, FILES)
+        final = write_sealed(self._folder(key), write, FILES, self._hashes)
         self.used.add(key)
         return Sealed(final / PART, written[0], sealed_sha(final, PART))
 
