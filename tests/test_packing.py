@@ -327,7 +327,9 @@ def test_group_over_the_budget_is_split_into_sub_groups_without_changing_the_res
         rewards.append(sorted(out))
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert np.allclose(np.array(rewards[0]), np.array(rewards[1]), atol=1e-5)
-    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+    # float32 sums over other batch shapes: up to 1.1e-5 apart on some CPUs (largest gradient 0.59), past a
+    # fixed 1e-5; so the tolerance is 1e-4 of the gradients' scale
+    assert torch.allclose(grads[0], grads[1], atol=1e-4 * float(grads[0].abs().max()))
 
 
 def test_plans_hold_whole_groups_within_the_budget():

@@ -204,7 +204,9 @@ def test_stage_exits_nonzero_with_failure_lines_and_no_traceback(tmp_path):
     # GX left nothing in the home folder, and no project folder or temp dirs beside the outputs
     assert list(home.iterdir()) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == [".rmpipe", "data", "home", "params.yaml", "reports"]
-    assert [p.name for p in (tmp_path / ".rmpipe/memo").iterdir()] == ["validate"]  # the parts' memo (run state)
+    # the parts' memo, the file-hash ledger and the remembered code hash (run state)
+    assert sorted(p.name for p in (tmp_path / ".rmpipe/memo").iterdir()) == ["code-hashes.json", "file-hashes.json",
+                                                                          "validate"]
     assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == ["data_docs", "validation.json"]
 
 
