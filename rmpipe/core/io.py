@@ -7,6 +7,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -54,23 +55,50 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+def process_gone(pid: int) -> bool:
+    """Whether no process has this id (one of another user's counts as there)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def remove_left_behind(folder: Path, pattern: re.Pattern) -> None:
+    """Delete what killed runs left in `folder`: entries whose name matches `pattern`, its first group the pid
+    of a process that is gone (a killed stage's temp output may hold gigabytes; no `finally` ran to clear it)."""
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        match = pattern.fullmatch(entry.name)
+        if match and process_gone(int(match.group(1))):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a fresh temp folder beside `path`; on success it replaces `path` whole.
 
     The old folder is moved aside first and deleted only after the new one is in
-    place, so a crash at any point leaves either the old or the new folder.
+    place, so a crash at any point leaves either the old or the new folder. Both
+    names carry this process's id: the next run deletes those a killed run left.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    remove_left_behind(path.parent, re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.(?:[^.]+\.tmp|old)"))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the published folder should read like any other
     try:
         yield tmp
         _before_publish(path)
         old = None
         if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            old = path.with_name(f".{path.name}.{os.getpid()}.old")
             os.replace(path, old)
         os.replace(tmp, path)
         if old is not None:

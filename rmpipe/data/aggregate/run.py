@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
+import re
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -131,14 +131,7 @@ def aggregate_file(votes_path: str | Path, pairs_dir: str | Path, settings: Aggr
 
 def _remove_stale_spills(folder: Path) -> None:
     """Spill folders left by a killed run (their process is gone): each may hold gigabytes."""
-    for stale in folder.glob(".aggregate-*-*"):
-        pid = stale.name.split("-")[1]
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(stale, ignore_errors=True)
-        except (ValueError, PermissionError):
-            continue
+    io.remove_left_behind(folder, re.compile(r"\.aggregate-(\d+)-.*"))
 
 
 def _sort_out_unusable(votes: VoteCodes) -> tuple[np.ndarray, np.ndarray]:
