@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from rmpipe.core import codedeps
-from rmpipe.core.io import sha256_file
+from rmpipe.core.io import sha256_file, write_text
 
 SEAL = "seal.json"
 
@@ -115,7 +115,7 @@ class FileHashes:
     def __init__(self, ledger: Path):
         self.ledger = Path(ledger)
         self._mine: dict[str, list] = {}
-        self._known = _read_ledger(self.ledger)
+        self._known = _json_dict(self.ledger)
         self._placed: list[tuple[Path, str, int]] = []
 
     def sha_of(self, path: Path) -> str:
@@ -151,7 +151,7 @@ class FileHashes:
             self._mine[name] = [*signature, hashed_at, sha]
         self._placed = []
         self._settle()
-        merged = {**_read_ledger(self.ledger), **self._mine}
+        merged = {**_json_dict(self.ledger), **self._mine}
         kept = {}
         for name, record in sorted(merged.items()):
             try:
@@ -159,13 +159,7 @@ class FileHashes:
                     kept[name] = record
             except (OSError, TypeError):
                 continue
-        self.ledger.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkstemp(prefix=f".{self.ledger.name}.", dir=self.ledger.parent)[1])
-        try:
-            tmp.write_text(json.dumps(kept), encoding="utf-8")
-            os.replace(tmp, self.ledger)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_text(self.ledger, json.dumps(kept))
 
     def _settle(self) -> None:
         """Hash again this run's racy records whose files are now older than RACY_NS (a hard link and its memo
@@ -197,9 +191,10 @@ def _trusted(record: Any, signature: list[int]) -> bool:
             and isinstance(record[3], int) and record[3] - signature[1] >= RACY_NS)
 
 
-def _read_ledger(ledger: Path) -> dict[str, list]:
+def _json_dict(path: Path) -> dict:
+    """A JSON object kept beside the memos (the ledger, the code hashes); {} where it is missing or unreadable."""
     try:
-        records = json.loads(ledger.read_text(encoding="utf-8"))
+        records = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return records if isinstance(records, dict) else {}
@@ -213,11 +208,7 @@ def stage_code(entry: str, memo_root: Path, root: Path = codedeps.ROOT) -> str:
     beside the memos with the signature of every file the walk read and of every package folder (a module
     added to one can join the closure with no walked file changed), and used while all still show it."""
     store = Path(memo_root).parent / CODE_HASHES
-    try:
-        records = json.loads(store.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        records = {}
-    records = records if isinstance(records, dict) else {}
+    records = _json_dict(store)
     name = f"{Path(root).absolute()}::{entry}"
     known = records.get(name)
     if isinstance(known, dict) and isinstance(known.get("signature"), dict):
@@ -233,13 +224,7 @@ def stage_code(entry: str, memo_root: Path, root: Path = codedeps.ROOT) -> str:
     digest = codedeps.code_hash(entry, root)
     newest = max((mtime for _size, mtime, _ino in signature.values()), default=0)
     records[name] = {"hash": digest, "signature": signature, "trusted": time.time_ns() - newest >= RACY_NS}
-    store.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkstemp(prefix=f".{store.name}.", dir=store.parent)[1])
-    try:
-        tmp.write_text(json.dumps(records), encoding="utf-8")
-        os.replace(tmp, store)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text(store, json.dumps(records))
     return digest
 
 
@@ -252,19 +237,35 @@ def _code_signature(names: dict, root: Path) -> dict[str, list[int]]:
     return out
 
 
-class PartMemo:
-    """One run's memo for a stage: settings and code fixed, entries looked up by a part's content sha256."""
+class LedgerMemo:
+    """What every stage's memo (collect's, aggregate's, `PartMemo`) shares: its folder `root` and the file-hash
+    ledger beside it, through which it names files and records the outputs it places."""
 
-    def __init__(self, root: Path, context: dict[str, Any]):
+    def __init__(self, root: Path):
         self.root = Path(root)
-        self.context = context
-        self.used: set[str] = set()
-        self.hits = self.misses = 0
         self._hashes = FileHashes(self.root.parent / LEDGER)
 
     def sha_of(self, path: Path) -> str:
         """A file's content sha256, read only where the ledger does not know it (`FileHashes`)."""
         return self._hashes.sha_of(path)
+
+    def record(self, path: Path, sha256: str) -> None:
+        """`path` now holds bytes of this sha256 (an output placed from a sealed memo file)."""
+        self._hashes.record(path, sha256)
+
+    def moved(self, old: Path, new: Path) -> None:
+        """Files placed under `old` are now under `new` (the output folder published by renaming)."""
+        self._hashes.moved(old, new)
+
+
+class PartMemo(LedgerMemo):
+    """One run's memo for a stage: settings and code fixed, entries looked up by a part's content sha256."""
+
+    def __init__(self, root: Path, context: dict[str, Any]):
+        super().__init__(root)
+        self.context = context
+        self.used: set[str] = set()
+        self.hits = self.misses = 0
 
     def key(self, sha256: str) -> str:
         blob = json.dumps({**self.context, "sha256": sha256}, sort_keys=True, default=str)
@@ -302,11 +303,7 @@ class PartMemo:
     def place(self, entry: Path, name: str, target: Path) -> None:
         """The entry's file `name` copied to `target` (`place`), its hash recorded for the next stage to find."""
         place(entry / name, target)
-        self._hashes.record(target, sealed_sha(entry, name))
-
-    def moved(self, old: Path, new: Path) -> None:
-        """Files placed under `old` are now under `new` (the output folder published by renaming)."""
-        self._hashes.moved(old, new)
+        self.record(target, sealed_sha(entry, name))
 
     def finish(self, stage: str) -> None:
         """After a run: drop entries it did not use (settings, code or parts changed); save the file hashes."""

@@ -31,8 +31,7 @@ from typing import Any
 import numpy as np
 
 from rmpipe.data.part_memo import (
-    LEDGER,
-    FileHashes,
+    LedgerMemo,
     prune_entries,
     seal_problems,
     sealed_sha,
@@ -49,29 +48,20 @@ PART = "pairs.parquet"
 log = logging.getLogger("rmpipe.aggregate")
 
 
-class AggregateMemo:
+class AggregateMemo(LedgerMemo):
     """The memo of one aggregate run: settings and code fixed; entries keyed as the module says."""
 
     def __init__(self, root: Path, settings: Any, code: str | None = None):
-        self.root = Path(root)
+        super().__init__(root)
         self.code = code or stage_code(STAGE_ENTRY, self.root)
         self.settings = {k: str(v) for k, v in sorted(settings.model_dump().items())}
         self.used: set[str] = set()
         self.hits = {"facts": 0, "pairs": 0}
         self.misses = {"facts": 0, "pairs": 0}
-        self._hashes = FileHashes(self.root.parent / LEDGER)
-
-    def sha_of(self, path: Path) -> str:
-        """A file's content sha256 (a votes part: collect recorded it), read only where the ledger does not know it."""
-        return self._hashes.sha_of(path)
 
     def linked(self, sealed: Path, target: Path) -> None:
         """`target` now holds the sealed pairs part `sealed`: its hash recorded for split to find."""
-        self._hashes.record(target, sealed_sha(sealed.parent, sealed.name))
-
-    def moved(self, old: Path, new: Path) -> None:
-        """The pairs folder written as `old` was published as `new`."""
-        self._hashes.moved(old, new)
+        self.record(target, sealed_sha(sealed.parent, sealed.name))
 
     def _key(self, **what: Any) -> str:
         blob = json.dumps({"format": FORMAT, "code": self.code, **what}, sort_keys=True, default=str)

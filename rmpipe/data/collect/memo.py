@@ -46,8 +46,7 @@ from rmpipe.data.collect.fast import VOTES_SCHEMA
 from rmpipe.data.collect.key_sets import KeyLines, Packed, SeenVotes
 from rmpipe.data.collect.parts import PartCounts, write_part
 from rmpipe.data.part_memo import (
-    LEDGER,
-    FileHashes,
+    LedgerMemo,
     prune_entries,
     seal_problems,
     sealed_sha,
@@ -69,27 +68,14 @@ def settings_key(conf: CollectSettings) -> dict[str, Any]:
     return {name: str(value) for name, value in sorted(conf.model_dump().items()) if name != "incoming_dir"}
 
 
-class CollectMemo:
+class CollectMemo(LedgerMemo):
     """The memo of one collect run: its settings and code fixed, entries looked up by batch name and content."""
 
     def __init__(self, root: Path, conf: CollectSettings, code: str | None = None):
-        self.root = Path(root)
+        super().__init__(root)
         self.context = {"format": FORMAT, "settings": settings_key(conf), "code": code or stage_code(STAGE_ENTRY, self.root)}
         self.used: set[str] = set()
         self.hits = self.misses = 0
-        self._hashes = FileHashes(self.root.parent / LEDGER)
-
-    def sha_of(self, path: Path) -> str:
-        """A regular file's content sha256, read only where the ledger does not know it."""
-        return self._hashes.sha_of(path)
-
-    def record(self, path: Path, sha256: str) -> None:
-        """`path` now holds bytes of this sha256 (a sealed part linked into the votes folder)."""
-        self._hashes.record(path, sha256)
-
-    def moved(self, old: Path, new: Path) -> None:
-        """The votes folder written as `old` was published as `new`."""
-        self._hashes.moved(old, new)
 
     # --- entries -----------------------------------------------------------------------------------
     def key(self, batch_id: str, sha256: str) -> str:
