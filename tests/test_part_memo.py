@@ -173,3 +173,18 @@ def test_a_stage_hashes_its_racy_records_again_when_they_are_old_enough_and_only
     again = FileHashes(ledger)
     assert again.sha_of(linked) == again.sha_of(memo_file) == sha(b"part bytes") and len(reads) == 1
     assert again.sha_of(young) == sha(b"just written") and reads[-1] == young
+
+
+def test_a_damaged_code_hash_record_is_walked_again_not_a_traceback(tmp_path):
+    code = tmp_path / "code"
+    code_tree(code)
+    memo = tmp_path / "memo" / "split"
+    real = stage_code("stages/s.py", memo, code)
+    store = tmp_path / "memo" / part_memo.CODE_HASHES
+    records = json.loads(store.read_text())
+    for record in records.values():
+        del record["hash"]  # a hand-edited or cut record: still "trusted", its signature still matching
+    store.write_text(json.dumps(records))
+    assert stage_code("stages/s.py", memo, code) == real
+    store.write_text("{not json")
+    assert stage_code("stages/s.py", memo, code) == real

@@ -211,11 +211,11 @@ def stage_code(entry: str, memo_root: Path, root: Path = codedeps.ROOT) -> str:
     records = _json_dict(store)
     name = f"{Path(root).absolute()}::{entry}"
     known = records.get(name)
-    if isinstance(known, dict) and isinstance(known.get("signature"), dict):
+    if isinstance(known, dict) and isinstance(known.get("signature"), dict) and isinstance(known.get("hash"), str):
         try:
             if _code_signature(known["signature"], root) == known["signature"] and known.get("trusted"):
-                return str(known["hash"])
-        except OSError:
+                return known["hash"]
+        except OSError:  # a file of the walk is gone: walked again
             pass
     walked = sorted(p.relative_to(root).as_posix() for p in codedeps.walk(entry, root))
     folders = sorted(str(Path(d).relative_to(root)) + "/" for package in codedeps.PACKAGES
